@@ -1,0 +1,358 @@
+"""The result type every prism returns: terms with labelled axes that add up.
+
+A :class:`Decomposition` holds ``values[batch, pos, target, comp]``: for every explained
+position and target, one term per component, where components are records
+(:class:`Component`: kind, layer, head, neuron, src, pos) kept column-wise in a
+:class:`ComponentTable`. The constant terms (biases) are components too, with
+``Component.is_constant``; so ``values.sum(-1)`` (:meth:`Decomposition.total`) is the whole
+logit, and :meth:`Decomposition.check` verifies it against what the model computed.
+"""
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from torch import Tensor
+
+from tlprisms._errors import CompletenessError, PrismError
+
+__all__ = ["Component", "ComponentTable", "Decomposition", "ATOL_FLOAT32", "ATOL_FLOAT64",
+           "CONSTANT_KINDS"]
+
+#: completeness tolerance in float32: ``|total - logit| <= ATOL_FLOAT32 * max(1, |logit|)``
+ATOL_FLOAT32 = 1e-5
+#: the same in float64
+ATOL_FLOAT64 = 1e-10
+
+KINDS = ("embed", "pos_embed", "attn", "head", "b_O", "mlp", "neuron", "b_out", "b_U",
+         "ln_final.b", "b_V", "ln.b", "b_in", "resid", "readout.b")
+CONSTANT_KINDS = frozenset({"b_O", "b_out", "b_U", "ln_final.b", "b_V", "ln.b", "b_in",
+                            "readout.b"})
+_FIELDS = ("layer", "head", "neuron", "src", "pos")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One term's label: ``Component("head", layer=3, head=7)`` prints as ``L3H7``.
+
+    Fields that do not apply are -1. ``src`` is the source position a head reads; ``pos`` is
+    the residual position a chained term was written at (-1: the explained position).
+    """
+
+    kind: str
+    layer: int = -1
+    head: int = -1
+    neuron: int = -1
+    src: int = -1
+    pos: int = -1
+
+    @property
+    def is_constant(self) -> bool:
+        return self.kind in CONSTANT_KINDS
+
+    def __str__(self) -> str:
+        if self.kind == "head":
+            s = f"L{self.layer}H{self.head}"
+        elif self.kind == "neuron":
+            s = f"L{self.layer}N{self.neuron}"
+        elif self.layer >= 0 and self.kind in ("attn", "mlp", "b_O", "b_out", "b_V", "ln.b",
+                                               "b_in", "resid"):
+            s = f"L{self.layer}.{self.kind}" + (f"H{self.head}" if self.head >= 0 else "")
+            if self.kind == "b_in" and self.neuron >= 0:
+                s += f"N{self.neuron}"
+        else:
+            s = self.kind
+        if self.src >= 0:
+            s += f"[src {self.src}]"
+        if self.pos >= 0:
+            s = f"@{self.pos} {s}"
+        return s
+
+    def __repr__(self) -> str:
+        return f"Component({str(self)})"
+
+
+@dataclass(frozen=True, eq=False)
+class ComponentTable:
+    """Component labels stored column-wise (a million heads x sources stay cheap)."""
+
+    kind: np.ndarray  # int8 codes into KINDS
+    layer: np.ndarray
+    head: np.ndarray
+    neuron: np.ndarray
+    src: np.ndarray
+    pos: np.ndarray
+
+    @staticmethod
+    def empty() -> "ComponentTable":
+        z = np.zeros(0, dtype=np.int64)
+        return ComponentTable(np.zeros(0, dtype=np.int8), z, z, z, z, z)
+
+    @staticmethod
+    def block(kind: str, n: int = 1, **fields: Any) -> "ComponentTable":
+        """``n`` components of one kind; each field is a scalar or an array of length n."""
+        cols = {}
+        for name in _FIELDS:
+            value = fields.get(name, -1)
+            cols[name] = np.broadcast_to(np.asarray(value, dtype=np.int64), (n,)).copy()
+        return ComponentTable(np.full(n, KINDS.index(kind), dtype=np.int8), **cols)
+
+    @staticmethod
+    def concat(tables: Iterable["ComponentTable"]) -> "ComponentTable":
+        tables = list(tables)
+        if not tables:
+            return ComponentTable.empty()
+        return ComponentTable(*(np.concatenate([getattr(t, f) for t in tables])
+                                for f in ("kind",) + _FIELDS))
+
+    def __len__(self) -> int:
+        return int(self.kind.shape[0])
+
+    def __getitem__(self, i: int) -> Component:
+        return Component(KINDS[int(self.kind[i])], *(int(getattr(self, f)[i]) for f in _FIELDS))
+
+    def __iter__(self) -> Iterator[Component]:
+        return (self[i] for i in range(len(self)))
+
+    def take(self, idx: np.ndarray) -> "ComponentTable":
+        return ComponentTable(*(getattr(self, f)[idx] for f in ("kind",) + _FIELDS))
+
+    def with_pos(self, pos: np.ndarray) -> "ComponentTable":
+        return replace(self, pos=np.asarray(pos, dtype=np.int64))
+
+    def kinds(self) -> np.ndarray:
+        return np.asarray(KINDS, dtype=object)[self.kind]
+
+    def is_constant(self) -> np.ndarray:
+        codes = [KINDS.index(k) for k in CONSTANT_KINDS]
+        return np.isin(self.kind, codes)
+
+    def mask(self, **criteria: Any) -> np.ndarray:
+        keep = np.ones(len(self), dtype=bool)
+        for name, want in criteria.items():
+            if name == "kind":
+                col = self.kinds()
+            elif name in _FIELDS:
+                col = getattr(self, name)
+            else:
+                raise PrismError(
+                    f"select: unknown field {name!r}; select by kind, layer, head, neuron, src "
+                    "or pos (e.g. result.select(layer=3, head=7))."
+                )
+            if callable(want):
+                keep &= np.asarray([bool(want(v)) for v in col])
+            elif isinstance(want, (str, int, np.integer)):
+                keep &= col == want
+            else:
+                keep &= np.isin(col, list(want))
+        return keep
+
+
+def _fmt(x: float) -> str:
+    return f"{x:+.4g}"
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True, eq=False)
+class Decomposition:
+    """Terms that add up to a logit (or any readout), one per component.
+
+    Attributes:
+        values: the terms, ``[batch, pos, target, comp]``.
+        components: the label of every term (``len == comp``).
+        logits: what the terms explain, ``[batch, pos, target]``: the model's own logit (post
+            soft-cap unless ``explains`` says otherwise), logit difference or readout.
+        positions: the explained position of each ``(batch, pos)``.
+        target_labels: a readable name per ``(batch, pos, target)``.
+        explains: what ``logits`` is, e.g. ``"logit"``, ``"pre-softcap logit"``.
+        prism: which prism made it (``"residual"``, ``"heads"``, ``"through L3H2"`` ...).
+        complete: False for a :meth:`select`-ion, whose terms are only part of the logit.
+        str_tokens: the input tokens as strings, per batch row, when known.
+    """
+
+    values: Float[Tensor, "batch pos target comp"]
+    components: ComponentTable
+    logits: Float[Tensor, "batch pos target"]
+    positions: Int[Tensor, "batch pos"]
+    target_labels: np.ndarray
+    explains: str = "logit"
+    prism: str = "residual"
+    complete: bool = True
+    str_tokens: Optional[list] = None
+    meta: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------ basic views
+    @property
+    def labels(self) -> list[Component]:
+        """Every component as a :class:`Component` record (built on demand)."""
+        return list(self.components)
+
+    @property
+    def constants(self) -> "Decomposition":
+        """Only the constant terms (biases of ``W_U``, norms, ``b_O``, ``b_out`` ...)."""
+        return self._subset(self.components.is_constant())
+
+    def total(self) -> Float[Tensor, "batch pos target"]:
+        """The sum of the terms: equals :attr:`logits` for a complete decomposition."""
+        return self.values.sum(-1)
+
+    def gap(self) -> Float[Tensor, "batch pos target"]:
+        """``total() - logits``: the completeness error, at float rounding when exact."""
+        return self.total() - self.logits
+
+    def check(self, atol: Optional[float] = None, rtol: Optional[float] = None) -> "Decomposition":
+        """Raise :class:`CompletenessError` unless the terms add up to :attr:`logits`.
+
+        The tolerance is ``atol + rtol * |logit|``; by default both are
+        :data:`ATOL_FLOAT32` (:data:`ATOL_FLOAT64` for float64 results). Returns ``self``.
+        """
+        if not self.complete:
+            raise CompletenessError(
+                "check: this result is a selection (select/top) of a decomposition, so its "
+                "terms are only part of the logit; call check() on the full result."
+            )
+        default = ATOL_FLOAT64 if self.values.dtype == torch.float64 else ATOL_FLOAT32
+        atol = default if atol is None else atol
+        rtol = default if rtol is None else rtol
+        err = self.gap().abs()
+        tol = atol + rtol * self.logits.abs()
+        bad = err > tol
+        if bool(bad.any()):
+            where = tuple(int(i) for i in torch.nonzero(bad)[0])
+            worst = float(err.max())
+            raise CompletenessError(
+                f"check: the {self.prism} terms miss the {self.explains} by up to {worst:.3g} "
+                f"(first at batch, pos, target = {where}: total {float(self.total()[where]):.6g} "
+                f"vs {float(self.logits[where]):.6g}; tolerance {atol:g} + {rtol:g}*|logit|). "
+                "The cache may not come from this model and input, or the model may use a "
+                "component tlprisms does not know; please report it with the model config."
+            )
+        return self
+
+    # ------------------------------------------------------------ selection
+    def _subset(self, keep: np.ndarray) -> "Decomposition":
+        idx = np.nonzero(keep)[0]
+        t_idx = torch.as_tensor(idx, dtype=torch.long, device=self.values.device)
+        return replace(self, values=self.values.index_select(-1, t_idx),
+                       components=self.components.take(idx), complete=False)
+
+    def select(self, **criteria: Union[int, str, Iterable, Callable]) -> "Decomposition":
+        """The terms whose labels match, e.g. ``select(layer=9, head=6)``, ``select(kind="neuron")``.
+
+        Each criterion is a value, a collection of values, or a predicate. The result is
+        marked incomplete (its terms are part of the logit).
+        """
+        return self._subset(self.components.mask(**criteria))
+
+    def aggregate(self, *by: str) -> "Decomposition":
+        """Sum the terms that share the fields ``by``; the result stays complete.
+
+        ``heads_result.aggregate("kind", "layer", "head")`` gives one term per head (sources
+        summed); ``aggregate("kind", "layer")`` one per layer and kind.
+        """
+        if "kind" not in by:
+            by = ("kind",) + tuple(by)
+        for name in by:
+            if name not in ("kind",) + _FIELDS:
+                raise PrismError(f"aggregate: unknown field {name!r}; use kind, {', '.join(_FIELDS)}.")
+        c = self.components
+        keys = np.stack([c.kind.astype(np.int64)] + [getattr(c, f) for f in by if f != "kind"], 1)
+        uniq, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        order = np.argsort(first)  # keep first-appearance order
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        group = torch.as_tensor(rank[inverse.reshape(-1)], dtype=torch.long, device=self.values.device)
+        out = torch.zeros(*self.values.shape[:-1], len(order), dtype=self.values.dtype,
+                          device=self.values.device)
+        out.index_add_(-1, group, self.values)
+        table = c.take(first[order])
+        cols = {f: (getattr(table, f) if f in by else np.full(len(table), -1, dtype=np.int64))
+                for f in _FIELDS}
+        return replace(self, values=out, components=ComponentTable(table.kind, **cols))
+
+    # ------------------------------------------------------------ tables
+    def top(self, k: int = 10, *, batch: Optional[int] = None, pos: Optional[int] = None,
+            target: int = 0, by: str = "abs", constants: bool = False) -> Any:
+        """The ``k`` largest terms as a pandas DataFrame (mean over batch/pos when not given).
+
+        Args:
+            by: ``"abs"`` (largest magnitude), ``"pos"`` (most positive), ``"neg"``.
+            constants: include the constant (bias) terms.
+        """
+        import pandas as pd
+
+        v = self.values[..., target, :]
+        v = v.mean(0) if batch is None else v[batch]
+        v = v.mean(0) if pos is None else v[pos]
+        v = v.detach().float().cpu().numpy()
+        keep = np.ones_like(v, dtype=bool) if constants else ~self.components.is_constant()
+        score = {"abs": np.abs(v), "pos": v, "neg": -v}.get(by)
+        if score is None:
+            raise PrismError(f"top: by={by!r}; use 'abs', 'pos' or 'neg'.")
+        score = np.where(keep, score, -np.inf)
+        order = np.argsort(-score, kind="stable")[: min(k, int(keep.sum()))]
+        c = self.components
+        return pd.DataFrame({
+            "component": [str(c[i]) for i in order],
+            "kind": c.kinds()[order], "layer": c.layer[order], "head": c.head[order],
+            "neuron": c.neuron[order], "src": c.src[order], "pos": c.pos[order],
+            "value": v[order],
+        })
+
+    def to_frame(self) -> Any:
+        """A long pandas table: one row per (batch, pos, target, component).
+
+        Columns: ``batch``, ``pos`` (the explained position), ``target``, ``kind``, ``layer``,
+        ``head``, ``neuron``, ``src``, ``at`` (where a chained term was written), ``value``.
+        """
+        import pandas as pd
+
+        B, P, K, C = self.values.shape
+        c = self.components
+        bb, pp, kk, cc = np.meshgrid(np.arange(B), np.arange(P), np.arange(K), np.arange(C),
+                                     indexing="ij")
+        positions = self.positions.cpu().numpy()
+        labels = np.broadcast_to(self.target_labels, (B, P, K))
+        return pd.DataFrame({
+            "batch": bb.ravel(), "pos": positions[bb.ravel(), pp.ravel()],
+            "target": labels[bb.ravel(), pp.ravel(), kk.ravel()],
+            "kind": c.kinds()[cc.ravel()], "layer": c.layer[cc.ravel()],
+            "head": c.head[cc.ravel()], "neuron": c.neuron[cc.ravel()],
+            "src": c.src[cc.ravel()], "at": c.pos[cc.ravel()],
+            "value": self.values.detach().float().cpu().numpy().ravel(),
+        })
+
+    def __repr__(self) -> str:
+        B, P, K, C = self.values.shape
+        head = (f"Decomposition({self.prism}: {B} batch x {P} pos x {K} target, {C} components; "
+                f"explains {self.explains}")
+        if self.complete:
+            head += f"; max |gap| {float(self.gap().abs().max()):.2g})"
+        else:
+            head += "; a selection)"
+        lines = [head]
+        labels = np.broadcast_to(self.target_labels, (B, P, K))
+        tot = self.total()
+        for k in range(min(K, 3)):
+            lines.append(f"  target {labels[0, -1, k]} @ batch 0, pos {int(self.positions[0, -1])}:"
+                         f" logit {float(self.logits[0, -1, k]):.4g} = sum of terms "
+                         f"{float(tot[0, -1, k]):.4g}")
+            v = self.values[0, -1, k].detach().float().cpu().numpy()
+            for i in np.argsort(-np.abs(v))[:5]:
+                lines.append(f"    {str(self.components[int(i)]):<24} {_fmt(float(v[i]))}")
+        return "\n".join(lines)
+
+    # rendering lives in tlprisms.render; imported lazily
+    def _repr_html_(self) -> str:
+        from tlprisms import render
+
+        return render.to_html(self)
+
+    def show(self) -> Any:
+        """Display the default view in Jupyter (offline, self-contained)."""
+        from tlprisms import render
+
+        return render.show(self)
