@@ -331,6 +331,8 @@ class ModelView:
 
     def embedding_scale(self) -> float:
         """The factor ``hook_embed`` applies to ``W_E`` rows (sqrt(d_model) for Gemma)."""
+        if not self.is_bridge:
+            return 1.0  # HookedTransformer folds Gemma's sqrt(d_model) into W_E at load time
         original = getattr(getattr(self.model, "embed", None), "original_component", None)
         scale = getattr(original, "embed_scale", None)
         if scale is not None:

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny seeded model per family and folding, with its cache."""
+
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from families import FAMILIES, make_tokenizer  # noqa: E402
+
+import tlprisms as tp  # noqa: E402
+
+BATCH, SEQ = 3, 7
+
+
+@dataclass
+class Case:
+    name: str
+    fold: bool
+    model: Any
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    cache: Any
+
+    @property
+    def prism(self) -> "tp.LogitPrism":
+        return tp.LogitPrism(self.model, self.cache, tokens=self.tokens, logits=self.logits)
+
+
+@functools.lru_cache(maxsize=None)
+def build_case(name: str, fold: bool, dtype: torch.dtype = torch.float32) -> Case:
+    model = FAMILIES[name](fold, dtype=dtype, tokenizer=make_tokenizer())
+    tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    return Case(name, fold, model, tokens, logits, cache)
+
+
+CASES = [pytest.param((n, f), id=f"{n}-{'folded' if f else 'unfolded'}")
+         for n in FAMILIES for f in (True, False)]
+
+
+@pytest.fixture(params=CASES)
+def case(request) -> Case:
+    return build_case(*request.param)
