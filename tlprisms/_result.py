@@ -111,7 +111,7 @@ class ComponentTable:
     def __len__(self) -> int:
         return int(self.kind.shape[0])
 
-    def __getitem__(self, i: int) -> Component:
+    def __getitem__(self, i: Union[int, np.integer]) -> Component:
         return Component(KINDS[int(self.kind[i])], *(int(getattr(self, f)[i]) for f in _FIELDS))
 
     def __iter__(self) -> Iterator[Component]:

@@ -91,7 +91,7 @@ def _token_str(tokenizer: Any, tid: int) -> str:
         return f"#{tid}"
 
 
-def _to_id(view: Any, token: TokenLike, caller: str) -> int:
+def _to_id(view: Any, token: Any, caller: str) -> int:
     if isinstance(token, (bool, np.bool_)):
         raise TargetError(f"{caller}: target {token!r} is a bool; pass a token id or string.")
     if isinstance(token, (int, np.integer)) or (isinstance(token, Tensor) and token.ndim == 0):
