@@ -195,6 +195,8 @@ class ModelView:
         self.act_fn = getattr(cfg, "act_fn", None)
         self.architecture = architecture_name(model)
         self.gated = bool(getattr(cfg, "gated_mlp", False))
+        self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
+        self.solu_ln: list[Optional[NormSpec]] = []
         self.final_norm = _read_norm(getattr(model, "ln_final", None), "ln_final", cfg)
         self.ln1: list[NormSpec] = []
         self.ln2: list[NormSpec] = []
@@ -209,6 +211,9 @@ class ModelView:
                                  _read_norm(post1, f"blocks.{layer}.ln1_post", cfg))
             self.ln2_post.append(None if post2 is None else
                                  _read_norm(post2, f"blocks.{layer}.ln2_post", cfg))
+            inner = getattr(getattr(block, "mlp", None), "ln", None)
+            self.solu_ln.append(None if self.act_fn != "solu_ln" or inner is None else
+                                _read_norm(inner, f"blocks.{layer}.mlp.ln", cfg))
 
     # ------------------------------------------------------------------ refusals
     @staticmethod
@@ -350,6 +355,12 @@ class ModelView:
             return what
         return f"blocks.{layer}.{what}"
 
+    def solu_mid_hook(self, layer: int) -> str:
+        """SoLU's ``act(pre)`` before its inner LayerNorm (named differently by the bridge)."""
+        if self.is_bridge:
+            return f"blocks.{layer}.mlp.ln.hook_in"
+        return f"blocks.{layer}.mlp.hook_mid"
+
     def final_resid_hook(self) -> str:
         return f"blocks.{self.n_layers - 1}.hook_resid_post"
 
@@ -380,8 +391,7 @@ class ModelView:
                     if self.gated:
                         names.append(f"blocks.{layer}.mlp.hook_pre_linear")
                     if self.act_fn == "solu_ln":
-                        names += [f"blocks.{layer}.mlp.hook_mid",
-                                  f"blocks.{layer}.mlp.ln.hook_scale"]
+                        names += [self.solu_mid_hook(layer), f"blocks.{layer}.mlp.ln.hook_scale"]
         return list(dict.fromkeys(names))
 
 

@@ -385,6 +385,74 @@ class LogitPrism:
         return self.decompose(target, pos, heads=None, neurons=None, softcap=softcap,
                               name="LogitPrism.full")
 
+    # ------------------------------------------------------------------ chained prisms
+    def chain(self, target: Any, path: Sequence[Any], pos: Any = -1, *, heads: LayerSel = (),
+              neurons: LayerSel = (), by_source: bool = False, softcap: str = "post"
+              ) -> Decomposition:
+        """Follow a path of hops (:class:`Hop`) back from the logit and split the last one.
+
+        ``path=[Hop("head", 5, 1, src=3), Hop("neuron", 2, 40)]`` explains neuron L2N40's
+        contribution, at position 3, to head L5H1's term. Each hop's result sums exactly to
+        the term it splits; components carry ``pos``, the residual position they wrote at.
+        ``heads``/``neurons``/``by_source`` choose how the last hop's sources are split.
+        """
+        from tlprisms._chain import Hop, run_chain
+
+        hops = [h if isinstance(h, Hop) else Hop(*h) for h in path]
+        caller = "LogitPrism.chain"
+        return run_chain(self, target, pos, hops, heads=self._layers(heads, caller),
+                         neurons=self._neuron_layers(neurons, caller), by_source=by_source,
+                         softcap=softcap, caller=caller)
+
+    def through_head(self, layer: int, head: int, target: Any, pos: Any = -1, *,
+                     src: Optional[int] = None, heads: LayerSel = (), neurons: LayerSel = (),
+                     by_source: bool = False, softcap: str = "post") -> Decomposition:
+        """Split head ``(layer, head)``'s term by source position and by what wrote into the
+        residual stream there (embed, pos_embed, earlier attention/MLP layers, or their heads
+        and neurons when ``heads``/``neurons`` name layers). Totals the head's term in
+        :meth:`heads`.
+        """
+        from tlprisms._chain import Hop
+
+        return self.chain(target, [Hop("head", layer, head, src)], pos, heads=heads,
+                          neurons=neurons, by_source=by_source, softcap=softcap)
+
+    def through_neuron(self, layer: int, neuron: int, target: Any, pos: Any = -1, *,
+                       heads: LayerSel = (), neurons: LayerSel = (), by_source: bool = False,
+                       softcap: str = "post") -> Decomposition:
+        """Split neuron ``(layer, neuron)``'s term by what wrote into the residual stream it
+        reads, with its activation gate held fixed. Totals the neuron's term in :meth:`neurons`."""
+        from tlprisms._chain import Hop
+
+        return self.chain(target, [Hop("neuron", layer, neuron)], pos, heads=heads,
+                          neurons=neurons, by_source=by_source, softcap=softcap)
+
+    def readout(self, vector: Tensor, layer: int, pos: Any = -1, *, at: str = "ln1",
+                bias: Any = None, heads: LayerSel = (), neurons: LayerSel = (),
+                by_source: bool = False) -> Decomposition:
+        """Decompose any linear read ``norm(x) . vector + bias`` of the residual stream.
+
+        Args:
+            vector: ``[d_model]`` or ``[k, d_model]`` (a probe direction, an SAE encoder row,
+                ``W_in[:, n]`` for a neuron's pre-activation, a column of ``W_V``...).
+            layer: the block whose stream is read.
+            at: ``"ln1"`` / ``"ln2"`` / ``"ln_final"`` to read through that norm (frozen at
+                its cached scale), or ``"resid_pre"`` / ``"resid_mid"`` / ``"resid_post"`` to
+                read the raw stream.
+            bias: a constant added to the read (e.g. ``b_in[n]``).
+        """
+        from tlprisms._chain import run_readout
+
+        caller = "LogitPrism.readout"
+        with torch.no_grad():
+            return run_readout(self, vector, layer, pos, at, bias,
+                               heads=self._layers(heads, caller),
+                               neurons=self._neuron_layers(neurons, caller), by_source=by_source,
+                               caller=caller)
+
+    def _neuron_layers(self, layers: LayerSel, caller: str) -> frozenset:
+        return frozenset() if self.view.attn_only else self._layers(layers, caller)
+
     def __repr__(self) -> str:
         v = self.view
         return (f"LogitPrism({type(self.model).__name__}, {v.n_layers} layers, batch {self.batch}"
