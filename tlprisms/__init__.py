@@ -8,8 +8,10 @@ neuron. Importing this package does nothing else: no network, no patching, no Ci
 from tlprisms._errors import PrismError
 from tlprisms._result import Component, Decomposition
 from tlprisms._seam import needed_hooks
+from tlprisms._chain import Hop
 from tlprisms._targets import Direction, LogitDiff, NextToken, PerRow
 from tlprisms.prism import LogitPrism
+from tlprisms.task import explain_task
 
 __all__ = [
     "LogitPrism",
@@ -19,6 +21,8 @@ __all__ = [
     "Direction",
     "PerRow",
     "NextToken",
+    "Hop",
+    "explain_task",
     "needed_hooks",
     "PrismError",
 ]
@@ -26,9 +30,9 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # lazy submodules: tlprisms.demo, tlprisms.render, tlprisms.errors
+def __getattr__(name: str):  # lazy submodules: demo, render, errors, weights
     import importlib
 
-    if name in ("demo", "render", "errors", "weights"):
+    if name in ("demo", "render", "errors", "weights", "cli"):
         return importlib.import_module(f"tlprisms.{name}")
     raise AttributeError(f"module 'tlprisms' has no attribute {name!r}")

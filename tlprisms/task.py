@@ -1,0 +1,174 @@
+"""Task-level analysis: explain a whole prompt set, batch by batch.
+
+``explain_task(model, prompts, answers)`` runs the model on batches of prompts, decomposes
+each prompt's answer logit at its own last token (prompts may differ in length), and keeps
+only one term per component and prompt (heads summed over source positions), so memory is
+bounded by the batch size, not by the task. The result aggregates across prompts: the mean
+and spread of every component's term, and how often it is among the top components.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from torch import Tensor
+
+from tlprisms._errors import CompletenessError, PrismError
+from tlprisms._result import ATOL_FLOAT32, ComponentTable, Decomposition
+from tlprisms._seam import needed_hooks
+from tlprisms._targets import PerRow
+from tlprisms.prism import LogitPrism
+
+__all__ = ["TaskResult", "explain_task"]
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True, eq=False)
+class TaskResult:
+    """Per-prompt terms of a task: ``values[prompt, comp]`` and ``logits[prompt]``."""
+
+    values: Float[Tensor, "prompt comp"]
+    logits: Float[Tensor, "prompt"]
+    components: ComponentTable
+    prompts: list
+    answers: list
+    explains: str = "logit"
+    meta: dict = field(default_factory=dict)
+
+    def check(self, atol: float = ATOL_FLOAT32, rtol: float = ATOL_FLOAT32) -> "TaskResult":
+        """Raise unless every prompt's terms add up to its logit."""
+        gap = (self.values.sum(-1) - self.logits).abs()
+        bad = gap > atol + rtol * self.logits.abs()
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            raise CompletenessError(f"check: prompt {i} ({self.prompts[i]!r}) misses its logit "
+                                    f"by {float(gap[i]):.3g}.")
+        return self
+
+    def summary(self, top_k: int = 10, constants: bool = False) -> Any:
+        """One row per component: mean, std, min, max of its term across prompts, its mean
+        share of the logit, and the fraction of prompts where it is among the ``top_k`` by |term|.
+        Sorted by mean |term|."""
+        import pandas as pd
+
+        v = self.values.detach().double().cpu().numpy()
+        keep = np.ones(v.shape[1], dtype=bool) if constants else ~self.components.is_constant()
+        absv = np.where(keep[None], np.abs(v), -np.inf)
+        k = min(top_k, int(keep.sum()))
+        top = np.argpartition(-absv, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(v), 0), int)
+        counts = np.zeros(v.shape[1])
+        np.add.at(counts, top.ravel(), 1)
+        logits = self.logits.detach().double().cpu().numpy()[:, None]
+        share = v / np.where(np.abs(logits) > 1e-12, logits, np.nan)
+        c = self.components
+        df = pd.DataFrame({
+            "component": [str(x) for x in c], "kind": c.kinds(), "layer": c.layer,
+            "head": c.head, "neuron": c.neuron, "mean": v.mean(0), "std": v.std(0),
+            "min": v.min(0), "max": v.max(0), "mean_share": np.nanmean(share, 0),
+            f"frac_top{top_k}": counts / len(v), "mean_abs": np.abs(v).mean(0),
+        })[keep]
+        return df.sort_values("mean_abs", ascending=False).reset_index(drop=True)
+
+    def decomposition(self) -> Decomposition:
+        """The per-prompt terms as a :class:`Decomposition` (prompts on the batch axis)."""
+        n = len(self.prompts)
+        return Decomposition(values=self.values[:, None, None, :], components=self.components,
+                             logits=self.logits[:, None, None],
+                             positions=torch.as_tensor(self.meta.get("positions", [0] * n))[:, None],
+                             target_labels=np.asarray(self.answers, dtype=object).reshape(n, 1, 1),
+                             explains=self.explains, prism="task")
+
+    def to_frame(self) -> Any:
+        """Long table: prompt, answer, component fields, value."""
+        import pandas as pd
+
+        P, C = self.values.shape
+        c = self.components
+        pp, cc = np.meshgrid(np.arange(P), np.arange(C), indexing="ij")
+        return pd.DataFrame({
+            "prompt": np.asarray(self.prompts, dtype=object)[pp.ravel()],
+            "answer": np.asarray(list(map(str, self.answers)), dtype=object)[pp.ravel()],
+            "kind": c.kinds()[cc.ravel()], "layer": c.layer[cc.ravel()],
+            "head": c.head[cc.ravel()], "neuron": c.neuron[cc.ravel()],
+            "value": self.values.detach().float().cpu().numpy().ravel(),
+        })
+
+    def __repr__(self) -> str:
+        s = self.summary(top_k=5).head(5)
+        lines = [f"TaskResult({len(self.prompts)} prompts, {self.values.shape[1]} components; "
+                 f"explains {self.explains}; max |gap| "
+                 f"{float((self.values.sum(-1) - self.logits).abs().max()):.2g})"]
+        for _, row in s.iterrows():
+            lines.append(f"  {row['component']:<16} mean {row['mean']:+.3g} +- {row['std']:.2g}"
+                         f"  top-5 in {row['frac_top5']:.0%} of prompts")
+        return "\n".join(lines)
+
+    def _tlprisms_views(self) -> list:
+        from tlprisms import render
+
+        s = self.summary().head(20)
+        return [render.bar_svg(s["mean"].tolist(), s["component"].tolist(),
+                               f"mean term over {len(self.prompts)} prompts")]
+
+    def _repr_html_(self) -> str:
+        from tlprisms import render
+
+        return render.to_html(self)
+
+
+def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
+                 heads: Any = None, neurons: Any = None, batch_size: int = 16,
+                 progress: bool = True, softcap: str = "post",
+                 prepend_bos: Optional[bool] = None) -> TaskResult:
+    """Decompose each prompt's answer logit at its last token, in batches.
+
+    Args:
+        prompts: the task's prompts (any lengths).
+        answers: one target per prompt: a single-token string, a token id, or a
+            :class:`~tlprisms.LogitDiff` (e.g. the right answer minus a distractor).
+        heads / neurons: layers to split (default: all); others stay one term per layer.
+        batch_size: prompts per forward pass; memory is bounded by this.
+        progress: show a progress bar (tqdm).
+    """
+    prompts, answers = list(prompts), list(answers)
+    if len(prompts) != len(answers):
+        raise PrismError(f"explain_task: {len(prompts)} prompts but {len(answers)} answers; give "
+                         "one answer per prompt.")
+    if not prompts:
+        raise PrismError("explain_task: no prompts.")
+    if batch_size < 1:
+        raise PrismError(f"explain_task: batch_size={batch_size}; use 1 or more.")
+    kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+    names = needed_hooks(model, ("residual", "heads", "neurons"))
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="explain_task", unit="batch")
+    values, logits, positions = [], [], []
+    table = None
+    explains = "logit"
+    for start in starts:
+        batch = prompts[start:start + batch_size]
+        lengths = [model.to_tokens(p, **kw).shape[-1] for p in batch]
+        tokens = model.to_tokens(batch, **kw)
+        with torch.no_grad():
+            out, cache = model.run_with_cache(tokens, names_filter=names)
+        prism = LogitPrism(model, cache, tokens=tokens, logits=out)
+        pos = [n - 1 for n in lengths]
+        r = prism.decompose(PerRow(answers[start:start + batch_size]), pos, heads=heads,
+                            neurons=neurons, by_source=False, softcap=softcap,
+                            name="explain_task")
+        if table is None:
+            table = r.components
+        values.append(r.values[:, 0, 0, :].detach())
+        logits.append(r.logits[:, 0, 0].detach())
+        positions += pos
+        explains = r.explains
+        del cache, out, prism, r
+    return TaskResult(values=torch.cat(values), logits=torch.cat(logits), components=table,
+                      prompts=prompts, answers=answers, explains=explains,
+                      meta={"positions": positions})

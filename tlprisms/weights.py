@@ -1,0 +1,254 @@
+"""Weight-space prisms: what a head or a neuron does to tokens, with no forward pass.
+
+* **OV token map** of head ``(l, h)``: ``ln1(E_src) @ W_V[kv(h)] @ W_O[h] @ U_dst``, where
+  ``E_src`` are the source tokens' embeddings as the model sees them (Gemma's sqrt(d_model)
+  scale; the layer's input norm applied to each embedding on its own) and ``U_dst`` are the
+  target tokens' readout columns ``P(w_final * W_U[:, t])`` (Gemma 2: times the head's
+  ``ln1_post`` weight). Only the token sets are materialised, never vocab x vocab.
+* **Neuron templates**: ``W_out[l, n] @ U_tokens`` for a token set (e.g. the digits), and
+  their activation-weighted sum.
+* **Unembedding map**: a 2-D PCA projection of a token set's readout columns.
+
+Positional embeddings and biases are left out: these maps describe the weights alone.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
+from torch import Tensor
+
+from tlprisms._errors import PrismError, TargetError
+from tlprisms._seam import ModelView
+from tlprisms._targets import _to_id
+
+__all__ = ["TokenMap", "TokenProjection", "ov_map", "neuron_templates", "unembed_map"]
+
+Tokens = Union[Sequence[Union[int, str]], Tensor]
+
+
+def _ids(view: ModelView, tokens: Tokens, what: str, caller: str) -> tuple[list[int], list[str]]:
+    if isinstance(tokens, (str, int)):
+        raise TargetError(f"{caller}: {what} must be a list of tokens, got {tokens!r}; wrap it "
+                          "in a list.")
+    items = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
+    if not items:
+        raise TargetError(f"{caller}: {what} is empty; give at least one token.")
+    ids = [_to_id(view, t, caller) for t in items]
+    tok = view.tokenizer()
+    labels = [tok.decode([i]) if tok is not None else f"#{i}" for i in ids]
+    return ids, labels
+
+
+def _readout_columns(view: ModelView, ids: list[int], dtype: torch.dtype) -> Tensor:
+    cols, _ = view.unembed_columns(torch.tensor(ids), dtype)  # [n, d]
+    return view.final_norm.pull_back(cols)
+
+
+def _embeddings(view: ModelView, ids: list[int], layer_norm: Any, dtype: torch.dtype) -> Tensor:
+    W_E = view.embed_matrix()
+    e = W_E[torch.tensor(ids, device=W_E.device)].to(dtype) * view.embedding_scale()
+    if layer_norm is None or not layer_norm.has_scale:
+        return e
+    x = e - e.mean(-1, keepdim=True) if layer_norm.centred else e
+    eps = float(getattr(view.cfg, "eps", 1e-5) or 1e-5)
+    x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    if layer_norm.weight is not None:
+        x = x * layer_norm.weight.to(x.device, dtype)
+    if layer_norm.bias is not None:
+        x = x + layer_norm.bias.to(x.device, dtype)
+    return x
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True, eq=False)
+class TokenMap:
+    """A labelled matrix over token sets: ``values[row, col]``.
+
+    Attributes:
+        values: ``[row, col]``, e.g. source token x target token for an OV map, or
+            neuron x token for templates.
+        rows, cols: labels of the rows and columns.
+        title: what the map is (``"OV map of L15H6"``).
+        weights: optional per-row weights (neuron activations) for :meth:`weighted_sum`.
+    """
+
+    values: Float[Tensor, "row col"]
+    rows: list
+    cols: list
+    title: str
+    weights: Optional[Tensor] = None
+    meta: dict = field(default_factory=dict)
+
+    def top(self, row: Union[int, str], k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` columns with the largest value in ``row`` (an index or a label)."""
+        i = self.rows.index(row) if isinstance(row, str) else int(row)
+        v = self.values[i]
+        idx = torch.argsort(v, descending=True)[:k]
+        return [(self.cols[int(j)], float(v[j])) for j in idx]
+
+    def argmax_cols(self) -> list[str]:
+        """For each row, the label of its largest column."""
+        return [self.cols[int(j)] for j in self.values.argmax(-1)]
+
+    def weighted_sum(self, weights: Optional[Tensor] = None) -> Tensor:
+        """``sum_row weights[row] * values[row]``: e.g. neuron templates weighted by activations."""
+        w = self.weights if weights is None else torch.as_tensor(weights, dtype=self.values.dtype)
+        if w is None:
+            raise PrismError("weighted_sum: no weights; pass activations, one per row.")
+        if w.shape[-1] != self.values.shape[0]:
+            raise PrismError(f"weighted_sum: {w.shape[-1]} weights for {self.values.shape[0]} rows.")
+        return w.to(self.values.dtype) @ self.values
+
+    def to_frame(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.values.detach().cpu().numpy(), index=list(map(str, self.rows)),
+                            columns=list(map(str, self.cols)))
+
+    def __repr__(self) -> str:
+        head = f"TokenMap({self.title}: {len(self.rows)} x {len(self.cols)})"
+        lines = [head]
+        for i in range(min(len(self.rows), 6)):
+            best = ", ".join(f"{c!r} {v:+.3g}" for c, v in self.top(i, 3))
+            lines.append(f"  {self.rows[i]!r:>14} -> {best}")
+        return "\n".join(lines)
+
+    def _tlprisms_views(self) -> list:
+        from tlprisms import render
+
+        views = [render.heatmap_svg(self.values.detach().float().cpu().numpy(),
+                                    list(map(str, self.rows)), list(map(str, self.cols)),
+                                    self.title)]
+        if self.weights is not None:
+            series = {str(r): self.values[i].tolist() for i, r in enumerate(self.rows)}
+            series["weighted sum"] = self.weighted_sum().tolist()
+            views.append(render.lines_svg(series, list(map(str, self.cols)),
+                                          f"{self.title}: templates and weighted sum"))
+        return views
+
+    def _repr_html_(self) -> str:
+        from tlprisms import render
+
+        return render.to_html(self)
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True, eq=False)
+class TokenProjection:
+    """A 2-D projection of token vectors (``points[token, 2]``) with its variance ratios."""
+
+    points: Float[Tensor, "token 2"]
+    labels: list
+    explained_variance: Float[Tensor, "2"]
+    title: str
+
+    def __repr__(self) -> str:
+        ev = ", ".join(f"{float(v):.1%}" for v in self.explained_variance)
+        return f"TokenProjection({self.title}: {len(self.labels)} tokens, PCA variance {ev})"
+
+    def _tlprisms_views(self) -> list:
+        from tlprisms import render
+
+        return [render.scatter_svg(self.points.detach().float().cpu().numpy(),
+                                   list(map(str, self.labels)), self.title)]
+
+    def _repr_html_(self) -> str:
+        from tlprisms import render
+
+        return render.to_html(self)
+
+
+def _check_layer(view: ModelView, layer: int, caller: str) -> int:
+    if not -view.n_layers <= layer < view.n_layers:
+        raise PrismError(f"{caller}: layer {layer} is out of range; the model has "
+                         f"{view.n_layers} layers (0..{view.n_layers - 1}).")
+    return layer % view.n_layers
+
+
+def ov_map(model: Any, layer: int, head: int, src_tokens: Tokens, dst_tokens: Tokens, *,
+           dtype: torch.dtype = torch.float32) -> TokenMap:
+    """The OV circuit of head ``(layer, head)`` between two token sets.
+
+    ``values[s, t]`` is how much reading source token ``s`` (its embedding, through the
+    layer's input norm) raises the logit of target token ``t``, per unit of attention.
+
+    >>> # m = tp.weights.ov_map(model, 15, 6, [" France", " Japan"], [" Paris", " Tokyo"])
+    """
+    caller = "ov_map"
+    view = ModelView(model)
+    layer = _check_layer(view, layer, caller)
+    if not 0 <= head < view.n_heads:
+        raise PrismError(f"{caller}: head {head} is out of range; layer {layer} has "
+                         f"{view.n_heads} heads (0..{view.n_heads - 1}).")
+    src, src_labels = _ids(view, src_tokens, "src_tokens", caller)
+    dst, dst_labels = _ids(view, dst_tokens, "dst_tokens", caller)
+    with torch.no_grad():
+        E = _embeddings(view, src, view.ln1[layer], dtype)  # [s, d]
+        g = head // (view.n_heads // view.n_kv_heads)
+        W_V = view.W_V(layer, dtype).to(E.device)[g]
+        W_O = view.W_O(layer, dtype).to(E.device)[head]
+        U = _readout_columns(view, dst, dtype).to(E.device)  # [t, d]
+        post = view.ln1_post[layer]
+        if post is not None:
+            U = post.pull_back(U)
+        values = ((E @ W_V) @ W_O) @ U.T
+    return TokenMap(values=values, rows=src_labels, cols=dst_labels,
+                    title=f"OV map of L{layer}H{head}", meta={"layer": layer, "head": head})
+
+
+def neuron_templates(model: Any, layer: int, neurons: Sequence[int], tokens: Tokens, *,
+                     activations: Optional[Tensor] = None,
+                     dtype: torch.dtype = torch.float32) -> TokenMap:
+    """``W_out[layer, n] @ U_tokens`` for each neuron: its template over a token set.
+
+    Pass ``activations`` (one per neuron, e.g. ``cache["blocks.l.mlp.hook_post"][b, -1, neurons]``)
+    to get :meth:`TokenMap.weighted_sum`, the neurons' joint direct effect on those tokens.
+    """
+    caller = "neuron_templates"
+    view = ModelView(model)
+    layer = _check_layer(view, layer, caller)
+    neurons = [int(n) for n in neurons]
+    if not neurons:
+        raise PrismError(f"{caller}: no neurons given.")
+    bad = [n for n in neurons if not 0 <= n < view.d_mlp]
+    if bad:
+        raise PrismError(f"{caller}: neurons {bad} are out of range; layer {layer} has "
+                         f"{view.d_mlp} neurons (0..{view.d_mlp - 1}).")
+    ids, labels = _ids(view, tokens, "tokens", caller)
+    with torch.no_grad():
+        W_out = view.W_out(layer, dtype)[neurons]  # [n, d]
+        U = _readout_columns(view, ids, dtype).to(W_out.device)
+        post = view.ln2_post[layer]
+        if post is not None:
+            U = post.pull_back(U)
+        values = W_out @ U.T
+    w = None
+    if activations is not None:
+        w = torch.as_tensor(activations).detach().to(values.device, dtype).reshape(-1)
+        if w.shape[0] != len(neurons):
+            raise PrismError(f"{caller}: {w.shape[0]} activations for {len(neurons)} neurons.")
+    return TokenMap(values=values, rows=[f"L{layer}N{n}" for n in neurons], cols=labels,
+                    title=f"templates of layer {layer} neurons", weights=w,
+                    meta={"layer": layer, "neurons": neurons})
+
+
+def unembed_map(model: Any, tokens: Tokens, *, dtype: torch.dtype = torch.float32) -> TokenProjection:
+    """A 2-D PCA projection of the tokens' readout columns ``P(w_final * W_U[:, t])``."""
+    caller = "unembed_map"
+    view = ModelView(model)
+    ids, labels = _ids(view, tokens, "tokens", caller)
+    if len(ids) < 3:
+        raise TargetError(f"{caller}: a 2-D projection needs at least 3 tokens, got {len(ids)}.")
+    with torch.no_grad():
+        U = _readout_columns(view, ids, torch.float64)
+        X = U - U.mean(0, keepdim=True)
+        _, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        points = X @ Vh[:2].T
+        var = S.pow(2)
+        ratio = var[:2] / var.sum()
+    return TokenProjection(points=points.to(dtype), labels=labels,
+                           explained_variance=ratio.to(dtype), title="unembedding map (PCA)")
