@@ -55,9 +55,9 @@ class Component:
 
     def __str__(self) -> str:
         if self.kind == "head":
-            s = f"L{self.layer}H{self.head}"
+            s = f"L{self.layer}H{self.head}" if self.head >= 0 else f"L{self.layer}.heads"
         elif self.kind == "neuron":
-            s = f"L{self.layer}N{self.neuron}"
+            s = f"L{self.layer}N{self.neuron}" if self.neuron >= 0 else f"L{self.layer}.neurons"
         elif self.layer >= 0 and self.kind in ("attn", "mlp", "b_O", "b_out", "b_V", "ln.b",
                                                "b_in", "resid"):
             s = f"L{self.layer}.{self.kind}" + (f"H{self.head}" if self.head >= 0 else "")

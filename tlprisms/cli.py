@@ -1,0 +1,212 @@
+"""The ``tlprisms`` command: ``tlprisms demo`` and ``tlprisms explain``.
+
+``tlprisms demo`` decomposes both tasks of the embedded model (capital cities and one-digit
+addition), prints what the prisms found and writes a self-contained HTML report.
+``tlprisms explain --model NAME --prompt TEXT --target TOKEN`` does the same for one prompt of
+any model TransformerLens can load (``--model demo`` works offline).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+__all__ = ["main", "run_demo", "run_explain"]
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _report(title: str) -> Any:
+    try:
+        from tlprisms.render import Report
+    except ImportError as err:  # pragma: no cover - the viz extra is missing
+        _say(f"(no HTML report: {err}; install with pip install 'tlprisms[viz]')")
+        return None
+    return Report(title)
+
+
+def _gap(*results: Any) -> float:
+    return max(float(r.gap().abs().max()) if hasattr(r, "gap")
+               else float((r.values.sum(-1) - r.logits).abs().max()) for r in results)
+
+
+def _capitals(model: Any, report: Any, progress: bool) -> dict:
+    import tlprisms as tp
+    from tlprisms import weights
+    from tlprisms.demo import capital_task
+
+    task = capital_task()
+    prompts, answers = [p for p, _ in task], [a for _, a in task]
+    res = tp.explain_task(model, prompts, answers, progress=progress).check()
+    summary = res.summary()
+    layers = res.decomposition().aggregate("kind", "layer")
+    means = layers.values[:, 0, 0].mean(0)
+    per_layer = {str(c): float(v) for c, v in zip(layers.components, means)
+                 if not c.is_constant}
+    heads = summary[summary.kind == "head"]
+    top = heads.iloc[0]
+    layer, head = int(top["layer"]), int(top["head"])
+    prompt, answer = prompts[0], answers[0]
+    prism = tp.LogitPrism.run(model, prompt)
+    r = prism.residual(answer).check()
+    h = prism.heads(answer).check()
+    th = prism.through_head(layer, head, answer).check()
+    read = th.top(1)["component"][0]
+    countries = [p.split()[3] for p in prompts]
+    ov = weights.ov_map(model, layer, head, [" " + c for c in countries], answers)
+    hits = sum(a == b.strip() for a, b in zip(ov.argmax_cols(), answers))
+    if report is not None:
+        report.add(r, title=f"Residual prism: {prompt!r} -> {answer!r}")
+        report.add(h, title="Heads x source positions")
+        report.add(th, title=f"Through L{layer}H{head}: what the head reads")
+        report.add(ov, title=f"OV map of L{layer}H{head}: countries -> capitals")
+        report.add(res, title=f"All {len(prompts)} capital prompts")
+    return {"prompts": len(prompts), "layer_means": per_layer, "head": (layer, head),
+            "head_mean": float(top["mean"]), "reads": read, "ov_hits": hits,
+            "gap": _gap(res, r, h, th), "top": summary.head(5)}
+
+
+def _addition(model: Any, report: Any, progress: bool) -> dict:
+    import tlprisms as tp
+    from tlprisms import weights
+    from tlprisms.demo import addition_task
+
+    task = addition_task()
+    prompts, answers = [p for p, _ in task], [a for _, a in task]
+    res = tp.explain_task(model, prompts, answers, progress=progress).check()
+    summary = res.summary()
+    neurons = summary[summary.kind == "neuron"]
+    mlp_totals = neurons.groupby("layer")["mean"].sum()
+    layer = int(mlp_totals.abs().idxmax())
+    top_neurons = [int(n) for n in neurons[neurons.layer == layer].neuron.head(5)]
+    prompt = "7+2="
+    answer = dict(task)[prompt]
+    prism = tp.LogitPrism.run(model, prompt)
+    r = prism.residual(answer).check()
+    acts = prism.cache[f"blocks.{layer}.mlp.hook_post"][0, -1, top_neurons]
+    sums = [str(s) for s in range(2, 19)]
+    templates = weights.neuron_templates(model, layer, top_neurons, sums, activations=acts)
+    weighted = templates.weighted_sum()
+    peak = templates.cols[int(weighted.argmax())]
+    digits = weights.unembed_map(model, [str(d) for d in range(10)])
+    if report is not None:
+        report.add(r, title=f"Residual prism: {prompt!r} -> {answer!r}")
+        report.add(prism.neurons(answer, layers=[layer]), title=f"Layer {layer} neurons")
+        report.add(templates, title=f"Top layer-{layer} neurons: templates over the sums")
+        report.add(digits, title="Digit unembeddings (PCA)")
+        report.add(res, title=f"All {len(prompts)} addition prompts")
+    return {"prompts": len(prompts), "layer": layer, "neurons": top_neurons,
+            "peak": peak, "answer": answer.strip(), "gap": _gap(res, r),
+            "pca_variance": [float(v) for v in digits.explained_variance],
+            "top": summary.head(5)}
+
+
+def run_demo(out: Optional[Path] = Path("tlprisms-demo.html"), progress: bool = True) -> dict:
+    """Decompose both tasks on the embedded model; print a summary; write the report."""
+    from tlprisms.demo import load_demo_model
+
+    t0 = time.time()
+    _say("tlprisms demo: loading the embedded model (offline)...")
+    model = load_demo_model()
+    report = _report("tlprisms demo: logit prisms on the embedded model") if out else None
+    _say("capital cities: decomposing 'The capital of X is' for every country...")
+    cap = _capitals(model, report, progress)
+    _say("addition: decomposing 'a+b=' for a, b in 1..9...")
+    add = _addition(model, report, progress)
+    layer, head = cap["head"]
+    lines = [
+        "",
+        f"Capital cities ({cap['prompts']} prompts)",
+        "  mean term per layer: " + ", ".join(f"{k} {v:+.2f}" for k, v in cap["layer_means"].items()),
+        f"  top head: L{layer}H{head} (mean term {cap['head_mean']:+.2f} on the right capital)",
+        f"  through L{layer}H{head} on 'France': its largest source term is {cap['reads']}",
+        f"  OV map of L{layer}H{head}: {cap['ov_hits']}/{cap['prompts']} countries map to their capital",
+        f"Addition ({add['prompts']} prompts)",
+        f"  the MLP layer that stands out: layer {add['layer']}; top neurons "
+        + ", ".join(f"L{add['layer']}N{n}" for n in add["neurons"]),
+        f"  '7+2=': the activation-weighted sum of their templates peaks at {add['peak']!r}"
+        f" (answer {add['answer']!r})",
+        f"Completeness gap (max |sum of terms - logit|): {max(cap['gap'], add['gap']):.2e}",
+    ]
+    _say("\n".join(lines))
+    if report is not None:
+        path = report.save(out)
+        _say(f"report: {path} (self-contained, offline)")
+    _say(f"done in {time.time() - t0:.1f} s")
+    return {"capitals": cap, "addition": add}
+
+
+def run_explain(model_name: str, prompt: str, target: str, *, out: Optional[Path] = None,
+                pos: int = -1, device: str = "cpu", top: int = 10) -> dict:
+    """Decompose one prompt's target logit on any model; print the top components."""
+    import tlprisms as tp
+    from tlprisms.hub import load_model
+
+    t0 = time.time()
+    _say(f"loading {model_name!r}...")
+    model = load_model(model_name, device=device)
+    _say(f"loaded in {time.time() - t0:.1f} s; running the model and the prisms...")
+    prism = tp.LogitPrism.run(model, prompt)
+    r = prism.residual(target, pos).check()
+    full = prism.full(target, pos)
+    per_head = prism.heads(target, pos).aggregate("layer", "head")
+    gap = _gap(r, full)
+    try:
+        full.check()
+    except tp.PrismError as err:
+        _say(f"warning: {err}")
+    _say(f"\n{target!r} at position {pos}: logit {float(r.logits[0, 0, 0]):.4g} "
+         f"({r.explains}); completeness gap {gap:.2e}")
+    for title, res in (("layers", r), ("heads", per_head.select(kind="head")),
+                       ("heads x sources and neurons", full)):
+        table = res.top(top)
+        _say(f"top {title}: " + ", ".join(f"{c} {v:+.3g}" for c, v in
+                                          zip(table["component"], table["value"])))
+    if out is not None:
+        report = _report(f"tlprisms explain: {model_name}")
+        if report is not None:
+            report.add(r, title=f"Residual prism: {prompt!r} -> {target!r}")
+            report.add(prism.heads(target, pos), title="Heads x source positions")
+            report.save(out)
+            _say(f"report: {out}")
+    return {"logit": float(r.logits[0, 0, 0]), "gap": gap, "top": full.top(top)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tlprisms", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="explain both tasks of the embedded model (offline)")
+    demo.add_argument("--out", type=Path, default=Path("tlprisms-demo.html"),
+                      help="where to write the HTML report")
+    demo.add_argument("--no-report", action="store_true", help="print the summary only")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    ex = sub.add_parser("explain", help="explain one logit of any TransformerLens model")
+    ex.add_argument("--model", required=True, help="'demo' or a TransformerLens model name")
+    ex.add_argument("--prompt", required=True)
+    ex.add_argument("--target", required=True, help="a single token, e.g. ' Paris'")
+    ex.add_argument("--pos", type=int, default=-1)
+    ex.add_argument("--device", default="cpu")
+    ex.add_argument("--out", type=Path, default=None, help="also write an HTML report")
+    args = parser.parse_args(argv)
+    from tlprisms import PrismError
+
+    torch.set_grad_enabled(False)
+    try:
+        if args.command == "demo":
+            run_demo(None if args.no_report else args.out, progress=not args.quiet)
+        else:
+            run_explain(args.model, args.prompt, args.target, out=args.out, pos=args.pos,
+                        device=args.device)
+    except PrismError as err:
+        print(f"tlprisms: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
