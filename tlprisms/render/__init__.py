@@ -1,0 +1,49 @@
+"""Rendering for tlprisms: offline, self-contained HTML and plain SVG.
+
+* :func:`to_html` / :func:`show`: any result, view or list of them as an HTML fragment that
+  is safe to paste anywhere (a :class:`~tlprisms.Decomposition` shows a default view chosen
+  by its components; objects with ``_tlprisms_views()`` are rendered through it).
+* :class:`Report`: several views in ONE self-contained HTML file.
+* Views of a decomposition: :func:`bars` (terms adding up to the logit),
+  :func:`layer_head_heatmap`, :func:`source_tokens` and :func:`head_source_map`
+  (CircuitsVis widgets), :func:`top_tokens` (what one component promotes and suppresses).
+* Plain SVG helpers for any numbers: :func:`heatmap_svg`, :func:`bar_svg`, :func:`lines_svg`,
+  :func:`scatter_svg`; export with :func:`save_svg` (or :func:`save_png`, via a local
+  headless Chromium).
+
+Nothing here touches the network. CircuitsVis is never imported: its wheel's JavaScript
+bundle is read and inlined (once per page), each widget mounted in its own element with
+props escaped for a ``<script>``; tokens are always shown as text, never as markup.
+
+>>> from tlprisms.render import bar_svg
+>>> bar_svg([1.0, -0.5], ["a", "</script>"], "terms", total=0.5).count("&lt;/script&gt;")
+2
+"""
+
+from tlprisms.render._page import Report, save_png, save_svg, show, to_html
+from tlprisms.render._svg import bar_svg, heatmap_svg
+from tlprisms.render._svg_plots import lines_svg, scatter_svg
+from tlprisms.render._top_tokens import TopTokens, top_tokens
+from tlprisms.render._views import bars, head_source_map, layer_head_heatmap, source_tokens
+from tlprisms.render._views_base import Figure, View, Widget
+
+__all__ = [
+    "to_html",
+    "show",
+    "Report",
+    "save_svg",
+    "save_png",
+    "bars",
+    "layer_head_heatmap",
+    "source_tokens",
+    "head_source_map",
+    "top_tokens",
+    "heatmap_svg",
+    "bar_svg",
+    "lines_svg",
+    "scatter_svg",
+    "View",
+    "Figure",
+    "Widget",
+    "TopTokens",
+]

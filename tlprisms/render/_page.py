@@ -1,0 +1,220 @@
+"""Turning objects into HTML: ``to_html``, ``show``, ``Report``, ``save_svg``, ``save_png``.
+
+A page made here is one self-contained file: styles inline, the CircuitsVis bundle inlined
+once, a Content-Security-Policy that forbids every network fetch, and no URL other than
+the inert SVG ``xmlns`` attributes (the vendored bundle's own strings aside: error-message
+links and namespace names, never fetched).
+"""
+
+import datetime
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from tlprisms._errors import PrismError
+from tlprisms._result import Decomposition
+from tlprisms.render._escape import esc
+from tlprisms.render._views import default_view
+from tlprisms.render._views_base import Figure, Group, View, bundle_script
+
+__all__ = ["to_html", "show", "Report", "save_svg", "save_png", "as_view"]
+
+_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "img-src data:; font-src data:; connect-src 'none'; form-action 'none'; "
+        "base-uri 'none'")
+_PAGE_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px;
+color:#111;background:#fff;max-width:1200px}
+h1{font-size:22px;margin:0 0 4px}
+.tlprisms-meta{color:#666;font-size:12px;margin-bottom:16px}
+section.tlprisms-section{border-top:1px solid #ddd;padding:12px 0 20px}
+section.tlprisms-section>h2{font-size:17px;margin:4px 0 8px}
+"""
+
+
+def as_view(obj: Any, **kw: Any) -> View:
+    """The view ``to_html`` renders for ``obj``.
+
+    * a view (from :func:`bars`, :func:`source_tokens`, ...): itself;
+    * a :class:`~tlprisms.Decomposition`: its default view (``kw``: ``batch``, ``pos``,
+      ``target``);
+    * an object with ``_tlprisms_views()``: a group of the views or HTML fragments it returns;
+    * an ``<svg>`` string: a figure; a list or tuple: a group of the above.
+    """
+    if isinstance(obj, View):
+        if kw:
+            raise PrismError(f"to_html: options {sorted(kw)} apply to a Decomposition; this "
+                             "is an already rendered view.")
+        return obj
+    if isinstance(obj, Decomposition):
+        return default_view(obj, **kw)
+    views = getattr(obj, "_tlprisms_views", None)
+    if callable(views):
+        items = views(**kw)
+        return Group([x if isinstance(x, str) and not x.lstrip().startswith("<svg")
+                      else as_view(x) for x in items], title=type(obj).__name__)
+    if isinstance(obj, str) and obj.lstrip().startswith("<svg"):
+        return Figure(obj)
+    if isinstance(obj, (list, tuple)):
+        return Group([as_view(x, **kw) for x in obj])
+    raise PrismError(
+        f"to_html: cannot render a {type(obj).__name__}. Pass a Decomposition (what the "
+        "prisms return), a view from tlprisms.render (bars, layer_head_heatmap, "
+        "source_tokens, head_source_map, top_tokens), an <svg> string, or an object with a "
+        "_tlprisms_views() method."
+    )
+
+
+def to_html(obj: Any, **kw: Any) -> str:
+    """A self-contained HTML fragment for ``obj``, safe to paste into any page.
+
+    It inlines the CircuitsVis bundle when a view needs it (guarded: a page holding several
+    fragments runs it once) and makes no network request. Element ids are fresh on every
+    call, so the same object can be shown twice. See :func:`as_view` for what ``obj`` can be.
+    """
+    return as_view(obj, **kw).html()
+
+
+class _HTML:
+    """What :func:`show` returns outside IPython: shows in any ``_repr_html_`` front end."""
+
+    def __init__(self, data: str) -> None:
+        self.data = data
+
+    def _repr_html_(self) -> str:
+        return self.data
+
+    def __str__(self) -> str:
+        return self.data
+
+
+def show(obj: Any, **kw: Any) -> Any:
+    """Display ``obj`` in Jupyter (offline, self-contained); elsewhere return the HTML object.
+
+    Returns None after displaying in an IPython session; otherwise an object with
+    ``_repr_html_`` (IPython's ``HTML`` when IPython is installed).
+    """
+    html = to_html(obj, **kw)
+    try:
+        from IPython import get_ipython
+        from IPython.display import HTML, display
+    except ImportError:
+        return _HTML(html)
+    if get_ipython() is None:
+        return HTML(html)
+    display(HTML(html))
+    return None
+
+
+class Report:
+    """One self-contained HTML page of several views, with CircuitsVis inlined once.
+
+    >>> report = Report("IOI, layer 9")           # doctest: +SKIP
+    >>> report.add(result, title="Heads").add(bars(result), title="Bars").save("ioi.html")
+
+    Args:
+        title: the page title.
+    """
+
+    def __init__(self, title: str = "tlprisms report") -> None:
+        self.title = title
+        self.sections: list[tuple[str, View]] = []
+
+    def add(self, obj: Any, title: Optional[str] = None, **kw: Any) -> "Report":
+        """Add a section: anything :func:`to_html` accepts (``kw`` as there). Returns self."""
+        view = as_view(obj, **kw)
+        self.sections.append((title or "", view))
+        return self
+
+    def html(self) -> str:
+        """The whole page as a string."""
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        parts = ["<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+                 f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+                 '<meta name="viewport" content="width=device-width,initial-scale=1">',
+                 f"<title>{esc(self.title)}</title><style>{_PAGE_CSS}</style></head><body>",
+                 f"<h1>{esc(self.title)}</h1>",
+                 f'<div class="tlprisms-meta">tlprisms report, {esc(stamp)}; '
+                 f"{len(self.sections)} sections; works offline</div>"]
+        if any(v.needs_bundle for _, v in self.sections):
+            parts.append(bundle_script())
+        for title, view in self.sections:
+            parts.append('<section class="tlprisms-section">')
+            if title:
+                parts.append(f"<h2>{esc(title)}</h2>")
+            parts.append(view.fragment(bundle=False))
+            parts.append("</section>")
+        parts.append("</body></html>\n")
+        return "".join(parts)
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the page to ``path`` (UTF-8). Returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.html(), encoding="utf-8")
+        return path
+
+    def _repr_html_(self) -> str:
+        bundle = bundle_script() if any(v.needs_bundle for _, v in self.sections) else ""
+        body = "".join((f"<h3>{esc(t)}</h3>" if t else "") + v.fragment(bundle=False)
+                       for t, v in self.sections)
+        return f"{bundle}<div><h2>{esc(self.title)}</h2>{body}</div>"
+
+    def __repr__(self) -> str:
+        return f"Report({self.title!r}, {len(self.sections)} sections)"
+
+
+def save_svg(obj: Any, path: Union[str, Path], **kw: Any) -> Path:
+    """Write the plain SVG figures of ``obj`` to one ``.svg`` file (stacked vertically).
+
+    ``obj`` is a figure, an ``<svg>`` string, or anything :func:`to_html` accepts; the
+    CircuitsVis widgets in it (source tokens, head maps) are interactive HTML and are
+    skipped: use :meth:`Report.save` or :func:`save_png` for those.
+    """
+    figures = as_view(obj, **kw).figures()
+    if not figures:
+        raise PrismError("save_svg: this view has no plain SVG figure (CircuitsVis widgets are "
+                         "HTML); save it with Report(...).add(obj).save('page.html') or "
+                         "save_png(obj, 'view.png').")
+    if len(figures) == 1:
+        svg = figures[0].svg
+    else:
+        svg = _stack([f.svg for f in figures])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('<?xml version="1.0" encoding="UTF-8"?>\n' + svg + "\n", encoding="utf-8")
+    return path
+
+
+def _size(svg: str) -> tuple[int, int]:
+    import re
+
+    m = re.match(r'<svg[^>]*?width="(\d+)" height="(\d+)"', svg)
+    if not m:
+        raise PrismError("save_svg: an SVG without explicit width and height cannot be stacked.")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _stack(svgs: list[str]) -> str:
+    sizes = [_size(s) for s in svgs]
+    width, height = max(w for w, _ in sizes), sum(h for _, h in sizes) + 8 * (len(svgs) - 1)
+    parts, y = [], 0
+    for svg, (_, h) in zip(svgs, sizes):
+        parts.append(svg.replace("<svg ", f'<svg x="0" y="{y}" ', 1))
+        y += h + 8
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">' + "".join(parts) + "</svg>")
+
+
+def save_png(obj: Any, path: Union[str, Path], *, width: int = 1200, **kw: Any) -> Path:
+    """A full-page PNG screenshot of ``obj`` rendered by a local headless Chromium.
+
+    Needs the ``playwright`` Python package and a ``chromium`` executable on the PATH (no
+    browser download); every network request is blocked.
+    """
+    from tlprisms.render._browser import screenshot
+
+    if isinstance(obj, Report):
+        page = obj
+    else:
+        page = Report(getattr(obj, "title", "") or "tlprisms").add(obj, **kw)
+    return screenshot(page.html(), Path(path), width=width)

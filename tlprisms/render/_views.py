@@ -1,0 +1,342 @@
+"""Views of a :class:`~tlprisms.Decomposition`: bars, layer x head heatmap, source tokens,
+head x source maps, and the default view a result shows in Jupyter.
+
+Every view shows one point of the result: a batch row, one of its explained positions and
+one target (``batch=0, pos=-1, target=0`` by default: ``pos`` indexes the result's explained
+positions, so -1 is the last one). Values are the result's own terms, never rescaled except
+where a docstring says so; blue is positive (raises the explained logit), red negative.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Union
+
+import numpy as np
+
+from tlprisms._errors import PrismError
+from tlprisms._result import Decomposition
+from tlprisms.render._escape import esc
+from tlprisms.render._svg import NEGATIVE, POSITIVE, bar_svg, fmt, heatmap_svg
+from tlprisms.render._views_base import Figure, Group, View, Widget, _bundle_path
+
+__all__ = ["bars", "layer_head_heatmap", "source_tokens", "head_source_map", "default_view"]
+
+Sel = Union[None, int, Iterable[int]]
+
+
+@dataclass
+class _Point:
+    """One (batch, explained position, target) of a result."""
+
+    values: np.ndarray  # [comp]
+    batch: int
+    p: int  # index into the result's pos axis
+    target: int
+    position: int  # the residual position explained
+    logit: float
+    label: str
+    tokens: list  # token strings of the batch row (positions when unknown)
+    known: bool  # tokens are real strings, not position labels
+
+    def where(self) -> str:
+        if self.known and 0 <= self.position < len(self.tokens):
+            return f"position {self.position} {self.tokens[self.position]!r} (batch {self.batch})"
+        return f"position {self.position} (batch {self.batch})"
+
+
+def _check_result(result: Any, caller: str) -> Decomposition:
+    if not isinstance(result, Decomposition):
+        raise PrismError(f"{caller}: expected a tlprisms Decomposition (what LogitPrism.residual/"
+                         f"heads/neurons return), got {type(result).__name__}.")
+    return result
+
+
+def _index(i: int, n: int, what: str, caller: str) -> int:
+    if not -n <= int(i) < n:
+        raise PrismError(f"{caller}: {what}={i} is out of range; the result has {n} "
+                         f"{what} entries (0..{n - 1}, or negative from the end).")
+    return int(i) % n
+
+
+def tokens_of(result: Decomposition, batch: int) -> list:
+    """The token strings of one batch row, or ``"[i]"`` position labels when unknown."""
+    n = 1 + max(int(result.positions.max()), int(result.components.src.max(initial=-1)),
+                int(result.components.pos.max(initial=-1)))
+    toks = result.str_tokens
+    if toks is not None and batch < len(toks) and toks[batch] is not None:
+        row = [str(t) for t in toks[batch]]
+        return row + [f"[{i}]" for i in range(len(row), n)]
+    return [f"[{i}]" for i in range(n)]
+
+
+def _known(result: Decomposition, batch: int) -> bool:
+    toks = result.str_tokens
+    return toks is not None and batch < len(toks) and toks[batch] is not None
+
+
+def _point(result: Decomposition, batch: int, pos: int, target: int, caller: str) -> _Point:
+    B, P, K, _ = result.values.shape
+    b = _index(batch, B, "batch", caller)
+    p = _index(pos, P, "pos", caller)
+    t = _index(target, K, "target", caller)
+    labels = np.broadcast_to(result.target_labels, (B, P, K))
+    return _Point(values=result.values[b, p, t].detach().double().cpu().numpy(), batch=b, p=p,
+                  target=t, position=int(result.positions[b, p]),
+                  logit=float(result.logits[b, p, t]), label=str(labels[b, p, t]),
+                  tokens=tokens_of(result, b), known=_known(result, b))
+
+
+def _head_mask(result: Decomposition, layers: Sel, heads: Sel) -> np.ndarray:
+    c = result.components
+    keep = c.kinds() == "head"
+    if layers is not None:
+        keep &= np.isin(c.layer, [layers] if isinstance(layers, int) else list(layers))
+    if heads is not None:
+        keep &= np.isin(c.head, [heads] if isinstance(heads, int) else list(heads))
+    return keep
+
+
+def _need_heads(result: Decomposition, keep: np.ndarray, caller: str, by_source: bool) -> None:
+    if not keep.any():
+        raise PrismError(f"{caller}: the result has no head terms (prism {result.prism!r}); "
+                         "use prism.heads(target) or prism.decompose(target, heads=...).")
+    if by_source and not (result.components.src[keep] >= 0).any():
+        raise PrismError(f"{caller}: the head terms are not split by source position; use "
+                         "prism.heads(target, by_source=True) (the default).")
+
+
+def _caption(result: Decomposition, pt: _Point) -> str:
+    what = f"{result.explains} of {pt.label} at {pt.where()}"
+    total = float(pt.values.sum())
+    if result.complete:
+        return (f"{result.prism} prism: {what} = {fmt(pt.logit)}; its {len(pt.values)} terms "
+                f"sum to {fmt(total)} (gap {abs(total - pt.logit):.1e}).")
+    return (f"{result.prism} prism, a selection: {len(pt.values)} terms of the {what} "
+            f"({fmt(pt.logit)}); they sum to {fmt(total)}.")
+
+
+# ---------------------------------------------------------------------------- bars
+def bars(result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 0,
+         k: int = 20, kind: Union[None, str, Iterable[str]] = None, order: str = "auto",
+         waterfall: bool = True) -> Figure:
+    """The terms as bars that add up to the logit: a waterfall ending in a total bar.
+
+    Head terms are first summed over source positions (one bar per head). The bars shown
+    are the non-constant components of ``kind`` (default: every kind); the biases are one
+    bar, components of other kinds one more, and past ``k`` the smaller ones one "other"
+    bar, so the bars always add up to the total (for a complete result: the logit).
+
+    Args:
+        result: a Decomposition.
+        batch, pos, target: the point shown (``pos`` indexes the explained positions).
+        k: at most this many individual bars.
+        kind: only these component kinds get their own bars (e.g. ``"neuron"``).
+        order: ``"stream"`` (the result's order: embeddings, then layer by layer),
+            ``"abs"`` (largest ``|term|`` first), or ``"auto"`` (stream when all fit in k).
+        waterfall: start each bar where the previous ended (else all start at zero).
+    """
+    caller = "bars"
+    result = _check_result(result, caller)
+    if order not in ("auto", "stream", "abs"):
+        raise PrismError(f"{caller}: order={order!r}; use 'stream', 'abs' or 'auto'.")
+    if (result.components.src >= 0).any():
+        result = result.aggregate("kind", "layer", "head", "neuron", "pos")
+    pt = _point(result, batch, pos, target, caller)
+    c = result.components
+    const = c.is_constant()
+    if kind is None:
+        focus = ~const
+    else:
+        kinds = [kind] if isinstance(kind, str) else list(kind)
+        focus = np.isin(c.kinds(), kinds) & ~const
+        if not focus.any():
+            raise PrismError(f"{caller}: the result has no components of kind {kinds}; it has "
+                             f"{sorted(set(c.kinds()))}.")
+    idx = np.nonzero(focus)[0]
+    v = pt.values
+    if order == "auto":
+        order = "stream" if len(idx) <= k else "abs"
+    if order == "abs":
+        idx = idx[np.argsort(-np.abs(v[idx]), kind="stable")]
+    shown, rest = idx[:k], idx[k:]
+    names = [str(c[int(i)]) for i in shown]
+    vals = [float(v[i]) for i in shown]
+    if len(rest):
+        names.append(f"other {len(rest)} {_plural(c.kinds()[rest])}")
+        vals.append(float(v[rest].sum()))
+    others = ~focus & ~const
+    if others.any():
+        names.append(f"{int(others.sum())} {_plural(c.kinds()[others])}")
+        vals.append(float(v[others].sum()))
+    if const.any():
+        names.append(f"biases ({int(const.sum())} terms)")
+        vals.append(float(v[const].sum()))
+    total = float(v.sum())
+    total_label = f"= {result.explains}" if result.complete else "= sum of selection"
+    title = f"{result.prism}: {result.explains} of {pt.label} at {pt.where()}"
+    if result.complete:
+        note = f"terms sum to {fmt(total)}; the model's {result.explains} is {fmt(pt.logit)}"
+    else:
+        note = f"a selection of terms: they sum to {fmt(total)} of {fmt(pt.logit)}"
+    svg = bar_svg(vals, names, title, total, waterfall=waterfall, total_label=total_label,
+                  note=note)
+    return Figure(svg, title, {"labels": names, "values": vals, "total": total,
+                               "logit": pt.logit})
+
+
+def _plural(kinds: np.ndarray) -> str:
+    uniq = sorted(set(str(x) for x in kinds))
+    if len(uniq) == 1:
+        return uniq[0] + "s"
+    return "/".join(uniq[:4]) + ("/..." if len(uniq) > 4 else "") + " terms"
+
+
+# ---------------------------------------------------------------------------- heads
+def layer_head_heatmap(result: Decomposition, *, batch: int = 0, pos: int = -1,
+                       target: int = 0) -> Figure:
+    """Layer x head: each head's term summed over source positions.
+
+    Rows are the layers the result split into heads, columns the heads; the value is the
+    head's whole contribution to the explained logit (its ``b_O`` share is not in it: that
+    is a separate constant term).
+    """
+    caller = "layer_head_heatmap"
+    result = _check_result(result, caller)
+    keep = _head_mask(result, None, None)
+    _need_heads(result, keep, caller, by_source=False)
+    pt = _point(result, batch, pos, target, caller)
+    c = result.components
+    layers = sorted(set(int(x) for x in c.layer[keep]))
+    n_heads = int(c.head[keep].max()) + 1
+    m = np.zeros((len(layers), n_heads))
+    row = {layer: i for i, layer in enumerate(layers)}
+    idx = np.nonzero(keep)[0]
+    np.add.at(m, ([row[int(x)] for x in c.layer[idx]], c.head[idx]), pt.values[idx])
+    title = f"Heads (summed over sources): {result.explains} of {pt.label} at {pt.where()}"
+    svg = heatmap_svg(m, [f"L{x}" for x in layers], [f"H{h}" for h in range(n_heads)], title)
+    return Figure(svg, title, {"matrix": m, "layers": layers})
+
+
+def _src_matrix(result: Decomposition, pt: _Point, keep: np.ndarray, n: int) -> np.ndarray:
+    """``[n_src]`` sum of the kept head terms per source position."""
+    c = result.components
+    idx = np.nonzero(keep & (c.src >= 0))[0]
+    out = np.zeros(n)
+    np.add.at(out, c.src[idx], pt.values[idx])
+    return out
+
+
+#: token boundaries visible (word-level tokens carry no spaces), and room for the tooltip
+_TOKEN_CSS = (".colored-tokens>span>span{border-color:#b8b8b8!important;margin-right:2px!important;"
+              "padding:3px 2px!important}")
+
+
+def source_tokens(result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 0,
+                  layers: Sel = None, heads: Sel = None) -> Widget:
+    """The input tokens coloured by the summed head terms that read each source position.
+
+    A CircuitsVis ``ColoredTokens`` view: the value of token ``j`` is the sum over the chosen
+    heads (default: all heads in the result) of their term for source ``j``; the colour
+    scale is symmetric, ``+-max|value|``. Hover a token to see its value.
+    """
+    caller = "source_tokens"
+    result = _check_result(result, caller)
+    keep = _head_mask(result, layers, heads)
+    _need_heads(result, keep, caller, by_source=True)
+    pt = _point(result, batch, pos, target, caller)
+    values = _src_matrix(result, pt, keep, len(pt.tokens))
+    vmax = float(np.abs(values).max()) or 1.0
+    which = "all heads" if layers is None and heads is None else "the chosen heads"
+    title = f"Source tokens: {which}' terms for the {result.explains} of {pt.label} at {pt.where()}"
+    return Widget("ColoredTokens", {
+        "tokens": [esc(t) for t in pt.tokens],  # ColoredTokens inserts tokens as HTML
+        "values": [float(x) for x in values],
+        "minValue": -vmax, "maxValue": vmax,
+        "negativeColor": NEGATIVE, "positiveColor": POSITIVE,
+    }, title=title, note=f"blue raises the {result.explains}, red lowers it; scale "
+                         f"\u00b1{fmt(vmax)}; the sum over sources is {fmt(float(values.sum()))}",
+       css=_TOKEN_CSS)
+
+
+def head_source_map(result: Decomposition, *, batch: int = 0, target: int = 0,
+                    layers: Sel = None, heads: Sel = None, top: Optional[int] = 16) -> Widget:
+    """One attention-pattern-style map per head whose cells are logit terms, not attention.
+
+    A CircuitsVis ``AttentionHeads`` view. For head ``h``, cell ``(i, j)`` is the term of
+    ``h`` reading source ``j`` in the decomposition of the logit at destination ``i``.
+    Rows are filled only at the result's explained positions (one row for ``pos=-1``; use
+    ``pos="all"`` in the prism for full maps); other rows are 0 (white). Values are NOT
+    normalised per head: one symmetric scale ``+-max|term|`` over all heads shown, so
+    colour intensity is comparable across heads; blue raises the logit, red lowers it.
+    The upper triangle (future sources) is greyed out.
+
+    Args:
+        top: show the ``top`` heads with the largest summed ``|term|`` (None: all), in
+            decreasing order; names carry the head's total, e.g. ``"L1H3 +0.52"``.
+    """
+    caller = "head_source_map"
+    result = _check_result(result, caller)
+    keep = _head_mask(result, layers, heads)
+    _need_heads(result, keep, caller, by_source=True)
+    B, P, K, _ = result.values.shape
+    b = _index(batch, B, "batch", caller)
+    t = _index(target, K, "target", caller)
+    toks = tokens_of(result, b) if _known(result, b) else [""] * len(tokens_of(result, b))
+    n = len(toks)  # CircuitsVis labels the axes "token (position)"
+    c = result.components
+    idx = np.nonzero(keep & (c.src >= 0))[0]
+    vals = result.values[b, :, t].detach().double().cpu().numpy()[:, idx]  # [P, comps]
+    keys = sorted(set(zip(c.layer[idx].tolist(), c.head[idx].tolist())))
+    slot = {key: i for i, key in enumerate(keys)}
+    maps = np.zeros((len(keys), n, n))
+    dest = result.positions[b].cpu().numpy()
+    for p in range(P):
+        np.add.at(maps, ([slot[(int(la), int(h))] for la, h in zip(c.layer[idx], c.head[idx])],
+                         dest[p], c.src[idx]), vals[p])
+    score = np.abs(maps).sum((1, 2))
+    order = np.argsort(-score, kind="stable")[: top if top is not None else len(keys)]
+    vmax = float(np.abs(maps[order]).max()) if len(order) else 0.0
+    vmax = vmax or 1.0
+    label = np.broadcast_to(result.target_labels, (B, P, K))[b, -1, t]
+    names = [f"L{keys[i][0]}H{keys[i][1]} {fmt(float(maps[i].sum()))}" for i in order]
+    title = (f"Heads x sources: terms of the {result.explains} of {label} (batch {b}), "
+             f"{len(order)} of {len(keys)} heads by |terms|")
+    return Widget("AttentionHeads", {
+        "attention": [maps[i].tolist() for i in order],
+        "tokens": [str(x) for x in toks],  # drawn on a canvas as text: not HTML-escaped
+        "attentionHeadNames": names,
+        "minValue": -vmax, "maxValue": vmax,
+        "negativeColor": NEGATIVE, "positiveColor": POSITIVE,
+        "maskUpperTri": True,
+    }, title=title, note=f"rows: destination (explained) positions; columns: source positions; "
+                         f"one scale \u00b1{fmt(vmax)} for all heads; blue raises the logit")
+
+
+# ---------------------------------------------------------------------------- default
+def default_view(result: Decomposition, *, batch: int = 0, pos: int = -1,
+                 target: int = 0) -> Group:
+    """What a result shows in Jupyter: chosen by its component kinds.
+
+    Heads present: the layer x head heatmap, and the source tokens when split by source.
+    Neurons present: bars of the largest neurons. Neither (residual prism): waterfall bars
+    of every term.
+    """
+    result = _check_result(result, "to_html")
+    pt = _point(result, batch, pos, target, "to_html")
+    kinds = set(result.components.kinds().tolist())
+    views: list[View] = []
+    at = dict(batch=batch, pos=pos, target=target)
+    caption = _caption(result, pt)
+    if "head" in kinds:
+        views.append(layer_head_heatmap(result, **at))
+        if (result.components.src[result.components.kinds() == "head"] >= 0).any():
+            try:
+                _bundle_path()
+            except PrismError:  # plain views still work without circuitsvis
+                caption += " (pip install circuitsvis for the source-token view)"
+            else:
+                views.append(source_tokens(result, **at))
+    if "neuron" in kinds:
+        views.append(bars(result, kind="neuron", k=12, order="abs", **at))
+    if not views:
+        views.append(bars(result, **at))
+    return Group(views, caption=caption, title=f"{result.prism} prism")
