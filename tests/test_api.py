@@ -12,7 +12,7 @@ import tlprisms as tp
 from conftest import SEQ, build_case
 
 PUBLIC = {"LogitPrism", "Decomposition", "Component", "LogitDiff", "Direction", "PerRow",
-          "NextToken", "needed_hooks", "PrismError"}
+          "NextToken", "needed_hooks", "PrismError", "Hop", "explain_task"}
 
 
 def test_public_names():
