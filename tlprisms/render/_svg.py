@@ -157,9 +157,12 @@ def heatmap_svg(matrix: Any, row_labels: Sequence[Any], col_labels: Sequence[Any
     annotate = (text_w + 2 <= cs) if annotate is None else annotate
     rl = [label(r, 30) for r in rows]
     cl = [label(c, 24) for c in cols]
-    left = max([_text_w(s) for s in rl] + [20]) + 12
-    rotate = any(_text_w(s) > cs for s in cl)
-    col_h = (max(_text_w(s) for s in cl) * 0.72 + 14) if (rotate and cl) else 20
+    fs = float(min(12.0, max(8.0, cs - 2)))  # label font: rows must not overlap
+    left = max([_text_w(s, fs) for s in rl] + [20]) + 12
+    rotate = any(_text_w(s, fs) > cs for s in cl)
+    vertical = rotate and cs < 22  # at 45 degrees, narrow columns' labels would overlap
+    widest = max([_text_w(s, fs) for s in cl] + [0])
+    col_h = (widest + 10 if vertical else widest * 0.72 + 14) if rotate else 20
     width = max(left + C * cs + 110, 420)
     head, th = _title(title, width)
     top = th + 8 + col_h
@@ -167,16 +170,17 @@ def heatmap_svg(matrix: Any, row_labels: Sequence[Any], col_labels: Sequence[Any
     for j, s in enumerate(cl):
         x = left + (j + 0.5) * cs
         if rotate:
+            angle, x = (-90, x + fs / 3) if vertical else (-45, x)
             body.append(f'<text x="{x:.1f}" y="{top - 6:.1f}" text-anchor="start" '
-                        f'transform="rotate(-45 {x:.1f} {top - 6:.1f})" fill="#333333">'
-                        f"{esc(s)}</text>")
+                        f'font-size="{fs:.0f}" transform="rotate({angle} {x:.1f} {top - 6:.1f})"'
+                        f' fill="#333333">{esc(s)}</text>')
         else:
             body.append(f'<text x="{x:.1f}" y="{top - 6:.1f}" text-anchor="middle" '
-                        f'fill="#333333">{esc(s)}</text>')
+                        f'font-size="{fs:.0f}" fill="#333333">{esc(s)}</text>')
     for i, s in enumerate(rl):
         y = top + (i + 0.5) * cs
-        body.append(f'<text x="{left - 8:.1f}" y="{y + 4:.1f}" text-anchor="end" '
-                    f'fill="#333333">{esc(s)}</text>')
+        body.append(f'<text x="{left - 8:.1f}" y="{y + fs / 3:.1f}" text-anchor="end" '
+                    f'font-size="{fs:.0f}" fill="#333333">{esc(s)}</text>')
         for j in range(C):
             v = float(m[i, j])
             x0, y0 = left + j * cs, top + i * cs
