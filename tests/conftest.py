@@ -48,3 +48,16 @@ CASES = [pytest.param((n, f), id=f"{n}-{'folded' if f else 'unfolded'}")
 @pytest.fixture(params=CASES)
 def case(request) -> Case:
     return build_case(*request.param)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (TLPRISMS_REQUIRE_BROWSER=1) a skipped browser test is a failure."""
+    import os
+
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and os.environ.get("TLPRISMS_REQUIRE_BROWSER") == "1"
+            and item.get_closest_marker("browser") is not None):
+        report.outcome = "failed"
+        report.longrepr = f"browser test skipped but TLPRISMS_REQUIRE_BROWSER=1: {report.longrepr}"

@@ -203,7 +203,8 @@ class Decomposition:
         """``total() - logits``: the completeness error, at float rounding when exact."""
         return self.total() - self.logits
 
-    def check(self, atol: Optional[float] = None, rtol: Optional[float] = None) -> "Decomposition":
+    def check(self, atol: Optional[Union[int, float]] = None,
+              rtol: Optional[Union[int, float]] = None) -> "Decomposition":
         """Raise :class:`CompletenessError` unless the terms add up to :attr:`logits`.
 
         The tolerance is ``atol + rtol * |logit|``; by default both are
@@ -275,12 +276,14 @@ class Decomposition:
 
     # ------------------------------------------------------------ tables
     def top(self, k: int = 10, *, batch: Optional[int] = None, pos: Optional[int] = None,
-            target: int = 0, by: str = "abs", constants: bool = False) -> Any:
+            target: int = 0, by: str = "abs", constants: bool = False,
+            kind: Optional[Union[str, Iterable]] = None) -> Any:
         """The ``k`` largest terms as a pandas DataFrame (mean over batch/pos when not given).
 
         Args:
             by: ``"abs"`` (largest magnitude), ``"pos"`` (most positive), ``"neg"``.
             constants: include the constant (bias) terms.
+            kind: only components of this kind (or kinds), e.g. ``"head"``.
         """
         import pandas as pd
 
@@ -289,6 +292,8 @@ class Decomposition:
         v = v.mean(0) if pos is None else v[pos]
         v = v.detach().float().cpu().numpy()
         keep = np.ones_like(v, dtype=bool) if constants else ~self.components.is_constant()
+        if kind is not None:
+            keep &= self.components.mask(kind=kind)
         score = {"abs": np.abs(v), "pos": v, "neg": -v}.get(by)
         if score is None:
             raise PrismError(f"top: by={by!r}; use 'abs', 'pos' or 'neg'.")

@@ -8,7 +8,7 @@ and spread of every component's term, and how often it is among the top componen
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ class TaskResult:
     explains: str = "logit"
     meta: dict = field(default_factory=dict)
 
-    def check(self, atol: float = ATOL_FLOAT32, rtol: float = ATOL_FLOAT32) -> "TaskResult":
+    def check(self, atol: Union[int, float] = ATOL_FLOAT32,
+              rtol: Union[int, float] = ATOL_FLOAT32) -> "TaskResult":
         """Raise unless every prompt's terms add up to its logit."""
         gap = (self.values.sum(-1) - self.logits).abs()
         bad = gap > atol + rtol * self.logits.abs()

@@ -127,7 +127,8 @@ class TokenMap:
             series = {str(r): self.values[i].tolist() for i, r in enumerate(self.rows)}
             series["weighted sum"] = self.weighted_sum().tolist()
             views.append(render.lines_svg(series, list(map(str, self.cols)),
-                                          f"{self.title}: templates and weighted sum"))
+                                          f"{self.title}: templates and weighted sum",
+                                          highlight="weighted sum"))
         return views
 
     def _repr_html_(self) -> str:
