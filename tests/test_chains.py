@@ -114,19 +114,25 @@ def _z(view, logits):
     return logits if view.softcap is None else view.softcap * torch.atanh(logits / view.softcap)
 
 
+def _remover(w: torch.Tensor, b: int, pos: int):
+    """A hook that subtracts ``w`` from the residual stream at (b, pos)."""
+
+    def remove(x, hook):
+        x = x.clone()
+        x[b, pos] -= w.to(x.dtype)
+        return x
+
+    return remove
+
+
 def _direct_logit_change(case, delta: torch.Tensor, b: int, i: int, t: int) -> float:
     """Remove ``delta`` from the final residual at (b, i), final scale frozen: the logit change."""
     view = case.prism.view
     scale = case.cache["ln_final.hook_scale"]
 
-    def remove(x, hook):
-        x = x.clone()
-        x[b, i] -= delta.to(x.dtype)
-        return x
-
     with torch.no_grad():
         new = case.model.run_with_hooks(case.tokens, fwd_hooks=[
-            (f"blocks.{view.n_layers - 1}.hook_resid_post", remove),
+            (f"blocks.{view.n_layers - 1}.hook_resid_post", _remover(delta, b, i)),
             ("ln_final.hook_scale", lambda x, hook: scale.to(x.dtype))])
     return float(_z(view, case.logits[b, i, t]) - _z(view, new[b, i, t]))
 
@@ -148,13 +154,8 @@ def test_chained_head_term_by_intervention(case):
     embeds = th.select(kind="embed")
     j = int(embeds.components.pos[int(embeds.values[b, 0, 0].abs().argmax())])
     term = float(embeds.select(pos=j).values[b, 0, 0].sum())
-    w = cache["hook_embed"][b, j]
+    remove = _remover(cache["hook_embed"][b, j], b, j)
     captured = {}
-
-    def remove(x, hook):
-        x = x.clone()
-        x[b, j] -= w.to(x.dtype)
-        return x
 
     def grab(x, hook):
         captured["z"] = x.detach().clone()
@@ -192,11 +193,7 @@ def test_chained_neuron_term_by_intervention(case):
     else:
         g = post_c / lin_c
     captured = {}
-
-    def remove(x, hook):
-        x = x.clone()
-        x[b, i] -= w.to(x.dtype)
-        return x
+    remove = _remover(w, b, i)
 
     def grab_linear(x, hook):
         captured["lin"] = x.detach().clone()

@@ -265,11 +265,17 @@ class ModelView:
         """``[head, d_head, d_model]``"""
         return self._attn(layer).W_O.detach().to(dtype)
 
-    def b_O(self, layer: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        b = _param(self._attn(layer), "b_O")
+    @staticmethod
+    def _bias(module: Any, names: tuple, shape: tuple, dtype: torch.dtype,
+              device: torch.device) -> Tensor:
+        """The first bias of ``names`` on ``module``, or zeros (bias-free models)."""
+        b = _param(module, *names)
         if b is None:
-            return torch.zeros(self.d_model, dtype=dtype, device=device)
+            return torch.zeros(shape, dtype=dtype, device=device)
         return b.detach().to(device=device, dtype=dtype)
+
+    def b_O(self, layer: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return self._bias(self._attn(layer), ("b_O",), (self.d_model,), dtype, device)
 
     def W_V(self, layer: int, dtype: torch.dtype) -> Tensor:
         """``[kv_head, d_model, d_head]`` (never expanded to query heads)."""
@@ -281,42 +287,26 @@ class ModelView:
         return w.to(dtype)
 
     def b_V(self, layer: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        attn = self._attn(layer)
-        b = None
-        for name in ("_b_V", "b_V"):
-            try:
-                b = getattr(attn, name)
-            except AttributeError:
-                continue
-            if isinstance(b, Tensor):
-                break
-            b = None
-        if b is None:
-            return torch.zeros(self.n_kv_heads, self.d_head, dtype=dtype, device=device)
-        b = b.detach()
+        """``[kv_head, d_head]`` (never expanded to query heads)."""
+        b = self._bias(self._attn(layer), ("_b_V", "b_V"), (self.n_kv_heads, self.d_head),
+                       dtype, device)
         if b.shape[0] != self.n_kv_heads:
             b = b[:: self.n_heads // self.n_kv_heads]
-        return b.to(device=device, dtype=dtype)
+        return b
 
     def W_out(self, layer: int, dtype: torch.dtype) -> Tensor:
         """``[d_mlp, d_model]``"""
         return self._mlp(layer).W_out.detach().to(dtype)
 
     def b_out(self, layer: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        b = _param(self._mlp(layer), "b_out")
-        if b is None:
-            return torch.zeros(self.d_model, dtype=dtype, device=device)
-        return b.detach().to(device=device, dtype=dtype)
+        return self._bias(self._mlp(layer), ("b_out",), (self.d_model,), dtype, device)
 
     def W_in(self, layer: int, dtype: torch.dtype) -> Tensor:
         """``[d_model, d_mlp]`` (the "up" projection of a gated MLP)."""
         return self._mlp(layer).W_in.detach().to(dtype)
 
     def b_in(self, layer: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        b = _param(self._mlp(layer), "b_in")
-        if b is None:
-            return torch.zeros(self.d_mlp, dtype=dtype, device=device)
-        return b.detach().to(device=device, dtype=dtype)
+        return self._bias(self._mlp(layer), ("b_in",), (self.d_mlp,), dtype, device)
 
     def W_gate(self, layer: int, dtype: torch.dtype) -> Tensor:
         return self._mlp(layer).W_gate.detach().to(dtype)
