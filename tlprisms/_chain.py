@@ -128,13 +128,15 @@ def head_hop(view: ModelView, cache: Any, st: _State, hop: Hop, caller: str) -> 
             raise PrismError(f"{caller}: src={hop.src} is out of range for {n_src} positions.")
         coef, term_src = coef[:, srcs], term_src[:, srcs]
     norm1 = view.ln1[layer]
-    u_new = norm1.pull_back(WVWOu)[:, 0][:, None] * coef[:, :, None, None]  # [B,P',K,d]
+    # The readout direction is the same at every source; A[h,i,j] and the scale per source are
+    # one scalar per (batch, source), kept in inv_s so the engine contracts weights only once.
+    u_new = norm1.pull_back(WVWOu)  # [B',1,K,d]
     positions = torch.as_tensor(srcs, device=r.positions.device).expand(B, len(srcs))
     if norm1.has_scale:
         s1 = cache_get(cache, norm1.scale_hook, caller)[..., 0]
-        inv_s = 1.0 / gather_pos(s1, positions, dtype)
+        inv_s = coef / gather_pos(s1, positions, dtype)
     else:
-        inv_s = torch.ones(B, len(srcs), dtype=dtype, device=u_new.device)
+        inv_s = coef
     b_V = view.b_V(layer, dtype, ul.device)[g]
     consts = []  # an earlier hop's constants are not part of this hop's term
     bv = (WOu[:, 0] @ b_V)[:, None, :] * coef[:, :, None]  # [B, P', K]

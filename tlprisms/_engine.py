@@ -118,6 +118,13 @@ def _head_terms(view: ModelView, cache: Any, layer: int, ul: Tensor, positions: 
         if by_source:
             return torch.einsum("bhpj,bjhk->bpkhj", Ai, vW)
         return torch.einsum("bhpj,bjhk->bpkh", Ai, vW)
+    if ul.shape[1] == 1:  # one readout per batch row, shared by its positions
+        WOu = torch.einsum("hdm,bkm->bhdk", W_O, ul[:, 0].expand(B, *ul.shape[2:]))
+        vW = torch.einsum("bjgd,bgrdk->bjgrk", v, WOu.reshape(B, G, rep, dh, -1))
+        vW = vW.reshape(B, v.shape[1], H, -1)
+        if by_source:
+            return torch.einsum("bhpj,bjhk->bpkhj", Ai, vW)
+        return torch.einsum("bhpj,bjhk->bpkh", Ai, vW)
     ue = _expand(ul, B, P)
     WOu = torch.einsum("hdm,bpkm->bphdk", W_O, ue).reshape(B, P, G, rep, dh, -1)
     vW = torch.einsum("bjgd,bpgrdk->bpjgrk", v, WOu).reshape(B, P, v.shape[1], H, -1)
@@ -135,6 +142,9 @@ def _neuron_terms(view: ModelView, cache: Any, layer: int, ul: Tensor, positions
     if ul.shape[0] == 1 and ul.shape[1] == 1:
         Wu = W_out @ ul[0, 0].T  # [n, K]
         return post[:, :, None, :] * Wu.T[None, None]
+    if ul.shape[1] == 1:  # one readout per batch row
+        Wu = torch.einsum("nm,bkm->bkn", W_out, ul[:, 0].expand(B, *ul.shape[2:]))
+        return post[:, :, None, :] * Wu[:, None]
     Wu = torch.einsum("nm,bpkm->bpkn", W_out, _expand(ul, B, P))
     return post[:, :, None, :] * Wu
 
