@@ -59,7 +59,7 @@ def _capitals(model: Any, report: Any, progress: bool) -> dict:
     read = th.top(1)["component"][0]
     countries = [p.split()[3] for p in prompts]
     ov = weights.ov_map(model, layer, head, [" " + c for c in countries], answers)
-    hits = sum(a == b.strip() for a, b in zip(ov.argmax_cols(), answers))
+    hits = sum(j == i for i, j in enumerate(ov.argmax_index()))
     if report is not None:
         report.add(r, title=f"Residual prism: {prompt!r} -> {answer!r}")
         report.add(h, title="Heads x source positions")

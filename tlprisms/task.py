@@ -146,7 +146,7 @@ def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
     names = needed_hooks(model, ("residual", "heads", "neurons"))
     starts = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain bar: tqdm.auto warns in Jupyter without ipywidgets
 
         starts = tqdm(starts, desc="explain_task", unit="batch")
     values, logits, positions = [], [], []

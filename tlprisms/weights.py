@@ -94,6 +94,11 @@ class TokenMap:
         """For each row, the label of its largest column."""
         return [self.cols[int(j)] for j in self.values.argmax(-1)]
 
+    def argmax_index(self) -> list[int]:
+        """For each row, the index of its largest column (compare with ``range(len(cols))``
+        when rows and columns are paired, e.g. countries and their capitals)."""
+        return [int(j) for j in self.values.argmax(-1)]
+
     def weighted_sum(self, weights: Optional[Tensor] = None) -> Tensor:
         """``sum_row weights[row] * values[row]``: e.g. neuron templates weighted by activations."""
         w = self.weights if weights is None else torch.as_tensor(weights, dtype=self.values.dtype)
