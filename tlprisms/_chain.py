@@ -269,17 +269,28 @@ def finish(prism: Any, st: _State, info: dict, term: Tensor, *, heads: frozenset
     values, table, _ = split_writes(view, cache, r, heads=heads, neurons=neurons,
                                     by_source=by_source, caller=caller)
     B, P, K, C = values.shape
-    values = values.permute(0, 2, 1, 3).reshape(B, 1, K, P * C)
-    tables = [ComponentTable.concat([table.with_pos(np.full(C, p)) for p in st.pos_label])]
-    extra = [values]
-    for t, v in st.consts:
-        extra.append(v.expand(B, -1, K).permute(0, 2, 1).reshape(B, 1, K, -1))
-        tables.append(t)
-    values = torch.cat(extra, -1)
-    table = ComponentTable.concat(tables)
     weights, _, explains = info["weights"]
     k, a = weights.shape[2], weights.shape[3]
-    values = torch.einsum("bpkac,bpka->bpkc", values.reshape(B, 1, k, a, -1), weights)
+    trivial = a == 1 and bool((weights == 1).all())
+    n_const = sum(t.kind.shape[0] for t, _ in st.consts)
+    out = torch.empty(B, k, P * C + n_const, dtype=values.dtype, device=values.device)
+    if trivial:
+        out[:, :, :P * C].view(B, k, P, C).copy_(values.permute(0, 2, 1, 3))
+    else:
+        combined = torch.einsum("bpkac,bka->bpkc", values.reshape(B, P, k, a, C), weights[:, 0])
+        out[:, :, :P * C].view(B, k, P, C).copy_(combined.permute(0, 2, 1, 3))
+        del combined
+    del values
+    tables = [table.tile_over_positions(st.pos_label)]
+    start = P * C
+    for t, v in st.consts:
+        v = v.expand(B, -1, K).reshape(B, -1, k, a)  # [B, n, k, a]
+        v = (v * weights[:, 0, None]).sum(-1).permute(0, 2, 1)  # [B, k, n]
+        out[:, :, start:start + v.shape[-1]] = v
+        start += v.shape[-1]
+        tables.append(t)
+    values = out[:, None]
+    table = ComponentTable.concat(tables)
     explained = (term.reshape(B, 1, k, a) * weights).sum(-1)
     prism._validate(values, explained, torch.zeros_like(explained), caller)
     labels = np.array(np.broadcast_to(info["atoms"].labels, (B, 1, k)))
@@ -365,10 +376,9 @@ def run_readout(prism: Any, vector: Tensor, layer: int, pos: Any, at: str, bias:
                  "resid_post": (layer + 1, layer + 1)}[hook]
     r = Readout(u=uu, inv_s=inv_s, positions=positions, attn_layers=layers_in[0],
                 mlp_layers=layers_in[1])
-    values, table, gap = split_writes(view, cache, r, heads=heads, neurons=neurons,
-                                      by_source=by_source, caller=caller)
-    values = torch.cat([values, const.expand(B, P, K)[..., None]], -1)
-    table = ComponentTable.concat([table, ComponentTable.block("readout.b", layer=layer)])
+    values, table, gap = split_writes(
+        view, cache, r, heads=heads, neurons=neurons, by_source=by_source, caller=caller,
+        extra=[(const[None, None], ComponentTable.block("readout.b", layer=layer))])
     x = gather_pos(cache_get(cache, f"blocks.{layer}.hook_{hook}", caller), positions, prism.dtype)
     explained = dot(x, uu) * inv_s[:, :, None] + const
     prism._validate(values, explained, gap, caller)

@@ -20,7 +20,7 @@ residual stream the readout reads, exactly up to float rounding, because the wri
 """
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -140,8 +140,8 @@ def _neuron_terms(view: ModelView, cache: Any, layer: int, ul: Tensor, positions
     W_out = view.W_out(layer, dtype).to(ul.device)  # [n, d]
     B, P = positions.shape
     if ul.shape[0] == 1 and ul.shape[1] == 1:
-        Wu = W_out @ ul[0, 0].T  # [n, K]
-        return post[:, :, None, :] * Wu.T[None, None]
+        Wu = ul[0, 0] @ W_out.T  # [K, n] (this layout is the fast one)
+        return post[:, :, None, :] * Wu[None, None]
     if ul.shape[1] == 1:  # one readout per batch row
         Wu = torch.einsum("nm,bkm->bkn", W_out, ul[:, 0].expand(B, *ul.shape[2:]))
         return post[:, :, None, :] * Wu[:, None]
@@ -150,13 +150,16 @@ def _neuron_terms(view: ModelView, cache: Any, layer: int, ul: Tensor, positions
 
 
 def split_writes(view: ModelView, cache: Any, readout: Readout, *, heads: frozenset,
-                 neurons: frozenset, by_source: bool, caller: str
+                 neurons: frozenset, by_source: bool, caller: str,
+                 extra: Sequence[tuple[Tensor, ComponentTable]] = ()
                  ) -> tuple[Tensor, ComponentTable, Tensor]:
     """Split a readout by every write into the residual stream it reads.
 
     Args:
         heads: layers whose attention is split into heads (x sources when ``by_source``).
         neurons: layers whose MLP is split into neurons.
+        extra: more ``([B', P', K] values, labels)`` to append (the readout's constants), so
+            that the result is assembled with one copy.
 
     Returns:
         ``values [B, P, K, C]``, their labels, and ``layer_check [B, P, K]``: for split
@@ -226,4 +229,6 @@ def split_writes(view: ModelView, cache: Any, readout: Readout, *, heads: frozen
             add(bias_term, ComponentTable.block("b_O" if kind == "attn" else "b_out", layer=layer))
             if post is not None and post.bias is not None:
                 add(post_b.expand(B, P, K) * s, ComponentTable.block("ln.b", layer=layer))
+    for values, table in extra:
+        add(values.expand(B, P, K), table)
     return torch.cat(parts, dim=-1), ComponentTable.concat(tables), check

@@ -32,6 +32,7 @@ KINDS = ("embed", "pos_embed", "attn", "head", "b_O", "mlp", "neuron", "b_out", 
 CONSTANT_KINDS = frozenset({"b_O", "b_out", "b_U", "ln_final.b", "b_V", "ln.b", "b_in",
                             "readout.b"})
 _FIELDS = ("layer", "head", "neuron", "src", "pos")
+_INT = np.int32  # label columns: a chained result can have millions of components
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class ComponentTable:
 
     @staticmethod
     def empty() -> "ComponentTable":
-        z = np.zeros(0, dtype=np.int64)
+        z = np.zeros(0, dtype=_INT)
         return ComponentTable(np.zeros(0, dtype=np.int8), z, z, z, z, z)
 
     @staticmethod
@@ -97,7 +98,7 @@ class ComponentTable:
         cols = {}
         for name in _FIELDS:
             value = fields.get(name, -1)
-            cols[name] = np.broadcast_to(np.asarray(value, dtype=np.int64), (n,)).copy()
+            cols[name] = np.broadcast_to(np.asarray(value, dtype=_INT), (n,)).copy()
         return ComponentTable(np.full(n, KINDS.index(kind), dtype=np.int8), **cols)
 
     @staticmethod
@@ -120,8 +121,15 @@ class ComponentTable:
     def take(self, idx: np.ndarray) -> "ComponentTable":
         return ComponentTable(*(getattr(self, f)[idx] for f in ("kind",) + _FIELDS))
 
+    def tile_over_positions(self, positions: np.ndarray) -> "ComponentTable":
+        """This table repeated once per residual position, with ``pos`` set to each."""
+        P = len(positions)
+        cols = {f: np.tile(getattr(self, f), P) for f in _FIELDS if f != "pos"}
+        pos = np.repeat(np.asarray(positions, dtype=_INT), len(self))
+        return ComponentTable(np.tile(self.kind, P), pos=pos, **cols)
+
     def with_pos(self, pos: np.ndarray) -> "ComponentTable":
-        return replace(self, pos=np.asarray(pos, dtype=np.int64))
+        return replace(self, pos=np.asarray(pos, dtype=_INT))
 
     def kinds(self) -> np.ndarray:
         return np.asarray(KINDS, dtype=object)[self.kind]
@@ -270,7 +278,7 @@ class Decomposition:
                           device=self.values.device)
         out.index_add_(-1, group, self.values)
         table = c.take(first[order])
-        cols = {f: (getattr(table, f) if f in by else np.full(len(table), -1, dtype=np.int64))
+        cols = {f: (getattr(table, f) if f in by else np.full(len(table), -1, dtype=_INT))
                 for f in _FIELDS}
         return replace(self, values=out, components=ComponentTable(table.kind, **cols))
 

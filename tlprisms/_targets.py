@@ -176,8 +176,8 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
     """Turn what the user passed as ``target`` into :class:`Atoms`.
 
     Args:
-        predicted: a callable giving the model's top prediction ``[batch, pos]`` (for
-            :class:`NextToken` at the last position).
+        predicted: a callable giving the model's top prediction at the last position,
+            ``[batch]`` (for :class:`NextToken`).
     """
     if isinstance(target, NextToken):
         if tokens is None:
@@ -187,7 +187,7 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
             )
         nxt = torch.empty_like(tokens)
         nxt[:, :-1] = tokens[:, 1:]
-        nxt[:, -1] = predicted()[:, -1]
+        nxt[:, -1] = predicted()
         target = nxt if pos_all else None
         if target is None:
             raise TargetError(f"{caller}: NextToken is for pos='all'; for one position pass "

@@ -172,29 +172,26 @@ class LogitPrism:
 
     # ------------------------------------------------------------------ readout
     def _predicted(self) -> Tensor:
-        """The model's top prediction at every position, ``[batch, pos]``."""
+        """The model's top prediction at the last position, ``[batch]``."""
         if self.logits is not None:
-            return self.logits.argmax(-1)
+            return self.logits[:, -1].argmax(-1)
         view = self.view
-        x = cache_get(self.cache, view.final_resid_hook(), "NextToken").to(self.dtype)
+        x = cache_get(self.cache, view.final_resid_hook(), "NextToken")[:, -1:].to(self.dtype)
         norm = view.final_norm
         if norm.centred:
             x = x - x.mean(-1, keepdim=True)
         if norm.has_scale:
-            x = x / cache_get(self.cache, norm.scale_hook, "NextToken").to(self.dtype)
+            x = x / cache_get(self.cache, norm.scale_hook, "NextToken")[:, -1:].to(self.dtype)
         if norm.weight is not None:
             x = x * norm.weight.to(self.device, self.dtype)
         if norm.bias is not None:
             x = x + norm.bias.to(self.device, self.dtype)
         W_U = self.model.W_U.detach()
         b = _param(self.model, "b_U")
-        out = torch.empty(x.shape[:2], dtype=torch.long, device=self.device)
-        for p in range(x.shape[1]):  # one position at a time: never [pos, d_vocab] at once
-            lg = x[:, p].to(W_U.dtype) @ W_U
-            if b is not None:
-                lg = lg + b
-            out[:, p] = lg.argmax(-1)
-        return out
+        lg = x[:, -1].to(W_U.dtype) @ W_U
+        if b is not None:
+            lg = lg + b
+        return lg.argmax(-1)
 
     def _atoms_vectors(self, atoms: Atoms) -> tuple[Tensor, Tensor]:
         """``vec [B', P', K, d]`` and ``bias [B', P', K]`` of every atom."""
@@ -265,10 +262,10 @@ class LogitPrism:
             atom_val = torch.where(tok, capped, z)
             explains = "post-softcap logit (rho frozen)"
         if self.logits is not None and (cap is None or softcap == "post"):
-            rows = torch.arange(B, device=self.device)[:, None]
-            lg = self.logits[rows, readout.positions]  # [B, P, vocab]
-            ids = atoms.ids.to(self.device).clamp(min=0).expand(B, P, k, a)
-            model_val = torch.gather(lg.to(self.dtype), -1, ids.reshape(B, P, -1)).reshape(B, P, k, a)
+            rows = torch.arange(B, device=self.device)[:, None, None]
+            ids = atoms.ids.to(self.device).clamp(min=0).expand(B, P, k, a).reshape(B, P, -1)
+            model_val = self.logits[rows, readout.positions[:, :, None], ids]  # no [B,P,vocab] copy
+            model_val = model_val.to(self.dtype).reshape(B, P, k, a)
             atom_val = torch.where(tok, model_val, atom_val)
         if bool((~tok & (coef != 0)).any()):
             explains = explains if bool(tok.any()) else "readout"
@@ -313,21 +310,15 @@ class LogitPrism:
         neuron_layers = frozenset() if self.view.attn_only else self._layers(neurons, caller)
         with torch.no_grad():
             readout, info = self.final_readout(target, pos, caller)
+            extra = []
+            if info["has_b_U"]:
+                extra.append((info["bias"], ComponentTable.block("b_U")))
+            if info["has_norm_bias"]:
+                extra.append((info["norm_bias"], ComponentTable.block("ln_final.b")))
             values, table, layer_gap = split_writes(
                 self.view, self.cache, readout, heads=head_layers, neurons=neuron_layers,
-                by_source=by_source, caller=caller)
+                by_source=by_source, caller=caller, extra=extra)
             B, P = readout.positions.shape
-            K = values.shape[2]
-            extra, extra_tables = [], []
-            if info["has_b_U"]:
-                extra.append(info["bias"].expand(B, P, K))
-                extra_tables.append(ComponentTable.block("b_U"))
-            if info["has_norm_bias"]:
-                extra.append(info["norm_bias"].expand(B, P, K))
-                extra_tables.append(ComponentTable.block("ln_final.b"))
-            if extra:
-                values = torch.cat([values, torch.stack(extra, -1)], -1)
-                table = ComponentTable.concat([table, *extra_tables])
             weights, explained, explains = self._explained(readout, info, softcap, caller)
             k, a = weights.shape[2], weights.shape[3]
             if a == 1 and bool((weights == 1).all()):
@@ -345,7 +336,7 @@ class LogitPrism:
     def _validate(self, values: Tensor, explained: Tensor, layer_gap: Tensor, caller: str) -> None:
         """Refuse a result whose parts do not add up (a structural problem, not rounding)."""
         rtol = _STRUCTURAL_RTOL_LOWP if self._low_precision else _STRUCTURAL_RTOL[self.dtype]
-        scale = values.abs().sum(-1) + explained.abs() + 1.0
+        scale = torch.linalg.vector_norm(values, 1, -1) + explained.abs() + 1.0
         gap = (values.sum(-1) - explained).abs()
         if bool((gap > rtol * scale).any()) or bool((layer_gap.abs().amax(-1) > rtol * scale.amax(-1)).any()):
             raise CompletenessError(
