@@ -306,11 +306,17 @@ class Decomposition:
         if score is None:
             raise PrismError(f"top: by={by!r}; use 'abs', 'pos' or 'neg'.")
         score = np.where(keep, score, -np.inf)
-        order = np.argsort(-score, kind="stable")[: min(k, int(keep.sum()))]
+        k = min(k, int(keep.sum()))
+        if k <= 0:
+            order = np.zeros(0, dtype=np.int64)
+        else:  # partial selection, then sort the k winners (millions of terms stay cheap)
+            part = np.argpartition(-score, k - 1)[:k]
+            order = part[np.argsort(-score[part], kind="stable")]
         c = self.components
         return pd.DataFrame({
             "component": [str(c[i]) for i in order],
-            "kind": c.kinds()[order], "layer": c.layer[order], "head": c.head[order],
+            "kind": np.asarray(KINDS, dtype=object)[c.kind[order]],
+            "layer": c.layer[order], "head": c.head[order],
             "neuron": c.neuron[order], "src": c.src[order], "pos": c.pos[order],
             "value": v[order],
         })
