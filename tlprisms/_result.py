@@ -41,6 +41,11 @@ class Component:
 
     Fields that do not apply are -1. ``src`` is the source position a head reads; ``pos`` is
     the residual position a chained term was written at (-1: the explained position).
+
+    >>> str(Component("head", layer=3, head=7)), str(Component("neuron", layer=16, neuron=10029))
+    ('L3H7', 'L16N10029')
+    >>> str(Component("head", layer=9, head=6, src=2, pos=4))
+    '@4 L9H6[src 2]'
     """
 
     kind: str

@@ -14,11 +14,15 @@ pre-cap ``z`` is split exactly, and the post-cap logit by holding
 by ``rho``. ``Decomposition.explains`` says which one a result explains.
 
 >>> import tlprisms as tp
->>> model = tp.demo.load_demo_model()
->>> prism = tp.LogitPrism.run(model, "The capital of France is")
+>>> from tlprisms.demo import load_demo_model
+>>> prism = tp.LogitPrism.run(load_demo_model(), "The capital of France is")
 >>> r = prism.residual(" Paris").check()
->>> float(r.total()[0, 0, 0]) == float(r.total()[0, 0, 0])
-True
+>>> [str(c) for c in r.components][:4]
+['embed', 'L0.attn', 'L0.b_O', 'L0.mlp']
+>>> round(float(r.logits[0, 0, 0]), 1), r.explains
+(18.9, 'logit')
+>>> prism.through_head(0, 2, " Paris").top(1)["component"][0]
+'@4 embed'
 """
 
 from typing import Any, Optional, Sequence, Union
