@@ -229,7 +229,6 @@ def _designed_copy_model():
 
     cfg = tf.GPT2Config(vocab_size=V, n_embd=D, n_layer=1, n_head=2, n_positions=N_POS)
     hf = tf.GPT2LMHeadModel(cfg).eval()
-    dh = D // 2
     with torch.no_grad():
         for p in hf.parameters():
             p.zero_()

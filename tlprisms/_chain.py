@@ -61,7 +61,7 @@ class Hop:
 class _State:
     readout: Readout
     pos_label: np.ndarray  # [P] residual position of each readout slot (-1: explained pos)
-    consts: list  # (table, values [B, P, K]) collected along the chain
+    consts: list  # (table, values [B, P, K]): the constants of the last hop
 
 
 # ----------------------------------------------------------------------------- gates

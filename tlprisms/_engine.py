@@ -70,8 +70,8 @@ def dot(x: Tensor, u: Tensor) -> Tensor:
     return torch.einsum("bpd,bpkd->bpk", x, u.expand(B, P, *u.shape[2:]))
 
 
-def _post_scale(view: ModelView, cache: Any, post: Optional[NormSpec], positions: Tensor,
-                dtype: torch.dtype, caller: str) -> Optional[Tensor]:
+def _post_scale(cache: Any, post: Optional[NormSpec], positions: Tensor, dtype: torch.dtype,
+                caller: str) -> Optional[Tensor]:
     if post is None or not post.has_scale:
         return None
     s = cache_get(cache, post.scale_hook, caller)[..., 0]
@@ -195,7 +195,7 @@ def split_writes(view: ModelView, cache: Any, readout: Readout, *, heads: frozen
             post = view.ln1_post[layer] if kind == "attn" else view.ln2_post[layer]
             ul = _through_post(post, u)
             sl = s
-            post_inv = _post_scale(view, cache, post, positions, dtype, caller)
+            post_inv = _post_scale(cache, post, positions, dtype, caller)
             if post_inv is not None:
                 sl = s * post_inv[:, :, None]
             bias = (view.b_O if kind == "attn" else view.b_out)(layer, dtype, u.device)

@@ -8,7 +8,7 @@ position and target, one term per component, where components are records
 logit, and :meth:`Decomposition.check` verifies it against what the model computed.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
@@ -133,9 +133,6 @@ class ComponentTable:
         pos = np.repeat(np.asarray(positions, dtype=_INT), len(self))
         return ComponentTable(np.tile(self.kind, P), pos=pos, **cols)
 
-    def with_pos(self, pos: np.ndarray) -> "ComponentTable":
-        return replace(self, pos=np.asarray(pos, dtype=_INT))
-
     def kinds(self) -> np.ndarray:
         return np.asarray(KINDS, dtype=object)[self.kind]
 
@@ -195,7 +192,6 @@ class Decomposition:
     prism: str = "residual"
     complete: bool = True
     str_tokens: Optional[list] = None
-    meta: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------ basic views
     @property

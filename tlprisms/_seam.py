@@ -60,6 +60,20 @@ class NormSpec:
             u = u - u.mean(-1, keepdim=True)
         return u
 
+    def apply(self, x: Tensor, scale: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+        """The norm itself, ``w * P(x) / s + b``, with ``s`` the given (cached) scale, or
+        computed from ``x`` when ``scale`` is None."""
+        if self.centred:
+            x = x - x.mean(-1, keepdim=True)
+        if self.has_scale:
+            s = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() if scale is None else scale
+            x = x / s.to(x.dtype)
+        if self.weight is not None:
+            x = x * self.weight.to(x.device, x.dtype)
+        if self.bias is not None:
+            x = x + self.bias.to(x.device, x.dtype)
+        return x
+
     def constant(self, u: Tensor) -> Tensor:
         """``b . u``: what the norm's bias adds to a readout ``u`` on its output."""
         if self.bias is None:
@@ -97,7 +111,7 @@ def architecture_name(model: Any) -> str:
     return type(original).__name__ if original is not None else ""
 
 
-def _read_norm(module: Any, name: str, cfg: Any, eps_probe: bool = True) -> NormSpec:
+def _read_norm(module: Any, name: str, cfg: Any) -> NormSpec:
     """The effective affine map of one normalisation module of either TL model class."""
     cls = type(module).__name__
     if module is None or cls == "Identity":
@@ -308,9 +322,6 @@ class ModelView:
     def b_in(self, layer: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         return self._bias(self._mlp(layer), ("b_in",), (self.d_mlp,), dtype, device)
 
-    def W_gate(self, layer: int, dtype: torch.dtype) -> Tensor:
-        return self._mlp(layer).W_gate.detach().to(dtype)
-
     def unembed_columns(self, ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``W_U[:, ids]`` moved to the last axis (``[*ids.shape, d_model]``) and ``b_U[ids]``."""
         W_U = self.model.W_U.detach()
@@ -340,11 +351,6 @@ class ModelView:
         return getattr(self.model, "tokenizer", None)
 
     # ------------------------------------------------------------------ hooks
-    def hook(self, what: str, layer: Optional[int] = None) -> str:
-        if layer is None:
-            return what
-        return f"blocks.{layer}.{what}"
-
     def solu_mid_hook(self, layer: int) -> str:
         """SoLU's ``act(pre)`` before its inner LayerNorm (named differently by the bridge)."""
         if self.is_bridge:

@@ -185,13 +185,12 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
                 f"{caller}: NextToken needs the input tokens; build the prism with "
                 "LogitPrism.run(model, tokens) or LogitPrism(model, cache, tokens=tokens)."
             )
-        nxt = torch.empty_like(tokens)
-        nxt[:, :-1] = tokens[:, 1:]
-        nxt[:, -1] = predicted()
-        target = nxt if pos_all else None
-        if target is None:
+        if not pos_all:
             raise TargetError(f"{caller}: NextToken is for pos='all'; for one position pass "
                               "the token itself.")
+        target = torch.empty_like(tokens)
+        target[:, :-1] = tokens[:, 1:]
+        target[:, -1] = predicted()
     if isinstance(target, Tensor) and not target.dtype.is_floating_point and target.ndim >= 1:
         t = target.detach().cpu().long()
         if pos_all and t.ndim == 2 and t.shape == (batch, n_pos):

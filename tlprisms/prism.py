@@ -141,16 +141,9 @@ class LogitPrism:
                 f"{view.n_kv_heads} key/value heads of size {view.d_head}; the cache comes from "
                 "another model. Re-run model.run_with_cache(tokens) with this model."
             )
-        x = cache["blocks.0.hook_resid_pre"].to(self.dtype)
         norm = view.ln1[0]
-        if norm.centred:
-            x = x - x.mean(-1, keepdim=True)
-        if norm.has_scale:
-            x = x / cache[norm.scale_hook].to(self.dtype)
-        if norm.weight is not None:
-            x = x * norm.weight.to(self.device, self.dtype)
-        if norm.bias is not None:
-            x = x + norm.bias.to(self.device, self.dtype)
+        x = norm.apply(cache["blocks.0.hook_resid_pre"].to(self.dtype),
+                       cache[norm.scale_hook] if norm.has_scale else None)
         W_V = view.W_V(0, self.dtype).to(self.device)
         v_hat = torch.einsum("bpm,gmd->bpgd", x, W_V) + view.b_V(0, self.dtype, self.device)
         err = float((v_hat - v.to(self.dtype)).abs().max())
@@ -180,16 +173,11 @@ class LogitPrism:
         if self.logits is not None:
             return self.logits[:, -1].argmax(-1)
         view = self.view
-        x = cache_get(self.cache, view.final_resid_hook(), "NextToken")[:, -1:].to(self.dtype)
         norm = view.final_norm
-        if norm.centred:
-            x = x - x.mean(-1, keepdim=True)
-        if norm.has_scale:
-            x = x / cache_get(self.cache, norm.scale_hook, "NextToken")[:, -1:].to(self.dtype)
-        if norm.weight is not None:
-            x = x * norm.weight.to(self.device, self.dtype)
-        if norm.bias is not None:
-            x = x + norm.bias.to(self.device, self.dtype)
+        scale = (cache_get(self.cache, norm.scale_hook, "NextToken")[:, -1:]
+                 if norm.has_scale else None)
+        x = norm.apply(cache_get(self.cache, view.final_resid_hook(), "NextToken")[:, -1:]
+                       .to(self.dtype), scale)
         W_U = self.model.W_U.detach()
         b = _param(self.model, "b_U")
         lg = x[:, -1].to(W_U.dtype) @ W_U
@@ -344,7 +332,7 @@ class LogitPrism:
         gap = (values.sum(-1) - explained).abs()
         if bool((gap > rtol * scale).any()) or bool((layer_gap.abs().amax(-1) > rtol * scale.amax(-1)).any()):
             raise CompletenessError(
-                f"{caller}: the terms do not add up to the {('logit')} (gap up to "
+                f"{caller}: the terms do not add up to what they explain (gap up to "
                 f"{float(gap.max()):.3g}; split-layer gap up to {float(layer_gap.abs().max()):.3g})."
                 " The cache was probably edited by hooks, recorded from another model or input, "
                 "or this architecture writes to the residual stream in a way tlprisms does not "

@@ -15,7 +15,6 @@ Positional embeddings and biases are left out: these maps describe the weights a
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
@@ -53,14 +52,7 @@ def _embeddings(view: ModelView, ids: list[int], layer_norm: Any, dtype: torch.d
     e = W_E[torch.tensor(ids, device=W_E.device)].to(dtype) * view.embedding_scale()
     if layer_norm is None or not layer_norm.has_scale:
         return e
-    x = e - e.mean(-1, keepdim=True) if layer_norm.centred else e
-    eps = float(getattr(view.cfg, "eps", 1e-5) or 1e-5)
-    x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-    if layer_norm.weight is not None:
-        x = x * layer_norm.weight.to(x.device, dtype)
-    if layer_norm.bias is not None:
-        x = x + layer_norm.bias.to(x.device, dtype)
-    return x
+    return layer_norm.apply(e, eps=float(getattr(view.cfg, "eps", 1e-5) or 1e-5))
 
 
 @jaxtyped(typechecker=beartype)
