@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tlprisms._engine import Readout, dot, gather_pos, split_writes
+from tlprisms._engine import Readout, split_writes
 from tlprisms._errors import CacheError, CompletenessError, PrismError
+from tlprisms._readout import explained, final_readout
 from tlprisms._result import ComponentTable, Decomposition
-from tlprisms._seam import ModelView, _param, cache_get, needed_hooks
-from tlprisms._targets import Atoms, resolve_positions, resolve_targets
+from tlprisms._seam import ModelView, cache_get, needed_hooks
 
 __all__ = ["LogitPrism"]
 
@@ -168,101 +168,14 @@ class LogitPrism:
                 )
 
     # ------------------------------------------------------------------ readout
-    def _predicted(self) -> Tensor:
-        """The model's top prediction at the last position, ``[batch]``."""
-        if self.logits is not None:
-            return self.logits[:, -1].argmax(-1)
-        view = self.view
-        norm = view.final_norm
-        scale = (cache_get(self.cache, norm.scale_hook, "NextToken")[:, -1:]
-                 if norm.has_scale else None)
-        x = norm.apply(cache_get(self.cache, view.final_resid_hook(), "NextToken")[:, -1:]
-                       .to(self.dtype), scale)
-        W_U = self.model.W_U.detach()
-        b = _param(self.model, "b_U")
-        lg = x[:, -1].to(W_U.dtype) @ W_U
-        if b is not None:
-            lg = lg + b
-        return lg.argmax(-1)
-
-    def _atoms_vectors(self, atoms: Atoms) -> tuple[Tensor, Tensor]:
-        """``vec [B', P', K, d]`` and ``bias [B', P', K]`` of every atom."""
-        ids = atoms.ids.clamp(min=0).to(self.device)
-        cols, bias = self.view.unembed_columns(ids, self.dtype)
-        cols, bias = cols.to(self.device), bias.to(self.device)
-        tok = atoms.token_atom.to(self.device)
-        if atoms.vectors is not None:
-            dirs = atoms.vectors.to(self.device, self.dtype)[None, None]
-            cols = torch.where(tok[..., None], cols, dirs)
-        bias = torch.where(tok, bias, torch.zeros_like(bias))
-        B, P, k, a = ids.shape
-        return cols.reshape(B, P, k * a, -1), bias.reshape(B, P, k * a)
-
     def final_readout(self, target: Any, pos: Any, caller: str) -> tuple[Readout, dict]:
-        """The frozen final readout for ``target`` at ``pos`` (public for the chained prisms)."""
-        positions, pos_all = resolve_positions(pos, self.batch, self.n_ctx, caller)
-        positions = positions.to(self.device)
-        atoms = resolve_targets(self.view, target, self.batch, self.n_ctx, pos_all, self.tokens,
-                                self._predicted, caller)
-        if atoms.coef.shape[-1] == 2 and not bool((atoms.coef[..., 1] != 0).any()):
-            atoms = Atoms(ids=atoms.ids[..., :1], vectors=None if atoms.vectors is None
-                          else atoms.vectors[:, :1], coef=atoms.coef[..., :1],
-                          labels=atoms.labels, token_atom=atoms.token_atom[..., :1],
-                          extra=atoms.extra)
-        vec, bias = self._atoms_vectors(atoms)
-        norm = self.view.final_norm
-        u = norm.pull_back(vec)
-        B, P = positions.shape
-        if norm.has_scale:
-            s = cache_get(self.cache, norm.scale_hook, caller)[..., 0]
-            inv_s = 1.0 / gather_pos(s, positions, self.dtype)
-        else:
-            inv_s = torch.ones(B, P, dtype=self.dtype, device=self.device)
-        readout = Readout(u=u, inv_s=inv_s, positions=positions, attn_layers=self.view.n_layers,
-                          mlp_layers=self.view.n_layers)
-        info = {"atoms": atoms, "bias": bias, "norm_bias": norm.constant(vec),
-                "has_norm_bias": norm.bias is not None,
-                "has_b_U": _param(self.model, "b_U") is not None}
-        return readout, info
+        """The frozen final readout for ``target`` at ``pos`` (see :mod:`tlprisms._readout`)."""
+        return final_readout(self, target, pos, caller)
 
     def _explained(self, readout: Readout, info: dict, softcap: str, caller: str
                    ) -> tuple[Tensor, Tensor, str]:
-        """(per-atom weights ``[B,P,k,a]``, explained values ``[B,P,k]``, what they are)."""
-        atoms: Atoms = info["atoms"]
-        B, P = readout.positions.shape
-        x = gather_pos(cache_get(self.cache, self.view.final_resid_hook(), caller),
-                       readout.positions, self.dtype)
-        z = dot(x, readout.u) * readout.inv_s[:, :, None] + (info["bias"] + info["norm_bias"])
-        k, a = atoms.coef.shape[2], atoms.coef.shape[3]
-        z = z.reshape(B, P, k, a)
-        coef = atoms.coef.to(self.device, self.dtype).expand(B, P, k, a)
-        tok = atoms.token_atom.to(self.device).expand(B, P, k, a)
-        cap = self.view.softcap
-        if softcap not in ("post", "pre"):
-            raise PrismError(f"{caller}: softcap={softcap!r}; use 'post' (the logit the model "
-                             "outputs) or 'pre' (the logit before the soft-cap).")
-        if cap is None:
-            weights, atom_val, explains = coef, z, "logit"
-        elif softcap == "pre":
-            weights, atom_val, explains = coef, z, "pre-softcap logit"
-        else:
-            capped = cap * torch.tanh(z / cap)
-            safe = torch.where(z.abs() > 1e-12, z, torch.ones_like(z))
-            rho = torch.where(z.abs() > 1e-12, capped / safe, torch.ones_like(z))
-            rho = torch.where(tok, rho, torch.ones_like(rho))
-            weights = coef * rho
-            atom_val = torch.where(tok, capped, z)
-            explains = "post-softcap logit (rho frozen)"
-        if self.logits is not None and (cap is None or softcap == "post"):
-            rows = torch.arange(B, device=self.device)[:, None, None]
-            ids = atoms.ids.to(self.device).clamp(min=0).expand(B, P, k, a).reshape(B, P, -1)
-            model_val = self.logits[rows, readout.positions[:, :, None], ids]  # no [B,P,vocab] copy
-            model_val = model_val.to(self.dtype).reshape(B, P, k, a)
-            atom_val = torch.where(tok, model_val, atom_val)
-        if bool((~tok & (coef != 0)).any()):
-            explains = explains if bool(tok.any()) else "readout"
-        explained = (coef * atom_val).sum(-1)
-        return weights, explained, explains
+        return explained(self, readout, info, softcap, caller)
+
 
     # ------------------------------------------------------------------ main entry
     def _layers(self, layers: LayerSel, caller: str) -> frozenset:
