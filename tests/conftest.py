@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny seeded model per family and folding, with its cache."""
 
 import functools
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Offline by default: nothing in the suite may reach a hub (set before transformers loads).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from families import FAMILIES, make_tokenizer  # noqa: E402
 
