@@ -60,9 +60,11 @@ class NormSpec:
             u = u - u.mean(-1, keepdim=True)
         return u
 
-    def apply(self, x: Tensor, scale: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    def apply(self, x: Tensor, scale: Optional[Tensor] = None, eps: float = 1e-5,
+              bias: bool = True) -> Tensor:
         """The norm itself, ``w * P(x) / s + b``, with ``s`` the given (cached) scale, or
-        computed from ``x`` when ``scale`` is None."""
+        computed from ``x`` when ``scale`` is None; ``bias=False`` leaves ``b`` out (the
+        map of one write through a frozen norm)."""
         if self.centred:
             x = x - x.mean(-1, keepdim=True)
         if self.has_scale:
@@ -70,7 +72,7 @@ class NormSpec:
             x = x / s.to(x.dtype)
         if self.weight is not None:
             x = x * self.weight.to(x.device, x.dtype)
-        if self.bias is not None:
+        if bias and self.bias is not None:
             x = x + self.bias.to(x.device, x.dtype)
         return x
 

@@ -65,15 +65,7 @@ class TopTokens(Figure):
 
 def _post_map(post: Optional[NormSpec], x: Tensor, scale: Optional[Tensor]) -> Tensor:
     """A write through a frozen post-norm (without its bias): ``g * P(x) / s_post``."""
-    if post is None:
-        return x
-    if post.centred:
-        x = x - x.mean(-1, keepdim=True)
-    if scale is not None:
-        x = x / scale
-    if post.weight is not None:
-        x = x * post.weight.to(x.device, x.dtype)
-    return x
+    return x if post is None else post.apply(x, scale, bias=False)
 
 
 def component_write(prism: Any, component: Component, batch: int, pos: int
