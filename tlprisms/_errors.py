@@ -1,14 +1,27 @@
 """The exceptions tlprisms raises.
 
 Every error names the call, what was expected, what came, and how to fix it. All of them
-derive from :class:`PrismError`, so ``except tlprisms.PrismError`` catches any refusal.
+derive from :class:`PrismError`, so ``except tlprisms.PrismError`` catches any refusal. There
+is one class per kind of mistake:
+
+========================  ==========================================================
+:class:`ArgumentError`    an argument of the wrong type or value (layers, heads, k, modes)
+:class:`TargetError`      a target that is unknown, not one token, or does not fit the batch
+:class:`PositionError`    a position that is out of range or does not fit the batch
+:class:`CacheError`       a cache that lacks a hook, or comes from another model or input
+:class:`NonFiniteError`   NaN or infinity in a cache, a logit or a readout vector
+:class:`UnsupportedModelError`  a model these prisms cannot decompose exactly (or its state)
+:class:`CompletenessError`      terms that do not add up to what they explain
+========================  ==========================================================
 """
 
 __all__ = [
     "PrismError",
+    "ArgumentError",
     "CacheError",
     "TargetError",
     "PositionError",
+    "NonFiniteError",
     "UnsupportedModelError",
     "CompletenessError",
 ]
@@ -16,6 +29,10 @@ __all__ = [
 
 class PrismError(Exception):
     """Base class of every error tlprisms raises on purpose."""
+
+
+class ArgumentError(PrismError, ValueError, TypeError):
+    """An argument has the wrong type or value (it is checked, never coerced)."""
 
 
 class CacheError(PrismError, KeyError):
@@ -30,12 +47,16 @@ class TargetError(PrismError, ValueError):
 
 
 class PositionError(PrismError, IndexError):
-    """A position is out of range or does not fit the batch."""
+    """A position is out of range, not an integer, or does not fit the batch."""
+
+
+class NonFiniteError(PrismError, ValueError):
+    """NaN or infinity where a finite number is needed (says where it was found)."""
 
 
 class UnsupportedModelError(PrismError, TypeError):
-    """The model's architecture cannot be decomposed exactly by these prisms."""
+    """The model's architecture (or its state, e.g. training mode) cannot be decomposed exactly."""
 
 
 class CompletenessError(PrismError, AssertionError):
-    """The terms of a decomposition do not add up to what it explains."""
+    """The terms of a decomposition do not add up to what they explain."""
