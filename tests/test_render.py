@@ -152,7 +152,9 @@ def test_hostile_tokens_are_text_in_widget_props(tiny):
     assert "<b>" not in ours
     props = re.findall(r'"ColoredTokens"\],(\{.*?\})\);', html)
     tokens = json.loads(props[0])["tokens"]
-    assert tokens[:3] == ["&lt;/script&gt;", "&lt;b&gt;", "&amp;amp;"]  # inserted as HTML
+    # inserted as HTML: each an isolated <bdi> whose title holds the full text and value
+    shown = [re.fullmatch(r'<bdi/title="[^"<>]*">([^<>]*)</bdi>', t) for t in tokens[:3]]
+    assert [m.group(1) for m in shown] == ["&lt;/script&gt;", "&lt;b&gt;", "&amp;amp;"]
 
 
 # ---------------------------------------------------------------------------- pages

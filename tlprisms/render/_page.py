@@ -14,7 +14,7 @@ from tlprisms._errors import PrismError
 from tlprisms._result import Decomposition
 from tlprisms.render._escape import esc
 from tlprisms.render._views import default_view
-from tlprisms.render._views_base import Figure, Group, View, bundle_script
+from tlprisms.render._views_base import WRAP, Figure, Group, View, bundle_script
 
 __all__ = ["to_html", "show", "Report", "save_svg", "save_png", "as_view"]
 
@@ -25,6 +25,7 @@ _PAGE_CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px;
 color:#111;background:#fff;max-width:1200px}
 h1{font-size:22px;margin:0 0 4px}
+h1,h2,h3,.tlprisms-meta{overflow-wrap:anywhere}
 .tlprisms-meta{color:#666;font-size:12px;margin-bottom:16px}
 section.tlprisms-section{border-top:1px solid #ddd;padding:12px 0 20px}
 section.tlprisms-section>h2{font-size:17px;margin:4px 0 8px}
@@ -155,9 +156,9 @@ class Report:
 
     def _repr_html_(self) -> str:
         bundle = bundle_script() if any(v.needs_bundle for _, v in self.sections) else ""
-        body = "".join((f"<h3>{esc(t)}</h3>" if t else "") + v.fragment(bundle=False)
-                       for t, v in self.sections)
-        return f"{bundle}<div><h2>{esc(self.title)}</h2>{body}</div>"
+        body = "".join((f'<h3 style="{WRAP}">{esc(t)}</h3>' if t else "")
+                       + v.fragment(bundle=False) for t, v in self.sections)
+        return f'{bundle}<div><h2 style="{WRAP}">{esc(self.title)}</h2>{body}</div>'
 
     def __repr__(self) -> str:
         return f"Report({self.title!r}, {len(self.sections)} sections)"

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from tlprisms._errors import PrismError
-from tlprisms.render._escape import esc, label
+from tlprisms.render._escape import Label, balance, esc, label, token_label
 
 __all__ = ["heatmap_svg", "bar_svg", "POSITIVE", "NEGATIVE", "diverging", "fmt", "Real"]
 
@@ -87,8 +87,8 @@ def _title(title: str, width: Real) -> tuple[list[str], Real]:
         return [], 8.0
     per_line = max(24, int((width - 16) / 8.6))  # 14px bold, generous
     text = label(title, 3 * per_line).replace("\u00a0", " ")
-    lines = textwrap.wrap(text, per_line, max_lines=3, placeholder="\u2026",
-                          break_on_hyphens=False) or [text]
+    lines = [balance(line) for line in textwrap.wrap(
+        text, per_line, max_lines=3, placeholder="\u2026", break_on_hyphens=False) or [text]]
     out = [f'<text x="8" y="{20 + 17 * i}" font-size="14" font-weight="600" fill="#111111">'
            f"{esc(line)}</text>" for i, line in enumerate(lines)]
     return out, 20 + 17 * (len(lines) - 1) + 14
@@ -133,8 +133,9 @@ def heatmap_svg(matrix: Any, row_labels: Sequence[Any], col_labels: Sequence[Any
 
     Args:
         matrix: a 2-D array (numpy, torch or nested lists); NaN cells are drawn grey.
-        row_labels, col_labels: one label per row / column (escaped, shortened past 40
-            characters; the full text is in the cell's hover title).
+        row_labels, col_labels: one label per row / column (escaped, isolated, shortened
+            past 30 / 24 characters; the full text is in the label's and the cell's hover
+            title).
         title: drawn above the figure.
         vmax: the value drawn at full colour (default: the largest ``|value|``).
         annotate: write the values in the cells (default: when the cells are large enough).
@@ -155,13 +156,13 @@ def heatmap_svg(matrix: Any, row_labels: Sequence[Any], col_labels: Sequence[Any
     cell_text = [[fmt(float(x), 2) for x in r] for r in m]
     text_w = max((_text_w(t, 10) for r in cell_text for t in r), default=0.0)
     annotate = (text_w + 2 <= cs) if annotate is None else annotate
-    rl = [label(r, 30) for r in rows]
-    cl = [label(c, 24) for c in cols]
+    rl = [token_label(r, 30) for r in rows]
+    cl = [token_label(c, 24) for c in cols]
     fs = float(min(12.0, max(8.0, cs - 2)))  # label font: rows must not overlap
-    left = max([_text_w(s, fs) for s in rl] + [20]) + 12
-    rotate = any(_text_w(s, fs) > cs for s in cl)
+    left = max([_text_w(s.short, fs) for s in rl] + [20]) + 12
+    rotate = any(_text_w(s.short, fs) > cs for s in cl)
     vertical = rotate and cs < 22  # at 45 degrees, narrow columns' labels would overlap
-    widest = max([_text_w(s, fs) for s in cl] + [0])
+    widest = max([_text_w(s.short, fs) for s in cl] + [0])
     col_h = (widest + 10 if vertical else widest * 0.72 + 14) if rotate else 20
     width = max(left + C * cs + 110, 420)
     head, th = _title(title, width)
@@ -173,18 +174,18 @@ def heatmap_svg(matrix: Any, row_labels: Sequence[Any], col_labels: Sequence[Any
             angle, x = (-90, x + fs / 3) if vertical else (-45, x)
             body.append(f'<text x="{x:.1f}" y="{top - 6:.1f}" text-anchor="start" '
                         f'font-size="{fs:.0f}" transform="rotate({angle} {x:.1f} {top - 6:.1f})"'
-                        f' fill="#333333">{esc(s)}</text>')
+                        f' fill="#333333">{s.svg()}</text>')
         else:
             body.append(f'<text x="{x:.1f}" y="{top - 6:.1f}" text-anchor="middle" '
-                        f'font-size="{fs:.0f}" fill="#333333">{esc(s)}</text>')
+                        f'font-size="{fs:.0f}" fill="#333333">{s.svg()}</text>')
     for i, s in enumerate(rl):
         y = top + (i + 0.5) * cs
         body.append(f'<text x="{left - 8:.1f}" y="{y + fs / 3:.1f}" text-anchor="end" '
-                    f'font-size="{fs:.0f}" fill="#333333">{esc(s)}</text>')
+                    f'font-size="{fs:.0f}" fill="#333333">{s.svg()}</text>')
         for j in range(C):
             v = float(m[i, j])
             x0, y0 = left + j * cs, top + i * cs
-            tip = f"{rows[i]}, {cols[j]}: {fmt(v)}"
+            tip = f"{s.full_text()}, {cl[j].full_text()}: {fmt(v)}"
             body.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{cs:.1f}" height="{cs:.1f}" '
                         f'fill="{diverging(v, vmax)}" stroke="#ffffff" stroke-width="1">'
                         f"<title>{esc(tip)}</title></rect>")
@@ -214,7 +215,8 @@ def bar_svg(values: Any, labels: Sequence[Any], title: str = "", total: Optional
 
     Args:
         values: one number per bar.
-        labels: one label per bar.
+        labels: one label per bar (escaped, isolated, shortened past 36 characters; the
+            full text is on hover).
         title: drawn above the figure.
         total: when given, a last dark bar from 0 to ``total`` (e.g. the logit the terms add
             up to), labelled ``total_label``.
@@ -235,8 +237,9 @@ def bar_svg(values: Any, labels: Sequence[Any], title: str = "", total: Optional
     lo, hi = min(pts), max(pts)
     if hi - lo < 1e-12:
         lo, hi = lo - 1.0, hi + 1.0
-    rows = [label(n, 36) for n in names] + ([label(total_label, 36)] if total is not None else [])
-    left = max([_text_w(s) for s in rows] + [40]) + 14
+    rows = [token_label(n, 36) for n in names]
+    rows += [token_label(total_label, 36)] if total is not None else []
+    left = max([_text_w(s.short) for s in rows] + [40]) + 14
     plot_w, pad = 440.0, 64.0
     width = left + pad + plot_w + pad + 8
     head, th = _title(title, width)
@@ -262,16 +265,17 @@ def bar_svg(values: Any, labels: Sequence[Any], title: str = "", total: Optional
     body.append(f'<line x1="{X(0):.1f}" x2="{X(0):.1f}" y1="{top - 2:.1f}" y2="{bottom:.1f}" '
                 f'stroke="#888888"/>')
 
-    def bar(i_row: Real, a: Real, b: Real, color: str, name: str, shown: Real,
+    def bar(i_row: Real, a: Real, b: Real, color: str, name: Label, shown: Real,
             bold: bool = False) -> None:
         y = top + i_row * rh
         x0, x1 = sorted((X(a), X(b)))
         w = max(x1 - x0, 1.0)
         weight = ' font-weight="600"' if bold else ""
         body.append(f'<text x="{left - 8:.1f}" y="{y + 14:.1f}" text-anchor="end" '
-                    f'fill="#222222"{weight}>{esc(name)}</text>')
+                    f'fill="#222222"{weight}>{name.svg()}</text>')
         body.append(f'<rect x="{x0:.1f}" y="{y + 3:.1f}" width="{w:.1f}" height="{rh - 6:.1f}" '
-                    f'fill="{color}"><title>{esc(name)}: {esc(fmt(shown))}</title></rect>')
+                    f'fill="{color}"><title>{esc(name.full_text())}: {esc(fmt(shown))}</title>'
+                    f'</rect>')
         if b >= a:
             body.append(f'<text x="{x0 + w + 4:.1f}" y="{y + 14:.1f}" font-size="11" '
                         f'fill="#333333"{weight}>{esc(fmt(shown))}</text>')

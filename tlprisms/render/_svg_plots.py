@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tlprisms._errors import PrismError
-from tlprisms.render._escape import esc, label
+from tlprisms.render._escape import esc, label, token_label
 from tlprisms.render._svg import (PALETTE, POSITIVE, Real, _as_matrix, _check_len, _svg,
                                   _text_w, _title, fmt, fmt_tick, nice_ticks)
 
@@ -20,7 +20,8 @@ def lines_svg(series: dict, x_labels: Sequence[Any], title: str = "", *,
 
     Args:
         series: ``{name: values}``, every ``values`` of length ``len(x_labels)``.
-        x_labels: the x categories (escaped; rotated when long).
+        x_labels: the x categories (escaped, isolated, shortened past 20 characters with the
+            full text on hover; rotated when long).
         title: drawn above the figure.
         highlight: the name of one series to draw thick and dark (e.g. the weighted sum).
 
@@ -45,17 +46,17 @@ def lines_svg(series: dict, x_labels: Sequence[Any], title: str = "", *,
         lo, hi = lo - 1, hi + 1
     span = hi - lo
     lo, hi = lo - 0.05 * span, hi + 0.05 * span
-    xl = [label(x, 20) for x in xs]
-    legend = [label(n, 28) for n in data]
+    xl = [token_label(x, 20) for x in xs]
+    legend = [token_label(n, 28) for n in data]
     plot_w = float(np.clip(46 * max(len(xs), 1), 260, 720))
     plot_h = 260.0
     left = 64.0
-    legend_w = max([_text_w(s) for s in legend] + [40]) + 34
+    legend_w = max([_text_w(s.short) for s in legend] + [40]) + 34
     width = left + plot_w + 20 + legend_w
     head, th = _title(title, width)
     top = th + 14
-    rotate = any(_text_w(s) > plot_w / max(len(xs), 1) for s in xl)
-    xlab_h = (max([_text_w(s) for s in xl] + [0]) * 0.72 + 16) if rotate else 22
+    rotate = any(_text_w(s.short) > plot_w / max(len(xs), 1) for s in xl)
+    xlab_h = (max([_text_w(s.short) for s in xl] + [0]) * 0.72 + 16) if rotate else 22
     body = head
 
     def X(i: int) -> Real:
@@ -76,10 +77,10 @@ def lines_svg(series: dict, x_labels: Sequence[Any], title: str = "", *,
         if rotate:
             body.append(f'<text x="{X(i):.1f}" y="{base + 10:.1f}" text-anchor="end" '
                         f'transform="rotate(-45 {X(i):.1f} {base + 10:.1f})" font-size="11" '
-                        f'fill="#333333">{esc(s)}</text>')
+                        f'fill="#333333">{s.svg()}</text>')
         else:
             body.append(f'<text x="{X(i):.1f}" y="{base + 14:.1f}" text-anchor="middle" '
-                        f'font-size="11" fill="#333333">{esc(s)}</text>')
+                        f'font-size="11" fill="#333333">{s.svg()}</text>')
     for k, (name, arr) in enumerate(data.items()):
         color = "#111111" if name == highlight else PALETTE[k % len(PALETTE)]
         sw = 3.2 if name == highlight else 1.6
@@ -91,14 +92,14 @@ def lines_svg(series: dict, x_labels: Sequence[Any], title: str = "", *,
         for i, y in enumerate(arr):
             if math.isfinite(y):
                 body.append(f'<circle cx="{X(i):.1f}" cy="{Y(float(y)):.1f}" r="{sw + 1:.1f}" '
-                            f'fill="{color}"><title>{esc(name)} @ {esc(xs[i])}: '
-                            f'{esc(fmt(float(y)))}</title></circle>')
+                            f'fill="{color}"><title>{esc(legend[k].full_text())} @ '
+                            f'{esc(xl[i].full_text())}: {esc(fmt(float(y)))}</title></circle>')
         ly = top + 8 + 18 * k
         lx = left + plot_w + 20
         body.append(f'<line x1="{lx}" x2="{lx + 22}" y1="{ly:.1f}" y2="{ly:.1f}" '
                     f'stroke="{color}" stroke-width="{sw}"/>')
         body.append(f'<text x="{lx + 28}" y="{ly + 4:.1f}" fill="#222222">'
-                    f"{esc(legend[k])}</text>")
+                    f"{legend[k].svg()}</text>")
     height = max(base + xlab_h, top + 18 * len(data) + 10) + 8
     return _svg(width, height, body)
 
@@ -110,7 +111,8 @@ def scatter_svg(points: Any, labels: Sequence[Any], title: str = "", *,
 
     Args:
         points: ``[n, 2]`` coordinates.
-        labels: one label per point (escaped; also in each point's hover title).
+        labels: one label per point (escaped, isolated, shortened past 24 characters; the
+            full text is in each point's and label's hover title).
         title: drawn above the figure.
         show_labels: write the labels next to the points (default: for at most 80 points).
 
@@ -129,8 +131,8 @@ def scatter_svg(points: Any, labels: Sequence[Any], title: str = "", *,
     dx, dy = max(x1 - x0, 1e-9), max(y1 - y0, 1e-9)
     x0, x1, y0, y1 = x0 - 0.08 * dx, x1 + 0.08 * dx, y0 - 0.08 * dy, y1 + 0.08 * dy
     size, left = 440.0, 56.0
-    lab = [label(n, 24) for n in names]
-    right = (max([_text_w(s, 10) for s in lab] + [0]) * 0.6 + 16) if show_labels else 16
+    lab = [token_label(n, 24) for n in names]
+    right = (max([_text_w(s.short, 10) for s in lab] + [0]) * 0.6 + 16) if show_labels else 16
     width = left + size + right
     head, th = _title(title, width)
     top = th + 12
@@ -158,10 +160,10 @@ def scatter_svg(points: Any, labels: Sequence[Any], title: str = "", *,
         if not ok[i]:
             continue
         cx, cy = X(float(p[i, 0])), Y(float(p[i, 1]))
-        tip = f"{names[i]}: ({fmt(float(p[i, 0]))}, {fmt(float(p[i, 1]))})"
+        tip = f"{lab[i].full_text()}: ({fmt(float(p[i, 0]))}, {fmt(float(p[i, 1]))})"
         body.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{POSITIVE}" '
                     f'fill-opacity="0.75"><title>{esc(tip)}</title></circle>')
         if show_labels:
             body.append(f'<text x="{cx + 6:.1f}" y="{cy + 4:.1f}" font-size="10" '
-                        f'fill="#222222">{esc(lab[i])}</text>')
+                        f'fill="#222222">{lab[i].svg()}</text>')
     return _svg(width, top + size + 24, body)

@@ -14,9 +14,9 @@ import numpy as np
 
 from tlprisms._errors import PrismError
 from tlprisms._result import Decomposition
-from tlprisms.render._escape import esc
+from tlprisms.render._escape import FSI, PDI, Label, esc, quote_token, token_label
 from tlprisms.render._svg import NEGATIVE, POSITIVE, bar_svg, fmt, heatmap_svg
-from tlprisms.render._views_base import Figure, Group, View, Widget, _bundle_path
+from tlprisms.render._views_base import WRAP, Figure, Group, View, Widget, _bundle_path
 
 __all__ = ["bars", "layer_head_heatmap", "source_tokens", "head_source_map", "default_view"]
 
@@ -38,8 +38,10 @@ class _Point:
     known: bool  # tokens are real strings, not position labels
 
     def where(self) -> str:
+        """``position 5 ' Paris' (batch 0)``: the token quoted, shortened and isolated."""
         if self.known and 0 <= self.position < len(self.tokens):
-            return f"position {self.position} {self.tokens[self.position]!r} (batch {self.batch})"
+            return (f"position {self.position} {quote_token(self.tokens[self.position])} "
+                    f"(batch {self.batch})")
         return f"position {self.position} (batch {self.batch})"
 
 
@@ -81,8 +83,13 @@ def _point(result: Decomposition, batch: int, pos: int, target: int, caller: str
     labels = np.broadcast_to(result.target_labels, (B, P, K))
     return _Point(values=result.values[b, p, t].detach().double().cpu().numpy(), batch=b, p=p,
                   target=t, position=int(result.positions[b, p]),
-                  logit=float(result.logits[b, p, t]), label=str(labels[b, p, t]),
+                  logit=float(result.logits[b, p, t]), label=_target(labels[b, p, t]),
                   tokens=tokens_of(result, b), known=_known(result, b))
+
+
+def _target(label: Any) -> str:
+    """A target label (``"' Paris'"``, ``"LogitDiff(...)"``) for a caption: shortened, isolated."""
+    return token_label(label, 40).text()
 
 
 def _head_mask(result: Decomposition, layers: Sel, heads: Sel) -> np.ndarray:
@@ -225,9 +232,35 @@ def _src_matrix(result: Decomposition, pt: _Point, keep: np.ndarray, n: int) -> 
     return out
 
 
-#: token boundaries visible (word-level tokens carry no spaces), and room for the tooltip
+#: token boundaries visible (word-level tokens carry no spaces); CircuitsVis's own tooltip
+#: (a ``div`` beside each token) hidden: it would print the token's HTML as text, so each
+#: token carries its full text and value in a ``title`` instead (see :func:`_colored_token`)
 _TOKEN_CSS = (".colored-tokens>span>span{border-color:#b8b8b8!important;margin-right:2px!important;"
-              "padding:3px 2px!important}")
+              "padding:3px 2px!important;unicode-bidi:isolate}"
+              ".colored-tokens>div{display:none!important}")
+
+
+def _colored_token(lab: Label, position: int, value: float) -> str:
+    """One token for CircuitsVis ``ColoredTokens``, which inserts tokens as HTML after
+    turning every whitespace character into ``&nbsp;``: the short label isolated in a
+    ``<bdi>`` whose ``title`` holds the full token, its position and its value.
+
+    The tag has no whitespace to lose: ``<bdi/title=...>`` is read as ``<bdi title=...>``
+    by every HTML parser (the ``/`` is skipped before an attribute name).
+    """
+    tip = f"{FSI}{lab.full}{PDI} (position {position}): {fmt(value)}"
+    return f'<bdi/title="{esc(tip)}">{esc(lab.short)}</bdi>'
+
+
+def _full_tokens(labels: list) -> str:
+    """A collapsed list of the full text of shortened token labels ('' if none was)."""
+    cut = [(j, lab) for j, lab in enumerate(labels) if lab.shortened]
+    if not cut:
+        return ""
+    items = "".join(f"<li>position {j}: {lab.html()}</li>" for j, lab in cut)
+    return (f'<details style="font-size:11px;color:#555;margin:4px 0;{WRAP}"><summary>'
+            f"{len(cut)} token label{'s' if len(cut) > 1 else ''} shortened; full text"
+            f'</summary><ul style="margin:4px 0;padding-left:18px">{items}</ul></details>')
 
 
 def source_tokens(result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 0,
@@ -236,7 +269,8 @@ def source_tokens(result: Decomposition, *, batch: int = 0, pos: int = -1, targe
 
     A CircuitsVis ``ColoredTokens`` view: the value of token ``j`` is the sum over the chosen
     heads (default: all heads in the result) of their term for source ``j``; the colour
-    scale is symmetric, ``+-max|value|``. Hover a token to see its value.
+    scale is symmetric, ``+-max|value|``. Hover a token to see its full text and value
+    (labels past 24 characters are shortened).
     """
     caller = "source_tokens"
     result = _check_result(result, caller)
@@ -247,14 +281,17 @@ def source_tokens(result: Decomposition, *, batch: int = 0, pos: int = -1, targe
     vmax = float(np.abs(values).max()) or 1.0
     which = "all heads" if layers is None and heads is None else "the chosen heads"
     title = f"Source tokens: {which}' terms for the {result.explains} of {pt.label} at {pt.where()}"
+    labels = [token_label(t) for t in pt.tokens]
     return Widget("ColoredTokens", {
-        "tokens": [esc(t) for t in pt.tokens],  # ColoredTokens inserts tokens as HTML
+        # ColoredTokens inserts tokens as HTML
+        "tokens": [_colored_token(lab, j, float(x))
+                   for j, (lab, x) in enumerate(zip(labels, values))],
         "values": [float(x) for x in values],
         "minValue": -vmax, "maxValue": vmax,
         "negativeColor": NEGATIVE, "positiveColor": POSITIVE,
     }, title=title, note=f"blue raises the {result.explains}, red lowers it; scale "
                          f"\u00b1{fmt(vmax)}; the sum over sources is {fmt(float(values.sum()))}",
-       css=_TOKEN_CSS)
+       css=_TOKEN_CSS, footer=_full_tokens(labels))
 
 
 def head_source_map(result: Decomposition, *, batch: int = 0, target: int = 0,
@@ -282,6 +319,7 @@ def head_source_map(result: Decomposition, *, batch: int = 0, target: int = 0,
     t = _index(target, K, "target", caller)
     toks = tokens_of(result, b) if _known(result, b) else [""] * len(tokens_of(result, b))
     n = len(toks)  # CircuitsVis labels the axes "token (position)"
+    labels = [token_label(x) for x in toks]
     c = result.components
     idx = np.nonzero(keep & (c.src >= 0))[0]
     vals = result.values[b, :, t].detach().double().cpu().numpy()[:, idx]  # [P, comps]
@@ -296,19 +334,22 @@ def head_source_map(result: Decomposition, *, batch: int = 0, target: int = 0,
     order = np.argsort(-score, kind="stable")[: top if top is not None else len(keys)]
     vmax = float(np.abs(maps[order]).max()) if len(order) else 0.0
     vmax = vmax or 1.0
-    label = np.broadcast_to(result.target_labels, (B, P, K))[b, -1, t]
+    label = _target(np.broadcast_to(result.target_labels, (B, P, K))[b, -1, t])
     names = [f"L{keys[i][0]}H{keys[i][1]} {fmt(float(maps[i].sum()))}" for i in order]
     title = (f"Heads x sources: terms of the {result.explains} of {label} (batch {b}), "
              f"{len(order)} of {len(keys)} heads by |terms|")
     return Widget("AttentionHeads", {
         "attention": [maps[i].tolist() for i in order],
-        "tokens": [str(x) for x in toks],  # drawn on a canvas as text: not HTML-escaped
+        # drawn on a canvas as text: not HTML-escaped; shortened and isolated (FSI ... PDI),
+        # the full text listed under the widget
+        "tokens": [lab.text() if lab.full else "" for lab in labels],
         "attentionHeadNames": names,
         "minValue": -vmax, "maxValue": vmax,
         "negativeColor": NEGATIVE, "positiveColor": POSITIVE,
         "maskUpperTri": True,
     }, title=title, note=f"rows: destination (explained) positions; columns: source positions; "
-                         f"one scale \u00b1{fmt(vmax)} for all heads; blue raises the logit")
+                         f"one scale \u00b1{fmt(vmax)} for all heads; blue raises the logit",
+       footer=_full_tokens(labels))
 
 
 # ---------------------------------------------------------------------------- default

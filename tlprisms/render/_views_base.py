@@ -19,10 +19,12 @@ from typing import Optional
 from tlprisms._errors import PrismError
 from tlprisms.render._escape import esc, new_id, script_json
 
-__all__ = ["View", "Figure", "Widget", "Group", "bundle_script", "CV_GLOBAL"]
+__all__ = ["View", "Figure", "Widget", "Group", "bundle_script", "CV_GLOBAL", "WRAP"]
 
 #: the window property the guarded bundle stores CircuitsVis's exports in
 CV_GLOBAL = "__tlprismsCircuitsVis"
+#: inline style for captions: an unbroken run of text wraps instead of widening the page
+WRAP = "overflow-wrap:anywhere;unicode-bidi:isolate"
 _MOUNT_FALLBACK = ("CircuitsVis view: it needs JavaScript (in Jupyter, trust the notebook "
                    "to run it).")
 
@@ -123,15 +125,18 @@ class Widget(View):
         note: a line of small text under the caption (escaped).
         css: style rules scoped to this widget (each selector is prefixed with its mount's
             id), e.g. ``".colored-tokens>span>span{margin-right:2px}"``.
+        footer: HTML drawn under the widget (already escaped by the caller), e.g. the full
+            text of token labels the component shows shortened.
     """
 
     def __init__(self, component: str, props: dict, title: str = "", note: str = "",
-                 css: str = "") -> None:
+                 css: str = "", footer: str = "") -> None:
         self.component = component
         self.props = props
         self.title = title
         self.note = note
         self.css = css
+        self.footer = footer
 
     @property
     def needs_bundle(self) -> bool:
@@ -141,10 +146,10 @@ class Widget(View):
         mount = new_id("tlp-cv")
         caption = ""
         if self.title:
-            caption += (f'<div style="font-weight:600;font-size:14px;margin:4px 0">'
+            caption += (f'<div style="font-weight:600;font-size:14px;margin:4px 0;{WRAP}">'
                         f"{esc(self.title)}</div>")
         if self.note:
-            caption += (f'<div style="font-size:11px;color:#555;margin:2px 0 6px">'
+            caption += (f'<div style="font-size:11px;color:#555;margin:2px 0 6px;{WRAP}">'
                         f"{esc(self.note)}</div>")
         call = (f"(function(){{var cv=window.{CV_GLOBAL};var el=document.getElementById("
                 f"{script_json(mount)});if(!cv||!el){{return;}}el.textContent='';"
@@ -157,9 +162,10 @@ class Widget(View):
                                         if r.strip()) + "</style>"
         return ((bundle_script() if bundle else "") + style
                 + f'<div class="tlprisms-view tlprisms-widget" id="{new_id()}" '
-                f'style="margin:8px 0">{caption}<div class="tlprisms-cv-mount" id="{mount}" '
-                f'data-component="{esc(self.component)}">{esc(_MOUNT_FALLBACK)}</div></div>'
-                f"<script>{call}</script>")
+                f'style="margin:8px 0">{caption}'
+                f'<div class="tlprisms-cv-mount" id="{mount}" '
+                f'data-component="{esc(self.component)}">{esc(_MOUNT_FALLBACK)}</div>'
+                f"{self.footer}</div><script>{call}</script>")
 
     def __repr__(self) -> str:
         return f"Widget({self.component}, {self.title!r})"
@@ -182,7 +188,7 @@ class Group(View):
         parts.append(f'<div class="tlprisms-group" id="{new_id()}" style="font-family:system-ui,'
                      f'-apple-system,Segoe UI,Helvetica,Arial,sans-serif">')
         if self.caption:
-            parts.append(f'<div style="font-size:13px;color:#222;margin:4px 0 8px">'
+            parts.append(f'<div style="font-size:13px;color:#222;margin:4px 0 8px;{WRAP}">'
                          f"{esc(self.caption)}</div>")
         for v in self.views:
             parts.append(v.fragment(bundle=False) if isinstance(v, View) else str(v))
