@@ -78,7 +78,7 @@ def _write(case, comp: tp.Component, b: int, i: int) -> torch.Tensor:
     else:
         raise KeyError(comp.kind)
     if post is not None:
-        s_post = cache[post.scale_hook][b, i]
+        s_post = cache[view.hook(post.site, post.layer)][b, i]
         v = post.weight * v / s_post
     return v
 

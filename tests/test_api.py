@@ -50,7 +50,9 @@ def test_component_labels():
     assert str(tp.Component("head", layer=3, head=7, src=2)) == "L3H7[src 2]"
     assert str(tp.Component("neuron", layer=16, neuron=10029)) == "L16N10029"
     assert str(tp.Component("mlp", layer=2)) == "L2.mlp"
-    assert str(tp.Component("embed", pos=4)) == "@4 embed"
+    assert str(tp.Component("embed", at=4)) == "@4 embed"
+    with pytest.deprecated_call():
+        assert tp.Component("embed", pos=4) == tp.Component("embed", at=4)
     assert tp.Component("b_U").is_constant and not tp.Component("embed").is_constant
 
 

@@ -28,7 +28,7 @@ def test_through_head_totals_the_head_term(case):
         th.check()
         ref = per_head.select(kind="head", layer=layer, head=head).values.sum(-1)
         assert torch.allclose(th.total(), ref, atol=HOP_ATOL)
-        assert set(th.components.pos.tolist()) <= set(range(SEQ))
+        assert set(th.components.at.tolist()) <= set(range(SEQ))
         if layer == 0:  # nothing but embeddings (and constants) feed layer 0
             assert set(th.components.kinds()) <= {"embed", "pos_embed", "b_V", "ln.b"}
 
@@ -140,7 +140,7 @@ def _direct_logit_change(case, delta: torch.Tensor, b: int, i: int, t: int) -> f
 def _through_post(view, post, v, b, i, cache):
     if post is None:
         return v
-    return post.weight * v / cache[post.scale_hook][b, i]
+    return post.weight * v / cache[view.hook(post.site, post.layer)][b, i]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -152,7 +152,7 @@ def test_chained_head_term_by_intervention(case):
     t = 4 + int(case.logits[b, i, 4:].abs().argmin())
     th = case.prism.through_head(layer, head, t, softcap="pre")
     embeds = th.select(kind="embed")
-    j = int(embeds.components.pos[int(embeds.values[b, 0, 0].abs().argmax())])
+    j = int(embeds.components.at[int(embeds.values[b, 0, 0].abs().argmax())])
     term = float(embeds.select(pos=j).values[b, 0, 0].sum())
     remove = _remover(cache["hook_embed"][b, j], b, j)
     captured = {}
@@ -322,7 +322,7 @@ def test_weight_space_errors():
         weights.ov_map(model, 0, 4, [1], [2])
     with pytest.raises(PrismError, match="layer 3 is out of range"):
         weights.neuron_templates(model, 3, [1], [2])
-    with pytest.raises(PrismError, match=r"neurons \[500\] are out of range"):
+    with pytest.raises(PrismError, match=r"neuron 500 is out of range"):
         weights.neuron_templates(model, 1, [500], [2])
     with pytest.raises(TargetError, match="is empty"):
         weights.ov_map(model, 0, 0, [], [2])
@@ -339,13 +339,14 @@ def test_explain_task_batches_and_aggregates():
     prompts = ["The capital of France is", "The capital is", "a Rome is", "The a",
                "Paris is the capital of France"]
     answers = [" Paris", " Rome", tp.LogitDiff(" Paris", " London"), 7, " Berlin"]
-    small = tp.explain_task(model, prompts, answers, batch_size=2, progress=False).check()
-    big = tp.explain_task(model, prompts, answers, batch_size=5, progress=False).check()
+    split = dict(heads="all", neurons="all")
+    small = tp.explain_task(model, prompts, answers, batch_size=2, progress=False, **split).check()
+    big = tp.explain_task(model, prompts, answers, batch_size=5, progress=False, **split).check()
     assert torch.allclose(small.values, big.values, atol=1e-5)
     single = tp.LogitPrism.run(model, prompts[1]).full(" Rome")
     per = single.aggregate("kind", "layer", "head", "neuron")
     assert torch.allclose(small.values[1], per.values[0, 0, 0], atol=1e-5)
-    summary = small.summary(top_k=3)
+    summary = small.summary(k=3)
     assert {"component", "mean", "std", "frac_top3", "mean_share"} <= set(summary.columns)
     assert len(small.to_frame()) == small.values.numel()
     small.decomposition().check()

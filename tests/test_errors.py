@@ -88,9 +88,9 @@ def test_multi_token_string_target(gpt2):
 def test_unknown_token(gpt2):
     with pytest.raises(TargetError, match=r"outside the vocabulary \[0, 60\)"):
         gpt2.prism.residual(10**6)
-    with pytest.raises(TargetError, match="cannot read"):
+    with pytest.raises(TargetError, match="is a float"):
         gpt2.prism.residual(3.5)
-    with pytest.raises(TargetError, match="expected \\(32,\\)"):
+    with pytest.raises(TargetError, match=r"expected a float tensor of shape \(32,\)"):
         gpt2.prism.residual(tp.Direction(torch.ones(5)))
 
 

@@ -24,18 +24,23 @@ sums exactly to the term it splits.
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms._engine import Readout, dot, gather_pos, split_writes
-from tlprisms._errors import PrismError
-from tlprisms._result import ComponentTable, Decomposition
-from tlprisms._seam import ModelView, NormSpec, cache_get
+from tlprisms import _validate as check
+from tlprisms._engine import Readout, Split, Terms, split_writes
+from tlprisms._ops import dot
+from tlprisms._errors import ArgumentError, PositionError, UnsupportedModelError
+from tlprisms._readout import Explained, FinalReadout, Recorded, weigh
+from tlprisms._result import ComponentTable
+from tlprisms._seam import CacheView, Site
 
-__all__ = ["Hop", "run_chain", "run_readout"]
+__all__ = ["Hop", "ChainTerms", "run_chain", "read_at", "READ_AT"]
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,26 @@ class Hop:
 
     ``src`` (heads only) keeps one source position; it is required for every head hop but
     the last, because the next hop reads the residual stream at that position.
+
+    >>> str(Hop("head", 5, 1, src=3)), str(Hop("neuron", 2, 40))
+    ('L5H1[src 3]', 'L2N40')
     """
 
-    kind: str
+    kind: str  # "head" or "neuron" (checked: a Literal would be enforced before the message)
     layer: int
     index: int
     src: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        caller = "Hop"
+        check.choice(self.kind, "kind", ("head", "neuron"), caller)
+        check.index(self.layer, "layer", caller)
+        check.index(self.index, "index", caller)
+        if self.src is not None:
+            if self.kind != "head":
+                raise ArgumentError("Hop: src= is for head hops (the source position a head "
+                                    "reads); a neuron hop reads its own position.")
+            check.index(self.src, "src", caller, PositionError)
 
     def __str__(self) -> str:
         if self.kind == "head":
@@ -57,11 +76,22 @@ class Hop:
         return f"L{self.layer}N{self.index}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class _State:
     readout: Readout
-    pos_label: np.ndarray  # [P] residual position of each readout slot (-1: explained pos)
+    at: np.ndarray  # [P] residual position of each readout slot (-1: the explained position)
     consts: list  # (table, values [B, P, K]): the constants of the last hop
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
+class ChainTerms:
+    """A chain's last hop split by writer: ``values [B, 1, k, C]`` that add up to ``term``."""
+
+    values: Float[Tensor, "batch one k comp"]
+    table: ComponentTable
+    term: Float[Tensor, "batch one k"]
+    positions: Int[Tensor, "batch one"]
 
 
 # ----------------------------------------------------------------------------- gates
@@ -79,7 +109,7 @@ def _act(name: str, x: Tensor) -> Tensor:
         return torch.relu(x)
     if name == "quick_gelu":
         return x * torch.sigmoid(1.702 * x)
-    raise PrismError(f"through_neuron: no closed form for activation {name!r}.")
+    raise UnsupportedModelError(f"through_neuron: no closed form for activation {name!r}.")
 
 
 def _limit_at_zero(name: str) -> float:
@@ -93,77 +123,67 @@ def _ratio(num: Tensor, den: Tensor, fallback: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- hops
-def _post_parts(view: ModelView, cache: Any, post: Optional[NormSpec], r: Readout,
-                dtype: torch.dtype, caller: str) -> tuple[Tensor, Tensor]:
+def _chain_post(cv: CacheView, post: Any, r: Readout) -> tuple[Tensor, Tensor]:
     """(readout through a post-norm ``[B',1,K,d]``, its full scale factor ``[B, 1]``)."""
     ul = r.u if post is None else post.pull_back(r.u)
-    sl = r.inv_s
     if post is not None and post.has_scale:
-        s = cache_get(cache, post.scale_hook, caller)[..., 0]
-        sl = sl / gather_pos(s, r.positions, dtype)
-    return ul, sl
+        return ul, r.inv_s / cv.scale(post, r.positions)
+    return ul, r.inv_s
 
 
-def head_hop(view: ModelView, cache: Any, st: _State, hop: Hop, caller: str) -> tuple[_State, Tensor]:
-    r = st.readout
+def head_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Tensor]:
+    view, r = cv.view, st.readout
     layer, head = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
-    ul, sl = _post_parts(view, cache, view.ln1_post[layer], r, dtype, caller)
+    ul, sl = _chain_post(cv, view.ln1_post[layer], r)
     W_O = view.W_O(layer, dtype).to(ul.device)[head]  # [dh, d]
-    g = head // (view.n_heads // view.n_kv_heads)
+    g = view.kv_group(head)
     W_V = view.W_V(layer, dtype).to(ul.device)[g]  # [d, dh]
     WOu = ul @ W_O.T  # [B',1,K,dh]
     WVWOu = WOu @ W_V.T  # [B',1,K,d]
-    A = cache_get(cache, f"blocks.{layer}.attn.hook_pattern", caller)
+    A = cv.get(Site.PATTERN, layer)
     rows = torch.arange(B, device=A.device)
     A = A[rows, head, r.positions[:, 0].to(A.device)].to(dtype)  # [B, src]
     n_src = A.shape[-1]
     coef = A * sl  # [B, src]
-    v = cache_get(cache, f"blocks.{layer}.attn.hook_v", caller)[:, :, g].to(dtype)  # [B,src,dh]
+    v = cv.get(Site.V, layer)[:, :, g].to(dtype)  # [B, src, dh]
     value = torch.einsum("bjd,bkd->bjk", v, WOu[:, 0].expand(B, *WOu.shape[2:]))
     term_src = coef[..., None] * value  # [B, src, K]
     srcs = np.arange(n_src) if hop.src is None else np.asarray([hop.src])
     if hop.src is not None:
-        if not 0 <= hop.src < n_src:
-            raise PrismError(f"{caller}: src={hop.src} is out of range for {n_src} positions.")
         coef, term_src = coef[:, srcs], term_src[:, srcs]
     norm1 = view.ln1[layer]
     # The readout direction is the same at every source; A[h,i,j] and the scale per source are
     # one scalar per (batch, source), kept in inv_s so the engine contracts weights only once.
     u_new = norm1.pull_back(WVWOu)  # [B',1,K,d]
     positions = torch.as_tensor(srcs, device=r.positions.device).expand(B, len(srcs))
-    if norm1.has_scale:
-        s1 = cache_get(cache, norm1.scale_hook, caller)[..., 0]
-        inv_s = coef / gather_pos(s1, positions, dtype)
-    else:
-        inv_s = coef
+    inv_s = coef / cv.scale(norm1, positions) if norm1.has_scale else coef
     b_V = view.b_V(layer, dtype, ul.device)[g]
     consts = []  # an earlier hop's constants are not part of this hop's term
     bv = (WOu[:, 0] @ b_V)[:, None, :] * coef[:, :, None]  # [B, P', K]
-    consts.append((ComponentTable.block("b_V", len(srcs), layer=layer, head=head, pos=srcs), bv))
+    consts.append((ComponentTable.block("b_V", len(srcs), layer=layer, head=head, at=srcs), bv))
     if norm1.bias is not None:
         b1 = norm1.constant(WVWOu[:, 0])[:, None, :] * coef[:, :, None]
-        consts.append((ComponentTable.block("ln.b", len(srcs), layer=layer, head=head, pos=srcs), b1))
+        consts.append((ComponentTable.block("ln.b", len(srcs), layer=layer, head=head, at=srcs),
+                       b1))
     new = Readout(u=u_new, inv_s=inv_s, positions=positions, attn_layers=layer, mlp_layers=layer)
     return _State(new, srcs.astype(np.int64), consts), term_src.sum(1, keepdim=True)
 
 
-def _gate_coefficients(view: ModelView, cache: Any, layer: int, neuron: int, positions: Tensor,
-                       dtype: torch.dtype, caller: str) -> tuple[Tensor, Tensor]:
+def _gate_coefficients(cv: CacheView, layer: int, neuron: int, positions: Tensor
+                       ) -> tuple[Tensor, Tensor]:
     """``c [B, d_mlp]`` and ``const [B]`` with ``post[n] = sum_m c[m] * in[m] + const``,
     where ``in = ln2(x) @ W_in + b_in`` (the "up"/linear pre-activation)."""
+    view, dtype = cv.view, cv.dtype
     name = view.act_fn
-    post = gather_pos(cache_get(cache, f"blocks.{layer}.mlp.hook_post", caller),
-                      positions, dtype)[:, 0]
+    post = cv.at(Site.MLP_POST, layer, positions)[:, 0]
     B, d_mlp = post.shape
     c = torch.zeros(B, d_mlp, dtype=dtype, device=post.device)
     const = torch.zeros(B, dtype=dtype, device=post.device)
-    pre = gather_pos(cache_get(cache, f"blocks.{layer}.mlp.hook_pre", caller), positions, dtype)[:, 0]
+    pre = cv.at(Site.MLP_PRE, layer, positions)[:, 0]
     if view.gated:
-        up = gather_pos(cache_get(cache, f"blocks.{layer}.mlp.hook_pre_linear", caller),
-                        positions, dtype)[:, 0]
-        if not view.is_bridge:
-            # HookedTransformer's GatedMLP adds b_in after the product: act(g) * (x W_in) + b_in
+        up = cv.at(Site.MLP_PRE_LINEAR, layer, positions)[:, 0]
+        if view.gated_bias_after_product:  # act(g) * (x W_in) + b_in
             b_in = view.b_in(layer, dtype, post.device)[neuron]
             const = const + b_in
             gate = _ratio(post[:, neuron] - b_in, up[:, neuron], _act(name, pre[:, neuron]))
@@ -171,18 +191,17 @@ def _gate_coefficients(view: ModelView, cache: Any, layer: int, neuron: int, pos
             gate = _ratio(post[:, neuron], up[:, neuron], _act(name, pre[:, neuron]))
         c[:, neuron] = gate
     elif name == "solu_ln":
-        mid = gather_pos(cache_get(cache, view.solu_mid_hook(layer), caller),
-                         positions, dtype)[:, 0]
+        mid = cv.at(Site.SOLU_MID, layer, positions)[:, 0]
         g = _ratio(mid, pre, torch.softmax(pre, -1))
         ln = view.solu_ln[layer]
         w = 1.0 if ln is None or ln.weight is None else ln.weight.to(post.device, dtype)[neuron]
-        s = 1.0
+        s: Any = 1.0
         if ln is not None and ln.has_scale:
-            s = gather_pos(cache_get(cache, ln.scale_hook, caller), positions, dtype)[:, 0]
+            s = cv.at(ln.site, layer, positions)[:, 0]
         center = ln is None or ln.centred
         c = -g / d_mlp if center else torch.zeros_like(g)
         c[:, neuron] = c[:, neuron] + g[:, neuron]
-        c = c * (w / s if isinstance(s, Tensor) else w / s)
+        c = c * (w / s)
         if ln is not None and ln.bias is not None:
             const = const + ln.bias.to(post.device, dtype)[neuron]
     else:
@@ -191,198 +210,179 @@ def _gate_coefficients(view: ModelView, cache: Any, layer: int, neuron: int, pos
     return c, const
 
 
-def neuron_hop(view: ModelView, cache: Any, st: _State, hop: Hop, caller: str) -> tuple[_State, Tensor]:
-    r = st.readout
-    if r.positions.shape[1] != 1:
-        raise PrismError(f"{caller}: a neuron hop needs one position per row; give the previous "
-                         "head hop a src.")
+def neuron_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Tensor]:
+    view, r = cv.view, st.readout
     layer, neuron = hop.layer, hop.index
-    if not 0 <= neuron < view.d_mlp:
-        raise PrismError(f"{caller}: neuron {neuron} is out of range; layer {layer} has "
-                         f"{view.d_mlp} neurons (0..{view.d_mlp - 1}).")
     dtype, B = r.u.dtype, r.positions.shape[0]
-    ul, sl = _post_parts(view, cache, view.ln2_post[layer], r, dtype, caller)
+    ul, sl = _chain_post(cv, view.ln2_post[layer], r)
     W_out = view.W_out(layer, dtype).to(ul.device)[neuron]  # [d]
     a = (ul @ W_out).expand(B, 1, ul.shape[2]) * sl[:, :, None]  # [B,1,K]
-    c, post_const = _gate_coefficients(view, cache, layer, neuron, r.positions, dtype, caller)
+    c, post_const = _gate_coefficients(cv, layer, neuron, r.positions)
     W_in = view.W_in(layer, dtype).to(ul.device)  # [d, d_mlp]
     Wc = c @ W_in.T  # [B, d]
     norm2 = view.ln2[layer]
     u_new = norm2.pull_back(Wc)[:, None, None, :] * a[..., None]  # [B,1,K,d]
     if norm2.has_scale:
-        s2 = cache_get(cache, norm2.scale_hook, caller)[..., 0]
-        inv_s = 1.0 / gather_pos(s2, r.positions, dtype)
+        inv_s = 1.0 / cv.scale(norm2, r.positions)
     else:
         inv_s = torch.ones(B, 1, dtype=dtype, device=u_new.device)
-    post = gather_pos(cache_get(cache, f"blocks.{layer}.mlp.hook_post", caller),
-                      r.positions, dtype)[:, :, neuron]  # [B,1]
+    post = cv.at(Site.MLP_POST, layer, r.positions)[:, :, neuron]  # [B,1]
     term = post[:, :, None] * a
     consts = []
-    lbl = st.pos_label
+    at = st.at
     b_in = view.b_in(layer, dtype, ul.device)
-    if view.gated and not view.is_bridge:
+    if view.gated_bias_after_product:
         b_in = torch.zeros_like(b_in)  # outside the gate: it is in post_const
-    consts.append((ComponentTable.block("b_in", 1, layer=layer, neuron=neuron, pos=lbl),
+    consts.append((ComponentTable.block("b_in", 1, layer=layer, neuron=neuron, at=at),
                    (c @ b_in + post_const)[:, None, None] * a))
     if norm2.bias is not None:
-        consts.append((ComponentTable.block("ln.b", 1, layer=layer, neuron=neuron, pos=lbl),
+        consts.append((ComponentTable.block("ln.b", 1, layer=layer, neuron=neuron, at=at),
                        norm2.constant(Wc)[:, None, None] * a))
     attn_layers = layer if view.parallel else layer + 1
     new = Readout(u=u_new, inv_s=inv_s, positions=r.positions, attn_layers=attn_layers,
                   mlp_layers=layer)
-    return _State(new, lbl, consts), term
+    return _State(new, at, consts), term
 
 
 # ----------------------------------------------------------------------------- runners
-def _check_hop(view: ModelView, st: _State, hop: Hop, caller: str) -> None:
-    L = view.n_layers
-    if hop.kind not in ("head", "neuron"):
-        raise PrismError(f"{caller}: hop kind {hop.kind!r}; use 'head' or 'neuron'.")
-    if not 0 <= hop.layer < L:
-        raise PrismError(f"{caller}: layer {hop.layer} is out of range; the model has {L} "
-                         f"layers (0..{L - 1}).")
-    r = st.readout
-    if hop.kind == "head":
-        if not 0 <= hop.index < view.n_heads:
-            raise PrismError(f"{caller}: head {hop.index} is out of range; layer {hop.layer} has "
-                             f"{view.n_heads} heads (0..{view.n_heads - 1}).")
-        if hop.layer >= r.attn_layers:
-            raise PrismError(f"{caller}: head L{hop.layer}H{hop.index} does not write into the "
-                             "residual stream read at this hop; chain toward earlier layers.")
-    else:
-        if view.attn_only:
-            raise PrismError(f"{caller}: this model has no MLPs.")
-        if hop.layer >= r.mlp_layers:
-            raise PrismError(f"{caller}: neuron L{hop.layer}N{hop.index} does not write into the "
-                             "residual stream read at this hop; chain toward earlier layers.")
+def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
+    """The hop with its indices checked against the model and the stream read so far."""
+    view, caller, r = cv.view, cv.caller, st.readout
     if r.positions.shape[1] != 1:
-        raise PrismError(f"{caller}: the previous head hop kept every source position; give it "
-                         "src=... to chain further from one source.")
+        raise ArgumentError(f"{caller}: the previous head hop kept every source position; give "
+                            "it src=... to chain further from one source.")
+    layer = check.layer(view, hop.layer, caller)
+    if hop.kind == "head":
+        index = check.head(view, hop.index, caller)
+        if layer >= r.attn_layers:
+            raise ArgumentError(f"{caller}: head L{layer}H{index} does not write into the "
+                                "residual stream read at this hop; chain toward earlier layers.")
+        src = None
+        if hop.src is not None:
+            src = check.in_range(hop.src, cv.n_ctx, "src", caller, PositionError,
+                                 negative=False, of=f" for inputs of {cv.n_ctx} tokens")
+        elif not last:
+            raise ArgumentError(f"{caller}: hop {hop} is not the last, so it needs src=... (the "
+                                "source position the next hop reads).")
+        return Hop("head", layer, index, src)
+    index = check.neuron(view, hop.index, caller)
+    if layer >= r.mlp_layers:
+        raise ArgumentError(f"{caller}: neuron L{layer}N{index} does not write into the "
+                            "residual stream read at this hop; chain toward earlier layers.")
+    return Hop("neuron", layer, index)
 
 
-def finish(prism: Any, st: _State, info: dict, term: Tensor, *, heads: frozenset,
-           neurons: frozenset, by_source: bool, softcap: str, caller: str, prism_name: str
-           ) -> Decomposition:
-    """Split the final readout of a chain and package it (values move to components)."""
-    view, cache = prism.view, prism.cache
-    r = st.readout
-    values, table, _ = split_writes(view, cache, r, heads=heads, neurons=neurons,
-                                    by_source=by_source, caller=caller)
+def run_chain(rec: Recorded, fr: FinalReadout, ex: Explained, path: Sequence[Hop], split: Split
+              ) -> ChainTerms:
+    """Follow ``path`` back from the final readout; split the last hop's readout by writer.
+
+    The result's values are weighted into target terms and laid out as one explained
+    position with ``P * C`` components (every read position times every writer) plus the
+    last hop's constants; they add up to ``term``, the chained component's term.
+    """
+    cv = rec.cache
+    if not path:
+        raise ArgumentError(f"{cv.caller}: the chain is empty; give at least one Hop.")
+    if fr.readout.positions.shape[1] != 1:
+        raise PositionError(f"{cv.caller}: chains explain one position per row; pos='all' is "
+                            "not supported here (loop over positions instead).")
+    st = _State(fr.readout, np.asarray([-1]), [])
+    term = torch.zeros(0)
+    for i, hop in enumerate(path):
+        hop = _check_hop(cv, st, hop, last=i == len(path) - 1)
+        st, term = (head_hop if hop.kind == "head" else neuron_hop)(cv, st, hop)
+    terms = split_writes(cv, st.readout, split)
+    values, weights = terms.values, ex.weights
     B, P, K, C = values.shape
-    weights, _, explains = info["weights"]
-    k, a = weights.shape[2], weights.shape[3]
-    trivial = a == 1 and bool((weights == 1).all())
+    k = weights.shape[2]
     n_const = sum(t.kind.shape[0] for t, _ in st.consts)
     out = torch.empty(B, k, P * C + n_const, dtype=values.dtype, device=values.device)
-    if trivial:
-        out[:, :, :P * C].view(B, k, P, C).copy_(values.permute(0, 2, 1, 3))
-    else:
-        combined = torch.einsum("bpkac,bka->bpkc", values.reshape(B, P, k, a, C), weights[:, 0])
-        out[:, :, :P * C].view(B, k, P, C).copy_(combined.permute(0, 2, 1, 3))
-        del combined
-    del values
-    tables = [table.tile_over_positions(st.pos_label)]
+    combined = values if ex.trivial else weigh(values, weights)
+    out[:, :, :P * C].view(B, k, P, C).copy_(combined.permute(0, 2, 1, 3))
+    table = terms.table
+    del values, combined, terms
+    tables = [table.tile_over_positions(st.at)]
     start = P * C
     for t, v in st.consts:
-        v = v.expand(B, -1, K).reshape(B, -1, k, a)  # [B, n, k, a]
+        v = v.expand(B, -1, K).reshape(B, -1, k, weights.shape[3])  # [B, n, k, a]
         v = (v * weights[:, 0, None]).sum(-1).permute(0, 2, 1)  # [B, k, n]
         out[:, :, start:start + v.shape[-1]] = v
         start += v.shape[-1]
         tables.append(t)
-    values = out[:, None]
-    table = ComponentTable.concat(tables)
-    explained = (term.reshape(B, 1, k, a) * weights).sum(-1)
-    prism._validate(values, explained, torch.zeros_like(explained), caller)
-    labels = np.array(np.broadcast_to(info["atoms"].labels, (B, 1, k)))
-    return Decomposition(values=values, components=table, logits=explained,
-                         positions=info["positions"], target_labels=labels,
-                         explains=f"{explains} term of {prism_name}", prism=f"through {prism_name}",
-                         str_tokens=prism._str_tokens())
+    explained = (term.reshape(B, 1, k, -1) * weights).sum(-1)
+    return ChainTerms(values=out[:, None], table=ComponentTable.concat(tables), term=explained,
+                      positions=fr.readout.positions)
 
 
-def run_chain(prism: Any, target: Any, pos: Any, path: Sequence[Hop], *, heads: frozenset,
-              neurons: frozenset, by_source: bool, softcap: str, caller: str) -> Decomposition:
-    if not path:
-        raise PrismError(f"{caller}: the chain is empty; give at least one Hop.")
-    view = prism.view
-    readout, info = prism.final_readout(target, pos, caller)
-    if readout.positions.shape[1] != 1:
-        raise PrismError(f"{caller}: chains explain one position per row; pos='all' is not "
-                         "supported here (loop over positions instead).")
-    weights, _, explains = prism._explained(readout, info, softcap, caller)
-    info["weights"] = (weights, None, explains)
-    info["positions"] = readout.positions
-    st = _State(readout, np.asarray([-1]), [])
-    term = None
-    for i, hop in enumerate(path):
-        _check_hop(view, st, hop, caller)
-        if hop.kind == "head" and hop.src is None and i < len(path) - 1:
-            raise PrismError(f"{caller}: hop {hop} is not the last, so it needs src=... (the "
-                             "source position the next hop reads).")
-        hop_fn = head_hop if hop.kind == "head" else neuron_hop
-        st, term = hop_fn(view, prism.cache, st, hop, caller)
-    name = " > ".join(str(h) for h in path)
-    return finish(prism, st, info, term, heads=heads, neurons=neurons, by_source=by_source,
-                  softcap=softcap, caller=caller, prism_name=name)
+#: where a readout can read, and the residual stream each reads
+READ_AT = {"ln1": Site.RESID_PRE, "ln2": Site.RESID_MID, "ln_final": Site.RESID_POST,
+           "resid_pre": Site.RESID_PRE, "resid_mid": Site.RESID_MID,
+           "resid_post": Site.RESID_POST}
+ReadAt = Literal["ln1", "ln2", "ln_final", "resid_pre", "resid_mid", "resid_post"]
 
 
-_AT = {"ln1": "resid_pre", "ln2": "resid_mid", "resid_pre": "resid_pre",
-       "resid_mid": "resid_mid", "resid_post": "resid_post", "ln_final": "resid_post"}
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
+class ReadTerms:
+    """A residual readout split by writer, and the readout's own value ``[B, P, K]``."""
+
+    terms: Terms
+    explained: Float[Tensor, "batch pos k"]
+    positions: Int[Tensor, "batch pos"]
+    layer: int
 
 
-def run_readout(prism: Any, vector: Tensor, layer: int, pos: Any, at: str, bias: Any, *,
-                heads: frozenset, neurons: frozenset, by_source: bool, caller: str
-                ) -> Decomposition:
-    """Decompose ``norm(x) . u + bias`` for ``x`` the residual stream at ``at`` of ``layer``."""
+def read_at(rec: Recorded, vector: Any, layer: Any, pos: Any, at: str, bias: Any, split: Split
+            ) -> ReadTerms:
+    """Split ``norm(x) . u + bias`` for ``x`` the residual stream at ``at`` of ``layer``."""
     from tlprisms._targets import resolve_positions
 
-    view, cache = prism.view, prism.cache
+    cv = rec.cache
+    view, caller = cv.view, cv.caller
     L = view.n_layers
-    if at not in _AT:
-        raise PrismError(f"{caller}: at={at!r}; use one of {sorted(_AT)}.")
-    if at == "ln_final":
-        layer = L - 1 if layer in (None, -1, L - 1) else layer
-        if layer != L - 1:
-            raise PrismError(f"{caller}: at='ln_final' reads after the last layer; pass layer={L - 1}.")
-    if not -L <= layer < L:
-        raise PrismError(f"{caller}: layer {layer} is out of range (0..{L - 1}).")
-    layer %= L
-    hook = _AT[at]
-    if view.parallel and hook == "resid_mid":
-        hook = "resid_pre"
+    check.choice(at, "at", tuple(READ_AT), caller)
+    layer = check.layer(view, layer, caller)
+    if at == "ln_final" and layer != L - 1:
+        raise ArgumentError(f"{caller}: at='ln_final' reads after the last layer; pass "
+                            f"layer={L - 1} (or -1).")
+    site = READ_AT[at]
+    if view.parallel and site is Site.RESID_MID:
+        site = Site.RESID_PRE
     if view.attn_only and at in ("ln2", "resid_mid"):
-        raise PrismError(f"{caller}: this model has no MLPs, so no {at}.")
-    u = torch.as_tensor(vector)
-    u = (u[None] if u.ndim == 1 else u).to(prism.device, prism.dtype)  # [K, d]
-    if u.shape[-1] != view.d_model:
-        raise PrismError(f"{caller}: the readout vector has {u.shape[-1]} dimensions, "
-                         f"expected d_model={view.d_model}.")
+        raise ArgumentError(f"{caller}: this model has no MLPs, so no {at}.")
+    if not isinstance(vector, Tensor) or not vector.dtype.is_floating_point or \
+            vector.ndim not in (1, 2) or vector.shape[-1] != view.d_model:
+        got = (f"shape {tuple(vector.shape)}, dtype {vector.dtype}" if isinstance(vector, Tensor)
+               else type(vector).__name__)
+        raise ArgumentError(f"{caller}: the readout vector must be a float tensor [d_model] or "
+                            f"[k, d_model] with d_model={view.d_model}; got {got}.")
+    check.finite(vector, "the readout vector", caller)
+    u = (vector[None] if vector.ndim == 1 else vector).detach().to(cv.device, cv.dtype)
     K = u.shape[0]
-    positions, pos_all = resolve_positions(pos, prism.batch, prism.n_ctx, caller)
-    positions = positions.to(prism.device)
+    positions = resolve_positions(pos, cv.batch, cv.n_ctx, caller).index.to(cv.device)
     norm = {"ln1": view.ln1[layer], "ln2": view.ln2[layer], "ln_final": view.final_norm}.get(at)
-    B, P = positions.shape
     if norm is not None:
         uu = norm.pull_back(u)[None, None]
-        inv_s = (1.0 / gather_pos(cache_get(cache, norm.scale_hook, caller)[..., 0], positions,
-                                  prism.dtype)) if norm.has_scale else torch.ones(B, P, dtype=prism.dtype, device=prism.device)
+        inv_s = cv.inv_scale_or_one(norm, positions)
         const = norm.constant(u)
     else:
-        uu, inv_s = u[None, None], torch.ones(B, P, dtype=prism.dtype, device=prism.device)
-        const = torch.zeros(K, dtype=prism.dtype, device=prism.device)
+        uu, inv_s = u[None, None], cv.inv_scale_or_one(None, positions)
+        const = torch.zeros(K, dtype=cv.dtype, device=cv.device)
     if bias is not None:
-        const = const + torch.as_tensor(bias, dtype=prism.dtype, device=prism.device).expand(K)
-    layers_in = {"resid_pre": (layer, layer), "resid_mid": (layer + 1, layer),
-                 "resid_post": (layer + 1, layer + 1)}[hook]
+        if not isinstance(bias, (Tensor, float, int)) or isinstance(bias, bool):
+            raise ArgumentError(f"{caller}: bias={bias!r}; pass a number or a tensor of one "
+                                "number per readout vector.")
+        b = torch.as_tensor(bias, dtype=cv.dtype, device=cv.device)
+        if b.ndim > 1 or (b.ndim == 1 and b.shape[0] not in (1, K)):
+            raise ArgumentError(f"{caller}: bias has shape {tuple(b.shape)}; pass a number or "
+                                f"one number per readout vector ({K}).")
+        const = const + check.finite(b, "bias", caller).expand(K)
+    layers_in = {Site.RESID_PRE: (layer, layer), Site.RESID_MID: (layer + 1, layer),
+                 Site.RESID_POST: (layer + 1, layer + 1)}[site]
     r = Readout(u=uu, inv_s=inv_s, positions=positions, attn_layers=layers_in[0],
                 mlp_layers=layers_in[1])
-    values, table, gap = split_writes(
-        view, cache, r, heads=heads, neurons=neurons, by_source=by_source, caller=caller,
-        extra=[(const[None, None], ComponentTable.block("readout.b", layer=layer))])
-    x = gather_pos(cache_get(cache, f"blocks.{layer}.hook_{hook}", caller), positions, prism.dtype)
+    terms = split_writes(cv, r, split, extra=[(const[None, None],
+                                               ComponentTable.block("readout.b", layer=layer))])
+    x = cv.at(site, layer, positions)
     explained = dot(x, uu) * inv_s[:, :, None] + const
-    prism._validate(values, explained, gap, caller)
-    labels = np.array([[[f"u{k}@{at}{layer}" for k in range(K)]]], dtype=object)
-    return Decomposition(values=values, components=table, logits=explained, positions=positions,
-                         target_labels=labels, explains=f"readout at {at} of layer {layer}",
-                         prism="readout", str_tokens=prism._str_tokens())
+    return ReadTerms(terms=terms, explained=explained, positions=positions, layer=layer)

@@ -20,66 +20,70 @@ residual stream the readout reads, exactly up to float rounding, because the wri
 """
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from tlprisms._errors import CacheError
+from tlprisms._ops import dot
 from tlprisms._result import ComponentTable
-from tlprisms._seam import ModelView, NormSpec, cache_get
+from tlprisms._seam import CacheView, NormSpec, Site
 
-__all__ = ["Readout", "split_writes", "gather_pos", "dot"]
+__all__ = ["Readout", "Split", "Terms", "split_writes", "post_parts"]
 
 
-@dataclass
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
 class Readout:
     """A frozen linear read of the residual stream.
 
     Attributes:
-        u: ``[B', P', K, d_model]`` readout directions times the scale (``B'``/``P'`` are 1
+        u: readout directions times the scale, ``[B', P', K, d_model]`` (``B'``/``P'`` are 1
             when shared by the batch / positions).
-        inv_s: ``[B, P]`` the frozen ``1 / scale`` at each read position.
-        positions: ``[B, P]`` the residual positions read.
+        inv_s: the frozen ``1 / scale`` at each read position, ``[B, P]``.
+        positions: the residual positions read, ``[B, P]``.
         attn_layers: attention writes of layers ``< attn_layers`` are in the stream read.
         mlp_layers: MLP writes of layers ``< mlp_layers`` are in the stream read.
     """
 
-    u: Tensor
-    inv_s: Tensor
-    positions: Tensor
+    u: Float[Tensor, "rb rp k d_model"]
+    inv_s: Float[Tensor, "batch pos"]
+    positions: Int[Tensor, "batch pos"]
     attn_layers: int
     mlp_layers: int
 
 
-def gather_pos(x: Tensor, positions: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x[b, positions[b, p]]`` for ``x [B, n, ...]`` -> ``[B, P, ...]``."""
-    B, P = positions.shape
-    if P == x.shape[1] and bool((positions == torch.arange(P, device=positions.device)).all()):
-        return x.to(dtype)
-    rows = torch.arange(B, device=x.device)[:, None]
-    return x[rows, positions.to(x.device)].to(dtype)
+@dataclass(frozen=True)
+class Split:
+    """How finely to split the writes: attention layers ``heads`` into heads (x source
+    positions when ``by_source``), MLP layers ``neurons`` into neurons; others stay whole."""
+
+    heads: frozenset = frozenset()
+    neurons: frozenset = frozenset()
+    by_source: bool = True
 
 
-def dot(x: Tensor, u: Tensor) -> Tensor:
-    """``x [B, P, d]`` . ``u [B', P', K, d]`` -> ``[B, P, K]``, without expanding ``u``."""
-    B, P, d = x.shape
-    if u.shape[0] == 1 and u.shape[1] == 1:
-        return (x.reshape(B * P, d) @ u[0, 0].T).reshape(B, P, -1)
-    return torch.einsum("bpd,bpkd->bpk", x, u.expand(B, P, *u.shape[2:]))
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
+class Terms:
+    """The split of a readout: ``values [B, P, K, C]`` labelled by ``table``, and for split
+    layers ``layer_gap [B, P, K]``: parts minus the layer's whole write (~0 when exact)."""
+
+    values: Float[Tensor, "batch pos k comp"]
+    table: ComponentTable
+    layer_gap: Float[Tensor, "batch pos k"]
 
 
-def _post_scale(cache: Any, post: Optional[NormSpec], positions: Tensor, dtype: torch.dtype,
-                caller: str) -> Optional[Tensor]:
-    if post is None or not post.has_scale:
-        return None
-    s = cache_get(cache, post.scale_hook, caller)[..., 0]
-    return 1.0 / gather_pos(s, positions, dtype)
-
-
-def _through_post(post: Optional[NormSpec], u: Tensor) -> Tensor:
-    return u if post is None else post.pull_back(u)
+def post_parts(cv: CacheView, post: Optional[NormSpec], r: Readout) -> tuple[Tensor, Tensor]:
+    """A readout pulled through a post-norm (Gemma 2's ``ln1_post``/``ln2_post``, frozen):
+    (``P(w_post * u)``, the full ``1/s`` factor ``[B, P]``)."""
+    ul = r.u if post is None else post.pull_back(r.u)
+    inv = cv.inv_scale(post, r.positions)
+    return ul, r.inv_s if inv is None else r.inv_s * inv
 
 
 def _post_bias(post: Optional[NormSpec], u: Tensor) -> Tensor:
@@ -91,17 +95,18 @@ def _expand(t: Tensor, B: int, P: int) -> Tensor:
     return t.expand(B, P, *t.shape[2:])
 
 
-def _head_terms(view: ModelView, cache: Any, layer: int, ul: Tensor, positions: Tensor,
-                dtype: torch.dtype, by_source: bool, caller: str) -> Tensor:
+def _head_terms(cv: CacheView, layer: int, ul: Tensor, positions: Tensor, by_source: bool
+                ) -> Tensor:
     """``[B, P, K, head, src]`` (``src`` summed away when not ``by_source``: ``[B,P,K,head]``)."""
-    A = cache_get(cache, f"blocks.{layer}.attn.hook_pattern", caller)
-    v = cache_get(cache, f"blocks.{layer}.attn.hook_v", caller).to(dtype)
+    view, dtype = cv.view, ul.dtype
+    A = cv.get(Site.PATTERN, layer)
+    v = cv.get(Site.V, layer).to(dtype)
     B, P = positions.shape
     H, G = view.n_heads, view.n_kv_heads
     if v.shape[2] != G:
         raise CacheError(
-            f"{caller}: blocks.{layer}.attn.hook_v has {v.shape[2]} heads but this model has "
-            f"{G} key/value heads; the cache comes from another model. Re-run "
+            f"{cv.caller}: the value vectors of layer {layer} have {v.shape[2]} heads but this "
+            f"model has {G} key/value heads; the cache comes from another model. Re-run "
             "model.run_with_cache(tokens) with this model."
         )
     rep = H // G
@@ -133,11 +138,10 @@ def _head_terms(view: ModelView, cache: Any, layer: int, ul: Tensor, positions: 
     return torch.einsum("bhpj,bpjhk->bpkh", Ai, vW)
 
 
-def _neuron_terms(view: ModelView, cache: Any, layer: int, ul: Tensor, positions: Tensor,
-                  dtype: torch.dtype, caller: str) -> Tensor:
+def _neuron_terms(cv: CacheView, layer: int, ul: Tensor, positions: Tensor) -> Tensor:
     """``[B, P, K, d_mlp]``"""
-    post = gather_pos(cache_get(cache, f"blocks.{layer}.mlp.hook_post", caller), positions, dtype)
-    W_out = view.W_out(layer, dtype).to(ul.device)  # [n, d]
+    post = cv.at(Site.MLP_POST, layer, positions, ul.dtype)
+    W_out = cv.view.W_out(layer, ul.dtype).to(ul.device)  # [n, d]
     B, P = positions.shape
     if ul.shape[0] == 1 and ul.shape[1] == 1:
         Wu = ul[0, 0] @ W_out.T  # [K, n] (this layout is the fast one)
@@ -149,43 +153,33 @@ def _neuron_terms(view: ModelView, cache: Any, layer: int, ul: Tensor, positions
     return post[:, :, None, :] * Wu
 
 
-def split_writes(view: ModelView, cache: Any, readout: Readout, *, heads: frozenset,
-                 neurons: frozenset, by_source: bool, caller: str,
-                 extra: Sequence[tuple[Tensor, ComponentTable]] = ()
-                 ) -> tuple[Tensor, ComponentTable, Tensor]:
+def split_writes(cv: CacheView, readout: Readout, split: Split,
+                 extra: Sequence[tuple[Tensor, ComponentTable]] = ()) -> Terms:
     """Split a readout by every write into the residual stream it reads.
 
     Args:
-        heads: layers whose attention is split into heads (x sources when ``by_source``).
-        neurons: layers whose MLP is split into neurons.
+        split: which layers to split into heads (x sources) / neurons.
         extra: more ``([B', P', K] values, labels)`` to append (the readout's constants), so
             that the result is assembled with one copy.
-
-    Returns:
-        ``values [B, P, K, C]``, their labels, and ``layer_check [B, P, K]``: for split
-        layers, the difference between the parts and the layer's whole write (should be ~0).
     """
+    view = cv.view
     u, inv_s, positions = readout.u, readout.inv_s, readout.positions
-    dtype = u.dtype
     B, P = positions.shape
     K = u.shape[2]
     parts: list[Tensor] = []
     tables: list[ComponentTable] = []
-    check = torch.zeros(B, P, K, dtype=dtype, device=u.device)
+    check = torch.zeros(B, P, K, dtype=u.dtype, device=u.device)
 
     def add(values: Tensor, table: ComponentTable) -> None:
         parts.append(values.reshape(B, P, K, -1))
         tables.append(table)
 
     s = inv_s[:, :, None]
-    add(dot(gather_pos(cache_get(cache, "hook_embed", caller), positions, dtype), u) * s,
-        ComponentTable.block("embed"))
+    add(dot(cv.at(Site.EMBED, None, positions, u.dtype), u) * s, ComponentTable.block("embed"))
     if view.pos_embed_in_resid:
-        pe = cache_get(cache, "hook_pos_embed", caller)
-        if pe.shape[0] != B:
-            pe = pe.expand(B, *pe.shape[1:])
-        add(dot(gather_pos(pe, positions, dtype), u) * s, ComponentTable.block("pos_embed"))
-    n_src = cache_get(cache, "hook_embed", caller).shape[1]
+        add(dot(cv.at(Site.POS_EMBED, None, positions, u.dtype), u) * s,
+            ComponentTable.block("pos_embed"))
+    n_src = cv.n_ctx
     for layer in range(max(readout.attn_layers, readout.mlp_layers)):
         for kind in ("attn", "mlp"):
             if kind == "attn" and layer >= readout.attn_layers:
@@ -193,32 +187,27 @@ def split_writes(view: ModelView, cache: Any, readout: Readout, *, heads: frozen
             if kind == "mlp" and (layer >= readout.mlp_layers or view.attn_only):
                 continue
             post = view.ln1_post[layer] if kind == "attn" else view.ln2_post[layer]
-            ul = _through_post(post, u)
-            sl = s
-            post_inv = _post_scale(cache, post, positions, dtype, caller)
-            if post_inv is not None:
-                sl = s * post_inv[:, :, None]
-            bias = (view.b_O if kind == "attn" else view.b_out)(layer, dtype, u.device)
+            ul, inv = post_parts(cv, post, readout)
+            sl = inv[:, :, None]
+            bias = (view.b_O if kind == "attn" else view.b_out)(layer, u.dtype, u.device)
             bias_term = (ul @ bias).expand(B, P, K) * sl  # [B,P,K]
             post_b = _post_bias(post, u)
-            whole = dot(gather_pos(cache_get(cache, f"blocks.{layer}.hook_{kind}_out", caller),
-                                   positions, dtype), u) * s
+            out = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
+            whole = dot(cv.at(out, layer, positions, u.dtype), u) * s
             whole = whole - bias_term - (post_b.expand(B, P, K) * s if post is not None else 0)
-            split = heads if kind == "attn" else neurons
-            if layer in split:
+            if layer in (split.heads if kind == "attn" else split.neurons):
                 if kind == "attn":
-                    t = _head_terms(view, cache, layer, ul, positions, dtype, by_source, caller)
-                    t = t * sl[..., None, None] if by_source else t * sl[..., None]
+                    t = _head_terms(cv, layer, ul, positions, split.by_source)
+                    t = t * sl[..., None, None] if split.by_source else t * sl[..., None]
                     H = view.n_heads
-                    if by_source:
+                    if split.by_source:
                         hh, jj = np.meshgrid(np.arange(H), np.arange(n_src), indexing="ij")
                         table = ComponentTable.block("head", H * n_src, layer=layer,
                                                      head=hh.ravel(), src=jj.ravel())
                     else:
                         table = ComponentTable.block("head", H, layer=layer, head=np.arange(H))
                 else:
-                    t = _neuron_terms(view, cache, layer, ul, positions, dtype, caller)
-                    t = t * sl[..., None]
+                    t = _neuron_terms(cv, layer, ul, positions) * sl[..., None]
                     table = ComponentTable.block("neuron", t.shape[-1], layer=layer,
                                                  neuron=np.arange(t.shape[-1]))
                 flat = t.reshape(B, P, K, -1)
@@ -231,4 +220,5 @@ def split_writes(view: ModelView, cache: Any, readout: Readout, *, heads: frozen
                 add(post_b.expand(B, P, K) * s, ComponentTable.block("ln.b", layer=layer))
     for values, table in extra:
         add(values.expand(B, P, K), table)
-    return torch.cat(parts, dim=-1), ComponentTable.concat(tables), check
+    return Terms(values=torch.cat(parts, dim=-1), table=ComponentTable.concat(tables),
+                 layer_gap=check)

@@ -4,118 +4,168 @@ The logit of token ``t`` at position ``i`` reads the final residual ``x`` throug
 final norm: ``logit_t = x . r_t + c_t`` with ``r_t = P(w * W_U[:, t]) / s`` and
 ``c_t = b . W_U[:, t] + b_U[t]``. Targets resolve to at most two *atoms* each (a logit
 difference has two); :func:`final_readout` builds ``P(w * u)`` per atom, ``1/s`` per read
-position and the constants, and :func:`explained` gives the per-atom weights (the frozen
-soft-cap ratio for post-cap logits) and the values the terms must add up to.
+position and the constants (a :class:`FinalReadout`), and :func:`explain` gives the per-atom
+weights (the frozen soft-cap ratio ``rho = cap*tanh(z/cap)/z`` for post-cap logits) and the
+values the terms must add up to (an :class:`Explained`).
 """
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 import torch
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
-from tlprisms._engine import Readout, dot, gather_pos
-from tlprisms._errors import PrismError
-from tlprisms._seam import _param, cache_get
-from tlprisms._targets import Atoms, resolve_positions, resolve_targets
+from tlprisms._engine import Readout
+from tlprisms._ops import dot
+from tlprisms._seam import CacheView, Site
+from tlprisms._targets import Atoms, Positions, resolve_positions, resolve_targets
 
-__all__ = ["final_readout", "explained", "predicted"]
+__all__ = ["Recorded", "FinalReadout", "Explained", "Softcap", "final_readout", "explain",
+           "weigh", "softcap_ratio"]
+
+#: what a soft-capped model's result explains: the logit after the cap (ratio frozen) or before
+Softcap = Literal["post", "pre"]
+#: below this |z| the soft-cap ratio is its limit, 1
+_RHO_EPS = 1e-12
 
 
-def predicted(prism: Any) -> Tensor:
+@dataclass(frozen=True)
+class Recorded:
+    """What one forward pass recorded: the cache (seen through its model), and optionally the
+    input tokens ``[batch, pos]`` and the model's logits ``[batch, pos, d_vocab]``."""
+
+    cache: CacheView
+    tokens: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
+class FinalReadout:
+    """The frozen readout of every target atom, with its constants.
+
+    Attributes:
+        readout: the engine's input (``u [B', P', k*a, d]``, ``1/s``, positions).
+        atoms: the resolved targets.
+        positions: the explained positions.
+        bias: ``b_U`` of each atom (0 for directions), ``[B', P', k*a]``.
+        norm_bias: the final norm's bias read by each atom, ``[B', P', k*a]``.
+    """
+
+    readout: Readout
+    atoms: Atoms
+    positions: Positions
+    bias: Float[Tensor, "rb rp ka"]
+    norm_bias: Float[Tensor, "rb rp ka"]
+    has_b_U: bool
+    has_norm_bias: bool
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
+class Explained:
+    """What the terms add up to: ``values [B, P, k]``, and the per-atom ``weights [B, P, k, a]``
+    that turn atom terms into target terms (coefficients, times ``rho`` post soft-cap)."""
+
+    weights: Float[Tensor, "batch pos k a"]
+    values: Float[Tensor, "batch pos k"]
+    explains: str
+
+    @property
+    def trivial(self) -> bool:
+        """One atom per target with weight 1: the atom terms are the target terms."""
+        return self.weights.shape[3] == 1 and bool((self.weights == 1).all())
+
+
+def predicted(rec: Recorded) -> Tensor:
     """The model's top prediction at the last position, ``[batch]``."""
-    if prism.logits is not None:
-        return prism.logits[:, -1].argmax(-1)
-    view = prism.view
-    norm = view.final_norm
-    scale = (cache_get(prism.cache, norm.scale_hook, "NextToken")[:, -1:]
-             if norm.has_scale else None)
-    x = norm.apply(cache_get(prism.cache, view.final_resid_hook(), "NextToken")[:, -1:]
-                   .to(prism.dtype), scale)
-    W_U = prism.model.W_U.detach()
-    b = _param(prism.model, "b_U")
+    if rec.logits is not None:
+        return rec.logits[:, -1].argmax(-1)
+    cv = rec.cache
+    view, norm = cv.view, cv.view.final_norm
+    scale = cv.get(norm.site)[:, -1:] if norm.has_scale else None
+    x = norm.apply(cv.get(Site.FINAL_RESID)[:, -1:].to(cv.dtype), scale)
+    W_U = view.unembed_matrix()
     lg = x[:, -1].to(W_U.dtype) @ W_U
-    if b is not None:
-        lg = lg + b
-    return lg.argmax(-1)
+    b = view.unembed_bias()
+    return (lg if b is None else lg + b).argmax(-1)
 
 
-def _atoms_vectors(prism: Any, atoms: Atoms) -> tuple[Tensor, Tensor]:
+def _atoms_vectors(cv: CacheView, atoms: Atoms) -> tuple[Tensor, Tensor]:
     """``vec [B', P', K, d]`` and ``bias [B', P', K]`` of every atom."""
-    ids = atoms.ids.clamp(min=0).to(prism.device)
-    cols, bias = prism.view.unembed_columns(ids, prism.dtype)
-    cols, bias = cols.to(prism.device), bias.to(prism.device)
-    tok = atoms.token_atom.to(prism.device)
+    ids = atoms.ids.clamp(min=0).to(cv.device)
+    cols, bias = cv.view.unembed_columns(ids, cv.dtype)
+    cols, bias = cols.to(cv.device), bias.to(cv.device)
+    tok = atoms.token_atom.to(cv.device)
     if atoms.vectors is not None:
-        dirs = atoms.vectors.to(prism.device, prism.dtype)[None, None]
+        dirs = atoms.vectors.to(cv.device, cv.dtype)[None, None]
         cols = torch.where(tok[..., None], cols, dirs)
     bias = torch.where(tok, bias, torch.zeros_like(bias))
     B, P, k, a = ids.shape
     return cols.reshape(B, P, k * a, -1), bias.reshape(B, P, k * a)
 
 
-def final_readout(prism: Any, target: Any, pos: Any, caller: str) -> tuple[Readout, dict]:
-    """The frozen final readout for ``target`` at ``pos`` (public for the chained prisms)."""
-    positions, pos_all = resolve_positions(pos, prism.batch, prism.n_ctx, caller)
-    positions = positions.to(prism.device)
-    atoms = resolve_targets(prism.view, target, prism.batch, prism.n_ctx, pos_all, prism.tokens,
-                            lambda: predicted(prism), caller)
-    if atoms.coef.shape[-1] == 2 and not bool((atoms.coef[..., 1] != 0).any()):
-        atoms = Atoms(ids=atoms.ids[..., :1], vectors=None if atoms.vectors is None
-                      else atoms.vectors[:, :1], coef=atoms.coef[..., :1],
-                      labels=atoms.labels, token_atom=atoms.token_atom[..., :1],
-                      extra=atoms.extra)
-    vec, bias = _atoms_vectors(prism, atoms)
-    norm = prism.view.final_norm
-    u = norm.pull_back(vec)
-    B, P = positions.shape
-    if norm.has_scale:
-        s = cache_get(prism.cache, norm.scale_hook, caller)[..., 0]
-        inv_s = 1.0 / gather_pos(s, positions, prism.dtype)
-    else:
-        inv_s = torch.ones(B, P, dtype=prism.dtype, device=prism.device)
-    readout = Readout(u=u, inv_s=inv_s, positions=positions, attn_layers=prism.view.n_layers,
-                      mlp_layers=prism.view.n_layers)
-    info = {"atoms": atoms, "bias": bias, "norm_bias": norm.constant(vec),
-            "has_norm_bias": norm.bias is not None,
-            "has_b_U": _param(prism.model, "b_U") is not None}
-    return readout, info
+def final_readout(rec: Recorded, target: Any, pos: Any) -> FinalReadout:
+    """The frozen final readout for ``target`` at ``pos``."""
+    cv = rec.cache
+    positions = resolve_positions(pos, cv.batch, cv.n_ctx, cv.caller)
+    index = positions.index.to(cv.device)
+    atoms, _ = resolve_targets(cv.view, target, cv.batch, cv.n_ctx, positions.every, rec.tokens,
+                               lambda: predicted(rec), cv.caller)
+    atoms = atoms.single()
+    vec, bias = _atoms_vectors(cv, atoms)
+    norm = cv.view.final_norm
+    readout = Readout(u=norm.pull_back(vec), inv_s=cv.inv_scale_or_one(norm, index),
+                      positions=index, attn_layers=cv.view.n_layers, mlp_layers=cv.view.n_layers)
+    return FinalReadout(readout=readout, atoms=atoms, positions=Positions(index, positions.every),
+                        bias=bias, norm_bias=norm.constant(vec), has_b_U=cv.view.has_b_U,
+                        has_norm_bias=norm.bias is not None)
 
 
-def explained(prism: Any, readout: Readout, info: dict, softcap: str, caller: str
-          ) -> tuple[Tensor, Tensor, str]:
-    """(per-atom weights ``[B,P,k,a]``, explained values ``[B,P,k]``, what they are)."""
-    atoms: Atoms = info["atoms"]
-    B, P = readout.positions.shape
-    x = gather_pos(cache_get(prism.cache, prism.view.final_resid_hook(), caller),
-                   readout.positions, prism.dtype)
-    z = dot(x, readout.u) * readout.inv_s[:, :, None] + (info["bias"] + info["norm_bias"])
+def softcap_ratio(z: Tensor, cap: float) -> Tensor:
+    """``rho = cap * tanh(z / cap) / z`` (1 where ``z`` is 0): post-cap = ``rho`` * pre-cap."""
+    capped = cap * torch.tanh(z / cap)
+    nonzero = z.abs() > _RHO_EPS
+    return torch.where(nonzero, capped / torch.where(nonzero, z, torch.ones_like(z)),
+                       torch.ones_like(z))
+
+
+def explain(rec: Recorded, fr: FinalReadout, softcap: Softcap) -> Explained:
+    """The per-atom weights, the explained values and what they are."""
+    cv, atoms, r = rec.cache, fr.atoms, fr.readout
+    B, P = r.positions.shape
+    x = cv.at(Site.FINAL_RESID, None, r.positions)
+    z = dot(x, r.u) * r.inv_s[:, :, None] + (fr.bias + fr.norm_bias)
     k, a = atoms.coef.shape[2], atoms.coef.shape[3]
     z = z.reshape(B, P, k, a)
-    coef = atoms.coef.to(prism.device, prism.dtype).expand(B, P, k, a)
-    tok = atoms.token_atom.to(prism.device).expand(B, P, k, a)
-    cap = prism.view.softcap
-    if softcap not in ("post", "pre"):
-        raise PrismError(f"{caller}: softcap={softcap!r}; use 'post' (the logit the model "
-                         "outputs) or 'pre' (the logit before the soft-cap).")
+    coef = atoms.coef.to(cv.device, cv.dtype).expand(B, P, k, a)
+    tok = atoms.token_atom.to(cv.device).expand(B, P, k, a)
+    cap = cv.view.softcap
     if cap is None:
         weights, atom_val, explains = coef, z, "logit"
     elif softcap == "pre":
         weights, atom_val, explains = coef, z, "pre-softcap logit"
     else:
-        capped = cap * torch.tanh(z / cap)
-        safe = torch.where(z.abs() > 1e-12, z, torch.ones_like(z))
-        rho = torch.where(z.abs() > 1e-12, capped / safe, torch.ones_like(z))
-        rho = torch.where(tok, rho, torch.ones_like(rho))
+        rho = torch.where(tok, softcap_ratio(z, cap), torch.ones_like(z))
         weights = coef * rho
-        atom_val = torch.where(tok, capped, z)
+        atom_val = torch.where(tok, cap * torch.tanh(z / cap), z)
         explains = "post-softcap logit (rho frozen)"
-    if prism.logits is not None and (cap is None or softcap == "post"):
-        rows = torch.arange(B, device=prism.device)[:, None, None]
-        ids = atoms.ids.to(prism.device).clamp(min=0).expand(B, P, k, a).reshape(B, P, -1)
-        model_val = prism.logits[rows, readout.positions[:, :, None], ids]  # no [B,P,vocab] copy
-        model_val = model_val.to(prism.dtype).reshape(B, P, k, a)
-        atom_val = torch.where(tok, model_val, atom_val)
+    if rec.logits is not None and (cap is None or softcap == "post"):
+        rows = torch.arange(B, device=cv.device)[:, None, None]
+        ids = atoms.ids.to(cv.device).clamp(min=0).expand(B, P, k, a).reshape(B, P, -1)
+        model_val = rec.logits[rows, r.positions[:, :, None], ids]  # no [B,P,vocab] copy
+        atom_val = torch.where(tok, model_val.to(cv.dtype).reshape(B, P, k, a), atom_val)
     if bool((~tok & (coef != 0)).any()):
         explains = explains if bool(tok.any()) else "readout"
-    explained = (coef * atom_val).sum(-1)
-    return weights, explained, explains
+    return Explained(weights=weights, values=(coef * atom_val).sum(-1), explains=explains)
+
+
+def weigh(values: Tensor, weights: Tensor) -> Tensor:
+    """Atom terms ``[B, P, k*a, C]`` -> target terms ``[B, P, k, C]`` (``weights [B|1, P|1, k, a]``)."""
+    B, P, _, C = values.shape
+    k, a = weights.shape[2], weights.shape[3]
+    if weights.shape[1] == 1 and P != 1:  # one explained position, P read positions (chains)
+        return torch.einsum("bpkac,bka->bpkc", values.reshape(B, P, k, a, C), weights[:, 0])
+    return torch.einsum("bpkac,bpka->bpkc", values.reshape(B, P, k, a, C), weights)

@@ -2,14 +2,15 @@
 
 A :class:`Decomposition` holds ``values[batch, pos, target, comp]``: for every explained
 position and target, one term per component, where components are records
-(:class:`Component`: kind, layer, head, neuron, src, pos) kept column-wise in a
+(:class:`Component`: kind, layer, head, neuron, src, at) kept column-wise in a
 :class:`ComponentTable`. The constant terms (biases) are components too, with
 ``Component.is_constant``; so ``values.sum(-1)`` (:meth:`Decomposition.total`) is the whole
 logit, and :meth:`Decomposition.check` verifies it against what the model computed.
 """
 
+import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -17,34 +18,51 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms._errors import CompletenessError, PrismError
+from tlprisms import _validate as check_arg
+from tlprisms._errors import ArgumentError, CompletenessError, NonFiniteError
 
 __all__ = ["Component", "ComponentTable", "Decomposition", "ATOL_FLOAT32", "ATOL_FLOAT64",
-           "CONSTANT_KINDS"]
+           "TOLERANCE", "CONSTANT_KINDS", "KINDS", "FIELDS", "tolerance"]
 
-#: completeness tolerance in float32: ``|total - logit| <= ATOL_FLOAT32 * max(1, |logit|)``
+#: completeness tolerance in float32:
+#: ``|total - logit| <= ATOL_FLOAT32 * max(1, |logit|, sum of |terms|)``
 ATOL_FLOAT32 = 1e-5
 #: the same in float64
 ATOL_FLOAT64 = 1e-10
+#: the default tolerance by the precision the model computed in (bf16/fp16 models round every
+#: residual addition, so their logits differ from the exact sum of their writes by about
+#: ``n_layers`` roundings of the residual stream)
+TOLERANCE = {"float64": ATOL_FLOAT64, "float32": ATOL_FLOAT32, "float16": 1e-2,
+             "bfloat16": 3e-2}
+
+Order = Literal["abs", "positive", "negative"]
+_ORDER_OLD = {"pos": "positive", "neg": "negative"}
 
 KINDS = ("embed", "pos_embed", "attn", "head", "b_O", "mlp", "neuron", "b_out", "b_U",
          "ln_final.b", "b_V", "ln.b", "b_in", "resid", "readout.b")
 CONSTANT_KINDS = frozenset({"b_O", "b_out", "b_U", "ln_final.b", "b_V", "ln.b", "b_in",
                             "readout.b"})
-_FIELDS = ("layer", "head", "neuron", "src", "pos")
+_FIELDS = ("layer", "head", "neuron", "src", "at")
+#: the label fields of a component, besides ``kind``
+FIELDS = _FIELDS
+
+
+def tolerance(precision: str) -> float:
+    """The default completeness tolerance for a model that computed in ``precision``."""
+    return TOLERANCE.get(precision, ATOL_FLOAT32)
 _INT = np.int32  # label columns: a chained result can have millions of components
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Component:
     """One term's label: ``Component("head", layer=3, head=7)`` prints as ``L3H7``.
 
-    Fields that do not apply are -1. ``src`` is the source position a head reads; ``pos`` is
+    Fields that do not apply are -1. ``src`` is the source position a head reads; ``at`` is
     the residual position a chained term was written at (-1: the explained position).
 
     >>> str(Component("head", layer=3, head=7)), str(Component("neuron", layer=16, neuron=10029))
     ('L3H7', 'L16N10029')
-    >>> str(Component("head", layer=9, head=6, src=2, pos=4))
+    >>> str(Component("head", layer=9, head=6, src=2, at=4))
     '@4 L9H6[src 2]'
     """
 
@@ -53,7 +71,24 @@ class Component:
     head: int = -1
     neuron: int = -1
     src: int = -1
-    pos: int = -1
+    at: int = -1
+
+    def __init__(self, kind: str, layer: int = -1, head: int = -1, neuron: int = -1,
+                 src: int = -1, at: int = -1, *, pos: Optional[int] = None) -> None:
+        if pos is not None:
+            warnings.warn("Component(pos=...) is deprecated; use at= (the residual position a "
+                          "chained term was written at).", DeprecationWarning, stacklevel=2)
+            at = pos
+        for name, value in (("kind", kind), ("layer", layer), ("head", head),
+                            ("neuron", neuron), ("src", src), ("at", at)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def pos(self) -> int:
+        """Deprecated name of :attr:`at` (tlprisms 0.1)."""
+        warnings.warn("Component.pos is deprecated; use Component.at (the residual position a "
+                      "chained term was written at).", DeprecationWarning, stacklevel=2)
+        return self.at
 
     @property
     def is_constant(self) -> bool:
@@ -73,8 +108,8 @@ class Component:
             s = self.kind
         if self.src >= 0:
             s += f"[src {self.src}]"
-        if self.pos >= 0:
-            s = f"@{self.pos} {s}"
+        if self.at >= 0:
+            s = f"@{self.at} {s}"
         return s
 
     def __repr__(self) -> str:
@@ -90,7 +125,12 @@ class ComponentTable:
     head: np.ndarray
     neuron: np.ndarray
     src: np.ndarray
-    pos: np.ndarray
+    at: np.ndarray
+
+    @property
+    def pos(self) -> np.ndarray:
+        """Deprecated name of :attr:`at` (tlprisms 0.1)."""
+        return self.at
 
     @staticmethod
     def empty() -> "ComponentTable":
@@ -129,9 +169,9 @@ class ComponentTable:
     def tile_over_positions(self, positions: np.ndarray) -> "ComponentTable":
         """This table repeated once per residual position, with ``pos`` set to each."""
         P = len(positions)
-        cols = {f: np.tile(getattr(self, f), P) for f in _FIELDS if f != "pos"}
-        pos = np.repeat(np.asarray(positions, dtype=_INT), len(self))
-        return ComponentTable(np.tile(self.kind, P), pos=pos, **cols)
+        cols = {f: np.tile(getattr(self, f), P) for f in _FIELDS if f != "at"}
+        at = np.repeat(np.asarray(positions, dtype=_INT), len(self))
+        return ComponentTable(np.tile(self.kind, P), at=at, **cols)
 
     def kinds(self) -> np.ndarray:
         return np.asarray(KINDS, dtype=object)[self.kind]
@@ -140,24 +180,46 @@ class ComponentTable:
         codes = [KINDS.index(k) for k in CONSTANT_KINDS]
         return np.isin(self.kind, codes)
 
-    def mask(self, **criteria: Any) -> np.ndarray:
+    @check_arg.entry
+    def mask(self, caller: str = "select", **criteria: Any) -> np.ndarray:
+        """Which components match every criterion (a value, a collection, or a predicate).
+
+        Field names and value types are checked: an unknown field, an unknown kind, or a
+        string where an integer field is compared is an :class:`ArgumentError`.
+        """
         keep = np.ones(len(self), dtype=bool)
         for name, want in criteria.items():
+            if name == "pos":
+                warnings.warn(f"{caller}(pos=...) is deprecated: the position a chained term "
+                              "was written at is now 'at'; use at=.", DeprecationWarning,
+                              stacklevel=3)
+                name = "at"
             if name == "kind":
                 col = self.kinds()
             elif name in _FIELDS:
                 col = getattr(self, name)
             else:
-                raise PrismError(
-                    f"select: unknown field {name!r}; select by kind, layer, head, neuron, src "
-                    "or pos (e.g. result.select(layer=3, head=7))."
+                raise ArgumentError(
+                    f"{caller}: unknown field {name!r}; use kind, {', '.join(_FIELDS)} (e.g. "
+                    "result.select(layer=3, head=7))."
                 )
             if callable(want):
-                keep &= np.asarray([bool(want(v)) for v in col])
-            elif isinstance(want, (str, int, np.integer)):
-                keep &= col == want
-            else:
-                keep &= np.isin(col, list(want))
+                keep &= np.asarray([bool(want(v)) for v in col], dtype=bool)
+                continue
+            values = [want] if isinstance(want, str) or check_arg.is_index(want) else want
+            if not isinstance(values, (Iterable, np.ndarray)):
+                raise ArgumentError(f"{caller}: {name}={want!r}; pass a value, a collection of "
+                                    "values, or a predicate.")
+            values = list(values)
+            for v in values:
+                if name == "kind":
+                    if not isinstance(v, str) or v not in KINDS:
+                        raise ArgumentError(f"{caller}: kind={v!r} is not a kind; use one of "
+                                            f"{', '.join(map(repr, KINDS))}.")
+                elif not check_arg.is_index(v):
+                    raise ArgumentError(f"{caller}: {name}={v!r} (type {type(v).__name__}); "
+                                        f"{name} is an integer field.")
+            keep &= np.isin(col, [v if isinstance(v, str) else int(v) for v in values])
         return keep
 
 
@@ -181,6 +243,8 @@ class Decomposition:
         prism: which prism made it (``"residual"``, ``"heads"``, ``"through L3H2"`` ...).
         complete: False for a :meth:`select`-ion, whose terms are only part of the logit.
         str_tokens: the input tokens as strings, per batch row, when known.
+        precision: the dtype the model computed in (``"float32"``, ``"bfloat16"`` ...), which
+            sets :meth:`check`'s default tolerance.
     """
 
     values: Float[Tensor, "batch pos target comp"]
@@ -192,6 +256,7 @@ class Decomposition:
     prism: str = "residual"
     complete: bool = True
     str_tokens: Optional[list] = None
+    precision: str = "float32"
 
     # ------------------------------------------------------------ basic views
     @property
@@ -212,33 +277,59 @@ class Decomposition:
         """``total() - logits``: the completeness error, at float rounding when exact."""
         return self.total() - self.logits
 
+    def tolerance(self) -> Float[Tensor, "batch pos target"]:
+        """The default completeness bound per explained value:
+        ``t * max(1, |logit|, sum of |terms|)`` with ``t`` = :func:`tolerance` of the precision
+        the model computed in (1e-5 in float32, 1e-10 in float64); the sum of ``|terms|`` bounds
+        the rounding of a sum whose terms cancel."""
+        t = tolerance(self.precision)
+        scale = torch.maximum(self.logits.abs(), torch.linalg.vector_norm(self.values, 1, -1))
+        return t * scale.clamp(min=1.0)
+
+    @check_arg.entry
     def check(self, atol: Optional[Union[int, float]] = None,
               rtol: Optional[Union[int, float]] = None) -> "Decomposition":
         """Raise :class:`CompletenessError` unless the terms add up to :attr:`logits`.
 
-        The tolerance is ``atol + rtol * |logit|``; by default both are
-        :data:`ATOL_FLOAT32` (:data:`ATOL_FLOAT64` for float64 results). Returns ``self``.
+        By default the bound is :meth:`tolerance`; with ``atol``/``rtol`` it is
+        ``atol + rtol * |logit|``. NaN or infinity anywhere is a :class:`NonFiniteError`.
+        Returns ``self``.
         """
         if not self.complete:
             raise CompletenessError(
                 "check: this result is a selection (select/top) of a decomposition, so its "
                 "terms are only part of the logit; call check() on the full result."
             )
-        default = ATOL_FLOAT64 if self.values.dtype == torch.float64 else ATOL_FLOAT32
-        atol = default if atol is None else atol
-        rtol = default if rtol is None else rtol
+        for value, what in ((atol, "atol"), (rtol, "rtol")):
+            if value is not None and (isinstance(value, bool) or not value >= 0):
+                raise ArgumentError(f"check: {what}={value!r}; pass a number >= 0.")
+        for t, what in ((self.values, "terms"), (self.logits, self.explains)):
+            if not bool(torch.isfinite(t).all()):
+                where = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t))[0])
+                raise NonFiniteError(
+                    f"check: the {self.prism} {what} hold NaN or infinity (first at {where}), "
+                    "so nothing can be checked. The cache or a readout vector is not finite; "
+                    "re-run model.run_with_cache(tokens) (in float32 if it overflowed)."
+                )
         err = self.gap().abs()
-        tol = atol + rtol * self.logits.abs()
+        if atol is None and rtol is None:
+            tol = self.tolerance()
+            bound = f"{tolerance(self.precision):g} * max(1, |logit|, sum |terms|)"
+        else:
+            default = tolerance(self.precision)
+            atol = default if atol is None else atol
+            rtol = default if rtol is None else rtol
+            tol = atol + rtol * self.logits.abs()
+            bound = f"{atol:g} + {rtol:g}*|logit|"
         bad = err > tol
         if bool(bad.any()):
             where = tuple(int(i) for i in torch.nonzero(bad)[0])
-            worst = float(err.max())
             raise CompletenessError(
-                f"check: the {self.prism} terms miss the {self.explains} by up to {worst:.3g} "
-                f"(first at batch, pos, target = {where}: total {float(self.total()[where]):.6g} "
-                f"vs {float(self.logits[where]):.6g}; tolerance {atol:g} + {rtol:g}*|logit|). "
-                "The cache may not come from this model and input, or the model may use a "
-                "component tlprisms does not know; please report it with the model config."
+                f"check: the {self.prism} terms miss the {self.explains} by up to "
+                f"{float(err.max()):.3g} (first at batch, pos, target = {where}: total "
+                f"{float(self.total()[where]):.6g} vs {float(self.logits[where]):.6g}; bound "
+                f"{bound}, for a model computing in {self.precision}). The terms were changed "
+                "after the prism made them, or the cache was edited by hooks."
             )
         return self
 
@@ -249,25 +340,37 @@ class Decomposition:
         return replace(self, values=self.values.index_select(-1, t_idx),
                        components=self.components.take(idx), complete=False)
 
+    @check_arg.entry
     def select(self, **criteria: Union[int, str, Iterable, Callable]) -> "Decomposition":
         """The terms whose labels match, e.g. ``select(layer=9, head=6)``, ``select(kind="neuron")``.
 
-        Each criterion is a value, a collection of values, or a predicate. The result is
-        marked incomplete (its terms are part of the logit).
+        Each criterion is a value, a collection of values, or a predicate, on ``kind``,
+        ``layer``, ``head``, ``neuron``, ``src`` or ``at``. The result is marked incomplete
+        (its terms are part of the logit).
         """
-        return self._subset(self.components.mask(**criteria))
+        return self._subset(self.components.mask("select", **criteria))
 
+    def mask(self, **criteria: Union[int, str, Iterable, Callable]) -> np.ndarray:
+        """The boolean mask over components that :meth:`select` would keep."""
+        return self.components.mask("mask", **criteria)
+
+    @check_arg.entry
     def aggregate(self, *by: str) -> "Decomposition":
         """Sum the terms that share the fields ``by``; the result stays complete.
 
         ``heads_result.aggregate("kind", "layer", "head")`` gives one term per head (sources
         summed); ``aggregate("kind", "layer")`` one per layer and kind.
         """
+        if "pos" in by:
+            warnings.warn("aggregate('pos') is deprecated: the position a chained term was "
+                          "written at is now 'at'.", DeprecationWarning, stacklevel=2)
+            by = tuple("at" if name == "pos" else name for name in by)
         if "kind" not in by:
             by = ("kind",) + tuple(by)
         for name in by:
-            if name not in ("kind",) + _FIELDS:
-                raise PrismError(f"aggregate: unknown field {name!r}; use kind, {', '.join(_FIELDS)}.")
+            if not isinstance(name, str) or name not in ("kind",) + _FIELDS:
+                raise ArgumentError(f"aggregate: unknown field {name!r}; use kind, "
+                                    f"{', '.join(_FIELDS)}.")
         c = self.components
         keys = np.stack([c.kind.astype(np.int64)] + [getattr(c, f) for f in by if f != "kind"], 1)
         uniq, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
@@ -284,42 +387,59 @@ class Decomposition:
         return replace(self, values=out, components=ComponentTable(table.kind, **cols))
 
     # ------------------------------------------------------------ tables
+    @check_arg.entry
     def top(self, k: int = 10, *, batch: Optional[int] = None, pos: Optional[int] = None,
-            target: int = 0, by: str = "abs", constants: bool = False,
-            kind: Optional[Union[str, Iterable]] = None) -> Any:
+            target: int = 0, order: Order = "abs", constants: bool = False,
+            kind: Optional[Union[str, Iterable]] = None, by: Optional[str] = None) -> Any:
         """The ``k`` largest terms as a pandas DataFrame (mean over batch/pos when not given).
 
         Args:
-            by: ``"abs"`` (largest magnitude), ``"pos"`` (most positive), ``"neg"``.
+            k: how many terms.
+            batch: a batch row (index), or None for the mean over rows.
+            pos: an index into the explained positions (``values``' pos axis), or None for
+                the mean over them.
+            target: an index into the targets.
+            order: ``"abs"`` (largest magnitude), ``"positive"`` (most positive) or
+                ``"negative"`` (most negative).
             constants: include the constant (bias) terms.
             kind: only components of this kind (or kinds), e.g. ``"head"``.
+            by: deprecated name of ``order`` (0.1: ``"abs"``, ``"pos"``, ``"neg"``).
+
+        Columns: ``component``, ``kind``, ``layer``, ``head``, ``neuron``, ``src``, ``at``
+        (where a chained term was written), ``value``.
         """
         import pandas as pd
 
+        if by is not None:
+            order = check_arg.renamed("top", "by", "order", _ORDER_OLD.get(by, by), order, "abs")
+        check_arg.choice(order, "order", ("abs", "positive", "negative"), "top")
+        k = check_arg.count(k, "k", "top", minimum=0)
+        B, P, K, _ = self.values.shape
+        target = check_arg.in_range(target, K, "target", "top", of=f" ({K} targets)")
         v = self.values[..., target, :]
-        v = v.mean(0) if batch is None else v[batch]
-        v = v.mean(0) if pos is None else v[pos]
+        v = v.mean(0) if batch is None else v[check_arg.in_range(batch, B, "batch", "top",
+                                                                 of=f" ({B} rows)")]
+        v = v.mean(0) if pos is None else v[check_arg.in_range(pos, P, "pos", "top",
+                                                               of=f" ({P} explained positions)")]
         v = v.detach().float().cpu().numpy()
         keep = np.ones_like(v, dtype=bool) if constants else ~self.components.is_constant()
         if kind is not None:
-            keep &= self.components.mask(kind=kind)
-        score = {"abs": np.abs(v), "pos": v, "neg": -v}.get(by)
-        if score is None:
-            raise PrismError(f"top: by={by!r}; use 'abs', 'pos' or 'neg'.")
+            keep &= self.components.mask("top", kind=kind)
+        score = {"abs": np.abs(v), "positive": v, "negative": -v}[order]
         score = np.where(keep, score, -np.inf)
         k = min(k, int(keep.sum()))
         if k <= 0:
-            order = np.zeros(0, dtype=np.int64)
+            idx = np.zeros(0, dtype=np.int64)
         else:  # partial selection, then sort the k winners (millions of terms stay cheap)
             part = np.argpartition(-score, k - 1)[:k]
-            order = part[np.argsort(-score[part], kind="stable")]
+            idx = part[np.argsort(-score[part], kind="stable")]
         c = self.components
         return pd.DataFrame({
-            "component": [str(c[i]) for i in order],
-            "kind": np.asarray(KINDS, dtype=object)[c.kind[order]],
-            "layer": c.layer[order], "head": c.head[order],
-            "neuron": c.neuron[order], "src": c.src[order], "pos": c.pos[order],
-            "value": v[order],
+            "component": [str(c[i]) for i in idx],
+            "kind": np.asarray(KINDS, dtype=object)[c.kind[idx]],
+            "layer": c.layer[idx], "head": c.head[idx],
+            "neuron": c.neuron[idx], "src": c.src[idx], "at": c.at[idx],
+            "value": v[idx],
         })
 
     def to_frame(self) -> Any:
@@ -341,7 +461,7 @@ class Decomposition:
             "target": labels[bb.ravel(), pp.ravel(), kk.ravel()],
             "kind": c.kinds()[cc.ravel()], "layer": c.layer[cc.ravel()],
             "head": c.head[cc.ravel()], "neuron": c.neuron[cc.ravel()],
-            "src": c.src[cc.ravel()], "at": c.pos[cc.ravel()],
+            "src": c.src[cc.ravel()], "at": c.at[cc.ravel()],
             "value": self.values.detach().float().cpu().numpy().ravel(),
         })
 

@@ -9,17 +9,20 @@ integer tensor ``[batch]`` / ``[batch, k]``); :class:`NextToken` gives each posi
 that follows it.
 """
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from beartype import beartype
+from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms._errors import PositionError, TargetError
+from tlprisms import _validate as check
+from tlprisms._errors import NonFiniteError, PositionError, TargetError
 
-__all__ = ["LogitDiff", "Direction", "PerRow", "NextToken", "Atoms", "resolve_targets",
-           "resolve_positions"]
+__all__ = ["LogitDiff", "Direction", "PerRow", "NextToken", "Atoms", "Positions",
+           "resolve_targets", "resolve_positions", "token_id"]
 
 TokenLike = Union[int, str]
 
@@ -66,35 +69,51 @@ class NextToken:
     """
 
 
-@dataclass
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
 class Atoms:
-    """Resolved targets. Leading axes ``[B, P]`` are 1 where a target is shared."""
+    """Resolved targets: each is ``sum_a coef[a] * atom[a]``, an atom a token's logit or a
+    direction. Leading axes are 1 where a target is shared by the batch / positions."""
 
-    ids: Tensor  # [B, P, k, a] token ids (-1 for a direction atom)
-    vectors: Optional[Tensor]  # [k, a, d_model] for direction atoms (shared), or None
-    coef: Tensor  # [B, P, k, a]
-    labels: np.ndarray  # [B, P, k] str
-    token_atom: Tensor  # [B, P, k, a] bool: a token logit (soft-capped) vs a direction
-    extra: dict = field(default_factory=dict)
+    ids: Int[Tensor, "tb tp k a"]  # token ids (-1 for a direction atom)
+    vectors: Optional[Float[Tensor, "k a d_model"]]  # direction atoms (shared), or None
+    coef: Float[Tensor, "tb tp k a"]
+    labels: np.ndarray  # [tb, tp, k] str
+    token_atom: Bool[Tensor, "tb tp k a"]  # a token logit (soft-capped) vs a direction
 
     @property
     def k(self) -> int:
         return self.ids.shape[2]
 
+    def single(self) -> "Atoms":
+        """The same targets with the unused second atom dropped (no logit differences)."""
+        if self.coef.shape[-1] != 2 or bool((self.coef[..., 1] != 0).any()):
+            return self
+        return Atoms(ids=self.ids[..., :1], coef=self.coef[..., :1], labels=self.labels,
+                     vectors=None if self.vectors is None else self.vectors[:, :1],
+                     token_atom=self.token_atom[..., :1])
 
-def _token_str(tokenizer: Any, tid: int) -> str:
-    if tokenizer is None:
-        return f"#{tid}"
-    try:
-        return repr(tokenizer.decode([tid]))
-    except Exception:  # noqa: BLE001 - labels only
-        return f"#{tid}"
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
+class Positions:
+    """The explained positions: ``index[b, p]`` (non-negative), and whether they are every
+    position of the input (``pos="all"``)."""
+
+    index: Int[Tensor, "batch pos"]
+    every: bool
 
 
-def _to_id(view: Any, token: Any, caller: str) -> int:
-    if isinstance(token, (bool, np.bool_)):
-        raise TargetError(f"{caller}: target {token!r} is a bool; pass a token id or string.")
-    if isinstance(token, (int, np.integer)) or (isinstance(token, Tensor) and token.ndim == 0):
+def token_id(view: Any, token: Any, caller: str, what: str = "target") -> int:
+    """One token id from an int (not a bool, not a float) or a single-token string."""
+    if isinstance(token, (bool, np.bool_)) or (isinstance(token, Tensor) and token.ndim == 0
+                                               and not check.is_index(token)):
+        raise TargetError(f"{caller}: {what} {token!r} is not a token id (type "
+                          f"{type(token).__name__}); pass an integer id or a single-token string.")
+    if isinstance(token, (float, np.floating)):
+        raise TargetError(f"{caller}: {what} {token!r} is a float; token ids are integers. Pass "
+                          "an int or a single-token string.")
+    if check.is_index(token):
         tid = int(token)
         if not 0 <= tid < view.d_vocab:
             raise TargetError(
@@ -109,7 +128,19 @@ def _to_id(view: Any, token: Any, caller: str) -> int:
                 f"{caller}: target {token!r} is a string but the model has no tokenizer; pass "
                 "the token id instead, or attach a tokenizer (model.set_tokenizer(...))."
             )
-        ids = tok.encode(token, add_special_tokens=False)
+        ids = view.encode(token)
+        if not ids:
+            raise TargetError(f"{caller}: {what} {token!r} encodes to no token at all; pass a "
+                              "non-empty single-token string or a token id.")
+        unk = view.unknown_token_id()
+        if len(ids) == 1 and unk is not None and ids[0] == unk and token != getattr(
+                tok, "unk_token", None):
+            raise TargetError(
+                f"{caller}: {what} {token!r} is not in this model's vocabulary: its tokenizer "
+                f"maps it to the unknown token {getattr(tok, 'unk_token', '')!r} (id {unk}). A "
+                "prism of that would explain the unknown token's logit. Pass a word the "
+                "vocabulary has (check model.to_str_tokens(...)), or its id."
+            )
         if len(ids) != 1:
             pieces = [tok.decode([i]) for i in ids]
             raise TargetError(
@@ -127,21 +158,25 @@ def _to_id(view: Any, token: Any, caller: str) -> int:
 
 def _one(view: Any, target: Any, caller: str) -> tuple[list[int], list[float], str, bool, Optional[Tensor]]:
     """(atom ids, coefs, label, is_token, direction vector) for one target."""
-    tok = view.tokenizer()
     if isinstance(target, LogitDiff):
-        a = _to_id(view, target.positive, caller)
-        b = _to_id(view, target.negative, caller)
-        return [a, b], [1.0, -1.0], f"{_token_str(tok, a)} - {_token_str(tok, b)}", True, None
+        a = token_id(view, target.positive, caller, "LogitDiff.positive")
+        b = token_id(view, target.negative, caller, "LogitDiff.negative")
+        return [a, b], [1.0, -1.0], f"{view.token_label(a)} - {view.token_label(b)}", True, None
     if isinstance(target, Direction):
         v = target.vector
-        if v.ndim != 1 or v.shape[0] != view.d_model:
+        if not isinstance(v, Tensor) or v.ndim != 1 or v.shape[0] != view.d_model \
+                or not v.dtype.is_floating_point:
             raise TargetError(
-                f"{caller}: Direction {target.label!r} has shape {tuple(v.shape)}, expected "
-                f"({view.d_model},) = (d_model,)."
+                f"{caller}: Direction {target.label!r} has "
+                f"{'shape ' + str(tuple(v.shape)) if isinstance(v, Tensor) else type(v).__name__}"
+                f", expected a float tensor of shape ({view.d_model},) = (d_model,)."
             )
+        if not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"{caller}: Direction {target.label!r} contains NaN or "
+                                 "infinity; pass a finite vector.")
         return [-1], [1.0], target.label, False, v
-    tid = _to_id(view, target, caller)
-    return [tid], [1.0], _token_str(tok, tid), True, None
+    tid = token_id(view, target, caller)
+    return [tid], [1.0], view.token_label(tid), True, None
 
 
 def _build(view: Any, rows: list[list[Any]], caller: str) -> Atoms:
@@ -172,7 +207,8 @@ def _build(view: Any, rows: list[list[Any]], caller: str) -> Atoms:
 
 
 def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: bool,
-                    tokens: Optional[Tensor], predicted: Any, caller: str) -> Atoms:
+                    tokens: Optional[Tensor], predicted: Callable[[], Tensor], caller: str
+                    ) -> tuple[Atoms, bool]:
     """Turn what the user passed as ``target`` into :class:`Atoms`.
 
     Args:
@@ -191,7 +227,13 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
         target = torch.empty_like(tokens)
         target[:, :-1] = tokens[:, 1:]
         target[:, -1] = predicted()
-    if isinstance(target, Tensor) and not target.dtype.is_floating_point and target.ndim >= 1:
+    if isinstance(target, Tensor) and target.ndim >= 1:
+        if target.dtype.is_floating_point or target.dtype in (torch.bool, torch.complex64,
+                                                             torch.complex128):
+            raise TargetError(
+                f"{caller}: a tensor target holds token ids and must be an integer tensor; got "
+                f"dtype {target.dtype}. Convert it with .long() if it really holds ids."
+            )
         t = target.detach().cpu().long()
         if pos_all and t.ndim == 2 and t.shape == (batch, n_pos):
             t = t[:, :, None]
@@ -206,7 +248,9 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
                 f"got {tuple(target.shape)}. For targets shared by the batch pass a list."
             )
         if (t < 0).any() or (t >= view.d_vocab).any():
-            raise TargetError(f"{caller}: target ids must lie in [0, {view.d_vocab}).")
+            bad = int(t[(t < 0) | (t >= view.d_vocab)][0])
+            raise TargetError(f"{caller}: target id {bad} is outside the vocabulary; ids must lie "
+                              f"in [0, {view.d_vocab}).")
         B, P, k = t.shape
         ids = torch.full((B, P, k, 2), -1, dtype=torch.long)
         ids[..., 0] = t
@@ -214,16 +258,10 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
         coef[..., 0] = 1.0
         is_tok = torch.zeros((B, P, k, 2), dtype=torch.bool)
         is_tok[..., 0] = True
-        tok = view.tokenizer()
-        cache_lab: dict[int, str] = {}
-        labels = np.empty((B, P, k), dtype=object)
-        flat = t.reshape(-1).tolist()
-        for idx, tid in enumerate(flat):
-            if tid not in cache_lab:
-                cache_lab[tid] = _token_str(tok, tid)
-            labels.reshape(-1)[idx] = cache_lab[tid]
-        return Atoms(ids=ids, vectors=None, coef=coef, labels=labels, token_atom=is_tok,
-                     extra={"per_pos": per_pos})
+        uniq, inverse = np.unique(t.reshape(-1).numpy(), return_inverse=True)
+        names = np.array([view.token_label(int(tid)) for tid in uniq], dtype=object)
+        labels = names[inverse].reshape(B, P, k)
+        return Atoms(ids=ids, vectors=None, coef=coef, labels=labels, token_atom=is_tok), per_pos
     if isinstance(target, PerRow):
         rows = list(target.targets)
         if len(rows) != batch:
@@ -232,38 +270,40 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
                 "one target (or one list of targets) per row."
             )
         rows = [list(r) if isinstance(r, (list, tuple)) else [r] for r in rows]
-        return _build(view, rows, caller)
+        if any(not r for r in rows):
+            raise TargetError(f"{caller}: a PerRow entry is an empty list; give each row at "
+                              "least one target.")
+        return _build(view, rows, caller), False
     if isinstance(target, (list, tuple)):
         if len(target) == 0:
-            raise TargetError(f"{caller}: the target list is empty.")
-        return _build(view, [list(target)], caller)
-    return _build(view, [[target]], caller)
+            raise TargetError(f"{caller}: the target list is empty; give at least one target.")
+        return _build(view, [list(target)], caller), False
+    return _build(view, [[target]], caller), False
 
 
-def resolve_positions(pos: Any, batch: int, n_ctx: int, caller: str) -> tuple[Tensor, bool]:
-    """``pos`` -> (positions ``[batch, P]`` as non-negative indices, whether it is 'all')."""
+def resolve_positions(pos: Any, batch: int, n_ctx: int, caller: str) -> Positions:
+    """``pos`` (an int, one int per batch row, or ``"all"``) -> :class:`Positions`."""
+    accepted = "pass an int, one int per batch row, or 'all'"
     if isinstance(pos, str):
         if pos != "all":
-            raise PositionError(f"{caller}: pos={pos!r}; pass an int, one int per batch row, "
-                                "or 'all'.")
-        return torch.arange(n_ctx).expand(batch, n_ctx), True
-    if isinstance(pos, Tensor):
-        pos = pos.tolist()
+            raise PositionError(f"{caller}: pos={pos!r}; {accepted}.")
+        return Positions(torch.arange(n_ctx).expand(batch, n_ctx), True)
+    if isinstance(pos, Tensor) and pos.ndim == 1:
+        pos = list(pos)
+    if isinstance(pos, np.ndarray) and pos.ndim == 1:
+        pos = list(pos)
     if isinstance(pos, (list, tuple)):
         if len(pos) != batch:
             raise PositionError(
                 f"{caller}: got {len(pos)} positions for a batch of {batch}; give one index per "
                 "batch row (e.g. the last non-padding token of each prompt), or a single int."
             )
-        values = [int(p) for p in pos]
+        values = list(pos)
+    elif check.is_index(pos):
+        values = [pos] * batch
     else:
-        values = [int(pos)] * batch
-    out = []
-    for p in values:
-        if not -n_ctx <= p < n_ctx:
-            raise PositionError(
-                f"{caller}: position {p} is out of range for inputs of {n_ctx} tokens; use "
-                f"0..{n_ctx - 1} or -{n_ctx}..-1."
-            )
-        out.append(p % n_ctx)
-    return torch.tensor(out, dtype=torch.long)[:, None], False
+        raise PositionError(f"{caller}: pos={pos!r} (type {type(pos).__name__}) is not a "
+                            f"position; {accepted} (bools, floats, None and slices are not).")
+    out = [check.in_range(p, n_ctx, "position", caller, PositionError,
+                          of=f" for inputs of {n_ctx} tokens") for p in values]
+    return Positions(torch.tensor(out, dtype=torch.long)[:, None], False)

@@ -31,19 +31,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tlprisms._engine import Readout, split_writes
-from tlprisms._errors import CacheError, CompletenessError, PrismError
-from tlprisms._readout import explained, final_readout
+from tlprisms import _validate as check
+from tlprisms._chain import Hop, ReadAt, read_at, run_chain
+from tlprisms._engine import Split, split_writes
+from tlprisms._errors import (ArgumentError, CacheError, CompletenessError, NonFiniteError,
+                              TargetError)
+from tlprisms._readout import (Explained, FinalReadout, Recorded, Softcap, explain,
+                               final_readout, weigh)
 from tlprisms._result import ComponentTable, Decomposition
-from tlprisms._seam import ModelView, cache_get, needed_hooks
+from tlprisms._seam import CacheView, ModelView, needed_hooks
 
-__all__ = ["LogitPrism"]
+__all__ = ["LogitPrism", "LayerSelection"]
 
 #: internal consistency tolerance (relative to the sum of |terms|) before a result is refused
 _STRUCTURAL_RTOL = {torch.float32: 1e-4, torch.float64: 1e-6}  # models may norm in float32
 _STRUCTURAL_RTOL_LOWP = 3e-2
+#: the model's logits must match the cache's final readout to this (relative, at the last position)
+_LOGITS_RTOL = {False: 1e-3, True: 5e-2}
 
-LayerSel = Union[None, int, Sequence[int]]
+#: which layers to split: ``"all"``, one layer, a sequence of layers, or ``()`` for none
+LayerSelection = Union[str, int, Sequence[int], None]
 
 
 class LogitPrism:
@@ -51,7 +58,7 @@ class LogitPrism:
 
     Args:
         model: a ``HookedTransformer``, or a ``TransformerBridge`` after
-            ``enable_compatibility_mode()``.
+            ``enable_compatibility_mode()``; in eval mode.
         cache: the ``ActivationCache`` (or a dict of hook name -> tensor) that
             ``model.run_with_cache(tokens)`` returned.
         tokens: the input tokens ``[batch, pos]`` (optional): enables :class:`NextToken`
@@ -59,142 +66,178 @@ class LogitPrism:
         logits: the logits ``run_with_cache`` returned (optional): results then explain
             the model's own output and :meth:`Decomposition.check` compares against it.
 
-    Nothing is copied from or written to the model or the cache.
+    The cache is checked to come from this model (and these tokens) before anything is
+    decomposed. Nothing is copied from or written to the model or the cache.
     """
 
+    @check.entry
     def __init__(self, model: Any, cache: Any, *, tokens: Optional[Tensor] = None,
                  logits: Optional[Tensor] = None) -> None:
+        caller = "LogitPrism"
         self.view = ModelView(model)
         self.model = model
         self.cache = cache
-        embed = cache_get(cache, "hook_embed", "LogitPrism")
-        if embed.ndim != 3 or embed.shape[-1] != self.view.d_model:
+        cv = CacheView(self.view, cache, caller)
+        self.batch, self.n_ctx = cv.batch, cv.n_ctx
+        self.device, self.dtype = cv.device, cv.dtype
+        self.tokens = None if tokens is None else self._check_tokens(tokens, cv)
+        cv.verify(self.tokens)
+        self.logits = None if logits is None else self._check_logits(logits, cv)
+        self._rec = Recorded(cv, self.tokens, self.logits)
+        self.precision = cv.precision()
+        if self.logits is not None:
+            self._check_logits_match()
+
+    # ------------------------------------------------------------------ inputs
+    @staticmethod
+    def _check_tokens(tokens: Any, cv: CacheView) -> Tensor:
+        caller = cv.caller
+        if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or \
+                tokens.dtype == torch.bool:
+            what = f"a {tokens.dtype} tensor" if isinstance(tokens, Tensor) else \
+                type(tokens).__name__
+            raise ArgumentError(f"{caller}: tokens must be an integer tensor [batch, pos] (what "
+                                f"model.to_tokens returns); got {what}.")
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        if tuple(tokens.shape) != (cv.batch, cv.n_ctx):
             raise CacheError(
-                f"LogitPrism: the cache's hook_embed has shape {tuple(embed.shape)} but this model "
-                f"has d_model={self.view.d_model}; the cache comes from another model. Re-run "
-                "model.run_with_cache(tokens) with this model."
+                f"{caller}: tokens has shape {tuple(tokens.shape)} but the cache was "
+                f"recorded for inputs of shape ({cv.batch}, {cv.n_ctx}); pass the tokens "
+                "the cache was recorded with."
             )
-        self.batch, self.n_ctx = int(embed.shape[0]), int(embed.shape[1])
-        self.device = embed.device
-        self.dtype = torch.float64 if embed.dtype == torch.float64 else torch.float32
-        self._low_precision = embed.dtype in (torch.float16, torch.bfloat16)
-        if f"blocks.{self.view.n_layers}.hook_resid_pre" in cache:
+        bad = (tokens < 0) | (tokens >= cv.view.d_vocab_in)
+        if bool(bad.any()):
+            raise TargetError(f"{caller}: token id {int(tokens[bad][0])} is outside the "
+                              f"vocabulary [0, {cv.view.d_vocab_in}).")
+        return tokens.to(cv.device)
+
+    @staticmethod
+    def _check_logits(logits: Any, cv: CacheView) -> Tensor:
+        view, caller = cv.view, cv.caller
+        if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point or \
+                logits.ndim != 3:
+            what = (f"shape {tuple(logits.shape)}, dtype {logits.dtype}"
+                    if isinstance(logits, Tensor) else type(logits).__name__)
+            raise ArgumentError(f"{caller}: logits must be the float tensor [batch, pos, d_vocab] "
+                                f"that run_with_cache returned; got {what}.")
+        if tuple(logits.shape[:2]) != (cv.batch, cv.n_ctx) or logits.shape[-1] != view.d_vocab:
             raise CacheError(
-                f"LogitPrism: the cache has more than {self.view.n_layers} layers; it comes from "
-                "another model. Re-run model.run_with_cache(tokens) with this model."
+                f"{caller}: logits has shape {tuple(logits.shape)}, expected "
+                f"({cv.batch}, {cv.n_ctx}, {view.d_vocab}) for this cache and model."
             )
-        self.tokens = None
-        if tokens is not None:
-            tokens = torch.as_tensor(tokens)
-            if tokens.ndim == 1:
-                tokens = tokens[None]
-            if tuple(tokens.shape) != (self.batch, self.n_ctx):
-                raise CacheError(
-                    f"LogitPrism: tokens has shape {tuple(tokens.shape)} but the cache was "
-                    f"recorded for inputs of shape ({self.batch}, {self.n_ctx}); pass the tokens "
-                    "the cache was recorded with."
-                )
-            self.tokens = tokens.to(self.device)
-        self.logits = None
-        if logits is not None:
-            if tuple(logits.shape[:2]) != (self.batch, self.n_ctx) or logits.shape[-1] != self.view.d_vocab:
-                raise CacheError(
-                    f"LogitPrism: logits has shape {tuple(logits.shape)}, expected "
-                    f"({self.batch}, {self.n_ctx}, {self.view.d_vocab}) for this cache and model."
-                )
-            self.logits = logits.detach()
-        self._check_same_model()
+        if not bool(torch.isfinite(logits).all()):
+            where = tuple(int(i) for i in torch.nonzero(~torch.isfinite(logits))[0])
+            raise NonFiniteError(f"{caller}: the logits hold NaN or infinity (first at batch, "
+                                 f"pos, token = {where}); the forward pass overflowed. Re-run it "
+                                 "in float32, or pass logits=None.")
+        return logits.detach()
+
+    def _check_logits_match(self) -> None:
+        """The logits passed in must be this cache's: compare each row's top logit at the
+        last position with the frozen readout of the cache."""
+        rec = self._rec
+        ids = rec.logits[:, -1].argmax(-1)
+        fr = final_readout(Recorded(rec.cache.for_call("LogitPrism")), ids, -1)
+        ex = explain(Recorded(rec.cache), fr, "post")
+        got = rec.logits[:, -1].gather(-1, ids[:, None]).to(self.dtype)[:, 0]
+        want = ex.values[:, 0, 0]
+        rtol = _LOGITS_RTOL[rec.cache.low_precision]
+        if not bool(((got - want).abs() <= rtol * (1.0 + want.abs())).all()):
+            raise CacheError(
+                "LogitPrism: the logits passed do not belong to this cache: the top logit at the "
+                f"last position is {float(got[0]):.6g} but the cache's final residual stream gives "
+                f"{float(want[0]):.6g}. Pass the logits and cache of the same "
+                "model.run_with_cache call."
+            )
 
     # ------------------------------------------------------------------ constructors
     @classmethod
+    @check.entry
     def run(cls, model: Any, input: Union[str, list, Tensor], *, prepend_bos: Optional[bool] = None
             ) -> "LogitPrism":
-        """Run ``model.run_with_cache`` on ``input`` (text or tokens) and wrap the result.
+        """Run ``model.run_with_cache`` on ``input`` (text, a list of texts, or tokens) and
+        wrap the result.
 
-        Records only the hooks the prisms need, and keeps the tokens and the model's logits
-        so that results are checked against the model's own output.
+        Records only the hooks the prisms need (``needed_hooks(model)``), and keeps the
+        tokens and the model's logits so that results are checked against the model's own
+        output.
         """
-        if isinstance(input, (str, list)):
+        caller = "LogitPrism.run"
+        view = ModelView(model)
+        if prepend_bos is not None and not isinstance(prepend_bos, bool):
+            raise ArgumentError(f"{caller}: prepend_bos={prepend_bos!r}; pass True, False or None.")
+        if isinstance(input, str) or (isinstance(input, list) and input
+                                      and all(isinstance(t, str) for t in input)):
+            if view.tokenizer() is None:
+                raise ArgumentError(f"{caller}: the model has no tokenizer, so text cannot be "
+                                    "tokenized; pass token ids [batch, pos] instead.")
             kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
             tokens = model.to_tokens(input, **kw)
+        elif isinstance(input, Tensor):
+            tokens = input[None] if input.ndim == 1 else input
+            if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.ndim != 2:
+                raise ArgumentError(f"{caller}: token input must be an integer tensor [batch, pos] "
+                                    f"or [pos]; got dtype {input.dtype}, shape {tuple(input.shape)}.")
+            bad = (tokens < 0) | (tokens >= view.d_vocab_in)
+            if bool(bad.any()):
+                raise TargetError(f"{caller}: token id {int(tokens[bad][0])} is outside the "
+                                  f"vocabulary [0, {view.d_vocab_in}).")
         else:
-            tokens = torch.as_tensor(input)
-            if tokens.ndim == 1:
-                tokens = tokens[None]
+            raise ArgumentError(f"{caller}: input={input!r:.60}; pass a string, a non-empty list of "
+                                "strings, or an integer tensor of token ids.")
+        if tokens.shape[-1] == 0:
+            raise ArgumentError(f"{caller}: the input has no tokens; pass at least one token "
+                                "(an empty string gives none without a BOS token).")
         with torch.no_grad():
             logits, cache = model.run_with_cache(tokens, names_filter=needed_hooks(model))
         return cls(model, cache, tokens=tokens, logits=logits)
 
-    # ------------------------------------------------------------------ checks
-    def _check_same_model(self) -> None:
-        """Recompute layer 0's values from the cache with this model's weights."""
-        view, cache = self.view, self.cache
-        names = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_v"]
-        if view.ln1[0].has_scale:
-            names.append(view.ln1[0].scale_hook)
-        if not all(n in cache for n in names):
-            return
-        v = cache["blocks.0.attn.hook_v"]
-        if v.ndim != 4 or v.shape[2] != view.n_kv_heads or v.shape[3] != view.d_head:
-            raise CacheError(
-                f"LogitPrism: blocks.0.attn.hook_v has shape {tuple(v.shape)}, but this model has "
-                f"{view.n_kv_heads} key/value heads of size {view.d_head}; the cache comes from "
-                "another model. Re-run model.run_with_cache(tokens) with this model."
+    # ------------------------------------------------------------------ the pipeline
+    def _split(self, heads: Any, neurons: Any, by_source: Any, caller: str) -> Split:
+        if not isinstance(by_source, bool):
+            raise ArgumentError(f"{caller}: by_source={by_source!r}; pass True or False.")
+        head_layers = check.layer_set(self.view, heads, "heads", caller)
+        neuron_layers = frozenset() if self.view.attn_only else \
+            check.layer_set(self.view, neurons, "neurons", caller)
+        return Split(heads=head_layers, neurons=neuron_layers, by_source=by_source)
+
+    def _readout(self, target: Any, pos: Any, softcap: Any, caller: str
+                 ) -> tuple[Recorded, FinalReadout, Explained]:
+        check.choice(softcap, "softcap", ("post", "pre"), caller)
+        rec = Recorded(self._rec.cache.for_call(caller), self.tokens, self.logits)
+        fr = final_readout(rec, target, pos)
+        return rec, fr, explain(rec, fr, softcap)
+
+    def _refuse_broken(self, rec: Recorded, values: Tensor, explained: Tensor,
+                       layer_gap: Tensor) -> None:
+        """Refuse a result that is not finite, or whose parts do not add up (a structural
+        problem, not rounding)."""
+        cv = rec.cache
+        if not bool(torch.isfinite(values).all()) or not bool(torch.isfinite(explained).all()):
+            cv.refuse_nonfinite("the decomposition")
+        rtol = _STRUCTURAL_RTOL_LOWP if cv.low_precision else _STRUCTURAL_RTOL[cv.dtype]
+        scale = torch.linalg.vector_norm(values, 1, -1) + explained.abs() + 1.0
+        gap = (values.sum(-1) - explained).abs()
+        if bool((gap > rtol * scale).any()) or \
+                bool((layer_gap.abs().amax(-1) > rtol * scale.amax(-1)).any()):
+            raise CompletenessError(
+                f"{cv.caller}: the terms do not add up to what they explain (gap up to "
+                f"{float(gap.max()):.3g}; split-layer gap up to {float(layer_gap.abs().max()):.3g})."
+                " The cache was probably edited by hooks, or this architecture "
+                f"({cv.view.describe()}) writes to the residual stream in a way tlprisms does "
+                "not know. Nothing was returned; please report the model config."
             )
-        norm = view.ln1[0]
-        x = norm.apply(cache["blocks.0.hook_resid_pre"].to(self.dtype),
-                       cache[norm.scale_hook] if norm.has_scale else None)
-        W_V = view.W_V(0, self.dtype).to(self.device)
-        v_hat = torch.einsum("bpm,gmd->bpgd", x, W_V) + view.b_V(0, self.dtype, self.device)
-        err = float((v_hat - v.to(self.dtype)).abs().max())
-        ref = float(v.abs().max()) + 1e-6
-        tol = 5e-2 if self._low_precision else 1e-3
-        if err > tol * ref:
-            raise CacheError(
-                "LogitPrism: the cache does not come from this model: its layer-0 values "
-                f"(blocks.0.attn.hook_v) differ from ln1(resid_pre) @ W_V + b_V by {err:.3g} "
-                f"(|v| up to {ref:.3g}). Re-run model.run_with_cache(tokens) with this model, "
-                "and do not change its weights in between."
-            )
-        if self.tokens is not None:
-            W_E = view.embed_matrix()
-            emb = W_E[self.tokens.to(W_E.device)].to(self.dtype) * view.embedding_scale()
-            got = cache["hook_embed"].to(self.dtype).to(emb.device)
-            e_err = float((emb - got).abs().max())
-            if e_err > tol * (float(got.abs().max()) + 1e-6):
-                raise CacheError(
-                    "LogitPrism: the cache was not recorded from these tokens (hook_embed differs "
-                    f"from W_E[tokens] by {e_err:.3g}); pass the tokens the cache was recorded with."
-                )
 
-    # ------------------------------------------------------------------ readout
-    def final_readout(self, target: Any, pos: Any, caller: str) -> tuple[Readout, dict]:
-        """The frozen final readout for ``target`` at ``pos`` (see :mod:`tlprisms._readout`)."""
-        return final_readout(self, target, pos, caller)
+    def _result(self, rec: Recorded, values: Tensor, table: ComponentTable, explained: Tensor,
+                positions: Tensor, labels: np.ndarray, explains: str, prism: str) -> Decomposition:
+        return Decomposition(values=values, components=table, logits=explained,
+                             positions=positions, target_labels=labels, explains=explains,
+                             prism=prism, str_tokens=self._str_tokens(), precision=self.precision)
 
-    def _explained(self, readout: Readout, info: dict, softcap: str, caller: str
-                   ) -> tuple[Tensor, Tensor, str]:
-        return explained(self, readout, info, softcap, caller)
-
-
-    # ------------------------------------------------------------------ main entry
-    def _layers(self, layers: LayerSel, caller: str) -> frozenset:
-        L = self.view.n_layers
-        if layers is None:
-            return frozenset(range(L))
-        if isinstance(layers, (int, np.integer)):
-            layers = [int(layers)]
-        out = set()
-        for layer in layers:
-            if not -L <= int(layer) < L:
-                raise PrismError(f"{caller}: layer {layer} is out of range; the model has "
-                                 f"{L} layers (0..{L - 1}).")
-            out.add(int(layer) % L)
-        return frozenset(out)
-
-    def decompose(self, target: Any, pos: Any = -1, *, heads: LayerSel = (),
-                  neurons: LayerSel = (), by_source: bool = True, softcap: str = "post",
-                  name: Optional[str] = None) -> Decomposition:
+    @check.entry
+    def decompose(self, target: Any, pos: Any = -1, *, heads: LayerSelection = (),
+                  neurons: LayerSelection = (), by_source: bool = True, softcap: Softcap = "post"
+                  ) -> Decomposition:
         """The general prism: split the chosen attention layers into heads (x sources) and
         the chosen MLP layers into neurons; every other write stays one term.
 
@@ -203,129 +246,127 @@ class LogitPrism:
                 a list of these (shared by the batch), :class:`PerRow`, an integer tensor
                 ``[batch]``/``[batch, k]`` (per row), or with ``pos="all"`` a tensor
                 ``[batch, pos]`` or :class:`NextToken`.
-            pos: an index (default -1), one index per batch row, or ``"all"``.
-            heads: layers to split into heads (``None`` = all).
-            neurons: layers to split into neurons (``None`` = all).
-            by_source: split heads by source position too.
+            pos: the explained position: an index (default -1), one index per batch row, or
+                ``"all"``.
+            heads: attention layers to split into heads: ``"all"``, a layer, a list of
+                layers, or ``()`` (default) for none.
+            neurons: MLP layers to split into neurons, the same way.
+            by_source: split heads by the source position they read too (default True).
             softcap: for soft-capped models, explain the ``"post"``-cap logit (default) or the
                 ``"pre"``-cap logit.
         """
-        caller = name or "LogitPrism.decompose"
-        head_layers = self._layers(heads, caller)
-        neuron_layers = frozenset() if self.view.attn_only else self._layers(neurons, caller)
-        with torch.no_grad():
-            readout, info = self.final_readout(target, pos, caller)
-            extra = []
-            if info["has_b_U"]:
-                extra.append((info["bias"], ComponentTable.block("b_U")))
-            if info["has_norm_bias"]:
-                extra.append((info["norm_bias"], ComponentTable.block("ln_final.b")))
-            values, table, layer_gap = split_writes(
-                self.view, self.cache, readout, heads=head_layers, neurons=neuron_layers,
-                by_source=by_source, caller=caller, extra=extra)
-            B, P = readout.positions.shape
-            weights, explained, explains = self._explained(readout, info, softcap, caller)
-            k, a = weights.shape[2], weights.shape[3]
-            if a == 1 and bool((weights == 1).all()):
-                values = values.reshape(B, P, k, -1)
-            else:
-                values = torch.einsum("bpkac,bpka->bpkc", values.reshape(B, P, k, a, -1), weights)
-            self._validate(values, explained, layer_gap, caller)
-        atoms = info["atoms"]
-        labels = np.broadcast_to(atoms.labels, (B, P if atoms.labels.shape[1] != 1 else 1, k))
-        return Decomposition(
-            values=values, components=table, logits=explained, positions=readout.positions,
-            target_labels=np.array(labels), explains=explains, prism=name_of(caller),
-            str_tokens=self._str_tokens())
+        return self._decompose(target, pos, heads, neurons, by_source, softcap,
+                               "LogitPrism.decompose")
 
-    def _validate(self, values: Tensor, explained: Tensor, layer_gap: Tensor, caller: str) -> None:
-        """Refuse a result whose parts do not add up (a structural problem, not rounding)."""
-        rtol = _STRUCTURAL_RTOL_LOWP if self._low_precision else _STRUCTURAL_RTOL[self.dtype]
-        scale = torch.linalg.vector_norm(values, 1, -1) + explained.abs() + 1.0
-        gap = (values.sum(-1) - explained).abs()
-        if bool((gap > rtol * scale).any()) or bool((layer_gap.abs().amax(-1) > rtol * scale.amax(-1)).any()):
-            raise CompletenessError(
-                f"{caller}: the terms do not add up to what they explain (gap up to "
-                f"{float(gap.max()):.3g}; split-layer gap up to {float(layer_gap.abs().max()):.3g})."
-                " The cache was probably edited by hooks, recorded from another model or input, "
-                "or this architecture writes to the residual stream in a way tlprisms does not "
-                "know. Nothing was returned; please report the model config."
-            )
+    def _decompose(self, target: Any, pos: Any, heads: Any, neurons: Any, by_source: Any,
+                   softcap: Any, caller: str) -> Decomposition:
+        split = self._split(heads, neurons, by_source, caller)
+        with torch.no_grad():
+            rec, fr, ex = self._readout(target, pos, softcap, caller)
+            extra = []
+            if fr.has_b_U:
+                extra.append((fr.bias, ComponentTable.block("b_U")))
+            if fr.has_norm_bias:
+                extra.append((fr.norm_bias, ComponentTable.block("ln_final.b")))
+            terms = split_writes(rec.cache, fr.readout, split, extra=extra)
+            B, P = fr.readout.positions.shape
+            k = ex.weights.shape[2]
+            values = terms.values.reshape(B, P, k, -1) if ex.trivial else \
+                weigh(terms.values, ex.weights)
+            self._refuse_broken(rec, values, ex.values, terms.layer_gap)
+        labels = fr.atoms.labels
+        labels = np.broadcast_to(labels, (B, P if labels.shape[1] != 1 else 1, k))
+        return self._result(rec, values, terms.table, ex.values, fr.readout.positions,
+                            np.array(labels), ex.explains, caller.split(".")[-1])
 
     def _str_tokens(self) -> Optional[list]:
-        tok = self.view.tokenizer()
-        if self.tokens is None or tok is None:
+        if self.tokens is None or self.view.tokenizer() is None:
             return None
-        return [[tok.decode([int(t)]) for t in row] for row in self.tokens.cpu()]
+        return [[self.view.token_label(int(t), quote=False) for t in row]
+                for row in self.tokens.cpu()]
 
     # ------------------------------------------------------------------ presets
-    def residual(self, target: Any, pos: Any = -1, *, softcap: str = "post") -> Decomposition:
+    @check.entry
+    def residual(self, target: Any, pos: Any = -1, *, softcap: Softcap = "post"
+                 ) -> Decomposition:
         """One term per embedding, attention layer and MLP layer, plus the bias terms."""
-        return self.decompose(target, pos, heads=(), neurons=(), softcap=softcap,
-                              name="LogitPrism.residual")
+        return self._decompose(target, pos, (), (), True, softcap, "LogitPrism.residual")
 
-    def heads(self, target: Any, pos: Any = -1, layers: LayerSel = None, *,
-              by_source: bool = True, softcap: str = "post") -> Decomposition:
-        """Attention layers (all, or ``layers``) split into heads x source positions."""
-        return self.decompose(target, pos, heads=layers, neurons=(), by_source=by_source,
-                              softcap=softcap, name="LogitPrism.heads")
+    @check.entry
+    def heads(self, target: Any, pos: Any = -1, layers: LayerSelection = "all", *,
+              by_source: bool = True, softcap: Softcap = "post") -> Decomposition:
+        """Attention layers (``layers``, default all) split into heads x source positions."""
+        return self._decompose(target, pos, layers, (), by_source, softcap, "LogitPrism.heads")
 
-    def neurons(self, target: Any, pos: Any = -1, layers: LayerSel = None, *,
-                softcap: str = "post") -> Decomposition:
-        """MLP layers (all, or ``layers``) split into neurons."""
-        return self.decompose(target, pos, heads=(), neurons=layers, softcap=softcap,
-                              name="LogitPrism.neurons")
+    @check.entry
+    def neurons(self, target: Any, pos: Any = -1, layers: LayerSelection = "all", *,
+                softcap: Softcap = "post") -> Decomposition:
+        """MLP layers (``layers``, default all) split into neurons."""
+        return self._decompose(target, pos, (), layers, True, softcap, "LogitPrism.neurons")
 
-    def full(self, target: Any, pos: Any = -1, *, softcap: str = "post") -> Decomposition:
+    @check.entry
+    def full(self, target: Any, pos: Any = -1, *, softcap: Softcap = "post") -> Decomposition:
         """Every head x source and every neuron at once."""
-        return self.decompose(target, pos, heads=None, neurons=None, softcap=softcap,
-                              name="LogitPrism.full")
+        return self._decompose(target, pos, "all", "all", True, softcap, "LogitPrism.full")
 
     # ------------------------------------------------------------------ chained prisms
-    def chain(self, target: Any, path: Sequence[Any], pos: Any = -1, *, heads: LayerSel = (),
-              neurons: LayerSel = (), by_source: bool = False, softcap: str = "post"
-              ) -> Decomposition:
+    @check.entry
+    def chain(self, target: Any, path: Sequence[Any], pos: Any = -1, *,
+              heads: LayerSelection = (), neurons: LayerSelection = (), by_source: bool = True,
+              softcap: Softcap = "post") -> Decomposition:
         """Follow a path of hops (:class:`Hop`) back from the logit and split the last one.
 
         ``path=[Hop("head", 5, 1, src=3), Hop("neuron", 2, 40)]`` explains neuron L2N40's
         contribution, at position 3, to head L5H1's term. Each hop's result sums exactly to
-        the term it splits; components carry ``pos``, the residual position they wrote at.
-        ``heads``/``neurons``/``by_source`` choose how the last hop's sources are split.
+        the term it splits; components carry ``at``, the residual position they wrote at.
+        ``heads``/``neurons``/``by_source`` choose how the last hop's writers are split.
         """
-        from tlprisms._chain import Hop, run_chain
+        return self._chain(target, path, pos, heads, neurons, by_source, softcap,
+                           "LogitPrism.chain")
 
+    def _chain(self, target: Any, path: Any, pos: Any, heads: Any, neurons: Any,
+               by_source: Any, softcap: Any, caller: str) -> Decomposition:
+        if isinstance(path, (Hop, str)) or not isinstance(path, Sequence):
+            raise ArgumentError(f"{caller}: path={path!r:.80}; pass a list of tlprisms.Hop, e.g. "
+                                "[tp.Hop('head', 5, 1, src=3), tp.Hop('neuron', 2, 40)].")
         hops = [h if isinstance(h, Hop) else Hop(*h) for h in path]
-        caller = "LogitPrism.chain"
-        return run_chain(self, target, pos, hops, heads=self._layers(heads, caller),
-                         neurons=self._neuron_layers(neurons, caller), by_source=by_source,
-                         softcap=softcap, caller=caller)
+        split = self._split(heads, neurons, by_source, caller)
+        with torch.no_grad():
+            rec, fr, ex = self._readout(target, pos, softcap, caller)
+            ct = run_chain(rec, fr, ex, hops, split)
+            self._refuse_broken(rec, ct.values, ct.term, torch.zeros_like(ct.term))
+        name = " > ".join(str(h) for h in hops)
+        B, k = ct.values.shape[0], ct.values.shape[2]
+        labels = np.array(np.broadcast_to(fr.atoms.labels, (B, 1, k)))
+        return self._result(rec, ct.values, ct.table, ct.term, ct.positions, labels,
+                            f"{ex.explains} term of {name}", f"through {name}")
 
+    @check.entry
     def through_head(self, layer: int, head: int, target: Any, pos: Any = -1, *,
-                     src: Optional[int] = None, heads: LayerSel = (), neurons: LayerSel = (),
-                     by_source: bool = False, softcap: str = "post") -> Decomposition:
+                     src: Optional[int] = None, heads: LayerSelection = (),
+                     neurons: LayerSelection = (), by_source: bool = True,
+                     softcap: Softcap = "post") -> Decomposition:
         """Split head ``(layer, head)``'s term by source position and by what wrote into the
         residual stream there (embed, pos_embed, earlier attention/MLP layers, or their heads
         and neurons when ``heads``/``neurons`` name layers). Totals the head's term in
         :meth:`heads`.
         """
-        from tlprisms._chain import Hop
+        return self._chain(target, [Hop("head", layer, head, src)], pos, heads, neurons,
+                           by_source, softcap, "LogitPrism.through_head")
 
-        return self.chain(target, [Hop("head", layer, head, src)], pos, heads=heads,
-                          neurons=neurons, by_source=by_source, softcap=softcap)
-
+    @check.entry
     def through_neuron(self, layer: int, neuron: int, target: Any, pos: Any = -1, *,
-                       heads: LayerSel = (), neurons: LayerSel = (), by_source: bool = False,
-                       softcap: str = "post") -> Decomposition:
+                       heads: LayerSelection = (), neurons: LayerSelection = (),
+                       by_source: bool = True, softcap: Softcap = "post") -> Decomposition:
         """Split neuron ``(layer, neuron)``'s term by what wrote into the residual stream it
         reads, with its activation gate held fixed. Totals the neuron's term in :meth:`neurons`."""
-        from tlprisms._chain import Hop
+        return self._chain(target, [Hop("neuron", layer, neuron)], pos, heads, neurons,
+                           by_source, softcap, "LogitPrism.through_neuron")
 
-        return self.chain(target, [Hop("neuron", layer, neuron)], pos, heads=heads,
-                          neurons=neurons, by_source=by_source, softcap=softcap)
-
-    def readout(self, vector: Tensor, layer: int, pos: Any = -1, *, at: str = "ln1",
-                bias: Any = None, heads: LayerSel = (), neurons: LayerSel = (),
-                by_source: bool = False) -> Decomposition:
+    @check.entry
+    def readout(self, vector: Tensor, layer: int, pos: Any = -1, *, at: ReadAt = "ln1",
+                bias: Any = None, heads: LayerSelection = (), neurons: LayerSelection = (),
+                by_source: bool = True) -> Decomposition:
         """Decompose any linear read ``norm(x) . vector + bias`` of the residual stream.
 
         Args:
@@ -337,23 +378,18 @@ class LogitPrism:
                 read the raw stream.
             bias: a constant added to the read (e.g. ``b_in[n]``).
         """
-        from tlprisms._chain import run_readout
-
         caller = "LogitPrism.readout"
+        split = self._split(heads, neurons, by_source, caller)
+        rec = Recorded(self._rec.cache.for_call(caller), self.tokens, self.logits)
         with torch.no_grad():
-            return run_readout(self, vector, layer, pos, at, bias,
-                               heads=self._layers(heads, caller),
-                               neurons=self._neuron_layers(neurons, caller), by_source=by_source,
-                               caller=caller)
-
-    def _neuron_layers(self, layers: LayerSel, caller: str) -> frozenset:
-        return frozenset() if self.view.attn_only else self._layers(layers, caller)
+            rt = read_at(rec, vector, layer, pos, at, bias, split)
+            self._refuse_broken(rec, rt.terms.values, rt.explained, rt.terms.layer_gap)
+        K = rt.explained.shape[-1]
+        labels = np.array([[[f"u{k}@{at}{rt.layer}" for k in range(K)]]], dtype=object)
+        return self._result(rec, rt.terms.values, rt.terms.table, rt.explained, rt.positions,
+                            labels, f"readout at {at} of layer {rt.layer}", "readout")
 
     def __repr__(self) -> str:
         v = self.view
         return (f"LogitPrism({type(self.model).__name__}, {v.n_layers} layers, batch {self.batch}"
                 f" x {self.n_ctx} tokens)")
-
-
-def name_of(caller: str) -> str:
-    return caller.split(".")[-1] if caller.startswith("LogitPrism.") else caller

@@ -16,8 +16,9 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
-from tlprisms._errors import CompletenessError, PrismError
-from tlprisms._result import ATOL_FLOAT32, ComponentTable, Decomposition
+from tlprisms import _validate as check_arg
+from tlprisms._errors import ArgumentError
+from tlprisms._result import ComponentTable, Decomposition
 from tlprisms._seam import needed_hooks
 from tlprisms._targets import PerRow
 from tlprisms.prism import LogitPrism
@@ -37,24 +38,28 @@ class TaskResult:
     answers: list
     explains: str = "logit"
     meta: dict = field(default_factory=dict)
+    precision: str = "float32"
 
-    def check(self, atol: Union[int, float] = ATOL_FLOAT32,
-              rtol: Union[int, float] = ATOL_FLOAT32) -> "TaskResult":
-        """Raise unless every prompt's terms add up to its logit."""
-        gap = (self.values.sum(-1) - self.logits).abs()
-        bad = gap > atol + rtol * self.logits.abs()
-        if bool(bad.any()):
-            i = int(torch.nonzero(bad)[0, 0])
-            raise CompletenessError(f"check: prompt {i} ({self.prompts[i]!r}) misses its logit "
-                                    f"by {float(gap[i]):.3g}.")
+    @check_arg.entry
+    def check(self, atol: Optional[Union[int, float]] = None,
+              rtol: Optional[Union[int, float]] = None) -> "TaskResult":
+        """Raise unless every prompt's terms add up to its logit (the bound of
+        :meth:`Decomposition.check`)."""
+        self.decomposition().check(atol, rtol)
         return self
 
-    def summary(self, top_k: int = 10, constants: bool = False) -> Any:
+    @check_arg.entry
+    def summary(self, k: int = 10, constants: bool = False, *,
+                top_k: Optional[int] = None) -> Any:
         """One row per component: mean, std, min, max of its term across prompts, its mean
-        share of the logit, and the fraction of prompts where it is among the ``top_k`` by |term|.
-        Sorted by mean |term|."""
+        share of the logit, and the fraction of prompts where it is among the ``k`` largest
+        by |term| (column ``frac_top{k}``). Sorted by mean |term|. ``top_k`` is the
+        deprecated name of ``k``."""
         import pandas as pd
 
+        k = check_arg.count(check_arg.renamed("summary", "top_k", "k", top_k, k, 10), "k",
+                            "summary")
+        top_k = k
         v = self.values.detach().double().cpu().numpy()
         keep = np.ones(v.shape[1], dtype=bool) if constants else ~self.components.is_constant()
         absv = np.where(keep[None], np.abs(v), -np.inf)
@@ -79,8 +84,9 @@ class TaskResult:
         return Decomposition(values=self.values[:, None, None, :], components=self.components,
                              logits=self.logits[:, None, None],
                              positions=torch.as_tensor(self.meta.get("positions", [0] * n))[:, None],
-                             target_labels=np.asarray(self.answers, dtype=object).reshape(n, 1, 1),
-                             explains=self.explains, prism="task")
+                             target_labels=np.asarray(list(map(str, self.answers)),
+                                                      dtype=object).reshape(n, 1, 1),
+                             explains=self.explains, prism="task", precision=self.precision)
 
     def to_frame(self) -> Any:
         """Long table: prompt, answer, component fields, value."""
@@ -98,7 +104,7 @@ class TaskResult:
         })
 
     def __repr__(self) -> str:
-        s = self.summary(top_k=5).head(5)
+        s = self.summary(k=5).head(5)
         lines = [f"TaskResult({len(self.prompts)} prompts, {self.values.shape[1]} components; "
                  f"explains {self.explains}; max |gap| "
                  f"{float((self.values.sum(-1) - self.logits).abs().max()):.2g})"]
@@ -120,8 +126,9 @@ class TaskResult:
         return render.to_html(self)
 
 
+@check_arg.entry
 def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
-                 heads: Any = None, neurons: Any = None, batch_size: int = 16,
+                 heads: Any = (), neurons: Any = (), batch_size: int = 16,
                  progress: bool = True, softcap: str = "post",
                  prepend_bos: Optional[bool] = None) -> TaskResult:
     """Decompose each prompt's answer logit at its last token, in batches.
@@ -130,28 +137,36 @@ def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
         prompts: the task's prompts (any lengths).
         answers: one target per prompt: a single-token string, a token id, or a
             :class:`~tlprisms.LogitDiff` (e.g. the right answer minus a distractor).
-        heads / neurons: layers to split (default: all); others stay one term per layer.
+        heads / neurons: layers to split into heads (summed over sources) / neurons:
+            ``"all"``, a layer, a list of layers, or ``()`` (default) for none.
         batch_size: prompts per forward pass; memory is bounded by this.
         progress: show a progress bar (tqdm).
     """
+    caller = "explain_task"
+    if isinstance(prompts, str) or isinstance(answers, str):
+        raise ArgumentError(f"{caller}: prompts and answers must be lists (one answer per "
+                            "prompt), not a single string; wrap them in lists.")
     prompts, answers = list(prompts), list(answers)
     if len(prompts) != len(answers):
-        raise PrismError(f"explain_task: {len(prompts)} prompts but {len(answers)} answers; give "
-                         "one answer per prompt.")
+        raise ArgumentError(f"{caller}: {len(prompts)} prompts but {len(answers)} answers; give "
+                            "one answer per prompt.")
     if not prompts:
-        raise PrismError("explain_task: no prompts.")
-    if batch_size < 1:
-        raise PrismError(f"explain_task: batch_size={batch_size}; use 1 or more.")
+        raise ArgumentError(f"{caller}: no prompts; give at least one.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p:
+            raise ArgumentError(f"{caller}: prompt {i} is {p!r}; every prompt must be a "
+                                "non-empty string.")
+    batch_size = check_arg.count(batch_size, "batch_size", caller)
     kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
     names = needed_hooks(model, ("residual", "heads", "neurons"))
     starts = range(0, len(prompts), batch_size)
     if progress:
         from tqdm import tqdm  # plain bar: tqdm.auto warns in Jupyter without ipywidgets
 
-        starts = tqdm(starts, desc="explain_task", unit="batch")
+        starts = tqdm(starts, desc=caller, unit="batch")
     values, logits, positions = [], [], []
     table = None
-    explains = "logit"
+    explains, precision = "logit", "float32"
     for start in starts:
         batch = prompts[start:start + batch_size]
         lengths = [model.to_tokens(p, **kw).shape[-1] for p in batch]
@@ -161,15 +176,14 @@ def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
         prism = LogitPrism(model, cache, tokens=tokens, logits=out)
         pos = [n - 1 for n in lengths]
         r = prism.decompose(PerRow(answers[start:start + batch_size]), pos, heads=heads,
-                            neurons=neurons, by_source=False, softcap=softcap,
-                            name="explain_task")
+                            neurons=neurons, by_source=False, softcap=softcap)
         if table is None:
             table = r.components
         values.append(r.values[:, 0, 0, :].detach())
         logits.append(r.logits[:, 0, 0].detach())
         positions += pos
-        explains = r.explains
+        explains, precision = r.explains, r.precision
         del cache, out, prism, r
     return TaskResult(values=torch.cat(values), logits=torch.cat(logits), components=table,
                       prompts=prompts, answers=answers, explains=explains,
-                      meta={"positions": positions})
+                      meta={"positions": positions}, precision=precision)

@@ -20,9 +20,10 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
-from tlprisms._errors import PrismError, TargetError
+from tlprisms import _validate as check
+from tlprisms._errors import ArgumentError, TargetError
 from tlprisms._seam import ModelView
-from tlprisms._targets import _to_id
+from tlprisms._targets import token_id
 
 __all__ = ["TokenMap", "TokenProjection", "ov_map", "neuron_templates", "unembed_map"]
 
@@ -36,10 +37,8 @@ def _ids(view: ModelView, tokens: Tokens, what: str, caller: str) -> tuple[list[
     items = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
     if not items:
         raise TargetError(f"{caller}: {what} is empty; give at least one token.")
-    ids = [_to_id(view, t, caller) for t in items]
-    tok = view.tokenizer()
-    labels = [tok.decode([i]) if tok is not None else f"#{i}" for i in ids]
-    return ids, labels
+    ids = [token_id(view, t, caller, what=f"{what} entry") for t in items]
+    return ids, [view.token_label(i, quote=False) for i in ids]
 
 
 def _readout_columns(view: ModelView, ids: list[int], dtype: torch.dtype) -> Tensor:
@@ -48,8 +47,7 @@ def _readout_columns(view: ModelView, ids: list[int], dtype: torch.dtype) -> Ten
 
 
 def _embeddings(view: ModelView, ids: list[int], layer_norm: Any, dtype: torch.dtype) -> Tensor:
-    W_E = view.embed_matrix()
-    e = W_E[torch.tensor(ids, device=W_E.device)].to(dtype) * view.embedding_scale()
+    e = view.embed_rows(torch.tensor(ids), dtype)
     if layer_norm is None or not layer_norm.has_scale:
         return e
     return layer_norm.apply(e, eps=float(getattr(view.cfg, "eps", 1e-5) or 1e-5))
@@ -95,9 +93,9 @@ class TokenMap:
         """``sum_row weights[row] * values[row]``: e.g. neuron templates weighted by activations."""
         w = self.weights if weights is None else torch.as_tensor(weights, dtype=self.values.dtype)
         if w is None:
-            raise PrismError("weighted_sum: no weights; pass activations, one per row.")
+            raise ArgumentError("weighted_sum: no weights; pass activations, one per row.")
         if w.shape[-1] != self.values.shape[0]:
-            raise PrismError(f"weighted_sum: {w.shape[-1]} weights for {self.values.shape[0]} rows.")
+            raise ArgumentError(f"weighted_sum: {w.shape[-1]} weights for {self.values.shape[0]} rows.")
         return w.to(self.values.dtype) @ self.values
 
     def to_frame(self) -> Any:
@@ -160,13 +158,7 @@ class TokenProjection:
         return render.to_html(self)
 
 
-def _check_layer(view: ModelView, layer: int, caller: str) -> int:
-    if not -view.n_layers <= layer < view.n_layers:
-        raise PrismError(f"{caller}: layer {layer} is out of range; the model has "
-                         f"{view.n_layers} layers (0..{view.n_layers - 1}).")
-    return layer % view.n_layers
-
-
+@check.entry
 def ov_map(model: Any, layer: int, head: int, src_tokens: Tokens, dst_tokens: Tokens, *,
            dtype: torch.dtype = torch.float32) -> TokenMap:
     """The OV circuit of head ``(layer, head)`` between two token sets.
@@ -178,15 +170,13 @@ def ov_map(model: Any, layer: int, head: int, src_tokens: Tokens, dst_tokens: To
     """
     caller = "ov_map"
     view = ModelView(model)
-    layer = _check_layer(view, layer, caller)
-    if not 0 <= head < view.n_heads:
-        raise PrismError(f"{caller}: head {head} is out of range; layer {layer} has "
-                         f"{view.n_heads} heads (0..{view.n_heads - 1}).")
+    layer = check.layer(view, layer, caller)
+    head = check.head(view, head, caller)
     src, src_labels = _ids(view, src_tokens, "src_tokens", caller)
     dst, dst_labels = _ids(view, dst_tokens, "dst_tokens", caller)
     with torch.no_grad():
         E = _embeddings(view, src, view.ln1[layer], dtype)  # [s, d]
-        g = head // (view.n_heads // view.n_kv_heads)
+        g = view.kv_group(head)
         W_V = view.W_V(layer, dtype).to(E.device)[g]
         W_O = view.W_O(layer, dtype).to(E.device)[head]
         U = _readout_columns(view, dst, dtype).to(E.device)  # [t, d]
@@ -198,6 +188,7 @@ def ov_map(model: Any, layer: int, head: int, src_tokens: Tokens, dst_tokens: To
                     title=f"OV map of L{layer}H{head}", meta={"layer": layer, "head": head})
 
 
+@check.entry
 def neuron_templates(model: Any, layer: int, neurons: Sequence[int], tokens: Tokens, *,
                      activations: Optional[Tensor] = None,
                      dtype: torch.dtype = torch.float32) -> TokenMap:
@@ -208,14 +199,12 @@ def neuron_templates(model: Any, layer: int, neurons: Sequence[int], tokens: Tok
     """
     caller = "neuron_templates"
     view = ModelView(model)
-    layer = _check_layer(view, layer, caller)
-    neurons = [int(n) for n in neurons]
+    layer = check.layer(view, layer, caller)
+    if check.is_index(neurons) or isinstance(neurons, str):
+        raise ArgumentError(f"{caller}: neurons={neurons!r}; pass a list of neuron indices.")
+    neurons = [check.neuron(view, n, caller) for n in neurons]
     if not neurons:
-        raise PrismError(f"{caller}: no neurons given.")
-    bad = [n for n in neurons if not 0 <= n < view.d_mlp]
-    if bad:
-        raise PrismError(f"{caller}: neurons {bad} are out of range; layer {layer} has "
-                         f"{view.d_mlp} neurons (0..{view.d_mlp - 1}).")
+        raise ArgumentError(f"{caller}: no neurons given; pass a list of neuron indices.")
     ids, labels = _ids(view, tokens, "tokens", caller)
     with torch.no_grad():
         W_out = view.W_out(layer, dtype)[neurons]  # [n, d]
@@ -228,12 +217,15 @@ def neuron_templates(model: Any, layer: int, neurons: Sequence[int], tokens: Tok
     if activations is not None:
         w = torch.as_tensor(activations).detach().to(values.device, dtype).reshape(-1)
         if w.shape[0] != len(neurons):
-            raise PrismError(f"{caller}: {w.shape[0]} activations for {len(neurons)} neurons.")
+            raise ArgumentError(f"{caller}: {w.shape[0]} activations for {len(neurons)} neurons; "
+                                "give one activation per neuron.")
+        check.finite(w, "activations", caller)
     return TokenMap(values=values, rows=[f"L{layer}N{n}" for n in neurons], cols=labels,
                     title=f"templates of layer {layer} neurons", weights=w,
                     meta={"layer": layer, "neurons": neurons})
 
 
+@check.entry
 def unembed_map(model: Any, tokens: Tokens, *, dtype: torch.dtype = torch.float32) -> TokenProjection:
     """A 2-D PCA projection of the tokens' readout columns ``P(w_final * W_U[:, t])``."""
     caller = "unembed_map"

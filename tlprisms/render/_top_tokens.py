@@ -25,9 +25,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tlprisms._errors import PrismError
+from tlprisms import _validate as check
+from tlprisms._errors import ArgumentError, PositionError
 from tlprisms._result import Component
-from tlprisms._seam import NormSpec, cache_get
+from tlprisms._seam import CacheView, NormSpec, Site
+from tlprisms.prism import LogitPrism
 from tlprisms.render._svg import bar_svg
 from tlprisms.render._views_base import Figure
 
@@ -72,34 +74,30 @@ def component_write(prism: Any, component: Component, batch: int, pos: int
                     ) -> Float[Tensor, "d_model"]:
     """What ``component`` writes into the residual stream at ``(batch, pos)`` (see module)."""
     caller = "top_tokens"
-    view, cache, dtype = prism.view, prism.cache, prism.dtype
+    cv = CacheView(prism.view, prism.cache, caller)
+    view, dtype = cv.view, cv.dtype
     kind, layer = component.kind, component.layer
     b, i = batch, pos
+    here = torch.tensor([[i]], device=cv.device).expand(cv.batch, 1)
 
-    def get(name: str) -> Tensor:
-        return cache_get(cache, name, caller)
-
-    if kind in ("head", "neuron", "attn", "mlp") and not 0 <= layer < view.n_layers:
-        raise PrismError(f"{caller}: {component} has layer {layer}; the model has layers "
-                         f"0..{view.n_layers - 1}.")
+    if kind in ("head", "neuron", "attn", "mlp"):
+        layer = check.layer(view, layer, caller)
     if kind == "embed":
-        return get("hook_embed")[b, i].to(dtype)
+        return cv.get(Site.EMBED)[b, i].to(dtype)
     if kind == "pos_embed":
-        pe = get("hook_pos_embed")
+        pe = cv.get(Site.POS_EMBED)
         return pe[b if pe.shape[0] > 1 else 0, i].to(dtype)
     is_attn = kind in ("head", "attn")
     post = (view.ln1_post if is_attn else view.ln2_post)[layer] if kind in (
         "head", "neuron", "attn", "mlp") else None
     scale = None
     if post is not None and post.has_scale:
-        scale = get(post.scale_hook)[b, i].to(dtype)
+        scale = cv.scale(post, here)[b, 0]
     if kind == "head":
-        if not 0 <= component.head < view.n_heads:
-            raise PrismError(f"{caller}: {component} has head {component.head}; layer {layer} "
-                             f"has heads 0..{view.n_heads - 1}.")
-        A = get(f"blocks.{layer}.attn.hook_pattern")[b, component.head, i].to(dtype)  # [src]
-        v = get(f"blocks.{layer}.attn.hook_v")[b].to(dtype)  # [src, kv_head, d_head]
-        g = component.head // (view.n_heads // view.n_kv_heads)
+        head = check.head(view, component.head, caller)
+        A = cv.get(Site.PATTERN, layer)[b, head, i].to(dtype)  # [src]
+        v = cv.get(Site.V, layer)[b].to(dtype)  # [src, kv_head, d_head]
+        g = view.kv_group(head)
         if component.src >= 0:
             z = A[component.src] * v[component.src, g]
         else:
@@ -107,32 +105,32 @@ def component_write(prism: Any, component: Component, batch: int, pos: int
         raw = z @ view.W_O(layer, dtype).to(z.device)[component.head]
         return _post_map(post, raw, scale)
     if kind == "neuron":
-        if view.attn_only or not 0 <= component.neuron < view.d_mlp:
-            raise PrismError(f"{caller}: {component} is not a neuron of this model "
-                             f"(d_mlp={view.d_mlp}).")
-        act = get(f"blocks.{layer}.mlp.hook_post")[b, i, component.neuron].to(dtype)
+        check.neuron(view, component.neuron, caller)
+        act = cv.get(Site.MLP_POST, layer)[b, i, component.neuron].to(dtype)
         raw = act * view.W_out(layer, dtype).to(act.device)[component.neuron]
         return _post_map(post, raw, scale)
     if kind in ("attn", "mlp"):
-        out = get(f"blocks.{layer}.hook_{kind}_out")[b, i].to(dtype)
+        out = cv.get(Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT, layer)[b, i].to(dtype)
         bias = (view.b_O if kind == "attn" else view.b_out)(layer, dtype, out.device)
         out = out - _post_map(post, bias, scale)
         if post is not None and post.bias is not None:
             out = out - post.bias.to(out.device, dtype)
         return out
-    raise PrismError(f"{caller}: cannot read out a component of kind {kind!r}; use a head, "
-                     "neuron, attn, mlp, embed or pos_embed component (e.g. "
-                     "Component('head', layer=1, head=3)).")
+    raise ArgumentError(f"{caller}: cannot read out a component of kind {kind!r}; use a head, "
+                        "neuron, attn, mlp, embed or pos_embed component (e.g. "
+                        "Component('head', layer=1, head=3)).")
 
 
 def vocab_readout(prism: Any, write: Tensor, batch: int, pos: int
                   ) -> Float[Tensor, "d_vocab"]:
     """``write`` read out on every token through the frozen final norm (pre-softcap, no bias)."""
-    view, dtype = prism.view, prism.dtype
+    cv = CacheView(prism.view, prism.cache, "top_tokens")
+    view, dtype = cv.view, cv.dtype
     norm = view.final_norm
-    inv_s = 1.0
+    inv_s: Any = 1.0
     if norm.has_scale:
-        inv_s = 1.0 / cache_get(prism.cache, norm.scale_hook, "top_tokens")[batch, pos, 0].to(dtype)
+        here = torch.tensor([[pos]], device=cv.device).expand(cv.batch, 1)
+        inv_s = cv.inv_scale_or_one(norm, here)[batch, 0]
     out = torch.empty(view.d_vocab, dtype=dtype, device=write.device)
     for start in range(0, view.d_vocab, _CHUNK):
         ids = torch.arange(start, min(start + _CHUNK, view.d_vocab))
@@ -141,16 +139,7 @@ def vocab_readout(prism: Any, write: Tensor, batch: int, pos: int
     return out
 
 
-def _token_str(prism: Any, i: int) -> str:
-    tok = prism.view.tokenizer()
-    if tok is None:
-        return f"#{i}"
-    try:
-        return str(tok.decode([i]))
-    except Exception:  # a tokenizer that cannot decode one id alone: show the id
-        return f"#{i}"
-
-
+@check.entry
 def top_tokens(prism: Any, component: Component, *, batch: int = 0, pos: int = -1,
                k: int = 10) -> TopTokens:
     """The tokens ``component`` promotes and suppresses most at ``(batch, pos)``.
@@ -173,28 +162,28 @@ def top_tokens(prism: Any, component: Component, *, batch: int = 0, pos: int = -
     """
     caller = "top_tokens"
     if not isinstance(component, Component):
-        raise PrismError(f"{caller}: component must be a tlprisms Component, e.g. "
+        raise ArgumentError(f"{caller}: component must be a tlprisms Component, e.g. "
                          f"Component('head', layer=1, head=3); got {type(component).__name__}.")
-    if component.pos >= 0:
-        raise PrismError(f"{caller}: {component} is a chained term (written at position "
-                         f"{component.pos}); top_tokens reads direct writes only. Pass the "
-                         "component without pos, and pos= the position to read at.")
-    if not hasattr(prism, "view") or not hasattr(prism, "cache"):
-        raise PrismError(f"{caller}: the first argument must be the LogitPrism "
-                         f"(tlprisms.LogitPrism(model, cache)); got {type(prism).__name__}.")
-    if not -prism.batch <= batch < prism.batch:
-        raise PrismError(f"{caller}: batch={batch} is out of range for a batch of {prism.batch}.")
-    if not -prism.n_ctx <= pos < prism.n_ctx:
-        raise PrismError(f"{caller}: pos={pos} is out of range for {prism.n_ctx} positions.")
-    b, i = batch % prism.batch, pos % prism.n_ctx
+    if component.at >= 0:
+        raise ArgumentError(f"{caller}: {component} is a chained term (written at position "
+                            f"{component.at}); top_tokens reads direct writes only. Pass the "
+                            "component without at, and pos= the position to read at.")
+    if not isinstance(prism, LogitPrism):
+        raise ArgumentError(f"{caller}: the first argument must be the LogitPrism "
+                            f"(tlprisms.LogitPrism(model, cache)); got {type(prism).__name__}.")
+    b = check.in_range(batch, prism.batch, "batch", caller, of=f" (a batch of {prism.batch})")
+    i = check.in_range(pos, prism.n_ctx, "position", caller, PositionError,
+                       of=f" for inputs of {prism.n_ctx} tokens")
+    k = check.count(k, "k", caller)
     with torch.no_grad():
         values = vocab_readout(prism, component_write(prism, component, b, i), b, i)
-    k = max(1, min(int(k), values.shape[0]))
+    k = min(k, values.shape[0])
     up = torch.topk(values, k)
     down = torch.topk(-values, k)
-    promoted = [(_token_str(prism, int(t)), int(t), float(v))
+    label = prism.view.token_label
+    promoted = [(label(int(t), quote=False), int(t), float(v))
                 for v, t in zip(up.values, up.indices)]
-    suppressed = [(_token_str(prism, int(t)), int(t), -float(v))
+    suppressed = [(label(int(t), quote=False), int(t), -float(v))
                   for v, t in zip(down.values, down.indices)]
     rows = promoted + suppressed[::-1]
     quote = repr if prism.view.tokenizer() is not None else str  # quotes show leading spaces

@@ -9,15 +9,16 @@ are read per layer and cast on demand, so a bf16 gemma-2b never has a float32 co
 its MLP weights alive at once.
 """
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from tlprisms._errors import CacheError, UnsupportedModelError
+from tlprisms._errors import UnsupportedModelError
+from tlprisms._seam._hooks import Site, hook_name
+from tlprisms._seam._norms import NormSpec, param, read_norm
 
-__all__ = ["ModelView", "NormSpec", "needed_hooks"]
+__all__ = ["ModelView", "architecture_name"]
 
 _REFUSED_ARCH_WORDS = ("moe", "mixtral", "mamba", "rwkv", "jamba", "t5", "bart", "whisper",
                        "encoder", "recurrent", "falcon_h", "granitemoe", "zamba", "lfm2",
@@ -26,80 +27,12 @@ _SUPPORTED_ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu",
                    "swish", "solu_ln", "quick_gelu")
 
 
-@dataclass(frozen=True)
-class NormSpec:
-    """One normalisation, frozen at its cached scale: ``w * P(x) / s + b``.
-
-    Attributes:
-        name: its hook prefix, e.g. ``"blocks.3.ln1"``.
-        centred: LayerNorm-type (subtract the mean over ``d_model``) or RMS-type.
-        weight: the effective per-dimension weight (``1 + w`` already applied for Gemma), or
-            ``None`` when the norm has no weight (folded ``LNPre``/``RMSPre``).
-        bias: the bias, or ``None``.
-        has_scale: False only for models with no normalisation at all.
-    """
-
-    name: str
-    centred: bool
-    weight: Optional[Tensor]
-    bias: Optional[Tensor]
-    has_scale: bool = True
-
-    @property
-    def scale_hook(self) -> str:
-        return f"{self.name}.hook_scale"
-
-    def pull_back(self, u: Tensor) -> Tensor:
-        """The readout on the norm's input for a readout ``u`` on its output, times ``s``.
-
-        Returns ``P(w * u)``; divide by the cached scale to finish the pull-back.
-        """
-        if self.weight is not None:
-            u = u * self.weight.to(u.dtype)
-        if self.centred:
-            u = u - u.mean(-1, keepdim=True)
-        return u
-
-    def apply(self, x: Tensor, scale: Optional[Tensor] = None, eps: float = 1e-5,
-              bias: bool = True) -> Tensor:
-        """The norm itself, ``w * P(x) / s + b``, with ``s`` the given (cached) scale, or
-        computed from ``x`` when ``scale`` is None; ``bias=False`` leaves ``b`` out (the
-        map of one write through a frozen norm)."""
-        if self.centred:
-            x = x - x.mean(-1, keepdim=True)
-        if self.has_scale:
-            s = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() if scale is None else scale
-            x = x / s.to(x.dtype)
-        if self.weight is not None:
-            x = x * self.weight.to(x.device, x.dtype)
-        if bias and self.bias is not None:
-            x = x + self.bias.to(x.device, x.dtype)
-        return x
-
-    def constant(self, u: Tensor) -> Tensor:
-        """``b . u``: what the norm's bias adds to a readout ``u`` on its output."""
-        if self.bias is None:
-            return torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
-        return u @ self.bias.to(u.dtype)
-
-
 def _class_names(obj: Any) -> list[str]:
     return [c.__name__ for c in type(obj).__mro__]
 
 
 def _is_bridge(model: Any) -> bool:
     return any(n == "TransformerBridge" for n in _class_names(model))
-
-
-def _param(module: Any, *names: str) -> Optional[Tensor]:
-    for name in names:
-        try:
-            value = getattr(module, name)
-        except AttributeError:
-            continue
-        if isinstance(value, Tensor):
-            return value
-    return None
 
 
 def architecture_name(model: Any) -> str:
@@ -111,51 +44,6 @@ def architecture_name(model: Any) -> str:
             return str(value)
     original = getattr(model, "original_model", None)
     return type(original).__name__ if original is not None else ""
-
-
-def _read_norm(module: Any, name: str, cfg: Any) -> NormSpec:
-    """The effective affine map of one normalisation module of either TL model class."""
-    cls = type(module).__name__
-    if module is None or cls == "Identity":
-        return NormSpec(name=name, centred=False, weight=None, bias=None, has_scale=False)
-    # HookedTransformer (TL <= 3): weights already in "effective" form (Gemma's +1 applied).
-    if cls == "LayerNormPre":
-        return NormSpec(name=name, centred=True, weight=None, bias=None)
-    if cls == "RMSNormPre":
-        return NormSpec(name=name, centred=False, weight=None, bias=None)
-    if cls == "LayerNorm":
-        return NormSpec(name=name, centred=True, weight=module.w.detach(), bias=module.b.detach())
-    if cls == "RMSNorm":
-        return NormSpec(name=name, centred=False, weight=module.w.detach(), bias=None)
-    # TransformerBridge components.
-    if cls in ("LayerNormPreBridge",):
-        return NormSpec(name=name, centred=True, weight=None, bias=None)
-    if cls in ("RMSNormPreBridge",):
-        return NormSpec(name=name, centred=False, weight=None, bias=None)
-    if "NormalizationBridge" in cls:
-        rms = bool(getattr(module, "uses_rms_norm", "RMS" in cls))
-        original = getattr(module, "original_component", None)
-        weight = _param(original, "weight") if original is not None else None
-        if weight is None:
-            weight = _param(module, "weight")
-        if hasattr(module, "uses_weight_offset"):
-            offset = bool(module.uses_weight_offset)
-        else:
-            offset = rms and bool(getattr(module.config, "rmsnorm_uses_offset", False))
-        if weight is not None:
-            weight = weight.detach()
-            if offset:
-                weight = 1.0 + weight.float()
-        bias = None
-        if not rms and original is not None:
-            b = _param(original, "bias")
-            bias = None if b is None else b.detach()
-        return NormSpec(name=name, centred=not rms, weight=weight, bias=bias)
-    raise UnsupportedModelError(
-        f"tlprisms cannot freeze the normalisation '{name}' of type {cls}: only LayerNorm, "
-        "LayerNormPre, RMSNorm and RMSNormPre (HookedTransformer) and their TransformerBridge "
-        "counterparts are supported. Load the model with one of these normalisations."
-    )
 
 
 class ModelView:
@@ -197,6 +85,7 @@ class ModelView:
         self.d_head = int(cfg.d_head)
         self.d_vocab = int(cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) not in (None, -1)
                            else cfg.d_vocab)
+        self.d_vocab_in = int(cfg.d_vocab)
         self.attn_only = bool(getattr(cfg, "attn_only", False))
         self.d_mlp = 0 if self.attn_only else int(cfg.d_mlp)
         if self.n_heads % self.n_kv_heads:
@@ -213,23 +102,27 @@ class ModelView:
         self.gated = bool(getattr(cfg, "gated_mlp", False))
         self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
         self.solu_ln: list[Optional[NormSpec]] = []
-        self.final_norm = _read_norm(getattr(model, "ln_final", None), "ln_final", cfg)
+        self.final_norm = read_norm(getattr(model, "ln_final", None), "ln_final",
+                                    Site.FINAL_SCALE, None)
         self.ln1: list[NormSpec] = []
         self.ln2: list[NormSpec] = []
         self.ln1_post: list[Optional[NormSpec]] = []
         self.ln2_post: list[Optional[NormSpec]] = []
         for layer, block in enumerate(model.blocks):
-            self.ln1.append(_read_norm(getattr(block, "ln1", None), f"blocks.{layer}.ln1", cfg))
-            self.ln2.append(_read_norm(getattr(block, "ln2", None), f"blocks.{layer}.ln2", cfg))
+            self.ln1.append(read_norm(getattr(block, "ln1", None), f"ln1 of layer {layer}",
+                                      Site.LN1_SCALE, layer))
+            self.ln2.append(read_norm(getattr(block, "ln2", None), f"ln2 of layer {layer}",
+                                      Site.LN2_SCALE, layer))
             post1 = getattr(block, "ln1_post", None)
             post2 = getattr(block, "ln2_post", None)
-            self.ln1_post.append(None if post1 is None else
-                                 _read_norm(post1, f"blocks.{layer}.ln1_post", cfg))
-            self.ln2_post.append(None if post2 is None else
-                                 _read_norm(post2, f"blocks.{layer}.ln2_post", cfg))
+            self.ln1_post.append(None if post1 is None else read_norm(
+                post1, f"ln1_post of layer {layer}", Site.LN1_POST_SCALE, layer))
+            self.ln2_post.append(None if post2 is None else read_norm(
+                post2, f"ln2_post of layer {layer}", Site.LN2_POST_SCALE, layer))
             inner = getattr(getattr(block, "mlp", None), "ln", None)
-            self.solu_ln.append(None if self.act_fn != "solu_ln" or inner is None else
-                                _read_norm(inner, f"blocks.{layer}.mlp.ln", cfg))
+            self.solu_ln.append(None if self.act_fn != "solu_ln" or inner is None else read_norm(
+                inner, f"SoLU LayerNorm of layer {layer}", Site.SOLU_SCALE, layer))
+        self._hook_points = frozenset(getattr(model, "hook_dict", None) or ())
 
     # ------------------------------------------------------------------ refusals
     @staticmethod
@@ -285,7 +178,7 @@ class ModelView:
     def _bias(module: Any, names: tuple, shape: tuple, dtype: torch.dtype,
               device: torch.device) -> Tensor:
         """The first bias of ``names`` on ``module``, or zeros (bias-free models)."""
-        b = _param(module, *names)
+        b = param(module, *names)
         if b is None:
             return torch.zeros(shape, dtype=dtype, device=device)
         return b.detach().to(device=device, dtype=dtype)
@@ -296,7 +189,7 @@ class ModelView:
     def W_V(self, layer: int, dtype: torch.dtype) -> Tensor:
         """``[kv_head, d_model, d_head]`` (never expanded to query heads)."""
         attn = self._attn(layer)
-        w = _param(attn, "_W_V", "W_V") if not self.is_bridge else attn.W_V
+        w = param(attn, "_W_V", "W_V") if not self.is_bridge else attn.W_V
         w = w.detach()
         if w.shape[0] != self.n_kv_heads:  # some loaders expand K/V; undo by taking groups
             w = w[:: self.n_heads // self.n_kv_heads]
@@ -329,13 +222,23 @@ class ModelView:
         W_U = self.model.W_U.detach()
         flat = ids.reshape(-1).to(W_U.device)
         cols = W_U[:, flat].T.to(dtype)
-        b = _param(self.model, "b_U")
+        b = param(self.model, "b_U")
         bias = (torch.zeros(flat.shape[0], dtype=dtype, device=cols.device) if b is None
                 else b.detach()[flat].to(dtype))
         return cols.reshape(*ids.shape, self.d_model), bias.reshape(ids.shape)
 
     def embed_matrix(self) -> Tensor:
         return self.model.W_E.detach()
+
+    def embed_rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        """The embeddings of ``ids`` as ``hook_embed`` records them: ``[*ids.shape, d_model]``."""
+        W_E = self.embed_matrix()
+        return W_E[ids.to(W_E.device)].to(dtype) * self.embedding_scale()
+
+    def describe(self) -> str:
+        """``"GPT2LMHeadModel, TransformerBridge"``: for messages."""
+        kind = "TransformerBridge" if self.is_bridge else type(self.model).__name__
+        return f"{self.architecture or 'unknown architecture'}, {kind}"
 
     def embedding_scale(self) -> float:
         """The factor ``hook_embed`` applies to ``W_E`` rows (sqrt(d_model) for Gemma)."""
@@ -352,77 +255,81 @@ class ModelView:
     def tokenizer(self) -> Any:
         return getattr(self.model, "tokenizer", None)
 
+    def kv_group(self, head: int) -> int:
+        """The key/value head that query head ``head`` reads (grouped-/multi-query attention)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+    @property
+    def gated_bias_after_product(self) -> bool:
+        """HookedTransformer's GatedMLP adds ``b_in`` after the product:
+        ``act(x W_gate) * (x W_in) + b_in``; bridges (and HF) add it inside ``x W_in + b_in``."""
+        return self.gated and not self.is_bridge
+
+    @property
+    def has_b_U(self) -> bool:
+        return param(self.model, "b_U") is not None
+
+    def unembed_matrix(self) -> Tensor:
+        """``W_U [d_model, d_vocab]`` (folded with the final norm's weight where TL folds)."""
+        return self.model.W_U.detach()
+
+    def unembed_bias(self) -> Optional[Tensor]:
+        b = param(self.model, "b_U")
+        return None if b is None else b.detach()
+
+    @property
+    def training(self) -> bool:
+        return bool(getattr(self.model, "training", False))
+
+    # ------------------------------------------------------------------ tokens
+    def token_label(self, tid: int, quote: bool = True) -> str:
+        """A readable label of token ``tid``: ``repr`` of its text (quotes show leading
+        spaces), its bare text with ``quote=False``, or ``#tid`` without a tokenizer."""
+        tok = self.tokenizer()
+        if tok is None:
+            return f"#{tid}"
+        try:
+            text = tok.decode([int(tid)])
+        except Exception:  # noqa: BLE001 - a label must never fail
+            return f"#{tid}"
+        return repr(text) if quote else text
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of ``text`` without special tokens (needs a tokenizer)."""
+        return list(self.tokenizer().encode(text, add_special_tokens=False))
+
+    def unknown_token_id(self) -> Optional[int]:
+        tok = self.tokenizer()
+        uid = getattr(tok, "unk_token_id", None)
+        return None if uid is None else int(uid)
+
     # ------------------------------------------------------------------ hooks
-    def solu_mid_hook(self, layer: int) -> str:
-        """SoLU's ``act(pre)`` before its inner LayerNorm (named differently by the bridge)."""
-        if self.is_bridge:
-            return f"blocks.{layer}.mlp.ln.hook_in"
-        return f"blocks.{layer}.mlp.hook_mid"
+    def hook(self, site: Site, layer: Optional[int] = None) -> str:
+        """The hook name of ``site`` on this model."""
+        return hook_name(site, layer, n_layers=self.n_layers, is_bridge=self.is_bridge)
 
-    def final_resid_hook(self) -> str:
-        return f"blocks.{self.n_layers - 1}.hook_resid_post"
+    def norm_of(self, site: Site, layer: Optional[int]) -> Optional[NormSpec]:
+        return {Site.FINAL_SCALE: lambda: self.final_norm,
+                Site.LN1_SCALE: lambda: self.ln1[layer], Site.LN2_SCALE: lambda: self.ln2[layer],
+                Site.LN1_POST_SCALE: lambda: self.ln1_post[layer],
+                Site.LN2_POST_SCALE: lambda: self.ln2_post[layer],
+                Site.SOLU_SCALE: lambda: self.solu_ln[layer]}[site]()
 
-    def hooks_for(self, parts: tuple[str, ...] = ("residual", "heads", "neurons", "chains")) -> list[str]:
-        names = ["hook_embed", self.final_resid_hook()]
-        if self.pos_embed_in_resid:
-            names.append("hook_pos_embed")
-        if self.final_norm.has_scale:
-            names.append(self.final_norm.scale_hook)
-        for layer in range(self.n_layers):
-            names.append(f"blocks.{layer}.hook_attn_out")
-            if not self.attn_only:
-                names.append(f"blocks.{layer}.hook_mlp_out")
-            for post in (self.ln1_post[layer], self.ln2_post[layer]):
-                if post is not None and post.has_scale:
-                    names.append(post.scale_hook)
-            if "heads" in parts or "chains" in parts:
-                names += [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
-            if ("neurons" in parts or "chains" in parts) and not self.attn_only:
-                names.append(f"blocks.{layer}.mlp.hook_post")
-            if "chains" in parts:
-                names.append(f"blocks.{layer}.hook_resid_pre")
-                for norm in (self.ln1[layer], self.ln2[layer]):
-                    if norm.has_scale:
-                        names.append(norm.scale_hook)
-                if not self.attn_only:
-                    names.append(f"blocks.{layer}.mlp.hook_pre")
-                    if self.gated:
-                        names.append(f"blocks.{layer}.mlp.hook_pre_linear")
-                    if self.act_fn == "solu_ln":
-                        names += [self.solu_mid_hook(layer), f"blocks.{layer}.mlp.ln.hook_scale"]
-        return list(dict.fromkeys(names))
+    def has_site(self, site: Site, layer: Optional[int] = None) -> bool:
+        """Whether this model writes ``site`` at all (e.g. no pos_embed with rotary)."""
+        if site is Site.POS_EMBED:
+            return self.pos_embed_in_resid
+        if site.value.endswith("scale"):
+            norm = self.norm_of(site, layer)
+            return norm is not None and norm.has_scale
+        if site in (Site.MLP_OUT, Site.MLP_POST, Site.MLP_PRE, Site.RESID_MID):
+            return not self.attn_only
+        if site is Site.MLP_PRE_LINEAR:
+            return self.gated and not self.attn_only
+        if site is Site.SOLU_MID:
+            return self.act_fn == "solu_ln"
+        return True
 
-
-def needed_hooks(model: Any, parts: tuple[str, ...] = ("residual", "heads", "neurons", "chains")
-                 ) -> Callable[[str], bool]:
-    """A ``names_filter`` for ``model.run_with_cache`` that keeps what the prisms need.
-
-    >>> # logits, cache = model.run_with_cache(tokens, names_filter=tlprisms.needed_hooks(model))
-
-    Args:
-        model: the TransformerLens model.
-        parts: which prisms the cache must serve: any of ``"residual"``, ``"heads"``,
-            ``"neurons"``, ``"chains"``.
-    """
-    names = frozenset(ModelView(model).hooks_for(tuple(parts)))
-
-    def names_filter(name: str) -> bool:
-        return name in names
-
-    names_filter.names = sorted(names)  # type: ignore[attr-defined]
-    return names_filter
-
-
-def cache_get(cache: Any, name: str, caller: str) -> Tensor:
-    """``cache[name]``, or a CacheError that says how to record the hook."""
-    try:
-        present = name in cache
-    except TypeError:
-        present = False
-    if not present:
-        raise CacheError(
-            f"{caller}: the cache has no '{name}'. It was probably recorded with a "
-            "names_filter that dropped it; run model.run_with_cache(tokens) without a "
-            "names_filter, or with names_filter=tlprisms.needed_hooks(model)."
-        )
-    return cache[name]
+    def records(self, name: str) -> bool:
+        """Whether the model has a hook point called ``name`` (so a cache can record it)."""
+        return not self._hook_points or name in self._hook_points

@@ -1,0 +1,242 @@
+"""A cache seen through its model: typed reads, frozen scales and provenance.
+
+:class:`CacheView` is how every prism reads an ``ActivationCache``: by :class:`Site` (never by
+hook name), with errors that say truthfully why a value is missing (the model never records it
+vs. a ``names_filter`` dropped it), the frozen ``1/scale`` of any norm at any positions, and
+the checks that the cache belongs to this model and these tokens. It records which hooks were
+read, so that non-finite values can be traced back to the hook and position they came from.
+"""
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from tlprisms._errors import CacheError, NonFiniteError, UnsupportedModelError
+from tlprisms._ops import gather_pos
+from tlprisms._seam._hooks import Site
+from tlprisms._seam._model import ModelView
+from tlprisms._seam._norms import NormSpec
+
+__all__ = ["CacheView"]
+
+#: provenance: recomputed layer-0 values must match the cache to this fraction of their size
+PROVENANCE_RTOL = 1e-3
+#: the same for bf16/fp16 caches
+PROVENANCE_RTOL_LOWP = 5e-2
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: a float64 model's final norm scale recomputed in float64 agrees to this when the model
+#: really computed its norm in float64
+FLOAT64_NORM_RTOL = 1e-10
+
+
+def _dropout_active(model: Any) -> float:
+    """The largest dropout probability active in ``model`` (0 when in eval mode)."""
+    if not getattr(model, "training", False):
+        return 0.0
+    return max((float(m.p) for m in model.modules()
+                if isinstance(m, torch.nn.Dropout) and m.training), default=0.0)
+
+
+class CacheView:
+    """Read-only access to a cache by :class:`Site`, for one model.
+
+    Args:
+        view: the model's :class:`ModelView`.
+        cache: an ``ActivationCache`` or a dict of hook name -> tensor.
+        caller: the public call, named in error messages.
+    """
+
+    def __init__(self, view: ModelView, cache: Any, caller: str = "LogitPrism") -> None:
+        self.view = view
+        self.cache = cache
+        self.caller = caller
+        self.read_names: list[str] = []
+        embed = self.get(Site.EMBED)
+        if embed.ndim == 2:
+            raise CacheError(
+                f"{caller}: the cache's hook_embed has shape {tuple(embed.shape)}, with no batch "
+                "axis (ActivationCache.remove_batch_dim() was called on it). Pass the cache "
+                "that model.run_with_cache(tokens) returned, before remove_batch_dim()."
+            )
+        if embed.ndim != 3 or embed.shape[-1] != view.d_model:
+            raise CacheError(
+                f"{caller}: the cache's hook_embed has shape {tuple(embed.shape)} but this model "
+                f"has d_model={view.d_model}; the cache comes from another model. Re-run "
+                "model.run_with_cache(tokens) with this model."
+            )
+        if embed.shape[1] == 0:
+            raise CacheError(f"{caller}: the cache was recorded from an empty input (0 tokens); "
+                             "record it from at least one token.")
+        self.batch, self.n_ctx = int(embed.shape[0]), int(embed.shape[1])
+        self.device = embed.device
+        self.cache_dtype = embed.dtype
+        self.low_precision = embed.dtype in LOW_PRECISION
+        self.dtype = torch.float64 if embed.dtype == torch.float64 else torch.float32
+        beyond = view.hook(Site.RESID_PRE, view.n_layers)
+        if self._present(beyond):
+            raise CacheError(
+                f"{caller}: the cache has more than {view.n_layers} layers; it comes from "
+                "another model. Re-run model.run_with_cache(tokens) with this model."
+            )
+
+    def for_call(self, caller: str) -> "CacheView":
+        """The same view, naming ``caller`` in its errors."""
+        other = object.__new__(CacheView)
+        other.__dict__.update(self.__dict__)
+        other.caller = caller
+        other.read_names = self.read_names
+        return other
+
+    # ------------------------------------------------------------------ reads
+    def _present(self, name: str) -> bool:
+        try:
+            return name in self.cache
+        except TypeError:
+            return False
+
+    def has(self, site: Site, layer: Optional[int] = None) -> bool:
+        return self.view.has_site(site, layer) and self._present(self.view.hook(site, layer))
+
+    def get(self, site: Site, layer: Optional[int] = None) -> Tensor:
+        """The cached tensor of ``site``, or a CacheError that says why it is missing."""
+        name = self.view.hook(site, layer)
+        if not self._present(name):
+            if not self.view.records(name):
+                raise CacheError(
+                    f"{self.caller}: this model ({self.view.describe()}) has no hook '{name}', "
+                    "so no cache of it can hold that value and this prism cannot be computed "
+                    "for it. The residual prism needs only layer outputs; see the README's "
+                    "architecture table for what each family supports."
+                )
+            raise CacheError(
+                f"{self.caller}: the cache has no '{name}'. It was recorded with a names_filter "
+                "that dropped it (this model does record it); run model.run_with_cache(tokens) "
+                "without a names_filter, or with names_filter=tlprisms.needed_hooks(model)."
+            )
+        self.read_names.append(name)
+        return self.cache[name]
+
+    def at(self, site: Site, layer: Optional[int], positions: Tensor,
+           dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``site`` gathered at ``positions [B, P]``: ``[B, P, ...]`` in the compute dtype."""
+        x = self.get(site, layer)
+        if site is Site.POS_EMBED and x.shape[0] != positions.shape[0]:
+            x = x.expand(positions.shape[0], *x.shape[1:])
+        return gather_pos(x, positions, dtype or self.dtype)
+
+    def scale(self, norm: NormSpec, positions: Tensor) -> Tensor:
+        """The frozen scale ``s`` of ``norm`` at ``positions``: ``[B, P]``."""
+        return gather_pos(self.get(norm.site, norm.layer)[..., 0], positions, self.dtype)
+
+    def inv_scale(self, norm: Optional[NormSpec], positions: Tensor) -> Optional[Tensor]:
+        """The frozen ``1 / s`` of ``norm`` at ``positions`` (``[B, P]``), or None when the
+        norm divides by nothing (absent, or a model without normalisation)."""
+        if norm is None or not norm.has_scale:
+            return None
+        return 1.0 / self.scale(norm, positions)
+
+    def inv_scale_or_one(self, norm: Optional[NormSpec], positions: Tensor) -> Tensor:
+        inv = self.inv_scale(norm, positions)
+        if inv is None:
+            return torch.ones(positions.shape, dtype=self.dtype, device=positions.device)
+        return inv
+
+    # ------------------------------------------------------------------ checks
+    def precision(self) -> str:
+        """The dtype the model computed in: the cache's dtype, except a float64 model whose
+        final norm computed its scale in lower precision (HF's RMSNorm upcasts to float32
+        only), which is reported as ``"float32"``."""
+        name = str(self.cache_dtype).replace("torch.", "")
+        norm = self.view.final_norm
+        if name != "float64" or not norm.has_scale or not self.has(norm.site) \
+                or not self.has(Site.FINAL_RESID):
+            return name
+        x = self.cache[self.view.hook(Site.FINAL_RESID)][:, -1:].double()
+        if norm.centred:
+            x = x - x.mean(-1, keepdim=True)
+        eps = float(getattr(self.view.cfg, "eps", 1e-5) or 1e-5)
+        s_hat = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        s = self.cache[self.view.hook(norm.site)][:, -1:].double()
+        rel = float(((s_hat - s).abs() / s.abs().clamp(min=1e-300)).max())
+        return "float64" if rel < FLOAT64_NORM_RTOL else "float32"
+
+    def locate_nonfinite(self) -> str:
+        """Where the first NaN/inf among the hooks read so far is: 'hook at batch b, pos p'."""
+        for name in dict.fromkeys(self.read_names):
+            t = self.cache[name]
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                idx = [int(i) for i in torch.nonzero(bad)[0]]
+                where = f"batch {idx[0]}, position {idx[1]}" if len(idx) >= 2 else f"index {idx}"
+                return f"'{name}' ({'NaN' if bool(torch.isnan(t).any()) else 'inf'} at {where})"
+        return ""
+
+    def refuse_nonfinite(self, what: str) -> None:
+        where = self.locate_nonfinite()
+        src = (f"the cache holds a non-finite value in {where}" if where else
+               "a weight of the model or an argument is non-finite")
+        raise NonFiniteError(
+            f"{self.caller}: {what} is not finite: {src}. A forward pass that overflowed (try "
+            "float32), or a hook that wrote NaN/inf, cannot be decomposed; re-run "
+            "model.run_with_cache(tokens) without it."
+        )
+
+    def verify(self, tokens: Optional[Tensor]) -> None:
+        """Check that the cache comes from this model (and from ``tokens``, when given).
+
+        Recomputes layer 0's value vectors from the cached ``resid_pre`` and ln1 scale with
+        this model's weights, and the embeddings from the tokens. ``needed_hooks`` always
+        records what this needs; a cache without it is refused rather than trusted.
+        """
+        view, caller = self.view, self.caller
+        rtol = PROVENANCE_RTOL_LOWP if self.low_precision else PROVENANCE_RTOL
+        p = _dropout_active(view.model)
+        if p > 0:
+            raise UnsupportedModelError(
+                f"{caller}: the model is in training mode with dropout (p={p:g}) active, so the "
+                "cache records one random forward pass that the frozen prisms cannot reproduce. "
+                "Call model.eval() and re-run model.run_with_cache(tokens)."
+            )
+        need = [Site.RESID_PRE, Site.V] + ([Site.LN1_SCALE] if view.ln1[0].has_scale else [])
+        missing = [view.hook(s, 0) for s in need if not self._present(view.hook(s, 0))]
+        if missing:
+            raise CacheError(
+                f"{caller}: cannot check that this cache comes from this model: it lacks "
+                f"{', '.join(repr(m) for m in missing)}. Record it with "
+                "names_filter=tlprisms.needed_hooks(model) (which always keeps them) or with no "
+                "names_filter."
+            )
+        v = self.get(Site.V, 0)
+        if v.ndim != 4 or v.shape[2] != view.n_kv_heads or v.shape[3] != view.d_head:
+            raise CacheError(
+                f"{caller}: the cache's layer-0 value vectors have shape {tuple(v.shape)}, but this "
+                f"model has {view.n_kv_heads} key/value heads of size {view.d_head}; the cache "
+                "comes from another model. Re-run model.run_with_cache(tokens) with this model."
+            )
+        norm = view.ln1[0]
+        scale = self.get(norm.site, 0) if norm.has_scale else None
+        x = norm.apply(self.get(Site.RESID_PRE, 0).to(self.dtype), scale)
+        W_V = view.W_V(0, self.dtype).to(self.device)
+        v_hat = torch.einsum("bpm,gmd->bpgd", x, W_V) + view.b_V(0, self.dtype, self.device)
+        err = float((v_hat - v.to(self.dtype)).abs().max())
+        ref = float(v.abs().max()) + 1e-6
+        if not err <= rtol * ref:  # also catches NaN
+            if not (torch.isfinite(v).all() and torch.isfinite(x).all()):
+                self.refuse_nonfinite("the cache's layer-0 input")
+            raise CacheError(
+                f"{caller}: the cache does not come from this model: its layer-0 value vectors "
+                f"differ from ln1(resid_pre) @ W_V + b_V by {err:.3g} (|v| up to {ref:.3g}). "
+                "Re-run model.run_with_cache(tokens) with this model, and do not change its "
+                "weights in between."
+            )
+        if tokens is not None:
+            emb = view.embed_rows(tokens.to(self.device), self.dtype)
+            got = self.get(Site.EMBED).to(self.dtype)
+            e_err = float((emb - got).abs().max())
+            if not e_err <= rtol * (float(got.abs().max()) + 1e-6):
+                raise CacheError(
+                    f"{caller}: the cache was not recorded from these tokens: its embeddings "
+                    f"(hook_embed) differ from the model's embeddings of the given tokens by "
+                    f"{e_err:.3g}. Pass the tokens the cache was recorded with."
+                )

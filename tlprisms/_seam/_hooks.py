@@ -1,0 +1,106 @@
+"""Every TransformerLens hook name tlprisms reads, and what each prism needs, declared once.
+
+A :class:`Site` is a kind of recorded value (the embedding, a layer's attention pattern, a
+norm's scale ...); :func:`hook_name` spells it for one model and layer. :data:`PART_SITES`
+declares which sites each prism reads; :func:`hook_names` (and so ``tlprisms.needed_hooks``)
+is derived from it, and the provenance check's sites (:data:`PROVENANCE_SITES`) are always
+included so that a cache recorded with ``needed_hooks`` can always be verified.
+"""
+
+import enum
+from typing import Any, Optional
+
+__all__ = ["Site", "PART_SITES", "PARTS", "PROVENANCE_SITES", "hook_name", "hook_names"]
+
+
+class Site(enum.Enum):
+    """A recorded value of a forward pass, independent of how TransformerLens names it."""
+
+    EMBED = "embed"
+    POS_EMBED = "pos_embed"
+    RESID_PRE = "resid_pre"
+    RESID_MID = "resid_mid"
+    RESID_POST = "resid_post"
+    FINAL_RESID = "final_resid"  # the stream ln_final reads: resid_post of the last layer
+    ATTN_OUT = "attn_out"
+    MLP_OUT = "mlp_out"
+    PATTERN = "pattern"
+    V = "v"
+    MLP_PRE = "mlp_pre"
+    MLP_PRE_LINEAR = "mlp_pre_linear"  # a gated MLP's "up" projection
+    MLP_POST = "mlp_post"
+    SOLU_MID = "solu_mid"  # SoLU's act(pre) before its inner LayerNorm
+    FINAL_SCALE = "ln_final.scale"
+    LN1_SCALE = "ln1.scale"
+    LN2_SCALE = "ln2.scale"
+    LN1_POST_SCALE = "ln1_post.scale"
+    LN2_POST_SCALE = "ln2_post.scale"
+    SOLU_SCALE = "mlp.ln.scale"
+
+
+_GLOBAL = frozenset({Site.EMBED, Site.POS_EMBED, Site.FINAL_RESID, Site.FINAL_SCALE})
+
+_WRITES = frozenset({Site.EMBED, Site.POS_EMBED, Site.ATTN_OUT, Site.MLP_OUT, Site.FINAL_RESID,
+                     Site.FINAL_SCALE, Site.LN1_POST_SCALE, Site.LN2_POST_SCALE})
+
+#: the sites each prism reads (``needed_hooks(model, parts)`` records their union)
+PART_SITES: dict[str, frozenset] = {
+    "residual": _WRITES,
+    "heads": _WRITES | {Site.PATTERN, Site.V},
+    "neurons": _WRITES | {Site.MLP_POST},
+    "chains": _WRITES | {Site.PATTERN, Site.V, Site.MLP_POST, Site.RESID_PRE, Site.RESID_MID,
+                         Site.LN1_SCALE, Site.LN2_SCALE, Site.MLP_PRE, Site.MLP_PRE_LINEAR,
+                         Site.SOLU_MID, Site.SOLU_SCALE},
+}
+PARTS = tuple(PART_SITES)
+
+#: what the check that a cache belongs to this model and these tokens reads (always recorded)
+PROVENANCE_SITES = frozenset({Site.EMBED, Site.RESID_PRE, Site.LN1_SCALE, Site.V})
+
+
+def hook_name(site: Site, layer: Optional[int], *, n_layers: int, is_bridge: bool) -> str:
+    """The TransformerLens hook name of ``site`` (at ``layer`` for per-layer sites)."""
+    if site is Site.EMBED:
+        return "hook_embed"
+    if site is Site.POS_EMBED:
+        return "hook_pos_embed"
+    if site is Site.FINAL_SCALE:
+        return "ln_final.hook_scale"
+    if site is Site.FINAL_RESID:
+        return f"blocks.{n_layers - 1}.hook_resid_post"
+    if layer is None:
+        raise ValueError(f"site {site} needs a layer")
+    b = f"blocks.{layer}"
+    return {
+        Site.RESID_PRE: f"{b}.hook_resid_pre",
+        Site.RESID_MID: f"{b}.hook_resid_mid",
+        Site.RESID_POST: f"{b}.hook_resid_post",
+        Site.ATTN_OUT: f"{b}.hook_attn_out",
+        Site.MLP_OUT: f"{b}.hook_mlp_out",
+        Site.PATTERN: f"{b}.attn.hook_pattern",
+        Site.V: f"{b}.attn.hook_v",
+        Site.MLP_PRE: f"{b}.mlp.hook_pre",
+        Site.MLP_PRE_LINEAR: f"{b}.mlp.hook_pre_linear",
+        Site.MLP_POST: f"{b}.mlp.hook_post",
+        Site.SOLU_MID: f"{b}.mlp.ln.hook_in" if is_bridge else f"{b}.mlp.hook_mid",
+        Site.LN1_SCALE: f"{b}.ln1.hook_scale",
+        Site.LN2_SCALE: f"{b}.ln2.hook_scale",
+        Site.LN1_POST_SCALE: f"{b}.ln1_post.hook_scale",
+        Site.LN2_POST_SCALE: f"{b}.ln2_post.hook_scale",
+        Site.SOLU_SCALE: f"{b}.mlp.ln.hook_scale",
+    }[site]
+
+
+def hook_names(view: Any, parts: tuple) -> list[str]:
+    """The hook names ``parts`` read on this model, plus layer 0's provenance sites."""
+    wanted = frozenset().union(*(PART_SITES[part] for part in parts))
+    names = []
+    for site in Site:  # a stable order
+        if site in _GLOBAL:
+            layers: Any = [None] if site in wanted | PROVENANCE_SITES else []
+        elif site in wanted:
+            layers = range(view.n_layers)
+        else:
+            layers = [0] if site in PROVENANCE_SITES else []
+        names += [view.hook(site, layer) for layer in layers if view.has_site(site, layer)]
+    return names
