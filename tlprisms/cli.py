@@ -4,17 +4,29 @@
 addition), prints what the prisms found and writes a self-contained HTML report.
 ``tlprisms explain --model NAME --prompt TEXT --target TOKEN`` does the same for one prompt of
 any model TransformerLens can load (``--model demo`` works offline).
+
+A mistake on the command line (an unwritable ``--out``, a device this machine lacks, an
+unknown model, a target that is not one token of the vocabulary, an empty prompt, a position
+out of range) ends with one line on stderr, ``tlprisms: error: <what is wrong and what to
+do>``, and exit code 2; it is checked before the slow work where it can be. Anything else
+is a bug and raises.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 import torch
 
+from tlprisms._errors import ArgumentError, PrismError, TargetError
+
 __all__ = ["main", "run_demo", "run_explain"]
+
+#: exit code of a mistake on the command line (argparse's convention)
+USAGE = 2
 
 
 def _say(msg: str) -> None:
@@ -22,12 +34,112 @@ def _say(msg: str) -> None:
 
 
 def _report(title: str) -> Any:
-    try:
-        from tlprisms.render import Report
-    except ImportError as err:  # pragma: no cover - the viz extra is missing
-        _say(f"(no HTML report: {err}; install with pip install 'tlprisms[viz]')")
-        return None
+    from tlprisms.render import Report
+
     return Report(title)
+
+
+# ---------------------------------------------------------------------------- checks
+def _check_out(out: Path, flag: str = "--out") -> Path:
+    """Refuse a report path that cannot be written, before any slow work.
+
+    A directory, a path under a file, a folder without write permission, or a place no file
+    can be created (``/proc``, a read-only file system) raises :class:`ArgumentError`. The
+    probe opens the file for appending and removes it again if it did not exist.
+    """
+    out = Path(out).expanduser()
+    fix = f"pass {flag} a file path in a folder you can write to, e.g. {flag} report.html"
+    if out.is_dir():
+        raise ArgumentError(f"{flag} {str(out)!r} is a directory, not a file; "
+                            f"pass a file path, e.g. {flag} {str(out / 'report.html')!r}.")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # Report.save creates the missing folders
+    if not folder.is_dir():
+        raise ArgumentError(f"{flag} {str(out)!r}: {str(folder)!r} is a file, not a folder; "
+                            f"{fix}.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArgumentError(f"{flag} {str(out)!r}: no permission to write in {str(folder)!r}; "
+                            f"{fix}.")
+    if folder == out.parent:
+        existed = out.exists()
+        try:
+            with open(out, "a", encoding="utf-8"):
+                pass
+        except OSError as err:
+            raise ArgumentError(f"{flag} {str(out)!r} cannot be written "
+                                f"({err.strerror or err}); {fix}.") from err
+        if not existed:
+            out.unlink(missing_ok=True)
+    return out
+
+
+def _check_device(device: str) -> str:
+    """Refuse a device torch does not know or this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ArgumentError(f"--device {device!r} is not a device ({err}); use cpu, cuda, "
+                            "cuda:N or mps.") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"--device {device!r}: CUDA is not available here "
+                                "(torch.cuda.is_available() is False: no NVIDIA GPU or driver, "
+                                "or a CPU-only torch build); use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ArgumentError(f"--device {device!r}: this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s), "
+                                f"cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ArgumentError(f"--device {device!r}: Apple's MPS is not available here "
+                                "(torch.backends.mps.is_available() is False); use --device "
+                                "cpu.")
+    elif dev.type != "cpu":
+        raise ArgumentError(f"--device {device!r}: use cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def _check_prompt(prompt: str) -> str:
+    """Refuse an empty (or all-whitespace) prompt."""
+    if not prompt.strip():
+        raise ArgumentError(f"--prompt {prompt!r} is empty; pass the text the model reads, "
+                            "e.g. --prompt 'The capital of France is'.")
+    return prompt
+
+
+def _check_text(model: Any, prompt: str, target: str) -> None:
+    """Refuse a prompt of no tokens, and a target the tokenizer only knows as unknown.
+
+    A word outside a word-level vocabulary encodes to the unknown token: explaining it would
+    explain the ``<unk>`` logit, a silent wrong answer. A multi-token target is refused by
+    the prism itself (its message shows the tokenisation).
+    """
+    _check_prompt(prompt)
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return
+    if not tok.encode(prompt, add_special_tokens=False):
+        raise ArgumentError(f"--prompt {prompt!r} is no tokens at all for this model's "
+                            "tokenizer; pass some text, e.g. --prompt 'The capital of France "
+                            "is'.")
+    unk_id, unk = getattr(tok, "unk_token_id", None), getattr(tok, "unk_token", None)
+    ids = tok.encode(target, add_special_tokens=False)
+    if unk_id is not None and unk_id in ids and target.strip() != unk:
+        raise TargetError(f"--target {target!r} is not in this model's vocabulary: its "
+                          f"tokenizer maps it to the unknown token {unk!r} (id {unk_id}), and "
+                          "explaining it would explain the unknown token's logit. Pass a "
+                          "single token the vocabulary has (often with a leading space, e.g. "
+                          "' Paris').")
+
+
+def _save(report: Any, out: Path) -> Path:
+    try:
+        return report.save(out)
+    except OSError as err:  # checked up front; the disk can still fill or vanish
+        raise ArgumentError(f"--out {str(out)!r}: could not write the report "
+                            f"({err.strerror or err}); pass --out a writable file path.") from err
 
 
 def _gap(*results: Any) -> float:
@@ -110,6 +222,8 @@ def run_demo(out: Optional[Path] = Path("tlprisms-demo.html"), progress: bool = 
     """Decompose both tasks on the embedded model; print a summary; write the report."""
     from tlprisms.demo import load_demo_model
 
+    if out is not None:
+        out = _check_out(out)
     t0 = time.time()
     _say("tlprisms demo: loading the embedded model (offline)...")
     model = load_demo_model()
@@ -135,7 +249,7 @@ def run_demo(out: Optional[Path] = Path("tlprisms-demo.html"), progress: bool = 
     ]
     _say("\n".join(lines))
     if report is not None:
-        path = report.save(out)
+        path = _save(report, out)
         _say(f"report: {path} (self-contained, offline)")
     _say(f"done in {time.time() - t0:.1f} s")
     return {"capitals": cap, "addition": add}
@@ -147,9 +261,14 @@ def run_explain(model_name: str, prompt: str, target: str, *, out: Optional[Path
     import tlprisms as tp
     from tlprisms.hub import load_model
 
+    _check_prompt(prompt)
+    _check_device(device)
+    if out is not None:
+        out = _check_out(out)
     t0 = time.time()
     _say(f"loading {model_name!r}...")
     model = load_model(model_name, device=device)
+    _check_text(model, prompt, target)
     _say(f"loaded in {time.time() - t0:.1f} s; running the model and the prisms...")
     prism = tp.LogitPrism.run(model, prompt)
     r = prism.residual(target, pos).check()
@@ -172,13 +291,30 @@ def run_explain(model_name: str, prompt: str, target: str, *, out: Optional[Path
         if report is not None:
             report.add(r, title=f"Residual prism: {prompt!r} -> {target!r}")
             report.add(prism.heads(target, pos), title="Heads x source positions")
-            report.save(out)
+            _save(report, out)
             _say(f"report: {out}")
     return {"logit": float(r.logits[0, 0, 0]), "gap": gap, "top": full.top(top)}
 
 
+class _ParseError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one ``tlprisms: error:`` line (see :func:`main`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _ParseError(f"{message} (see `{self.prog} --help`)")
+
+
+def _fail(message: str) -> int:
+    print("tlprisms: error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    return USAGE
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="tlprisms", description=__doc__.splitlines()[0])
+    """Run the command line; returns the exit code (2 for a mistake, with one line on stderr)."""
+    parser = _Parser(prog="tlprisms", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="explain both tasks of the embedded model (offline)")
     demo.add_argument("--out", type=Path, default=Path("tlprisms-demo.html"),
@@ -189,11 +325,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ex.add_argument("--model", required=True, help="'demo' or a TransformerLens model name")
     ex.add_argument("--prompt", required=True)
     ex.add_argument("--target", required=True, help="a single token, e.g. ' Paris'")
-    ex.add_argument("--pos", type=int, default=-1)
-    ex.add_argument("--device", default="cpu")
+    ex.add_argument("--pos", type=int, default=-1,
+                    help="the position whose next-token logit is explained (default -1, last)")
+    ex.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     ex.add_argument("--out", type=Path, default=None, help="also write an HTML report")
-    args = parser.parse_args(argv)
-    from tlprisms import PrismError
+    try:
+        args = parser.parse_args(argv)
+    except _ParseError as err:
+        return _fail(str(err))
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else USAGE
 
     torch.set_grad_enabled(False)
     try:
@@ -203,8 +344,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_explain(args.model, args.prompt, args.target, out=args.out, pos=args.pos,
                         device=args.device)
     except PrismError as err:
-        print(f"tlprisms: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        print("tlprisms: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
