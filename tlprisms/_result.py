@@ -29,11 +29,11 @@ __all__ = ["Component", "ComponentTable", "Decomposition", "ATOL_FLOAT32", "ATOL
 ATOL_FLOAT32 = 1e-5
 #: the same in float64
 ATOL_FLOAT64 = 1e-10
-#: the default tolerance by the precision the model computed in (bf16/fp16 models round every
-#: residual addition, so their logits differ from the exact sum of their writes by about
-#: ``n_layers`` roundings of the residual stream)
-TOLERANCE = {"float64": ATOL_FLOAT64, "float32": ATOL_FLOAT32, "float16": 1e-2,
-             "bfloat16": 3e-2}
+#: the unit roundoff of the low-precision dtypes a model may compute in
+UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+#: the default tolerance by the precision the model computed in; for bf16/fp16 see
+#: :func:`tolerance` (every residual addition is rounded)
+TOLERANCE = {"float64": ATOL_FLOAT64, "float32": ATOL_FLOAT32}
 
 Order = Literal["abs", "positive", "negative"]
 _ORDER_OLD = {"pos": "positive", "neg": "negative"}
@@ -47,8 +47,20 @@ _FIELDS = ("layer", "head", "neuron", "src", "at")
 FIELDS = _FIELDS
 
 
-def tolerance(precision: str) -> float:
-    """The default completeness tolerance for a model that computed in ``precision``."""
+def tolerance(precision: str, n_layers: int = 1) -> float:
+    """The default completeness tolerance for a model that computed in ``precision``.
+
+    float32 and float64: :data:`ATOL_FLOAT32` and :data:`ATOL_FLOAT64`. bf16 and fp16 models
+    round the residual stream at each of their ``2 * n_layers + 2`` additions, so their
+    logits differ from the exact sum of their (rounded) writes by about the unit roundoff
+    ``u`` times ``sqrt(2 * n_layers + 2)`` of the sum of |terms|: that is the bound (about
+    1e-2 for a 2-layer bf16 model, 2.4e-2 for an 18-layer one).
+
+    >>> tolerance("float32"), round(tolerance("bfloat16", 18), 4)
+    (1e-05, 0.0241)
+    """
+    if precision in UNIT_ROUNDOFF:
+        return UNIT_ROUNDOFF[precision] * float(np.sqrt(2 * n_layers + 2))
     return TOLERANCE.get(precision, ATOL_FLOAT32)
 _INT = np.int32  # label columns: a chained result can have millions of components
 
@@ -244,7 +256,8 @@ class Decomposition:
         complete: False for a :meth:`select`-ion, whose terms are only part of the logit.
         str_tokens: the input tokens as strings, per batch row, when known.
         precision: the dtype the model computed in (``"float32"``, ``"bfloat16"`` ...), which
-            sets :meth:`check`'s default tolerance.
+            with ``n_layers`` sets :meth:`check`'s default tolerance.
+        n_layers: the model's number of layers.
     """
 
     values: Float[Tensor, "batch pos target comp"]
@@ -257,6 +270,7 @@ class Decomposition:
     complete: bool = True
     str_tokens: Optional[list] = None
     precision: str = "float32"
+    n_layers: int = 1
 
     # ------------------------------------------------------------ basic views
     @property
@@ -282,7 +296,7 @@ class Decomposition:
         ``t * max(1, |logit|, sum of |terms|)`` with ``t`` = :func:`tolerance` of the precision
         the model computed in (1e-5 in float32, 1e-10 in float64); the sum of ``|terms|`` bounds
         the rounding of a sum whose terms cancel."""
-        t = tolerance(self.precision)
+        t = tolerance(self.precision, self.n_layers)
         scale = torch.maximum(self.logits.abs(), torch.linalg.vector_norm(self.values, 1, -1))
         return t * scale.clamp(min=1.0)
 
@@ -314,9 +328,10 @@ class Decomposition:
         err = self.gap().abs()
         if atol is None and rtol is None:
             tol = self.tolerance()
-            bound = f"{tolerance(self.precision):g} * max(1, |logit|, sum |terms|)"
+            bound = (f"{tolerance(self.precision, self.n_layers):.3g} * max(1, |logit|, "
+                     "sum |terms|)")
         else:
-            default = tolerance(self.precision)
+            default = tolerance(self.precision, self.n_layers)
             atol = default if atol is None else atol
             rtol = default if rtol is None else rtol
             tol = atol + rtol * self.logits.abs()

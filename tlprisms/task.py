@@ -39,6 +39,7 @@ class TaskResult:
     explains: str = "logit"
     meta: dict = field(default_factory=dict)
     precision: str = "float32"
+    n_layers: int = 1
 
     @check_arg.entry
     def check(self, atol: Optional[Union[int, float]] = None,
@@ -86,7 +87,8 @@ class TaskResult:
                              positions=torch.as_tensor(self.meta.get("positions", [0] * n))[:, None],
                              target_labels=np.asarray(list(map(str, self.answers)),
                                                       dtype=object).reshape(n, 1, 1),
-                             explains=self.explains, prism="task", precision=self.precision)
+                             explains=self.explains, prism="task", precision=self.precision,
+                             n_layers=self.n_layers)
 
     def to_frame(self) -> Any:
         """Long table: prompt, answer, component fields, value."""
@@ -186,4 +188,5 @@ def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
         del cache, out, prism, r
     return TaskResult(values=torch.cat(values), logits=torch.cat(logits), components=table,
                       prompts=prompts, answers=answers, explains=explains,
-                      meta={"positions": positions}, precision=precision)
+                      meta={"positions": positions}, precision=precision,
+                      n_layers=int(model.cfg.n_layers))

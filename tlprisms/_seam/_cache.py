@@ -25,9 +25,7 @@ PROVENANCE_RTOL = 1e-3
 #: the same for bf16/fp16 caches
 PROVENANCE_RTOL_LOWP = 5e-2
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-#: a float64 model's final norm scale recomputed in float64 agrees to this when the model
-#: really computed its norm in float64
-FLOAT64_NORM_RTOL = 1e-10
+
 
 
 def _dropout_active(model: Any) -> float:
@@ -52,6 +50,7 @@ class CacheView:
         self.cache = cache
         self.caller = caller
         self.read_names: list[str] = []
+        self._finite: set[str] = set()  # hooks checked to hold finite values (shared by copies)
         embed = self.get(Site.EMBED)
         if embed.ndim == 2:
             raise CacheError(
@@ -85,7 +84,6 @@ class CacheView:
         other = object.__new__(CacheView)
         other.__dict__.update(self.__dict__)
         other.caller = caller
-        other.read_names = self.read_names
         return other
 
     # ------------------------------------------------------------------ reads
@@ -114,8 +112,14 @@ class CacheView:
                 "that dropped it (this model does record it); run model.run_with_cache(tokens) "
                 "without a names_filter, or with names_filter=tlprisms.needed_hooks(model)."
             )
-        self.read_names.append(name)
-        return self.cache[name]
+        t = self.cache[name]
+        if name not in self._finite:
+            if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                self.read_names.append(name)
+                self.refuse_nonfinite("the cache")
+            self._finite.add(name)
+            self.read_names.append(name)
+        return t
 
     def at(self, site: Site, layer: Optional[int], positions: Tensor,
            dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -143,24 +147,6 @@ class CacheView:
         return inv
 
     # ------------------------------------------------------------------ checks
-    def precision(self) -> str:
-        """The dtype the model computed in: the cache's dtype, except a float64 model whose
-        final norm computed its scale in lower precision (HF's RMSNorm upcasts to float32
-        only), which is reported as ``"float32"``."""
-        name = str(self.cache_dtype).replace("torch.", "")
-        norm = self.view.final_norm
-        if name != "float64" or not norm.has_scale or not self.has(norm.site) \
-                or not self.has(Site.FINAL_RESID):
-            return name
-        x = self.cache[self.view.hook(Site.FINAL_RESID)][:, -1:].double()
-        if norm.centred:
-            x = x - x.mean(-1, keepdim=True)
-        eps = float(getattr(self.view.cfg, "eps", 1e-5) or 1e-5)
-        s_hat = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-        s = self.cache[self.view.hook(norm.site)][:, -1:].double()
-        rel = float(((s_hat - s).abs() / s.abs().clamp(min=1e-300)).max())
-        return "float64" if rel < FLOAT64_NORM_RTOL else "float32"
-
     def locate_nonfinite(self) -> str:
         """Where the first NaN/inf among the hooks read so far is: 'hook at batch b, pos p'."""
         for name in dict.fromkeys(self.read_names):
