@@ -42,12 +42,12 @@ def main() -> None:
         """Each head's chained result, reduced to its top terms (what a user keeps)."""
         tops = []
         for h in range(H):
-            r = prism.through_head(L - 1, h, target, heads=None, neurons=None)
+            r = prism.through_head(L - 1, h, target, heads="all", neurons="all", by_source=False)
             tops.append(r.top(5))
             del r
         return tops
 
-    first = prism.through_head(L - 1, 0, target, heads=None, neurons=None).check()
+    first = prism.through_head(L - 1, 0, target, heads="all", neurons="all", by_source=False).check()
     comps = first.values.shape[-1]
     del first
     timing = interleaved({"run_with_cache": lambda: model.run_with_cache(tokens),

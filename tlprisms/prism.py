@@ -35,11 +35,12 @@ from tlprisms import _validate as check
 from tlprisms._chain import Hop, ReadAt, read_at, run_chain
 from tlprisms._engine import Split, split_writes
 from tlprisms._errors import (ArgumentError, CacheError, CompletenessError, NonFiniteError,
-                              TargetError)
+                              PositionError, TargetError)
 from tlprisms._readout import (Explained, FinalReadout, Recorded, Softcap, explain,
                                final_readout, weigh)
 from tlprisms._result import ComponentTable, Decomposition
-from tlprisms._seam import CacheView, ModelView, needed_hooks
+from tlprisms._seam import CacheView, ModelView, Site, needed_hooks
+from tlprisms._targets import resolve_positions
 
 __all__ = ["LogitPrism", "LayerSelection"]
 
@@ -397,6 +398,22 @@ class LogitPrism:
         labels = np.array([[[f"u{k}@{at}{rt.layer}" for k in range(K)]]], dtype=object)
         return self._result(rec, rt.terms.values, rt.terms.table, rt.explained, rt.positions,
                             labels, f"readout at {at} of layer {rt.layer}", "readout")
+
+    @check.entry
+    def neuron_activations(self, layer: int, pos: Any = -1) -> Tensor:
+        """The cached activations of layer ``layer``'s neurons at the explained position
+        ``pos`` (an int or one int per batch row): ``[batch, d_mlp]`` (gated MLPs:
+        ``act(gate) * up``), e.g. for :func:`tlprisms.weights.neuron_templates`."""
+        caller = "LogitPrism.neuron_activations"
+        cv = self._rec.cache.for_call(caller)
+        layer = check.layer(self.view, layer, caller)
+        if self.view.attn_only:
+            raise ArgumentError(f"{caller}: this model is attention-only; it has no neurons.")
+        positions = resolve_positions(pos, cv.batch, cv.n_ctx, caller)
+        if positions.every:
+            raise PositionError(f"{caller}: pos='all' is not supported; pass an int or one int "
+                                "per batch row.")
+        return cv.at(Site.MLP_POST, layer, positions.index.to(cv.device))[:, 0]
 
     def __repr__(self) -> str:
         v = self.view

@@ -49,7 +49,7 @@ PART_SITES: dict[str, frozenset] = {
     "heads": _WRITES | {Site.PATTERN, Site.V},
     "neurons": _WRITES | {Site.MLP_POST},
     "chains": _WRITES | {Site.PATTERN, Site.V, Site.MLP_POST, Site.RESID_PRE, Site.RESID_MID,
-                         Site.LN1_SCALE, Site.LN2_SCALE, Site.MLP_PRE, Site.MLP_PRE_LINEAR,
+                         Site.RESID_POST, Site.LN1_SCALE, Site.LN2_SCALE, Site.MLP_PRE, Site.MLP_PRE_LINEAR,
                          Site.SOLU_MID, Site.SOLU_SCALE},
 }
 PARTS = tuple(PART_SITES)

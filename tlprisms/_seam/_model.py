@@ -322,8 +322,10 @@ class ModelView:
         if site.value.endswith("scale"):
             norm = self.norm_of(site, layer)
             return norm is not None and norm.has_scale
-        if site in (Site.MLP_OUT, Site.MLP_POST, Site.MLP_PRE, Site.RESID_MID):
+        if site in (Site.MLP_OUT, Site.MLP_POST, Site.MLP_PRE):
             return not self.attn_only
+        if site is Site.RESID_MID:  # parallel blocks read resid_pre for both halves
+            return not self.attn_only and not self.parallel
         if site is Site.MLP_PRE_LINEAR:
             return self.gated and not self.attn_only
         if site is Site.SOLU_MID:
