@@ -346,7 +346,7 @@ def test_top_tokens_teaches(tiny):
         render.top_tokens(tiny["prism"], tp.Component("b_U"))
     with pytest.raises(PrismError, match="the first argument must be the LogitPrism"):
         render.top_tokens(tiny["model"], tp.Component("embed"))
-    with pytest.raises(PrismError, match="has head 9"):
+    with pytest.raises(PrismError, match="head 9"):
         render.top_tokens(tiny["prism"], tp.Component("head", layer=0, head=9))
 
 

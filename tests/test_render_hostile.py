@@ -74,12 +74,23 @@ def top_tokens_view(tiny):  # noqa: F811
     """top_tokens with a tokenizer that decodes to the hostile tokens."""
     from tlprisms.render import _top_tokens
 
-    real = _top_tokens._token_str
-    _top_tokens._token_str = lambda prism, i: HOSTILE[i % len(HOSTILE)]
+    prism = tiny["prism"]
+    if hasattr(_top_tokens, "_token_str"):  # where top_tokens has looked up token strings
+        owner, name = _top_tokens, "_token_str"
+
+        def fake(prism, i):
+            return HOSTILE[i % len(HOSTILE)]
+    else:
+        owner, name = type(prism.view), "token_label"
+
+        def fake(self, i, quote=False):
+            return HOSTILE[i % len(HOSTILE)]
+    real = getattr(owner, name)
+    setattr(owner, name, fake)
     try:
-        return render.top_tokens(tiny["prism"], tp.Component("head", layer=1, head=2), k=6)
+        return render.top_tokens(prism, tp.Component("head", layer=1, head=2), k=6)
     finally:
-        _top_tokens._token_str = real
+        setattr(owner, name, real)
 
 
 def parts(view):
