@@ -15,13 +15,12 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import torch
+from test_render import Loaded, browser, outside_bundle, tiny  # noqa: F401 (fixtures)
 
 import tlprisms as tp
 from tlprisms import render
 from tlprisms.render._page import as_view
 from tlprisms.render._views_base import Figure, Widget, bundle_script
-
-from test_render import Loaded, browser, outside_bundle, tiny  # noqa: F401 (fixtures)
 
 LONG = "long" + "x" * 496  # one 500-character token with no space to break at
 RLO = "\u202eevil"  # a right-to-left override: would reverse what follows it

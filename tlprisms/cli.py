@@ -16,8 +16,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional
 
 import torch
 
@@ -236,10 +237,12 @@ def run_demo(out: Optional[Path] = Path("tlprisms-demo.html"), progress: bool = 
     lines = [
         "",
         f"Capital cities ({cap['prompts']} prompts)",
-        "  mean term per layer: " + ", ".join(f"{k} {v:+.2f}" for k, v in cap["layer_means"].items()),
+        "  mean term per layer: "
+        + ", ".join(f"{k} {v:+.2f}" for k, v in cap["layer_means"].items()),
         f"  top head: L{layer}H{head} (mean term {cap['head_mean']:+.2f} on the right capital)",
         f"  through L{layer}H{head} on 'France': its largest source term is {cap['reads']}",
-        f"  OV map of L{layer}H{head}: {cap['ov_hits']}/{cap['prompts']} countries map to their capital",
+        f"  OV map of L{layer}H{head}: {cap['ov_hits']}/{cap['prompts']} countries map to "
+        "their capital",
         f"Addition ({add['prompts']} prompts)",
         f"  the MLP layer that stands out: layer {add['layer']}; top neurons "
         + ", ".join(f"L{add['layer']}N{n}" for n in add["neurons"]),

@@ -5,9 +5,10 @@ Never downloads a browser: it uses the ``chromium`` executable on the PATH.
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tlprisms._errors import PrismError
 

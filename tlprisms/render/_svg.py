@@ -10,7 +10,8 @@ convention), on a scale symmetric about zero.
 
 import math
 import textwrap
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 

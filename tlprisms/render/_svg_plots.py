@@ -1,14 +1,26 @@
 """Plain SVG line and scatter plots (same conventions as :mod:`tlprisms.render._svg`)."""
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
 from tlprisms._errors import PrismError
 from tlprisms.render._escape import esc, label, token_label
-from tlprisms.render._svg import (PALETTE, POSITIVE, Real, _as_matrix, _check_len, _svg,
-                                  _text_w, _title, fmt, fmt_tick, nice_ticks)
+from tlprisms.render._svg import (
+    PALETTE,
+    POSITIVE,
+    Real,
+    _as_matrix,
+    _check_len,
+    _svg,
+    _text_w,
+    _title,
+    fmt,
+    fmt_tick,
+    nice_ticks,
+)
 
 __all__ = ["lines_svg", "scatter_svg"]
 

@@ -7,8 +7,9 @@ positions, so -1 is the last one). Values are the result's own terms, never resc
 where a docstring says so; blue is positive (raises the explained logit), red negative.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
