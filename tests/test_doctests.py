@@ -5,7 +5,10 @@ import importlib
 
 import pytest
 
-MODULES = ["tlprisms.prism", "tlprisms._targets", "tlprisms._result"]
+#: every public module, and the internal ones whose docstrings carry examples
+MODULES = ["tlprisms", "tlprisms.prism", "tlprisms.weights", "tlprisms.task", "tlprisms.errors",
+           "tlprisms.render", "tlprisms.demo", "tlprisms.hub", "tlprisms._seam",
+           "tlprisms._targets", "tlprisms._result", "tlprisms._chain"]
 
 
 @pytest.mark.parametrize("name", MODULES)

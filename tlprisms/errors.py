@@ -1,4 +1,9 @@
-"""The public exception hierarchy (all derive from :class:`PrismError`)."""
+"""The public exception hierarchy (all derive from :class:`PrismError`).
+
+>>> from tlprisms.errors import PositionError, PrismError
+>>> issubclass(PositionError, PrismError) and issubclass(PositionError, IndexError)
+True
+"""
 
 from tlprisms._errors import (ArgumentError, CacheError, CompletenessError, NonFiniteError,
                               PositionError, PrismError, TargetError, UnsupportedModelError)

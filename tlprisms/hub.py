@@ -3,6 +3,10 @@
 ``load_model("demo")`` never touches the network. Any other name goes to TransformerLens:
 ``TransformerBridge.boot_transformers(name)`` + ``enable_compatibility_mode()`` on
 TransformerLens 4, ``HookedTransformer.from_pretrained(name)`` on 3.x (unless ``bridge=True``).
+
+>>> from tlprisms.hub import load_model
+>>> load_model("demo").cfg.n_layers
+2
 """
 
 from typing import Any, Optional

@@ -5,6 +5,13 @@ each prompt's answer logit at its own last token (prompts may differ in length),
 only one term per component and prompt (heads summed over source positions), so memory is
 bounded by the batch size, not by the task. The result aggregates across prompts: the mean
 and spread of every component's term, and how often it is among the top components.
+
+>>> import tlprisms as tp
+>>> from tlprisms.demo import capital_task, load_demo_model
+>>> prompts, answers = zip(*capital_task()[:4])
+>>> res = tp.explain_task(load_demo_model(), prompts, answers, heads="all", progress=False)
+>>> res.check().values.shape[0], res.summary(k=3)["component"][0]
+(4, 'L1.mlp')
 """
 
 from dataclasses import dataclass, field

@@ -10,6 +10,12 @@
 * **Unembedding map**: a 2-D PCA projection of a token set's readout columns.
 
 Positional embeddings and biases are left out: these maps describe the weights alone.
+
+>>> import tlprisms as tp
+>>> from tlprisms.demo import load_demo_model
+>>> ov = tp.weights.ov_map(load_demo_model(), 0, 2, [" France", " Japan"], [" Paris", " Tokyo"])
+>>> ov.values.shape, ov.argmax_index()
+(torch.Size([2, 2]), [0, 1])
 """
 
 from dataclasses import dataclass, field

@@ -15,6 +15,11 @@ hundred kB), so :func:`load_demo_model` works offline, under TransformerLens
 
 Only ``torch`` is imported at module import time; ``transformers`` and
 ``transformer_lens`` are imported inside the functions that need them.
+
+>>> from tlprisms.demo import addition_task, load_demo_model
+>>> model = load_demo_model()
+>>> addition_task()[0], model.cfg.n_layers
+(('1+1=', ' 2'), 2)
 """
 
 from __future__ import annotations
