@@ -131,7 +131,7 @@ def _chain_post(cv: CacheView, post: Any, r: Readout) -> tuple[Tensor, Tensor]:
     return ul, r.inv_s
 
 
-def head_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Tensor]:
+def head_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tensor, "batch 1 k"]]:
     view, r = cv.view, st.readout
     layer, head = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
@@ -170,8 +170,9 @@ def head_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Tensor]:
     return _State(new, srcs.astype(np.int64), consts), term_src.sum(1, keepdim=True)
 
 
-def _gate_coefficients(cv: CacheView, layer: int, neuron: int, positions: Tensor
-                       ) -> tuple[Tensor, Tensor]:
+def _gate_coefficients(cv: CacheView, layer: int, neuron: int,
+                       positions: Int[Tensor, "batch one"]
+                       ) -> tuple[Float[Tensor, "batch d_mlp"], Float[Tensor, "batch"]]:
     """``c [B, d_mlp]`` and ``const [B]`` with ``post[n] = sum_m c[m] * in[m] + const``,
     where ``in = ln2(x) @ W_in + b_in`` (the "up"/linear pre-activation)."""
     view, dtype = cv.view, cv.dtype
@@ -210,7 +211,7 @@ def _gate_coefficients(cv: CacheView, layer: int, neuron: int, positions: Tensor
     return c, const
 
 
-def neuron_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Tensor]:
+def neuron_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tensor, "batch 1 k"]]:
     view, r = cv.view, st.readout
     layer, neuron = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]

@@ -78,7 +78,8 @@ class Terms:
     layer_gap: Float[Tensor, "batch pos k"]
 
 
-def post_parts(cv: CacheView, post: Optional[NormSpec], r: Readout) -> tuple[Tensor, Tensor]:
+def post_parts(cv: CacheView, post: Optional[NormSpec], r: Readout
+               ) -> tuple[Float[Tensor, "rb rp k d_model"], Float[Tensor, "batch pos"]]:
     """A readout pulled through a post-norm (Gemma 2's ``ln1_post``/``ln2_post``, frozen):
     (``P(w_post * u)``, the full ``1/s`` factor ``[B, P]``)."""
     ul = r.u if post is None else post.pull_back(r.u)
@@ -95,8 +96,9 @@ def _expand(t: Tensor, B: int, P: int) -> Tensor:
     return t.expand(B, P, *t.shape[2:])
 
 
-def _head_terms(cv: CacheView, layer: int, ul: Tensor, positions: Tensor, by_source: bool
-                ) -> Tensor:
+def _head_terms(cv: CacheView, layer: int, ul: Float[Tensor, "rb rp k d_model"],
+                positions: Int[Tensor, "batch pos"], by_source: bool
+                ) -> Float[Tensor, "batch pos k head *src"]:
     """``[B, P, K, head, src]`` (``src`` summed away when not ``by_source``: ``[B,P,K,head]``)."""
     view, dtype = cv.view, ul.dtype
     A = cv.get(Site.PATTERN, layer)
@@ -138,7 +140,8 @@ def _head_terms(cv: CacheView, layer: int, ul: Tensor, positions: Tensor, by_sou
     return torch.einsum("bhpj,bpjhk->bpkh", Ai, vW)
 
 
-def _neuron_terms(cv: CacheView, layer: int, ul: Tensor, positions: Tensor) -> Tensor:
+def _neuron_terms(cv: CacheView, layer: int, ul: Float[Tensor, "rb rp k d_model"],
+                  positions: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos k d_mlp"]:
     """``[B, P, K, d_mlp]``"""
     post = cv.at(Site.MLP_POST, layer, positions, ul.dtype)
     W_out = cv.view.W_out(layer, ul.dtype).to(ul.device)  # [n, d]
