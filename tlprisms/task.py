@@ -57,6 +57,11 @@ class TaskResult:
         return self
 
     @check_arg.entry
+    def mask(self, **criteria: Any) -> np.ndarray:
+        """The boolean mask over components matching ``criteria`` (as ``Decomposition.select``)."""
+        return self.components.mask("mask", **criteria)
+
+    @check_arg.entry
     def summary(self, k: int = 10, constants: bool = False, *,
                 top_k: Optional[int] = None) -> Any:
         """One row per component: mean, std, min, max of its term across prompts, its mean
