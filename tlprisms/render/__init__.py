@@ -16,8 +16,9 @@ bundle is read and inlined (once per page), each widget mounted in its own eleme
 props escaped for a ``<script>``; tokens are always shown as text, never as markup.
 
 >>> from tlprisms.render import bar_svg
->>> bar_svg([1.0, -0.5], ["a", "</script>"], "terms", total=0.5).count("&lt;/script&gt;")
-2
+>>> svg = bar_svg([1.0, -0.5], ["a", "</script>"], "terms", total=0.5)
+>>> "</script>" in svg, "&lt;/script&gt;" in svg  # a label is text, never markup
+(False, True)
 """
 
 from tlprisms.render._page import Report, save_png, save_svg, show, to_html
