@@ -176,7 +176,7 @@ def _gate_coefficients(cv: CacheView, layer: int, neuron: int,
     """``c [B, d_mlp]`` and ``const [B]`` with ``post[n] = sum_m c[m] * in[m] + const``,
     where ``in = ln2(x) @ W_in + b_in`` (the "up"/linear pre-activation)."""
     view, dtype = cv.view, cv.dtype
-    name = view.act_fn
+    name = str(view.act_fn)
     post = cv.at(Site.MLP_POST, layer, positions)[:, 0]
     B, d_mlp = post.shape
     c = torch.zeros(B, d_mlp, dtype=dtype, device=post.device)

@@ -436,11 +436,11 @@ class Decomposition:
                                                                  of=f" ({B} rows)")]
         v = v.mean(0) if pos is None else v[check_arg.in_range(pos, P, "pos", "top",
                                                                of=f" ({P} explained positions)")]
-        v = v.detach().float().cpu().numpy()
-        keep = np.ones_like(v, dtype=bool) if constants else ~self.components.is_constant()
+        w = v.detach().float().cpu().numpy()
+        keep = np.ones_like(w, dtype=bool) if constants else ~self.components.is_constant()
         if kind is not None:
             keep &= self.components.mask("top", kind=kind)
-        score = {"abs": np.abs(v), "positive": v, "negative": -v}[order]
+        score = {"abs": np.abs(w), "positive": w, "negative": -w}[order]
         score = np.where(keep, score, -np.inf)
         k = min(k, int(keep.sum()))
         if k <= 0:
@@ -454,7 +454,7 @@ class Decomposition:
             "kind": np.asarray(KINDS, dtype=object)[c.kind[idx]],
             "layer": c.layer[idx], "head": c.head[idx],
             "neuron": c.neuron[idx], "src": c.src[idx], "at": c.at[idx],
-            "value": v[idx],
+            "value": w[idx],
         })
 
     def to_frame(self) -> Any:

@@ -155,7 +155,8 @@ def _capitals(model: Any, report: Any, progress: bool) -> dict:
 
     task = capital_task()
     prompts, answers = [p for p, _ in task], [a for _, a in task]
-    res = tp.explain_task(model, prompts, answers, progress=progress).check()
+    res = tp.explain_task(model, prompts, answers, heads="all", neurons="all",
+                          progress=progress).check()
     summary = res.summary()
     layers = res.decomposition().aggregate("kind", "layer")
     means = layers.values[:, 0, 0].mean(0)
@@ -191,7 +192,8 @@ def _addition(model: Any, report: Any, progress: bool) -> dict:
 
     task = addition_task()
     prompts, answers = [p for p, _ in task], [a for _, a in task]
-    res = tp.explain_task(model, prompts, answers, progress=progress).check()
+    res = tp.explain_task(model, prompts, answers, heads="all", neurons="all",
+                          progress=progress).check()
     summary = res.summary()
     neurons = summary[summary.kind == "neuron"]
     mlp_totals = neurons.groupby("layer")["mean"].sum()
@@ -201,7 +203,7 @@ def _addition(model: Any, report: Any, progress: bool) -> dict:
     answer = dict(task)[prompt]
     prism = tp.LogitPrism.run(model, prompt)
     r = prism.residual(answer).check()
-    acts = prism.cache[f"blocks.{layer}.mlp.hook_post"][0, -1, top_neurons]
+    acts = prism.neuron_activations(layer)[0, top_neurons]
     sums = [str(s) for s in range(2, 19)]
     templates = weights.neuron_templates(model, layer, top_neurons, sums, activations=acts)
     weighted = templates.weighted_sum()

@@ -53,7 +53,7 @@ def load_model(name: str, *, device: str = "cpu", dtype: Optional[torch.dtype] =
         if use_bridge:
             from transformer_lens.model_bridge import TransformerBridge
 
-            kw = {"device": device}
+            kw: dict[str, Any] = {"device": device}
             if dtype is not None:
                 kw["dtype"] = dtype
             model = TransformerBridge.boot_transformers(name, **kw)

@@ -140,6 +140,7 @@ class LogitPrism:
         """The logits passed in must be this cache's: compare each row's top logit at the
         last position with the frozen readout of the cache."""
         rec = self._rec
+        assert rec.logits is not None
         ids = rec.logits[:, -1].argmax(-1)
         fr = final_readout(Recorded(rec.cache.for_call("LogitPrism")), ids, -1)
         ex = explain(Recorded(rec.cache), fr, "post")

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from tlprisms import _validate as check_arg
 from tlprisms._errors import ArgumentError
+from tlprisms._readout import Softcap
 from tlprisms._result import ComponentTable, Decomposition
 from tlprisms._seam import needed_hooks
 from tlprisms._targets import PerRow
@@ -143,7 +144,7 @@ class TaskResult:
 @check_arg.entry
 def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
                  heads: Any = (), neurons: Any = (), batch_size: int = 16,
-                 progress: bool = True, softcap: str = "post",
+                 progress: bool = True, softcap: Softcap = "post",
                  prepend_bos: Optional[bool] = None) -> TaskResult:
     """Decompose each prompt's answer logit at its last token, in batches.
 
@@ -198,6 +199,7 @@ def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
         positions += pos
         explains, precision = r.explains, r.precision
         del cache, out, prism, r
+    assert table is not None  # there is at least one prompt
     return TaskResult(values=torch.cat(values), logits=torch.cat(logits), components=table,
                       prompts=prompts, answers=answers, explains=explains,
                       meta={"positions": positions}, precision=precision,

@@ -189,7 +189,10 @@ class ModelView:
     def W_V(self, layer: int, dtype: torch.dtype) -> Tensor:
         """``[kv_head, d_model, d_head]`` (never expanded to query heads)."""
         attn = self._attn(layer)
-        w = param(attn, "_W_V", "W_V") if not self.is_bridge else attn.W_V
+        w = attn.W_V if self.is_bridge else param(attn, "_W_V", "W_V")
+        if w is None:
+            raise UnsupportedModelError(f"layer {layer}'s attention has no W_V; tlprisms reads "
+                                        "value weights from W_V (or _W_V under GQA).")
         w = w.detach()
         if w.shape[0] != self.n_kv_heads:  # some loaders expand K/V; undo by taking groups
             w = w[:: self.n_heads // self.n_kv_heads]
@@ -309,8 +312,11 @@ class ModelView:
         return hook_name(site, layer, n_layers=self.n_layers, is_bridge=self.is_bridge)
 
     def norm_of(self, site: Site, layer: Optional[int]) -> Optional[NormSpec]:
-        return {Site.FINAL_SCALE: lambda: self.final_norm,
-                Site.LN1_SCALE: lambda: self.ln1[layer], Site.LN2_SCALE: lambda: self.ln2[layer],
+        """The norm whose scale ``site`` records (at ``layer``)."""
+        if site is Site.FINAL_SCALE:
+            return self.final_norm
+        assert layer is not None, f"{site} is per layer"
+        return {Site.LN1_SCALE: lambda: self.ln1[layer], Site.LN2_SCALE: lambda: self.ln2[layer],
                 Site.LN1_POST_SCALE: lambda: self.ln1_post[layer],
                 Site.LN2_POST_SCALE: lambda: self.ln2_post[layer],
                 Site.SOLU_SCALE: lambda: self.solu_ln[layer]}[site]()

@@ -212,7 +212,7 @@ def load_demo_hf_model(device: Any = "cpu", dtype: torch.dtype = torch.float32):
         raise RuntimeError(
             f"demo weights do not match the model: missing {missing}, unexpected {unexpected}"
         )
-    model.tie_weights()
+    model.tie_weights()  # type: ignore[call-arg]  # HF types it as a wrapped method
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, cfg
