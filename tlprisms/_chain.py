@@ -24,7 +24,7 @@ sums exactly to the term it splits.
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -109,33 +109,53 @@ def _act(name: str, x: Tensor) -> Tensor:
         return torch.relu(x)
     if name == "quick_gelu":
         return x * torch.sigmoid(1.702 * x)
-    raise UnsupportedModelError(f"through_neuron: no closed form for activation {name!r}.")
+    if name == "relu2":
+        return torch.relu(x).pow(2)
+    raise UnsupportedModelError(
+        f"through_neuron: a gated neuron's linear input is exactly 0 here, so its gate cannot be "
+        f"read off the cache (post / up), and tlprisms has no closed form for activation "
+        f"{name!r} to compute it. Choose another neuron or position."
+    )
 
 
-def _limit_at_zero(name: str) -> float:
-    """``lim act(x)/x`` at ``x = 0``: 1/2 for the GELUs and SiLU, 0 for ReLU."""
-    return 0.0 if name == "relu" else 0.5
+_LIMITS = {"relu": 0.0, "relu2": 0.0, "gelu": 0.5, "gelu_new": 0.5, "gelu_fast": 0.5,
+           "gelu_pytorch_tanh": 0.5, "silu": 0.5, "swish": 0.5, "quick_gelu": 0.5}
 
 
-def _ratio(num: Tensor, den: Tensor, fallback: Tensor) -> Tensor:
+def _limit_at_zero(name: str, pre: Tensor) -> Tensor:
+    """``lim act(x)/x`` at ``x = 0``: 1/2 for the GELUs and SiLU, 0 for ReLU and ReLU^2."""
+    if name not in _LIMITS:
+        raise UnsupportedModelError(
+            f"through_neuron: the neuron's pre-activation is exactly 0 here, so its gate "
+            f"act(pre)/pre is the limit act'(0), which tlprisms does not know for activation "
+            f"{name!r}. Choose another neuron or position."
+        )
+    return torch.full_like(pre, _LIMITS[name])
+
+
+def _ratio(num: Tensor, den: Tensor, fallback: Callable[[], Tensor]) -> Tensor:
+    """``num / den``, and ``fallback()`` (only computed where needed) where ``den`` is ~0."""
     tiny = den.abs() <= 1e-12 * (1.0 + num.abs())
-    return torch.where(tiny, fallback, num / torch.where(tiny, torch.ones_like(den), den))
+    alt = fallback() if bool(tiny.any()) else torch.zeros_like(num)
+    return torch.where(tiny, alt, num / torch.where(tiny, torch.ones_like(den), den))
 
 
 # ----------------------------------------------------------------------------- hops
-def _chain_post(cv: CacheView, post: Any, r: Readout) -> tuple[Tensor, Tensor]:
-    """(readout through a post-norm ``[B',1,K,d]``, its full scale factor ``[B, 1]``)."""
+def _chain_post(cv: CacheView, post: Any, r: Readout, layer: int) -> tuple[Tensor, Tensor]:
+    """(readout through a post-norm ``[B',1,K,d]``, its full scale factor ``[B, 1]``),
+    times the block's residual multiplier where it has one."""
     ul = r.u if post is None else post.pull_back(r.u)
-    if post is not None and post.has_scale:
-        return ul, r.inv_s / cv.scale(post, r.positions)
-    return ul, r.inv_s
+    inv = r.inv_s / cv.scale(post, r.positions) if post is not None and post.has_scale \
+        else r.inv_s
+    scale = cv.view.residual_scale(layer)
+    return ul, inv if scale is None else inv * scale
 
 
 def head_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tensor, "batch 1 k"]]:
     view, r = cv.view, st.readout
     layer, head = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
-    ul, sl = _chain_post(cv, view.ln1_post[layer], r)
+    ul, sl = _chain_post(cv, view.ln1_post[layer], r, layer)
     W_O = view.W_O(layer, dtype).to(ul.device)[head]  # [dh, d]
     g = view.kv_group(head)
     W_V = view.W_V(layer, dtype).to(ul.device)[g]  # [d, dh]
@@ -187,13 +207,14 @@ def _gate_coefficients(cv: CacheView, layer: int, neuron: int,
         if view.gated_bias_after_product:  # act(g) * (x W_in) + b_in
             b_in = view.b_in(layer, dtype, post.device)[neuron]
             const = const + b_in
-            gate = _ratio(post[:, neuron] - b_in, up[:, neuron], _act(name, pre[:, neuron]))
+            gate = _ratio(post[:, neuron] - b_in, up[:, neuron],
+                          lambda: _act(name, pre[:, neuron]))
         else:
-            gate = _ratio(post[:, neuron], up[:, neuron], _act(name, pre[:, neuron]))
+            gate = _ratio(post[:, neuron], up[:, neuron], lambda: _act(name, pre[:, neuron]))
         c[:, neuron] = gate
     elif name == "solu_ln":
         mid = cv.at(Site.SOLU_MID, layer, positions)[:, 0]
-        g = _ratio(mid, pre, torch.softmax(pre, -1))
+        g = _ratio(mid, pre, lambda: torch.softmax(pre, -1))
         ln = view.solu_ln[layer]
         w = 1.0 if ln is None or ln.weight is None else ln.weight.to(post.device, dtype)[neuron]
         s: Any = 1.0
@@ -206,8 +227,8 @@ def _gate_coefficients(cv: CacheView, layer: int, neuron: int,
         if ln is not None and ln.bias is not None:
             const = const + ln.bias.to(post.device, dtype)[neuron]
     else:
-        limit = torch.full_like(pre[:, neuron], _limit_at_zero(name))
-        c[:, neuron] = _ratio(post[:, neuron], pre[:, neuron], limit)
+        c[:, neuron] = _ratio(post[:, neuron], pre[:, neuron],
+                              lambda: _limit_at_zero(name, pre[:, neuron]))
     return c, const
 
 
@@ -215,7 +236,7 @@ def neuron_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tenso
     view, r = cv.view, st.readout
     layer, neuron = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
-    ul, sl = _chain_post(cv, view.ln2_post[layer], r)
+    ul, sl = _chain_post(cv, view.ln2_post[layer], r, layer)
     W_out = view.W_out(layer, dtype).to(ul.device)[neuron]  # [d]
     a = (ul @ W_out).expand(B, 1, ul.shape[2]) * sl[:, :, None]  # [B,1,K]
     c, post_const = _gate_coefficients(cv, layer, neuron, r.positions)

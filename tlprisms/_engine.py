@@ -78,13 +78,16 @@ class Terms:
     layer_gap: Float[Tensor, "batch pos k"]
 
 
-def post_parts(cv: CacheView, post: Optional[NormSpec], r: Readout
+def post_parts(cv: CacheView, post: Optional[NormSpec], r: Readout, layer: int
                ) -> tuple[Float[Tensor, "rb rp k d_model"], Float[Tensor, "batch pos"]]:
-    """A readout pulled through a post-norm (Gemma 2's ``ln1_post``/``ln2_post``, frozen):
-    (``P(w_post * u)``, the full ``1/s`` factor ``[B, P]``)."""
+    """A readout pulled through what lies between a layer's heads/neurons and the residual
+    stream: a post-norm (Gemma 2's ``ln1_post``/``ln2_post``, frozen) and a residual
+    multiplier (Granite): (``P(w_post * u)``, the full ``1/s`` factor ``[B, P]``)."""
     ul = r.u if post is None else post.pull_back(r.u)
     inv = cv.inv_scale(post, r.positions)
-    return ul, r.inv_s if inv is None else r.inv_s * inv
+    inv = r.inv_s if inv is None else r.inv_s * inv
+    scale = cv.view.residual_scale(layer)
+    return ul, inv if scale is None else inv * scale
 
 
 def _post_bias(post: Optional[NormSpec], u: Tensor) -> Tensor:
@@ -178,7 +181,7 @@ def split_writes(cv: CacheView, readout: Readout, split: Split,
         tables.append(table)
 
     s = inv_s[:, :, None]
-    add(dot(cv.at(Site.EMBED, None, positions, u.dtype), u) * s, ComponentTable.block("embed"))
+    add(dot(cv.embed_write(positions, u.dtype), u) * s, ComponentTable.block("embed"))
     if view.pos_embed_in_resid:
         add(dot(cv.at(Site.POS_EMBED, None, positions, u.dtype), u) * s,
             ComponentTable.block("pos_embed"))
@@ -190,7 +193,7 @@ def split_writes(cv: CacheView, readout: Readout, split: Split,
             if kind == "mlp" and (layer >= readout.mlp_layers or view.attn_only):
                 continue
             post = view.ln1_post[layer] if kind == "attn" else view.ln2_post[layer]
-            ul, inv = post_parts(cv, post, readout)
+            ul, inv = post_parts(cv, post, readout, layer)
             sl = inv[:, :, None]
             bias = (view.b_O if kind == "attn" else view.b_out)(layer, u.dtype, u.device)
             bias_term = (ul @ bias).expand(B, P, K) * sl  # [B,P,K]

@@ -27,7 +27,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError, TargetError
+from tlprisms._errors import ArgumentError, TargetError, UnsupportedModelError
 from tlprisms._seam import ModelView
 from tlprisms._targets import token_id
 
@@ -53,6 +53,12 @@ def _readout_columns(view: ModelView, ids: list[int], dtype: torch.dtype) -> Ten
 
 
 def _embeddings(view: ModelView, ids: list[int], layer_norm: Any, dtype: torch.dtype) -> Tensor:
+    if view.embedding_normalised:
+        raise UnsupportedModelError(
+            f"ov_map: {view.architecture} normalises its embeddings before the residual stream, "
+            "so a map from W_E's rows would not be what the head reads; use the prisms on a "
+            "forward pass (through_head) instead."
+        )
     e = view.embed_rows(torch.tensor(ids), dtype)
     if layer_norm is None or not layer_norm.has_scale:
         return e

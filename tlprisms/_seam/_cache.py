@@ -25,6 +25,9 @@ PROVENANCE_RTOL = 1e-3
 #: the same for bf16/fp16 caches
 PROVENANCE_RTOL_LOWP = 5e-2
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: hook_embed (+ hook_pos_embed) is the residual stream's start when it matches resid_pre[0]
+#: to this fraction of its size; otherwise something transformed it in between
+EMBED_RTOL = 1e-5
 
 
 
@@ -51,6 +54,7 @@ class CacheView:
         self.caller = caller
         self.read_names: list[str] = []
         self._finite: set[str] = set()  # hooks checked to hold finite values (shared by copies)
+        self._embed_is_hooked: Optional[bool] = None
         embed = self.get(Site.EMBED)
         if embed.ndim == 2:
             raise CacheError(
@@ -100,12 +104,15 @@ class CacheView:
         """The cached tensor of ``site``, or a CacheError that says why it is missing."""
         name = self.view.hook(site, layer)
         if not self._present(name):
+            reason = self.view.missing_reason(site, layer)
+            if reason:
+                raise CacheError(f"{self.caller}: the cache has no '{name}': {reason}.")
             if not self.view.records(name):
                 raise CacheError(
                     f"{self.caller}: this model ({self.view.describe()}) has no hook '{name}', "
                     "so no cache of it can hold that value and this prism cannot be computed "
-                    "for it. The residual prism needs only layer outputs; see the README's "
-                    "architecture table for what each family supports."
+                    "for it. The residual prism needs only layer outputs; docs/architectures.md "
+                    "says what each family supports."
                 )
             raise CacheError(
                 f"{self.caller}: the cache has no '{name}'. It was recorded with a names_filter "
@@ -113,6 +120,9 @@ class CacheView:
                 "without a names_filter, or with names_filter=tlprisms.needed_hooks(model)."
             )
         t = self.cache[name]
+        if site is not Site.EMBED and t.ndim >= 2 and t.shape[0] != self.batch \
+                and t.shape[0] == self.batch * self.n_ctx:
+            t = t.reshape(self.batch, self.n_ctx, *t.shape[1:])  # hooks recorded flattened (OPT)
         if name not in self._finite:
             if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
                 self.read_names.append(name)
@@ -128,6 +138,25 @@ class CacheView:
         if site is Site.POS_EMBED and x.shape[0] != positions.shape[0]:
             x = x.expand(positions.shape[0], *x.shape[1:])
         return gather_pos(x, positions, dtype or self.dtype)
+
+    def embed_write(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
+        """What the embedding writes into the residual stream at ``positions``: ``hook_embed``
+        where the stream starts from it (plus ``hook_pos_embed``), else
+        ``resid_pre[0] - hook_pos_embed``: a norm or a scale after ``hook_embed`` (Bloom's
+        embedding LayerNorm, Granite's multiplier) or positions added without a hook (XGLM)."""
+        if self._embed_is_hooked is None:
+            x = self.get(Site.EMBED)
+            if self.view.pos_embed_in_resid:
+                x = x + self.get(Site.POS_EMBED)
+            start = self.get(Site.RESID_PRE, 0)
+            tol = EMBED_RTOL * (float(start.abs().max()) + 1e-6)
+            self._embed_is_hooked = bool(((x - start).abs() <= tol).all())
+        if self._embed_is_hooked:
+            return self.at(Site.EMBED, None, positions, dtype)
+        start = self.at(Site.RESID_PRE, 0, positions, dtype)
+        if self.view.pos_embed_in_resid:
+            start = start - self.at(Site.POS_EMBED, None, positions, dtype)
+        return start
 
     def scale(self, norm: NormSpec, positions: Tensor) -> Tensor:
         """The frozen scale ``s`` of ``norm`` at ``positions``: ``[B, P]``."""
@@ -216,7 +245,16 @@ class CacheView:
                 "Re-run model.run_with_cache(tokens) with this model, and do not change its "
                 "weights in between."
             )
-        if tokens is not None:
+        if tokens is not None and self.has(Site.TOKENS):
+            got_ids = self.get(Site.TOKENS)
+            if tuple(got_ids.shape) != tuple(tokens.shape) or not torch.equal(
+                    got_ids.to(tokens.device).long(), tokens.long()):
+                raise CacheError(
+                    f"{caller}: the cache was not recorded from these tokens: the token ids it "
+                    "recorded at the embedding (embed.hook_in) differ from the tokens given. "
+                    "Pass the tokens the cache was recorded with."
+                )
+        elif tokens is not None:
             emb = view.embed_rows(tokens.to(self.device), self.dtype)
             got = self.get(Site.EMBED).to(self.dtype)
             e_err = float((emb - got).abs().max())

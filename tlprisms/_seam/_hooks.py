@@ -16,6 +16,7 @@ __all__ = ["Site", "PART_SITES", "PARTS", "PROVENANCE_SITES", "hook_name", "hook
 class Site(enum.Enum):
     """A recorded value of a forward pass, independent of how TransformerLens names it."""
 
+    TOKENS = "tokens"  # the token ids as the embedding received them (bridges only)
     EMBED = "embed"
     POS_EMBED = "pos_embed"
     RESID_PRE = "resid_pre"
@@ -38,9 +39,9 @@ class Site(enum.Enum):
     SOLU_SCALE = "mlp.ln.scale"
 
 
-_GLOBAL = frozenset({Site.EMBED, Site.POS_EMBED, Site.FINAL_RESID, Site.FINAL_SCALE})
+_GLOBAL = frozenset({Site.TOKENS, Site.EMBED, Site.POS_EMBED, Site.FINAL_RESID, Site.FINAL_SCALE})
 
-_WRITES = frozenset({Site.EMBED, Site.POS_EMBED, Site.ATTN_OUT, Site.MLP_OUT, Site.FINAL_RESID,
+_WRITES = frozenset({Site.EMBED, Site.POS_EMBED, Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT, Site.FINAL_RESID,
                      Site.FINAL_SCALE, Site.LN1_POST_SCALE, Site.LN2_POST_SCALE})
 
 #: the sites each prism reads (``needed_hooks(model, parts)`` records their union)
@@ -55,13 +56,15 @@ PART_SITES: dict[str, frozenset] = {
 PARTS = tuple(PART_SITES)
 
 #: what the check that a cache belongs to this model and these tokens reads (always recorded)
-PROVENANCE_SITES = frozenset({Site.EMBED, Site.RESID_PRE, Site.LN1_SCALE, Site.V})
+PROVENANCE_SITES = frozenset({Site.TOKENS, Site.EMBED, Site.RESID_PRE, Site.LN1_SCALE, Site.V})
 
 
 def hook_name(site: Site, layer: Optional[int], *, n_layers: int, is_bridge: bool) -> str:
     """The TransformerLens hook name of ``site`` (at ``layer`` for per-layer sites)."""
     if site is Site.EMBED:
         return "hook_embed"
+    if site is Site.TOKENS:
+        return "embed.hook_in"
     if site is Site.POS_EMBED:
         return "hook_pos_embed"
     if site is Site.FINAL_SCALE:

@@ -20,11 +20,27 @@ from tlprisms._seam._norms import NormSpec, param, read_norm
 
 __all__ = ["ModelView", "architecture_name"]
 
-_REFUSED_ARCH_WORDS = ("moe", "mixtral", "mamba", "rwkv", "jamba", "t5", "bart", "whisper",
-                       "encoder", "recurrent", "falcon_h", "granitemoe", "zamba", "lfm2",
-                       "bert")
-_SUPPORTED_ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu",
-                   "swish", "solu_ln", "quick_gelu")
+#: architectures whose blocks are not attention + dense MLP, by what they are instead
+_KNOWN_REFUSALS = {
+    "OpenAIGPTLMHeadModel": "post-LN blocks (a LayerNorm after every residual addition rescales "
+                            "everything written before it, and there is no final norm), so the "
+                            "writes do not add up to the final residual stream",
+    "ModernBertDecoderForCausalLM": "a prediction head (dense + GELU + LayerNorm) between the "
+                                    "final norm and the unembedding, which makes the logit "
+                                    "non-linear in the residual stream",
+    "Gemma4ForCausalLM": "per-layer input writes, a per-layer scalar that rescales the whole "
+                         "residual stream, and normalisations TransformerLens does not bridge",
+    "BitNetForCausalLM": "a norm over all heads (attn_sub_norm) between the heads' outputs and "
+                         "o_proj, so a head's write depends on every other head",
+}
+#: architectures with a norm between W_E and the residual stream
+_EMBEDDING_NORMED = frozenset({"BloomForCausalLM", "NanoChatForCausalLM",
+                               "ModernBertDecoderForCausalLM"})
+#: words in a block's module class names that mark a non-attention token mixer
+_MIXER_WORDS = ("mamba", "ssm", "mixer", "conv", "linearattention", "linear_attn", "recurrent",
+                "rglru", "shortconv", "deltanet")
+#: words in an architecture name that mark a model that is not a decoder-only causal LM
+_NOT_DECODER_WORDS = ("t5", "bart", "whisper", "encoder", "bert", "roberta", "vision", "clip")
 
 
 def _class_names(obj: Any) -> list[str]:
@@ -70,6 +86,13 @@ class ModelView:
         self.is_bridge = _is_bridge(model)
         cfg = model.cfg
         self.cfg = cfg
+        if self.is_bridge and not getattr(model, "compatibility_mode", False) and getattr(
+                getattr(model, "adapter", None), "supports_compatibility_mode", True) is False:
+            raise UnsupportedModelError(
+                f"TransformerLens does not support compatibility mode for "
+                f"{architecture_name(model)} (its adapter says so), so this bridge has no "
+                "HookedTransformer-style hooks and tlprisms cannot read it."
+            )
         if self.is_bridge and not getattr(model, "compatibility_mode", False):
             raise UnsupportedModelError(
                 "this TransformerBridge is not in compatibility mode, so it has no "
@@ -87,7 +110,7 @@ class ModelView:
                            else cfg.d_vocab)
         self.d_vocab_in = int(cfg.d_vocab)
         self.attn_only = bool(getattr(cfg, "attn_only", False))
-        self.d_mlp = 0 if self.attn_only else int(cfg.d_mlp)
+        self.d_mlp = 0 if self.attn_only else self._d_mlp(model, cfg)
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedModelError(
                 f"n_heads={self.n_heads} is not a multiple of n_key_value_heads="
@@ -95,8 +118,12 @@ class ModelView:
             )
         cap = getattr(cfg, "output_logits_soft_cap", None)
         self.softcap: Optional[float] = float(cap) if cap is not None and cap > 0 else None
+        self.logit_scale = self._logit_scale(model)
         pos_type = getattr(cfg, "positional_embedding_type", "standard")
-        self.pos_embed_in_resid = pos_type == "standard"
+        self._hook_points = frozenset(getattr(model, "hook_dict", None) or ())
+        # XGLM adds sinusoidal positions inside Hugging Face's code, with no hook: they are
+        # then part of the embedding's write (see CacheView.embed_write)
+        self.pos_embed_in_resid = pos_type == "standard" and self.records("hook_pos_embed")
         self.act_fn = getattr(cfg, "act_fn", None)
         self.architecture = architecture_name(model)
         self.gated = bool(getattr(cfg, "gated_mlp", False))
@@ -111,8 +138,13 @@ class ModelView:
         for layer, block in enumerate(model.blocks):
             self.ln1.append(read_norm(getattr(block, "ln1", None), f"ln1 of layer {layer}",
                                       Site.LN1_SCALE, layer))
-            self.ln2.append(read_norm(getattr(block, "ln2", None), f"ln2 of layer {layer}",
-                                      Site.LN2_SCALE, layer))
+            if getattr(block, "ln2", None) is None and self.parallel and not self.attn_only:
+                # parallel blocks with one shared norm (Falcon, Phi, GPT-J, Cohere): the MLP
+                # reads ln1(resid_pre), recorded at ln1's scale
+                self.ln2.append(self.ln1[-1])
+            else:
+                self.ln2.append(read_norm(getattr(block, "ln2", None), f"ln2 of layer {layer}",
+                                          Site.LN2_SCALE, layer))
             post1 = getattr(block, "ln1_post", None)
             post2 = getattr(block, "ln2_post", None)
             self.ln1_post.append(None if post1 is None else read_norm(
@@ -122,46 +154,112 @@ class ModelView:
             inner = getattr(getattr(block, "mlp", None), "ln", None)
             self.solu_ln.append(None if self.act_fn != "solu_ln" or inner is None else read_norm(
                 inner, f"SoLU LayerNorm of layer {layer}", Site.SOLU_SCALE, layer))
-        self._hook_points = frozenset(getattr(model, "hook_dict", None) or ())
 
     # ------------------------------------------------------------------ refusals
     @staticmethod
     def _refuse_unsupported(model: Any, cfg: Any) -> None:
+        """Refuse, with the true reason, what these prisms cannot decompose exactly."""
         arch = architecture_name(model)
         reasons = []
-        if getattr(cfg, "num_experts", None):
-            reasons.append(f"a mixture of experts (num_experts={cfg.num_experts})")
+        if arch in _KNOWN_REFUSALS:
+            reasons.append(f"{arch} has {_KNOWN_REFUSALS[arch]}")
+        if getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None):
+            n = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+            reasons.append(f"it routes tokens to a mixture of experts (num_experts={n}): which "
+                           "experts write depends on a routing decision the prisms do not freeze")
         if getattr(cfg, "is_encoder_decoder", False):
-            reasons.append("an encoder-decoder model")
-        low = arch.lower()
-        if any(word in low for word in _REFUSED_ARCH_WORDS):
-            reasons.append(f"architecture {arch}")
+            reasons.append("it is an encoder-decoder model")
+        elif not reasons and any(w in arch.lower() for w in _NOT_DECODER_WORDS) \
+                and "decoder" not in arch.lower() and "causallm" not in arch.lower():
+            reasons.append(f"{arch} is not a decoder-only causal language model")
+        hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+        kinds = set(getattr(hf_cfg, "layer_types", None) or ())
+        others = sorted(k for k in kinds if isinstance(k, str) and "attention" not in k)
+        if others:
+            reasons.append(f"its layers include {', '.join(others)} layers besides attention (a "
+                           "hybrid model: their token mixing is not split by these prisms)")
         blocks = getattr(model, "blocks", None)
         if blocks is None:
-            reasons.append("a model without TransformerLens 'blocks'")
+            reasons.append("it has no TransformerLens 'blocks' (its layers are not a stack of "
+                           "transformer blocks TransformerLens can hook)")
         else:
             attn_only = bool(getattr(cfg, "attn_only", False))
             for layer, block in enumerate(blocks):
-                if not hasattr(block, "attn"):
-                    reasons.append(f"block {layer} without an attention layer (hybrid blocks)")
+                problem = ModelView._block_problem(block, layer, attn_only, int(cfg.d_head))
+                if problem:
+                    reasons.append(problem)
                     break
-                if not attn_only and not hasattr(block, "mlp"):
-                    reasons.append(f"block {layer} without an MLP")
-                    break
-                mlp = getattr(block, "mlp", None)
-                if mlp is not None and any("MoE" in n or "Moe" in n for n in _class_names(mlp)):
-                    reasons.append(f"block {layer} has a mixture-of-experts MLP")
-                    break
-        act = getattr(cfg, "act_fn", None)
-        if act is not None and act not in _SUPPORTED_ACTS:
-            reasons.append(f"activation function {act!r}")
         if reasons:
             raise UnsupportedModelError(
-                "tlprisms cannot decompose this model exactly: it is "
-                + "; ".join(reasons)
-                + ". Supported: decoder-only transformers with attention and dense (optionally "
-                "gated) MLP blocks, as listed in the README. Nothing was decomposed."
+                "tlprisms cannot decompose this model exactly: " + "; ".join(reasons)
+                + ". Its logits are not a sum of embedding, attention-head and MLP-neuron writes "
+                "with only norm scales, patterns and gates frozen, so nothing was decomposed. "
+                "docs/architectures.md lists every architecture TransformerLens bridges and "
+                "what tlprisms does with it."
             )
+
+    def _logit_scale(self, model: Any) -> Optional[float]:
+        """The factor a bridge applies to ``ln_final(x) @ W_U + b_U`` before the soft-cap
+        (Cohere's ``logit_scale`` when not folded, Granite's ``1 / logits_scaling``), or None.
+
+        Read from TransformerLens's own ``adapter.apply_output_logits_transform``, which must
+        be that scale followed by the soft-cap; any other output transform is refused.
+        """
+        transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+        if transform is None:
+            return None
+        with torch.no_grad():
+            tiny = torch.tensor([1e-4], dtype=torch.float64)
+            c = float(transform(tiny)[0]) / 1e-4
+            if self.softcap is None:
+                c = float(transform(torch.ones(1, dtype=torch.float64))[0])
+            z = torch.tensor([-40.0, -3.0, -0.5, 0.7, 5.0, 40.0], dtype=torch.float64)
+            want = c * z if self.softcap is None else \
+                self.softcap * torch.tanh(c * z / self.softcap)
+            if not torch.allclose(transform(z.clone()), want, rtol=1e-7, atol=0.0):
+                raise UnsupportedModelError(
+                    f"{self.architecture} maps the unembedding's output to its logits with a "
+                    "transform that is not a scale followed by a soft-cap, so its logits are "
+                    "not linear in the residual stream even with the soft-cap frozen."
+                )
+        return None if abs(c - 1.0) < 1e-12 else c
+
+    @staticmethod
+    def _d_mlp(model: Any, cfg: Any) -> int:
+        """The MLP width from the weights (TransformerLens's cfg.d_mlp is wrong for OPT)."""
+        W_out = param(getattr(model.blocks[0], "mlp", None), "W_out")
+        return int(W_out.shape[0]) if W_out is not None and W_out.ndim == 2 else int(cfg.d_mlp)
+
+    @staticmethod
+    def _block_problem(block: Any, layer: int, attn_only: bool, d_head: int) -> Optional[str]:
+        if not hasattr(block, "attn"):
+            return (f"block {layer} has no attention layer (a recurrent, state-space or "
+                    "convolution block: a hybrid model)")
+        if not attn_only and not hasattr(block, "mlp"):
+            return f"block {layer} has no MLP"
+        try:
+            W_O = block.attn.W_O
+        except Exception:  # noqa: BLE001 - a bridge that cannot assemble W_O at all
+            W_O = None
+        if not isinstance(W_O, Tensor) or W_O.ndim != 3:
+            return (f"block {layer}'s attention has no per-head output weights W_O [head, "
+                    "d_head, d_model], so its heads cannot be separated")
+        if W_O.shape[1] != d_head:
+            return (f"block {layer} uses multi-head latent attention (value heads of size "
+                    f"{W_O.shape[1]}, query/key heads of size {d_head}, values decoded from a "
+                    "shared normalised latent), which these prisms do not split")
+        mlp = getattr(block, "mlp", None)
+        if mlp is not None and any("moe" in n.lower() for n in _class_names(mlp)):
+            return f"block {layer} has a mixture-of-experts MLP"
+        original = getattr(block, "original_component", None)
+        if original is not None:
+            for name, child in original.named_children():
+                cls = type(child).__name__.lower()
+                if any(w in cls or w in name.lower() for w in _MIXER_WORDS):
+                    return (f"block {layer} runs a {type(child).__name__} ('{name}') beside "
+                            "attention: a recurrent/state-space token mixer whose write the "
+                            "prisms cannot split (a hybrid model)")
+        return None
 
     # ------------------------------------------------------------------ weights
     def _attn(self, layer: int) -> Any:
@@ -228,6 +326,8 @@ class ModelView:
         b = param(self.model, "b_U")
         bias = (torch.zeros(flat.shape[0], dtype=dtype, device=cols.device) if b is None
                 else b.detach()[flat].to(dtype))
+        if self.logit_scale is not None:  # logits = c * (norm(x) @ W_U + b_U), then soft-cap
+            cols, bias = cols * self.logit_scale, bias * self.logit_scale
         return cols.reshape(*ids.shape, self.d_model), bias.reshape(ids.shape)
 
     def embed_matrix(self) -> Tensor:
@@ -247,16 +347,31 @@ class ModelView:
         """The factor ``hook_embed`` applies to ``W_E`` rows (sqrt(d_model) for Gemma)."""
         if not self.is_bridge:
             return 1.0  # HookedTransformer folds Gemma's sqrt(d_model) into W_E at load time
-        original = getattr(getattr(self.model, "embed", None), "original_component", None)
+        embed = getattr(self.model, "embed", None)
+        extra = float(getattr(embed, "_output_contribution_scale", 1.0) or 1.0)  # Granite
+        original = getattr(embed, "original_component", None)
         scale = getattr(original, "embed_scale", None)
         if scale is not None:
-            return float(scale)
+            return float(scale) * extra
         if "Gemma" in self.architecture:
-            return float(self.d_model) ** 0.5
-        return 1.0
+            return float(self.d_model) ** 0.5 * extra
+        return extra
+
+    @property
+    def embedding_normalised(self) -> bool:
+        """A norm sits between ``W_E`` and the residual stream (Bloom's embedding LayerNorm,
+        NanoChat's RMSNorm): weight-space maps from ``W_E`` alone would be wrong."""
+        return self.architecture in _EMBEDDING_NORMED
 
     def tokenizer(self) -> Any:
         return getattr(self.model, "tokenizer", None)
+
+    def residual_scale(self, layer: int) -> Optional[float]:
+        """The factor a block applies to its attention and MLP outputs before adding them
+        (Granite's ``residual_multiplier``; already inside ``hook_attn_out``/``hook_mlp_out``,
+        not inside ``W_O``/``W_out``), or None."""
+        r = getattr(self.model.blocks[layer], "residual_contribution_scale", None)
+        return None if r is None or float(r) == 1.0 else float(r)
 
     def kv_group(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (grouped-/multi-query attention)."""
@@ -273,12 +388,16 @@ class ModelView:
         return param(self.model, "b_U") is not None
 
     def unembed_matrix(self) -> Tensor:
-        """``W_U [d_model, d_vocab]`` (folded with the final norm's weight where TL folds)."""
-        return self.model.W_U.detach()
+        """``W_U [d_model, d_vocab]`` (folded with the final norm's weight where TL folds),
+        times the bridge's logit scale where it has one."""
+        W_U = self.model.W_U.detach()
+        return W_U if self.logit_scale is None else W_U * self.logit_scale
 
     def unembed_bias(self) -> Optional[Tensor]:
         b = param(self.model, "b_U")
-        return None if b is None else b.detach()
+        if b is None:
+            return None
+        return b.detach() if self.logit_scale is None else b.detach() * self.logit_scale
 
     @property
     def training(self) -> bool:
@@ -325,9 +444,11 @@ class ModelView:
         """Whether this model writes ``site`` at all (e.g. no pos_embed with rotary)."""
         if site is Site.POS_EMBED:
             return self.pos_embed_in_resid
+        if site is Site.TOKENS:
+            return self.is_bridge and self.records(self.hook(site))
         if site.value.endswith("scale"):
-            norm = self.norm_of(site, layer)
-            return norm is not None and norm.has_scale
+            norm = self.norm_of(site, layer)  # a shared norm is recorded at its own site
+            return norm is not None and norm.has_scale and norm.site is site
         if site in (Site.MLP_OUT, Site.MLP_POST, Site.MLP_PRE):
             return not self.attn_only
         if site is Site.RESID_MID:  # parallel blocks read resid_pre for both halves
@@ -337,6 +458,25 @@ class ModelView:
         if site is Site.SOLU_MID:
             return self.act_fn == "solu_ln"
         return True
+
+    def missing_reason(self, site: Site, layer: Optional[int]) -> Optional[str]:
+        """Why a cache of this model lacks ``site`` although nothing filtered it, or None.
+
+        A bridge whose attention is TransformerLens's plain ``AttentionBridge`` calls Hugging
+        Face's attention function, which under sdpa/flash returns no weights.
+        """
+        name = self.hook(site, layer)
+        if site is Site.PATTERN and self.is_bridge and layer is not None and \
+                type(self.model.blocks[layer].attn).__name__ == "AttentionBridge":
+            hf_cfg = getattr(getattr(self.model, "original_model", None), "config", None)
+            impl = getattr(hf_cfg, "_attn_implementation", None)
+            if impl not in (None, "eager"):
+                return (f"this bridge runs Hugging Face attention with '{impl}', which returns no "
+                        f"attention weights, so '{name}' never fires. Call transformer_lens."
+                        "utilities.attn_implementation.force_eager_attention(model.original_model)"
+                        " (TransformerBridge.boot_transformers does this) and re-run "
+                        "run_with_cache")
+        return None
 
     def records(self, name: str) -> bool:
         """Whether the model has a hook point called ``name`` (so a cache can record it)."""
