@@ -46,11 +46,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 
-MiB = 2 ** 20
+MiB = 2**20
 
 #: environment for child processes that measure memory (see the module docstring)
 MEASURE_ENV = {
@@ -78,7 +79,7 @@ def silence() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - transformers always present in the venvs
+    except Exception:  # noqa: BLE001 - transformers always present in the venvs
         pass
 
 
@@ -102,8 +103,7 @@ def gpt2_small_shaped(quick: bool = False, seed: int = 0) -> Any:
     if quick:
         cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128)
     else:
-        cfg = tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257,
-                            n_positions=1024)
+        cfg = tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
     torch.manual_seed(seed)
     hf = tf.GPT2LMHeadModel(cfg).eval()
     return bridge_from_hf(hf, "GPT2LMHeadModel", cfg)
@@ -127,8 +127,12 @@ def timeit(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict:
     return {"median": statistics.median(times), "min": min(times), "times": times}
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
-                on_round: Optional[Callable[[int, dict], None]] = None) -> dict[str, dict]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int = 5,
+    warmup: int = 1,
+    on_round: Optional[Callable[[int, dict], None]] = None,
+) -> dict[str, dict]:
     """Time every callable once per round, round-robin, ``repeats`` rounds.
 
     Returns ``name -> {"median", "min", "times", "cpu_median", "cpu"}``: ``times[r]`` is the
@@ -151,9 +155,16 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int
             del out
         if on_round is not None:
             on_round(r, {name: t[-1] for name, t in times.items()})
-    return {name: {"median": statistics.median(t), "min": min(t), "times": t,
-                   "cpu_median": statistics.median(cpu[name]), "cpu": cpu[name]}
-            for name, t in times.items()}
+    return {
+        name: {
+            "median": statistics.median(t),
+            "min": min(t),
+            "times": t,
+            "cpu_median": statistics.median(cpu[name]),
+            "cpu": cpu[name],
+        }
+        for name, t in times.items()
+    }
 
 
 def paired_ratio(a: dict, b: dict, key: str = "times") -> float:
@@ -203,7 +214,7 @@ class RssSampler:
                 self.samples += 1
                 time.sleep(self.interval)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         trim()
         # let the sampler take the GIL often while the measured call runs Python code
         self._switch = sys.getswitchinterval()
@@ -240,8 +251,12 @@ def peak_extra_mib(fn: Callable[[], Any], keep: bool = False) -> dict:
     """
     with RssSampler() as s:
         out = fn()
-    res = {"extra_mib": s.extra_mib, "interval_ms": s.interval_ms, "samples": s.samples,
-           "seconds": s.elapsed}
+    res = {
+        "extra_mib": s.extra_mib,
+        "interval_ms": s.interval_ms,
+        "samples": s.samples,
+        "seconds": s.elapsed,
+    }
     if keep:
         res["result"] = out
     del out
@@ -273,12 +288,15 @@ def run_child(argv: Sequence[str], timeout: float = 3600) -> dict:
     """Run ``python argv...`` with :data:`MEASURE_ENV`; its last stdout line must be JSON."""
     env = dict(os.environ)
     env.update(MEASURE_ENV)
-    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *argv], env=env, capture_output=True, text=True, timeout=timeout
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"child {argv} failed (exit {proc.returncode}):\n"
-                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(
+            f"child {argv} failed (exit {proc.returncode}):\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
     return json.loads(lines[-1])
 
 

@@ -16,10 +16,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import (environment, gpt2_small_shaped, interleaved, paired_ratio,  # noqa: E402
-                     peak_extra_mib, random_tokens, silence)
+from _common import (
+    environment,
+    gpt2_small_shaped,
+    interleaved,
+    paired_ratio,
+    peak_extra_mib,
+    random_tokens,
+    silence,
+)
 
-import tlprisms as tp  # noqa: E402
+import tlprisms as tp
 
 BATCH, SEQ, N_TARGETS = 8, 128, 1
 
@@ -47,17 +54,21 @@ def main() -> None:
             del r
         return tops
 
-    first = prism.through_head(L - 1, 0, target, heads="all", neurons="all", by_source=False).check()
+    first = prism.through_head(
+        L - 1, 0, target, heads="all", neurons="all", by_source=False
+    ).check()
     comps = first.values.shape[-1]
     del first
-    timing = interleaved({"run_with_cache": lambda: model.run_with_cache(tokens),
-                          "two-hop chain": chain}, repeats=args.repeats)
+    timing = interleaved(
+        {"run_with_cache": lambda: model.run_with_cache(tokens), "two-hop chain": chain},
+        repeats=args.repeats,
+    )
     ratio = paired_ratio(timing["two-hop chain"], timing["run_with_cache"])
     mem = peak_extra_mib(chain)
     out = {
         "input": f"{BATCH} x {tokens.shape[1]} tokens, {N_TARGETS} target, last position",
         "chain": f"through each of the {H} heads of layer {L - 1}; sources split into "
-                 f"{L - 1} layers of heads and neurons ({comps} terms per head)",
+        f"{L - 1} layers of heads and neurons ({comps} terms per head)",
         "run_with_cache_s": timing["run_with_cache"]["median"],
         "chain_s": timing["two-hop chain"]["median"],
         "ratio_vs_run_with_cache": ratio,
@@ -65,9 +76,11 @@ def main() -> None:
         "environment": environment(),
     }
     print(json.dumps({k: v for k, v in out.items() if k != "environment"}, indent=2))
-    print(f"\n| two-hop chain ({H} heads of the last layer, sources split into heads and neurons) "
-          f"| {out['chain_s']:.2f} s | {ratio:.2f}x run_with_cache | "
-          f"{out['extra_peak_mib'] or float('nan'):.0f} MiB extra peak |")
+    print(
+        f"\n| two-hop chain ({H} heads of the last layer, sources split into heads and neurons) "
+        f"| {out['chain_s']:.2f} s | {ratio:.2f}x run_with_cache | "
+        f"{out['extra_peak_mib'] or float('nan'):.0f} MiB extra peak |"
+    )
     if not args.quick:
         path = Path(__file__).parent / "results" / "chain.json"
         path.parent.mkdir(exist_ok=True)

@@ -62,8 +62,9 @@ import datetime
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -83,7 +84,7 @@ TITLES = {
     "tl_projected": "TL get_full_resid_decomposition (projected, last pos)",
     "prism_init": "LogitPrism(model, cache, ...)",
     "full_last": f"prism.full({N_TARGETS} targets), last pos",
-    "full_all": "prism.full(NextToken(), pos=\"all\")",
+    "full_all": 'prism.full(NextToken(), pos="all")',
 }
 #: (max x run_with_cache, max x TL projected, max extra MiB); None = no limit
 LIMITS = {
@@ -120,7 +121,8 @@ class Setup:
             with torch.no_grad():
                 W_U = model.W_U[:, targets]
                 return cache.get_full_resid_decomposition(
-                    expand_neurons=True, apply_ln=True, pos_slice=-1, project_output_onto=W_U)
+                    expand_neurons=True, apply_ln=True, pos_slice=-1, project_output_onto=W_U
+                )
 
         return {
             "run_with_cache": run_with_cache,
@@ -134,11 +136,18 @@ class Setup:
         cfg = self.model.cfg
         return {
             "model": "GPT2LMHeadModel (random init) -> TransformerBridge, compatibility mode",
-            "n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
-            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "batch": self.batch, "seq": self.seq,
-            "targets": self.targets, "cache_hooks": len(self.cache),
-            "cache_mib": round(sum(v.numel() * v.element_size() for v in self.cache.values())
-                               / C.MiB, 1),
+            "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "n_heads": cfg.n_heads,
+            "d_mlp": cfg.d_mlp,
+            "d_vocab": cfg.d_vocab,
+            "batch": self.batch,
+            "seq": self.seq,
+            "targets": self.targets,
+            "cache_hooks": len(self.cache),
+            "cache_mib": round(
+                sum(v.numel() * v.element_size() for v in self.cache.values()) / C.MiB, 1
+            ),
         }
 
 
@@ -152,7 +161,7 @@ def sanity(s: Setup) -> dict:
     heads = r.aggregate("kind", "layer", "head").select(kind="head").values[:, 0]  # [B,K,L*H]
     neurons = r.select(kind="neuron").values[:, 0]  # [B, K, L*N]
     tl_heads = tl[: L * H].permute(1, 2, 0)
-    tl_neurons = tl[L * H: L * H + L * N].permute(1, 2, 0)
+    tl_neurons = tl[L * H : L * H + L * N].permute(1, 2, 0)
     scale = float(r.values.abs().max())
     out = {
         "check": "ok",
@@ -198,16 +207,20 @@ def measure_memory(quick: bool) -> dict[str, dict]:
         res = C.run_child(argv)
         res["extra_mib"] = max(res["rss_cold_mib"], res["rss_warm_mib"], res["torch_peak_mib"])
         out[case] = res
-        print(f"  memory {case:<15} extra peak {res['extra_mib']:9.1f} MiB  (RSS cold "
-              f"{res['rss_cold_mib']:.1f}, warm {res['rss_warm_mib']:.1f}, torch exact "
-              f"{res['torch_peak_mib']:.1f}; sampled every {res['sample_interval_ms']:.2f} ms; "
-              f"child took {time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"  memory {case:<15} extra peak {res['extra_mib']:9.1f} MiB  (RSS cold "
+            f"{res['rss_cold_mib']:.1f}, warm {res['rss_warm_mib']:.1f}, torch exact "
+            f"{res['torch_peak_mib']:.1f}; sampled every {res['sample_interval_ms']:.2f} ms; "
+            f"child took {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- profile
 def profile(s: Setup) -> None:
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     calls = s.calls()
     for case in ("full_last", "full_all"):
@@ -229,19 +242,33 @@ def build_rows(timing: dict, memory: dict | None) -> list[dict]:
         cpu_tl = C.paired_ratio(t, timing["tl_projected"], key="cpu")
         mem = None if memory is None else memory[case]["extra_mib"]
         lim = LIMITS.get(case, (None, None, None))
-        rows.append({
-            "case": case, "name": TITLES[case],
-            "median_s": t["median"], "min_s": t["min"], "times_s": t["times"],
-            "cpu_median_s": t["cpu_median"], "cpu_s": t["cpu"],
-            "x_run_with_cache": vs_rwc, "x_tl_projected": vs_tl, "extra_peak_mib": mem,
-            "cpu_x_run_with_cache": cpu_rwc, "cpu_x_tl_projected": cpu_tl,
-            "memory": None if memory is None else memory[case],
-            "limits": {"x_run_with_cache": lim[0], "x_tl_projected": lim[1],
-                       "extra_peak_mib": lim[2]},
-            "verdicts": {"x_run_with_cache": C.verdict(vs_rwc, lim[0]),
-                         "x_tl_projected": C.verdict(vs_tl, lim[1]),
-                         "extra_peak_mib": C.verdict(mem, lim[2])},
-        })
+        rows.append(
+            {
+                "case": case,
+                "name": TITLES[case],
+                "median_s": t["median"],
+                "min_s": t["min"],
+                "times_s": t["times"],
+                "cpu_median_s": t["cpu_median"],
+                "cpu_s": t["cpu"],
+                "x_run_with_cache": vs_rwc,
+                "x_tl_projected": vs_tl,
+                "extra_peak_mib": mem,
+                "cpu_x_run_with_cache": cpu_rwc,
+                "cpu_x_tl_projected": cpu_tl,
+                "memory": None if memory is None else memory[case],
+                "limits": {
+                    "x_run_with_cache": lim[0],
+                    "x_tl_projected": lim[1],
+                    "extra_peak_mib": lim[2],
+                },
+                "verdicts": {
+                    "x_run_with_cache": C.verdict(vs_rwc, lim[0]),
+                    "x_tl_projected": C.verdict(vs_tl, lim[1]),
+                    "extra_peak_mib": C.verdict(mem, lim[2]),
+                },
+            }
+        )
     return rows
 
 
@@ -264,29 +291,43 @@ def table(rows: list[dict], markdown: bool, cpu: bool = False) -> str:
     """The results table; ``cpu=True`` gives the CPU-time cross-check instead."""
     if cpu:
         head = ["name", "median CPU s", "CPU x run_with_cache", "CPU x TL projected"]
-        body = [[r["name"], f"{r['cpu_median_s']:.4f}", f"{r['cpu_x_run_with_cache']:.3f}",
-                 f"{r['cpu_x_tl_projected']:.2f}"] for r in rows]
+        body = [
+            [
+                r["name"],
+                f"{r['cpu_median_s']:.4f}",
+                f"{r['cpu_x_run_with_cache']:.3f}",
+                f"{r['cpu_x_tl_projected']:.2f}",
+            ]
+            for r in rows
+        ]
     else:
         head = ["name", "median s", "x run_with_cache", "x TL projected", "extra peak MiB"]
         body = []
         for r in rows:
             lim = r["limits"]
-            body.append([
-                r["name"], f"{r['median_s']:.4f}",
-                _cell(r["x_run_with_cache"], lim["x_run_with_cache"], ".3f"),
-                _cell(r["x_tl_projected"], lim["x_tl_projected"], ".2f"),
-                _mem_cell(r),
-            ])
+            body.append(
+                [
+                    r["name"],
+                    f"{r['median_s']:.4f}",
+                    _cell(r["x_run_with_cache"], lim["x_run_with_cache"], ".3f"),
+                    _cell(r["x_tl_projected"], lim["x_tl_projected"], ".2f"),
+                    _mem_cell(r),
+                ]
+            )
     if markdown:
-        lines = ["| " + " | ".join(head) + " |",
-                 "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines = [
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
 
     def fmt_row(row: list) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths)))
+        return "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths))
+        )
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt_row(head), rule] + [fmt_row(b) for b in body])
@@ -302,13 +343,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     ap.add_argument("--quick", action="store_true", help="tiny model: a smoke run")
-    ap.add_argument("--threads", default="default",
-                    help="torch thread counts to time with, e.g. '2,1' (default: torch's "
-                         "default); the first one is the headline")
+    ap.add_argument(
+        "--threads",
+        default="default",
+        help="torch thread counts to time with, e.g. '2,1' (default: torch's "
+        "default); the first one is the headline",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the memory children")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="JSON output (default benchmarks/results/core.json; none for --quick)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output (default benchmarks/results/core.json; none for --quick)",
+    )
     ap.add_argument("--child-memory", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -321,26 +369,37 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     s = Setup(args.quick)
     desc = s.describe()
-    print(f"setup: {desc['n_layers']} layers, d_model {desc['d_model']}, batch {desc['batch']} x "
-          f"{desc['seq']}, cache {desc['cache_hooks']} hooks / {desc['cache_mib']} MiB "
-          f"({time.perf_counter() - t0:.0f} s); {env_before['cpu_count']} CPUs, load average "
-          f"{env_before['loadavg']}", flush=True)
+    print(
+        f"setup: {desc['n_layers']} layers, d_model {desc['d_model']}, batch {desc['batch']} x "
+        f"{desc['seq']}, cache {desc['cache_hooks']} hooks / {desc['cache_mib']} MiB "
+        f"({time.perf_counter() - t0:.0f} s); {env_before['cpu_count']} CPUs, load average "
+        f"{env_before['loadavg']}",
+        flush=True,
+    )
     checks = sanity(s)
-    print(f"sanity: check() ok, max |gap| {checks['max_abs_gap']:.2g}; per-head sums vs TL "
-          f"differ by <= {checks['heads_vs_tl_max_abs_diff']:.2g}, per-neuron by <= "
-          f"{checks['neurons_vs_tl_max_abs_diff']:.2g} (largest term "
-          f"{checks['max_abs_term']:.2g}); {checks['n_components']} components", flush=True)
+    print(
+        f"sanity: check() ok, max |gap| {checks['max_abs_gap']:.2g}; per-head sums vs TL "
+        f"differ by <= {checks['heads_vs_tl_max_abs_diff']:.2g}, per-neuron by <= "
+        f"{checks['neurons_vs_tl_max_abs_diff']:.2g} (largest term "
+        f"{checks['max_abs_term']:.2g}); {checks['n_components']} components",
+        flush=True,
+    )
 
     default_threads = torch.get_num_threads()
     timings = {}
     for n in _threads(args.threads):
         torch.set_num_threads(n)
-        print(f"timing with {n} torch thread(s), {args.repeats} rounds after 1 warm-up round:",
-              flush=True)
+        print(
+            f"timing with {n} torch thread(s), {args.repeats} rounds after 1 warm-up round:",
+            flush=True,
+        )
 
         def progress(r: int, times: dict) -> None:
-            print(f"  round {r + 1}/{args.repeats}: " +
-                  ", ".join(f"{k} {v:.3f}s" for k, v in times.items()), flush=True)
+            print(
+                f"  round {r + 1}/{args.repeats}: "
+                + ", ".join(f"{k} {v:.3f}s" for k, v in times.items()),
+                flush=True,
+            )
 
         timings[n] = C.interleaved(s.calls(), repeats=args.repeats, warmup=1, on_round=progress)
         if args.profile:
@@ -354,14 +413,20 @@ def main(argv: list[str] | None = None) -> int:
     runs, all_misses = [], []
     for n, timing in timings.items():
         rows = build_rows(timing, memory)
-        misses = [f"{r['name']}: {k} = {r[k]:.3f} > {r['limits'][k]:g}"
-                  for r in rows for k, v in r["verdicts"].items() if v == "MISS"]
+        misses = [
+            f"{r['name']}: {k} = {r[k]:.3f} > {r['limits'][k]:g}"
+            for r in rows
+            for k, v in r["verdicts"].items()
+            if v == "MISS"
+        ]
         runs.append({"torch_threads": n, "rows": rows, "misses": misses})
         all_misses += [f"[{n} thread(s)] {m}" for m in misses]
         print(f"\n=== {n} torch thread(s) ===")
         print(table(rows, markdown=False))
-        print("\nCPU time (all threads) instead of wall-clock: a cross-check that other jobs on "
-              "the machine inflate less; not judged.")
+        print(
+            "\nCPU time (all threads) instead of wall-clock: a cross-check that other jobs on "
+            "the machine inflate less; not judged."
+        )
         print(table(rows, markdown=False, cpu=True))
         print()
         if misses:
@@ -371,27 +436,41 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("All limits met.")
     if args.quick:
-        print("\n(--quick: the limits are set for the GPT-2-small-shaped model; on the tiny smoke "
-              "model fixed per-call overheads dominate and the verdicts mean nothing.)")
+        print(
+            "\n(--quick: the limits are set for the GPT-2-small-shaped model; on the tiny smoke "
+            "model fixed per-call overheads dominate and the verdicts mean nothing.)"
+        )
     print(f"\nMarkdown (for the README; {runs[0]['torch_threads']} torch thread(s)):\n")
     print(table(runs[0]["rows"], markdown=True))
 
-    out = args.out if args.out is not None else (None if args.quick else
-                                                 HERE / "results" / "core.json")
+    out = (
+        args.out
+        if args.out is not None
+        else (None if args.quick else HERE / "results" / "core.json")
+    )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         result = {
-            "benchmark": "core", "started": started, "quick": args.quick,
-            "repeats": args.repeats, "setup": desc, "sanity": checks,
-            "environment": env_before, "loadavg_after": env_after["loadavg"],
+            "benchmark": "core",
+            "started": started,
+            "quick": args.quick,
+            "repeats": args.repeats,
+            "setup": desc,
+            "sanity": checks,
+            "environment": env_before,
+            "loadavg_after": env_after["loadavg"],
             "timing_method": "round-robin in one process, 1 warm-up round; median seconds; "
-                             "ratios = median over rounds of same-round time ratios",
+            "ratios = median over rounds of same-round time ratios",
             "memory_method": "fresh child per call, glibc mmap threshold 64 KiB; extra peak = "
-                             "max(RSS sampled ~1 ms on a cold and a warm call, exact torch "
-                             "allocation peak from the profiler), result included",
-            "limits": {k: dict(zip(("x_run_with_cache", "x_tl_projected", "extra_peak_mib"), v))
-                       for k, v in LIMITS.items()},
-            "memory": memory, "runs": runs, "misses": all_misses,
+            "max(RSS sampled ~1 ms on a cold and a warm call, exact torch "
+            "allocation peak from the profiler), result included",
+            "limits": {
+                k: dict(zip(("x_run_with_cache", "x_tl_projected", "extra_peak_mib"), v))
+                for k, v in LIMITS.items()
+            },
+            "memory": memory,
+            "runs": runs,
+            "misses": all_misses,
         }
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {out}")

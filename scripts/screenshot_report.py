@@ -80,18 +80,25 @@ def build(prism, target, targets, model) -> render.Report:
     _, _, vt = np.linalg.svd(W, full_matrices=False)
     points = W @ vt[:2].T
 
-    return (render.Report("tlprisms: one view of each kind")
-            .add(residual, title="Residual prism (default view: waterfall bars)")
-            .add(heads, title="Heads prism (default view: layer x head heatmap + source tokens)")
-            .add(neurons, title="Neurons prism (default view: top neurons)")
-            .add(render.head_source_map(heads), title="Head x source maps (CircuitsVis)")
-            .add(render.top_tokens(prism, head, k=8), title=f"Top tokens of {head}")
-            .add(render.heatmap_svg(matrix, names, cols, "Head terms per target"),
-                 title="heatmap_svg")
-            .add(render.lines_svg(series, names, "Top neurons' terms across targets",
-                                  highlight="sum of these"), title="lines_svg")
-            .add(render.scatter_svg(points, names, "Targets' unembeddings, top 2 PCs"),
-                 title="scatter_svg"))
+    return (
+        render.Report("tlprisms: one view of each kind")
+        .add(residual, title="Residual prism (default view: waterfall bars)")
+        .add(heads, title="Heads prism (default view: layer x head heatmap + source tokens)")
+        .add(neurons, title="Neurons prism (default view: top neurons)")
+        .add(render.head_source_map(heads), title="Head x source maps (CircuitsVis)")
+        .add(render.top_tokens(prism, head, k=8), title=f"Top tokens of {head}")
+        .add(render.heatmap_svg(matrix, names, cols, "Head terms per target"), title="heatmap_svg")
+        .add(
+            render.lines_svg(
+                series, names, "Top neurons' terms across targets", highlight="sum of these"
+            ),
+            title="lines_svg",
+        )
+        .add(
+            render.scatter_svg(points, names, "Targets' unembeddings, top 2 PCs"),
+            title="scatter_svg",
+        )
+    )
 
 
 def main() -> int:
@@ -102,7 +109,7 @@ def main() -> int:
     t0 = time.time()
     try:
         made = tiny_prism() if args.tiny else demo_prism()
-    except Exception as e:  # the demo model missing or broken: fall back, and say so
+    except Exception as e:  # noqa: BLE001 - the demo model missing or broken: fall back, say so
         print(f"demo model unavailable ({type(e).__name__}: {e}); using the tiny GPT-2")
         made = tiny_prism()
     report = build(*made)

@@ -130,7 +130,9 @@ def accuracy(model, inputs, last, answers):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -172,9 +174,12 @@ def main() -> None:
     for name, p in model.named_parameters():
         (no_decay if "norm" in name else decay).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98),
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.98),
     )
     warmup = 100
 
@@ -189,8 +194,11 @@ def main() -> None:
     for step in range(args.steps):
         logits = model(input_ids=inputs).logits
         loss_tok = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-            ignore_index=-100, reduction="none").reshape(targets.shape)
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).reshape(targets.shape)
         loss = (loss_tok * weights).sum() / weights.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -199,24 +207,31 @@ def main() -> None:
         sched.step()
         if step % 500 == 0 or step == args.steps - 1:
             ans_loss = loss_tok[torch.arange(len(last)), last]
-            print(f"step {step:5d}  loss {loss.item():.4f}  "
-                  f"answer loss capital {ans_loss[:n_cap].mean().item():.4f} "
-                  f"addition {ans_loss[n_cap:].mean().item():.4f}  ({time.time() - t0:.0f}s)")
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  "
+                f"answer loss capital {ans_loss[:n_cap].mean().item():.4f} "
+                f"addition {ans_loss[n_cap:].mean().item():.4f}  ({time.time() - t0:.0f}s)"
+            )
     model.eval()
 
     acc_cap, m_cap = accuracy(model, inputs[:n_cap], last[:n_cap], answers[:n_cap])
     acc_add, m_add = accuracy(model, inputs[n_cap:], last[n_cap:], answers[n_cap:])
     elapsed = time.time() - t0
     print(f"capital accuracy  {acc_cap:.4f} ({n_cap} prompts), min logit margin {m_cap.min():.2f}")
-    print(f"addition accuracy {acc_add:.4f} ({len(add)} prompts), min logit margin {m_add.min():.2f}")
+    print(
+        f"addition accuracy {acc_add:.4f} ({len(add)} prompts), min logit margin {m_add.min():.2f}"
+    )
     print(f"training time {elapsed:.1f}s")
     if acc_cap < 0.99 or acc_add < 0.99:
         raise SystemExit("accuracy below 99%: assets not written")
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-             if k != "lm_head.weight"}  # tied to model.embed_tokens.weight
+    state = {
+        k: v.detach().contiguous().clone()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }  # tied to model.embed_tokens.weight
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg_dict = dict(DEMO_CONFIG)
     cfg_dict["vocab_size"] = len(tok)
@@ -230,7 +245,7 @@ def main() -> None:
 
     meta = {
         "description": "tlprisms demo model: a miniature gemma-2b-architecture GemmaForCausalLM "
-                       "trained on country capitals and single-digit addition",
+        "trained on country capitals and single-digit addition",
         "seed": SEED,
         "steps": args.steps,
         "lr": args.lr,
@@ -239,12 +254,18 @@ def main() -> None:
         "n_params": n_params,
         "vocab_size": len(tok),
         "accuracy": {"capital": acc_cap, "addition": acc_add},
-        "min_logit_margin": {"capital": round(m_cap.min().item(), 4),
-                             "addition": round(m_add.min().item(), 4)},
+        "min_logit_margin": {
+            "capital": round(m_cap.min().item(), 4),
+            "addition": round(m_add.min().item(), 4),
+        },
         "n_prompts": {"capital": n_cap, "addition": len(add)},
         "training_seconds": round(elapsed, 1),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "tokenizers": tokenizers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "python": platform.python_version(),
+        },
     }
     with open(out / "metadata.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)

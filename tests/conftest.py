@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from families import FAMILIES, make_tokenizer  # noqa: E402
+import tlprisms as tp
 
-import tlprisms as tp  # noqa: E402
+from families import FAMILIES, make_tokenizer
 
 BATCH, SEQ = 3, 7
 
@@ -36,7 +36,7 @@ class Case:
         return tp.LogitPrism(self.model, self.cache, tokens=self.tokens, logits=self.logits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_case(name: str, fold: bool, dtype: torch.dtype = torch.float32) -> Case:
     model = FAMILIES[name](fold, dtype=dtype, tokenizer=make_tokenizer())
     tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
@@ -45,8 +45,11 @@ def build_case(name: str, fold: bool, dtype: torch.dtype = torch.float32) -> Cas
     return Case(name, fold, model, tokens, logits, cache)
 
 
-CASES = [pytest.param((n, f), id=f"{n}-{'folded' if f else 'unfolded'}")
-         for n in FAMILIES for f in (True, False)]
+CASES = [
+    pytest.param((n, f), id=f"{n}-{'folded' if f else 'unfolded'}")
+    for n in FAMILIES
+    for f in (True, False)
+]
 
 
 @pytest.fixture(params=CASES)
@@ -61,7 +64,10 @@ def pytest_runtest_makereport(item, call):
 
     outcome = yield
     report = outcome.get_result()
-    if (report.skipped and os.environ.get("TLPRISMS_REQUIRE_BROWSER") == "1"
-            and item.get_closest_marker("browser") is not None):
+    if (
+        report.skipped
+        and os.environ.get("TLPRISMS_REQUIRE_BROWSER") == "1"
+        and item.get_closest_marker("browser") is not None
+    ):
         report.outcome = "failed"
         report.longrepr = f"browser test skipped but TLPRISMS_REQUIRE_BROWSER=1: {report.longrepr}"

@@ -9,10 +9,10 @@ compatibility mode) or ``hooked`` (HookedTransformer, TransformerLens <= 3 only)
 """
 
 import tempfile
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
-
 import transformer_lens
 
 D_VOCAB = 60
@@ -43,8 +43,13 @@ def make_tokenizer():
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>",
-                                   pad_token="<pad>", eos_token="<eos>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<bos>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+    )
     # TransformerLens re-loads tokenizers by name_or_path: give it a local folder.
     global _TOKENIZER_DIR
     if _TOKENIZER_DIR is None:
@@ -64,8 +69,19 @@ def _perturb(named_params, gen: torch.Generator, weight_scale: float = 2.5) -> N
                 else:
                     p.add_(0.2 * torch.randn(p.shape, generator=gen))
             else:
-                unembed = any(k in low for k in ("lm_head", "wte", "embed_tokens", "embed_in",
-                                                 "embed_out", "unembed", "w_u", "w_e"))
+                unembed = any(
+                    k in low
+                    for k in (
+                        "lm_head",
+                        "wte",
+                        "embed_tokens",
+                        "embed_in",
+                        "embed_out",
+                        "unembed",
+                        "w_u",
+                        "w_e",
+                    )
+                )
                 p.mul_(weight_scale * (4.0 if unembed else 1.0))
 
 
@@ -80,28 +96,60 @@ def _hf(arch: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer=Non
         cfg = tf.GPT2Config(vocab_size=D_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=N_CTX)
     elif arch == "neox":
         cls, name = tf.GPTNeoXForCausalLM, "GPTNeoXForCausalLM"
-        cfg = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=64, rotary_pct=0.5, use_parallel_residual=True,
-                               **common)
+        cfg = tf.GPTNeoXConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            rotary_pct=0.5,
+            use_parallel_residual=True,
+            **common,
+        )
     elif arch == "llama":
         cls, name = tf.LlamaForCausalLM, "LlamaForCausalLM"
-        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, **common)
+        cfg = tf.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
     elif arch == "qwen2":
         cls, name = tf.Qwen2ForCausalLM, "Qwen2ForCausalLM"
-        cfg = tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, **common)
+        cfg = tf.Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
     elif arch == "gemma":
         cls, name = tf.GemmaForCausalLM, "GemmaForCausalLM"
-        cfg = tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=1, head_dim=8,
-                             hidden_activation="gelu_pytorch_tanh", **common)
+        cfg = tf.GemmaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            hidden_activation="gelu_pytorch_tanh",
+            **common,
+        )
     elif arch == "gemma2":
         cls, name = tf.Gemma2ForCausalLM, "Gemma2ForCausalLM"
-        cfg = tf.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                              final_logit_softcapping=8.0, attn_logit_softcapping=50.0,
-                              **common)
+        cfg = tf.Gemma2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            final_logit_softcapping=8.0,
+            attn_logit_softcapping=50.0,
+            **common,
+        )
     else:
         raise KeyError(arch)
     torch.manual_seed(SEED)
@@ -117,9 +165,18 @@ def _native_solu(fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None)
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge.sources import boot_native
 
-    cfg = TransformerBridgeConfig(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,
-                                  d_vocab=D_VOCAB, n_ctx=N_CTX, act_fn="solu_ln",
-                                  normalization_type="LN", seed=SEED)
+    cfg = TransformerBridgeConfig(
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=D_VOCAB,
+        n_ctx=N_CTX,
+        act_fn="solu_ln",
+        normalization_type="LN",
+        seed=SEED,
+    )
     bridge = boot_native(cfg, tokenizer=tokenizer, dtype=dtype)
     _perturb(bridge.original_model.named_parameters(), torch.Generator().manual_seed(SEED))
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not fold)
@@ -130,21 +187,56 @@ def _native_solu(fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None)
 def _hooked(arch: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    base = dict(n_layers=2, d_model=32, n_ctx=N_CTX, d_head=8, n_heads=4, d_mlp=64,
-                d_vocab=D_VOCAB, seed=SEED, dtype=dtype)
+    base = dict(
+        n_layers=2,
+        d_model=32,
+        n_ctx=N_CTX,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=D_VOCAB,
+        seed=SEED,
+        dtype=dtype,
+    )
     extra = {
         "gpt2": dict(act_fn="gelu_new", normalization_type="LN"),
-        "neox": dict(act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
-                     rotary_dim=4, parallel_attn_mlp=True),
-        "llama": dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-                      rotary_dim=8, gated_mlp=True, n_key_value_heads=2, final_rms=True),
-        "gemma": dict(act_fn="gelu_pytorch_tanh", normalization_type="RMS",
-                      positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True,
-                      n_key_value_heads=1, final_rms=True),
-        "gemma2": dict(act_fn="gelu_pytorch_tanh", normalization_type="RMS",
-                       positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True,
-                       n_key_value_heads=2, use_normalization_before_and_after=True,
-                       output_logits_soft_cap=8.0, attn_scores_soft_cap=50.0, final_rms=True),
+        "neox": dict(
+            act_fn="gelu",
+            normalization_type="LN",
+            positional_embedding_type="rotary",
+            rotary_dim=4,
+            parallel_attn_mlp=True,
+        ),
+        "llama": dict(
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            gated_mlp=True,
+            n_key_value_heads=2,
+            final_rms=True,
+        ),
+        "gemma": dict(
+            act_fn="gelu_pytorch_tanh",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            gated_mlp=True,
+            n_key_value_heads=1,
+            final_rms=True,
+        ),
+        "gemma2": dict(
+            act_fn="gelu_pytorch_tanh",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            gated_mlp=True,
+            n_key_value_heads=2,
+            use_normalization_before_and_after=True,
+            output_logits_soft_cap=8.0,
+            attn_scores_soft_cap=50.0,
+            final_rms=True,
+        ),
         "solu": dict(act_fn="solu_ln", normalization_type="LN"),
     }[arch]
     cfg = HookedTransformerConfig(**base, **extra)

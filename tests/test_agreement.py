@@ -23,9 +23,10 @@ TL_CASES = [p for p in CASES if p.values[0][1] and not p.values[0][0].startswith
 def test_per_layer_dla_matches_transformerlens(spec):
     case = build_case(*spec)
     t = 7
-    stack, labels = case.cache.decompose_resid(layer=None, mode="all", apply_ln=True,
-                                               pos_slice=-1, return_labels=True)
-    tl_terms = (stack @ case.model.W_U[:, t].detach())  # [component, batch]
+    stack, labels = case.cache.decompose_resid(
+        layer=None, mode="all", apply_ln=True, pos_slice=-1, return_labels=True
+    )
+    tl_terms = stack @ case.model.W_U[:, t].detach()  # [component, batch]
     r = case.prism.residual(t)
     ours = {}
     for comp, value in zip(r.components, r.values[:, 0, 0, :].T):
@@ -45,8 +46,9 @@ def test_per_layer_dla_matches_transformerlens(spec):
 def test_per_head_dla_matches_transformerlens(spec):
     case = build_case(*spec)
     t = 7
-    stack, labels = case.cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True,
-                                                  return_labels=True)
+    stack, labels = case.cache.stack_head_results(
+        layer=-1, pos_slice=-1, apply_ln=True, return_labels=True
+    )
     tl_terms = stack @ case.model.W_U[:, t].detach()  # [layer*head, batch]
     per_head = case.prism.heads(t).select(kind="head").aggregate("layer", "head")
     assert [str(c) for c in per_head.components] == labels
@@ -88,9 +90,13 @@ def _z(case, logits: torch.Tensor) -> torch.Tensor:
     return logits if cap is None else cap * torch.atanh(logits / cap)
 
 
-COMPONENTS = [tp.Component("embed"), tp.Component("head", layer=1, head=2),
-              tp.Component("head", layer=0, head=3, src=4), tp.Component("neuron", layer=1, neuron=5),
-              tp.Component("neuron", layer=0, neuron=17)]
+COMPONENTS = [
+    tp.Component("embed"),
+    tp.Component("head", layer=1, head=2),
+    tp.Component("head", layer=0, head=3, src=4),
+    tp.Component("neuron", layer=1, neuron=5),
+    tp.Component("neuron", layer=0, neuron=17),
+]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -103,8 +109,9 @@ def test_removing_a_write_moves_the_logit_by_its_term(case, comp):
     # the target with the smallest |logit| keeps a soft-cap well conditioned
     t = 4 + int(case.logits[b, i, 4:].abs().argmin())  # ids < 4 are specials (Gemma pads with 0)
     result = case.prism.full(t, softcap="pre")
-    keep = result.components.mask(kind=comp.kind, layer=comp.layer, head=comp.head,
-                                  neuron=comp.neuron, src=comp.src)
+    keep = result.components.mask(
+        kind=comp.kind, layer=comp.layer, head=comp.head, neuron=comp.neuron, src=comp.src
+    )
     if comp.kind == "head" and comp.src < 0:
         term = result.select(kind="head", layer=comp.layer, head=comp.head).values.sum(-1)
     else:
@@ -124,8 +131,13 @@ def test_removing_a_write_moves_the_logit_by_its_term(case, comp):
         return scale.to(x.dtype)
 
     with torch.no_grad():
-        new = case.model.run_with_hooks(case.tokens, fwd_hooks=[
-            (f"blocks.{L - 1}.hook_resid_post", remove), ("ln_final.hook_scale", freeze)])
+        new = case.model.run_with_hooks(
+            case.tokens,
+            fwd_hooks=[
+                (f"blocks.{L - 1}.hook_resid_post", remove),
+                ("ln_final.hook_scale", freeze),
+            ],
+        )
     moved = _z(case, case.logits[b, i, t]) - _z(case, new[b, i, t])
     tol = CAUSAL_RTOL * max(1.0, float(_z(case, case.logits[b, i, t]).abs()))
     assert abs(float(moved - term)) <= tol, (float(moved), float(term))

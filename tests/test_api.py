@@ -11,8 +11,19 @@ import tlprisms as tp
 
 from conftest import SEQ, build_case
 
-PUBLIC = {"LogitPrism", "Decomposition", "Component", "LogitDiff", "Direction", "PerRow",
-          "NextToken", "needed_hooks", "PrismError", "Hop", "explain_task"}
+PUBLIC = {
+    "LogitPrism",
+    "Decomposition",
+    "Component",
+    "LogitDiff",
+    "Direction",
+    "PerRow",
+    "NextToken",
+    "needed_hooks",
+    "PrismError",
+    "Hop",
+    "explain_task",
+}
 
 
 def test_public_names():
@@ -20,8 +31,10 @@ def test_public_names():
 
 
 def test_import_is_lazy():
-    code = ("import sys, tlprisms; bad = [m for m in ('circuitsvis', 'pandas', 'IPython') "
-            "if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, tlprisms; bad = [m for m in ('circuitsvis', 'pandas', 'IPython') "
+        "if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 

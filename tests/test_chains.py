@@ -76,7 +76,11 @@ def test_readout_of_a_neuron_preactivation_matches_the_cache(case):
     mlp = case.model.blocks[layer].mlp
     W_in = mlp.W_in.detach()[:, n]
     hook = "hook_pre_linear" if view.gated else "hook_pre"
-    bias = None if (view.gated and not view.is_bridge) else view.b_in(layer, torch.float32, W_in.device)[n]
+    bias = (
+        None
+        if (view.gated and not view.is_bridge)
+        else view.b_in(layer, torch.float32, W_in.device)[n]
+    )
     r = p.readout(W_in, layer, at="ln2", bias=bias, heads=None, neurons=[0])
     r.check()
     cached = case.cache[f"blocks.{layer}.mlp.{hook}"][:, -1, n]
@@ -131,9 +135,13 @@ def _direct_logit_change(case, delta: torch.Tensor, b: int, i: int, t: int) -> f
     scale = case.cache["ln_final.hook_scale"]
 
     with torch.no_grad():
-        new = case.model.run_with_hooks(case.tokens, fwd_hooks=[
-            (f"blocks.{view.n_layers - 1}.hook_resid_post", _remover(delta, b, i)),
-            ("ln_final.hook_scale", lambda x, hook: scale.to(x.dtype))])
+        new = case.model.run_with_hooks(
+            case.tokens,
+            fwd_hooks=[
+                (f"blocks.{view.n_layers - 1}.hook_resid_post", _remover(delta, b, i)),
+                ("ln_final.hook_scale", lambda x, hook: scale.to(x.dtype)),
+            ],
+        )
     return float(_z(view, case.logits[b, i, t]) - _z(view, new[b, i, t]))
 
 
@@ -161,14 +169,19 @@ def test_chained_head_term_by_intervention(case):
         captured["z"] = x.detach().clone()
 
     with torch.no_grad():
-        model.run_with_hooks(case.tokens, fwd_hooks=[
-            (f"blocks.{layer}.hook_resid_pre", remove),
-            (f"blocks.{layer}.ln1.hook_scale", lambda x, hook: cache[hook.name].to(x.dtype)),
-            (f"blocks.{layer}.attn.hook_pattern", lambda x, hook: cache[hook.name].to(x.dtype)),
-            (f"blocks.{layer}.attn.hook_z", grab)])
+        model.run_with_hooks(
+            case.tokens,
+            fwd_hooks=[
+                (f"blocks.{layer}.hook_resid_pre", remove),
+                (f"blocks.{layer}.ln1.hook_scale", lambda x, hook: cache[hook.name].to(x.dtype)),
+                (f"blocks.{layer}.attn.hook_pattern", lambda x, hook: cache[hook.name].to(x.dtype)),
+                (f"blocks.{layer}.attn.hook_z", grab),
+            ],
+        )
     dz = cache[f"blocks.{layer}.attn.hook_z"][b, i, head] - captured["z"][b, i, head]
-    delta = _through_post(view, view.ln1_post[layer],
-                          dz @ model.blocks[layer].attn.W_O.detach()[head], b, i, cache)
+    delta = _through_post(
+        view, view.ln1_post[layer], dz @ model.blocks[layer].attn.W_O.detach()[head], b, i, cache
+    )
     moved = _direct_logit_change(case, delta, b, i, t)
     tol = CAUSAL_RTOL * max(1.0, abs(float(_z(view, case.logits[b, i, t]))))
     assert abs(moved - term) <= tol, (moved, term)
@@ -189,7 +202,9 @@ def test_chained_neuron_term_by_intervention(case):
     post_c = cache[f"blocks.{layer}.mlp.hook_post"]
     lin_c = cache[f"blocks.{layer}.mlp.{lin}"]
     if view.gated:
-        g = (post_c - (0 if view.is_bridge else view.b_in(layer, post_c.dtype, post_c.device))) / lin_c
+        g = (
+            post_c - (0 if view.is_bridge else view.b_in(layer, post_c.dtype, post_c.device))
+        ) / lin_c
     else:
         g = post_c / lin_c
     captured = {}
@@ -203,14 +218,19 @@ def test_chained_neuron_term_by_intervention(case):
 
     where = "hook_resid_pre" if view.parallel else "hook_resid_mid"
     with torch.no_grad():
-        model.run_with_hooks(case.tokens, fwd_hooks=[
-            (f"blocks.{layer}.{where}", remove),
-            (f"blocks.{layer}.ln2.hook_scale", lambda x, hook: cache[hook.name].to(x.dtype)),
-            (f"blocks.{layer}.mlp.{lin}", grab_linear),
-            (f"blocks.{layer}.mlp.hook_post", frozen_gate)])
+        model.run_with_hooks(
+            case.tokens,
+            fwd_hooks=[
+                (f"blocks.{layer}.{where}", remove),
+                (f"blocks.{layer}.ln2.hook_scale", lambda x, hook: cache[hook.name].to(x.dtype)),
+                (f"blocks.{layer}.mlp.{lin}", grab_linear),
+                (f"blocks.{layer}.mlp.hook_post", frozen_gate),
+            ],
+        )
     d_post = (post_c - frozen_gate(None, None))[b, i, n]
-    delta = _through_post(view, view.ln2_post[layer],
-                          d_post * model.blocks[layer].mlp.W_out.detach()[n], b, i, cache)
+    delta = _through_post(
+        view, view.ln2_post[layer], d_post * model.blocks[layer].mlp.W_out.detach()[n], b, i, cache
+    )
     moved = _direct_logit_change(case, delta, b, i, t)
     tol = CAUSAL_RTOL * max(1.0, abs(float(_z(view, case.logits[b, i, t]))))
     assert abs(moved - term) <= tol, (moved, term)
@@ -274,8 +294,11 @@ def test_ov_map_matches_an_independent_computation(spec):
     assert m.values.shape == (3, 4)
     with torch.no_grad():
         # the model's own ln1 module on the embeddings as hook_embed sees them
-        e = model.blocks[layer].ln1(
-            model.W_E[src].detach()[None] * view.embedding_scale())[0].float()
+        e = (
+            model.blocks[layer]
+            .ln1(model.W_E[src].detach()[None] * view.embedding_scale())[0]
+            .float()
+        )
         g = head // (view.n_heads // view.n_kv_heads)
         W_V = model.blocks[layer].attn.W_V.detach()
         W_V = W_V[g] if W_V.shape[0] == view.n_kv_heads else W_V[head]
@@ -336,8 +359,13 @@ def test_weight_space_errors():
 def test_explain_task_batches_and_aggregates():
     case = build_case("gpt2/bridge", True)
     model = case.model
-    prompts = ["The capital of France is", "The capital is", "a Rome is", "The a",
-               "Paris is the capital of France"]
+    prompts = [
+        "The capital of France is",
+        "The capital is",
+        "a Rome is",
+        "The a",
+        "Paris is the capital of France",
+    ]
     answers = [" Paris", " Rome", tp.LogitDiff(" Paris", " London"), 7, " Berlin"]
     split = dict(heads="all", neurons="all")
     small = tp.explain_task(model, prompts, answers, batch_size=2, progress=False, **split).check()

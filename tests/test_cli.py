@@ -31,8 +31,19 @@ def test_demo_summary_is_printed(capsys):
 
 
 def test_explain_on_the_demo_model(capsys, tmp_path):
-    code = cli.main(["explain", "--model", "demo", "--prompt", "The capital of France is",
-                     "--target", " Paris", "--out", str(tmp_path / "r.html")])
+    code = cli.main(
+        [
+            "explain",
+            "--model",
+            "demo",
+            "--prompt",
+            "The capital of France is",
+            "--target",
+            " Paris",
+            "--out",
+            str(tmp_path / "r.html"),
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "completeness gap" in text and "top heads" in text
@@ -40,16 +51,31 @@ def test_explain_on_the_demo_model(capsys, tmp_path):
 
 
 def test_explain_refuses_a_multi_token_target(capsys):
-    code = cli.main(["explain", "--model", "demo", "--prompt", "The capital of France is",
-                     "--target", " Paris Rome"])
+    code = cli.main(
+        [
+            "explain",
+            "--model",
+            "demo",
+            "--prompt",
+            "The capital of France is",
+            "--target",
+            " Paris Rome",
+        ]
+    )
     assert code == 2
     assert "2 tokens" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("message, expected", [
-    ("We couldn't connect to 'https://huggingface.co' to load the files", "not reachable"),
-    ("no/such-model is not a local folder and is not a valid model identifier", "unknown model"),
-])
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ("We couldn't connect to 'https://huggingface.co' to load the files", "not reachable"),
+        (
+            "no/such-model is not a local folder and is not a valid model identifier",
+            "unknown model",
+        ),
+    ],
+)
 def test_hub_errors_are_explained(monkeypatch, message, expected):
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -41,8 +41,11 @@ def explain(*extra, target=" Paris", prompt=PROMPT):
 # ---------------------------------------------------------------------------- --out
 @pytest.mark.parametrize("command", ["explain", "demo"])
 def test_out_is_a_directory(capsys, tmp_path, command):
-    argv = explain("--out", str(tmp_path)) if command == "explain" else (
-        "demo", "--quiet", "--out", str(tmp_path))
+    argv = (
+        explain("--out", str(tmp_path))
+        if command == "explain"
+        else ("demo", "--quiet", "--out", str(tmp_path))
+    )
     refused(capsys, *argv, match=["is a directory", "report.html"])
 
 
@@ -56,12 +59,16 @@ def test_out_where_no_file_can_be_made(capsys, command):
 
 def test_out_under_a_file(capsys, tmp_path):
     (tmp_path / "file.txt").write_text("x")
-    refused(capsys, *explain("--out", str(tmp_path / "file.txt" / "r.html")),
-            match="is a file, not a folder")
+    refused(
+        capsys,
+        *explain("--out", str(tmp_path / "file.txt" / "r.html")),
+        match="is a file, not a folder",
+    )
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root may write in a read-only folder")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write in a read-only folder"
+)
 def test_out_in_a_read_only_folder(capsys, tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -79,8 +86,11 @@ def test_report_write_failure_at_the_end(capsys, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(render.Report, "save", full)
-    refused(capsys, *explain("--out", str(tmp_path / "r.html")),
-            match=["could not write the report", "No space left"])
+    refused(
+        capsys,
+        *explain("--out", str(tmp_path / "r.html")),
+        match=["could not write the report", "No space left"],
+    )
 
 
 def test_the_write_probe_leaves_no_file(capsys, tmp_path):
@@ -94,8 +104,7 @@ def test_the_write_probe_leaves_no_file(capsys, tmp_path):
 # ---------------------------------------------------------------------------- --device
 def test_cuda_without_cuda(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    refused(capsys, *explain("--device", "cuda"),
-            match=["CUDA is not available", "--device cpu"])
+    refused(capsys, *explain("--device", "cuda"), match=["CUDA is not available", "--device cpu"])
 
 
 def test_cuda_index_out_of_range(capsys, monkeypatch):
@@ -119,10 +128,24 @@ def test_unknown_model_in_a_real_process():
     """The installed command, offline: a model name the hub cannot give."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(
-        [sys.executable, "-m", "tlprisms.cli", "explain", "--model", "no-such-org/no-such-model",
-         "--prompt", PROMPT, "--target", " Paris"],
-        capture_output=True, text=True, timeout=300, env=env,
-        cwd=Path(__file__).resolve().parents[1])
+        [
+            sys.executable,
+            "-m",
+            "tlprisms.cli",
+            "explain",
+            "--model",
+            "no-such-org/no-such-model",
+            "--prompt",
+            PROMPT,
+            "--target",
+            " Paris",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
@@ -135,8 +158,11 @@ def test_multi_token_target(capsys):
 
 
 def test_target_not_in_the_vocabulary(capsys):
-    err = refused(capsys, *explain(target="Zzyzx"),
-                  match=["'Zzyzx' is not in this model's vocabulary", "'<unk>'", "' Paris'"])
+    err = refused(
+        capsys,
+        *explain(target="Zzyzx"),
+        match=["'Zzyzx' is not in this model's vocabulary", "'<unk>'", "' Paris'"],
+    )
     assert "logit" in err
 
 
@@ -155,13 +181,18 @@ def test_position_out_of_range(capsys):
 
 
 # ---------------------------------------------------------------------------- argparse
-@pytest.mark.parametrize("argv, match", [
-    (("explain", "--model", "demo", "--prompt", PROMPT), "required: --target"),
-    (("explain", "--model", "demo", "--prompt", PROMPT, "--target", "x", "--pos", "last"),
-     "invalid int value: 'last'"),
-    ((), "required: command"),
-    (("frobnicate",), "invalid choice: 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (("explain", "--model", "demo", "--prompt", PROMPT), "required: --target"),
+        (
+            ("explain", "--model", "demo", "--prompt", PROMPT, "--target", "x", "--pos", "last"),
+            "invalid int value: 'last'",
+        ),
+        ((), "required: command"),
+        (("frobnicate",), "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_usage_errors_are_one_line(capsys, argv, match):
     err = refused(capsys, *argv, match=match)
     assert "--help" in err

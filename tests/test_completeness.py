@@ -50,8 +50,9 @@ def test_complete_all_positions(case):
     r.check()
     assert r.values.shape[:3] == (BATCH, SEQ, 1)
     # each position explains the next input token, the last the top prediction
-    assert torch.equal(r.logits[:, :-1, 0],
-                       case.logits[:, :-1].gather(-1, case.tokens[:, 1:, None])[..., 0])
+    assert torch.equal(
+        r.logits[:, :-1, 0], case.logits[:, :-1].gather(-1, case.tokens[:, 1:, None])[..., 0]
+    )
 
 
 def test_all_positions_with_tensor_targets(case):

@@ -142,7 +142,10 @@ def test_tokenizer_words_and_specials():
     assert tok.convert_ids_to_tokens(ids) == ["<bos>", "The", "capital", "of", "France", "is"]
     assert tok.convert_ids_to_tokens(tok("7+2=")["input_ids"]) == ["<bos>", "7", "+", "2", "="]
     assert tok.convert_ids_to_tokens(tok("11+3=", add_special_tokens=False)["input_ids"]) == [
-        "11", "+", "3", "="
+        "11",
+        "+",
+        "3",
+        "=",
     ]
     assert tok.convert_ids_to_tokens(tok(" Paris", add_special_tokens=False)["input_ids"]) == [
         "Paris"
@@ -191,7 +194,12 @@ def test_tl_model_accuracy(kind, fold):
     assert model.cfg.n_key_value_heads == 1
     assert model.tokenizer is not None
     assert model.to_str_tokens("The capital of France is") == [
-        "<bos>", "The", "capital", "of", "France", "is"
+        "<bos>",
+        "The",
+        "capital",
+        "of",
+        "France",
+        "is",
     ]
     assert model.to_tokens("7+2=")[0, 0].item() == model.tokenizer.bos_token_id
     for task in (capital_task(), addition_task()):

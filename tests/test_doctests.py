@@ -6,9 +6,20 @@ import importlib
 import pytest
 
 #: every public module, and the internal ones whose docstrings carry examples
-MODULES = ["tlprisms", "tlprisms.prism", "tlprisms.weights", "tlprisms.task", "tlprisms.errors",
-           "tlprisms.render", "tlprisms.demo", "tlprisms.hub", "tlprisms._seam",
-           "tlprisms._targets", "tlprisms._result", "tlprisms._chain"]
+MODULES = [
+    "tlprisms",
+    "tlprisms.prism",
+    "tlprisms.weights",
+    "tlprisms.task",
+    "tlprisms.errors",
+    "tlprisms.render",
+    "tlprisms.demo",
+    "tlprisms.hub",
+    "tlprisms._seam",
+    "tlprisms._targets",
+    "tlprisms._result",
+    "tlprisms._chain",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

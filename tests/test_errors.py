@@ -4,8 +4,13 @@ import pytest
 import torch
 
 import tlprisms as tp
-from tlprisms.errors import (CacheError, PositionError, PrismError, TargetError,
-                             UnsupportedModelError)
+from tlprisms.errors import (
+    CacheError,
+    PositionError,
+    PrismError,
+    TargetError,
+    UnsupportedModelError,
+)
 
 from conftest import BATCH, SEQ, build_case
 from families import FAMILIES
@@ -135,12 +140,20 @@ def test_mixture_of_experts_is_refused():
     import transformers as tf
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-    cfg = tf.MixtralConfig(vocab_size=60, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                           num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=16)
-    bridge = build_bridge_from_module(tf.MixtralForCausalLM(cfg), "MixtralForCausalLM",
-                                      hf_config=cfg)
+    cfg = tf.MixtralConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=16,
+    )
+    bridge = build_bridge_from_module(
+        tf.MixtralForCausalLM(cfg), "MixtralForCausalLM", hf_config=cfg
+    )
     try:
         bridge.enable_compatibility_mode(disable_warnings=True)
     except Exception:  # noqa: BLE001 - some TL versions refuse MoE here already

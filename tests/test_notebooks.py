@@ -57,8 +57,11 @@ def test_notebook_runs(name):
         pytest.importorskip("circuitsvis", reason="pip install 'tlprisms[viz]'")
     nb = _read(name)
     client = nbclient.NotebookClient(
-        nb, timeout=TIMEOUT_S, kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+        nb,
+        timeout=TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     t0 = time.time()
     try:

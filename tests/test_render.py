@@ -27,12 +27,16 @@ ATOL_TERMS = 1e-5
 #: the only URLs the vendored CircuitsVis bundle holds: namespace names and links inside
 #: error messages (never fetched; the browser tests block and record every request)
 BUNDLE_URLS = {
-    "http://fb.me/use-check-prop-types", "http://www.w3.org/1998/Math/MathML",
-    "http://www.w3.org/1999/xhtml", "http://www.w3.org/1999/xlink",
-    "http://www.w3.org/2000/svg", "http://www.w3.org/XML/1998/namespace",
+    "http://fb.me/use-check-prop-types",
+    "http://www.w3.org/1998/Math/MathML",
+    "http://www.w3.org/1999/xhtml",
+    "http://www.w3.org/1999/xlink",
+    "http://www.w3.org/2000/svg",
+    "http://www.w3.org/XML/1998/namespace",
     "https://arxiv.org/abs/1706.02515",
     "https://developer.mozilla.org/en-US/docs/Web/API/Fetch_API",
-    "https://github.com/tensorflow/tfjs-node", "https://github.com/tensorflow/tfjs/issues/1735",
+    "https://github.com/tensorflow/tfjs-node",
+    "https://github.com/tensorflow/tfjs/issues/1735",
     "https://github.com/tensorflow/tfjs/issues/5447",
     "https://reactjs.org/docs/error-decoder.html?invariant=",
     "https://www.shadertoy.com/view/4djSRW",
@@ -65,7 +69,9 @@ def tiny():
         logits, cache = model.run_with_cache(tokens)
     prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
     return {
-        "prism": prism, "model": model, "cache": cache,
+        "prism": prism,
+        "model": model,
+        "cache": cache,
         "r": prism.residual([3, tp.LogitDiff(4, 5)]),
         "h": prism.heads(3),
         "n": prism.neurons(3, layers=[1]),
@@ -92,8 +98,10 @@ class Later:
     """A stand-in for a later weight-space result type."""
 
     def _tlprisms_views(self):
-        return [render.heatmap_svg(np.eye(2), ["a", "b"], ["c", "d"], "eye"),
-                render.bars(LATER_RESULT)]
+        return [
+            render.heatmap_svg(np.eye(2), ["a", "b"], ["c", "d"], "eye"),
+            render.bars(LATER_RESULT),
+        ]
 
 
 LATER_RESULT = None
@@ -101,8 +109,11 @@ LATER_RESULT = None
 
 # ---------------------------------------------------------------------------- escaping
 def test_script_json_escapes_and_round_trips():
-    value = {"tokens": ["</script>", "<!--", "a&b", "\u2028\u2029"], "v": np.float32(1.5),
-             "n": [float("nan"), np.int64(3)]}
+    value = {
+        "tokens": ["</script>", "<!--", "a&b", "\u2028\u2029"],
+        "v": np.float32(1.5),
+        "n": [float("nan"), np.int64(3)],
+    }
     text = script_json(value)
     for bad in ("<", ">", "&", "\u2028", "\u2029"):
         assert bad not in text
@@ -114,13 +125,14 @@ def test_script_json_escapes_and_round_trips():
 def test_svg_helpers_escape_every_label(make):
     labs = HOSTILE[:3]
     svg = {
-        "heatmap": lambda: render.heatmap_svg(np.arange(9.0).reshape(3, 3) - 4, labs, labs,
-                                              "<title> & </script>"),
+        "heatmap": lambda: render.heatmap_svg(
+            np.arange(9.0).reshape(3, 3) - 4, labs, labs, "<title> & </script>"
+        ),
         "bar": lambda: render.bar_svg([1.0, -2.0, 0.5], labs, "</script>", total=-0.5),
-        "lines": lambda: render.lines_svg({"<b>": [1, 2, 3], "</script>": [0, -1, 2]}, labs,
-                                          "&amp;", highlight="<b>"),
-        "scatter": lambda: render.scatter_svg(np.array([[0, 1], [1, 0], [2, 2.0]]), labs,
-                                              "<i>"),
+        "lines": lambda: render.lines_svg(
+            {"<b>": [1, 2, 3], "</script>": [0, -1, 2]}, labs, "&amp;", highlight="<b>"
+        ),
+        "scatter": lambda: render.scatter_svg(np.array([[0, 1], [1, 0], [2, 2.0]]), labs, "<i>"),
     }[make]()
     assert "</script>" not in svg and "<b>" not in svg and "<i>" not in svg
     assert "&lt;/script&gt;" in svg and "&lt;b&gt;" in svg and "&amp;amp;" in svg
@@ -161,8 +173,14 @@ def test_hostile_tokens_are_text_in_widget_props(tiny):
 def test_one_bundle_per_report_and_per_fragment(tiny):
     h = tiny["h"]
     marker = "var CircuitsVis="
-    page = (render.Report("r").add(h).add(render.head_source_map(h))
-            .add(render.source_tokens(h)).add(tiny["r"]).html())
+    page = (
+        render.Report("r")
+        .add(h)
+        .add(render.head_source_map(h))
+        .add(render.source_tokens(h))
+        .add(tiny["r"])
+        .html()
+    )
     assert page.count(marker) == 1
     assert page.index(marker) < page.index('class="tlprisms-cv-mount"')
     frag = render.to_html(h)
@@ -186,14 +204,21 @@ def test_ids_fresh_per_render_and_unique_per_page(tiny):
 def test_no_urls_outside_inert_xmlns(tiny):
     global LATER_RESULT
     LATER_RESULT = tiny["r"]
-    page = (render.Report("urls").add(tiny["r"]).add(tiny["h"]).add(tiny["n"])
-            .add(render.head_source_map(tiny["h"])).add(Later())
-            .add(render.top_tokens(tiny["prism"], tp.Component("head", layer=1, head=2)))
-            .add(render.lines_svg({"a": [1, 2]}, ["x", "y"]))
-            .add(render.scatter_svg([[0, 1], [1, 0]], ["p", "q"])).html())
+    page = (
+        render.Report("urls")
+        .add(tiny["r"])
+        .add(tiny["h"])
+        .add(tiny["n"])
+        .add(render.head_source_map(tiny["h"]))
+        .add(Later())
+        .add(render.top_tokens(tiny["prism"], tp.Component("head", layer=1, head=2)))
+        .add(render.lines_svg({"a": [1, 2]}, ["x", "y"]))
+        .add(render.scatter_svg([[0, 1], [1, 0]], ["p", "q"]))
+        .html()
+    )
     ours = outside_bundle(page)
     for match in URL.finditer(ours):
-        before = ours[max(0, match.start() - 7):match.start()]
+        before = ours[max(0, match.start() - 7) : match.start()]
         assert before == 'xmlns="' and match.group() == "http://www.w3.org/2000/svg", match.group()
     assert set(URL.findall(bundle_script())) <= BUNDLE_URLS
     assert "sourceMappingURL" not in page
@@ -210,8 +235,7 @@ def test_lazy_imports():
         "bad = [m for m in ('circuitsvis', 'playwright', 'IPython') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -249,8 +273,11 @@ def test_without_circuitsvis_plain_views_still_render(tiny, monkeypatch):
     from tlprisms.render import _views_base
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(_views_base.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "circuitsvis" else real(name, *a))
+    monkeypatch.setattr(
+        _views_base.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "circuitsvis" else real(name, *a),
+    )
     html = render.to_html(tiny["h"])
     assert "<svg" in html and "pip install circuitsvis" in html and "CircuitsVis=" not in html
     with pytest.raises(PrismError, match=r"needs the circuitsvis package.*pip install"):
@@ -275,8 +302,12 @@ def test_save_svg(tiny, tmp_path):
 
 # ---------------------------------------------------------------------------- numbers
 def test_bars_add_up_to_the_logit(tiny):
-    for result, kw in ((tiny["r"], {}), (tiny["n"], {"kind": "neuron", "k": 5}),
-                       (tiny["h"], {"k": 3}), (tiny["r"], {"target": 1})):
+    for result, kw in (
+        (tiny["r"], {}),
+        (tiny["n"], {"kind": "neuron", "k": 5}),
+        (tiny["h"], {"k": 3}),
+        (tiny["r"], {"target": 1}),
+    ):
         fig = render.bars(result, **kw)
         d = fig.data
         assert abs(sum(d["values"]) - d["total"]) < ATOL_TERMS
@@ -301,11 +332,19 @@ def test_layer_head_heatmap_and_source_views_match_terms(tiny):
     assert all(isinstance(x, float) for x in props["values"])
 
 
-@pytest.mark.parametrize("component", [
-    tp.Component("head", layer=1, head=2), tp.Component("head", layer=0, head=1, src=3),
-    tp.Component("neuron", layer=1, neuron=7), tp.Component("attn", layer=1),
-    tp.Component("mlp", layer=0), tp.Component("embed"), tp.Component("pos_embed"),
-], ids=str)
+@pytest.mark.parametrize(
+    "component",
+    [
+        tp.Component("head", layer=1, head=2),
+        tp.Component("head", layer=0, head=1, src=3),
+        tp.Component("neuron", layer=1, neuron=7),
+        tp.Component("attn", layer=1),
+        tp.Component("mlp", layer=0),
+        tp.Component("embed"),
+        tp.Component("pos_embed"),
+    ],
+    ids=str,
+)
 def test_top_tokens_equals_the_prism_terms(tiny, component):
     prism = tiny["prism"]
     tt = render.top_tokens(prism, component, batch=1, pos=-1, k=4)
@@ -316,10 +355,17 @@ def test_top_tokens_equals_the_prism_terms(tiny, component):
         kw["by_source"] = component.src >= 0
     if component.kind == "neuron":
         kw["neurons"] = [component.layer]
-    d = prism.decompose(ids, heads=kw.get("heads", ()), neurons=kw.get("neurons", ()),
-                        by_source=kw.get("by_source", True))
-    crit = {f: getattr(component, f) for f in ("kind", "layer", "head", "neuron", "src")
-            if getattr(component, f) != -1 or f == "kind"}
+    d = prism.decompose(
+        ids,
+        heads=kw.get("heads", ()),
+        neurons=kw.get("neurons", ()),
+        by_source=kw.get("by_source", True),
+    )
+    crit = {
+        f: getattr(component, f)
+        for f in ("kind", "layer", "head", "neuron", "src")
+        if getattr(component, f) != -1 or f == "kind"
+    }
     got = d.select(**crit).values[1, 0, :, 0]
     assert d.select(**crit).values.shape[-1] == 1
     torch.testing.assert_close(tt.values[ids].to(got.dtype), got, atol=ATOL_TERMS, rtol=1e-4)
@@ -399,8 +445,9 @@ class Loaded:
 
         self.page.route("**/*", route)
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("console", lambda m: self.console.append(m.text)
-                     if m.type == "error" else None)
+        self.page.on(
+            "console", lambda m: self.console.append(m.text) if m.type == "error" else None
+        )
         if path is not None:
             self.page.goto(allowed)
         else:
@@ -435,14 +482,21 @@ def test_report_renders_offline_in_chromium(browser, tiny, tmp_path):
     global LATER_RESULT
     LATER_RESULT = tiny["r"]
     h = words(tiny["h"])
-    report = (render.Report("every view").add(words(tiny["r"]), title="residual")
-              .add(h, title="heads").add(words(tiny["n"]), title="neurons")
-              .add(render.head_source_map(h), title="head map")
-              .add(render.top_tokens(tiny["prism"], tp.Component("neuron", layer=1, neuron=7)))
-              .add(render.lines_svg({"a": [1, 2, 0], "sum": [0, 1, 3]}, ["x", "y", "z"],
-                                    "lines", highlight="sum"))
-              .add(render.scatter_svg([[0, 1], [1, 0], [2, 2]], ["p", "q", "r"], "scatter"))
-              .add(Later(), title="later"))
+    report = (
+        render.Report("every view")
+        .add(words(tiny["r"]), title="residual")
+        .add(h, title="heads")
+        .add(words(tiny["n"]), title="neurons")
+        .add(render.head_source_map(h), title="head map")
+        .add(render.top_tokens(tiny["prism"], tp.Component("neuron", layer=1, neuron=7)))
+        .add(
+            render.lines_svg(
+                {"a": [1, 2, 0], "sum": [0, 1, 3]}, ["x", "y", "z"], "lines", highlight="sum"
+            )
+        )
+        .add(render.scatter_svg([[0, 1], [1, 0], [2, 2]], ["p", "q", "r"], "scatter"))
+        .add(Later(), title="later")
+    )
     path = report.save(tmp_path / "report.html")
     page = Loaded(browser, path=path)
     views = page.eval(VIEWS_JS)
@@ -459,9 +513,13 @@ def test_report_renders_offline_in_chromium(browser, tiny, tmp_path):
 @pytest.mark.browser
 def test_hostile_tokens_render_as_literal_text(browser, tiny):
     h = hostile(tiny["h"])
-    html = ("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
-            + render.to_html(h) + render.to_html(render.head_source_map(h))
-            + render.to_html(render.bars(h)) + "<p id='end'>end</p></body></html>")
+    html = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
+        + render.to_html(h)
+        + render.to_html(render.head_source_map(h))
+        + render.to_html(render.bars(h))
+        + "<p id='end'>end</p></body></html>"
+    )
     page = Loaded(browser, html=html)
     tokens = page.eval("() => document.querySelector('.colored-tokens').innerText")
     for tok in ("</script>", "<b>", "&amp;"):
@@ -477,8 +535,10 @@ def test_same_fragment_twice_renders_twice(browser, tiny):
     h = tiny["h"]
     html = "<html><body>" + render.to_html(h) + render.to_html(h) + "</body></html>"
     page = Loaded(browser, html=html)
-    mounts = page.eval("() => [...document.querySelectorAll('.tlprisms-cv-mount')]"
-                       ".map(m => [m.id, m.childElementCount])")
+    mounts = page.eval(
+        "() => [...document.querySelectorAll('.tlprisms-cv-mount')]"
+        ".map(m => [m.id, m.childElementCount])"
+    )
     assert len(mounts) == 2 and len({m[0] for m in mounts}) == 2
     assert all(kids > 0 for _, kids in mounts)
     assert "[0]" in page.eval("() => document.body.innerText")  # positions label tokens

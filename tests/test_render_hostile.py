@@ -24,8 +24,14 @@ from tlprisms.render._views_base import Figure, Widget, bundle_script
 
 LONG = "long" + "x" * 496  # one 500-character token with no space to break at
 RLO = "\u202eevil"  # a right-to-left override: would reverse what follows it
-HOSTILE = [RLO, "</script>", "<b>&amp;", "say \"hi\" 'x' & <i>", "\u05e9\u05dc\u05d5\u05dd\u2069",
-           LONG]  # the last position (the one a prism explains) holds the long token
+HOSTILE = [
+    RLO,
+    "</script>",
+    "<b>&amp;",
+    "say \"hi\" 'x' & <i>",
+    "\u05e9\u05dc\u05d5\u05dd\u2069",
+    LONG,
+]  # the last position (the one a prism explains) holds the long token
 #: the longest label any view may draw for a token (24 characters in token lists, up to 36
 #: as a bar label), quoted and isolated
 MAX_LABEL = 36 + 2 + 2
@@ -45,11 +51,19 @@ def views(tiny):  # noqa: F811
     h, r, n = hostile(tiny["h"]), hostile(tiny["r"]), hostile(tiny["n"])
     labels = HOSTILE[:3] + [LONG]
     grid = np.arange(16.0).reshape(4, 4) - 7
-    tmap = tp.weights.TokenMap(values=torch.tensor(grid, dtype=torch.float32), rows=labels,
-                               cols=labels, title="map", weights=torch.ones(4))
-    proj = tp.weights.TokenProjection(points=torch.tensor(grid[:, :2], dtype=torch.float32),
-                                      labels=labels, explained_variance=torch.ones(2),
-                                      title="projection")
+    tmap = tp.weights.TokenMap(
+        values=torch.tensor(grid, dtype=torch.float32),
+        rows=labels,
+        cols=labels,
+        title="map",
+        weights=torch.ones(4),
+    )
+    proj = tp.weights.TokenProjection(
+        points=torch.tensor(grid[:, :2], dtype=torch.float32),
+        labels=labels,
+        explained_variance=torch.ones(2),
+        title="projection",
+    )
     return {
         "default heads": as_view(h),
         "default residual": as_view(r),
@@ -62,8 +76,11 @@ def views(tiny):  # noqa: F811
         "projection": as_view(proj),
         "heatmap_svg": Figure(render.heatmap_svg(grid, labels, labels, "heatmap " + RLO)),
         "bar_svg": Figure(render.bar_svg([1.0, -2.0, 0.5, 3.0], labels, "bars", total=2.5)),
-        "lines_svg": Figure(render.lines_svg({LONG: [1, 2, 3, 4], RLO: [0, -1, 2, 1]}, labels,
-                                             "lines", highlight=RLO)),
+        "lines_svg": Figure(
+            render.lines_svg(
+                {LONG: [1, 2, 3, 4], RLO: [0, -1, 2, 1]}, labels, "lines", highlight=RLO
+            )
+        ),
         "scatter_svg": Figure(render.scatter_svg(grid[:, :2], labels, "scatter")),
     }
 
@@ -84,6 +101,7 @@ def top_tokens_view(tiny):  # noqa: F811
 
         def fake(self, i, quote=False):
             return HOSTILE[i % len(HOSTILE)]
+
     real = getattr(owner, name)
     setattr(owner, name, fake)
     try:
@@ -132,8 +150,14 @@ def check_svg(svg, *, labels_hover):
         assert len(text) <= 140, text[:80]  # titles wrap at about 100 characters
         assert_isolated_label(text)
     if labels_hover:  # the long token is a label: shortened on the page, whole on hover
-        assert any(t.startswith(FSI) and t.endswith(PDI) and "\u2026" in t and "longxx" in t
-                   and len(t) <= MAX_LABEL for t in texts), texts
+        assert any(
+            t.startswith(FSI)
+            and t.endswith(PDI)
+            and "\u2026" in t
+            and "longxx" in t
+            and len(t) <= MAX_LABEL
+            for t in texts
+        ), texts
         assert any(LONG in h for h in hover_texts(root))
         assert any(t.startswith(FSI) and "\\u202eevil" in t for t in texts), texts
     for h in hover_texts(root):
@@ -153,16 +177,36 @@ def check_html(fragment):
 
 
 # ---------------------------------------------------------------------------- every view
-@pytest.mark.parametrize("name", [
-    "default heads", "default residual", "default neurons", "bars", "layer_head_heatmap",
-    "source_tokens", "head_source_map", "token map", "projection", "heatmap_svg", "bar_svg",
-    "lines_svg", "scatter_svg"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "default heads",
+        "default residual",
+        "default neurons",
+        "bars",
+        "layer_head_heatmap",
+        "source_tokens",
+        "head_source_map",
+        "token map",
+        "projection",
+        "heatmap_svg",
+        "bar_svg",
+        "lines_svg",
+        "scatter_svg",
+    ],
+)
 def test_every_view_shortens_isolates_and_escapes(views, name):
     view = views[name]
     figs, widgets = parts(view)
     assert figs or widgets
-    token_labels = name in ("token map", "projection", "heatmap_svg", "bar_svg", "lines_svg",
-                            "scatter_svg")
+    token_labels = name in (
+        "token map",
+        "projection",
+        "heatmap_svg",
+        "bar_svg",
+        "lines_svg",
+        "scatter_svg",
+    )
     for fig in figs:
         check_svg(fig.svg, labels_hover=token_labels)
     check_html(render.to_html(view))
@@ -252,6 +296,10 @@ def test_hostile_report_stays_narrow_offline(browser, views, top_tokens_view, tm
     page.page.wait_for_timeout(100)
     text = page.eval("() => document.body.innerText")
     assert "bdi" not in text and "\u202e" not in text  # (the section titles hold LONG)
-    assert page.eval("() => document.querySelectorAll('.tlprisms-section b, "
-                     ".tlprisms-section i').length") == 0
+    assert (
+        page.eval(
+            "() => document.querySelectorAll('.tlprisms-section b, .tlprisms-section i').length"
+        )
+        == 0
+    )
     page.clean()

@@ -25,10 +25,14 @@ WRONG_BY = 0.05
 def _literals(path: Path) -> list[str]:
     """String constants (not docstrings) that look like TransformerLens hook names."""
     tree = ast.parse(path.read_text())
-    docs = {id(node.body[0].value) for node in ast.walk(tree)
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-            and node.body and isinstance(node.body[0], ast.Expr)
-            and isinstance(node.body[0].value, ast.Constant)}
+    docs = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
@@ -38,8 +42,11 @@ def _literals(path: Path) -> list[str]:
 
 
 def test_transformerlens_names_only_in_the_seam():
-    leaks = {str(p.relative_to(PACKAGE)): _literals(p) for p in PACKAGE.rglob("*.py")
-             if "_seam" not in p.parts}
+    leaks = {
+        str(p.relative_to(PACKAGE)): _literals(p)
+        for p in PACKAGE.rglob("*.py")
+        if "_seam" not in p.parts
+    }
     assert {k: v for k, v in leaks.items() if v} == {}
 
 
@@ -52,10 +59,14 @@ def _run_part(prism: tp.LogitPrism, part: str) -> list:
         return [prism.neurons(7)]
     view = prism.view
     u = torch.ones(view.d_model)
-    out = [prism.through_head(1, 1, 7), prism.through_neuron(1, 3, 7),
-           prism.chain(7, [tp.Hop("head", 1, 0, src=2), tp.Hop("neuron", 0, 5)]),
-           prism.readout(u, 1, at="ln1"), prism.readout(u, 1, at="resid_pre"),
-           prism.readout(u, 0, at="resid_post")]
+    out = [
+        prism.through_head(1, 1, 7),
+        prism.through_neuron(1, 3, 7),
+        prism.chain(7, [tp.Hop("head", 1, 0, src=2), tp.Hop("neuron", 0, 5)]),
+        prism.readout(u, 1, at="ln1"),
+        prism.readout(u, 1, at="resid_pre"),
+        prism.readout(u, 0, at="resid_post"),
+    ]
     if not view.attn_only:
         out += [prism.readout(u, 1, at="ln2"), prism.readout(u, 1, at="resid_mid")]
     return out
@@ -206,3 +217,17 @@ def test_scaled_unembedding_passes_the_float32_bound():
     r = case.prism.full(7)
     assert float((r.values.abs().sum(-1) / r.logits.abs()).max()) > 10
     r.check()
+
+
+def test_sdpa_bridge_without_pattern_is_told_to_use_eager_attention():
+    """A bridge that calls Hugging Face's attention under sdpa never fires hook_pattern: the
+    message says so (not "a names_filter dropped it") and names the fix."""
+    from arch_zoo import build
+
+    model = build("OPTForCausalLM", True)
+    model.original_model.config._attn_implementation = "sdpa"
+    _, cache = model.run_with_cache(torch.randint(4, 60, (2, 5)))
+    prism = tp.LogitPrism(model, cache)
+    prism.residual(7).check()
+    with pytest.raises(CacheError, match="sdpa.*force_eager_attention"):
+        prism.heads(7)

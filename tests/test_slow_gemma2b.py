@@ -44,7 +44,7 @@ SEED = 0
 #: allow about one ulp of each, 1% of the logit plus 1% of the largest term.
 RTOL_BF16 = 1e-2
 
-MiB = 2 ** 20
+MiB = 2**20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -83,9 +83,15 @@ def _gemma2b_shaped() -> object:
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
     cfg = tf.GemmaConfig(
-        vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
-        num_attention_heads=8, num_key_value_heads=1, head_dim=256,
-        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+        vocab_size=256000,
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_hidden_layers=18,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=8192,
     )
     try:
         from transformers.initialization import no_init_weights
@@ -102,7 +108,7 @@ def _gemma2b_shaped() -> object:
     hf.eval()
     gen = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for _, p in hf.named_parameters():
             if p.ndim == 1:  # RMSNorm weights, effective 1 + w: perturb away from 1
                 p.normal_(0.0, 0.3, generator=gen)
             else:  # in place, in bf16: no float32 copy of 5 GB
@@ -155,14 +161,18 @@ def test_gemma2b_shaped_full_and_heads(capsys):
 
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with capsys.disabled():
-        print(f"\n[gemma-2b-shaped: {n_params / 1e9:.2f} B params, bf16, {SEQ} tokens; "
-              f"{torch.get_num_threads()} torch threads; load average {os.getloadavg()}]")
+        print(
+            f"\n[gemma-2b-shaped: {n_params / 1e9:.2f} B params, bf16, {SEQ} tokens; "
+            f"{torch.get_num_threads()} torch threads; load average {os.getloadavg()}]"
+        )
         print(f"  {'step':<42} {'seconds':>8} {'extra peak MiB':>15} {'RSS peak MiB':>13}")
         for name, seconds, extra, peak in log:
             print(f"  {name:<42} {seconds:8.2f} {extra:15.0f} {peak:13.0f}")
         print(f"  process peak RSS (ru_maxrss): {peak_mib:.0f} MiB")
         for name, r, tol in (("full", full, tolerances[0]), ("heads", heads, tolerances[1])):
             gap = float(r.gap().abs().max())
-            print(f"  {name}: {r.values.shape[-1]} terms, max |gap| {gap:.3g} (tolerance {tol:.3g})"
-                  f" on logits up to {float(r.logits.abs().max()):.3g}, "
-                  f"largest term {float(r.values.abs().max()):.3g}")
+            print(
+                f"  {name}: {r.values.shape[-1]} terms, max |gap| {gap:.3g} (tolerance {tol:.3g})"
+                f" on logits up to {float(r.logits.abs().max()):.3g}, "
+                f"largest term {float(r.values.abs().max()):.3g}"
+            )

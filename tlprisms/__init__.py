@@ -38,10 +38,10 @@ Glossary: every call, result column and renderer uses these words in one sense.
 ==============  =================================================================================
 """
 
+from tlprisms._chain import Hop
 from tlprisms._errors import PrismError
 from tlprisms._result import Component, Decomposition
 from tlprisms._seam import needed_hooks
-from tlprisms._chain import Hop
 from tlprisms._targets import Direction, LogitDiff, NextToken, PerRow
 from tlprisms.prism import LogitPrism
 from tlprisms.task import explain_task
@@ -60,7 +60,7 @@ __all__ = [
     "PrismError",
 ]
 
-from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+from importlib.metadata import PackageNotFoundError, version
 
 try:
     __version__ = version("tlprisms")  # the version lives in pyproject.toml only

@@ -23,8 +23,9 @@ sums exactly to the term it splits.
 """
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -34,8 +35,8 @@ from torch import Tensor
 
 from tlprisms import _validate as check
 from tlprisms._engine import Readout, Split, Terms, split_writes
-from tlprisms._ops import dot
 from tlprisms._errors import ArgumentError, PositionError, UnsupportedModelError
+from tlprisms._ops import dot
 from tlprisms._readout import Explained, FinalReadout, Recorded, weigh
 from tlprisms._result import ComponentTable
 from tlprisms._seam import CacheView, Site
@@ -66,8 +67,10 @@ class Hop:
         check.index(self.index, "index", caller)
         if self.src is not None:
             if self.kind != "head":
-                raise ArgumentError("Hop: src= is for head hops (the source position a head "
-                                    "reads); a neuron hop reads its own position.")
+                raise ArgumentError(
+                    "Hop: src= is for head hops (the source position a head "
+                    "reads); a neuron hop reads its own position."
+                )
             check.index(self.src, "src", caller, PositionError)
 
     def __str__(self) -> str:
@@ -118,8 +121,17 @@ def _act(name: str, x: Tensor) -> Tensor:
     )
 
 
-_LIMITS = {"relu": 0.0, "relu2": 0.0, "gelu": 0.5, "gelu_new": 0.5, "gelu_fast": 0.5,
-           "gelu_pytorch_tanh": 0.5, "silu": 0.5, "swish": 0.5, "quick_gelu": 0.5}
+_LIMITS = {
+    "relu": 0.0,
+    "relu2": 0.0,
+    "gelu": 0.5,
+    "gelu_new": 0.5,
+    "gelu_fast": 0.5,
+    "gelu_pytorch_tanh": 0.5,
+    "silu": 0.5,
+    "swish": 0.5,
+    "quick_gelu": 0.5,
+}
 
 
 def _limit_at_zero(name: str, pre: Tensor) -> Tensor:
@@ -145,8 +157,7 @@ def _chain_post(cv: CacheView, post: Any, r: Readout, layer: int) -> tuple[Tenso
     """(readout through a post-norm ``[B',1,K,d]``, its full scale factor ``[B, 1]``),
     times the block's residual multiplier where it has one."""
     ul = r.u if post is None else post.pull_back(r.u)
-    inv = r.inv_s / cv.scale(post, r.positions) if post is not None and post.has_scale \
-        else r.inv_s
+    inv = r.inv_s / cv.scale(post, r.positions) if post is not None and post.has_scale else r.inv_s
     scale = cv.view.residual_scale(layer)
     return ul, inv if scale is None else inv * scale
 
@@ -184,15 +195,16 @@ def head_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tensor,
     consts.append((ComponentTable.block("b_V", len(srcs), layer=layer, head=head, at=srcs), bv))
     if norm1.bias is not None:
         b1 = norm1.constant(WVWOu[:, 0])[:, None, :] * coef[:, :, None]
-        consts.append((ComponentTable.block("ln.b", len(srcs), layer=layer, head=head, at=srcs),
-                       b1))
+        consts.append(
+            (ComponentTable.block("ln.b", len(srcs), layer=layer, head=head, at=srcs), b1)
+        )
     new = Readout(u=u_new, inv_s=inv_s, positions=positions, attn_layers=layer, mlp_layers=layer)
     return _State(new, srcs.astype(np.int64), consts), term_src.sum(1, keepdim=True)
 
 
-def _gate_coefficients(cv: CacheView, layer: int, neuron: int,
-                       positions: Int[Tensor, "batch one"]
-                       ) -> tuple[Float[Tensor, "batch d_mlp"], Float[Tensor, "batch"]]:
+def _gate_coefficients(
+    cv: CacheView, layer: int, neuron: int, positions: Int[Tensor, "batch one"]
+) -> tuple[Float[Tensor, "batch d_mlp"], Float[Tensor, "batch"]]:
     """``c [B, d_mlp]`` and ``const [B]`` with ``post[n] = sum_m c[m] * in[m] + const``,
     where ``in = ln2(x) @ W_in + b_in`` (the "up"/linear pre-activation)."""
     view, dtype = cv.view, cv.dtype
@@ -207,8 +219,7 @@ def _gate_coefficients(cv: CacheView, layer: int, neuron: int,
         if view.gated_bias_after_product:  # act(g) * (x W_in) + b_in
             b_in = view.b_in(layer, dtype, post.device)[neuron]
             const = const + b_in
-            gate = _ratio(post[:, neuron] - b_in, up[:, neuron],
-                          lambda: _act(name, pre[:, neuron]))
+            gate = _ratio(post[:, neuron] - b_in, up[:, neuron], lambda: _act(name, pre[:, neuron]))
         else:
             gate = _ratio(post[:, neuron], up[:, neuron], lambda: _act(name, pre[:, neuron]))
         c[:, neuron] = gate
@@ -227,8 +238,9 @@ def _gate_coefficients(cv: CacheView, layer: int, neuron: int,
         if ln is not None and ln.bias is not None:
             const = const + ln.bias.to(post.device, dtype)[neuron]
     else:
-        c[:, neuron] = _ratio(post[:, neuron], pre[:, neuron],
-                              lambda: _limit_at_zero(name, pre[:, neuron]))
+        c[:, neuron] = _ratio(
+            post[:, neuron], pre[:, neuron], lambda: _limit_at_zero(name, pre[:, neuron])
+        )
     return c, const
 
 
@@ -255,14 +267,23 @@ def neuron_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tenso
     b_in = view.b_in(layer, dtype, ul.device)
     if view.gated_bias_after_product:
         b_in = torch.zeros_like(b_in)  # outside the gate: it is in post_const
-    consts.append((ComponentTable.block("b_in", 1, layer=layer, neuron=neuron, at=at),
-                   (c @ b_in + post_const)[:, None, None] * a))
+    consts.append(
+        (
+            ComponentTable.block("b_in", 1, layer=layer, neuron=neuron, at=at),
+            (c @ b_in + post_const)[:, None, None] * a,
+        )
+    )
     if norm2.bias is not None:
-        consts.append((ComponentTable.block("ln.b", 1, layer=layer, neuron=neuron, at=at),
-                       norm2.constant(Wc)[:, None, None] * a))
+        consts.append(
+            (
+                ComponentTable.block("ln.b", 1, layer=layer, neuron=neuron, at=at),
+                norm2.constant(Wc)[:, None, None] * a,
+            )
+        )
     attn_layers = layer if view.parallel else layer + 1
-    new = Readout(u=u_new, inv_s=inv_s, positions=r.positions, attn_layers=attn_layers,
-                  mlp_layers=layer)
+    new = Readout(
+        u=u_new, inv_s=inv_s, positions=r.positions, attn_layers=attn_layers, mlp_layers=layer
+    )
     return _State(new, at, consts), term
 
 
@@ -271,31 +292,47 @@ def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
     """The hop with its indices checked against the model and the stream read so far."""
     view, caller, r = cv.view, cv.caller, st.readout
     if r.positions.shape[1] != 1:
-        raise ArgumentError(f"{caller}: the previous head hop kept every source position; give "
-                            "it src=... to chain further from one source.")
+        raise ArgumentError(
+            f"{caller}: the previous head hop kept every source position; give "
+            "it src=... to chain further from one source."
+        )
     layer = check.layer(view, hop.layer, caller)
     if hop.kind == "head":
         index = check.head(view, hop.index, caller)
         if layer >= r.attn_layers:
-            raise ArgumentError(f"{caller}: head L{layer}H{index} does not write into the "
-                                "residual stream read at this hop; chain toward earlier layers.")
+            raise ArgumentError(
+                f"{caller}: head L{layer}H{index} does not write into the "
+                "residual stream read at this hop; chain toward earlier layers."
+            )
         src = None
         if hop.src is not None:
-            src = check.in_range(hop.src, cv.n_ctx, "src", caller, PositionError,
-                                 negative=False, of=f" for inputs of {cv.n_ctx} tokens")
+            src = check.in_range(
+                hop.src,
+                cv.n_ctx,
+                "src",
+                caller,
+                PositionError,
+                negative=False,
+                of=f" for inputs of {cv.n_ctx} tokens",
+            )
         elif not last:
-            raise ArgumentError(f"{caller}: hop {hop} is not the last, so it needs src=... (the "
-                                "source position the next hop reads).")
+            raise ArgumentError(
+                f"{caller}: hop {hop} is not the last, so it needs src=... (the "
+                "source position the next hop reads)."
+            )
         return Hop("head", layer, index, src)
     index = check.neuron(view, hop.index, caller)
     if layer >= r.mlp_layers:
-        raise ArgumentError(f"{caller}: neuron L{layer}N{index} does not write into the "
-                            "residual stream read at this hop; chain toward earlier layers.")
+        raise ArgumentError(
+            f"{caller}: neuron L{layer}N{index} does not write into the "
+            "residual stream read at this hop; chain toward earlier layers."
+        )
     return Hop("neuron", layer, index)
 
 
-def run_chain(rec: Recorded, fr: FinalReadout, ex: Explained, path: Sequence[Hop], split: Split
-              ) -> ChainTerms:
+def run_chain(
+    rec: Recorded, fr: FinalReadout, ex: Explained, path: Sequence[Hop], split: Split
+) -> ChainTerms:
     """Follow ``path`` back from the final readout; split the last hop's readout by writer.
 
     The result's values are weighted into target terms and laid out as one explained
@@ -306,8 +343,10 @@ def run_chain(rec: Recorded, fr: FinalReadout, ex: Explained, path: Sequence[Hop
     if not path:
         raise ArgumentError(f"{cv.caller}: the chain is empty; give at least one Hop.")
     if fr.readout.positions.shape[1] != 1:
-        raise PositionError(f"{cv.caller}: chains explain one position per row; pos='all' is "
-                            "not supported here (loop over positions instead).")
+        raise PositionError(
+            f"{cv.caller}: chains explain one position per row; pos='all' is "
+            "not supported here (loop over positions instead)."
+        )
     st = _State(fr.readout, np.asarray([-1]), [])
     term = torch.zeros(0)
     for i, hop in enumerate(path):
@@ -320,7 +359,7 @@ def run_chain(rec: Recorded, fr: FinalReadout, ex: Explained, path: Sequence[Hop
     n_const = sum(t.kind.shape[0] for t, _ in st.consts)
     out = torch.empty(B, k, P * C + n_const, dtype=values.dtype, device=values.device)
     combined = values if ex.trivial else weigh(values, weights)
-    out[:, :, :P * C].view(B, k, P, C).copy_(combined.permute(0, 2, 1, 3))
+    out[:, :, : P * C].view(B, k, P, C).copy_(combined.permute(0, 2, 1, 3))
     table = terms.table
     del values, combined, terms
     tables = [table.tile_over_positions(st.at)]
@@ -328,18 +367,27 @@ def run_chain(rec: Recorded, fr: FinalReadout, ex: Explained, path: Sequence[Hop
     for t, v in st.consts:
         v = v.expand(B, -1, K).reshape(B, -1, k, weights.shape[3])  # [B, n, k, a]
         v = (v * weights[:, 0, None]).sum(-1).permute(0, 2, 1)  # [B, k, n]
-        out[:, :, start:start + v.shape[-1]] = v
+        out[:, :, start : start + v.shape[-1]] = v
         start += v.shape[-1]
         tables.append(t)
     explained = (term.reshape(B, 1, k, -1) * weights).sum(-1)
-    return ChainTerms(values=out[:, None], table=ComponentTable.concat(tables), term=explained,
-                      positions=fr.readout.positions)
+    return ChainTerms(
+        values=out[:, None],
+        table=ComponentTable.concat(tables),
+        term=explained,
+        positions=fr.readout.positions,
+    )
 
 
 #: where a readout can read, and the residual stream each reads
-READ_AT = {"ln1": Site.RESID_PRE, "ln2": Site.RESID_MID, "ln_final": Site.RESID_POST,
-           "resid_pre": Site.RESID_PRE, "resid_mid": Site.RESID_MID,
-           "resid_post": Site.RESID_POST}
+READ_AT = {
+    "ln1": Site.RESID_PRE,
+    "ln2": Site.RESID_MID,
+    "ln_final": Site.RESID_POST,
+    "resid_pre": Site.RESID_PRE,
+    "resid_mid": Site.RESID_MID,
+    "resid_post": Site.RESID_POST,
+}
 ReadAt = Literal["ln1", "ln2", "ln_final", "resid_pre", "resid_mid", "resid_post"]
 
 
@@ -354,8 +402,9 @@ class ReadTerms:
     layer: int
 
 
-def read_at(rec: Recorded, vector: Any, layer: Any, pos: Any, at: str, bias: Any, split: Split
-            ) -> ReadTerms:
+def read_at(
+    rec: Recorded, vector: Any, layer: Any, pos: Any, at: str, bias: Any, split: Split
+) -> ReadTerms:
     """Split ``norm(x) . u + bias`` for ``x`` the residual stream at ``at`` of ``layer``."""
     from tlprisms._targets import resolve_positions
 
@@ -365,19 +414,29 @@ def read_at(rec: Recorded, vector: Any, layer: Any, pos: Any, at: str, bias: Any
     check.choice(at, "at", tuple(READ_AT), caller)
     layer = check.layer(view, layer, caller)
     if at == "ln_final" and layer != L - 1:
-        raise ArgumentError(f"{caller}: at='ln_final' reads after the last layer; pass "
-                            f"layer={L - 1} (or -1).")
+        raise ArgumentError(
+            f"{caller}: at='ln_final' reads after the last layer; pass layer={L - 1} (or -1)."
+        )
     site = READ_AT[at]
     if view.parallel and site is Site.RESID_MID:
         site = Site.RESID_PRE
     if view.attn_only and at in ("ln2", "resid_mid"):
         raise ArgumentError(f"{caller}: this model has no MLPs, so no {at}.")
-    if not isinstance(vector, Tensor) or not vector.dtype.is_floating_point or \
-            vector.ndim not in (1, 2) or vector.shape[-1] != view.d_model:
-        got = (f"shape {tuple(vector.shape)}, dtype {vector.dtype}" if isinstance(vector, Tensor)
-               else type(vector).__name__)
-        raise ArgumentError(f"{caller}: the readout vector must be a float tensor [d_model] or "
-                            f"[k, d_model] with d_model={view.d_model}; got {got}.")
+    if (
+        not isinstance(vector, Tensor)
+        or not vector.dtype.is_floating_point
+        or vector.ndim not in (1, 2)
+        or vector.shape[-1] != view.d_model
+    ):
+        got = (
+            f"shape {tuple(vector.shape)}, dtype {vector.dtype}"
+            if isinstance(vector, Tensor)
+            else type(vector).__name__
+        )
+        raise ArgumentError(
+            f"{caller}: the readout vector must be a float tensor [d_model] or "
+            f"[k, d_model] with d_model={view.d_model}; got {got}."
+        )
     check.finite(vector, "the readout vector", caller)
     u = (vector[None] if vector.ndim == 1 else vector).detach().to(cv.device, cv.dtype)
     K = u.shape[0]
@@ -392,19 +451,28 @@ def read_at(rec: Recorded, vector: Any, layer: Any, pos: Any, at: str, bias: Any
         const = torch.zeros(K, dtype=cv.dtype, device=cv.device)
     if bias is not None:
         if not isinstance(bias, (Tensor, float, int)) or isinstance(bias, bool):
-            raise ArgumentError(f"{caller}: bias={bias!r}; pass a number or a tensor of one "
-                                "number per readout vector.")
+            raise ArgumentError(
+                f"{caller}: bias={bias!r}; pass a number or a tensor of one "
+                "number per readout vector."
+            )
         b = torch.as_tensor(bias, dtype=cv.dtype, device=cv.device)
         if b.ndim > 1 or (b.ndim == 1 and b.shape[0] not in (1, K)):
-            raise ArgumentError(f"{caller}: bias has shape {tuple(b.shape)}; pass a number or "
-                                f"one number per readout vector ({K}).")
+            raise ArgumentError(
+                f"{caller}: bias has shape {tuple(b.shape)}; pass a number or "
+                f"one number per readout vector ({K})."
+            )
         const = const + check.finite(b, "bias", caller).expand(K)
-    layers_in = {Site.RESID_PRE: (layer, layer), Site.RESID_MID: (layer + 1, layer),
-                 Site.RESID_POST: (layer + 1, layer + 1)}[site]
-    r = Readout(u=uu, inv_s=inv_s, positions=positions, attn_layers=layers_in[0],
-                mlp_layers=layers_in[1])
-    terms = split_writes(cv, r, split, extra=[(const[None, None],
-                                               ComponentTable.block("readout.b", layer=layer))])
+    layers_in = {
+        Site.RESID_PRE: (layer, layer),
+        Site.RESID_MID: (layer + 1, layer),
+        Site.RESID_POST: (layer + 1, layer + 1),
+    }[site]
+    r = Readout(
+        u=uu, inv_s=inv_s, positions=positions, attn_layers=layers_in[0], mlp_layers=layers_in[1]
+    )
+    terms = split_writes(
+        cv, r, split, extra=[(const[None, None], ComponentTable.block("readout.b", layer=layer))]
+    )
     x = cv.at(site, layer, positions)
     explained = dot(x, uu) * inv_s[:, :, None] + const
     return ReadTerms(terms=terms, explained=explained, positions=positions, layer=layer)

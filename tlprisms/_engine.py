@@ -19,8 +19,9 @@ residual stream the readout reads, exactly up to float rounding, because the wri
 ``x_i`` and every step above is linear with the cached values fixed.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -78,8 +79,9 @@ class Terms:
     layer_gap: Float[Tensor, "batch pos k"]
 
 
-def post_parts(cv: CacheView, post: Optional[NormSpec], r: Readout, layer: int
-               ) -> tuple[Float[Tensor, "rb rp k d_model"], Float[Tensor, "batch pos"]]:
+def post_parts(
+    cv: CacheView, post: Optional[NormSpec], r: Readout, layer: int
+) -> tuple[Float[Tensor, "rb rp k d_model"], Float[Tensor, "batch pos"]]:
     """A readout pulled through what lies between a layer's heads/neurons and the residual
     stream: a post-norm (Gemma 2's ``ln1_post``/``ln2_post``, frozen) and a residual
     multiplier (Granite): (``P(w_post * u)``, the full ``1/s`` factor ``[B, P]``)."""
@@ -91,17 +93,24 @@ def post_parts(cv: CacheView, post: Optional[NormSpec], r: Readout, layer: int
 
 
 def _post_bias(post: Optional[NormSpec], u: Tensor) -> Tensor:
-    return post.constant(u) if post is not None else torch.zeros(u.shape[:-1], dtype=u.dtype,
-                                                                  device=u.device)
+    return (
+        post.constant(u)
+        if post is not None
+        else torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
+    )
 
 
 def _expand(t: Tensor, B: int, P: int) -> Tensor:
     return t.expand(B, P, *t.shape[2:])
 
 
-def _head_terms(cv: CacheView, layer: int, ul: Float[Tensor, "rb rp k d_model"],
-                positions: Int[Tensor, "batch pos"], by_source: bool
-                ) -> Float[Tensor, "batch pos k head *src"]:
+def _head_terms(
+    cv: CacheView,
+    layer: int,
+    ul: Float[Tensor, "rb rp k d_model"],
+    positions: Int[Tensor, "batch pos"],
+    by_source: bool,
+) -> Float[Tensor, "batch pos k head *src"]:
     """``[B, P, K, head, src]`` (``src`` summed away when not ``by_source``: ``[B,P,K,head]``)."""
     view, dtype = cv.view, ul.dtype
     A = cv.get(Site.PATTERN, layer)
@@ -143,8 +152,12 @@ def _head_terms(cv: CacheView, layer: int, ul: Float[Tensor, "rb rp k d_model"],
     return torch.einsum("bhpj,bpjhk->bpkh", Ai, vW)
 
 
-def _neuron_terms(cv: CacheView, layer: int, ul: Float[Tensor, "rb rp k d_model"],
-                  positions: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos k d_mlp"]:
+def _neuron_terms(
+    cv: CacheView,
+    layer: int,
+    ul: Float[Tensor, "rb rp k d_model"],
+    positions: Int[Tensor, "batch pos"],
+) -> Float[Tensor, "batch pos k d_mlp"]:
     """``[B, P, K, d_mlp]``"""
     post = cv.at(Site.MLP_POST, layer, positions, ul.dtype)
     W_out = cv.view.W_out(layer, ul.dtype).to(ul.device)  # [n, d]
@@ -159,8 +172,12 @@ def _neuron_terms(cv: CacheView, layer: int, ul: Float[Tensor, "rb rp k d_model"
     return post[:, :, None, :] * Wu
 
 
-def split_writes(cv: CacheView, readout: Readout, split: Split,
-                 extra: Sequence[tuple[Tensor, ComponentTable]] = ()) -> Terms:
+def split_writes(
+    cv: CacheView,
+    readout: Readout,
+    split: Split,
+    extra: Sequence[tuple[Tensor, ComponentTable]] = (),
+) -> Terms:
     """Split a readout by every write into the residual stream it reads.
 
     Args:
@@ -183,8 +200,10 @@ def split_writes(cv: CacheView, readout: Readout, split: Split,
     s = inv_s[:, :, None]
     add(dot(cv.embed_write(positions, u.dtype), u) * s, ComponentTable.block("embed"))
     if view.pos_embed_in_resid:
-        add(dot(cv.at(Site.POS_EMBED, None, positions, u.dtype), u) * s,
-            ComponentTable.block("pos_embed"))
+        add(
+            dot(cv.at(Site.POS_EMBED, None, positions, u.dtype), u) * s,
+            ComponentTable.block("pos_embed"),
+        )
     n_src = cv.n_ctx
     for layer in range(max(readout.attn_layers, readout.mlp_layers)):
         for kind in ("attn", "mlp"):
@@ -208,14 +227,16 @@ def split_writes(cv: CacheView, readout: Readout, split: Split,
                     H = view.n_heads
                     if split.by_source:
                         hh, jj = np.meshgrid(np.arange(H), np.arange(n_src), indexing="ij")
-                        table = ComponentTable.block("head", H * n_src, layer=layer,
-                                                     head=hh.ravel(), src=jj.ravel())
+                        table = ComponentTable.block(
+                            "head", H * n_src, layer=layer, head=hh.ravel(), src=jj.ravel()
+                        )
                     else:
                         table = ComponentTable.block("head", H, layer=layer, head=np.arange(H))
                 else:
                     t = _neuron_terms(cv, layer, ul, positions) * sl[..., None]
-                    table = ComponentTable.block("neuron", t.shape[-1], layer=layer,
-                                                 neuron=np.arange(t.shape[-1]))
+                    table = ComponentTable.block(
+                        "neuron", t.shape[-1], layer=layer, neuron=np.arange(t.shape[-1])
+                    )
                 flat = t.reshape(B, P, K, -1)
                 check = check + (flat.sum(-1) - whole)
                 add(flat, table)
@@ -226,5 +247,6 @@ def split_writes(cv: CacheView, readout: Readout, split: Split,
                 add(post_b.expand(B, P, K) * s, ComponentTable.block("ln.b", layer=layer))
     for values, table in extra:
         add(values.expand(B, P, K), table)
-    return Terms(values=torch.cat(parts, dim=-1), table=ComponentTable.concat(tables),
-                 layer_gap=check)
+    return Terms(
+        values=torch.cat(parts, dim=-1), table=ComponentTable.concat(tables), layer_gap=check
+    )

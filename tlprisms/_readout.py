@@ -22,8 +22,16 @@ from tlprisms._ops import dot
 from tlprisms._seam import CacheView, Site
 from tlprisms._targets import Atoms, Positions, resolve_positions, resolve_targets
 
-__all__ = ["Recorded", "FinalReadout", "Explained", "Softcap", "final_readout", "explain",
-           "weigh", "softcap_ratio"]
+__all__ = [
+    "Recorded",
+    "FinalReadout",
+    "Explained",
+    "Softcap",
+    "final_readout",
+    "explain",
+    "weigh",
+    "softcap_ratio",
+]
 
 #: what a soft-capped model's result explains: the logit after the cap (ratio frozen) or before
 Softcap = Literal["post", "pre"]
@@ -112,24 +120,44 @@ def final_readout(rec: Recorded, target: Any, pos: Any) -> FinalReadout:
     cv = rec.cache
     positions = resolve_positions(pos, cv.batch, cv.n_ctx, cv.caller)
     index = positions.index.to(cv.device)
-    atoms, _ = resolve_targets(cv.view, target, cv.batch, cv.n_ctx, positions.every, rec.tokens,
-                               lambda: predicted(rec), cv.caller)
+    atoms, _ = resolve_targets(
+        cv.view,
+        target,
+        cv.batch,
+        cv.n_ctx,
+        positions.every,
+        rec.tokens,
+        lambda: predicted(rec),
+        cv.caller,
+    )
     atoms = atoms.single()
     vec, bias = _atoms_vectors(cv, atoms)
     norm = cv.view.final_norm
-    readout = Readout(u=norm.pull_back(vec), inv_s=cv.inv_scale_or_one(norm, index),
-                      positions=index, attn_layers=cv.view.n_layers, mlp_layers=cv.view.n_layers)
-    return FinalReadout(readout=readout, atoms=atoms, positions=Positions(index, positions.every),
-                        bias=bias, norm_bias=norm.constant(vec), has_b_U=cv.view.has_b_U,
-                        has_norm_bias=norm.bias is not None)
+    readout = Readout(
+        u=norm.pull_back(vec),
+        inv_s=cv.inv_scale_or_one(norm, index),
+        positions=index,
+        attn_layers=cv.view.n_layers,
+        mlp_layers=cv.view.n_layers,
+    )
+    return FinalReadout(
+        readout=readout,
+        atoms=atoms,
+        positions=Positions(index, positions.every),
+        bias=bias,
+        norm_bias=norm.constant(vec),
+        has_b_U=cv.view.has_b_U,
+        has_norm_bias=norm.bias is not None,
+    )
 
 
 def softcap_ratio(z: Tensor, cap: float) -> Tensor:
     """``rho = cap * tanh(z / cap) / z`` (1 where ``z`` is 0): post-cap = ``rho`` * pre-cap."""
     capped = cap * torch.tanh(z / cap)
     nonzero = z.abs() > _RHO_EPS
-    return torch.where(nonzero, capped / torch.where(nonzero, z, torch.ones_like(z)),
-                       torch.ones_like(z))
+    return torch.where(
+        nonzero, capped / torch.where(nonzero, z, torch.ones_like(z)), torch.ones_like(z)
+    )
 
 
 def explain(rec: Recorded, fr: FinalReadout, softcap: Softcap) -> Explained:
@@ -163,7 +191,9 @@ def explain(rec: Recorded, fr: FinalReadout, softcap: Softcap) -> Explained:
 
 
 def weigh(values: Tensor, weights: Tensor) -> Tensor:
-    """Atom terms ``[B, P, k*a, C]`` -> target terms ``[B, P, k, C]`` (``weights [B|1, P|1, k, a]``)."""
+    """Atom terms ``[B, P, k*a, C]`` -> target terms ``[B, P, k, C]``.
+
+    ``weights`` is ``[B|1, P|1, k, a]``."""
     B, P, _, C = values.shape
     k, a = weights.shape[2], weights.shape[3]
     if weights.shape[1] == 1 and P != 1:  # one explained position, P read positions (chains)

@@ -9,8 +9,9 @@ logit, and :meth:`Decomposition.check` verifies it against what the model comput
 """
 
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -21,8 +22,18 @@ from torch import Tensor
 from tlprisms import _validate as check_arg
 from tlprisms._errors import ArgumentError, CompletenessError, NonFiniteError
 
-__all__ = ["Component", "ComponentTable", "Decomposition", "ATOL_FLOAT32", "ATOL_FLOAT64",
-           "TOLERANCE", "CONSTANT_KINDS", "KINDS", "FIELDS", "tolerance"]
+__all__ = [
+    "Component",
+    "ComponentTable",
+    "Decomposition",
+    "ATOL_FLOAT32",
+    "ATOL_FLOAT64",
+    "TOLERANCE",
+    "CONSTANT_KINDS",
+    "KINDS",
+    "FIELDS",
+    "tolerance",
+]
 
 #: completeness tolerance in float32:
 #: ``|total - logit| <= ATOL_FLOAT32 * max(1, |logit|, sum of |terms|)``
@@ -30,7 +41,7 @@ ATOL_FLOAT32 = 1e-5
 #: the same in float64
 ATOL_FLOAT64 = 1e-10
 #: the unit roundoff of the low-precision dtypes a model may compute in
-UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
 #: the default tolerance by the precision the model computed in; for bf16/fp16 see
 #: :func:`tolerance` (every residual addition is rounded)
 TOLERANCE = {"float64": ATOL_FLOAT64, "float32": ATOL_FLOAT32}
@@ -38,10 +49,26 @@ TOLERANCE = {"float64": ATOL_FLOAT64, "float32": ATOL_FLOAT32}
 Order = Literal["abs", "positive", "negative"]
 _ORDER_OLD = {"pos": "positive", "neg": "negative"}
 
-KINDS = ("embed", "pos_embed", "attn", "head", "b_O", "mlp", "neuron", "b_out", "b_U",
-         "ln_final.b", "b_V", "ln.b", "b_in", "resid", "readout.b")
-CONSTANT_KINDS = frozenset({"b_O", "b_out", "b_U", "ln_final.b", "b_V", "ln.b", "b_in",
-                            "readout.b"})
+KINDS = (
+    "embed",
+    "pos_embed",
+    "attn",
+    "head",
+    "b_O",
+    "mlp",
+    "neuron",
+    "b_out",
+    "b_U",
+    "ln_final.b",
+    "b_V",
+    "ln.b",
+    "b_in",
+    "resid",
+    "readout.b",
+)
+CONSTANT_KINDS = frozenset(
+    {"b_O", "b_out", "b_U", "ln_final.b", "b_V", "ln.b", "b_in", "readout.b"}
+)
 _FIELDS = ("layer", "head", "neuron", "src", "at")
 #: the label fields of a component, besides ``kind``
 FIELDS = _FIELDS
@@ -62,6 +89,8 @@ def tolerance(precision: str, n_layers: int = 1) -> float:
     if precision in UNIT_ROUNDOFF:
         return UNIT_ROUNDOFF[precision] * float(np.sqrt(2 * n_layers + 2))
     return TOLERANCE.get(precision, ATOL_FLOAT32)
+
+
 _INT = np.int32  # label columns: a chained result can have millions of components
 
 
@@ -85,21 +114,44 @@ class Component:
     src: int = -1
     at: int = -1
 
-    def __init__(self, kind: str, layer: int = -1, head: int = -1, neuron: int = -1,
-                 src: int = -1, at: int = -1, *, pos: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        layer: int = -1,
+        head: int = -1,
+        neuron: int = -1,
+        src: int = -1,
+        at: int = -1,
+        *,
+        pos: Optional[int] = None,
+    ) -> None:
         if pos is not None:
-            warnings.warn("Component(pos=...) is deprecated; use at= (the residual position a "
-                          "chained term was written at).", DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "Component(pos=...) is deprecated; use at= (the residual position a "
+                "chained term was written at).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             at = pos
-        for name, value in (("kind", kind), ("layer", layer), ("head", head),
-                            ("neuron", neuron), ("src", src), ("at", at)):
+        for name, value in (
+            ("kind", kind),
+            ("layer", layer),
+            ("head", head),
+            ("neuron", neuron),
+            ("src", src),
+            ("at", at),
+        ):
             object.__setattr__(self, name, value)
 
     @property
     def pos(self) -> int:
         """Deprecated name of :attr:`at` (tlprisms 0.1)."""
-        warnings.warn("Component.pos is deprecated; use Component.at (the residual position a "
-                      "chained term was written at).", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "Component.pos is deprecated; use Component.at (the residual position a "
+            "chained term was written at).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.at
 
     @property
@@ -111,8 +163,16 @@ class Component:
             s = f"L{self.layer}H{self.head}" if self.head >= 0 else f"L{self.layer}.heads"
         elif self.kind == "neuron":
             s = f"L{self.layer}N{self.neuron}" if self.neuron >= 0 else f"L{self.layer}.neurons"
-        elif self.layer >= 0 and self.kind in ("attn", "mlp", "b_O", "b_out", "b_V", "ln.b",
-                                               "b_in", "resid"):
+        elif self.layer >= 0 and self.kind in (
+            "attn",
+            "mlp",
+            "b_O",
+            "b_out",
+            "b_V",
+            "ln.b",
+            "b_in",
+            "resid",
+        ):
             s = f"L{self.layer}.{self.kind}" + (f"H{self.head}" if self.head >= 0 else "")
             if self.kind == "b_in" and self.neuron >= 0:
                 s += f"N{self.neuron}"
@@ -163,8 +223,9 @@ class ComponentTable:
         tables = list(tables)
         if not tables:
             return ComponentTable.empty()
-        return ComponentTable(*(np.concatenate([getattr(t, f) for t in tables])
-                                for f in ("kind",) + _FIELDS))
+        return ComponentTable(
+            *(np.concatenate([getattr(t, f) for t in tables]) for f in ("kind",) + _FIELDS)
+        )
 
     def __len__(self) -> int:
         return int(self.kind.shape[0])
@@ -202,9 +263,12 @@ class ComponentTable:
         keep = np.ones(len(self), dtype=bool)
         for name, want in criteria.items():
             if name == "pos":
-                warnings.warn(f"{caller}(pos=...) is deprecated: the position a chained term "
-                              "was written at is now 'at'; use at=.", DeprecationWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"{caller}(pos=...) is deprecated: the position a chained term "
+                    "was written at is now 'at'; use at=.",
+                    DeprecationWarning,
+                    stacklevel=3,
+                )
                 name = "at"
             if name == "kind":
                 col = self.kinds()
@@ -220,17 +284,23 @@ class ComponentTable:
                 continue
             values = [want] if isinstance(want, str) or check_arg.is_index(want) else want
             if not isinstance(values, (Iterable, np.ndarray)):
-                raise ArgumentError(f"{caller}: {name}={want!r}; pass a value, a collection of "
-                                    "values, or a predicate.")
+                raise ArgumentError(
+                    f"{caller}: {name}={want!r}; pass a value, a collection of "
+                    "values, or a predicate."
+                )
             values = list(values)
             for v in values:
                 if name == "kind":
                     if not isinstance(v, str) or v not in KINDS:
-                        raise ArgumentError(f"{caller}: kind={v!r} is not a kind; use one of "
-                                            f"{', '.join(map(repr, KINDS))}.")
+                        raise ArgumentError(
+                            f"{caller}: kind={v!r} is not a kind; use one of "
+                            f"{', '.join(map(repr, KINDS))}."
+                        )
                 elif not check_arg.is_index(v):
-                    raise ArgumentError(f"{caller}: {name}={v!r} (type {type(v).__name__}); "
-                                        f"{name} is an integer field.")
+                    raise ArgumentError(
+                        f"{caller}: {name}={v!r} (type {type(v).__name__}); "
+                        f"{name} is an integer field."
+                    )
             keep &= np.isin(col, [v if isinstance(v, str) else int(v) for v in values])
         return keep
 
@@ -301,8 +371,9 @@ class Decomposition:
         return t * scale.clamp(min=1.0)
 
     @check_arg.entry
-    def check(self, atol: Optional[Union[int, float]] = None,
-              rtol: Optional[Union[int, float]] = None) -> "Decomposition":
+    def check(
+        self, atol: Optional[Union[int, float]] = None, rtol: Optional[Union[int, float]] = None
+    ) -> "Decomposition":
         """Raise :class:`CompletenessError` unless the terms add up to :attr:`logits`.
 
         By default the bound is :meth:`tolerance`; with ``atol``/``rtol`` it is
@@ -328,8 +399,7 @@ class Decomposition:
         err = self.gap().abs()
         if atol is None and rtol is None:
             tol = self.tolerance()
-            bound = (f"{tolerance(self.precision, self.n_layers):.3g} * max(1, |logit|, "
-                     "sum |terms|)")
+            bound = f"{tolerance(self.precision, self.n_layers):.3g} * max(1, |logit|, sum |terms|)"
         else:
             default = tolerance(self.precision, self.n_layers)
             atol = default if atol is None else atol
@@ -352,12 +422,16 @@ class Decomposition:
     def _subset(self, keep: np.ndarray) -> "Decomposition":
         idx = np.nonzero(keep)[0]
         t_idx = torch.as_tensor(idx, dtype=torch.long, device=self.values.device)
-        return replace(self, values=self.values.index_select(-1, t_idx),
-                       components=self.components.take(idx), complete=False)
+        return replace(
+            self,
+            values=self.values.index_select(-1, t_idx),
+            components=self.components.take(idx),
+            complete=False,
+        )
 
     @check_arg.entry
     def select(self, **criteria: Union[int, str, Iterable, Callable]) -> "Decomposition":
-        """The terms whose labels match, e.g. ``select(layer=9, head=6)``, ``select(kind="neuron")``.
+        """The terms whose labels match: ``select(layer=9, head=6)``, ``select(kind="neuron")``.
 
         Each criterion is a value, a collection of values, or a predicate, on ``kind``,
         ``layer``, ``head``, ``neuron``, ``src`` or ``at``. The result is marked incomplete
@@ -377,35 +451,54 @@ class Decomposition:
         summed); ``aggregate("kind", "layer")`` one per layer and kind.
         """
         if "pos" in by:
-            warnings.warn("aggregate('pos') is deprecated: the position a chained term was "
-                          "written at is now 'at'.", DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "aggregate('pos') is deprecated: the position a chained term was "
+                "written at is now 'at'.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             by = tuple("at" if name == "pos" else name for name in by)
         if "kind" not in by:
             by = ("kind",) + tuple(by)
         for name in by:
             if not isinstance(name, str) or name not in ("kind",) + _FIELDS:
-                raise ArgumentError(f"aggregate: unknown field {name!r}; use kind, "
-                                    f"{', '.join(_FIELDS)}.")
+                raise ArgumentError(
+                    f"aggregate: unknown field {name!r}; use kind, {', '.join(_FIELDS)}."
+                )
         c = self.components
         keys = np.stack([c.kind.astype(np.int64)] + [getattr(c, f) for f in by if f != "kind"], 1)
         uniq, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
         order = np.argsort(first)  # keep first-appearance order
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
-        group = torch.as_tensor(rank[inverse.reshape(-1)], dtype=torch.long, device=self.values.device)
-        out = torch.zeros(*self.values.shape[:-1], len(order), dtype=self.values.dtype,
-                          device=self.values.device)
+        group = torch.as_tensor(
+            rank[inverse.reshape(-1)], dtype=torch.long, device=self.values.device
+        )
+        out = torch.zeros(
+            *self.values.shape[:-1], len(order), dtype=self.values.dtype, device=self.values.device
+        )
         out.index_add_(-1, group, self.values)
         table = c.take(first[order])
-        cols = {f: (getattr(table, f) if f in by else np.full(len(table), -1, dtype=_INT))
-                for f in _FIELDS}
+        cols = {
+            f: (getattr(table, f) if f in by else np.full(len(table), -1, dtype=_INT))
+            for f in _FIELDS
+        }
         return replace(self, values=out, components=ComponentTable(table.kind, **cols))
 
     # ------------------------------------------------------------ tables
     @check_arg.entry
-    def top(self, k: int = 10, *, batch: Optional[int] = None, pos: Optional[int] = None,
-            target: int = 0, order: Order = "abs", constants: bool = False,
-            kind: Optional[Union[str, Iterable]] = None, by: Optional[str] = None) -> Any:
+    def top(
+        self,
+        k: int = 10,
+        *,
+        batch: Optional[int] = None,
+        pos: Optional[int] = None,
+        target: int = 0,
+        order: Order = "abs",
+        constants: bool = False,
+        kind: Optional[Union[str, Iterable]] = None,
+        by: Optional[str] = None,
+    ) -> Any:
         """The ``k`` largest terms as a pandas DataFrame (mean over batch/pos when not given).
 
         Args:
@@ -432,10 +525,16 @@ class Decomposition:
         B, P, K, _ = self.values.shape
         target = check_arg.in_range(target, K, "target", "top", of=f" ({K} targets)")
         v = self.values[..., target, :]
-        v = v.mean(0) if batch is None else v[check_arg.in_range(batch, B, "batch", "top",
-                                                                 of=f" ({B} rows)")]
-        v = v.mean(0) if pos is None else v[check_arg.in_range(pos, P, "pos", "top",
-                                                               of=f" ({P} explained positions)")]
+        v = (
+            v.mean(0)
+            if batch is None
+            else v[check_arg.in_range(batch, B, "batch", "top", of=f" ({B} rows)")]
+        )
+        v = (
+            v.mean(0)
+            if pos is None
+            else v[check_arg.in_range(pos, P, "pos", "top", of=f" ({P} explained positions)")]
+        )
         w = v.detach().float().cpu().numpy()
         keep = np.ones_like(w, dtype=bool) if constants else ~self.components.is_constant()
         if kind is not None:
@@ -449,13 +548,18 @@ class Decomposition:
             part = np.argpartition(-score, k - 1)[:k]
             idx = part[np.argsort(-score[part], kind="stable")]
         c = self.components
-        return pd.DataFrame({
-            "component": [str(c[i]) for i in idx],
-            "kind": np.asarray(KINDS, dtype=object)[c.kind[idx]],
-            "layer": c.layer[idx], "head": c.head[idx],
-            "neuron": c.neuron[idx], "src": c.src[idx], "at": c.at[idx],
-            "value": w[idx],
-        })
+        return pd.DataFrame(
+            {
+                "component": [str(c[i]) for i in idx],
+                "kind": np.asarray(KINDS, dtype=object)[c.kind[idx]],
+                "layer": c.layer[idx],
+                "head": c.head[idx],
+                "neuron": c.neuron[idx],
+                "src": c.src[idx],
+                "at": c.at[idx],
+                "value": w[idx],
+            }
+        )
 
     def to_frame(self) -> Any:
         """A long pandas table: one row per (batch, pos, target, component).
@@ -467,23 +571,32 @@ class Decomposition:
 
         B, P, K, C = self.values.shape
         c = self.components
-        bb, pp, kk, cc = np.meshgrid(np.arange(B), np.arange(P), np.arange(K), np.arange(C),
-                                     indexing="ij")
+        bb, pp, kk, cc = np.meshgrid(
+            np.arange(B), np.arange(P), np.arange(K), np.arange(C), indexing="ij"
+        )
         positions = self.positions.cpu().numpy()
         labels = np.broadcast_to(self.target_labels, (B, P, K))
-        return pd.DataFrame({
-            "batch": bb.ravel(), "pos": positions[bb.ravel(), pp.ravel()],
-            "target": labels[bb.ravel(), pp.ravel(), kk.ravel()],
-            "kind": c.kinds()[cc.ravel()], "layer": c.layer[cc.ravel()],
-            "head": c.head[cc.ravel()], "neuron": c.neuron[cc.ravel()],
-            "src": c.src[cc.ravel()], "at": c.at[cc.ravel()],
-            "value": self.values.detach().float().cpu().numpy().ravel(),
-        })
+        return pd.DataFrame(
+            {
+                "batch": bb.ravel(),
+                "pos": positions[bb.ravel(), pp.ravel()],
+                "target": labels[bb.ravel(), pp.ravel(), kk.ravel()],
+                "kind": c.kinds()[cc.ravel()],
+                "layer": c.layer[cc.ravel()],
+                "head": c.head[cc.ravel()],
+                "neuron": c.neuron[cc.ravel()],
+                "src": c.src[cc.ravel()],
+                "at": c.at[cc.ravel()],
+                "value": self.values.detach().float().cpu().numpy().ravel(),
+            }
+        )
 
     def __repr__(self) -> str:
         B, P, K, C = self.values.shape
-        head = (f"Decomposition({self.prism}: {B} batch x {P} pos x {K} target, {C} components; "
-                f"explains {self.explains}")
+        head = (
+            f"Decomposition({self.prism}: {B} batch x {P} pos x {K} target, {C} components; "
+            f"explains {self.explains}"
+        )
         if self.complete:
             head += f"; max |gap| {float(self.gap().abs().max()):.2g})"
         else:
@@ -492,9 +605,11 @@ class Decomposition:
         labels = np.broadcast_to(self.target_labels, (B, P, K))
         tot = self.total()
         for k in range(min(K, 3)):
-            lines.append(f"  target {labels[0, -1, k]} @ batch 0, pos {int(self.positions[0, -1])}:"
-                         f" logit {float(self.logits[0, -1, k]):.4g} = sum of terms "
-                         f"{float(tot[0, -1, k]):.4g}")
+            lines.append(
+                f"  target {labels[0, -1, k]} @ batch 0, pos {int(self.positions[0, -1])}:"
+                f" logit {float(self.logits[0, -1, k]):.4g} = sum of terms "
+                f"{float(tot[0, -1, k]):.4g}"
+            )
             v = self.values[0, -1, k].detach().float().cpu().numpy()
             for i in np.argsort(-np.abs(v))[:5]:
                 lines.append(f"    {str(self.components[int(i)]):<24} {_fmt(float(v[i]))}")

@@ -9,8 +9,9 @@ integer tensor ``[batch]`` / ``[batch, k]``); :class:`NextToken` gives each posi
 that follows it.
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -21,8 +22,17 @@ from torch import Tensor
 from tlprisms import _validate as check
 from tlprisms._errors import NonFiniteError, PositionError, TargetError
 
-__all__ = ["LogitDiff", "Direction", "PerRow", "NextToken", "Atoms", "Positions",
-           "resolve_targets", "resolve_positions", "token_id"]
+__all__ = [
+    "LogitDiff",
+    "Direction",
+    "PerRow",
+    "NextToken",
+    "Atoms",
+    "Positions",
+    "resolve_targets",
+    "resolve_positions",
+    "token_id",
+]
 
 TokenLike = Union[int, str]
 
@@ -89,9 +99,13 @@ class Atoms:
         """The same targets with the unused second atom dropped (no logit differences)."""
         if self.coef.shape[-1] != 2 or bool((self.coef[..., 1] != 0).any()):
             return self
-        return Atoms(ids=self.ids[..., :1], coef=self.coef[..., :1], labels=self.labels,
-                     vectors=None if self.vectors is None else self.vectors[:, :1],
-                     token_atom=self.token_atom[..., :1])
+        return Atoms(
+            ids=self.ids[..., :1],
+            coef=self.coef[..., :1],
+            labels=self.labels,
+            vectors=None if self.vectors is None else self.vectors[:, :1],
+            token_atom=self.token_atom[..., :1],
+        )
 
 
 @jaxtyped(typechecker=beartype)
@@ -106,13 +120,18 @@ class Positions:
 
 def token_id(view: Any, token: Any, caller: str, what: str = "target") -> int:
     """One token id from an int (not a bool, not a float) or a single-token string."""
-    if isinstance(token, (bool, np.bool_)) or (isinstance(token, Tensor) and token.ndim == 0
-                                               and not check.is_index(token)):
-        raise TargetError(f"{caller}: {what} {token!r} is not a token id (type "
-                          f"{type(token).__name__}); pass an integer id or a single-token string.")
+    if isinstance(token, (bool, np.bool_)) or (
+        isinstance(token, Tensor) and token.ndim == 0 and not check.is_index(token)
+    ):
+        raise TargetError(
+            f"{caller}: {what} {token!r} is not a token id (type "
+            f"{type(token).__name__}); pass an integer id or a single-token string."
+        )
     if isinstance(token, (float, np.floating)):
-        raise TargetError(f"{caller}: {what} {token!r} is a float; token ids are integers. Pass "
-                          "an int or a single-token string.")
+        raise TargetError(
+            f"{caller}: {what} {token!r} is a float; token ids are integers. Pass "
+            "an int or a single-token string."
+        )
     if check.is_index(token):
         tid = int(token)
         if not 0 <= tid < view.d_vocab:
@@ -130,11 +149,17 @@ def token_id(view: Any, token: Any, caller: str, what: str = "target") -> int:
             )
         ids = view.encode(token)
         if not ids:
-            raise TargetError(f"{caller}: {what} {token!r} encodes to no token at all; pass a "
-                              "non-empty single-token string or a token id.")
+            raise TargetError(
+                f"{caller}: {what} {token!r} encodes to no token at all; pass a "
+                "non-empty single-token string or a token id."
+            )
         unk = view.unknown_token_id()
-        if len(ids) == 1 and unk is not None and ids[0] == unk and token != getattr(
-                tok, "unk_token", None):
+        if (
+            len(ids) == 1
+            and unk is not None
+            and ids[0] == unk
+            and token != getattr(tok, "unk_token", None)
+        ):
             raise TargetError(
                 f"{caller}: {what} {token!r} is not in this model's vocabulary: its tokenizer "
                 f"maps it to the unknown token {getattr(tok, 'unk_token', '')!r} (id {unk}). A "
@@ -156,7 +181,9 @@ def token_id(view: Any, token: Any, caller: str, what: str = "target") -> int:
     )
 
 
-def _one(view: Any, target: Any, caller: str) -> tuple[list[int], list[float], str, bool, Optional[Tensor]]:
+def _one(
+    view: Any, target: Any, caller: str
+) -> tuple[list[int], list[float], str, bool, Optional[Tensor]]:
     """(atom ids, coefs, label, is_token, direction vector) for one target."""
     if isinstance(target, LogitDiff):
         a = token_id(view, target.positive, caller, "LogitDiff.positive")
@@ -164,16 +191,22 @@ def _one(view: Any, target: Any, caller: str) -> tuple[list[int], list[float], s
         return [a, b], [1.0, -1.0], f"{view.token_label(a)} - {view.token_label(b)}", True, None
     if isinstance(target, Direction):
         v = target.vector
-        if not isinstance(v, Tensor) or v.ndim != 1 or v.shape[0] != view.d_model \
-                or not v.dtype.is_floating_point:
+        if (
+            not isinstance(v, Tensor)
+            or v.ndim != 1
+            or v.shape[0] != view.d_model
+            or not v.dtype.is_floating_point
+        ):
             raise TargetError(
                 f"{caller}: Direction {target.label!r} has "
                 f"{'shape ' + str(tuple(v.shape)) if isinstance(v, Tensor) else type(v).__name__}"
                 f", expected a float tensor of shape ({view.d_model},) = (d_model,)."
             )
         if not bool(torch.isfinite(v).all()):
-            raise NonFiniteError(f"{caller}: Direction {target.label!r} contains NaN or "
-                                 "infinity; pass a finite vector.")
+            raise NonFiniteError(
+                f"{caller}: Direction {target.label!r} contains NaN or "
+                "infinity; pass a finite vector."
+            )
         return [-1], [1.0], target.label, False, v
     tid = token_id(view, target, caller)
     return [tid], [1.0], view.token_label(tid), True, None
@@ -206,9 +239,16 @@ def _build(view: Any, rows: list[list[Any]], caller: str) -> Atoms:
     return Atoms(ids=ids, vectors=vectors, coef=coef, labels=labels, token_atom=is_tok)
 
 
-def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: bool,
-                    tokens: Optional[Tensor], predicted: Callable[[], Tensor], caller: str
-                    ) -> tuple[Atoms, bool]:
+def resolve_targets(
+    view: Any,
+    target: Any,
+    batch: int,
+    n_pos: int,
+    pos_all: bool,
+    tokens: Optional[Tensor],
+    predicted: Callable[[], Tensor],
+    caller: str,
+) -> tuple[Atoms, bool]:
     """Turn what the user passed as ``target`` into :class:`Atoms`.
 
     Args:
@@ -222,14 +262,18 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
                 "LogitPrism.run(model, tokens) or LogitPrism(model, cache, tokens=tokens)."
             )
         if not pos_all:
-            raise TargetError(f"{caller}: NextToken is for pos='all'; for one position pass "
-                              "the token itself.")
+            raise TargetError(
+                f"{caller}: NextToken is for pos='all'; for one position pass the token itself."
+            )
         target = torch.empty_like(tokens)
         target[:, :-1] = tokens[:, 1:]
         target[:, -1] = predicted()
     if isinstance(target, Tensor) and target.ndim >= 1:
-        if target.dtype.is_floating_point or target.dtype in (torch.bool, torch.complex64,
-                                                             torch.complex128):
+        if target.dtype.is_floating_point or target.dtype in (
+            torch.bool,
+            torch.complex64,
+            torch.complex128,
+        ):
             raise TargetError(
                 f"{caller}: a tensor target holds token ids and must be an integer tensor; got "
                 f"dtype {target.dtype}. Convert it with .long() if it really holds ids."
@@ -242,15 +286,19 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
             t = t.reshape(batch, -1)[:, None, :]
             per_pos = False
         else:
-            want = f"[batch={batch}] or [batch, k]" + (f" or [batch, pos={n_pos}]" if pos_all else "")
+            want = f"[batch={batch}] or [batch, k]" + (
+                f" or [batch, pos={n_pos}]" if pos_all else ""
+            )
             raise TargetError(
                 f"{caller}: a tensor target is read per batch row and must have shape {want}; "
                 f"got {tuple(target.shape)}. For targets shared by the batch pass a list."
             )
         if (t < 0).any() or (t >= view.d_vocab).any():
             bad = int(t[(t < 0) | (t >= view.d_vocab)][0])
-            raise TargetError(f"{caller}: target id {bad} is outside the vocabulary; ids must lie "
-                              f"in [0, {view.d_vocab}).")
+            raise TargetError(
+                f"{caller}: target id {bad} is outside the vocabulary; ids must lie "
+                f"in [0, {view.d_vocab})."
+            )
         B, P, k = t.shape
         ids = torch.full((B, P, k, 2), -1, dtype=torch.long)
         ids[..., 0] = t
@@ -271,8 +319,9 @@ def resolve_targets(view: Any, target: Any, batch: int, n_pos: int, pos_all: boo
             )
         rows = [list(r) if isinstance(r, (list, tuple)) else [r] for r in rows]
         if any(not r for r in rows):
-            raise TargetError(f"{caller}: a PerRow entry is an empty list; give each row at "
-                              "least one target.")
+            raise TargetError(
+                f"{caller}: a PerRow entry is an empty list; give each row at least one target."
+            )
         return _build(view, rows, caller), False
     if isinstance(target, (list, tuple)):
         if len(target) == 0:
@@ -302,8 +351,14 @@ def resolve_positions(pos: Any, batch: int, n_ctx: int, caller: str) -> Position
     elif check.is_index(pos):
         values = [pos] * batch
     else:
-        raise PositionError(f"{caller}: pos={pos!r} (type {type(pos).__name__}) is not a "
-                            f"position; {accepted} (bools, floats, None and slices are not).")
-    out = [check.in_range(p, n_ctx, "position", caller, PositionError,
-                          of=f" for inputs of {n_ctx} tokens") for p in values]
+        raise PositionError(
+            f"{caller}: pos={pos!r} (type {type(pos).__name__}) is not a "
+            f"position; {accepted} (bools, floats, None and slices are not)."
+        )
+    out = [
+        check.in_range(
+            p, n_ctx, "position", caller, PositionError, of=f" for inputs of {n_ctx} tokens"
+        )
+        for p in values
+    ]
     return Positions(torch.tensor(out, dtype=torch.long)[:, None], False)

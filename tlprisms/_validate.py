@@ -8,15 +8,29 @@ function raises the one error class of its kind of mistake (:class:`ArgumentErro
 import numbers
 import typing
 import warnings
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from tlprisms._errors import ArgumentError, NonFiniteError
 
-__all__ = ["entry", "is_index", "index", "in_range", "layer", "head", "neuron", "layer_set", "choice",
-           "count", "renamed", "finite", "ALL"]
+__all__ = [
+    "entry",
+    "is_index",
+    "index",
+    "in_range",
+    "layer",
+    "head",
+    "neuron",
+    "layer_set",
+    "choice",
+    "count",
+    "renamed",
+    "finite",
+    "ALL",
+]
 
 #: the value of ``heads=``/``neurons=``/``layers=`` that selects every layer
 ALL = "all"
@@ -39,8 +53,12 @@ def is_index(value: Any) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return False
     if isinstance(value, torch.Tensor):
-        return value.ndim == 0 and not value.dtype.is_floating_point \
-            and value.dtype != torch.bool and not value.dtype.is_complex
+        return (
+            value.ndim == 0
+            and not value.dtype.is_floating_point
+            and value.dtype != torch.bool
+            and not value.dtype.is_complex
+        )
     return isinstance(value, numbers.Integral)
 
 
@@ -53,72 +71,108 @@ def _show(value: Any) -> str:
 def index(value: Any, what: str, caller: str, error: type = ArgumentError) -> int:
     """``value`` as a Python int, or ``error`` naming what came."""
     if not is_index(value):
-        raise error(f"{caller}: {what} must be an integer, got {_show(value)}; pass an int "
-                    "(bools, floats and strings are not read as indices).")
+        raise error(
+            f"{caller}: {what} must be an integer, got {_show(value)}; pass an int "
+            "(bools, floats and strings are not read as indices)."
+        )
     return int(value)
 
 
-def in_range(value: Any, n: int, what: str, caller: str, error: type = ArgumentError,
-             negative: bool = True, of: str = "") -> int:
+def in_range(
+    value: Any,
+    n: int,
+    what: str,
+    caller: str,
+    error: type = ArgumentError,
+    negative: bool = True,
+    of: str = "",
+) -> int:
     """An index into ``n`` items (negative from the end when ``negative``), normalised."""
     i = index(value, what, caller, error)
     low = -n if negative else 0
     if not low <= i < n:
         span = f"0..{n - 1}" + (f" or -{n}..-1" if negative else "")
-        raise error(f"{caller}: {what} {i} is out of range{of}; use {span}." if n > 0 else
-                    f"{caller}: {what} {i} is out of range{of}: there are none.")
+        raise error(
+            f"{caller}: {what} {i} is out of range{of}; use {span}."
+            if n > 0
+            else f"{caller}: {what} {i} is out of range{of}: there are none."
+        )
     return i % n
 
 
 def layer(view: Any, value: Any, caller: str, what: str = "layer") -> int:
-    return in_range(value, view.n_layers, what, caller,
-                    of=f" (the model has {view.n_layers} layers)")
+    return in_range(
+        value, view.n_layers, what, caller, of=f" (the model has {view.n_layers} layers)"
+    )
 
 
 def head(view: Any, value: Any, caller: str) -> int:
-    return in_range(value, view.n_heads, "head", caller, negative=False,
-                    of=f" (each layer has {view.n_heads} heads)")
+    return in_range(
+        value,
+        view.n_heads,
+        "head",
+        caller,
+        negative=False,
+        of=f" (each layer has {view.n_heads} heads)",
+    )
 
 
 def neuron(view: Any, value: Any, caller: str) -> int:
     if view.attn_only:
         raise ArgumentError(f"{caller}: this model is attention-only; it has no neurons.")
-    return in_range(value, view.d_mlp, "neuron", caller, negative=False,
-                    of=f" (each MLP layer has d_mlp={view.d_mlp} neurons)")
+    return in_range(
+        value,
+        view.d_mlp,
+        "neuron",
+        caller,
+        negative=False,
+        of=f" (each MLP layer has d_mlp={view.d_mlp} neurons)",
+    )
 
 
-def layer_set(view: Any, value: Any, what: str, caller: str, none_means_all: bool = True
-              ) -> frozenset:
+def layer_set(
+    view: Any, value: Any, what: str, caller: str, none_means_all: bool = True
+) -> frozenset:
     """``"all"``, one layer, or a sequence of layers (``()`` for none) -> a set of layers.
 
     ``None`` meant "all layers" in tlprisms 0.1; it still does, with a DeprecationWarning.
     """
     if value is None:
         if none_means_all:
-            warnings.warn(f"{caller}: {what}=None is deprecated; pass {what}='all' for every "
-                          f"layer or {what}=() for none.", DeprecationWarning, stacklevel=4)
+            warnings.warn(
+                f"{caller}: {what}=None is deprecated; pass {what}='all' for every "
+                f"layer or {what}=() for none.",
+                DeprecationWarning,
+                stacklevel=4,
+            )
             return frozenset(range(view.n_layers))
         return frozenset()
     if isinstance(value, str):
         if value == ALL:
             return frozenset(range(view.n_layers))
-        raise ArgumentError(f"{caller}: {what}={value!r}; pass 'all', a layer index, a list of "
-                            f"layer indices, or () for none (a string is not a list of layers).")
+        raise ArgumentError(
+            f"{caller}: {what}={value!r}; pass 'all', a layer index, a list of "
+            f"layer indices, or () for none (a string is not a list of layers)."
+        )
     if is_index(value):
         return frozenset({layer(view, value, caller, what=f"{what} layer")})
     if isinstance(value, torch.Tensor):
         value = list(value.reshape(-1)) if value.ndim == 1 else value
     if isinstance(value, (Sequence, range, set, frozenset, np.ndarray)) and not isinstance(
-            value, (bytes, str)):
+        value, (bytes, str)
+    ):
         return frozenset(layer(view, v, caller, what=f"{what} layer") for v in value)
-    raise ArgumentError(f"{caller}: {what}={_show(value)}; pass 'all', a layer index, a list of "
-                        "layer indices, or () for none.")
+    raise ArgumentError(
+        f"{caller}: {what}={_show(value)}; pass 'all', a layer index, a list of "
+        "layer indices, or () for none."
+    )
 
 
 def choice(value: Any, what: str, options: Sequence[str], caller: str) -> str:
     if not isinstance(value, str) or value not in options:
-        raise ArgumentError(f"{caller}: {what}={value!r}; use one of "
-                            f"{', '.join(map(repr, options))}.")
+        raise ArgumentError(
+            f"{caller}: {what}={value!r}; use one of {', '.join(map(repr, options))}."
+        )
     return value
 
 
@@ -135,8 +189,7 @@ def renamed(caller: str, old: str, new: str, value: Any, current: Any, default: 
         return current
     if current is not default and current != default:
         raise ArgumentError(f"{caller}: pass {new}= only ({old}= is its old name).")
-    warnings.warn(f"{caller}: {old}= is deprecated; use {new}=.", DeprecationWarning,
-                  stacklevel=3)
+    warnings.warn(f"{caller}: {old}= is deprecated; use {new}=.", DeprecationWarning, stacklevel=3)
     return value
 
 
@@ -145,4 +198,3 @@ def finite(t: torch.Tensor, what: str, caller: str) -> torch.Tensor:
     if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"{caller}: {what} contains NaN or infinity; pass finite values.")
     return t
-

@@ -51,25 +51,28 @@ def _check_out(out: Path, flag: str = "--out") -> Path:
     out = Path(out).expanduser()
     fix = f"pass {flag} a file path in a folder you can write to, e.g. {flag} report.html"
     if out.is_dir():
-        raise ArgumentError(f"{flag} {str(out)!r} is a directory, not a file; "
-                            f"pass a file path, e.g. {flag} {str(out / 'report.html')!r}.")
+        raise ArgumentError(
+            f"{flag} {str(out)!r} is a directory, not a file; "
+            f"pass a file path, e.g. {flag} {str(out / 'report.html')!r}."
+        )
     folder = out.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # Report.save creates the missing folders
     if not folder.is_dir():
-        raise ArgumentError(f"{flag} {str(out)!r}: {str(folder)!r} is a file, not a folder; "
-                            f"{fix}.")
+        raise ArgumentError(f"{flag} {str(out)!r}: {str(folder)!r} is a file, not a folder; {fix}.")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ArgumentError(f"{flag} {str(out)!r}: no permission to write in {str(folder)!r}; "
-                            f"{fix}.")
+        raise ArgumentError(
+            f"{flag} {str(out)!r}: no permission to write in {str(folder)!r}; {fix}."
+        )
     if folder == out.parent:
         existed = out.exists()
         try:
             with open(out, "a", encoding="utf-8"):
                 pass
         except OSError as err:
-            raise ArgumentError(f"{flag} {str(out)!r} cannot be written "
-                                f"({err.strerror or err}); {fix}.") from err
+            raise ArgumentError(
+                f"{flag} {str(out)!r} cannot be written ({err.strerror or err}); {fix}."
+            ) from err
         if not existed:
             out.unlink(missing_ok=True)
     return out
@@ -80,23 +83,30 @@ def _check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ArgumentError(f"--device {device!r} is not a device ({err}); use cpu, cuda, "
-                            "cuda:N or mps.") from err
+        raise ArgumentError(
+            f"--device {device!r} is not a device ({err}); use cpu, cuda, cuda:N or mps."
+        ) from err
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ArgumentError(f"--device {device!r}: CUDA is not available here "
-                                "(torch.cuda.is_available() is False: no NVIDIA GPU or driver, "
-                                "or a CPU-only torch build); use --device cpu.")
+            raise ArgumentError(
+                f"--device {device!r}: CUDA is not available here "
+                "(torch.cuda.is_available() is False: no NVIDIA GPU or driver, "
+                "or a CPU-only torch build); use --device cpu."
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ArgumentError(f"--device {device!r}: this machine has "
-                                f"{torch.cuda.device_count()} CUDA device(s), "
-                                f"cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+            raise ArgumentError(
+                f"--device {device!r}: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}."
+            )
     elif dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ArgumentError(f"--device {device!r}: Apple's MPS is not available here "
-                                "(torch.backends.mps.is_available() is False); use --device "
-                                "cpu.")
+            raise ArgumentError(
+                f"--device {device!r}: Apple's MPS is not available here "
+                "(torch.backends.mps.is_available() is False); use --device "
+                "cpu."
+            )
     elif dev.type != "cpu":
         raise ArgumentError(f"--device {device!r}: use cpu, cuda, cuda:N or mps.")
     return device
@@ -105,8 +115,10 @@ def _check_device(device: str) -> str:
 def _check_prompt(prompt: str) -> str:
     """Refuse an empty (or all-whitespace) prompt."""
     if not prompt.strip():
-        raise ArgumentError(f"--prompt {prompt!r} is empty; pass the text the model reads, "
-                            "e.g. --prompt 'The capital of France is'.")
+        raise ArgumentError(
+            f"--prompt {prompt!r} is empty; pass the text the model reads, "
+            "e.g. --prompt 'The capital of France is'."
+        )
     return prompt
 
 
@@ -122,30 +134,40 @@ def _check_text(model: Any, prompt: str, target: str) -> None:
     if tok is None:
         return
     if not tok.encode(prompt, add_special_tokens=False):
-        raise ArgumentError(f"--prompt {prompt!r} is no tokens at all for this model's "
-                            "tokenizer; pass some text, e.g. --prompt 'The capital of France "
-                            "is'.")
+        raise ArgumentError(
+            f"--prompt {prompt!r} is no tokens at all for this model's "
+            "tokenizer; pass some text, e.g. --prompt 'The capital of France "
+            "is'."
+        )
     unk_id, unk = getattr(tok, "unk_token_id", None), getattr(tok, "unk_token", None)
     ids = tok.encode(target, add_special_tokens=False)
     if unk_id is not None and unk_id in ids and target.strip() != unk:
-        raise TargetError(f"--target {target!r} is not in this model's vocabulary: its "
-                          f"tokenizer maps it to the unknown token {unk!r} (id {unk_id}), and "
-                          "explaining it would explain the unknown token's logit. Pass a "
-                          "single token the vocabulary has (often with a leading space, e.g. "
-                          "' Paris').")
+        raise TargetError(
+            f"--target {target!r} is not in this model's vocabulary: its "
+            f"tokenizer maps it to the unknown token {unk!r} (id {unk_id}), and "
+            "explaining it would explain the unknown token's logit. Pass a "
+            "single token the vocabulary has (often with a leading space, e.g. "
+            "' Paris')."
+        )
 
 
 def _save(report: Any, out: Path) -> Path:
     try:
         return report.save(out)
     except OSError as err:  # checked up front; the disk can still fill or vanish
-        raise ArgumentError(f"--out {str(out)!r}: could not write the report "
-                            f"({err.strerror or err}); pass --out a writable file path.") from err
+        raise ArgumentError(
+            f"--out {str(out)!r}: could not write the report "
+            f"({err.strerror or err}); pass --out a writable file path."
+        ) from err
 
 
 def _gap(*results: Any) -> float:
-    return max(float(r.gap().abs().max()) if hasattr(r, "gap")
-               else float((r.values.sum(-1) - r.logits).abs().max()) for r in results)
+    return max(
+        float(r.gap().abs().max())
+        if hasattr(r, "gap")
+        else float((r.values.sum(-1) - r.logits).abs().max())
+        for r in results
+    )
 
 
 def _capitals(model: Any, report: Any, progress: bool) -> dict:
@@ -155,13 +177,13 @@ def _capitals(model: Any, report: Any, progress: bool) -> dict:
 
     task = capital_task()
     prompts, answers = [p for p, _ in task], [a for _, a in task]
-    res = tp.explain_task(model, prompts, answers, heads="all", neurons="all",
-                          progress=progress).check()
+    res = tp.explain_task(
+        model, prompts, answers, heads="all", neurons="all", progress=progress
+    ).check()
     summary = res.summary()
     layers = res.decomposition().aggregate("kind", "layer")
     means = layers.values[:, 0, 0].mean(0)
-    per_layer = {str(c): float(v) for c, v in zip(layers.components, means)
-                 if not c.is_constant}
+    per_layer = {str(c): float(v) for c, v in zip(layers.components, means) if not c.is_constant}
     heads = summary[summary.kind == "head"]
     top = heads.iloc[0]
     layer, head = int(top["layer"]), int(top["head"])
@@ -180,9 +202,16 @@ def _capitals(model: Any, report: Any, progress: bool) -> dict:
         report.add(th, title=f"Through L{layer}H{head}: what the head reads")
         report.add(ov, title=f"OV map of L{layer}H{head}: countries -> capitals")
         report.add(res, title=f"All {len(prompts)} capital prompts")
-    return {"prompts": len(prompts), "layer_means": per_layer, "head": (layer, head),
-            "head_mean": float(top["mean"]), "reads": read, "ov_hits": hits,
-            "gap": _gap(res, r, h, th), "top": summary.head(5)}
+    return {
+        "prompts": len(prompts),
+        "layer_means": per_layer,
+        "head": (layer, head),
+        "head_mean": float(top["mean"]),
+        "reads": read,
+        "ov_hits": hits,
+        "gap": _gap(res, r, h, th),
+        "top": summary.head(5),
+    }
 
 
 def _addition(model: Any, report: Any, progress: bool) -> dict:
@@ -192,8 +221,9 @@ def _addition(model: Any, report: Any, progress: bool) -> dict:
 
     task = addition_task()
     prompts, answers = [p for p, _ in task], [a for _, a in task]
-    res = tp.explain_task(model, prompts, answers, heads="all", neurons="all",
-                          progress=progress).check()
+    res = tp.explain_task(
+        model, prompts, answers, heads="all", neurons="all", progress=progress
+    ).check()
     summary = res.summary()
     neurons = summary[summary.kind == "neuron"]
     mlp_totals = neurons.groupby("layer")["mean"].sum()
@@ -215,10 +245,16 @@ def _addition(model: Any, report: Any, progress: bool) -> dict:
         report.add(templates, title=f"Top layer-{layer} neurons: templates over the sums")
         report.add(digits, title="Digit unembeddings (PCA)")
         report.add(res, title=f"All {len(prompts)} addition prompts")
-    return {"prompts": len(prompts), "layer": layer, "neurons": top_neurons,
-            "peak": peak, "answer": answer.strip(), "gap": _gap(res, r),
-            "pca_variance": [float(v) for v in digits.explained_variance],
-            "top": summary.head(5)}
+    return {
+        "prompts": len(prompts),
+        "layer": layer,
+        "neurons": top_neurons,
+        "peak": peak,
+        "answer": answer.strip(),
+        "gap": _gap(res, r),
+        "pca_variance": [float(v) for v in digits.explained_variance],
+        "top": summary.head(5),
+    }
 
 
 def run_demo(out: Optional[Path] = Path("tlprisms-demo.html"), progress: bool = True) -> dict:
@@ -253,15 +289,23 @@ def run_demo(out: Optional[Path] = Path("tlprisms-demo.html"), progress: bool = 
         f"Completeness gap (max |sum of terms - logit|): {max(cap['gap'], add['gap']):.2e}",
     ]
     _say("\n".join(lines))
-    if report is not None:
+    if report is not None and out is not None:
         path = _save(report, out)
         _say(f"report: {path} (self-contained, offline)")
     _say(f"done in {time.time() - t0:.1f} s")
     return {"capitals": cap, "addition": add}
 
 
-def run_explain(model_name: str, prompt: str, target: str, *, out: Optional[Path] = None,
-                pos: int = -1, device: str = "cpu", top: int = 10) -> dict:
+def run_explain(
+    model_name: str,
+    prompt: str,
+    target: str,
+    *,
+    out: Optional[Path] = None,
+    pos: int = -1,
+    device: str = "cpu",
+    top: int = 10,
+) -> dict:
     """Decompose one prompt's target logit on any model; print the top components."""
     import tlprisms as tp
     from tlprisms.hub import load_model
@@ -284,13 +328,20 @@ def run_explain(model_name: str, prompt: str, target: str, *, out: Optional[Path
         full.check()
     except tp.PrismError as err:
         _say(f"warning: {err}")
-    _say(f"\n{target!r} at position {pos}: logit {float(r.logits[0, 0, 0]):.4g} "
-         f"({r.explains}); completeness gap {gap:.2e}")
-    for title, res in (("layers", r), ("heads", per_head.select(kind="head")),
-                       ("heads x sources and neurons", full)):
+    _say(
+        f"\n{target!r} at position {pos}: logit {float(r.logits[0, 0, 0]):.4g} "
+        f"({r.explains}); completeness gap {gap:.2e}"
+    )
+    for title, res in (
+        ("layers", r),
+        ("heads", per_head.select(kind="head")),
+        ("heads x sources and neurons", full),
+    ):
         table = res.top(top)
-        _say(f"top {title}: " + ", ".join(f"{c} {v:+.3g}" for c, v in
-                                          zip(table["component"], table["value"])))
+        _say(
+            f"top {title}: "
+            + ", ".join(f"{c} {v:+.3g}" for c, v in zip(table["component"], table["value"]))
+        )
     if out is not None:
         report = _report(f"tlprisms explain: {model_name}")
         if report is not None:
@@ -322,16 +373,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _Parser(prog="tlprisms", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="explain both tasks of the embedded model (offline)")
-    demo.add_argument("--out", type=Path, default=Path("tlprisms-demo.html"),
-                      help="where to write the HTML report")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("tlprisms-demo.html"),
+        help="where to write the HTML report",
+    )
     demo.add_argument("--no-report", action="store_true", help="print the summary only")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     ex = sub.add_parser("explain", help="explain one logit of any TransformerLens model")
     ex.add_argument("--model", required=True, help="'demo' or a TransformerLens model name")
     ex.add_argument("--prompt", required=True)
     ex.add_argument("--target", required=True, help="a single token, e.g. ' Paris'")
-    ex.add_argument("--pos", type=int, default=-1,
-                    help="the position whose next-token logit is explained (default -1, last)")
+    ex.add_argument(
+        "--pos",
+        type=int,
+        default=-1,
+        help="the position whose next-token logit is explained (default -1, last)",
+    )
     ex.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     ex.add_argument("--out", type=Path, default=None, help="also write an HTML report")
     try:
@@ -346,8 +405,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             run_demo(None if args.no_report else args.out, progress=not args.quiet)
         else:
-            run_explain(args.model, args.prompt, args.target, out=args.out, pos=args.pos,
-                        device=args.device)
+            run_explain(
+                args.model, args.prompt, args.target, out=args.out, pos=args.pos, device=args.device
+            )
     except PrismError as err:
         return _fail(str(err))
     except KeyboardInterrupt:

@@ -5,8 +5,24 @@
 True
 """
 
-from tlprisms._errors import (ArgumentError, CacheError, CompletenessError, NonFiniteError,
-                              PositionError, PrismError, TargetError, UnsupportedModelError)
+from tlprisms._errors import (
+    ArgumentError,
+    CacheError,
+    CompletenessError,
+    NonFiniteError,
+    PositionError,
+    PrismError,
+    TargetError,
+    UnsupportedModelError,
+)
 
-__all__ = ["PrismError", "ArgumentError", "CacheError", "TargetError", "PositionError",
-           "NonFiniteError", "UnsupportedModelError", "CompletenessError"]
+__all__ = [
+    "PrismError",
+    "ArgumentError",
+    "CacheError",
+    "TargetError",
+    "PositionError",
+    "NonFiniteError",
+    "UnsupportedModelError",
+    "CompletenessError",
+]

@@ -17,8 +17,17 @@ from tlprisms._errors import PrismError
 
 __all__ = ["load_model"]
 
-_NETWORK_WORDS = ("connect", "network", "offline", "resolve", "timed out", "temporary failure",
-                  "max retries", "connection", "outgoing traffic has been disabled")
+_NETWORK_WORDS = (
+    "connect",
+    "network",
+    "offline",
+    "resolve",
+    "timed out",
+    "temporary failure",
+    "max retries",
+    "connection",
+    "outgoing traffic has been disabled",
+)
 
 
 def _has_hooked() -> bool:
@@ -30,8 +39,14 @@ def _has_hooked() -> bool:
         return False
 
 
-def load_model(name: str, *, device: str = "cpu", dtype: Optional[torch.dtype] = None,
-               fold: bool = True, bridge: Optional[bool] = None) -> Any:
+def load_model(
+    name: str,
+    *,
+    device: str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    fold: bool = True,
+    bridge: Optional[bool] = None,
+) -> Any:
     """A TransformerLens model ready for :class:`~tlprisms.LogitPrism`.
 
     Args:
@@ -61,15 +76,18 @@ def load_model(name: str, *, device: str = "cpu", dtype: Optional[torch.dtype] =
             return model
         from transformer_lens import HookedTransformer
 
-        loader = HookedTransformer.from_pretrained if fold else \
-            HookedTransformer.from_pretrained_no_processing
+        loader = (
+            HookedTransformer.from_pretrained
+            if fold
+            else HookedTransformer.from_pretrained_no_processing
+        )
         kw = {"device": device}
         if dtype is not None:
             kw["dtype"] = dtype
         return loader(name, **kw)
     except PrismError:
         raise
-    except Exception as err:  # noqa: BLE001 - re-raised with what to do
+    except Exception as err:
         text = f"{type(err).__name__}: {err}"
         low = text.lower()
         if any(word in low for word in _NETWORK_WORDS):
@@ -78,8 +96,17 @@ def load_model(name: str, *, device: str = "cpu", dtype: Optional[torch.dtype] =
                 f"reachable ({text[:200]}). Connect to the internet, or pre-download the "
                 "weights and set HF_HUB_OFFLINE=1, or use the embedded model: --model demo."
             ) from err
-        if any(w in low for w in ("not found", "not a valid model", "valid official model",
-                                  "does not appear", "unrecognized", "repository")):
+        if any(
+            w in low
+            for w in (
+                "not found",
+                "not a valid model",
+                "valid official model",
+                "does not appear",
+                "unrecognized",
+                "repository",
+            )
+        ):
             raise PrismError(
                 f"load_model: unknown model {name!r} ({text[:200]}). Use a name TransformerLens "
                 "supports (e.g. 'gpt2', 'EleutherAI/pythia-70m', 'google/gemma-2b'), or 'demo'."

@@ -25,7 +25,8 @@ by ``rho``. ``Decomposition.explains`` says which one a result explains.
 '@4 embed'
 """
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -34,10 +35,23 @@ from torch import Tensor
 from tlprisms import _validate as check
 from tlprisms._chain import Hop, ReadAt, read_at, run_chain
 from tlprisms._engine import Split, split_writes
-from tlprisms._errors import (ArgumentError, CacheError, CompletenessError, NonFiniteError,
-                              PositionError, TargetError)
-from tlprisms._readout import (Explained, FinalReadout, Recorded, Softcap, explain,
-                               final_readout, weigh)
+from tlprisms._errors import (
+    ArgumentError,
+    CacheError,
+    CompletenessError,
+    NonFiniteError,
+    PositionError,
+    TargetError,
+)
+from tlprisms._readout import (
+    Explained,
+    FinalReadout,
+    Recorded,
+    Softcap,
+    explain,
+    final_readout,
+    weigh,
+)
 from tlprisms._result import ComponentTable, Decomposition
 from tlprisms._seam import CacheView, ModelView, Site, needed_hooks
 from tlprisms._targets import resolve_positions
@@ -74,8 +88,14 @@ class LogitPrism:
     """
 
     @check.entry
-    def __init__(self, model: Any, cache: Any, *, tokens: Optional[Tensor] = None,
-                 logits: Optional[Tensor] = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cache: Any,
+        *,
+        tokens: Optional[Tensor] = None,
+        logits: Optional[Tensor] = None,
+    ) -> None:
         caller = "LogitPrism"
         self.view = ModelView(model)
         self.model = model
@@ -96,12 +116,18 @@ class LogitPrism:
     @staticmethod
     def _check_tokens(tokens: Any, cv: CacheView) -> Tensor:
         caller = cv.caller
-        if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or \
-                tokens.dtype == torch.bool:
-            what = f"a {tokens.dtype} tensor" if isinstance(tokens, Tensor) else \
-                type(tokens).__name__
-            raise ArgumentError(f"{caller}: tokens must be an integer tensor [batch, pos] (what "
-                                f"model.to_tokens returns); got {what}.")
+        if (
+            not isinstance(tokens, Tensor)
+            or tokens.dtype.is_floating_point
+            or tokens.dtype == torch.bool
+        ):
+            what = (
+                f"a {tokens.dtype} tensor" if isinstance(tokens, Tensor) else type(tokens).__name__
+            )
+            raise ArgumentError(
+                f"{caller}: tokens must be an integer tensor [batch, pos] (what "
+                f"model.to_tokens returns); got {what}."
+            )
         tokens = tokens[None] if tokens.ndim == 1 else tokens
         if tuple(tokens.shape) != (cv.batch, cv.n_ctx):
             raise CacheError(
@@ -111,19 +137,25 @@ class LogitPrism:
             )
         bad = (tokens < 0) | (tokens >= cv.view.d_vocab_in)
         if bool(bad.any()):
-            raise TargetError(f"{caller}: token id {int(tokens[bad][0])} is outside the "
-                              f"vocabulary [0, {cv.view.d_vocab_in}).")
+            raise TargetError(
+                f"{caller}: token id {int(tokens[bad][0])} is outside the "
+                f"vocabulary [0, {cv.view.d_vocab_in})."
+            )
         return tokens.to(cv.device)
 
     @staticmethod
     def _check_logits(logits: Any, cv: CacheView) -> Tensor:
         view, caller = cv.view, cv.caller
-        if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point or \
-                logits.ndim != 3:
-            what = (f"shape {tuple(logits.shape)}, dtype {logits.dtype}"
-                    if isinstance(logits, Tensor) else type(logits).__name__)
-            raise ArgumentError(f"{caller}: logits must be the float tensor [batch, pos, d_vocab] "
-                                f"that run_with_cache returned; got {what}.")
+        if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point or logits.ndim != 3:
+            what = (
+                f"shape {tuple(logits.shape)}, dtype {logits.dtype}"
+                if isinstance(logits, Tensor)
+                else type(logits).__name__
+            )
+            raise ArgumentError(
+                f"{caller}: logits must be the float tensor [batch, pos, d_vocab] "
+                f"that run_with_cache returned; got {what}."
+            )
         if tuple(logits.shape[:2]) != (cv.batch, cv.n_ctx) or logits.shape[-1] != view.d_vocab:
             raise CacheError(
                 f"{caller}: logits has shape {tuple(logits.shape)}, expected "
@@ -131,9 +163,11 @@ class LogitPrism:
             )
         if not bool(torch.isfinite(logits).all()):
             where = tuple(int(i) for i in torch.nonzero(~torch.isfinite(logits))[0])
-            raise NonFiniteError(f"{caller}: the logits hold NaN or infinity (first at batch, "
-                                 f"pos, token = {where}); the forward pass overflowed. Re-run it "
-                                 "in float32, or pass logits=None.")
+            raise NonFiniteError(
+                f"{caller}: the logits hold NaN or infinity (first at batch, "
+                f"pos, token = {where}); the forward pass overflowed. Re-run it "
+                "in float32, or pass logits=None."
+            )
         return logits.detach()
 
     def _check_logits_match(self) -> None:
@@ -163,8 +197,9 @@ class LogitPrism:
     # ------------------------------------------------------------------ constructors
     @classmethod
     @check.entry
-    def run(cls, model: Any, input: Union[str, list, Tensor], *, prepend_bos: Optional[bool] = None
-            ) -> "LogitPrism":
+    def run(
+        cls, model: Any, input: Union[str, list, Tensor], *, prepend_bos: Optional[bool] = None
+    ) -> "LogitPrism":
         """Run ``model.run_with_cache`` on ``input`` (text, a list of texts, or tokens) and
         wrap the result.
 
@@ -176,28 +211,39 @@ class LogitPrism:
         view = ModelView(model)
         if prepend_bos is not None and not isinstance(prepend_bos, bool):
             raise ArgumentError(f"{caller}: prepend_bos={prepend_bos!r}; pass True, False or None.")
-        if isinstance(input, str) or (isinstance(input, list) and input
-                                      and all(isinstance(t, str) for t in input)):
+        if isinstance(input, str) or (
+            isinstance(input, list) and input and all(isinstance(t, str) for t in input)
+        ):
             if view.tokenizer() is None:
-                raise ArgumentError(f"{caller}: the model has no tokenizer, so text cannot be "
-                                    "tokenized; pass token ids [batch, pos] instead.")
+                raise ArgumentError(
+                    f"{caller}: the model has no tokenizer, so text cannot be "
+                    "tokenized; pass token ids [batch, pos] instead."
+                )
             kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
             tokens = model.to_tokens(input, **kw)
         elif isinstance(input, Tensor):
             tokens = input[None] if input.ndim == 1 else input
             if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.ndim != 2:
-                raise ArgumentError(f"{caller}: token input must be an integer tensor [batch, pos] "
-                                    f"or [pos]; got dtype {input.dtype}, shape {tuple(input.shape)}.")
+                raise ArgumentError(
+                    f"{caller}: token input must be an integer tensor [batch, pos] "
+                    f"or [pos]; got dtype {input.dtype}, shape {tuple(input.shape)}."
+                )
             bad = (tokens < 0) | (tokens >= view.d_vocab_in)
             if bool(bad.any()):
-                raise TargetError(f"{caller}: token id {int(tokens[bad][0])} is outside the "
-                                  f"vocabulary [0, {view.d_vocab_in}).")
+                raise TargetError(
+                    f"{caller}: token id {int(tokens[bad][0])} is outside the "
+                    f"vocabulary [0, {view.d_vocab_in})."
+                )
         else:
-            raise ArgumentError(f"{caller}: input={input!r:.60}; pass a string, a non-empty list of "
-                                "strings, or an integer tensor of token ids.")
+            raise ArgumentError(
+                f"{caller}: input={input!r:.60}; pass a string, a non-empty list of "
+                "strings, or an integer tensor of token ids."
+            )
         if tokens.shape[-1] == 0:
-            raise ArgumentError(f"{caller}: the input has no tokens; pass at least one token "
-                                "(an empty string gives none without a BOS token).")
+            raise ArgumentError(
+                f"{caller}: the input has no tokens; pass at least one token "
+                "(an empty string gives none without a BOS token)."
+            )
         with torch.no_grad():
             logits, cache = model.run_with_cache(tokens, names_filter=needed_hooks(model))
         return cls(model, cache, tokens=tokens, logits=logits)
@@ -207,19 +253,24 @@ class LogitPrism:
         if not isinstance(by_source, bool):
             raise ArgumentError(f"{caller}: by_source={by_source!r}; pass True or False.")
         head_layers = check.layer_set(self.view, heads, "heads", caller)
-        neuron_layers = frozenset() if self.view.attn_only else \
-            check.layer_set(self.view, neurons, "neurons", caller)
+        neuron_layers = (
+            frozenset()
+            if self.view.attn_only
+            else check.layer_set(self.view, neurons, "neurons", caller)
+        )
         return Split(heads=head_layers, neurons=neuron_layers, by_source=by_source)
 
-    def _readout(self, target: Any, pos: Any, softcap: Any, caller: str
-                 ) -> tuple[Recorded, FinalReadout, Explained]:
+    def _readout(
+        self, target: Any, pos: Any, softcap: Any, caller: str
+    ) -> tuple[Recorded, FinalReadout, Explained]:
         check.choice(softcap, "softcap", ("post", "pre"), caller)
         rec = Recorded(self._rec.cache.for_call(caller), self.tokens, self.logits)
         fr = final_readout(rec, target, pos)
         return rec, fr, explain(rec, fr, softcap)
 
-    def _refuse_broken(self, rec: Recorded, values: Tensor, explained: Tensor,
-                       layer_gap: Tensor) -> None:
+    def _refuse_broken(
+        self, rec: Recorded, values: Tensor, explained: Tensor, layer_gap: Tensor
+    ) -> None:
         """Refuse a result that is not finite, or whose parts do not add up (a structural
         problem, not rounding)."""
         cv = rec.cache
@@ -228,27 +279,53 @@ class LogitPrism:
         rtol = _STRUCTURAL_RTOL_LOWP if cv.low_precision else _STRUCTURAL_RTOL[cv.dtype]
         scale = torch.linalg.vector_norm(values, 1, -1) + explained.abs() + 1.0
         gap = (values.sum(-1) - explained).abs()
-        if bool((gap > rtol * scale).any()) or \
-                bool((layer_gap.abs().amax(-1) > rtol * scale.amax(-1)).any()):
+        if bool((gap > rtol * scale).any()) or bool(
+            (layer_gap.abs().amax(-1) > rtol * scale.amax(-1)).any()
+        ):
             raise CompletenessError(
                 f"{cv.caller}: the terms do not add up to what they explain (gap up to "
-                f"{float(gap.max()):.3g}; split-layer gap up to {float(layer_gap.abs().max()):.3g})."
+                f"{float(gap.max()):.3g}; split-layer gap up to "
+                f"{float(layer_gap.abs().max()):.3g})."
                 " The cache was probably edited by hooks, or this architecture "
                 f"({cv.view.describe()}) writes to the residual stream in a way tlprisms does "
                 "not know. Nothing was returned; please report the model config."
             )
 
-    def _result(self, rec: Recorded, values: Tensor, table: ComponentTable, explained: Tensor,
-                positions: Tensor, labels: np.ndarray, explains: str, prism: str) -> Decomposition:
-        return Decomposition(values=values, components=table, logits=explained,
-                             positions=positions, target_labels=labels, explains=explains,
-                             prism=prism, str_tokens=self._str_tokens(), precision=self.precision,
-                             n_layers=self.view.n_layers)
+    def _result(
+        self,
+        rec: Recorded,
+        values: Tensor,
+        table: ComponentTable,
+        explained: Tensor,
+        positions: Tensor,
+        labels: np.ndarray,
+        explains: str,
+        prism: str,
+    ) -> Decomposition:
+        return Decomposition(
+            values=values,
+            components=table,
+            logits=explained,
+            positions=positions,
+            target_labels=labels,
+            explains=explains,
+            prism=prism,
+            str_tokens=self._str_tokens(),
+            precision=self.precision,
+            n_layers=self.view.n_layers,
+        )
 
     @check.entry
-    def decompose(self, target: Any, pos: Any = -1, *, heads: LayerSelection = (),
-                  neurons: LayerSelection = (), by_source: bool = True, softcap: Softcap = "post"
-                  ) -> Decomposition:
+    def decompose(
+        self,
+        target: Any,
+        pos: Any = -1,
+        *,
+        heads: LayerSelection = (),
+        neurons: LayerSelection = (),
+        by_source: bool = True,
+        softcap: Softcap = "post",
+    ) -> Decomposition:
         """The general prism: split the chosen attention layers into heads (x sources) and
         the chosen MLP layers into neurons; every other write stays one term.
 
@@ -266,11 +343,20 @@ class LogitPrism:
             softcap: for soft-capped models, explain the ``"post"``-cap logit (default) or the
                 ``"pre"``-cap logit.
         """
-        return self._decompose(target, pos, heads, neurons, by_source, softcap,
-                               "LogitPrism.decompose")
+        return self._decompose(
+            target, pos, heads, neurons, by_source, softcap, "LogitPrism.decompose"
+        )
 
-    def _decompose(self, target: Any, pos: Any, heads: Any, neurons: Any, by_source: Any,
-                   softcap: Any, caller: str) -> Decomposition:
+    def _decompose(
+        self,
+        target: Any,
+        pos: Any,
+        heads: Any,
+        neurons: Any,
+        by_source: Any,
+        softcap: Any,
+        caller: str,
+    ) -> Decomposition:
         split = self._split(heads, neurons, by_source, caller)
         with torch.no_grad():
             rec, fr, ex = self._readout(target, pos, softcap, caller)
@@ -282,36 +368,58 @@ class LogitPrism:
             terms = split_writes(rec.cache, fr.readout, split, extra=extra)
             B, P = fr.readout.positions.shape
             k = ex.weights.shape[2]
-            values = terms.values.reshape(B, P, k, -1) if ex.trivial else \
-                weigh(terms.values, ex.weights)
+            values = (
+                terms.values.reshape(B, P, k, -1) if ex.trivial else weigh(terms.values, ex.weights)
+            )
             self._refuse_broken(rec, values, ex.values, terms.layer_gap)
         labels = fr.atoms.labels
         labels = np.broadcast_to(labels, (B, P if labels.shape[1] != 1 else 1, k))
-        return self._result(rec, values, terms.table, ex.values, fr.readout.positions,
-                            np.array(labels), ex.explains, caller.split(".")[-1])
+        return self._result(
+            rec,
+            values,
+            terms.table,
+            ex.values,
+            fr.readout.positions,
+            np.array(labels),
+            ex.explains,
+            caller.split(".")[-1],
+        )
 
     def _str_tokens(self) -> Optional[list]:
         if self.tokens is None or self.view.tokenizer() is None:
             return None
-        return [[self.view.token_label(int(t), quote=False) for t in row]
-                for row in self.tokens.cpu()]
+        return [
+            [self.view.token_label(int(t), quote=False) for t in row] for row in self.tokens.cpu()
+        ]
 
     # ------------------------------------------------------------------ presets
     @check.entry
-    def residual(self, target: Any, pos: Any = -1, *, softcap: Softcap = "post"
-                 ) -> Decomposition:
+    def residual(self, target: Any, pos: Any = -1, *, softcap: Softcap = "post") -> Decomposition:
         """One term per embedding, attention layer and MLP layer, plus the bias terms."""
         return self._decompose(target, pos, (), (), True, softcap, "LogitPrism.residual")
 
     @check.entry
-    def heads(self, target: Any, pos: Any = -1, layers: LayerSelection = "all", *,
-              by_source: bool = True, softcap: Softcap = "post") -> Decomposition:
+    def heads(
+        self,
+        target: Any,
+        pos: Any = -1,
+        layers: LayerSelection = "all",
+        *,
+        by_source: bool = True,
+        softcap: Softcap = "post",
+    ) -> Decomposition:
         """Attention layers (``layers``, default all) split into heads x source positions."""
         return self._decompose(target, pos, layers, (), by_source, softcap, "LogitPrism.heads")
 
     @check.entry
-    def neurons(self, target: Any, pos: Any = -1, layers: LayerSelection = "all", *,
-                softcap: Softcap = "post") -> Decomposition:
+    def neurons(
+        self,
+        target: Any,
+        pos: Any = -1,
+        layers: LayerSelection = "all",
+        *,
+        softcap: Softcap = "post",
+    ) -> Decomposition:
         """MLP layers (``layers``, default all) split into neurons."""
         return self._decompose(target, pos, (), layers, True, softcap, "LogitPrism.neurons")
 
@@ -322,9 +430,17 @@ class LogitPrism:
 
     # ------------------------------------------------------------------ chained prisms
     @check.entry
-    def chain(self, target: Any, path: Sequence[Any], pos: Any = -1, *,
-              heads: LayerSelection = (), neurons: LayerSelection = (), by_source: bool = True,
-              softcap: Softcap = "post") -> Decomposition:
+    def chain(
+        self,
+        target: Any,
+        path: Sequence[Any],
+        pos: Any = -1,
+        *,
+        heads: LayerSelection = (),
+        neurons: LayerSelection = (),
+        by_source: bool = True,
+        softcap: Softcap = "post",
+    ) -> Decomposition:
         """Follow a path of hops (:class:`Hop`) back from the logit and split the last one.
 
         ``path=[Hop("head", 5, 1, src=3), Hop("neuron", 2, 40)]`` explains neuron L2N40's
@@ -332,14 +448,26 @@ class LogitPrism:
         the term it splits; components carry ``at``, the residual position they wrote at.
         ``heads``/``neurons``/``by_source`` choose how the last hop's writers are split.
         """
-        return self._chain(target, path, pos, heads, neurons, by_source, softcap,
-                           "LogitPrism.chain")
+        return self._chain(
+            target, path, pos, heads, neurons, by_source, softcap, "LogitPrism.chain"
+        )
 
-    def _chain(self, target: Any, path: Any, pos: Any, heads: Any, neurons: Any,
-               by_source: Any, softcap: Any, caller: str) -> Decomposition:
+    def _chain(
+        self,
+        target: Any,
+        path: Any,
+        pos: Any,
+        heads: Any,
+        neurons: Any,
+        by_source: Any,
+        softcap: Any,
+        caller: str,
+    ) -> Decomposition:
         if isinstance(path, (Hop, str)) or not isinstance(path, Sequence):
-            raise ArgumentError(f"{caller}: path={path!r:.80}; pass a list of tlprisms.Hop, e.g. "
-                                "[tp.Hop('head', 5, 1, src=3), tp.Hop('neuron', 2, 40)].")
+            raise ArgumentError(
+                f"{caller}: path={path!r:.80}; pass a list of tlprisms.Hop, e.g. "
+                "[tp.Hop('head', 5, 1, src=3), tp.Hop('neuron', 2, 40)]."
+            )
         hops = [h if isinstance(h, Hop) else Hop(*h) for h in path]
         split = self._split(heads, neurons, by_source, caller)
         with torch.no_grad():
@@ -349,35 +477,86 @@ class LogitPrism:
         name = " > ".join(str(h) for h in hops)
         B, k = ct.values.shape[0], ct.values.shape[2]
         labels = np.array(np.broadcast_to(fr.atoms.labels, (B, 1, k)))
-        return self._result(rec, ct.values, ct.table, ct.term, ct.positions, labels,
-                            f"{ex.explains} term of {name}", f"through {name}")
+        return self._result(
+            rec,
+            ct.values,
+            ct.table,
+            ct.term,
+            ct.positions,
+            labels,
+            f"{ex.explains} term of {name}",
+            f"through {name}",
+        )
 
     @check.entry
-    def through_head(self, layer: int, head: int, target: Any, pos: Any = -1, *,
-                     src: Optional[int] = None, heads: LayerSelection = (),
-                     neurons: LayerSelection = (), by_source: bool = True,
-                     softcap: Softcap = "post") -> Decomposition:
+    def through_head(
+        self,
+        layer: int,
+        head: int,
+        target: Any,
+        pos: Any = -1,
+        *,
+        src: Optional[int] = None,
+        heads: LayerSelection = (),
+        neurons: LayerSelection = (),
+        by_source: bool = True,
+        softcap: Softcap = "post",
+    ) -> Decomposition:
         """Split head ``(layer, head)``'s term by source position and by what wrote into the
         residual stream there (embed, pos_embed, earlier attention/MLP layers, or their heads
         and neurons when ``heads``/``neurons`` name layers). Totals the head's term in
         :meth:`heads`.
         """
-        return self._chain(target, [Hop("head", layer, head, src)], pos, heads, neurons,
-                           by_source, softcap, "LogitPrism.through_head")
+        return self._chain(
+            target,
+            [Hop("head", layer, head, src)],
+            pos,
+            heads,
+            neurons,
+            by_source,
+            softcap,
+            "LogitPrism.through_head",
+        )
 
     @check.entry
-    def through_neuron(self, layer: int, neuron: int, target: Any, pos: Any = -1, *,
-                       heads: LayerSelection = (), neurons: LayerSelection = (),
-                       by_source: bool = True, softcap: Softcap = "post") -> Decomposition:
+    def through_neuron(
+        self,
+        layer: int,
+        neuron: int,
+        target: Any,
+        pos: Any = -1,
+        *,
+        heads: LayerSelection = (),
+        neurons: LayerSelection = (),
+        by_source: bool = True,
+        softcap: Softcap = "post",
+    ) -> Decomposition:
         """Split neuron ``(layer, neuron)``'s term by what wrote into the residual stream it
         reads, with its activation gate held fixed. Totals the neuron's term in :meth:`neurons`."""
-        return self._chain(target, [Hop("neuron", layer, neuron)], pos, heads, neurons,
-                           by_source, softcap, "LogitPrism.through_neuron")
+        return self._chain(
+            target,
+            [Hop("neuron", layer, neuron)],
+            pos,
+            heads,
+            neurons,
+            by_source,
+            softcap,
+            "LogitPrism.through_neuron",
+        )
 
     @check.entry
-    def readout(self, vector: Tensor, layer: int, pos: Any = -1, *, at: ReadAt = "ln1",
-                bias: Any = None, heads: LayerSelection = (), neurons: LayerSelection = (),
-                by_source: bool = True) -> Decomposition:
+    def readout(
+        self,
+        vector: Tensor,
+        layer: int,
+        pos: Any = -1,
+        *,
+        at: ReadAt = "ln1",
+        bias: Any = None,
+        heads: LayerSelection = (),
+        neurons: LayerSelection = (),
+        by_source: bool = True,
+    ) -> Decomposition:
         """Decompose any linear read ``norm(x) . vector + bias`` of the residual stream.
 
         Args:
@@ -397,8 +576,16 @@ class LogitPrism:
             self._refuse_broken(rec, rt.terms.values, rt.explained, rt.terms.layer_gap)
         K = rt.explained.shape[-1]
         labels = np.array([[[f"u{k}@{at}{rt.layer}" for k in range(K)]]], dtype=object)
-        return self._result(rec, rt.terms.values, rt.terms.table, rt.explained, rt.positions,
-                            labels, f"readout at {at} of layer {rt.layer}", "readout")
+        return self._result(
+            rec,
+            rt.terms.values,
+            rt.terms.table,
+            rt.explained,
+            rt.positions,
+            labels,
+            f"readout at {at} of layer {rt.layer}",
+            "readout",
+        )
 
     @check.entry
     def neuron_activations(self, layer: int, pos: Any = -1) -> Tensor:
@@ -412,11 +599,14 @@ class LogitPrism:
             raise ArgumentError(f"{caller}: this model is attention-only; it has no neurons.")
         positions = resolve_positions(pos, cv.batch, cv.n_ctx, caller)
         if positions.every:
-            raise PositionError(f"{caller}: pos='all' is not supported; pass an int or one int "
-                                "per batch row.")
+            raise PositionError(
+                f"{caller}: pos='all' is not supported; pass an int or one int per batch row."
+            )
         return cv.at(Site.MLP_POST, layer, positions.index.to(cv.device))[:, 0]
 
     def __repr__(self) -> str:
         v = self.view
-        return (f"LogitPrism({type(self.model).__name__}, {v.n_layers} layers, batch {self.batch}"
-                f" x {self.n_ctx} tokens)")
+        return (
+            f"LogitPrism({type(self.model).__name__}, {v.n_layers} layers, batch {self.batch}"
+            f" x {self.n_ctx} tokens)"
+        )

@@ -14,8 +14,9 @@ and spread of every component's term, and how often it is among the top componen
 (4, 'L1.mlp')
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -50,8 +51,9 @@ class TaskResult:
     n_layers: int = 1
 
     @check_arg.entry
-    def check(self, atol: Optional[Union[int, float]] = None,
-              rtol: Optional[Union[int, float]] = None) -> "TaskResult":
+    def check(
+        self, atol: Optional[Union[int, float]] = None, rtol: Optional[Union[int, float]] = None
+    ) -> "TaskResult":
         """Raise unless every prompt's terms add up to its logit (the bound of
         :meth:`Decomposition.check`)."""
         self.decomposition().check(atol, rtol)
@@ -63,16 +65,16 @@ class TaskResult:
         return self.components.mask("mask", **criteria)
 
     @check_arg.entry
-    def summary(self, k: int = 10, constants: bool = False, *,
-                top_k: Optional[int] = None) -> Any:
+    def summary(self, k: int = 10, constants: bool = False, *, top_k: Optional[int] = None) -> Any:
         """One row per component: mean, std, min, max of its term across prompts, its mean
         share of the logit, and the fraction of prompts where it is among the ``k`` largest
         by |term| (column ``frac_top{k}``). Sorted by mean |term|. ``top_k`` is the
         deprecated name of ``k``."""
         import pandas as pd
 
-        k = check_arg.count(check_arg.renamed("summary", "top_k", "k", top_k, k, 10), "k",
-                            "summary")
+        k = check_arg.count(
+            check_arg.renamed("summary", "top_k", "k", top_k, k, 10), "k", "summary"
+        )
         top_k = k
         v = self.values.detach().double().cpu().numpy()
         keep = np.ones(v.shape[1], dtype=bool) if constants else ~self.components.is_constant()
@@ -84,24 +86,38 @@ class TaskResult:
         logits = self.logits.detach().double().cpu().numpy()[:, None]
         share = v / np.where(np.abs(logits) > 1e-12, logits, np.nan)
         c = self.components
-        df = pd.DataFrame({
-            "component": [str(x) for x in c], "kind": c.kinds(), "layer": c.layer,
-            "head": c.head, "neuron": c.neuron, "mean": v.mean(0), "std": v.std(0),
-            "min": v.min(0), "max": v.max(0), "mean_share": np.nanmean(share, 0),
-            f"frac_top{top_k}": counts / len(v), "mean_abs": np.abs(v).mean(0),
-        })[keep]
+        df = pd.DataFrame(
+            {
+                "component": [str(x) for x in c],
+                "kind": c.kinds(),
+                "layer": c.layer,
+                "head": c.head,
+                "neuron": c.neuron,
+                "mean": v.mean(0),
+                "std": v.std(0),
+                "min": v.min(0),
+                "max": v.max(0),
+                "mean_share": np.nanmean(share, 0),
+                f"frac_top{top_k}": counts / len(v),
+                "mean_abs": np.abs(v).mean(0),
+            }
+        )[keep]
         return df.sort_values("mean_abs", ascending=False).reset_index(drop=True)
 
     def decomposition(self) -> Decomposition:
         """The per-prompt terms as a :class:`Decomposition` (prompts on the batch axis)."""
         n = len(self.prompts)
-        return Decomposition(values=self.values[:, None, None, :], components=self.components,
-                             logits=self.logits[:, None, None],
-                             positions=torch.as_tensor(self.meta.get("positions", [0] * n))[:, None],
-                             target_labels=np.asarray(list(map(str, self.answers)),
-                                                      dtype=object).reshape(n, 1, 1),
-                             explains=self.explains, prism="task", precision=self.precision,
-                             n_layers=self.n_layers)
+        return Decomposition(
+            values=self.values[:, None, None, :],
+            components=self.components,
+            logits=self.logits[:, None, None],
+            positions=torch.as_tensor(self.meta.get("positions", [0] * n))[:, None],
+            target_labels=np.asarray(list(map(str, self.answers)), dtype=object).reshape(n, 1, 1),
+            explains=self.explains,
+            prism="task",
+            precision=self.precision,
+            n_layers=self.n_layers,
+        )
 
     def to_frame(self) -> Any:
         """Long table: prompt, answer, component fields, value."""
@@ -110,30 +126,43 @@ class TaskResult:
         P, C = self.values.shape
         c = self.components
         pp, cc = np.meshgrid(np.arange(P), np.arange(C), indexing="ij")
-        return pd.DataFrame({
-            "prompt": np.asarray(self.prompts, dtype=object)[pp.ravel()],
-            "answer": np.asarray(list(map(str, self.answers)), dtype=object)[pp.ravel()],
-            "kind": c.kinds()[cc.ravel()], "layer": c.layer[cc.ravel()],
-            "head": c.head[cc.ravel()], "neuron": c.neuron[cc.ravel()],
-            "value": self.values.detach().float().cpu().numpy().ravel(),
-        })
+        return pd.DataFrame(
+            {
+                "prompt": np.asarray(self.prompts, dtype=object)[pp.ravel()],
+                "answer": np.asarray(list(map(str, self.answers)), dtype=object)[pp.ravel()],
+                "kind": c.kinds()[cc.ravel()],
+                "layer": c.layer[cc.ravel()],
+                "head": c.head[cc.ravel()],
+                "neuron": c.neuron[cc.ravel()],
+                "value": self.values.detach().float().cpu().numpy().ravel(),
+            }
+        )
 
     def __repr__(self) -> str:
         s = self.summary(k=5).head(5)
-        lines = [f"TaskResult({len(self.prompts)} prompts, {self.values.shape[1]} components; "
-                 f"explains {self.explains}; max |gap| "
-                 f"{float((self.values.sum(-1) - self.logits).abs().max()):.2g})"]
+        lines = [
+            f"TaskResult({len(self.prompts)} prompts, {self.values.shape[1]} components; "
+            f"explains {self.explains}; max |gap| "
+            f"{float((self.values.sum(-1) - self.logits).abs().max()):.2g})"
+        ]
         for _, row in s.iterrows():
-            lines.append(f"  {row['component']:<16} mean {row['mean']:+.3g} +- {row['std']:.2g}"
-                         f"  top-5 in {row['frac_top5']:.0%} of prompts")
+            lines.append(
+                f"  {row['component']:<16} mean {row['mean']:+.3g} +- {row['std']:.2g}"
+                f"  top-5 in {row['frac_top5']:.0%} of prompts"
+            )
         return "\n".join(lines)
 
     def _tlprisms_views(self) -> list:
         from tlprisms import render
 
         s = self.summary().head(20)
-        return [render.bar_svg(s["mean"].tolist(), s["component"].tolist(),
-                               f"mean term over {len(self.prompts)} prompts")]
+        return [
+            render.bar_svg(
+                s["mean"].tolist(),
+                s["component"].tolist(),
+                f"mean term over {len(self.prompts)} prompts",
+            )
+        ]
 
     def _repr_html_(self) -> str:
         from tlprisms import render
@@ -142,10 +171,18 @@ class TaskResult:
 
 
 @check_arg.entry
-def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
-                 heads: Any = (), neurons: Any = (), batch_size: int = 16,
-                 progress: bool = True, softcap: Softcap = "post",
-                 prepend_bos: Optional[bool] = None) -> TaskResult:
+def explain_task(
+    model: Any,
+    prompts: Sequence[str],
+    answers: Sequence[Any],
+    *,
+    heads: Any = (),
+    neurons: Any = (),
+    batch_size: int = 16,
+    progress: bool = True,
+    softcap: Softcap = "post",
+    prepend_bos: Optional[bool] = None,
+) -> TaskResult:
     """Decompose each prompt's answer logit at its last token, in batches.
 
     Args:
@@ -159,18 +196,23 @@ def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
     """
     caller = "explain_task"
     if isinstance(prompts, str) or isinstance(answers, str):
-        raise ArgumentError(f"{caller}: prompts and answers must be lists (one answer per "
-                            "prompt), not a single string; wrap them in lists.")
+        raise ArgumentError(
+            f"{caller}: prompts and answers must be lists (one answer per "
+            "prompt), not a single string; wrap them in lists."
+        )
     prompts, answers = list(prompts), list(answers)
     if len(prompts) != len(answers):
-        raise ArgumentError(f"{caller}: {len(prompts)} prompts but {len(answers)} answers; give "
-                            "one answer per prompt.")
+        raise ArgumentError(
+            f"{caller}: {len(prompts)} prompts but {len(answers)} answers; give "
+            "one answer per prompt."
+        )
     if not prompts:
         raise ArgumentError(f"{caller}: no prompts; give at least one.")
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p:
-            raise ArgumentError(f"{caller}: prompt {i} is {p!r}; every prompt must be a "
-                                "non-empty string.")
+            raise ArgumentError(
+                f"{caller}: prompt {i} is {p!r}; every prompt must be a non-empty string."
+            )
     batch_size = check_arg.count(batch_size, "batch_size", caller)
     kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
     names = needed_hooks(model, ("residual", "heads", "neurons"))
@@ -183,15 +225,21 @@ def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
     table = None
     explains, precision = "logit", "float32"
     for start in starts:
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         lengths = [model.to_tokens(p, **kw).shape[-1] for p in batch]
         tokens = model.to_tokens(batch, **kw)
         with torch.no_grad():
             out, cache = model.run_with_cache(tokens, names_filter=names)
         prism = LogitPrism(model, cache, tokens=tokens, logits=out)
         pos = [n - 1 for n in lengths]
-        r = prism.decompose(PerRow(answers[start:start + batch_size]), pos, heads=heads,
-                            neurons=neurons, by_source=False, softcap=softcap)
+        r = prism.decompose(
+            PerRow(answers[start : start + batch_size]),
+            pos,
+            heads=heads,
+            neurons=neurons,
+            by_source=False,
+            softcap=softcap,
+        )
         if table is None:
             table = r.components
         values.append(r.values[:, 0, 0, :].detach())
@@ -200,7 +248,14 @@ def explain_task(model: Any, prompts: Sequence[str], answers: Sequence[Any], *,
         explains, precision = r.explains, r.precision
         del cache, out, prism, r
     assert table is not None  # there is at least one prompt
-    return TaskResult(values=torch.cat(values), logits=torch.cat(logits), components=table,
-                      prompts=prompts, answers=answers, explains=explains,
-                      meta={"positions": positions}, precision=precision,
-                      n_layers=int(model.cfg.n_layers))
+    return TaskResult(
+        values=torch.cat(values),
+        logits=torch.cat(logits),
+        components=table,
+        prompts=prompts,
+        answers=answers,
+        explains=explains,
+        meta={"positions": positions},
+        precision=precision,
+        n_layers=int(model.cfg.n_layers),
+    )

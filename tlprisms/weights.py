@@ -18,8 +18,9 @@ Positional embeddings and biases are left out: these maps describe the weights a
 (torch.Size([2, 2]), [0, 1])
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from beartype import beartype
@@ -38,8 +39,9 @@ Tokens = Union[Sequence[Union[int, str]], Tensor]
 
 def _ids(view: ModelView, tokens: Tokens, what: str, caller: str) -> tuple[list[int], list[str]]:
     if isinstance(tokens, (str, int)):
-        raise TargetError(f"{caller}: {what} must be a list of tokens, got {tokens!r}; wrap it "
-                          "in a list.")
+        raise TargetError(
+            f"{caller}: {what} must be a list of tokens, got {tokens!r}; wrap it in a list."
+        )
     items = tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
     if not items:
         raise TargetError(f"{caller}: {what} is empty; give at least one token.")
@@ -107,14 +109,19 @@ class TokenMap:
         if w is None:
             raise ArgumentError("weighted_sum: no weights; pass activations, one per row.")
         if w.shape[-1] != self.values.shape[0]:
-            raise ArgumentError(f"weighted_sum: {w.shape[-1]} weights for {self.values.shape[0]} rows.")
+            raise ArgumentError(
+                f"weighted_sum: {w.shape[-1]} weights for {self.values.shape[0]} rows."
+            )
         return w.to(self.values.dtype) @ self.values
 
     def to_frame(self) -> Any:
         import pandas as pd
 
-        return pd.DataFrame(self.values.detach().cpu().numpy(), index=list(map(str, self.rows)),
-                            columns=list(map(str, self.cols)))
+        return pd.DataFrame(
+            self.values.detach().cpu().numpy(),
+            index=list(map(str, self.rows)),
+            columns=list(map(str, self.cols)),
+        )
 
     def __repr__(self) -> str:
         head = f"TokenMap({self.title}: {len(self.rows)} x {len(self.cols)})"
@@ -127,15 +134,25 @@ class TokenMap:
     def _tlprisms_views(self) -> list:
         from tlprisms import render
 
-        views = [render.heatmap_svg(self.values.detach().float().cpu().numpy(),
-                                    list(map(str, self.rows)), list(map(str, self.cols)),
-                                    self.title)]
+        views = [
+            render.heatmap_svg(
+                self.values.detach().float().cpu().numpy(),
+                list(map(str, self.rows)),
+                list(map(str, self.cols)),
+                self.title,
+            )
+        ]
         if self.weights is not None:
             series = {str(r): self.values[i].tolist() for i, r in enumerate(self.rows)}
             series["weighted sum"] = self.weighted_sum().tolist()
-            views.append(render.lines_svg(series, list(map(str, self.cols)),
-                                          f"{self.title}: templates and weighted sum",
-                                          highlight="weighted sum"))
+            views.append(
+                render.lines_svg(
+                    series,
+                    list(map(str, self.cols)),
+                    f"{self.title}: templates and weighted sum",
+                    highlight="weighted sum",
+                )
+            )
         return views
 
     def _repr_html_(self) -> str:
@@ -161,8 +178,11 @@ class TokenProjection:
     def _tlprisms_views(self) -> list:
         from tlprisms import render
 
-        return [render.scatter_svg(self.points.detach().float().cpu().numpy(),
-                                   list(map(str, self.labels)), self.title)]
+        return [
+            render.scatter_svg(
+                self.points.detach().float().cpu().numpy(), list(map(str, self.labels)), self.title
+            )
+        ]
 
     def _repr_html_(self) -> str:
         from tlprisms import render
@@ -171,8 +191,15 @@ class TokenProjection:
 
 
 @check.entry
-def ov_map(model: Any, layer: int, head: int, src_tokens: Tokens, dst_tokens: Tokens, *,
-           dtype: torch.dtype = torch.float32) -> TokenMap:
+def ov_map(
+    model: Any,
+    layer: int,
+    head: int,
+    src_tokens: Tokens,
+    dst_tokens: Tokens,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> TokenMap:
     """The OV circuit of head ``(layer, head)`` between two token sets.
 
     ``values[s, t]`` is how much reading source token ``s`` (its embedding, through the
@@ -196,14 +223,25 @@ def ov_map(model: Any, layer: int, head: int, src_tokens: Tokens, dst_tokens: To
         if post is not None:
             U = post.pull_back(U)
         values = ((E @ W_V) @ W_O) @ U.T
-    return TokenMap(values=values, rows=src_labels, cols=dst_labels,
-                    title=f"OV map of L{layer}H{head}", meta={"layer": layer, "head": head})
+    return TokenMap(
+        values=values,
+        rows=src_labels,
+        cols=dst_labels,
+        title=f"OV map of L{layer}H{head}",
+        meta={"layer": layer, "head": head},
+    )
 
 
 @check.entry
-def neuron_templates(model: Any, layer: int, neurons: Sequence[int], tokens: Tokens, *,
-                     activations: Optional[Tensor] = None,
-                     dtype: torch.dtype = torch.float32) -> TokenMap:
+def neuron_templates(
+    model: Any,
+    layer: int,
+    neurons: Sequence[int],
+    tokens: Tokens,
+    *,
+    activations: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> TokenMap:
     """``W_out[layer, n] @ U_tokens`` for each neuron: its template over a token set.
 
     Pass ``activations`` (one per neuron, e.g. ``cache["blocks.l.mlp.hook_post"][b, -1, neurons]``)
@@ -229,16 +267,25 @@ def neuron_templates(model: Any, layer: int, neurons: Sequence[int], tokens: Tok
     if activations is not None:
         w = torch.as_tensor(activations).detach().to(values.device, dtype).reshape(-1)
         if w.shape[0] != len(neurons):
-            raise ArgumentError(f"{caller}: {w.shape[0]} activations for {len(neurons)} neurons; "
-                                "give one activation per neuron.")
+            raise ArgumentError(
+                f"{caller}: {w.shape[0]} activations for {len(neurons)} neurons; "
+                "give one activation per neuron."
+            )
         check.finite(w, "activations", caller)
-    return TokenMap(values=values, rows=[f"L{layer}N{n}" for n in neurons], cols=labels,
-                    title=f"templates of layer {layer} neurons", weights=w,
-                    meta={"layer": layer, "neurons": neurons})
+    return TokenMap(
+        values=values,
+        rows=[f"L{layer}N{n}" for n in neurons],
+        cols=labels,
+        title=f"templates of layer {layer} neurons",
+        weights=w,
+        meta={"layer": layer, "neurons": neurons},
+    )
 
 
 @check.entry
-def unembed_map(model: Any, tokens: Tokens, *, dtype: torch.dtype = torch.float32) -> TokenProjection:
+def unembed_map(
+    model: Any, tokens: Tokens, *, dtype: torch.dtype = torch.float32
+) -> TokenProjection:
     """A 2-D PCA projection of the tokens' readout columns ``P(w_final * W_U[:, t])``."""
     caller = "unembed_map"
     view = ModelView(model)
@@ -252,5 +299,9 @@ def unembed_map(model: Any, tokens: Tokens, *, dtype: torch.dtype = torch.float3
         points = X @ Vh[:2].T
         var = S.pow(2)
         ratio = var[:2] / var.sum()
-    return TokenProjection(points=points.to(dtype), labels=labels,
-                           explained_variance=ratio.to(dtype), title="unembedding map (PCA)")
+    return TokenProjection(
+        points=points.to(dtype),
+        labels=labels,
+        explained_variance=ratio.to(dtype),
+        title="unembedding map (PCA)",
+    )

@@ -7,17 +7,28 @@ here and nowhere else. Prisms see a model through :class:`ModelView` and a cache
 in :data:`PART_SITES`, and :func:`needed_hooks` is derived from it.
 """
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from tlprisms._errors import ArgumentError
-from tlprisms._validate import entry
 from tlprisms._seam._cache import LOW_PRECISION, CacheView
 from tlprisms._seam._hooks import PART_SITES, PARTS, PROVENANCE_SITES, Site, hook_names
 from tlprisms._seam._model import ModelView, architecture_name
 from tlprisms._seam._norms import NormSpec
+from tlprisms._validate import entry
 
-__all__ = ["ModelView", "CacheView", "NormSpec", "Site", "PART_SITES", "PARTS",
-           "PROVENANCE_SITES", "LOW_PRECISION", "needed_hooks", "architecture_name"]
+__all__ = [
+    "ModelView",
+    "CacheView",
+    "NormSpec",
+    "Site",
+    "PART_SITES",
+    "PARTS",
+    "PROVENANCE_SITES",
+    "LOW_PRECISION",
+    "needed_hooks",
+    "architecture_name",
+]
 
 
 @entry

@@ -30,13 +30,14 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 EMBED_RTOL = 1e-5
 
 
-
 def _dropout_active(model: Any) -> float:
     """The largest dropout probability active in ``model`` (0 when in eval mode)."""
     if not getattr(model, "training", False):
         return 0.0
-    return max((float(m.p) for m in model.modules()
-                if isinstance(m, torch.nn.Dropout) and m.training), default=0.0)
+    return max(
+        (float(m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training),
+        default=0.0,
+    )
 
 
 class CacheView:
@@ -69,8 +70,10 @@ class CacheView:
                 "model.run_with_cache(tokens) with this model."
             )
         if embed.shape[1] == 0:
-            raise CacheError(f"{caller}: the cache was recorded from an empty input (0 tokens); "
-                             "record it from at least one token.")
+            raise CacheError(
+                f"{caller}: the cache was recorded from an empty input (0 tokens); "
+                "record it from at least one token."
+            )
         self.batch, self.n_ctx = int(embed.shape[0]), int(embed.shape[1])
         self.device = embed.device
         self.cache_dtype = embed.dtype
@@ -120,8 +123,12 @@ class CacheView:
                 "without a names_filter, or with names_filter=tlprisms.needed_hooks(model)."
             )
         t = self.cache[name]
-        if site is not Site.EMBED and t.ndim >= 2 and t.shape[0] != self.batch \
-                and t.shape[0] == self.batch * self.n_ctx:
+        if (
+            site is not Site.EMBED
+            and t.ndim >= 2
+            and t.shape[0] != self.batch
+            and t.shape[0] == self.batch * self.n_ctx
+        ):
             t = t.reshape(self.batch, self.n_ctx, *t.shape[1:])  # hooks recorded flattened (OPT)
         if name not in self._finite:
             if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
@@ -131,8 +138,13 @@ class CacheView:
             self.read_names.append(name)
         return t
 
-    def at(self, site: Site, layer: Optional[int], positions: Tensor,
-           dtype: Optional[torch.dtype] = None) -> Tensor:
+    def at(
+        self,
+        site: Site,
+        layer: Optional[int],
+        positions: Tensor,
+        dtype: Optional[torch.dtype] = None,
+    ) -> Tensor:
         """``site`` gathered at ``positions [B, P]``: ``[B, P, ...]`` in the compute dtype."""
         x = self.get(site, layer)
         if site is Site.POS_EMBED and x.shape[0] != positions.shape[0]:
@@ -189,8 +201,11 @@ class CacheView:
 
     def refuse_nonfinite(self, what: str) -> None:
         where = self.locate_nonfinite()
-        src = (f"the cache holds a non-finite value in {where}" if where else
-               "a weight of the model or an argument is non-finite")
+        src = (
+            f"the cache holds a non-finite value in {where}"
+            if where
+            else "a weight of the model or an argument is non-finite"
+        )
         raise NonFiniteError(
             f"{self.caller}: {what} is not finite: {src}. A forward pass that overflowed (try "
             "float32), or a hook that wrote NaN/inf, cannot be decomposed; re-run "
@@ -225,7 +240,8 @@ class CacheView:
         v = self.get(Site.V, 0)
         if v.ndim != 4 or v.shape[2] != view.n_kv_heads or v.shape[3] != view.d_head:
             raise CacheError(
-                f"{caller}: the cache's layer-0 value vectors have shape {tuple(v.shape)}, but this "
+                f"{caller}: the cache's layer-0 value vectors have shape {tuple(v.shape)}, but "
+                "this "
                 f"model has {view.n_kv_heads} key/value heads of size {view.d_head}; the cache "
                 "comes from another model. Re-run model.run_with_cache(tokens) with this model."
             )
@@ -248,7 +264,8 @@ class CacheView:
         if tokens is not None and self.has(Site.TOKENS):
             got_ids = self.get(Site.TOKENS)
             if tuple(got_ids.shape) != tuple(tokens.shape) or not torch.equal(
-                    got_ids.to(tokens.device).long(), tokens.long()):
+                got_ids.to(tokens.device).long(), tokens.long()
+            ):
                 raise CacheError(
                     f"{caller}: the cache was not recorded from these tokens: the token ids it "
                     "recorded at the embedding (embed.hook_in) differ from the tokens given. "

@@ -41,17 +41,40 @@ class Site(enum.Enum):
 
 _GLOBAL = frozenset({Site.TOKENS, Site.EMBED, Site.POS_EMBED, Site.FINAL_RESID, Site.FINAL_SCALE})
 
-_WRITES = frozenset({Site.EMBED, Site.POS_EMBED, Site.RESID_PRE, Site.ATTN_OUT, Site.MLP_OUT, Site.FINAL_RESID,
-                     Site.FINAL_SCALE, Site.LN1_POST_SCALE, Site.LN2_POST_SCALE})
+_WRITES = frozenset(
+    {
+        Site.EMBED,
+        Site.POS_EMBED,
+        Site.RESID_PRE,
+        Site.ATTN_OUT,
+        Site.MLP_OUT,
+        Site.FINAL_RESID,
+        Site.FINAL_SCALE,
+        Site.LN1_POST_SCALE,
+        Site.LN2_POST_SCALE,
+    }
+)
 
 #: the sites each prism reads (``needed_hooks(model, parts)`` records their union)
 PART_SITES: dict[str, frozenset] = {
     "residual": _WRITES,
     "heads": _WRITES | {Site.PATTERN, Site.V},
     "neurons": _WRITES | {Site.MLP_POST},
-    "chains": _WRITES | {Site.PATTERN, Site.V, Site.MLP_POST, Site.RESID_PRE, Site.RESID_MID,
-                         Site.RESID_POST, Site.LN1_SCALE, Site.LN2_SCALE, Site.MLP_PRE, Site.MLP_PRE_LINEAR,
-                         Site.SOLU_MID, Site.SOLU_SCALE},
+    "chains": _WRITES
+    | {
+        Site.PATTERN,
+        Site.V,
+        Site.MLP_POST,
+        Site.RESID_PRE,
+        Site.RESID_MID,
+        Site.RESID_POST,
+        Site.LN1_SCALE,
+        Site.LN2_SCALE,
+        Site.MLP_PRE,
+        Site.MLP_PRE_LINEAR,
+        Site.SOLU_MID,
+        Site.SOLU_SCALE,
+    },
 }
 PARTS = tuple(PART_SITES)
 

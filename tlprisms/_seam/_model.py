@@ -23,22 +23,33 @@ __all__ = ["ModelView", "architecture_name"]
 #: architectures whose blocks are not attention + dense MLP, by what they are instead
 _KNOWN_REFUSALS = {
     "OpenAIGPTLMHeadModel": "post-LN blocks (a LayerNorm after every residual addition rescales "
-                            "everything written before it, and there is no final norm), so the "
-                            "writes do not add up to the final residual stream",
+    "everything written before it, and there is no final norm), so the "
+    "writes do not add up to the final residual stream",
     "ModernBertDecoderForCausalLM": "a prediction head (dense + GELU + LayerNorm) between the "
-                                    "final norm and the unembedding, which makes the logit "
-                                    "non-linear in the residual stream",
+    "final norm and the unembedding, which makes the logit "
+    "non-linear in the residual stream",
     "Gemma4ForCausalLM": "per-layer input writes, a per-layer scalar that rescales the whole "
-                         "residual stream, and normalisations TransformerLens does not bridge",
+    "residual stream, and normalisations TransformerLens does not bridge",
     "BitNetForCausalLM": "a norm over all heads (attn_sub_norm) between the heads' outputs and "
-                         "o_proj, so a head's write depends on every other head",
+    "o_proj, so a head's write depends on every other head",
 }
 #: architectures with a norm between W_E and the residual stream
-_EMBEDDING_NORMED = frozenset({"BloomForCausalLM", "NanoChatForCausalLM",
-                               "ModernBertDecoderForCausalLM"})
+_EMBEDDING_NORMED = frozenset(
+    {"BloomForCausalLM", "NanoChatForCausalLM", "ModernBertDecoderForCausalLM"}
+)
 #: words in a block's module class names that mark a non-attention token mixer
-_MIXER_WORDS = ("mamba", "ssm", "mixer", "conv", "linearattention", "linear_attn", "recurrent",
-                "rglru", "shortconv", "deltanet")
+_MIXER_WORDS = (
+    "mamba",
+    "ssm",
+    "mixer",
+    "conv",
+    "linearattention",
+    "linear_attn",
+    "recurrent",
+    "rglru",
+    "shortconv",
+    "deltanet",
+)
 #: words in an architecture name that mark a model that is not a decoder-only causal LM
 _NOT_DECODER_WORDS = ("t5", "bart", "whisper", "encoder", "bert", "roberta", "vision", "clip")
 
@@ -86,8 +97,12 @@ class ModelView:
         self.is_bridge = _is_bridge(model)
         cfg = model.cfg
         self.cfg = cfg
-        if self.is_bridge and not getattr(model, "compatibility_mode", False) and getattr(
-                getattr(model, "adapter", None), "supports_compatibility_mode", True) is False:
+        if (
+            self.is_bridge
+            and not getattr(model, "compatibility_mode", False)
+            and getattr(getattr(model, "adapter", None), "supports_compatibility_mode", True)
+            is False
+        ):
             raise UnsupportedModelError(
                 f"TransformerLens does not support compatibility mode for "
                 f"{architecture_name(model)} (its adapter says so), so this bridge has no "
@@ -106,8 +121,9 @@ class ModelView:
         self.n_kv_heads = int(getattr(cfg, "n_key_value_heads", None) or self.n_heads)
         self.d_model = int(cfg.d_model)
         self.d_head = int(cfg.d_head)
-        self.d_vocab = int(cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) not in (None, -1)
-                           else cfg.d_vocab)
+        self.d_vocab = int(
+            cfg.d_vocab_out if getattr(cfg, "d_vocab_out", -1) not in (None, -1) else cfg.d_vocab
+        )
         self.d_vocab_in = int(cfg.d_vocab)
         self.attn_only = bool(getattr(cfg, "attn_only", False))
         self.d_mlp = 0 if self.attn_only else self._d_mlp(model, cfg)
@@ -129,31 +145,47 @@ class ModelView:
         self.gated = bool(getattr(cfg, "gated_mlp", False))
         self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
         self.solu_ln: list[Optional[NormSpec]] = []
-        self.final_norm = read_norm(getattr(model, "ln_final", None), "ln_final",
-                                    Site.FINAL_SCALE, None)
+        self.final_norm = read_norm(
+            getattr(model, "ln_final", None), "ln_final", Site.FINAL_SCALE, None
+        )
         self.ln1: list[NormSpec] = []
         self.ln2: list[NormSpec] = []
         self.ln1_post: list[Optional[NormSpec]] = []
         self.ln2_post: list[Optional[NormSpec]] = []
         for layer, block in enumerate(model.blocks):
-            self.ln1.append(read_norm(getattr(block, "ln1", None), f"ln1 of layer {layer}",
-                                      Site.LN1_SCALE, layer))
+            self.ln1.append(
+                read_norm(
+                    getattr(block, "ln1", None), f"ln1 of layer {layer}", Site.LN1_SCALE, layer
+                )
+            )
             if getattr(block, "ln2", None) is None and self.parallel and not self.attn_only:
                 # parallel blocks with one shared norm (Falcon, Phi, GPT-J, Cohere): the MLP
                 # reads ln1(resid_pre), recorded at ln1's scale
                 self.ln2.append(self.ln1[-1])
             else:
-                self.ln2.append(read_norm(getattr(block, "ln2", None), f"ln2 of layer {layer}",
-                                          Site.LN2_SCALE, layer))
+                self.ln2.append(
+                    read_norm(
+                        getattr(block, "ln2", None), f"ln2 of layer {layer}", Site.LN2_SCALE, layer
+                    )
+                )
             post1 = getattr(block, "ln1_post", None)
             post2 = getattr(block, "ln2_post", None)
-            self.ln1_post.append(None if post1 is None else read_norm(
-                post1, f"ln1_post of layer {layer}", Site.LN1_POST_SCALE, layer))
-            self.ln2_post.append(None if post2 is None else read_norm(
-                post2, f"ln2_post of layer {layer}", Site.LN2_POST_SCALE, layer))
+            self.ln1_post.append(
+                None
+                if post1 is None
+                else read_norm(post1, f"ln1_post of layer {layer}", Site.LN1_POST_SCALE, layer)
+            )
+            self.ln2_post.append(
+                None
+                if post2 is None
+                else read_norm(post2, f"ln2_post of layer {layer}", Site.LN2_POST_SCALE, layer)
+            )
             inner = getattr(getattr(block, "mlp", None), "ln", None)
-            self.solu_ln.append(None if self.act_fn != "solu_ln" or inner is None else read_norm(
-                inner, f"SoLU LayerNorm of layer {layer}", Site.SOLU_SCALE, layer))
+            self.solu_ln.append(
+                None
+                if self.act_fn != "solu_ln" or inner is None
+                else read_norm(inner, f"SoLU LayerNorm of layer {layer}", Site.SOLU_SCALE, layer)
+            )
 
     # ------------------------------------------------------------------ refusals
     @staticmethod
@@ -165,23 +197,33 @@ class ModelView:
             reasons.append(f"{arch} has {_KNOWN_REFUSALS[arch]}")
         if getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None):
             n = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
-            reasons.append(f"it routes tokens to a mixture of experts (num_experts={n}): which "
-                           "experts write depends on a routing decision the prisms do not freeze")
+            reasons.append(
+                f"it routes tokens to a mixture of experts (num_experts={n}): which "
+                "experts write depends on a routing decision the prisms do not freeze"
+            )
         if getattr(cfg, "is_encoder_decoder", False):
             reasons.append("it is an encoder-decoder model")
-        elif not reasons and any(w in arch.lower() for w in _NOT_DECODER_WORDS) \
-                and "decoder" not in arch.lower() and "causallm" not in arch.lower():
+        elif (
+            not reasons
+            and any(w in arch.lower() for w in _NOT_DECODER_WORDS)
+            and "decoder" not in arch.lower()
+            and "causallm" not in arch.lower()
+        ):
             reasons.append(f"{arch} is not a decoder-only causal language model")
         hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
         kinds = set(getattr(hf_cfg, "layer_types", None) or ())
         others = sorted(k for k in kinds if isinstance(k, str) and "attention" not in k)
         if others:
-            reasons.append(f"its layers include {', '.join(others)} layers besides attention (a "
-                           "hybrid model: their token mixing is not split by these prisms)")
+            reasons.append(
+                f"its layers include {', '.join(others)} layers besides attention (a "
+                "hybrid model: their token mixing is not split by these prisms)"
+            )
         blocks = getattr(model, "blocks", None)
         if blocks is None:
-            reasons.append("it has no TransformerLens 'blocks' (its layers are not a stack of "
-                           "transformer blocks TransformerLens can hook)")
+            reasons.append(
+                "it has no TransformerLens 'blocks' (its layers are not a stack of "
+                "transformer blocks TransformerLens can hook)"
+            )
         else:
             attn_only = bool(getattr(cfg, "attn_only", False))
             for layer, block in enumerate(blocks):
@@ -191,7 +233,8 @@ class ModelView:
                     break
         if reasons:
             raise UnsupportedModelError(
-                "tlprisms cannot decompose this model exactly: " + "; ".join(reasons)
+                "tlprisms cannot decompose this model exactly: "
+                + "; ".join(reasons)
                 + ". Its logits are not a sum of embedding, attention-head and MLP-neuron writes "
                 "with only norm scales, patterns and gates frozen, so nothing was decomposed. "
                 "docs/architectures.md lists every architecture TransformerLens bridges and "
@@ -214,8 +257,9 @@ class ModelView:
             if self.softcap is None:
                 c = float(transform(torch.ones(1, dtype=torch.float64))[0])
             z = torch.tensor([-40.0, -3.0, -0.5, 0.7, 5.0, 40.0], dtype=torch.float64)
-            want = c * z if self.softcap is None else \
-                self.softcap * torch.tanh(c * z / self.softcap)
+            want = (
+                c * z if self.softcap is None else self.softcap * torch.tanh(c * z / self.softcap)
+            )
             if not torch.allclose(transform(z.clone()), want, rtol=1e-7, atol=0.0):
                 raise UnsupportedModelError(
                     f"{self.architecture} maps the unembedding's output to its logits with a "
@@ -233,8 +277,10 @@ class ModelView:
     @staticmethod
     def _block_problem(block: Any, layer: int, attn_only: bool, d_head: int) -> Optional[str]:
         if not hasattr(block, "attn"):
-            return (f"block {layer} has no attention layer (a recurrent, state-space or "
-                    "convolution block: a hybrid model)")
+            return (
+                f"block {layer} has no attention layer (a recurrent, state-space or "
+                "convolution block: a hybrid model)"
+            )
         if not attn_only and not hasattr(block, "mlp"):
             return f"block {layer} has no MLP"
         try:
@@ -242,12 +288,16 @@ class ModelView:
         except Exception:  # noqa: BLE001 - a bridge that cannot assemble W_O at all
             W_O = None
         if not isinstance(W_O, Tensor) or W_O.ndim != 3:
-            return (f"block {layer}'s attention has no per-head output weights W_O [head, "
-                    "d_head, d_model], so its heads cannot be separated")
+            return (
+                f"block {layer}'s attention has no per-head output weights W_O [head, "
+                "d_head, d_model], so its heads cannot be separated"
+            )
         if W_O.shape[1] != d_head:
-            return (f"block {layer} uses multi-head latent attention (value heads of size "
-                    f"{W_O.shape[1]}, query/key heads of size {d_head}, values decoded from a "
-                    "shared normalised latent), which these prisms do not split")
+            return (
+                f"block {layer} uses multi-head latent attention (value heads of size "
+                f"{W_O.shape[1]}, query/key heads of size {d_head}, values decoded from a "
+                "shared normalised latent), which these prisms do not split"
+            )
         mlp = getattr(block, "mlp", None)
         if mlp is not None and any("moe" in n.lower() for n in _class_names(mlp)):
             return f"block {layer} has a mixture-of-experts MLP"
@@ -256,9 +306,11 @@ class ModelView:
             for name, child in original.named_children():
                 cls = type(child).__name__.lower()
                 if any(w in cls or w in name.lower() for w in _MIXER_WORDS):
-                    return (f"block {layer} runs a {type(child).__name__} ('{name}') beside "
-                            "attention: a recurrent/state-space token mixer whose write the "
-                            "prisms cannot split (a hybrid model)")
+                    return (
+                        f"block {layer} runs a {type(child).__name__} ('{name}') beside "
+                        "attention: a recurrent/state-space token mixer whose write the "
+                        "prisms cannot split (a hybrid model)"
+                    )
         return None
 
     # ------------------------------------------------------------------ weights
@@ -273,8 +325,9 @@ class ModelView:
         return self._attn(layer).W_O.detach().to(dtype)
 
     @staticmethod
-    def _bias(module: Any, names: tuple, shape: tuple, dtype: torch.dtype,
-              device: torch.device) -> Tensor:
+    def _bias(
+        module: Any, names: tuple, shape: tuple, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
         """The first bias of ``names`` on ``module``, or zeros (bias-free models)."""
         b = param(module, *names)
         if b is None:
@@ -289,8 +342,10 @@ class ModelView:
         attn = self._attn(layer)
         w = attn.W_V if self.is_bridge else param(attn, "_W_V", "W_V")
         if w is None:
-            raise UnsupportedModelError(f"layer {layer}'s attention has no W_V; tlprisms reads "
-                                        "value weights from W_V (or _W_V under GQA).")
+            raise UnsupportedModelError(
+                f"layer {layer}'s attention has no W_V; tlprisms reads "
+                "value weights from W_V (or _W_V under GQA)."
+            )
         w = w.detach()
         if w.shape[0] != self.n_kv_heads:  # some loaders expand K/V; undo by taking groups
             w = w[:: self.n_heads // self.n_kv_heads]
@@ -298,8 +353,9 @@ class ModelView:
 
     def b_V(self, layer: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """``[kv_head, d_head]`` (never expanded to query heads)."""
-        b = self._bias(self._attn(layer), ("_b_V", "b_V"), (self.n_kv_heads, self.d_head),
-                       dtype, device)
+        b = self._bias(
+            self._attn(layer), ("_b_V", "b_V"), (self.n_kv_heads, self.d_head), dtype, device
+        )
         if b.shape[0] != self.n_kv_heads:
             b = b[:: self.n_heads // self.n_kv_heads]
         return b
@@ -324,8 +380,11 @@ class ModelView:
         flat = ids.reshape(-1).to(W_U.device)
         cols = W_U[:, flat].T.to(dtype)
         b = param(self.model, "b_U")
-        bias = (torch.zeros(flat.shape[0], dtype=dtype, device=cols.device) if b is None
-                else b.detach()[flat].to(dtype))
+        bias = (
+            torch.zeros(flat.shape[0], dtype=dtype, device=cols.device)
+            if b is None
+            else b.detach()[flat].to(dtype)
+        )
         if self.logit_scale is not None:  # logits = c * (norm(x) @ W_U + b_U), then soft-cap
             cols, bias = cols * self.logit_scale, bias * self.logit_scale
         return cols.reshape(*ids.shape, self.d_model), bias.reshape(ids.shape)
@@ -435,10 +494,13 @@ class ModelView:
         if site is Site.FINAL_SCALE:
             return self.final_norm
         assert layer is not None, f"{site} is per layer"
-        return {Site.LN1_SCALE: lambda: self.ln1[layer], Site.LN2_SCALE: lambda: self.ln2[layer],
-                Site.LN1_POST_SCALE: lambda: self.ln1_post[layer],
-                Site.LN2_POST_SCALE: lambda: self.ln2_post[layer],
-                Site.SOLU_SCALE: lambda: self.solu_ln[layer]}[site]()
+        return {
+            Site.LN1_SCALE: lambda: self.ln1[layer],
+            Site.LN2_SCALE: lambda: self.ln2[layer],
+            Site.LN1_POST_SCALE: lambda: self.ln1_post[layer],
+            Site.LN2_POST_SCALE: lambda: self.ln2_post[layer],
+            Site.SOLU_SCALE: lambda: self.solu_ln[layer],
+        }[site]()
 
     def has_site(self, site: Site, layer: Optional[int] = None) -> bool:
         """Whether this model writes ``site`` at all (e.g. no pos_embed with rotary)."""
@@ -466,16 +528,22 @@ class ModelView:
         Face's attention function, which under sdpa/flash returns no weights.
         """
         name = self.hook(site, layer)
-        if site is Site.PATTERN and self.is_bridge and layer is not None and \
-                type(self.model.blocks[layer].attn).__name__ == "AttentionBridge":
+        if (
+            site is Site.PATTERN
+            and self.is_bridge
+            and layer is not None
+            and type(self.model.blocks[layer].attn).__name__ == "AttentionBridge"
+        ):
             hf_cfg = getattr(getattr(self.model, "original_model", None), "config", None)
             impl = getattr(hf_cfg, "_attn_implementation", None)
             if impl not in (None, "eager"):
-                return (f"this bridge runs Hugging Face attention with '{impl}', which returns no "
-                        f"attention weights, so '{name}' never fires. Call transformer_lens."
-                        "utilities.attn_implementation.force_eager_attention(model.original_model)"
-                        " (TransformerBridge.boot_transformers does this) and re-run "
-                        "run_with_cache")
+                return (
+                    f"this bridge runs Hugging Face attention with '{impl}', which returns no "
+                    f"attention weights, so '{name}' never fires. Call transformer_lens."
+                    "utilities.attn_implementation.force_eager_attention(model.original_model)"
+                    " (TransformerBridge.boot_transformers does this) and re-run "
+                    "run_with_cache"
+                )
         return None
 
     def records(self, name: str) -> bool:

@@ -58,8 +58,9 @@ class NormSpec:
             u = u - u.mean(-1, keepdim=True)
         return u
 
-    def apply(self, x: Tensor, scale: Optional[Tensor] = None, eps: float = 1e-5,
-              bias: bool = True) -> Tensor:
+    def apply(
+        self, x: Tensor, scale: Optional[Tensor] = None, eps: float = 1e-5, bias: bool = True
+    ) -> Tensor:
         """The norm itself, ``w * P(x) / s + b``, with ``s`` the given (cached) scale, or
         computed from ``x`` when ``scale`` is None; ``bias=False`` leaves ``b`` out (the
         map of one write through a frozen norm)."""
@@ -85,16 +86,33 @@ def read_norm(module: Any, name: str, site: Site, layer: Optional[int]) -> NormS
     """The effective affine map of one normalisation module of either TL model class."""
     cls = type(module).__name__
     if module is None or cls == "Identity":
-        return NormSpec(name=name, site=site, layer=layer, centred=False, weight=None, bias=None, has_scale=False)
+        return NormSpec(
+            name=name,
+            site=site,
+            layer=layer,
+            centred=False,
+            weight=None,
+            bias=None,
+            has_scale=False,
+        )
     # HookedTransformer (TL <= 3): weights already in "effective" form (Gemma's +1 applied).
     if cls == "LayerNormPre":
         return NormSpec(name=name, site=site, layer=layer, centred=True, weight=None, bias=None)
     if cls == "RMSNormPre":
         return NormSpec(name=name, site=site, layer=layer, centred=False, weight=None, bias=None)
     if cls == "LayerNorm":
-        return NormSpec(name=name, site=site, layer=layer, centred=True, weight=module.w.detach(), bias=module.b.detach())
+        return NormSpec(
+            name=name,
+            site=site,
+            layer=layer,
+            centred=True,
+            weight=module.w.detach(),
+            bias=module.b.detach(),
+        )
     if cls == "RMSNorm":
-        return NormSpec(name=name, site=site, layer=layer, centred=False, weight=module.w.detach(), bias=None)
+        return NormSpec(
+            name=name, site=site, layer=layer, centred=False, weight=module.w.detach(), bias=None
+        )
     # TransformerBridge components.
     if cls in ("LayerNormPreBridge",):
         return NormSpec(name=name, site=site, layer=layer, centred=True, weight=None, bias=None)
@@ -118,11 +136,11 @@ def read_norm(module: Any, name: str, site: Site, layer: Optional[int]) -> NormS
         if not rms and original is not None:
             b = param(original, "bias")
             bias = None if b is None else b.detach()
-        return NormSpec(name=name, site=site, layer=layer, centred=not rms, weight=weight, bias=bias)
+        return NormSpec(
+            name=name, site=site, layer=layer, centred=not rms, weight=weight, bias=bias
+        )
     raise UnsupportedModelError(
         f"tlprisms cannot freeze the normalisation '{name}' of type {cls}: only LayerNorm, "
         "LayerNormPre, RMSNorm and RMSNormPre (HookedTransformer) and their TransformerBridge "
         "counterparts are supported. Load the model with one of these normalisations."
     )
-
-

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 
@@ -49,7 +49,7 @@ __all__ = [
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 #: (country, capital) pairs; every name is a single word (and a single token).
-CAPITALS: Tuple[Tuple[str, str], ...] = (
+CAPITALS: tuple[tuple[str, str], ...] = (
     ("France", "Paris"),
     ("Germany", "Berlin"),
     ("Japan", "Tokyo"),
@@ -113,7 +113,7 @@ CAPITALS: Tuple[Tuple[str, str], ...] = (
 )
 
 #: Special tokens of the word-level tokenizer, with Gemma's ids.
-SPECIAL_TOKENS: Dict[str, str] = {
+SPECIAL_TOKENS: dict[str, str] = {
     "pad_token": "<pad>",
     "eos_token": "<eos>",
     "bos_token": "<bos>",
@@ -122,7 +122,7 @@ SPECIAL_TOKENS: Dict[str, str] = {
 
 #: The HF ``GemmaConfig`` keyword arguments of the demo model (vocab_size is
 #: fixed by the tokenizer; ``demo_hf_config()`` reads the shipped config.json).
-DEMO_CONFIG: Dict[str, Any] = {
+DEMO_CONFIG: dict[str, Any] = {
     "architectures": ["GemmaForCausalLM"],
     "hidden_size": 128,
     "intermediate_size": 512,
@@ -145,17 +145,17 @@ DEMO_CONFIG: Dict[str, Any] = {
 }
 
 
-def capital_task() -> List[Tuple[str, str]]:
+def capital_task() -> list[tuple[str, str]]:
     """``[("The capital of France is", " Paris"), ...]``, one per country."""
     return [(f"The capital of {country} is", f" {capital}") for country, capital in CAPITALS]
 
 
-def addition_task() -> List[Tuple[str, str]]:
+def addition_task() -> list[tuple[str, str]]:
     """``[("1+1=", " 2"), ..., ("9+9=", " 18")]``: all 81 sums of a, b in 1..9."""
     return [(f"{a}+{b}=", f" {a + b}") for a in range(1, 10) for b in range(1, 10)]
 
 
-def demo_metadata() -> Dict[str, Any]:
+def demo_metadata() -> dict[str, Any]:
     """The training record written next to the weights (seed, steps, accuracies...)."""
     with open(ASSETS_DIR / "metadata.json", encoding="utf-8") as f:
         return json.load(f)
@@ -212,8 +212,8 @@ def load_demo_hf_model(device: Any = "cpu", dtype: torch.dtype = torch.float32):
         raise RuntimeError(
             f"demo weights do not match the model: missing {missing}, unexpected {unexpected}"
         )
-    model.tie_weights()  # type: ignore[call-arg]  # HF types it as a wrapped method
-    model.to(device=device, dtype=dtype)
+    model.tie_weights()
+    model.to(device=device, dtype=dtype)  # type: ignore[call-arg]  # HF types it as wrapped
     model.eval()
     return model, cfg
 
@@ -293,7 +293,9 @@ def _load_hooked(fold: bool, device: Any, dtype: torch.dtype):
     hf_model, hf_cfg = load_demo_hf_model(device="cpu", dtype=torch.float32)
     cfg = _hooked_config(hf_cfg, fold, device, dtype)
     with torch.no_grad():
-        state_dict = {k: v.detach().clone() for k, v in convert_gemma_weights(hf_model, cfg).items()}
+        state_dict = {
+            k: v.detach().clone() for k, v in convert_gemma_weights(hf_model, cfg).items()
+        }
     del hf_model
     tok = load_demo_tokenizer()
     with torch.random.fork_rng(devices=[]):

@@ -14,9 +14,16 @@ from tlprisms._errors import PrismError
 
 __all__ = ["CHROMIUM_ARGS", "chromium_executable", "open_page", "wait_rendered", "screenshot"]
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 #: JavaScript: true once every CircuitsVis mount has rendered children and every canvas
 #: has been given a size
@@ -32,8 +39,10 @@ def chromium_executable() -> str:
         exe = shutil.which(name)
         if exe:
             return exe
-    raise PrismError("save_png: no chromium executable on the PATH; install one (e.g. "
-                     "`apt-get install chromium`) or save HTML with Report.save instead.")
+    raise PrismError(
+        "save_png: no chromium executable on the PATH; install one (e.g. "
+        "`apt-get install chromium`) or save HTML with Report.save instead."
+    )
 
 
 @contextmanager
@@ -46,16 +55,25 @@ def open_page(*, width: int = 1200, height: int = 900) -> Iterator[tuple[Any, di
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as e:
-        raise PrismError("save_png: needs the playwright Python package "
-                         "(`pip install playwright`; no `playwright install` needed when a "
-                         "chromium executable is on the PATH).") from e
+        raise PrismError(
+            "save_png: needs the playwright Python package "
+            "(`pip install playwright`; no `playwright install` needed when a "
+            "chromium executable is on the PATH)."
+        ) from e
     exe = chromium_executable()
     log: dict = {"requests": [], "errors": [], "console": []}
-    with tempfile.TemporaryDirectory(prefix="tlprisms-chromium-") as profile, \
-            sync_playwright() as pw:
+    with (
+        tempfile.TemporaryDirectory(prefix="tlprisms-chromium-") as profile,
+        sync_playwright() as pw,
+    ):
         context = pw.chromium.launch_persistent_context(
-            profile, executable_path=exe, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": width, "height": height}, service_workers="block")
+            profile,
+            executable_path=exe,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": width, "height": height},
+            service_workers="block",
+        )
         try:
             page = context.pages[0] if context.pages else context.new_page()
 
@@ -69,8 +87,9 @@ def open_page(*, width: int = 1200, height: int = 900) -> Iterator[tuple[Any, di
 
             context.route("**/*", route)
             page.on("pageerror", lambda e: log["errors"].append(str(e)))
-            page.on("console", lambda m: log["console"].append(m.text)
-                    if m.type == "error" else None)
+            page.on(
+                "console", lambda m: log["console"].append(m.text) if m.type == "error" else None
+            )
             yield page, log
         finally:
             context.close()

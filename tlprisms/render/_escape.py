@@ -26,8 +26,21 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TOKEN_CHARS", "FSI", "PDI", "clean", "esc", "label", "isolate", "balance", "Label",
-           "token_label", "quote_token", "script_json", "new_id"]
+__all__ = [
+    "TOKEN_CHARS",
+    "FSI",
+    "PDI",
+    "clean",
+    "esc",
+    "label",
+    "isolate",
+    "balance",
+    "Label",
+    "token_label",
+    "quote_token",
+    "script_json",
+    "new_id",
+]
 
 #: the longest token label drawn (characters); longer ones are shortened, full text on hover
 TOKEN_CHARS = 24
@@ -63,8 +76,7 @@ def _neutralise_bidi(s: str, keep_isolates: bool) -> str:
                 opened.append(i)
             elif ch == PDI and opened:
                 keep.update((opened.pop(), i))
-    return "".join(_show(ch) if _BIDI.match(ch) and i not in keep else ch
-                   for i, ch in enumerate(s))
+    return "".join(_show(ch) if _BIDI.match(ch) and i not in keep else ch for i, ch in enumerate(s))
 
 
 def clean(text: Any) -> str:
@@ -161,8 +173,11 @@ def token_label(text: Any, max_chars: int = TOKEN_CHARS) -> Label:
     renderer draws token text through."""
     full = _neutralise_bidi(_printable(str(text)), keep_isolates=False)
     short = _shorten(full, max(int(max_chars), 2))
-    return Label(short=_SPACES.sub(lambda m: "\u00a0" * len(m.group()), short), full=full,
-                 shortened=short != full)
+    return Label(
+        short=_SPACES.sub(lambda m: "\u00a0" * len(m.group()), short),
+        full=full,
+        shortened=short != full,
+    )
 
 
 def quote_token(token: Any, max_chars: int = TOKEN_CHARS + 2) -> str:
@@ -178,8 +193,13 @@ def script_json(value: Any) -> str:
     ``</script>`` nor ``<!--`` can appear, and the text parses as JavaScript everywhere.
     """
     text = json.dumps(_plain(value), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    return (
+        text.replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -18,9 +18,11 @@ from tlprisms.render._views_base import WRAP, Figure, Group, View, bundle_script
 
 __all__ = ["to_html", "show", "Report", "save_svg", "save_png", "as_view"]
 
-_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-        "img-src data:; font-src data:; connect-src 'none'; form-action 'none'; "
-        "base-uri 'none'")
+_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src data:; font-src data:; connect-src 'none'; form-action 'none'; "
+    "base-uri 'none'"
+)
 _PAGE_CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px;
 color:#111;background:#fff;max-width:1200px}
@@ -43,16 +45,23 @@ def as_view(obj: Any, **kw: Any) -> View:
     """
     if isinstance(obj, View):
         if kw:
-            raise PrismError(f"to_html: options {sorted(kw)} apply to a Decomposition; this "
-                             "is an already rendered view.")
+            raise PrismError(
+                f"to_html: options {sorted(kw)} apply to a Decomposition; this "
+                "is an already rendered view."
+            )
         return obj
     if isinstance(obj, Decomposition):
         return default_view(obj, **kw)
     views = getattr(obj, "_tlprisms_views", None)
     if callable(views):
         items = views(**kw)
-        return Group([x if isinstance(x, str) and not x.lstrip().startswith("<svg")
-                      else as_view(x) for x in items], title=type(obj).__name__)
+        return Group(
+            [
+                x if isinstance(x, str) and not x.lstrip().startswith("<svg") else as_view(x)
+                for x in items
+            ],
+            title=type(obj).__name__,
+        )
     if isinstance(obj, str) and obj.lstrip().startswith("<svg"):
         return Figure(obj)
     if isinstance(obj, (list, tuple)):
@@ -129,13 +138,15 @@ class Report:
     def html(self) -> str:
         """The whole page as a string."""
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        parts = ["<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
-                 f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-                 '<meta name="viewport" content="width=device-width,initial-scale=1">',
-                 f"<title>{esc(self.title)}</title><style>{_PAGE_CSS}</style></head><body>",
-                 f"<h1>{esc(self.title)}</h1>",
-                 f'<div class="tlprisms-meta">tlprisms report, {esc(stamp)}; '
-                 f"{len(self.sections)} sections; works offline</div>"]
+        parts = [
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+            '<meta name="viewport" content="width=device-width,initial-scale=1">',
+            f"<title>{esc(self.title)}</title><style>{_PAGE_CSS}</style></head><body>",
+            f"<h1>{esc(self.title)}</h1>",
+            f'<div class="tlprisms-meta">tlprisms report, {esc(stamp)}; '
+            f"{len(self.sections)} sections; works offline</div>",
+        ]
         if any(v.needs_bundle for _, v in self.sections):
             parts.append(bundle_script())
         for title, view in self.sections:
@@ -156,8 +167,10 @@ class Report:
 
     def _repr_html_(self) -> str:
         bundle = bundle_script() if any(v.needs_bundle for _, v in self.sections) else ""
-        body = "".join((f'<h3 style="{WRAP}">{esc(t)}</h3>' if t else "")
-                       + v.fragment(bundle=False) for t, v in self.sections)
+        body = "".join(
+            (f'<h3 style="{WRAP}">{esc(t)}</h3>' if t else "") + v.fragment(bundle=False)
+            for t, v in self.sections
+        )
         return f'{bundle}<div><h2 style="{WRAP}">{esc(self.title)}</h2>{body}</div>'
 
     def __repr__(self) -> str:
@@ -173,9 +186,11 @@ def save_svg(obj: Any, path: Union[str, Path], **kw: Any) -> Path:
     """
     figures = as_view(obj, **kw).figures()
     if not figures:
-        raise PrismError("save_svg: this view has no plain SVG figure (CircuitsVis widgets are "
-                         "HTML); save it with Report(...).add(obj).save('page.html') or "
-                         "save_png(obj, 'view.png').")
+        raise PrismError(
+            "save_svg: this view has no plain SVG figure (CircuitsVis widgets are "
+            "HTML); save it with Report(...).add(obj).save('page.html') or "
+            "save_png(obj, 'view.png')."
+        )
     if len(figures) == 1:
         svg = figures[0].svg
     else:
@@ -202,8 +217,10 @@ def _stack(svgs: list[str]) -> str:
     for svg, (_, h) in zip(svgs, sizes):
         parts.append(svg.replace("<svg ", f'<svg x="0" y="{y}" ', 1))
         y += h + 8
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}">' + "".join(parts) + "</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">' + "".join(parts) + "</svg>"
+    )
 
 
 def save_png(obj: Any, path: Union[str, Path], *, width: int = 1200, **kw: Any) -> Path:

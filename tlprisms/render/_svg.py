@@ -27,8 +27,18 @@ POSITIVE = "#2166ac"
 NEGATIVE = "#b2182b"
 TOTAL = "#3b3b3b"
 FONT = "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 _CHAR_W = 7.0  # px per character at 12px, generous
 _XMLNS = "http://www.w3.org/2000/svg"
 
@@ -54,7 +64,7 @@ def fmt_tick(x: Real) -> str:
 def _mix(hex_color: str, t: Real) -> str:
     """``hex_color`` mixed with white: ``t=1`` the colour, ``t=0`` white."""
     t = min(max(t, 0.0), 1.0)
-    rgb = [int(hex_color[i:i + 2], 16) for i in (1, 3, 5)]
+    rgb = [int(hex_color[i : i + 2], 16) for i in (1, 3, 5)]
     out = [round(255 + (c - 255) * t) for c in rgb]
     return "#" + "".join(f"{c:02x}" for c in out)
 
@@ -77,9 +87,11 @@ def _text_w(s: str, px: Real = 12) -> Real:
 
 def _svg(width: Real, height: Real, body: list[str]) -> str:
     w, h = int(math.ceil(width)), int(math.ceil(height))
-    return (f'<svg xmlns="{_XMLNS}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-            f'font-family="{esc(FONT)}" font-size="12" style="max-width:100%;height:auto">'
-            f'<rect width="{w}" height="{h}" fill="#ffffff"/>' + "".join(body) + "</svg>")
+    return (
+        f'<svg xmlns="{_XMLNS}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+        f'font-family="{esc(FONT)}" font-size="12" style="max-width:100%;height:auto">'
+        f'<rect width="{w}" height="{h}" fill="#ffffff"/>' + "".join(body) + "</svg>"
+    )
 
 
 def _title(title: str, width: Real) -> tuple[list[str], Real]:
@@ -88,16 +100,25 @@ def _title(title: str, width: Real) -> tuple[list[str], Real]:
         return [], 8.0
     per_line = max(24, int((width - 16) / 8.6))  # 14px bold, generous
     text = label(title, 3 * per_line).replace("\u00a0", " ")
-    lines = [balance(line) for line in textwrap.wrap(
-        text, per_line, max_lines=3, placeholder="\u2026", break_on_hyphens=False) or [text]]
-    out = [f'<text x="8" y="{20 + 17 * i}" font-size="14" font-weight="600" fill="#111111">'
-           f"{esc(line)}</text>" for i, line in enumerate(lines)]
+    lines = [
+        balance(line)
+        for line in textwrap.wrap(
+            text, per_line, max_lines=3, placeholder="\u2026", break_on_hyphens=False
+        )
+        or [text]
+    ]
+    out = [
+        f'<text x="8" y="{20 + 17 * i}" font-size="14" font-weight="600" fill="#111111">'
+        f"{esc(line)}</text>"
+        for i, line in enumerate(lines)
+    ]
     return out, 20 + 17 * (len(lines) - 1) + 14
 
 
 def _as_matrix(matrix: Any, caller: str) -> np.ndarray:
-    m = np.asarray(matrix.detach().cpu().numpy() if hasattr(matrix, "detach") else matrix,
-                   dtype=np.float64)
+    m = np.asarray(
+        matrix.detach().cpu().numpy() if hasattr(matrix, "detach") else matrix, dtype=np.float64
+    )
     if m.ndim != 2:
         raise PrismError(f"{caller}: matrix must be 2-D [rows, cols], got shape {m.shape}.")
     return m
@@ -106,8 +127,9 @@ def _as_matrix(matrix: Any, caller: str) -> np.ndarray:
 def _check_len(labels: Sequence[Any], n: int, what: str, per: str, caller: str) -> list:
     labels = list(labels)
     if len(labels) != n:
-        raise PrismError(f"{caller}: got {len(labels)} {what} for {n} {per}s; pass one label "
-                         f"per {per}.")
+        raise PrismError(
+            f"{caller}: got {len(labels)} {what} for {n} {per}s; pass one label per {per}."
+        )
     return labels
 
 
@@ -127,9 +149,15 @@ def nice_ticks(lo: Real, hi: Real, n: int = 5) -> list[Real]:
 
 
 # ---------------------------------------------------------------------------- heatmap
-def heatmap_svg(matrix: Any, row_labels: Sequence[Any], col_labels: Sequence[Any],
-                title: str = "", *, vmax: Optional[Real] = None,
-                annotate: Optional[bool] = None) -> str:
+def heatmap_svg(
+    matrix: Any,
+    row_labels: Sequence[Any],
+    col_labels: Sequence[Any],
+    title: str = "",
+    *,
+    vmax: Optional[Real] = None,
+    annotate: Optional[bool] = None,
+) -> str:
     """A heatmap of ``matrix [rows, cols]`` on a diverging scale symmetric about zero.
 
     Args:
@@ -173,35 +201,48 @@ def heatmap_svg(matrix: Any, row_labels: Sequence[Any], col_labels: Sequence[Any
         x = left + (j + 0.5) * cs
         if rotate:
             angle, x = (-90, x + fs / 3) if vertical else (-45, x)
-            body.append(f'<text x="{x:.1f}" y="{top - 6:.1f}" text-anchor="start" '
-                        f'font-size="{fs:.0f}" transform="rotate({angle} {x:.1f} {top - 6:.1f})"'
-                        f' fill="#333333">{s.svg()}</text>')
+            body.append(
+                f'<text x="{x:.1f}" y="{top - 6:.1f}" text-anchor="start" '
+                f'font-size="{fs:.0f}" transform="rotate({angle} {x:.1f} {top - 6:.1f})"'
+                f' fill="#333333">{s.svg()}</text>'
+            )
         else:
-            body.append(f'<text x="{x:.1f}" y="{top - 6:.1f}" text-anchor="middle" '
-                        f'font-size="{fs:.0f}" fill="#333333">{s.svg()}</text>')
+            body.append(
+                f'<text x="{x:.1f}" y="{top - 6:.1f}" text-anchor="middle" '
+                f'font-size="{fs:.0f}" fill="#333333">{s.svg()}</text>'
+            )
     for i, s in enumerate(rl):
         y = top + (i + 0.5) * cs
-        body.append(f'<text x="{left - 8:.1f}" y="{y + fs / 3:.1f}" text-anchor="end" '
-                    f'font-size="{fs:.0f}" fill="#333333">{s.svg()}</text>')
+        body.append(
+            f'<text x="{left - 8:.1f}" y="{y + fs / 3:.1f}" text-anchor="end" '
+            f'font-size="{fs:.0f}" fill="#333333">{s.svg()}</text>'
+        )
         for j in range(C):
             v = float(m[i, j])
             x0, y0 = left + j * cs, top + i * cs
             tip = f"{s.full_text()}, {cl[j].full_text()}: {fmt(v)}"
-            body.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{cs:.1f}" height="{cs:.1f}" '
-                        f'fill="{diverging(v, vmax)}" stroke="#ffffff" stroke-width="1">'
-                        f"<title>{esc(tip)}</title></rect>")
+            body.append(
+                f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{cs:.1f}" height="{cs:.1f}" '
+                f'fill="{diverging(v, vmax)}" stroke="#ffffff" stroke-width="1">'
+                f"<title>{esc(tip)}</title></rect>"
+            )
             if annotate:
-                body.append(f'<text x="{x0 + cs / 2:.1f}" y="{y0 + cs / 2 + 4:.1f}" '
-                            f'text-anchor="middle" font-size="10" fill="{_ink(v, vmax)}" '
-                            f'pointer-events="none">{esc(cell_text[i][j])}</text>')
+                body.append(
+                    f'<text x="{x0 + cs / 2:.1f}" y="{y0 + cs / 2 + 4:.1f}" '
+                    f'text-anchor="middle" font-size="10" fill="{_ink(v, vmax)}" '
+                    f'pointer-events="none">{esc(cell_text[i][j])}</text>'
+                )
     # colour bar, drawn with steps (no gradient ids that could clash on a page)
     bx, steps, bh = left + C * cs + 24, 24, max(R * cs, 120)
     for k in range(steps):
         v = vmax - 2 * vmax * (k + 0.5) / steps
-        body.append(f'<rect x="{bx}" y="{top + k * bh / steps:.1f}" width="14" '
-                    f'height="{bh / steps + 0.5:.1f}" fill="{diverging(v, vmax)}"/>')
-    body.append(f'<rect x="{bx}" y="{top}" width="14" height="{bh:.1f}" fill="none" '
-                f'stroke="#999999"/>')
+        body.append(
+            f'<rect x="{bx}" y="{top + k * bh / steps:.1f}" width="14" '
+            f'height="{bh / steps + 0.5:.1f}" fill="{diverging(v, vmax)}"/>'
+        )
+    body.append(
+        f'<rect x="{bx}" y="{top}" width="14" height="{bh:.1f}" fill="none" stroke="#999999"/>'
+    )
     for v, y in ((vmax, top + 4), (0.0, top + bh / 2 + 4), (-vmax, top + bh)):
         body.append(f'<text x="{bx + 18}" y="{y:.1f}" fill="#333333">{esc(fmt(v))}</text>')
     height = top + max(R * cs, bh) + 12
@@ -209,9 +250,16 @@ def heatmap_svg(matrix: Any, row_labels: Sequence[Any], col_labels: Sequence[Any
 
 
 # ---------------------------------------------------------------------------- bars
-def bar_svg(values: Any, labels: Sequence[Any], title: str = "", total: Optional[Real] = None,
-            *, waterfall: bool = False, total_label: str = "total",
-            note: str = "") -> str:
+def bar_svg(
+    values: Any,
+    labels: Sequence[Any],
+    title: str = "",
+    total: Optional[Real] = None,
+    *,
+    waterfall: bool = False,
+    total_label: str = "total",
+    note: str = "",
+) -> str:
     """Horizontal bars, one per label, positive to the right (blue), negative left (red).
 
     Args:
@@ -228,8 +276,9 @@ def bar_svg(values: Any, labels: Sequence[Any], title: str = "", total: Optional
     Returns:
         An ``<svg>`` element as a string.
     """
-    v = np.asarray(values.detach().cpu().numpy() if hasattr(values, "detach") else values,
-                   dtype=np.float64).reshape(-1)
+    v = np.asarray(
+        values.detach().cpu().numpy() if hasattr(values, "detach") else values, dtype=np.float64
+    ).reshape(-1)
     names = _check_len(labels, v.shape[0], "labels", "value", "bar_svg")
     starts = np.concatenate([[0.0], np.cumsum(v)[:-1]]) if waterfall else np.zeros_like(v)
     ends = starts + v
@@ -247,8 +296,10 @@ def bar_svg(values: Any, labels: Sequence[Any], title: str = "", total: Optional
     body = head
     top = th + 10
     if note:
-        body.append(f'<text x="8" y="{top + 6:.1f}" font-size="11" fill="#555555">'
-                    f"{esc(label(note, 110).replace(chr(160), ' '))}</text>")
+        body.append(
+            f'<text x="8" y="{top + 6:.1f}" font-size="11" fill="#555555">'
+            f"{esc(label(note, 110).replace(chr(160), ' '))}</text>"
+        )
         top += 18
     rh = 20.0
 
@@ -259,42 +310,60 @@ def bar_svg(values: Any, labels: Sequence[Any], title: str = "", total: Optional
     bottom = top + rh * (n + (1.3 if total is not None else 0)) + 4
     ticks = nice_ticks(lo, hi, 5)
     for t in ticks:
-        body.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{top - 2:.1f}" '
-                    f'y2="{bottom:.1f}" stroke="#eeeeee"/>')
-        body.append(f'<text x="{X(t):.1f}" y="{bottom + 14:.1f}" text-anchor="middle" '
-                    f'font-size="10" fill="#555555">{esc(fmt_tick(t))}</text>')
-    body.append(f'<line x1="{X(0):.1f}" x2="{X(0):.1f}" y1="{top - 2:.1f}" y2="{bottom:.1f}" '
-                f'stroke="#888888"/>')
+        body.append(
+            f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{top - 2:.1f}" '
+            f'y2="{bottom:.1f}" stroke="#eeeeee"/>'
+        )
+        body.append(
+            f'<text x="{X(t):.1f}" y="{bottom + 14:.1f}" text-anchor="middle" '
+            f'font-size="10" fill="#555555">{esc(fmt_tick(t))}</text>'
+        )
+    body.append(
+        f'<line x1="{X(0):.1f}" x2="{X(0):.1f}" y1="{top - 2:.1f}" y2="{bottom:.1f}" '
+        f'stroke="#888888"/>'
+    )
 
-    def bar(i_row: Real, a: Real, b: Real, color: str, name: Label, shown: Real,
-            bold: bool = False) -> None:
+    def bar(
+        i_row: Real, a: Real, b: Real, color: str, name: Label, shown: Real, bold: bool = False
+    ) -> None:
         y = top + i_row * rh
         x0, x1 = sorted((X(a), X(b)))
         w = max(x1 - x0, 1.0)
         weight = ' font-weight="600"' if bold else ""
-        body.append(f'<text x="{left - 8:.1f}" y="{y + 14:.1f}" text-anchor="end" '
-                    f'fill="#222222"{weight}>{name.svg()}</text>')
-        body.append(f'<rect x="{x0:.1f}" y="{y + 3:.1f}" width="{w:.1f}" height="{rh - 6:.1f}" '
-                    f'fill="{color}"><title>{esc(name.full_text())}: {esc(fmt(shown))}</title>'
-                    f'</rect>')
+        body.append(
+            f'<text x="{left - 8:.1f}" y="{y + 14:.1f}" text-anchor="end" '
+            f'fill="#222222"{weight}>{name.svg()}</text>'
+        )
+        body.append(
+            f'<rect x="{x0:.1f}" y="{y + 3:.1f}" width="{w:.1f}" height="{rh - 6:.1f}" '
+            f'fill="{color}"><title>{esc(name.full_text())}: {esc(fmt(shown))}</title>'
+            f"</rect>"
+        )
         if b >= a:
-            body.append(f'<text x="{x0 + w + 4:.1f}" y="{y + 14:.1f}" font-size="11" '
-                        f'fill="#333333"{weight}>{esc(fmt(shown))}</text>')
+            body.append(
+                f'<text x="{x0 + w + 4:.1f}" y="{y + 14:.1f}" font-size="11" '
+                f'fill="#333333"{weight}>{esc(fmt(shown))}</text>'
+            )
         else:
-            body.append(f'<text x="{x0 - 4:.1f}" y="{y + 14:.1f}" text-anchor="end" '
-                        f'font-size="11" fill="#333333"{weight}>{esc(fmt(shown))}</text>')
+            body.append(
+                f'<text x="{x0 - 4:.1f}" y="{y + 14:.1f}" text-anchor="end" '
+                f'font-size="11" fill="#333333"{weight}>{esc(fmt(shown))}</text>'
+            )
 
     for i in range(n):
         a, b = float(starts[i]), float(ends[i])
         bar(i, a, b, POSITIVE if v[i] >= 0 else NEGATIVE, rows[i], float(v[i]))
         if waterfall and i + 1 < n:
-            body.append(f'<line x1="{X(b):.1f}" x2="{X(b):.1f}" y1="{top + i * rh + rh - 3:.1f}"'
-                        f' y2="{top + (i + 1) * rh + 3:.1f}" stroke="#777777" '
-                        f'stroke-dasharray="2,2"/>')
+            body.append(
+                f'<line x1="{X(b):.1f}" x2="{X(b):.1f}" y1="{top + i * rh + rh - 3:.1f}"'
+                f' y2="{top + (i + 1) * rh + 3:.1f}" stroke="#777777" '
+                f'stroke-dasharray="2,2"/>'
+            )
     if total is not None:
         y = top + n * rh + 0.15 * rh
-        body.append(f'<line x1="8" x2="{width - 8:.1f}" y1="{y:.1f}" y2="{y:.1f}" '
-                    f'stroke="#bbbbbb"/>')
+        body.append(
+            f'<line x1="8" x2="{width - 8:.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="#bbbbbb"/>'
+        )
         bar(n + 0.3, 0.0, float(total), TOTAL, rows[-1], float(total), bold=True)
     if n == 0 and total is None:
         body.append(f'<text x="{left:.1f}" y="{top + 14:.1f}" fill="#555555">(no values)</text>')

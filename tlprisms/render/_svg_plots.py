@@ -26,8 +26,9 @@ __all__ = ["lines_svg", "scatter_svg"]
 
 
 # ---------------------------------------------------------------------------- lines
-def lines_svg(series: dict, x_labels: Sequence[Any], title: str = "", *,
-              highlight: Optional[str] = None) -> str:
+def lines_svg(
+    series: dict, x_labels: Sequence[Any], title: str = "", *, highlight: Optional[str] = None
+) -> str:
     """Line plots over a shared categorical x axis, e.g. neuron templates over a token set.
 
     Args:
@@ -43,15 +44,19 @@ def lines_svg(series: dict, x_labels: Sequence[Any], title: str = "", *,
     xs = list(x_labels)
     data = {}
     for name, vals in series.items():
-        arr = np.asarray(vals.detach().cpu().numpy() if hasattr(vals, "detach") else vals,
-                         dtype=np.float64).reshape(-1)
+        arr = np.asarray(
+            vals.detach().cpu().numpy() if hasattr(vals, "detach") else vals, dtype=np.float64
+        ).reshape(-1)
         if arr.shape[0] != len(xs):
-            raise PrismError(f"lines_svg: series {label(name, 40)!r} has {arr.shape[0]} values "
-                             f"for {len(xs)} x labels; give one value per x label.")
+            raise PrismError(
+                f"lines_svg: series {label(name, 40)!r} has {arr.shape[0]} values "
+                f"for {len(xs)} x labels; give one value per x label."
+            )
         data[name] = arr
     if highlight is not None and highlight not in data:
-        raise PrismError(f"lines_svg: highlight={highlight!r} is not a series name; use one of "
-                         f"{list(data)[:8]}.")
+        raise PrismError(
+            f"lines_svg: highlight={highlight!r} is not a series name; use one of {list(data)[:8]}."
+        )
     allv = np.concatenate([a[np.isfinite(a)] for a in data.values()] + [np.zeros(1)])
     lo, hi = float(allv.min()), float(allv.max())
     if hi - lo < 1e-12:
@@ -78,47 +83,62 @@ def lines_svg(series: dict, x_labels: Sequence[Any], title: str = "", *,
         return top + (hi - y) / (hi - lo) * plot_h
 
     for t in nice_ticks(lo, hi, 5):
-        body.append(f'<line x1="{left}" x2="{left + plot_w:.1f}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" '
-                    f'stroke="{"#999999" if t == 0 else "#eeeeee"}"/>')
-        body.append(f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" font-size="10" '
-                    f'fill="#555555">{esc(fmt_tick(t))}</text>')
-    body.append(f'<rect x="{left}" y="{top}" width="{plot_w:.1f}" height="{plot_h}" fill="none" '
-                f'stroke="#cccccc"/>')
+        body.append(
+            f'<line x1="{left}" x2="{left + plot_w:.1f}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" '
+            f'stroke="{"#999999" if t == 0 else "#eeeeee"}"/>'
+        )
+        body.append(
+            f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" font-size="10" '
+            f'fill="#555555">{esc(fmt_tick(t))}</text>'
+        )
+    body.append(
+        f'<rect x="{left}" y="{top}" width="{plot_w:.1f}" height="{plot_h}" fill="none" '
+        f'stroke="#cccccc"/>'
+    )
     base = top + plot_h + 4
     for i, s in enumerate(xl):
         if rotate:
-            body.append(f'<text x="{X(i):.1f}" y="{base + 10:.1f}" text-anchor="end" '
-                        f'transform="rotate(-45 {X(i):.1f} {base + 10:.1f})" font-size="11" '
-                        f'fill="#333333">{s.svg()}</text>')
+            body.append(
+                f'<text x="{X(i):.1f}" y="{base + 10:.1f}" text-anchor="end" '
+                f'transform="rotate(-45 {X(i):.1f} {base + 10:.1f})" font-size="11" '
+                f'fill="#333333">{s.svg()}</text>'
+            )
         else:
-            body.append(f'<text x="{X(i):.1f}" y="{base + 14:.1f}" text-anchor="middle" '
-                        f'font-size="11" fill="#333333">{s.svg()}</text>')
+            body.append(
+                f'<text x="{X(i):.1f}" y="{base + 14:.1f}" text-anchor="middle" '
+                f'font-size="11" fill="#333333">{s.svg()}</text>'
+            )
     for k, (name, arr) in enumerate(data.items()):
         color = "#111111" if name == highlight else PALETTE[k % len(PALETTE)]
         sw = 3.2 if name == highlight else 1.6
         pts = [(X(i), Y(float(y))) for i, y in enumerate(arr) if math.isfinite(y)]
         if len(pts) > 1:
             d = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-            body.append(f'<polyline points="{d}" fill="none" stroke="{color}" '
-                        f'stroke-width="{sw}"/>')
+            body.append(
+                f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="{sw}"/>'
+            )
         for i, y in enumerate(arr):
             if math.isfinite(y):
-                body.append(f'<circle cx="{X(i):.1f}" cy="{Y(float(y)):.1f}" r="{sw + 1:.1f}" '
-                            f'fill="{color}"><title>{esc(legend[k].full_text())} @ '
-                            f'{esc(xl[i].full_text())}: {esc(fmt(float(y)))}</title></circle>')
+                body.append(
+                    f'<circle cx="{X(i):.1f}" cy="{Y(float(y)):.1f}" r="{sw + 1:.1f}" '
+                    f'fill="{color}"><title>{esc(legend[k].full_text())} @ '
+                    f"{esc(xl[i].full_text())}: {esc(fmt(float(y)))}</title></circle>"
+                )
         ly = top + 8 + 18 * k
         lx = left + plot_w + 20
-        body.append(f'<line x1="{lx}" x2="{lx + 22}" y1="{ly:.1f}" y2="{ly:.1f}" '
-                    f'stroke="{color}" stroke-width="{sw}"/>')
-        body.append(f'<text x="{lx + 28}" y="{ly + 4:.1f}" fill="#222222">'
-                    f"{legend[k].svg()}</text>")
+        body.append(
+            f'<line x1="{lx}" x2="{lx + 22}" y1="{ly:.1f}" y2="{ly:.1f}" '
+            f'stroke="{color}" stroke-width="{sw}"/>'
+        )
+        body.append(f'<text x="{lx + 28}" y="{ly + 4:.1f}" fill="#222222">{legend[k].svg()}</text>')
     height = max(base + xlab_h, top + 18 * len(data) + 10) + 8
     return _svg(width, height, body)
 
 
 # ---------------------------------------------------------------------------- scatter
-def scatter_svg(points: Any, labels: Sequence[Any], title: str = "", *,
-                show_labels: Optional[bool] = None) -> str:
+def scatter_svg(
+    points: Any, labels: Sequence[Any], title: str = "", *, show_labels: Optional[bool] = None
+) -> str:
     """A 2-D scatter plot with a text label per point (e.g. a 2-D map of unembeddings).
 
     Args:
@@ -133,8 +153,10 @@ def scatter_svg(points: Any, labels: Sequence[Any], title: str = "", *,
     """
     p = _as_matrix(points, "scatter_svg")
     if p.shape[1] != 2:
-        raise PrismError(f"scatter_svg: points must be [n, 2], got shape {p.shape}; project "
-                         "to two dimensions first.")
+        raise PrismError(
+            f"scatter_svg: points must be [n, 2], got shape {p.shape}; project "
+            "to two dimensions first."
+        )
     names = _check_len(labels, p.shape[0], "labels", "point", "scatter_svg")
     show_labels = p.shape[0] <= 80 if show_labels is None else show_labels
     ok = np.isfinite(p).all(1)
@@ -156,26 +178,39 @@ def scatter_svg(points: Any, labels: Sequence[Any], title: str = "", *,
     def Y(y: Real) -> Real:
         return top + (y1 - y) / (y1 - y0) * size
 
-    body.append(f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" '
-                f'stroke="#cccccc"/>')
+    body.append(
+        f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#cccccc"/>'
+    )
     for t in nice_ticks(x0, x1, 5):
-        body.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{top}" y2="{top + size}" '
-                    f'stroke="{"#999999" if t == 0 else "#f0f0f0"}"/>')
-        body.append(f'<text x="{X(t):.1f}" y="{top + size + 14}" text-anchor="middle" '
-                    f'font-size="10" fill="#555555">{esc(fmt_tick(t))}</text>')
+        body.append(
+            f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{top}" y2="{top + size}" '
+            f'stroke="{"#999999" if t == 0 else "#f0f0f0"}"/>'
+        )
+        body.append(
+            f'<text x="{X(t):.1f}" y="{top + size + 14}" text-anchor="middle" '
+            f'font-size="10" fill="#555555">{esc(fmt_tick(t))}</text>'
+        )
     for t in nice_ticks(y0, y1, 5):
-        body.append(f'<line x1="{left}" x2="{left + size}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" '
-                    f'stroke="{"#999999" if t == 0 else "#f0f0f0"}"/>')
-        body.append(f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" '
-                    f'font-size="10" fill="#555555">{esc(fmt_tick(t))}</text>')
+        body.append(
+            f'<line x1="{left}" x2="{left + size}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" '
+            f'stroke="{"#999999" if t == 0 else "#f0f0f0"}"/>'
+        )
+        body.append(
+            f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" '
+            f'font-size="10" fill="#555555">{esc(fmt_tick(t))}</text>'
+        )
     for i in range(p.shape[0]):
         if not ok[i]:
             continue
         cx, cy = X(float(p[i, 0])), Y(float(p[i, 1]))
         tip = f"{lab[i].full_text()}: ({fmt(float(p[i, 0]))}, {fmt(float(p[i, 1]))})"
-        body.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{POSITIVE}" '
-                    f'fill-opacity="0.75"><title>{esc(tip)}</title></circle>')
+        body.append(
+            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{POSITIVE}" '
+            f'fill-opacity="0.75"><title>{esc(tip)}</title></circle>'
+        )
         if show_labels:
-            body.append(f'<text x="{cx + 6:.1f}" y="{cy + 4:.1f}" font-size="10" '
-                        f'fill="#222222">{lab[i].svg()}</text>')
+            body.append(
+                f'<text x="{cx + 6:.1f}" y="{cy + 4:.1f}" font-size="10" '
+                f'fill="#222222">{lab[i].svg()}</text>'
+            )
     return _svg(width, top + size + 24, body)

@@ -48,8 +48,17 @@ class TopTokens(Figure):
         component, batch, position: what was read out, and where.
     """
 
-    def __init__(self, svg: str, title: str, values: Tensor, promoted: list, suppressed: list,
-                 component: Component, batch: int, position: int) -> None:
+    def __init__(
+        self,
+        svg: str,
+        title: str,
+        values: Tensor,
+        promoted: list,
+        suppressed: list,
+        component: Component,
+        batch: int,
+        position: int,
+    ) -> None:
         super().__init__(svg, title)
         self.values = values
         self.promoted = promoted
@@ -61,8 +70,10 @@ class TopTokens(Figure):
     def __repr__(self) -> str:
         up = ", ".join(f"{t!r} {v:+.3g}" for t, _, v in self.promoted[:5])
         down = ", ".join(f"{t!r} {v:+.3g}" for t, _, v in self.suppressed[:5])
-        return (f"TopTokens({self.component} @ batch {self.batch}, pos {self.position}: "
-                f"promotes {up}; suppresses {down})")
+        return (
+            f"TopTokens({self.component} @ batch {self.batch}, pos {self.position}: "
+            f"promotes {up}; suppresses {down})"
+        )
 
 
 def _post_map(post: Optional[NormSpec], x: Tensor, scale: Optional[Tensor]) -> Tensor:
@@ -70,8 +81,9 @@ def _post_map(post: Optional[NormSpec], x: Tensor, scale: Optional[Tensor]) -> T
     return x if post is None else post.apply(x, scale, bias=False)
 
 
-def component_write(prism: Any, component: Component, batch: int, pos: int
-                    ) -> Float[Tensor, "d_model"]:
+def component_write(
+    prism: Any, component: Component, batch: int, pos: int
+) -> Float[Tensor, "d_model"]:
     """What ``component`` writes into the residual stream at ``(batch, pos)`` (see module)."""
     caller = "top_tokens"
     cv = CacheView(prism.view, prism.cache, caller)
@@ -88,8 +100,11 @@ def component_write(prism: Any, component: Component, batch: int, pos: int
         pe = cv.get(Site.POS_EMBED)
         return pe[b if pe.shape[0] > 1 else 0, i].to(dtype)
     is_attn = kind in ("head", "attn")
-    post = (view.ln1_post if is_attn else view.ln2_post)[layer] if kind in (
-        "head", "neuron", "attn", "mlp") else None
+    post = (
+        (view.ln1_post if is_attn else view.ln2_post)[layer]
+        if kind in ("head", "neuron", "attn", "mlp")
+        else None
+    )
     scale = None
     if post is not None and post.has_scale:
         scale = cv.scale(post, here)[b, 0]
@@ -116,13 +131,14 @@ def component_write(prism: Any, component: Component, batch: int, pos: int
         if post is not None and post.bias is not None:
             out = out - post.bias.to(out.device, dtype)
         return out
-    raise ArgumentError(f"{caller}: cannot read out a component of kind {kind!r}; use a head, "
-                        "neuron, attn, mlp, embed or pos_embed component (e.g. "
-                        "Component('head', layer=1, head=3)).")
+    raise ArgumentError(
+        f"{caller}: cannot read out a component of kind {kind!r}; use a head, "
+        "neuron, attn, mlp, embed or pos_embed component (e.g. "
+        "Component('head', layer=1, head=3))."
+    )
 
 
-def vocab_readout(prism: Any, write: Tensor, batch: int, pos: int
-                  ) -> Float[Tensor, "d_vocab"]:
+def vocab_readout(prism: Any, write: Tensor, batch: int, pos: int) -> Float[Tensor, "d_vocab"]:
     """``write`` read out on every token through the frozen final norm (pre-softcap, no bias)."""
     cv = CacheView(prism.view, prism.cache, "top_tokens")
     view, dtype = cv.view, cv.dtype
@@ -135,13 +151,14 @@ def vocab_readout(prism: Any, write: Tensor, batch: int, pos: int
     for start in range(0, view.d_vocab, _CHUNK):
         ids = torch.arange(start, min(start + _CHUNK, view.d_vocab))
         cols, _ = view.unembed_columns(ids, dtype)  # [chunk, d_model]
-        out[start:start + len(ids)] = (norm.pull_back(cols.to(write.device)) @ write) * inv_s
+        out[start : start + len(ids)] = (norm.pull_back(cols.to(write.device)) @ write) * inv_s
     return out
 
 
 @check.entry
-def top_tokens(prism: Any, component: Component, *, batch: int = 0, pos: int = -1,
-               k: int = 10) -> TopTokens:
+def top_tokens(
+    prism: Any, component: Component, *, batch: int = 0, pos: int = -1, k: int = 10
+) -> TopTokens:
     """The tokens ``component`` promotes and suppresses most at ``(batch, pos)``.
 
     Its write at that position is read out on the whole vocabulary through the frozen final
@@ -162,18 +179,30 @@ def top_tokens(prism: Any, component: Component, *, batch: int = 0, pos: int = -
     """
     caller = "top_tokens"
     if not isinstance(component, Component):
-        raise ArgumentError(f"{caller}: component must be a tlprisms Component, e.g. "
-                         f"Component('head', layer=1, head=3); got {type(component).__name__}.")
+        raise ArgumentError(
+            f"{caller}: component must be a tlprisms Component, e.g. "
+            f"Component('head', layer=1, head=3); got {type(component).__name__}."
+        )
     if component.at >= 0:
-        raise ArgumentError(f"{caller}: {component} is a chained term (written at position "
-                            f"{component.at}); top_tokens reads direct writes only. Pass the "
-                            "component without at, and pos= the position to read at.")
+        raise ArgumentError(
+            f"{caller}: {component} is a chained term (written at position "
+            f"{component.at}); top_tokens reads direct writes only. Pass the "
+            "component without at, and pos= the position to read at."
+        )
     if not isinstance(prism, LogitPrism):
-        raise ArgumentError(f"{caller}: the first argument must be the LogitPrism "
-                            f"(tlprisms.LogitPrism(model, cache)); got {type(prism).__name__}.")
+        raise ArgumentError(
+            f"{caller}: the first argument must be the LogitPrism "
+            f"(tlprisms.LogitPrism(model, cache)); got {type(prism).__name__}."
+        )
     b = check.in_range(batch, prism.batch, "batch", caller, of=f" (a batch of {prism.batch})")
-    i = check.in_range(pos, prism.n_ctx, "position", caller, PositionError,
-                       of=f" for inputs of {prism.n_ctx} tokens")
+    i = check.in_range(
+        pos,
+        prism.n_ctx,
+        "position",
+        caller,
+        PositionError,
+        of=f" for inputs of {prism.n_ctx} tokens",
+    )
     k = check.count(k, "k", caller)
     with torch.no_grad():
         values = vocab_readout(prism, component_write(prism, component, b, i), b, i)
@@ -181,14 +210,20 @@ def top_tokens(prism: Any, component: Component, *, batch: int = 0, pos: int = -
     up = torch.topk(values, k)
     down = torch.topk(-values, k)
     label = prism.view.token_label
-    promoted = [(label(int(t), quote=False), int(t), float(v))
-                for v, t in zip(up.values, up.indices)]
-    suppressed = [(label(int(t), quote=False), int(t), -float(v))
-                  for v, t in zip(down.values, down.indices)]
+    promoted = [
+        (label(int(t), quote=False), int(t), float(v)) for v, t in zip(up.values, up.indices)
+    ]
+    suppressed = [
+        (label(int(t), quote=False), int(t), -float(v)) for v, t in zip(down.values, down.indices)
+    ]
     rows = promoted + suppressed[::-1]
     quote = repr if prism.view.tokenizer() is not None else str  # quotes show leading spaces
     title = f"{component} at position {i} (batch {b}): tokens it promotes and suppresses"
-    svg = bar_svg([r[2] for r in rows], [quote(r[0]) for r in rows], title,
-                  note=f"its direct term in each token's logit (frozen final norm); top {k} "
-                       f"and bottom {k} of {values.shape[0]}")
+    svg = bar_svg(
+        [r[2] for r in rows],
+        [quote(r[0]) for r in rows],
+        title,
+        note=f"its direct term in each token's logit (frozen final norm); top {k} "
+        f"and bottom {k} of {values.shape[0]}",
+    )
     return TopTokens(svg, title, values.cpu(), promoted, suppressed, component, b, i)

@@ -41,29 +41,38 @@ class _Point:
     def where(self) -> str:
         """``position 5 ' Paris' (batch 0)``: the token quoted, shortened and isolated."""
         if self.known and 0 <= self.position < len(self.tokens):
-            return (f"position {self.position} {quote_token(self.tokens[self.position])} "
-                    f"(batch {self.batch})")
+            return (
+                f"position {self.position} {quote_token(self.tokens[self.position])} "
+                f"(batch {self.batch})"
+            )
         return f"position {self.position} (batch {self.batch})"
 
 
 def _check_result(result: Any, caller: str) -> Decomposition:
     if not isinstance(result, Decomposition):
-        raise PrismError(f"{caller}: expected a tlprisms Decomposition (what LogitPrism.residual/"
-                         f"heads/neurons return), got {type(result).__name__}.")
+        raise PrismError(
+            f"{caller}: expected a tlprisms Decomposition (what LogitPrism.residual/"
+            f"heads/neurons return), got {type(result).__name__}."
+        )
     return result
 
 
 def _index(i: int, n: int, what: str, caller: str) -> int:
     if not -n <= int(i) < n:
-        raise PrismError(f"{caller}: {what}={i} is out of range; the result has {n} "
-                         f"{what} entries (0..{n - 1}, or negative from the end).")
+        raise PrismError(
+            f"{caller}: {what}={i} is out of range; the result has {n} "
+            f"{what} entries (0..{n - 1}, or negative from the end)."
+        )
     return int(i) % n
 
 
 def tokens_of(result: Decomposition, batch: int) -> list:
     """The token strings of one batch row, or ``"[i]"`` position labels when unknown."""
-    n = 1 + max(int(result.positions.max()), int(result.components.src.max(initial=-1)),
-                int(result.components.pos.max(initial=-1)))
+    n = 1 + max(
+        int(result.positions.max()),
+        int(result.components.src.max(initial=-1)),
+        int(result.components.pos.max(initial=-1)),
+    )
     toks = result.str_tokens
     if toks is not None and batch < len(toks) and toks[batch] is not None:
         row = [str(t) for t in toks[batch]]
@@ -82,10 +91,17 @@ def _point(result: Decomposition, batch: int, pos: int, target: int, caller: str
     p = _index(pos, P, "pos", caller)
     t = _index(target, K, "target", caller)
     labels = np.broadcast_to(result.target_labels, (B, P, K))
-    return _Point(values=result.values[b, p, t].detach().double().cpu().numpy(), batch=b, p=p,
-                  target=t, position=int(result.positions[b, p]),
-                  logit=float(result.logits[b, p, t]), label=_target(labels[b, p, t]),
-                  tokens=tokens_of(result, b), known=_known(result, b))
+    return _Point(
+        values=result.values[b, p, t].detach().double().cpu().numpy(),
+        batch=b,
+        p=p,
+        target=t,
+        position=int(result.positions[b, p]),
+        logit=float(result.logits[b, p, t]),
+        label=_target(labels[b, p, t]),
+        tokens=tokens_of(result, b),
+        known=_known(result, b),
+    )
 
 
 def _target(label: Any) -> str:
@@ -105,27 +121,43 @@ def _head_mask(result: Decomposition, layers: Sel, heads: Sel) -> np.ndarray:
 
 def _need_heads(result: Decomposition, keep: np.ndarray, caller: str, by_source: bool) -> None:
     if not keep.any():
-        raise PrismError(f"{caller}: the result has no head terms (prism {result.prism!r}); "
-                         "use prism.heads(target) or prism.decompose(target, heads=...).")
+        raise PrismError(
+            f"{caller}: the result has no head terms (prism {result.prism!r}); "
+            "use prism.heads(target) or prism.decompose(target, heads=...)."
+        )
     if by_source and not (result.components.src[keep] >= 0).any():
-        raise PrismError(f"{caller}: the head terms are not split by source position; use "
-                         "prism.heads(target, by_source=True) (the default).")
+        raise PrismError(
+            f"{caller}: the head terms are not split by source position; use "
+            "prism.heads(target, by_source=True) (the default)."
+        )
 
 
 def _caption(result: Decomposition, pt: _Point) -> str:
     what = f"{result.explains} of {pt.label} at {pt.where()}"
     total = float(pt.values.sum())
     if result.complete:
-        return (f"{result.prism} prism: {what} = {fmt(pt.logit)}; its {len(pt.values)} terms "
-                f"sum to {fmt(total)} (gap {abs(total - pt.logit):.1e}).")
-    return (f"{result.prism} prism, a selection: {len(pt.values)} terms of the {what} "
-            f"({fmt(pt.logit)}); they sum to {fmt(total)}.")
+        return (
+            f"{result.prism} prism: {what} = {fmt(pt.logit)}; its {len(pt.values)} terms "
+            f"sum to {fmt(total)} (gap {abs(total - pt.logit):.1e})."
+        )
+    return (
+        f"{result.prism} prism, a selection: {len(pt.values)} terms of the {what} "
+        f"({fmt(pt.logit)}); they sum to {fmt(total)}."
+    )
 
 
 # ---------------------------------------------------------------------------- bars
-def bars(result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 0,
-         k: int = 20, kind: Union[None, str, Iterable[str]] = None, order: str = "auto",
-         waterfall: bool = True) -> Figure:
+def bars(
+    result: Decomposition,
+    *,
+    batch: int = 0,
+    pos: int = -1,
+    target: int = 0,
+    k: int = 20,
+    kind: Union[None, str, Iterable[str]] = None,
+    order: str = "auto",
+    waterfall: bool = True,
+) -> Figure:
     """The terms as bars that add up to the logit: a waterfall ending in a total bar.
 
     Head terms are first summed over source positions (one bar per head). The bars shown
@@ -157,8 +189,10 @@ def bars(result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 
         kinds = [kind] if isinstance(kind, str) else list(kind)
         focus = np.isin(c.kinds(), kinds) & ~const
         if not focus.any():
-            raise PrismError(f"{caller}: the result has no components of kind {kinds}; it has "
-                             f"{sorted(set(c.kinds()))}.")
+            raise PrismError(
+                f"{caller}: the result has no components of kind {kinds}; it has "
+                f"{sorted(set(c.kinds()))}."
+            )
     idx = np.nonzero(focus)[0]
     v = pt.values
     if order == "auto":
@@ -185,10 +219,10 @@ def bars(result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 
         note = f"terms sum to {fmt(total)}; the model's {result.explains} is {fmt(pt.logit)}"
     else:
         note = f"a selection of terms: they sum to {fmt(total)} of {fmt(pt.logit)}"
-    svg = bar_svg(vals, names, title, total, waterfall=waterfall, total_label=total_label,
-                  note=note)
-    return Figure(svg, title, {"labels": names, "values": vals, "total": total,
-                               "logit": pt.logit})
+    svg = bar_svg(
+        vals, names, title, total, waterfall=waterfall, total_label=total_label, note=note
+    )
+    return Figure(svg, title, {"labels": names, "values": vals, "total": total, "logit": pt.logit})
 
 
 def _plural(kinds: np.ndarray) -> str:
@@ -199,8 +233,9 @@ def _plural(kinds: np.ndarray) -> str:
 
 
 # ---------------------------------------------------------------------------- heads
-def layer_head_heatmap(result: Decomposition, *, batch: int = 0, pos: int = -1,
-                       target: int = 0) -> Figure:
+def layer_head_heatmap(
+    result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 0
+) -> Figure:
     """Layer x head: each head's term summed over source positions.
 
     Rows are the layers the result split into heads, columns the heads; the value is the
@@ -218,7 +253,8 @@ def layer_head_heatmap(result: Decomposition, *, batch: int = 0, pos: int = -1,
     m = np.zeros((len(layers), n_heads))
     row = {layer: i for i, layer in enumerate(layers)}
     idx = np.nonzero(keep)[0]
-    np.add.at(m, ([row[int(x)] for x in c.layer[idx]], c.head[idx]), pt.values[idx])
+    rows = np.asarray([row[int(x)] for x in c.layer[idx]], dtype=np.int64)
+    np.add.at(m, (rows, c.head[idx]), pt.values[idx])
     title = f"Heads (summed over sources): {result.explains} of {pt.label} at {pt.where()}"
     svg = heatmap_svg(m, [f"L{x}" for x in layers], [f"H{h}" for h in range(n_heads)], title)
     return Figure(svg, title, {"matrix": m, "layers": layers})
@@ -236,9 +272,11 @@ def _src_matrix(result: Decomposition, pt: _Point, keep: np.ndarray, n: int) -> 
 #: token boundaries visible (word-level tokens carry no spaces); CircuitsVis's own tooltip
 #: (a ``div`` beside each token) hidden: it would print the token's HTML as text, so each
 #: token carries its full text and value in a ``title`` instead (see :func:`_colored_token`)
-_TOKEN_CSS = (".colored-tokens>span>span{border-color:#b8b8b8!important;margin-right:2px!important;"
-              "padding:3px 2px!important;unicode-bidi:isolate}"
-              ".colored-tokens>div{display:none!important}")
+_TOKEN_CSS = (
+    ".colored-tokens>span>span{border-color:#b8b8b8!important;margin-right:2px!important;"
+    "padding:3px 2px!important;unicode-bidi:isolate}"
+    ".colored-tokens>div{display:none!important}"
+)
 
 
 def _colored_token(lab: Label, position: int, value: float) -> str:
@@ -259,13 +297,22 @@ def _full_tokens(labels: list) -> str:
     if not cut:
         return ""
     items = "".join(f"<li>position {j}: {lab.html()}</li>" for j, lab in cut)
-    return (f'<details style="font-size:11px;color:#555;margin:4px 0;{WRAP}"><summary>'
-            f"{len(cut)} token label{'s' if len(cut) > 1 else ''} shortened; full text"
-            f'</summary><ul style="margin:4px 0;padding-left:18px">{items}</ul></details>')
+    return (
+        f'<details style="font-size:11px;color:#555;margin:4px 0;{WRAP}"><summary>'
+        f"{len(cut)} token label{'s' if len(cut) > 1 else ''} shortened; full text"
+        f'</summary><ul style="margin:4px 0;padding-left:18px">{items}</ul></details>'
+    )
 
 
-def source_tokens(result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 0,
-                  layers: Sel = None, heads: Sel = None) -> Widget:
+def source_tokens(
+    result: Decomposition,
+    *,
+    batch: int = 0,
+    pos: int = -1,
+    target: int = 0,
+    layers: Sel = None,
+    heads: Sel = None,
+) -> Widget:
     """The input tokens coloured by the summed head terms that read each source position.
 
     A CircuitsVis ``ColoredTokens`` view: the value of token ``j`` is the sum over the chosen
@@ -283,20 +330,36 @@ def source_tokens(result: Decomposition, *, batch: int = 0, pos: int = -1, targe
     which = "all heads" if layers is None and heads is None else "the chosen heads"
     title = f"Source tokens: {which}' terms for the {result.explains} of {pt.label} at {pt.where()}"
     labels = [token_label(t) for t in pt.tokens]
-    return Widget("ColoredTokens", {
-        # ColoredTokens inserts tokens as HTML
-        "tokens": [_colored_token(lab, j, float(x))
-                   for j, (lab, x) in enumerate(zip(labels, values))],
-        "values": [float(x) for x in values],
-        "minValue": -vmax, "maxValue": vmax,
-        "negativeColor": NEGATIVE, "positiveColor": POSITIVE,
-    }, title=title, note=f"blue raises the {result.explains}, red lowers it; scale "
-                         f"\u00b1{fmt(vmax)}; the sum over sources is {fmt(float(values.sum()))}",
-       css=_TOKEN_CSS, footer=_full_tokens(labels))
+    return Widget(
+        "ColoredTokens",
+        {
+            # ColoredTokens inserts tokens as HTML
+            "tokens": [
+                _colored_token(lab, j, float(x)) for j, (lab, x) in enumerate(zip(labels, values))
+            ],
+            "values": [float(x) for x in values],
+            "minValue": -vmax,
+            "maxValue": vmax,
+            "negativeColor": NEGATIVE,
+            "positiveColor": POSITIVE,
+        },
+        title=title,
+        note=f"blue raises the {result.explains}, red lowers it; scale "
+        f"\u00b1{fmt(vmax)}; the sum over sources is {fmt(float(values.sum()))}",
+        css=_TOKEN_CSS,
+        footer=_full_tokens(labels),
+    )
 
 
-def head_source_map(result: Decomposition, *, batch: int = 0, target: int = 0,
-                    layers: Sel = None, heads: Sel = None, top: Optional[int] = 16) -> Widget:
+def head_source_map(
+    result: Decomposition,
+    *,
+    batch: int = 0,
+    target: int = 0,
+    layers: Sel = None,
+    heads: Sel = None,
+    top: Optional[int] = 16,
+) -> Widget:
     """One attention-pattern-style map per head whose cells are logit terms, not attention.
 
     A CircuitsVis ``AttentionHeads`` view. For head ``h``, cell ``(i, j)`` is the term of
@@ -329,33 +392,48 @@ def head_source_map(result: Decomposition, *, batch: int = 0, target: int = 0,
     maps = np.zeros((len(keys), n, n))
     dest = result.positions[b].cpu().numpy()
     for p in range(P):
-        np.add.at(maps, ([slot[(int(la), int(h))] for la, h in zip(c.layer[idx], c.head[idx])],
-                         dest[p], c.src[idx]), vals[p])
+        np.add.at(
+            maps,
+            (
+                np.asarray([slot[(int(la), int(h))] for la, h in zip(c.layer[idx], c.head[idx])]),
+                dest[p],
+                c.src[idx],
+            ),
+            vals[p],
+        )
     score = np.abs(maps).sum((1, 2))
     order = np.argsort(-score, kind="stable")[: top if top is not None else len(keys)]
     vmax = float(np.abs(maps[order]).max()) if len(order) else 0.0
     vmax = vmax or 1.0
     label = _target(np.broadcast_to(result.target_labels, (B, P, K))[b, -1, t])
     names = [f"L{keys[i][0]}H{keys[i][1]} {fmt(float(maps[i].sum()))}" for i in order]
-    title = (f"Heads x sources: terms of the {result.explains} of {label} (batch {b}), "
-             f"{len(order)} of {len(keys)} heads by |terms|")
-    return Widget("AttentionHeads", {
-        "attention": [maps[i].tolist() for i in order],
-        # drawn on a canvas as text: not HTML-escaped; shortened and isolated (FSI ... PDI),
-        # the full text listed under the widget
-        "tokens": [lab.text() if lab.full else "" for lab in labels],
-        "attentionHeadNames": names,
-        "minValue": -vmax, "maxValue": vmax,
-        "negativeColor": NEGATIVE, "positiveColor": POSITIVE,
-        "maskUpperTri": True,
-    }, title=title, note=f"rows: destination (explained) positions; columns: source positions; "
-                         f"one scale \u00b1{fmt(vmax)} for all heads; blue raises the logit",
-       footer=_full_tokens(labels))
+    title = (
+        f"Heads x sources: terms of the {result.explains} of {label} (batch {b}), "
+        f"{len(order)} of {len(keys)} heads by |terms|"
+    )
+    return Widget(
+        "AttentionHeads",
+        {
+            "attention": [maps[i].tolist() for i in order],
+            # drawn on a canvas as text: not HTML-escaped; shortened and isolated (FSI ... PDI),
+            # the full text listed under the widget
+            "tokens": [lab.text() if lab.full else "" for lab in labels],
+            "attentionHeadNames": names,
+            "minValue": -vmax,
+            "maxValue": vmax,
+            "negativeColor": NEGATIVE,
+            "positiveColor": POSITIVE,
+            "maskUpperTri": True,
+        },
+        title=title,
+        note=f"rows: destination (explained) positions; columns: source positions; "
+        f"one scale \u00b1{fmt(vmax)} for all heads; blue raises the logit",
+        footer=_full_tokens(labels),
+    )
 
 
 # ---------------------------------------------------------------------------- default
-def default_view(result: Decomposition, *, batch: int = 0, pos: int = -1,
-                 target: int = 0) -> Group:
+def default_view(result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 0) -> Group:
     """What a result shows in Jupyter: chosen by its component kinds.
 
     Heads present: the layer x head heatmap, and the source tokens when split by source.
@@ -366,7 +444,7 @@ def default_view(result: Decomposition, *, batch: int = 0, pos: int = -1,
     pt = _point(result, batch, pos, target, "to_html")
     kinds = set(result.components.kinds().tolist())
     views: list[View] = []
-    at = dict(batch=batch, pos=pos, target=target)
+    at: dict[str, Any] = dict(batch=batch, pos=pos, target=target)
     caption = _caption(result, pt)
     if "head" in kinds:
         views.append(layer_head_heatmap(result, **at))

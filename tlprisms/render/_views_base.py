@@ -25,8 +25,9 @@ __all__ = ["View", "Figure", "Widget", "Group", "bundle_script", "CV_GLOBAL", "W
 CV_GLOBAL = "__tlprismsCircuitsVis"
 #: inline style for captions: an unbroken run of text wraps instead of widening the page
 WRAP = "overflow-wrap:anywhere;unicode-bidi:isolate"
-_MOUNT_FALLBACK = ("CircuitsVis view: it needs JavaScript (in Jupyter, trust the notebook "
-                   "to run it).")
+_MOUNT_FALLBACK = (
+    "CircuitsVis view: it needs JavaScript (in Jupyter, trust the notebook to run it)."
+)
 
 
 def _bundle_path() -> Path:
@@ -64,8 +65,10 @@ def bundle_script() -> str:
     """A ``<script>`` that defines the CircuitsVis bundle once per page (guarded)."""
     path = _bundle_path()
     js = _bundle_text(str(path), os.path.getmtime(path))
-    return (f"<script>if(!window.{CV_GLOBAL}){{window.{CV_GLOBAL}=(function(){{\n{js}\n"
-            f";return CircuitsVis;}})();}}</script>")
+    return (
+        f"<script>if(!window.{CV_GLOBAL}){{window.{CV_GLOBAL}=(function(){{\n{js}\n"
+        f";return CircuitsVis;}})();}}</script>"
+    )
 
 
 class View:
@@ -104,8 +107,10 @@ class Figure(View):
         self.data = data or {}  # the numbers drawn, for tests and re-use
 
     def fragment(self, *, bundle: bool) -> str:
-        return (f'<div class="tlprisms-view tlprisms-figure" id="{new_id()}" '
-                f'style="margin:8px 0;overflow-x:auto">{self.svg}</div>')
+        return (
+            f'<div class="tlprisms-view tlprisms-figure" id="{new_id()}" '
+            f'style="margin:8px 0;overflow-x:auto">{self.svg}</div>'
+        )
 
     def figures(self) -> list["Figure"]:
         return [self]
@@ -129,8 +134,15 @@ class Widget(View):
             text of token labels the component shows shortened.
     """
 
-    def __init__(self, component: str, props: dict, title: str = "", note: str = "",
-                 css: str = "", footer: str = "") -> None:
+    def __init__(
+        self,
+        component: str,
+        props: dict,
+        title: str = "",
+        note: str = "",
+        css: str = "",
+        footer: str = "",
+    ) -> None:
         self.component = component
         self.props = props
         self.title = title
@@ -146,26 +158,38 @@ class Widget(View):
         mount = new_id("tlp-cv")
         caption = ""
         if self.title:
-            caption += (f'<div style="font-weight:600;font-size:14px;margin:4px 0;{WRAP}">'
-                        f"{esc(self.title)}</div>")
+            caption += (
+                f'<div style="font-weight:600;font-size:14px;margin:4px 0;{WRAP}">'
+                f"{esc(self.title)}</div>"
+            )
         if self.note:
-            caption += (f'<div style="font-size:11px;color:#555;margin:2px 0 6px;{WRAP}">'
-                        f"{esc(self.note)}</div>")
-        call = (f"(function(){{var cv=window.{CV_GLOBAL};var el=document.getElementById("
-                f"{script_json(mount)});if(!cv||!el){{return;}}el.textContent='';"
-                f"cv.render({script_json(mount)},cv[{script_json(self.component)}],"
-                f"{script_json(self.props)});}})();")
+            caption += (
+                f'<div style="font-size:11px;color:#555;margin:2px 0 6px;{WRAP}">'
+                f"{esc(self.note)}</div>"
+            )
+        call = (
+            f"(function(){{var cv=window.{CV_GLOBAL};var el=document.getElementById("
+            f"{script_json(mount)});if(!cv||!el){{return;}}el.textContent='';"
+            f"cv.render({script_json(mount)},cv[{script_json(self.component)}],"
+            f"{script_json(self.props)});}})();"
+        )
         style = ""
         if self.css:
             rules = self.css.replace("<", "").split("}")
-            style = "<style>" + "".join(f"#{mount} {r.strip()}}}" for r in rules
-                                        if r.strip()) + "</style>"
-        return ((bundle_script() if bundle else "") + style
-                + f'<div class="tlprisms-view tlprisms-widget" id="{new_id()}" '
-                f'style="margin:8px 0">{caption}'
-                f'<div class="tlprisms-cv-mount" id="{mount}" '
-                f'data-component="{esc(self.component)}">{esc(_MOUNT_FALLBACK)}</div>'
-                f"{self.footer}</div><script>{call}</script>")
+            style = (
+                "<style>"
+                + "".join(f"#{mount} {r.strip()}}}" for r in rules if r.strip())
+                + "</style>"
+            )
+        return (
+            (bundle_script() if bundle else "")
+            + style
+            + f'<div class="tlprisms-view tlprisms-widget" id="{new_id()}" '
+            f'style="margin:8px 0">{caption}'
+            f'<div class="tlprisms-cv-mount" id="{mount}" '
+            f'data-component="{esc(self.component)}">{esc(_MOUNT_FALLBACK)}</div>'
+            f"{self.footer}</div><script>{call}</script>"
+        )
 
     def __repr__(self) -> str:
         return f"Widget({self.component}, {self.title!r})"
@@ -185,11 +209,15 @@ class Group(View):
 
     def fragment(self, *, bundle: bool) -> str:
         parts = [bundle_script()] if bundle and self.needs_bundle else []
-        parts.append(f'<div class="tlprisms-group" id="{new_id()}" style="font-family:system-ui,'
-                     f'-apple-system,Segoe UI,Helvetica,Arial,sans-serif">')
+        parts.append(
+            f'<div class="tlprisms-group" id="{new_id()}" style="font-family:system-ui,'
+            f'-apple-system,Segoe UI,Helvetica,Arial,sans-serif">'
+        )
         if self.caption:
-            parts.append(f'<div style="font-size:13px;color:#222;margin:4px 0 8px;{WRAP}">'
-                         f"{esc(self.caption)}</div>")
+            parts.append(
+                f'<div style="font-size:13px;color:#222;margin:4px 0 8px;{WRAP}">'
+                f"{esc(self.caption)}</div>"
+            )
         for v in self.views:
             parts.append(v.fragment(bundle=False) if isinstance(v, View) else str(v))
         parts.append("</div>")
