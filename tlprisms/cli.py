@@ -323,11 +323,8 @@ def run_explain(
     r = prism.residual(target, pos).check()
     full = prism.full(target, pos)
     per_head = prism.heads(target, pos).aggregate("layer", "head")
+    full.check()  # a result that does not add up is an error, never a warning
     gap = _gap(r, full)
-    try:
-        full.check()
-    except tp.PrismError as err:
-        _say(f"warning: {err}")
     _say(
         f"\n{target!r} at position {pos}: logit {float(r.logits[0, 0, 0]):.4g} "
         f"({r.explains}); completeness gap {gap:.2e}"

@@ -88,12 +88,13 @@ def load_model(
     except PrismError:
         raise
     except Exception as err:
-        text = f"{type(err).__name__}: {err}"
+        text = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+        short = text if len(text) <= 300 else text[:297] + "..."
         low = text.lower()
         if any(word in low for word in _NETWORK_WORDS):
             raise PrismError(
                 f"load_model: could not download {name!r}: the Hugging Face hub is not "
-                f"reachable ({text[:200]}). Connect to the internet, or pre-download the "
+                f"reachable ({short}). Connect to the internet, or pre-download the "
                 "weights and set HF_HUB_OFFLINE=1, or use the embedded model: --model demo."
             ) from err
         if any(
@@ -108,7 +109,7 @@ def load_model(
             )
         ):
             raise PrismError(
-                f"load_model: unknown model {name!r} ({text[:200]}). Use a name TransformerLens "
+                f"load_model: unknown model {name!r} ({short}). Use a name TransformerLens "
                 "supports (e.g. 'gpt2', 'EleutherAI/pythia-70m', 'google/gemma-2b'), or 'demo'."
             ) from err
-        raise PrismError(f"load_model: could not load {name!r}: {text[:300]}") from err
+        raise PrismError(f"load_model: could not load {name!r}: {short}") from err
