@@ -44,7 +44,7 @@ from tlprisms._seam import CacheView, Site
 __all__ = ["Hop", "ChainTerms", "run_chain", "read_at", "READ_AT"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Hop:
     """One step of a chain: ``Hop("head", layer, head, src)`` or ``Hop("neuron", layer, n)``.
 
@@ -55,23 +55,30 @@ class Hop:
     ('L5H1[src 3]', 'L2N40')
     """
 
-    kind: str  # "head" or "neuron" (checked: a Literal would be enforced before the message)
+    kind: str  # "head" or "neuron"
     layer: int
     index: int
     src: Optional[int] = None
 
-    def __post_init__(self) -> None:
+    @check.entry
+    def __init__(self, kind: str, layer: int, index: int, src: Optional[int] = None) -> None:
         caller = "Hop"
-        check.choice(self.kind, "kind", ("head", "neuron"), caller)
-        check.index(self.layer, "layer", caller)
-        check.index(self.index, "index", caller)
-        if self.src is not None:
-            if self.kind != "head":
+        check.choice(kind, "kind", ("head", "neuron"), caller)
+        values = {
+            "kind": kind,
+            "layer": check.index(layer, "layer", caller),
+            "index": check.index(index, "index", caller),
+            "src": None,
+        }
+        if src is not None:
+            if kind != "head":
                 raise ArgumentError(
                     "Hop: src= is for head hops (the source position a head "
                     "reads); a neuron hop reads its own position."
                 )
-            check.index(self.src, "src", caller, PositionError)
+            values["src"] = check.index(src, "src", caller, PositionError)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     def __str__(self) -> str:
         if self.kind == "head":

@@ -386,7 +386,9 @@ class Decomposition:
                 "terms are only part of the logit; call check() on the full result."
             )
         for value, what in ((atol, "atol"), (rtol, "rtol")):
-            if value is not None and (isinstance(value, bool) or not value >= 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
+            ):
                 raise ArgumentError(f"check: {what}={value!r}; pass a number >= 0.")
         for t, what in ((self.values, "terms"), (self.logits, self.explains)):
             if not bool(torch.isfinite(t).all()):

@@ -49,7 +49,7 @@ class LogitDiff:
     negative: TokenLike
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class Direction:
     """A direction ``u`` in the normalised final residual space (where ``W_U`` reads).
 
@@ -59,15 +59,41 @@ class Direction:
     vector: Tensor
     label: str = "direction"
 
+    @check.entry
+    def __init__(self, vector: Tensor, label: str = "direction") -> None:
+        if not isinstance(vector, Tensor) or not vector.dtype.is_floating_point or vector.ndim != 1:
+            what = (
+                f"a {vector.dtype} tensor of shape {tuple(vector.shape)}"
+                if isinstance(vector, Tensor)
+                else f"a {type(vector).__name__}"
+            )
+            raise TargetError(
+                f"Direction: vector must be a 1-D float tensor [d_model]; got "
+                f"{what}. Wrap it: Direction(torch.tensor(...))."
+            )
+        if not isinstance(label, str):
+            raise TargetError(f"Direction: label must be a string, got {label!r}.")
+        object.__setattr__(self, "vector", vector)
+        object.__setattr__(self, "label", label)
+
     def __repr__(self) -> str:
         return f"Direction({self.label!r}, d_model={self.vector.shape[-1]})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PerRow:
     """One target per batch row: ``PerRow([" Paris", " Rome"])`` for a batch of two."""
 
     targets: Sequence[Any]
+
+    @check.entry
+    def __init__(self, targets: Sequence[Any]) -> None:
+        if isinstance(targets, (str, bytes)) or not isinstance(targets, (Sequence, Tensor)):
+            raise TargetError(
+                f"PerRow: targets={targets!r:.60} is a {type(targets).__name__}, not a list; "
+                "give one target per batch row, e.g. PerRow([' Paris', ' Rome'])."
+            )
+        object.__setattr__(self, "targets", targets)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tlprisms._errors import CacheError, NonFiniteError, UnsupportedModelError
+from tlprisms._errors import ArgumentError, CacheError, NonFiniteError, UnsupportedModelError
 from tlprisms._ops import gather_pos
 from tlprisms._seam._hooks import Site
 from tlprisms._seam._model import ModelView
@@ -53,6 +53,16 @@ class CacheView:
         self.view = view
         self.cache = cache
         self.caller = caller
+        if (
+            cache is None
+            or isinstance(cache, (Tensor, list, tuple, str, bytes))
+            or not hasattr(cache, "__getitem__")
+        ):
+            raise ArgumentError(
+                f"{caller}: cache must be the ActivationCache that model.run_with_cache(tokens) "
+                f"returned (or a dict of hook name -> tensor); got a {type(cache).__name__}. "
+                "run_with_cache returns (logits, cache): pass the second."
+            )
         self.read_names: list[str] = []
         self._finite: set[str] = set()  # hooks checked to hold finite values (shared by copies)
         self._embed_is_hooked: Optional[bool] = None
@@ -123,6 +133,12 @@ class CacheView:
                 "without a names_filter, or with names_filter=tlprisms.needed_hooks(model)."
             )
         t = self.cache[name]
+        if not isinstance(t, Tensor) or (site is not Site.TOKENS and not t.dtype.is_floating_point):
+            what = f"dtype {t.dtype}" if isinstance(t, Tensor) else f"a {type(t).__name__}"
+            raise CacheError(
+                f"{self.caller}: the cache's '{name}' is {what}, not a float tensor of "
+                "activations; the cache was edited. Re-run model.run_with_cache(tokens)."
+            )
         if (
             site is not Site.EMBED
             and t.ndim >= 2
