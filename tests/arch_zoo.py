@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - run from the repo root as tests.arch_z
     from tests.families import D_VOCAB, N_CTX, SEED, _perturb
 
 __all__ = ["ZooSkip", "ArchInfo", "architectures", "classify", "tiny_config", "build",
-           "KIND_OVERRIDES", "CONFIG_OVERRIDES", "SURVEYED_KINDS"]
+           "supports_compatibility_mode", "KIND_OVERRIDES", "CONFIG_OVERRIDES", "SURVEYED_KINDS"]
 
 
 class ZooSkip(Exception):
@@ -134,6 +134,8 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
                                                     "mlp"], num_hidden_layers=4),
     "Mamba2ForCausalLM": dict(num_heads=4, head_dim=16),
     "GraniteMoeHybridForCausalLM": dict(layer_types=["linear_attention", "full_attention"]),
+    # (Lfm2's default config has attention in every layer: give it a convolution layer)
+    "Lfm2ForCausalLM": dict(layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
     "Lfm2MoeForCausalLM": dict(num_dense_layers=1, layer_types=["conv", "full_attention"]),
     "GlmMoeDsaForCausalLM": dict(mlp_layer_types=["dense", "sparse"]),
     "Gemma4ForCausalLM": dict(per_layer_config={}, global_head_dim=8, num_kv_shared_layers=0),
@@ -266,15 +268,38 @@ def tiny_config(name: str) -> Any:
         raise ZooSkip(f"{name}: tiny config rejected: {type(exc).__name__}: {exc}") from exc
 
 
+def supports_compatibility_mode(name: str) -> bool:
+    """False when TransformerLens's adapter for ``name`` refuses compatibility mode."""
+    adapter = _supported().get(name)
+    return getattr(adapter, "supports_compatibility_mode", True) is not False
+
+
+def _force_eager_attention(model: Any) -> None:
+    """TransformerLens's ``force_eager_attention`` (4.x), or the same by hand (3.x)."""
+    try:
+        from transformer_lens.utilities.attn_implementation import force_eager_attention
+    except ImportError:  # TransformerLens 3.x has no helper
+        try:
+            model.set_attn_implementation("eager")
+        except Exception:  # noqa: BLE001 - as TransformerLens does: write the config instead
+            model.config._attn_implementation = "eager"
+        return
+    force_eager_attention(model)
+
+
 def build(name: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer: Any = None,
-          perturb: bool = True) -> Any:
+          perturb: bool = True, compat: Optional[bool] = None,
+          attn_implementation: str = "eager") -> Any:
     """A tiny random ``name`` model as a TransformerBridge in compatibility mode.
 
     ``fold=True`` folds the norms (``enable_compatibility_mode()``), ``fold=False`` keeps the
-    weights unfolded (``no_processing=True``). Attention runs eagerly, as in
-    ``TransformerBridge.boot_transformers`` (with sdpa, bridges that call HF's attention never
-    fire ``hook_pattern``). Raises :class:`ZooSkip` when ``transformers``
-    lacks the class or a tiny model of it cannot be built; bridge errors propagate.
+    weights unfolded (``no_processing=True``). ``compat=None`` enables compatibility mode
+    unless TransformerLens's adapter says it does not support it (VaultGemma): then the bridge
+    is returned as TransformerLens leaves it, which is what a user would hand tlprisms.
+    Attention runs eagerly, as in ``TransformerBridge.boot_transformers`` (with sdpa, bridges
+    that call HF's attention never fire ``hook_pattern``); ``attn_implementation="sdpa"`` keeps
+    transformers' default instead. Raises :class:`ZooSkip` when ``transformers`` lacks the class
+    or a tiny model of it cannot be built; bridge errors propagate.
     """
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
@@ -288,14 +313,18 @@ def build(name: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer: 
                       f"{type(exc).__name__}: {exc}") from exc
     # As TransformerBridge.boot_transformers does: transformers' default sdpa attention returns
     # no weights, so hook_pattern would never fire on bridges that call HF's attention.
-    from transformer_lens.utilities.attn_implementation import force_eager_attention
-
-    force_eager_attention(hf)
+    if attn_implementation == "eager":
+        _force_eager_attention(hf)
+    elif attn_implementation != "sdpa":
+        raise ValueError(f"attn_implementation={attn_implementation!r}: 'eager' or 'sdpa'")
     if perturb:
         _perturb(hf.named_parameters(), torch.Generator().manual_seed(SEED), weight_scale=7.0)
     hf = hf.to(dtype)
     bridge = build_bridge_from_module(hf, name, hf_config=cfg, tokenizer=tokenizer)
-    bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not fold)
+    if compat is None:
+        compat = supports_compatibility_mode(name)
+    if compat:
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not fold)
     return bridge
 
 

@@ -1,0 +1,360 @@
+"""Every causal LM TransformerLens can bridge: decomposed exactly, or refused for its true reason.
+
+The rows come from ``arch_zoo`` (TransformerLens's own ``SUPPORTED_ARCHITECTURES``, built as
+tiny random models offline), so a new TransformerLens release adds rows by itself: a new
+decoder is expected to be exact, a new mixture of experts / hybrid / state-space model to be
+refused (:data:`BY_KIND`), until :data:`EXPECT` says otherwise.
+
+For each model (folded; unfolded too where that path differs, the other unfolded rows are
+``slow``): either every prism (residual, heads, neurons, full, through_head, through_neuron,
+``LogitPrism.run``) passes ``check()``, explains the model's own logit and its chains total
+the term they split, or the first call (``LogitPrism(...)`` or ``residual``) raises the
+expected :class:`~tlprisms.errors.PrismError` with a message that names the true reason.
+``docs/architectures.md`` is this table with the measured results
+(``scripts/arch_survey.py --markdown docs/architectures.md``).
+"""
+
+import functools
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pytest
+import torch
+
+import tlprisms as tp
+from tlprisms.errors import CompletenessError, PrismError, UnsupportedModelError
+
+import arch_zoo as zoo
+
+B, P, TARGET = 3, 7, 7
+TOKENS_LO, TOKENS_HI = 4, 60
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What tlprisms must do with one architecture."""
+
+    error: Optional[type] = None  # None: every prism exact; else the refusal's class
+    reason: str = ""              # regex (case-insensitive) the refusal's message must match
+    note: str = ""                # what is special about it (for docs/architectures.md)
+
+    @property
+    def exact(self) -> bool:
+        return self.error is None
+
+
+def exact(note: str = "") -> Expect:
+    return Expect(note=note)
+
+
+def refused(reason: str, note: str, error: type = UnsupportedModelError) -> Expect:
+    return Expect(error, reason, note)
+
+
+_NOT_ATTENTION = r"mamba|recurrent|state.space|hybrid|convolution|linear.attention"
+
+#: the rule for an architecture :data:`EXPECT` does not name, by its ``arch_zoo`` kind
+BY_KIND: dict[str, Expect] = {
+    zoo.DECODER: exact(),
+    zoo.MOE: refused(r"mixture.of.experts", "mixture of experts: the routing is not linear"),
+    zoo.HYBRID: refused(_NOT_ATTENTION, "recurrent / state-space / convolution layers"),
+    zoo.SSM: refused(_NOT_ATTENTION, "no attention (state-space / recurrent)"),
+}
+
+#: THE expectation table: architecture -> exact, or (error class, regex of the true reason)
+EXPECT: dict[str, Expect] = {
+    # ---- decoders: exact (what each one exercises)
+    "LlamaForCausalLM": exact("RMSNorm, rotary, GQA, SwiGLU"),
+    "MistralForCausalLM": exact("sliding-window attention"),
+    "Ministral3ForCausalLM": exact(),
+    "Qwen2ForCausalLM": exact("attention biases"),
+    "Qwen3ForCausalLM": exact("q/k norm"),
+    "SeedOssForCausalLM": exact("attention biases"),
+    "SmolLM3ForCausalLM": exact(),
+    "HunYuanDenseV1ForCausalLM": exact(),
+    "Ernie4_5ForCausalLM": exact(),
+    "GlmForCausalLM": exact("partial rotary"),
+    "Glm4ForCausalLM": exact("post-norms"),
+    "Starcoder2ForCausalLM": exact("LayerNorm, plain MLP"),
+    "StableLmForCausalLM": exact("partial rotary"),
+    "Phi3ForCausalLM": exact("fused qkv / gate-up"),
+    "GemmaForCausalLM": exact("embedding x sqrt(d_model), RMSNorm (1 + w)"),
+    "Gemma2ForCausalLM": exact("post-norms, logit soft-cap, sliding window"),
+    "Gemma3ForCausalLM": exact("q/k norm, post-norms, sliding window"),
+    "GPT2LMHeadModel": exact("LayerNorm, learned positions"),
+    "GPTBigCodeForCausalLM": exact("multi-query attention"),
+    "GPTNeoForCausalLM": exact("local attention"),
+    "GPTNeoXForCausalLM": exact("parallel attention + MLP, two LayerNorms"),
+    "MptForCausalLM": exact("ALiBi"),
+    "OlmoForCausalLM": exact("non-parametric LayerNorm"),
+    "Olmo2ForCausalLM": exact("post-norms only, q/k norm"),
+    "Olmo3ForCausalLM": exact("post-norms only, sliding window"),
+    "Exaone4ForCausalLM": exact("post-norms only, sliding window"),
+    "ApertusForCausalLM": exact("xIELU activation, q/k norm"),
+    "ArceeForCausalLM": exact("relu^2 activation"),
+    "Jais2ForCausalLM": exact("relu^2, LayerNorm with bias"),
+    "NemotronForCausalLM": exact("relu^2, LayerNorm1p"),
+    "NanoChatForCausalLM": exact("unhooked RMSNorm after the embedding, relu^2, soft-cap"),
+    "BloomForCausalLM": exact("LayerNorm after the embedding, ALiBi"),
+    "XGLMForCausalLM": exact("sinusoidal positions with no hook, embedding x sqrt(d_model)"),
+    "GraniteForCausalLM": exact("embedding, residual and logit multipliers"),
+    "CohereForCausalLM": exact("parallel attention + MLP, one shared LayerNorm, logit scale"),
+    "Cohere2ForCausalLM": exact("parallel attention + MLP, one shared LayerNorm, logit scale"),
+    "FalconForCausalLM": exact("parallel attention + MLP, one shared LayerNorm, MQA"),
+    "PhiForCausalLM": exact("parallel attention + MLP, one shared LayerNorm"),
+    "GPTJForCausalLM": exact("parallel attention + MLP, one shared LayerNorm, rotary"),
+    "OPTForCausalLM": exact("hooks flattened to [batch*pos], ffn_dim"),
+    # ---- decoders: refused
+    "OpenAIGPTLMHeadModel": refused(
+        r"post-LN", "post-LN blocks: each LayerNorm rescales the whole residual stream"),
+    "ModernBertDecoderForCausalLM": refused(
+        r"prediction head", "a nonlinear prediction head between the final norm and W_U"),
+    "Gemma4ForCausalLM": refused(
+        r"per-layer|layer.scalar", "per-layer input writes and a layer scalar"),
+    "BitNetForCausalLM": refused(
+        r"attn_sub_norm|sub.?norm", "a norm over all heads between z and W_O (attn_sub_norm)"),
+    "YoutuForCausalLM": refused(
+        r"multi-head latent attention", "multi-head latent attention (no W_V)"),
+    "VaultGemmaForCausalLM": refused(
+        r"compatibility mode", "TransformerLens does not support compatibility mode for it"),
+    # ---- mixtures of experts, hybrids with a reason of their own (both reasons are true)
+    "DeepseekV2ForCausalLM": refused(r"mixture.of.experts|multi-head latent attention",
+                                     "also multi-head latent attention"),
+    "DeepseekV3ForCausalLM": refused(r"mixture.of.experts|multi-head latent attention",
+                                     "also multi-head latent attention"),
+    "FalconH1ForCausalLM": refused(r"mamba", "a mamba mixer in parallel with attention"),
+    "HrmTextForCausalLM": refused(r"recurrent|no TransformerLens 'blocks'",
+                                  "recurrent stacks that TransformerLens bridges without blocks"),
+}
+
+#: TransformerLens (or transformers) cannot build or run these tiny models: name -> (folds, why)
+TL_BROKEN: dict[str, tuple[tuple[bool, ...], str]] = {
+    "CodeGenForCausalLM": ((True, False), "its bridge reads CodeGenAttention.embed_positions, "
+                                         "which transformers 5 removed"),
+    "BloomModel": ((True, False), "a base model without an LM head"),
+    "GraniteMoeHybridForCausalLM": ((True, False), "NoPE layers crash on rotary_emb"),
+    "FalconH1ForCausalLM": ((True,), "folding its weights fails in TransformerLens"),
+}
+
+#: whose unfolded path differs from the folded one; the other unfolded rows are ``slow``
+UNFOLDED = {"CohereForCausalLM", "Cohere2ForCausalLM", "GraniteForCausalLM", "BloomForCausalLM",
+            "FalconH1ForCausalLM", "LlamaForCausalLM", "GPT2LMHeadModel", "Gemma2ForCausalLM",
+            "GPTNeoXForCausalLM"}
+
+INFOS = [i for i in zoo.architectures() if i.buildable]
+KINDS = {i.name: i.kind for i in INFOS}
+
+
+def expect_for(name: str) -> Expect:
+    """The expectation for ``name``: :data:`EXPECT`, else the rule of its kind."""
+    if name in EXPECT:
+        return EXPECT[name]
+    if not zoo.supports_compatibility_mode(name):
+        return refused(r"compatibility mode", "TransformerLens refuses compatibility mode")
+    return BY_KIND[KINDS[name]]
+
+
+# ---------------------------------------------------------------- building and measuring
+@dataclass
+class Case:
+    name: str
+    fold: bool
+    model: Any = None
+    tokens: Any = None
+    logits: Any = None
+    cache: Any = None
+    skip: str = ""      # the zoo cannot build it here
+    broken: str = ""    # TransformerLens / transformers failed to build or run it
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    import transformer_lens
+    import transformers
+
+    tl = getattr(transformer_lens, "__version__", None) or version("transformer_lens")
+    return f"TransformerLens {tl}, transformers {transformers.__version__}"
+
+
+@functools.cache
+def build_case(name: str, fold: bool, attn_implementation: str = "eager") -> Case:
+    """The tiny model, its tokens, logits and cache (built once per module)."""
+    case = Case(name, fold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = zoo.build(name, fold, attn_implementation=attn_implementation)
+        except zoo.ZooSkip as exc:
+            case.skip = str(exc)
+            return case
+        except Exception as exc:  # noqa: BLE001 - TransformerLens's failure, not tlprisms'
+            case.broken = f"{type(exc).__name__}: {exc}"
+            return case
+        tokens = torch.randint(TOKENS_LO, TOKENS_HI, (B, P),
+                               generator=torch.Generator().manual_seed(1))
+        try:
+            with torch.no_grad():
+                logits, cache = model.run_with_cache(tokens)
+        except Exception as exc:  # noqa: BLE001
+            case.broken = f"run_with_cache: {type(exc).__name__}: {exc}"
+            return case
+    case.model, case.tokens, case.logits, case.cache = model, tokens, logits, cache
+    return case
+
+
+@dataclass
+class Measured:
+    verdict: str          # exact | refused | partial | wrong | crash | skip | tl-broken
+    call: str = ""        # the call that did not give an exact result
+    error: str = ""       # its exception class
+    message: str = ""
+    exc: Optional[BaseException] = None
+
+    def line(self) -> str:
+        text = " ".join(self.message.split())
+        head = f"{self.verdict}"
+        if self.call:
+            head += f" at {self.call}"
+        if self.error:
+            head += f" ({self.error})"
+        return f"{head}: {text}" if text else head
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def measure(case: Case) -> Measured:
+    """Run every prism on ``case`` and say what came of it (never raises)."""
+    if case.skip:
+        return Measured("skip", message=case.skip)
+    if case.broken:
+        return Measured("tl-broken", message=case.broken)
+    model, tokens, logits, cache = case.model, case.tokens, case.logits, case.cache
+    n_layers = int(model.cfg.n_layers)
+    layer = min(1, n_layers - 1)
+    post = f"blocks.{layer}.mlp.hook_post"
+    neuron = min(3, int(cache[post].shape[-1]) - 1) if post in cache else 3
+    results: dict[str, Any] = {}
+    calls = [
+        ("LogitPrism", lambda: tp.LogitPrism(model, cache, tokens=tokens, logits=logits)),
+        ("residual", lambda: results["LogitPrism"].residual(TARGET)),
+        ("heads", lambda: results["LogitPrism"].heads(TARGET)),
+        ("neurons", lambda: results["LogitPrism"].neurons(TARGET)),
+        ("full", lambda: results["LogitPrism"].full(TARGET)),
+        ("through_head", lambda: results["LogitPrism"].through_head(layer, 0, TARGET)),
+        ("through_neuron", lambda: results["LogitPrism"].through_neuron(layer, neuron, TARGET)),
+        ("run", lambda: tp.LogitPrism.run(model, tokens).full(TARGET)),
+        ("own logits", lambda: tp.LogitPrism(model, cache, tokens=tokens).residual(TARGET)),
+    ]
+    for i, (name, call) in enumerate(calls):
+        try:
+            res = call()
+            if name != "LogitPrism":
+                res.check()
+            results[name] = res
+        except CompletenessError as exc:
+            return Measured("wrong", name, type(exc).__name__, str(exc), exc)
+        except PrismError as exc:
+            verdict = "refused" if i <= 1 else "partial"
+            return Measured(verdict, name, type(exc).__name__, str(exc), exc)
+        except Exception as exc:  # noqa: BLE001
+            return Measured("crash", name, type(exc).__name__, str(exc), exc)
+    # the explained value is the model's own logit (not only a total that matches itself)
+    own = logits[:, -1, TARGET].detach()
+    tol = 1e-5 * max(1.0, float(own.abs().max()))
+    for name in ("residual", "own logits"):
+        got = results[name].logits[:, 0, 0]
+        if not torch.allclose(got, own, rtol=1e-4, atol=tol):
+            return Measured("wrong", name, message=(
+                f"explains {got.tolist()} but the model's logit of token {TARGET} at the last "
+                f"position is {own.tolist()}"))
+    # each chain totals the term it splits; run() agrees with the prism on the same cache
+    checks = [
+        ("through_head", results["through_head"].total(),
+         results["heads"].select(kind="head", layer=layer, head=0).values.sum(-1)),
+        ("through_neuron", results["through_neuron"].total(),
+         results["neurons"].select(kind="neuron", layer=layer, neuron=neuron).values.sum(-1)),
+        ("run", results["run"].total(), results["full"].total()),
+    ]
+    for name, got, want in checks:
+        err = _rel(got, want)
+        if not err <= 1e-4:
+            return Measured("wrong", name, message=(
+                f"totals {got.flatten()[:3].tolist()} but the term it splits is "
+                f"{want.flatten()[:3].tolist()} (relative error {err:.2g})"))
+    return Measured("exact")
+
+
+def judge(expect: Expect, got: Measured) -> Optional[str]:
+    """None when ``got`` is what ``expect`` says, else what differs (one line)."""
+    if got.verdict in ("skip", "tl-broken"):
+        return None
+    if expect.exact:
+        return None if got.verdict == "exact" else f"expected exact, got {got.line()}"
+    want = f"expected {expect.error.__name__} matching /{expect.reason}/"
+    if got.verdict != "refused":
+        return f"{want}, got {got.line()}"
+    if not isinstance(got.exc, expect.error):
+        return f"{want}, got {got.line()}"
+    if not re.search(expect.reason, got.message, re.IGNORECASE):
+        return f"{want}, but the message does not say so: {got.line()}"
+    return None
+
+
+# ---------------------------------------------------------------- the tests
+def _params() -> list:
+    params = []
+    for info in INFOS:
+        for fold in (True, False):
+            marks = [] if fold or info.name in UNFOLDED else [pytest.mark.slow]
+            params.append(pytest.param(info.name, fold, marks=marks,
+                                       id=f"{info.name}-{'folded' if fold else 'unfolded'}"))
+    return params
+
+
+def _built(name: str, fold: bool, attn_implementation: str = "eager") -> Case:
+    case = build_case(name, fold, attn_implementation)
+    if case.skip:
+        pytest.skip(case.skip)
+    if case.broken:
+        folds, why = TL_BROKEN.get(name, ((), ""))
+        reason = f"{_versions()} cannot build or run it ({why or 'unexpected'}): {case.broken}"
+        if fold in folds:
+            pytest.xfail(reason)
+        pytest.skip(reason)
+    return case
+
+
+@pytest.mark.parametrize("name,fold", _params())
+def test_architecture(name: str, fold: bool) -> None:
+    """Exact in every prism, or refused at the first call for the reason :data:`EXPECT` says."""
+    case = _built(name, fold)
+    problem = judge(expect_for(name), measure(case))
+    assert problem is None, f"{name} ({'folded' if fold else 'unfolded'}): {problem}"
+
+
+def test_sdpa_bridge_says_why_the_pattern_is_missing() -> None:
+    """A bridge running HF's sdpa attention records no pattern: the refusal names sdpa and
+    how to get eager attention, not a names_filter the user never passed."""
+    case = _built("OPTForCausalLM", True, "sdpa")
+    if "blocks.0.attn.hook_pattern" in case.cache:
+        pytest.skip("this TransformerLens records the pattern under sdpa")
+    with pytest.raises(PrismError) as info:
+        tp.LogitPrism(case.model, case.cache, tokens=case.tokens).heads(TARGET)
+    message = str(info.value)
+    assert re.search(r"sdpa", message) and re.search(r"eager", message), message
+
+
+def test_expectations_name_real_architectures() -> None:
+    """Every name in the tables is a ``transformers`` class: a typo would silently fall back
+    to the rule of the kind."""
+    import transformers
+
+    unknown = sorted(n for n in (*EXPECT, *TL_BROKEN, *UNFOLDED)
+                     if not isinstance(getattr(transformers, n, None), type))
+    assert not unknown, unknown
