@@ -23,6 +23,7 @@ PUBLIC = {
     "PrismError",
     "Hop",
     "explain_task",
+    "Verification",
 }
 
 

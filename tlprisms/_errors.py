@@ -12,6 +12,7 @@ is one class per kind of mistake:
 :class:`NonFiniteError`   NaN or infinity in a cache, a logit or a readout vector
 :class:`UnsupportedModelError`  a model these prisms cannot decompose exactly (or its state)
 :class:`CompletenessError`      terms that do not add up to what they explain
+:class:`VerificationError`      terms that an intervention on the forward pass does not reproduce
 ========================  ==========================================================
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteError",
     "UnsupportedModelError",
     "CompletenessError",
+    "VerificationError",
 ]
 
 
@@ -60,3 +62,8 @@ class UnsupportedModelError(PrismError, TypeError):
 
 class CompletenessError(PrismError, AssertionError):
     """The terms of a decomposition do not add up to what they explain."""
+
+
+class VerificationError(CompletenessError):
+    """Removing a term's write from the forward pass did not move the explained value by the
+    term (``LogitPrism.verify(...).check()``)."""

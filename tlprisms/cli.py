@@ -305,8 +305,14 @@ def run_explain(
     pos: int = -1,
     device: str = "cpu",
     top: int = 10,
+    verify: bool = False,
 ) -> dict:
-    """Decompose one prompt's target logit on any model; print the top components."""
+    """Decompose one prompt's target logit on any model; print the top components.
+
+    With ``verify``, also check the full prism's largest and some sampled terms by
+    intervention (:meth:`~tlprisms.LogitPrism.verify`) and print the certificate; a failed
+    verification is an error.
+    """
     import tlprisms as tp
     from tlprisms.hub import load_model
 
@@ -339,14 +345,27 @@ def run_explain(
             f"top {title}: "
             + ", ".join(f"{c} {v:+.3g}" for c, v in zip(table["component"], table["value"]))
         )
+    verification = None
+    if verify:
+        verification = prism.verify(full, target)
+        _say(f"verification: {verification}")
     if out is not None:
         report = _report(f"tlprisms explain: {model_name}")
         if report is not None:
             report.add(r, title=f"Residual prism: {prompt!r} -> {target!r}")
             report.add(prism.heads(target, pos), title="Heads x source positions")
+            if verification is not None:
+                report.add(verification, title="Verification by intervention")
             _save(report, out)
             _say(f"report: {out}")
-    return {"logit": float(r.logits[0, 0, 0]), "gap": gap, "top": full.top(top)}
+    if verification is not None:
+        verification.check()  # after the report, which shows what failed
+    return {
+        "logit": float(r.logits[0, 0, 0]),
+        "gap": gap,
+        "top": full.top(top),
+        "verification": verification,
+    }
 
 
 class _ParseError(Exception):
@@ -390,6 +409,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     ex.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     ex.add_argument("--out", type=Path, default=None, help="also write an HTML report")
+    ex.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the largest and some sampled terms by intervention on the model and print "
+        "the certificate (a failure is an error)",
+    )
     try:
         args = parser.parse_args(argv)
     except _ParseError as err:
@@ -403,7 +428,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_demo(None if args.no_report else args.out, progress=not args.quiet)
         else:
             run_explain(
-                args.model, args.prompt, args.target, out=args.out, pos=args.pos, device=args.device
+                args.model,
+                args.prompt,
+                args.target,
+                out=args.out,
+                pos=args.pos,
+                device=args.device,
+                verify=args.verify,
             )
     except PrismError as err:
         return _fail(str(err))

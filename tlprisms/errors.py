@@ -14,6 +14,7 @@ from tlprisms._errors import (
     PrismError,
     TargetError,
     UnsupportedModelError,
+    VerificationError,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "NonFiniteError",
     "UnsupportedModelError",
     "CompletenessError",
+    "VerificationError",
 ]

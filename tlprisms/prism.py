@@ -604,6 +604,75 @@ class LogitPrism:
             )
         return cv.at(Site.MLP_POST, layer, positions.index.to(cv.device))[:, 0]
 
+    # ------------------------------------------------------------------ by intervention
+    @check.entry
+    def verify(
+        self,
+        result: Decomposition,
+        target: Any = None,
+        *,
+        k: int = 20,
+        sample: int = 20,
+        seed: int = 0,
+    ) -> "Verification":
+        """Check ``result``'s terms on the model itself: remove each term's write in a forward
+        pass that holds fixed what the prism holds fixed, and compare the change of the
+        explained value with minus the term.
+
+        The ``k`` largest terms (by ``|value|``) and ``sample`` others drawn at random
+        (``seed``) are checked, every target of a term's position at once; all interventions
+        run batched, a few forward passes in all. Constants (biases) are not intervened on;
+        the result's sum check covers them. Works on any result of this prism (residual,
+        heads, neurons, full, decompose, chains, readouts, and their selections/aggregates).
+
+        Args:
+            result: what this prism returned.
+            target: the target the result was made for; read back from the result's labels
+                when None (tokens and logit differences). Pass it for a :class:`Direction`,
+                and the readout vector for a :meth:`readout` result.
+
+        Returns:
+            A :class:`~tlprisms.Verification`: ``ok``, ``max_error``, ``to_frame()``, a
+            one-line certificate as ``str()``; ``.check()`` raises
+            :class:`~tlprisms.errors.VerificationError` unless ``ok``.
+        """
+        from tlprisms._verify import verify
+
+        return verify(self, result, target, k, sample, seed)
+
+    @check.entry
+    def effects(
+        self,
+        target: Any,
+        components: Sequence[Any],
+        *,
+        ablation: str = "zero",
+        reference: Optional[Tensor] = None,
+        pos: Any = -1,
+        softcap: Softcap = "post",
+        seed: int = 0,
+    ) -> "Effects":
+        """Each component's direct term next to its total effect when ablated with nothing
+        frozen (so later layers, norms and patterns respond, and backups compensate).
+
+        Args:
+            target: as for :meth:`decompose` (one position per row).
+            components: :class:`Component` records of kind ``"head"``, ``"attn"``,
+                ``"neuron"`` or ``"mlp"``, e.g. ``[tp.Component("head", layer=9, head=6)]``.
+            ablation: replace the component's output at every position by ``"zero"``, its
+                ``"mean"`` over the ``reference`` rows (per position), or its value on a
+                ``"resample"``-d reference row (drawn with ``seed``).
+            reference: token ids ``[rows, pos]`` with as many positions as the input
+                (default: this prism's own input).
+
+        Returns:
+            ``Effects``: ``direct``, ``total`` (the drop of the explained value when ablated),
+            ``difference = total - direct``, ``to_frame()`` and a direct-vs-total scatter.
+        """
+        from tlprisms._effects import effects
+
+        return effects(self, target, components, ablation, reference, pos, softcap, seed)
+
     def __repr__(self) -> str:
         v = self.view
         return (

@@ -13,6 +13,16 @@ from typing import Any
 from tlprisms._errors import ArgumentError
 from tlprisms._seam._cache import LOW_PRECISION, CacheView
 from tlprisms._seam._hooks import PART_SITES, PARTS, PROVENANCE_SITES, Site, hook_names
+from tlprisms._seam._interventions import (
+    COPY_TOKENS,
+    Ablation,
+    Copy,
+    Removal,
+    Through,
+    record,
+    run_ablated,
+    run_frozen,
+)
 from tlprisms._seam._model import ModelView, architecture_name
 from tlprisms._seam._norms import NormSpec
 from tlprisms._validate import entry
@@ -28,6 +38,14 @@ __all__ = [
     "LOW_PRECISION",
     "needed_hooks",
     "architecture_name",
+    "Removal",
+    "Through",
+    "Copy",
+    "Ablation",
+    "run_frozen",
+    "run_ablated",
+    "record",
+    "COPY_TOKENS",
 ]
 
 

@@ -1,0 +1,487 @@
+"""Forward passes with interventions: how tlprisms edits a TransformerLens forward pass.
+
+Verification (``LogitPrism.verify``) and ablation (``LogitPrism.effects``) run the model
+itself. This module knows how to do that on both TransformerLens model classes: which hooks
+to patch, what each patch means, and where the two classes differ.
+
+**Batched copies.** The input rows an intervention needs are stacked along the batch axis:
+first one *clean* copy of every row used, then one *intervened* copy per intervention. Every
+frozen value is the clean copy's value in the same forward pass (not the cache's), so a
+frozen quantity is bit-identical to the clean one and a measured difference is only the
+intervention's.
+
+**Frozen** in every intervened copy (:func:`run_frozen`): every norm scale (``ln1``, ``ln2``,
+their post-norms, SoLU's inner norm, ``ln_final``), every attention pattern, and the output of
+every attention and MLP layer that is neither the removed writer's nor on the path. A path hop
+keeps only its own head's ``z`` (or neuron's activation, with the activation's gate frozen) at
+the position it writes; after the hop's layer the residual stream is reset to the clean stream
+plus that hop's own write, so the removed write reaches the readout through the path only.
+
+Where the classes differ: a ``HookedTransformer``'s ``hook_resid_mid`` is the residual stream
+itself, a bridge's is only what ``ln2`` reads (the stream is added inside Hugging Face's
+block); the reset after a hop's layer is therefore built from the layer's output changes at
+``hook_resid_post``, which both classes add to the stream. SoLU's value between the softmax
+and its LayerNorm is ``mlp.hook_mid`` (HookedTransformer) or ``mlp.ln.hook_in`` (bridges),
+as :class:`~tlprisms._seam._hooks.Site` spells it.
+"""
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from tlprisms._seam._hooks import Site
+from tlprisms._seam._model import ModelView
+
+__all__ = [
+    "Removal",
+    "Through",
+    "Copy",
+    "Ablation",
+    "run_frozen",
+    "run_ablated",
+    "record",
+    "COPY_TOKENS",
+]
+
+#: about how many tokens (copies x positions) one forward pass of interventions holds
+COPY_TOKENS = 8192
+
+_SCALES = (
+    Site.LN1_SCALE,
+    Site.LN2_SCALE,
+    Site.LN1_POST_SCALE,
+    Site.LN2_POST_SCALE,
+    Site.SOLU_SCALE,
+)
+
+
+def _z_hook(layer: int) -> str:
+    """A head's mixed values ``z [batch, pos, head, d_head]`` (both classes)."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
+class _Stop(Exception):
+    """Raised by the measuring hook: nothing after it is needed."""
+
+
+@dataclass(frozen=True)
+class Removal:
+    """The write one intervened copy removes.
+
+    Attributes:
+        kind: ``"embed"``/``"pos_embed"`` (``vector`` is subtracted from the stream at ``at``
+            before layer 0), ``"heads"`` (pattern entries set to 0: head ``index``, or every
+            head when -1, at destination ``at``, from source ``src`` or every source when -1),
+            ``"neurons"`` (activations set to 0: neuron ``index``, or all, at ``at``).
+        layer: the layer of heads/neurons (-1 for the embeddings).
+        at: the residual position of the write.
+    """
+
+    kind: str
+    layer: int
+    at: int
+    index: int = -1
+    src: int = -1
+    vector: Optional[Tensor] = None
+
+    @property
+    def writes(self) -> Optional[tuple[int, str]]:
+        """(layer, "attn"/"mlp") whose output the removal changes, or None (embeddings)."""
+        if self.kind == "heads":
+            return (self.layer, "attn")
+        if self.kind == "neurons":
+            return (self.layer, "mlp")
+        return None
+
+
+@dataclass(frozen=True)
+class Through:
+    """A hop of a path: only head/neuron ``index`` of ``layer`` passes the change on, and only
+    its write at position ``out``."""
+
+    kind: str  # "head" | "neuron"
+    layer: int
+    index: int
+    out: int
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One intervened copy of input row ``row``."""
+
+    row: int
+    removal: Removal
+    path: tuple = ()  # of Through
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One ablated copy of input row ``row``: component ``kind`` (``"head"``, ``"attn"``,
+    ``"neuron"``, ``"mlp"``) of ``layer`` replaced at every position by ``value`` (its value
+    per position, shaped like the activation without the batch axis), or by 0 when None."""
+
+    row: int
+    kind: str
+    layer: int
+    index: int = -1
+    value: Optional[Tensor] = None
+
+
+# ----------------------------------------------------------------------------- plumbing
+class _Hooks:
+    """Hook functions by name, each a list of in-place edits of one cloned activation."""
+
+    def __init__(self) -> None:
+        self.edits: dict[str, list[Callable[[Tensor], None]]] = defaultdict(list)
+
+    def add(self, name: str, edit: Callable[[Tensor], None]) -> None:
+        self.edits[name].append(edit)
+
+    def as_list(self) -> list:
+        def make(edits: list) -> Callable:
+            def hook(x: Tensor, hook: Any) -> Tensor:
+                x = x.clone()
+                for edit in edits:
+                    edit(x)
+                return x
+
+            return hook
+
+        return [(name, make(edits)) for name, edits in self.edits.items()]
+
+
+def _run(model: Any, tokens: Tensor, hooks: _Hooks) -> None:
+    """Run the forward pass until the measuring hook stops it; hooks are removed after."""
+    with torch.no_grad():
+        try:
+            model.run_with_hooks(tokens, fwd_hooks=hooks.as_list())
+        except _Stop:
+            pass
+
+
+def _batch(tokens: Tensor, rows: Sequence[int]) -> tuple[Tensor, dict[int, int]]:
+    """The clean copies first, one per distinct row: (``[R, T]``, row -> its index)."""
+    distinct = list(dict.fromkeys(rows))
+    index = {r: i for i, r in enumerate(distinct)}
+    return tokens[torch.as_tensor(distinct, device=tokens.device)], index
+
+
+# ----------------------------------------------------------------------------- frozen runs
+@dataclass
+class _Plan:
+    view: ModelView
+    copies: Sequence[Copy]
+    R: int
+    clean: Tensor  # [N] batch index of each copy's clean copy
+    mine: Tensor  # [N] batch index of each copy
+    hops: dict = field(default_factory=dict)  # layer -> [(copy, Through)]
+    stash: dict = field(default_factory=dict)
+
+
+def _freeze(idx: Tensor, src: Tensor) -> Callable[[Tensor], None]:
+    def edit(x: Tensor) -> None:
+        x[idx] = x[src]
+
+    return edit
+
+
+def run_frozen(
+    view: ModelView,
+    tokens: Tensor,
+    copies: Sequence[Copy],
+    measure: Site,
+    layer: Optional[int],
+    gate_limit: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Run every copy with its removal and path, everything else frozen (module docstring).
+
+    Args:
+        tokens: the input rows ``[batch, pos]``.
+        measure: the residual-stream site measured (``FINAL_RESID``, ``RESID_PRE`` ...), at
+            ``layer``; the forward pass stops there.
+        gate_limit: ``act(pre)/pre`` where ``pre`` is 0 (plain MLPs).
+
+    Returns:
+        The measured stream of each intervened copy and of its clean copy, ``[N, pos, d]``.
+    """
+    N = len(copies)
+    tok, index = _batch(tokens, [c.row for c in copies])
+    R = tok.shape[0]
+    rows = torch.as_tensor([c.row for c in copies], device=tokens.device)
+    batch = torch.cat([tok, tokens[rows]], 0)
+    dev = torch.device("cpu")
+    clean = torch.as_tensor([index[c.row] for c in copies], device=dev)
+    mine = torch.arange(R, R + N, device=dev)
+    plan = _Plan(view, copies, R, clean, mine)
+    for c, copy in enumerate(copies):
+        for hop in copy.path:
+            plan.hops.setdefault(hop.layer, []).append((c, hop))
+    hooks = _Hooks()
+    _freeze_scales_and_patterns(plan, hooks)
+    _removals(plan, hooks)
+    _outputs(plan, hooks)
+    for layer_, hops in plan.hops.items():
+        _hop_layer(plan, hooks, layer_, hops, gate_limit)
+    out: dict[str, Tensor] = {}
+    name = view.hook(measure, layer)
+
+    def grab(x: Tensor) -> None:
+        out["x"] = x.detach().clone()
+        raise _Stop()
+
+    hooks.add(name, grab)
+    _run(view.model, batch, hooks)
+    x = out["x"]
+    return x[mine.to(x.device)], x[clean.to(x.device)]
+
+
+def _freeze_scales_and_patterns(plan: _Plan, hooks: _Hooks) -> None:
+    view = plan.view
+    freeze = _freeze(plan.mine, plan.clean)
+    if view.final_norm.has_scale:
+        hooks.add(view.hook(Site.FINAL_SCALE), freeze)
+    for layer in range(view.n_layers):
+        for site in _SCALES:
+            if view.has_site(site, layer):
+                hooks.add(view.hook(site, layer), freeze)
+        hooks.add(view.hook(Site.PATTERN, layer), freeze)
+
+
+def _removals(plan: _Plan, hooks: _Hooks) -> None:
+    view = plan.view
+    for c, copy in enumerate(plan.copies):
+        r, b = copy.removal, int(plan.mine[c])
+        if r.kind in ("embed", "pos_embed"):
+            vec = r.vector
+            assert vec is not None
+
+            def sub(x: Tensor, b: int = b, at: int = r.at, vec: Tensor = vec) -> None:
+                x[b, at] -= vec.to(x.device, x.dtype)
+
+            hooks.add(view.hook(Site.RESID_PRE, 0), sub)
+        elif r.kind == "heads":
+            head = slice(None) if r.index < 0 else r.index
+            src = slice(None) if r.src < 0 else r.src
+
+            def zero_pattern(
+                x: Tensor, b: int = b, head: Any = head, at: int = r.at, src: Any = src
+            ) -> None:
+                x[b, head, at, src] = 0.0
+
+            hooks.add(view.hook(Site.PATTERN, r.layer), zero_pattern)
+        elif r.kind == "neurons":
+            n = slice(None) if r.index < 0 else r.index
+
+            def zero_post(x: Tensor, b: int = b, at: int = r.at, n: Any = n) -> None:
+                x[b, at, n] = 0.0
+
+            hooks.add(view.hook(Site.MLP_POST, r.layer), zero_post)
+        else:
+            raise ValueError(f"unknown removal {r.kind}")
+
+
+def _hop_kind(kind: str) -> str:
+    return "head" if kind == "attn" else "neuron"
+
+
+def _on_path(plan: _Plan, layer: int, kind: str) -> list[int]:
+    """The copies whose path runs through a head (``kind="attn"``) or neuron of ``layer``."""
+    return [
+        c
+        for c, copy in enumerate(plan.copies)
+        if any(h.layer == layer and h.kind == _hop_kind(kind) for h in copy.path)
+    ]
+
+
+def _outputs(plan: _Plan, hooks: _Hooks) -> None:
+    """Freeze every layer output that neither the removal nor the path changes, and record
+    the output changes of the path's layers (for the reset after them)."""
+    view = plan.view
+    for layer in range(view.n_layers):
+        for kind, site in (("attn", Site.ATTN_OUT), ("mlp", Site.MLP_OUT)):
+            if kind == "mlp" and view.attn_only:
+                continue
+            on_path = _on_path(plan, layer, kind)
+            frozen = [
+                c
+                for c, copy in enumerate(plan.copies)
+                if copy.removal.writes != (layer, kind) and c not in on_path
+            ]
+            if frozen:
+                idx = torch.as_tensor(frozen)
+                hooks.add(view.hook(site, layer), _freeze(plan.mine[idx], plan.clean[idx]))
+            if on_path:
+                idx = torch.as_tensor(on_path)
+
+                def grab_delta(x: Tensor, idx: Tensor = idx, key: tuple = (layer, kind)) -> None:
+                    plan.stash[key] = x[plan.mine[idx]] - x[plan.clean[idx]]
+
+                hooks.add(view.hook(site, layer), grab_delta)
+
+
+def _hop_layer(
+    plan: _Plan, hooks: _Hooks, layer: int, hops: list, gate_limit: Callable[[Tensor], Tensor]
+) -> None:
+    view = plan.view
+    heads = [(c, h) for c, h in hops if h.kind == "head"]
+    neurons = [(c, h) for c, h in hops if h.kind == "neuron"]
+    if heads:
+
+        def keep_head(x: Tensor) -> None:
+            for c, h in heads:
+                b, cl = int(plan.mine[c]), int(plan.clean[c])
+                new = x[b, h.out, h.index].clone()
+                x[b] = x[cl]
+                x[b, h.out, h.index] = new
+
+        hooks.add(_z_hook(layer), keep_head)
+    if neurons:
+        _neuron_hops(plan, hooks, layer, neurons, gate_limit)
+    both = {c for c, _ in heads} & {c for c, _ in neurons}
+    if both and not view.parallel:
+        # the neuron reads resid_mid: the head hop's change, not what the head read
+        idx = torch.as_tensor(sorted(both))
+
+        def record_in(x: Tensor) -> None:
+            plan.stash[("in", layer)] = x[plan.mine[idx]] - x[plan.clean[idx]]
+
+        def drop_in(x: Tensor) -> None:
+            x[plan.mine[idx]] -= plan.stash[("in", layer)]
+
+        hooks.add(view.hook(Site.RESID_PRE, layer), record_in)
+        hooks.add(view.hook(Site.RESID_MID, layer), drop_in)
+    # after the layer: the clean stream plus the writes of the hops whose reader comes later
+    # (a head's write that a neuron of the same layer read is not passed on)
+    keep: dict[int, list] = {}
+    for c in sorted({c for c, _ in hops}):
+        path = plan.copies[c].path
+        keep[c] = [
+            (layer, "attn" if h.kind == "head" else "mlp")
+            for n, h in enumerate(path)
+            if h.layer == layer and (n == 0 or path[n - 1].layer > layer)
+        ]
+    rows = {key: _on_path(plan, layer, key[1]) for key in ((layer, "attn"), (layer, "mlp"))}
+
+    def reset(x: Tensor) -> None:
+        for c, keys in keep.items():
+            b, cl = int(plan.mine[c]), int(plan.clean[c])
+            new = x[cl].clone()
+            for key in keys:
+                new += plan.stash[key][rows[key].index(c)]
+            x[b] = new
+
+    hooks.add(view.hook(Site.RESID_POST, layer), reset)
+
+
+def _neuron_hops(
+    plan: _Plan, hooks: _Hooks, layer: int, neurons: list, gate_limit: Callable[[Tensor], Tensor]
+) -> None:
+    """Neuron hops: the activation's gate held at its clean value, one neuron kept."""
+    view = plan.view
+    idx = torch.as_tensor([c for c, _ in neurons])
+    solu = view.act_fn == "solu_ln"
+    if view.gated:  # act(gate) * up: the gate's input frozen
+        hooks.add(view.hook(Site.MLP_PRE, layer), _freeze(plan.mine[idx], plan.clean[idx]))
+    else:
+
+        def record_pre(x: Tensor) -> None:
+            plan.stash[("pre", layer)] = x.clone()
+
+        hooks.add(view.hook(Site.MLP_PRE, layer), record_pre)
+    if solu:  # mid = pre * softmax(pre): the softmax weights frozen (the inner LN's scale too)
+
+        def linear_mid(x: Tensor) -> None:
+            pre = plan.stash[("pre", layer)]
+            for c, h in neurons:
+                b, cl = int(plan.mine[c]), int(plan.clean[c])
+                p_new, p_old, m_old = pre[b, h.out], pre[cl, h.out], x[cl, h.out]
+                g = _ratio(m_old, p_old, lambda p=p_old: torch.softmax(p, -1))
+                x[b] = x[cl]
+                x[b, h.out] = m_old + g * (p_new - p_old)
+
+        hooks.add(view.hook(Site.SOLU_MID, layer), linear_mid)
+
+    def keep_neuron(x: Tensor) -> None:
+        for c, h in neurons:
+            b, cl = int(plan.mine[c]), int(plan.clean[c])
+            if view.gated or solu:
+                new = x[b, h.out, h.index].clone()
+            else:  # post = g * pre with g = act(pre)/pre of the clean pass
+                pre = plan.stash[("pre", layer)]
+                p_new, p_old = pre[b, h.out, h.index], pre[cl, h.out, h.index]
+                post = x[cl, h.out, h.index]
+                g = _ratio(post, p_old, lambda p=p_old: gate_limit(p))
+                new = post + g * (p_new - p_old)
+            x[b] = x[cl]
+            x[b, h.out, h.index] = new
+
+    hooks.add(view.hook(Site.MLP_POST, layer), keep_neuron)
+
+
+def _ratio(num: Tensor, den: Tensor, fallback: Callable[[], Tensor]) -> Tensor:
+    """``num / den``, and ``fallback()`` where ``den`` is ~0 (as the chained prism does)."""
+    tiny = den.abs() <= 1e-12 * (1.0 + num.abs())
+    if not bool(tiny.any()):
+        return num / den
+    return torch.where(
+        tiny, fallback().to(num.dtype), num / torch.where(tiny, torch.ones_like(den), den)
+    )
+
+
+# ----------------------------------------------------------------------------- ablations
+def _ablation_site(view: ModelView, a: Ablation) -> str:
+    return _z_hook(a.layer) if a.kind in ("head", "attn") else view.hook(Site.MLP_POST, a.layer)
+
+
+def run_ablated(
+    view: ModelView, tokens: Tensor, ablations: Sequence[Ablation]
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Run each ablated copy with nothing frozen.
+
+    Returns:
+        The final residual stream ``[N, pos, d]`` and the final norm's scale ``[N, pos]``
+        (None when the model has no final norm) of each copy.
+    """
+    rows = torch.as_tensor([a.row for a in ablations], device=tokens.device)
+    hooks = _Hooks()
+    for c, a in enumerate(ablations):
+
+        def ablate(x: Tensor, c: int = c, a: Ablation = a) -> None:
+            sel: Any = (c, slice(None)) if a.index < 0 else (c, slice(None), a.index)
+            x[sel] = 0.0 if a.value is None else a.value.to(x.device, x.dtype)
+
+        hooks.add(_ablation_site(view, a), ablate)
+    out: dict[str, Tensor] = {}
+    has_scale = view.final_norm.has_scale
+    if has_scale:
+
+        def grab_scale(x: Tensor) -> None:
+            out["s"] = x.detach()[..., 0].clone()
+            raise _Stop()
+
+        hooks.add(view.hook(Site.FINAL_SCALE), grab_scale)
+
+    def grab(x: Tensor) -> None:
+        out["x"] = x.detach().clone()
+        if not has_scale:
+            raise _Stop()
+
+    hooks.add(view.hook(Site.FINAL_RESID), grab)
+    _run(view.model, tokens[rows], hooks)
+    return out["x"], out.get("s")
+
+
+def record(view: ModelView, tokens: Tensor, wanted: Sequence[tuple[str, int]]) -> dict:
+    """The activations ablations replace, on ``tokens``: ``(kind, layer) -> [batch, pos, ...]``
+    for kinds ``"head"``/``"attn"`` (``z``) and ``"neuron"``/``"mlp"`` (the MLP activation)."""
+    names = {
+        (kind, layer): _ablation_site(view, Ablation(0, kind, layer)) for kind, layer in wanted
+    }
+    keep = set(names.values())
+    with torch.no_grad():
+        _, cache = view.model.run_with_cache(tokens, names_filter=lambda n: n in keep)
+    return {key: cache[name] for key, name in names.items()}
