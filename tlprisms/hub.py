@@ -110,6 +110,7 @@ def load_model(
         ):
             raise PrismError(
                 f"load_model: unknown model {name!r} ({short}). Use a name TransformerLens "
-                "supports (e.g. 'gpt2', 'EleutherAI/pythia-70m', 'google/gemma-2b'), or 'demo'."
+                "supports (e.g. 'gpt2', 'EleutherAI/pythia-70m', 'google/gemma-2b'), or the "
+                "embedded model 'demo' (--model demo)."
             ) from err
         raise PrismError(f"load_model: could not load {name!r}: {short}") from err

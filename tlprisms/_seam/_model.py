@@ -54,6 +54,15 @@ _MIXER_WORDS = (
 _NOT_DECODER_WORDS = ("t5", "bart", "whisper", "encoder", "bert", "roberta", "vision", "clip")
 
 
+def _transformerlens_major() -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("transformer-lens").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
+
+
 def _class_names(obj: Any) -> list[str]:
     return [c.__name__ for c in type(obj).__mro__]
 
@@ -153,6 +162,22 @@ class ModelView:
         self.ln1_post: list[Optional[NormSpec]] = []
         self.ln2_post: list[Optional[NormSpec]] = []
         for layer, block in enumerate(model.blocks):
+            if self._post_norms_named_pre(block):
+                # TransformerLens 3.x bridges OLMo2/Exaone4's post-norms (the only norms of
+                # their blocks) as ln1/ln2; they act after the sublayer, like ln1_post/ln2_post
+                none = read_norm(None, "no pre-norm", Site.LN1_SCALE, layer)
+                self.ln1.append(none)
+                self.ln2.append(none)
+                self.ln1_post.append(
+                    read_norm(
+                        block.ln1, f"post-attention norm of layer {layer}", Site.LN1_SCALE, layer
+                    )
+                )
+                self.ln2_post.append(
+                    read_norm(block.ln2, f"post-MLP norm of layer {layer}", Site.LN2_SCALE, layer)
+                )
+                self.solu_ln.append(None)
+                continue
             self.ln1.append(
                 read_norm(
                     getattr(block, "ln1", None), f"ln1 of layer {layer}", Site.LN1_SCALE, layer
@@ -248,9 +273,23 @@ class ModelView:
         Read from TransformerLens's own ``adapter.apply_output_logits_transform``, which must
         be that scale followed by the soft-cap; any other output transform is refused.
         """
-        transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+        adapter = getattr(model, "adapter", None)
+        transform = getattr(adapter, "apply_output_logits_transform", None)
         if transform is None:
             return None
+        hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+        hf_scale = getattr(hf_cfg, "logit_scale", None)
+        if (
+            getattr(adapter, "_logit_scale_already_folded", False)
+            and hf_scale not in (None, 1)
+            and _transformerlens_major() < 4
+        ):
+            raise UnsupportedModelError(
+                f"this {architecture_name(model)} bridge reports its logit_scale ({hf_scale}) as "
+                "folded into W_U, but TransformerLens 3.x still applies it to the logits after "
+                "W_U, so the logits cannot be read from W_U. Load it with "
+                "enable_compatibility_mode(no_processing=True), or use TransformerLens 4."
+            )
         with torch.no_grad():
             tiny = torch.tensor([1e-4], dtype=torch.float64)
             c = float(transform(tiny)[0]) / 1e-4
@@ -262,11 +301,19 @@ class ModelView:
             )
             if not torch.allclose(transform(z.clone()), want, rtol=1e-7, atol=0.0):
                 raise UnsupportedModelError(
-                    f"{self.architecture} maps the unembedding's output to its logits with a "
-                    "transform that is not a scale followed by a soft-cap, so its logits are "
+                    f"{architecture_name(model)} maps the unembedding's output to its logits with "
+                    "a transform that is not a scale followed by a soft-cap, so its logits are "
                     "not linear in the residual stream even with the soft-cap frozen."
                 )
         return None if abs(c - 1.0) < 1e-12 else c
+
+    @staticmethod
+    def _post_norms_named_pre(block: Any) -> bool:
+        """A bridge block whose ln1/ln2 wrap Hugging Face's post-sublayer norms."""
+        names = [str(getattr(getattr(block, ln, None), "name", "") or "") for ln in ("ln1", "ln2")]
+        return getattr(block, "ln1_post", None) is None and all(
+            n.startswith("post_") for n in names
+        )
 
     @staticmethod
     def _d_mlp(model: Any, cfg: Any) -> int:
@@ -508,9 +555,19 @@ class ModelView:
             return self.pos_embed_in_resid
         if site is Site.TOKENS:
             return self.is_bridge and self.records(self.hook(site))
-        if site.value.endswith("scale"):
-            norm = self.norm_of(site, layer)  # a shared norm is recorded at its own site
-            return norm is not None and norm.has_scale and norm.site is site
+        if site.value.endswith("scale"):  # a norm is recorded at its own site (shared, renamed)
+            if site is Site.FINAL_SCALE:
+                norms: list = [self.final_norm]
+            else:
+                assert layer is not None
+                norms = [
+                    self.ln1[layer],
+                    self.ln2[layer],
+                    self.ln1_post[layer],
+                    self.ln2_post[layer],
+                    self.solu_ln[layer],
+                ]
+            return any(n is not None and n.has_scale and n.site is site for n in norms)
         if site in (Site.MLP_OUT, Site.MLP_POST, Site.MLP_PRE):
             return not self.attn_only
         if site is Site.RESID_MID:  # parallel blocks read resid_pre for both halves

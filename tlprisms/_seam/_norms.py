@@ -128,6 +128,8 @@ def read_norm(module: Any, name: str, site: Site, layer: Optional[int]) -> NormS
             offset = bool(module.uses_weight_offset)
         else:
             offset = rms and bool(getattr(module.config, "rmsnorm_uses_offset", False))
+            # LayerNorm1P (Nemotron) multiplies by 1 + w; TransformerLens 3.x does not say so
+            offset = offset or type(original).__name__.endswith("LayerNorm1P")
         if weight is not None:
             weight = weight.detach()
             if offset:
