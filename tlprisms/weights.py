@@ -87,9 +87,22 @@ class TokenMap:
     weights: Optional[Tensor] = None
     meta: dict = field(default_factory=dict)
 
+    @check.entry
     def top(self, row: Union[int, str], k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` columns with the largest value in ``row`` (an index or a label)."""
-        i = self.rows.index(row) if isinstance(row, str) else int(row)
+        caller = "TokenMap.top"
+        n = len(self.rows)
+        if isinstance(row, str):
+            if row not in self.rows:
+                shown = ", ".join(map(repr, self.rows[:8])) + (", ..." if n > 8 else "")
+                raise ArgumentError(
+                    f"{caller}: row {row!r} is not a row label of {self.title!r}; use one of "
+                    f"{shown}, or a row index 0..{n - 1}."
+                )
+            i = self.rows.index(row)
+        else:
+            i = check.in_range(row, n, "row", caller, of=f" ({self.title!r} has {n} rows)")
+        k = check.count(k, "k", caller, minimum=0)
         v = self.values[i]
         idx = torch.argsort(v, descending=True)[:k]
         return [(self.cols[int(j)], float(v[j])) for j in idx]
@@ -103,16 +116,41 @@ class TokenMap:
         when rows and columns are paired, e.g. countries and their capitals)."""
         return [int(j) for j in self.values.argmax(-1)]
 
+    @check.entry
     def weighted_sum(self, weights: Optional[Tensor] = None) -> Tensor:
-        """``sum_row weights[row] * values[row]``: e.g. neuron templates weighted by activations."""
-        w = self.weights if weights is None else torch.as_tensor(weights, dtype=self.values.dtype)
-        if w is None:
-            raise ArgumentError("weighted_sum: no weights; pass activations, one per row.")
-        if w.shape[-1] != self.values.shape[0]:
+        """``sum_row weights[row] * values[row]``: e.g. neuron templates weighted by activations.
+
+        ``weights``: one number per row (a tensor, array or list; ``[..., rows]`` for several
+        sets at once); default the activations the map was made with.
+        """
+        caller = "TokenMap.weighted_sum"
+        n = self.values.shape[0]
+        if weights is None:
+            if self.weights is None:
+                raise ArgumentError(
+                    f"{caller}: no weights; pass activations, one per row ({n} rows), or "
+                    "make the map with neuron_templates(..., activations=...)."
+                )
+            w = self.weights
+        else:
+            given: Optional[Tensor] = None
+            if not (isinstance(weights, (str, bytes, bool)) or check.is_index(weights)):
+                try:
+                    given = torch.as_tensor(weights).detach()
+                except (TypeError, ValueError, RuntimeError):
+                    given = None
+            if given is None or given.ndim == 0 or given.dtype == torch.bool or given.is_complex():
+                raise ArgumentError(
+                    f"{caller}: weights must be numbers, one per row ({n}), as a tensor, "
+                    f"array or list; got {type(weights).__name__} {str(weights)[:40]!r}."
+                )
+            w = given
+        if w.shape[-1] != n:
             raise ArgumentError(
-                f"weighted_sum: {w.shape[-1]} weights for {self.values.shape[0]} rows."
+                f"{caller}: {w.shape[-1]} weights for {n} rows; pass one weight per row."
             )
-        return w.to(self.values.dtype) @ self.values
+        w = check.finite(w.to(self.values.device, self.values.dtype), "weights", caller)
+        return w @ self.values
 
     def to_frame(self) -> Any:
         import pandas as pd

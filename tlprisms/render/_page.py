@@ -7,11 +7,15 @@ links and namespace names, never fetched).
 """
 
 import datetime
+import inspect
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from tlprisms._errors import PrismError
+from tlprisms import _validate as check
+from tlprisms._errors import ArgumentError
 from tlprisms._result import Decomposition
+from tlprisms.render import _args as arg
 from tlprisms.render._escape import esc
 from tlprisms.render._views import default_view
 from tlprisms.render._views_base import WRAP, Figure, Group, View, bundle_script
@@ -34,40 +38,72 @@ section.tlprisms-section>h2{font-size:17px;margin:4px 0 8px}
 """
 
 
-def as_view(obj: Any, **kw: Any) -> View:
-    """The view ``to_html`` renders for ``obj``.
+#: the options ``to_html`` passes on to a Decomposition's default view
+_POINT = ("batch", "pos", "target")
+
+
+def _names(options: Any) -> str:
+    """``option 'colour'`` / ``options 'a', 'b'``."""
+    names = sorted(options)
+    return f"option{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}"
+
+
+def as_view(obj: Any, caller: str = "to_html", **kw: Any) -> View:
+    """The view ``to_html`` renders for ``obj`` (``caller`` names the call in errors).
 
     * a view (from :func:`bars`, :func:`source_tokens`, ...): itself;
     * a :class:`~tlprisms.Decomposition`: its default view (``kw``: ``batch``, ``pos``,
       ``target``);
-    * an object with ``_tlprisms_views()``: a group of the views or HTML fragments it returns;
+    * an object with ``_tlprisms_views()``: a group of the views or HTML fragments it returns
+      (``kw``: the options that method takes);
     * an ``<svg>`` string: a figure; a list or tuple: a group of the above.
     """
-    if isinstance(obj, View):
-        if kw:
-            raise PrismError(
-                f"to_html: options {sorted(kw)} apply to a Decomposition; this "
-                "is an already rendered view."
-            )
-        return obj
     if isinstance(obj, Decomposition):
-        return default_view(obj, **kw)
+        unknown = sorted(set(kw) - set(_POINT))
+        if unknown:
+            raise ArgumentError(
+                f"{caller}: unknown {_names(unknown)}; a Decomposition is shown at batch=, "
+                "pos= and target= (e.g. to_html(result, batch=1)). Other views take their own "
+                "options: "
+                "bars(result, k=10), source_tokens(result, layers=[3])."
+            )
+        return default_view(obj, caller=caller, **kw)
+    if isinstance(obj, View) or (isinstance(obj, str) and obj.lstrip().startswith("<svg")):
+        if kw:
+            raise ArgumentError(
+                f"{caller}: {_names(kw)} {'apply' if len(kw) > 1 else 'applies'} to a "
+                "Decomposition; "
+                f"this {'view' if isinstance(obj, View) else '<svg> string'} is already "
+                "rendered. Pass them to the view's function instead, e.g. "
+                "bars(result, batch=1)."
+            )
+        return obj if isinstance(obj, View) else Figure(obj)
     views = getattr(obj, "_tlprisms_views", None)
     if callable(views):
+        name = type(obj).__name__
+        try:
+            inspect.signature(views).bind(**kw)
+        except TypeError as e:
+            raise ArgumentError(
+                f"{caller}: {name} does not take {_names(kw)} ({e}); "
+                f"call {caller}(obj) without them."
+            ) from e
+        except ValueError:  # no signature to read: let the call decide
+            pass
         items = views(**kw)
         return Group(
             [
-                x if isinstance(x, str) and not x.lstrip().startswith("<svg") else as_view(x)
+                x
+                if isinstance(x, str) and not x.lstrip().startswith("<svg")
+                else as_view(x, caller)
                 for x in items
             ],
-            title=type(obj).__name__,
+            title=name,
         )
-    if isinstance(obj, str) and obj.lstrip().startswith("<svg"):
-        return Figure(obj)
     if isinstance(obj, (list, tuple)):
-        return Group([as_view(x, **kw) for x in obj])
-    raise PrismError(
-        f"to_html: cannot render a {type(obj).__name__}. Pass a Decomposition (what the "
+        return Group([as_view(x, caller, **kw) for x in obj])
+    raise ArgumentError(
+        f"{caller}: cannot render a {type(obj).__name__}. Pass a Decomposition (what the "
         "prisms return), a view from tlprisms.render (bars, layer_head_heatmap, "
         "source_tokens, head_source_map, top_tokens), an <svg> string, or an object with a "
         "_tlprisms_views() method."
@@ -125,13 +161,16 @@ class Report:
         title: the page title.
     """
 
+    @check.entry
     def __init__(self, title: str = "tlprisms report") -> None:
-        self.title = title
+        self.title = str(arg.text(title, "title", "Report"))
         self.sections: list[tuple[str, View]] = []
 
+    @check.entry
     def add(self, obj: Any, title: Optional[str] = None, **kw: Any) -> "Report":
         """Add a section: anything :func:`to_html` accepts (``kw`` as there). Returns self."""
-        view = as_view(obj, **kw)
+        title = arg.text(title, "title", "Report.add", optional=True)
+        view = as_view(obj, "Report.add", **kw)
         self.sections.append((title or "", view))
         return self
 
@@ -158,12 +197,15 @@ class Report:
         parts.append("</body></html>\n")
         return "".join(parts)
 
+    @check.entry
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the page to ``path`` (UTF-8). Returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html(), encoding="utf-8")
-        return path
+        """Write the page to ``path`` (UTF-8), creating its folders. Returns the path.
+
+        A path that is a directory, lies under a file or cannot be written is an
+        :class:`~tlprisms.errors.ArgumentError` naming it.
+        """
+        arg.out_path(path, "Report.save")  # refused before the page is built
+        return arg.write(path, self.html(), "Report.save")
 
     def _repr_html_(self) -> str:
         bundle = bundle_script() if any(v.needs_bundle for _, v in self.sections) else ""
@@ -177,6 +219,7 @@ class Report:
         return f"Report({self.title!r}, {len(self.sections)} sections)"
 
 
+@check.entry
 def save_svg(obj: Any, path: Union[str, Path], **kw: Any) -> Path:
     """Write the plain SVG figures of ``obj`` to one ``.svg`` file (stacked vertically).
 
@@ -184,9 +227,11 @@ def save_svg(obj: Any, path: Union[str, Path], **kw: Any) -> Path:
     CircuitsVis widgets in it (source tokens, head maps) are interactive HTML and are
     skipped: use :meth:`Report.save` or :func:`save_png` for those.
     """
-    figures = as_view(obj, **kw).figures()
+    caller = "save_svg"
+    arg.out_path(path, caller)
+    figures = as_view(obj, caller, **kw).figures()
     if not figures:
-        raise PrismError(
+        raise ArgumentError(
             "save_svg: this view has no plain SVG figure (CircuitsVis widgets are "
             "HTML); save it with Report(...).add(obj).save('page.html') or "
             "save_png(obj, 'view.png')."
@@ -195,18 +240,16 @@ def save_svg(obj: Any, path: Union[str, Path], **kw: Any) -> Path:
         svg = figures[0].svg
     else:
         svg = _stack([f.svg for f in figures])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text('<?xml version="1.0" encoding="UTF-8"?>\n' + svg + "\n", encoding="utf-8")
-    return path
+    return arg.write(path, '<?xml version="1.0" encoding="UTF-8"?>\n' + svg + "\n", caller)
 
 
 def _size(svg: str) -> tuple[int, int]:
-    import re
-
-    m = re.match(r'<svg[^>]*?width="(\d+)" height="(\d+)"', svg)
+    m = re.match(r'\s*<svg[^>]*?width="(\d+)" height="(\d+)"', svg)
     if not m:
-        raise PrismError("save_svg: an SVG without explicit width and height cannot be stacked.")
+        raise ArgumentError(
+            "save_svg: an SVG without explicit width and height cannot be stacked; save it "
+            "on its own, or give its <svg> element width= and height=."
+        )
     return int(m.group(1)), int(m.group(2))
 
 
@@ -223,6 +266,7 @@ def _stack(svgs: list[str]) -> str:
     )
 
 
+@check.entry
 def save_png(obj: Any, path: Union[str, Path], *, width: int = 1200, **kw: Any) -> Path:
     """A full-page PNG screenshot of ``obj`` rendered by a local headless Chromium.
 
@@ -231,8 +275,26 @@ def save_png(obj: Any, path: Union[str, Path], *, width: int = 1200, **kw: Any) 
     """
     from tlprisms.render._browser import screenshot
 
+    caller = "save_png"
+    out = arg.out_path(path, caller)
+    width = check.count(width, "width", caller)
     if isinstance(obj, Report):
+        if kw:
+            raise ArgumentError(
+                f"{caller}: {_names(kw)} {'apply' if len(kw) > 1 else 'applies'} to a "
+                "Decomposition; a Report's sections are already rendered (pass them to "
+                "Report.add)."
+            )
         page = obj
     else:
-        page = Report(getattr(obj, "title", "") or "tlprisms").add(obj, **kw)
-    return screenshot(page.html(), Path(path), width=width)
+        title = getattr(obj, "title", "")
+        page = Report(title if isinstance(title, str) and title else "tlprisms")
+        page.sections.append(("", as_view(obj, caller, **kw)))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArgumentError(
+            f"{caller}: cannot write {str(out)!r}: {e.strerror or e}; pass a path in a "
+            "writable directory."
+        ) from e
+    return screenshot(page.html(), out, width=width)

@@ -15,7 +15,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from tlprisms._errors import PrismError
+from tlprisms import _validate as check
+from tlprisms._errors import ArgumentError
+from tlprisms.render import _args as arg
 from tlprisms.render._escape import Label, balance, esc, label, token_label
 
 __all__ = ["heatmap_svg", "bar_svg", "POSITIVE", "NEGATIVE", "diverging", "fmt", "Real"]
@@ -115,22 +117,17 @@ def _title(title: str, width: Real) -> tuple[list[str], Real]:
     return out, 20 + 17 * (len(lines) - 1) + 14
 
 
-def _as_matrix(matrix: Any, caller: str) -> np.ndarray:
-    m = np.asarray(
-        matrix.detach().cpu().numpy() if hasattr(matrix, "detach") else matrix, dtype=np.float64
-    )
+def _as_matrix(
+    matrix: Any, caller: str, what: str = "matrix", shape: str = "[rows, cols]"
+) -> np.ndarray:
+    m = arg.numbers_array(matrix, what, caller, shape)
     if m.ndim != 2:
-        raise PrismError(f"{caller}: matrix must be 2-D [rows, cols], got shape {m.shape}.")
+        raise ArgumentError(f"{caller}: {what} must be 2-D {shape}, got shape {m.shape}.")
     return m
 
 
-def _check_len(labels: Sequence[Any], n: int, what: str, per: str, caller: str) -> list:
-    labels = list(labels)
-    if len(labels) != n:
-        raise PrismError(
-            f"{caller}: got {len(labels)} {what} for {n} {per}s; pass one label per {per}."
-        )
-    return labels
+def _check_len(labels: Any, n: int, what: str, per: str, caller: str) -> list:
+    return arg.labels(labels, n, what, per, caller)
 
 
 def nice_ticks(lo: Real, hi: Real, n: int = 5) -> list[Real]:
@@ -149,6 +146,7 @@ def nice_ticks(lo: Real, hi: Real, n: int = 5) -> list[Real]:
 
 
 # ---------------------------------------------------------------------------- heatmap
+@check.entry
 def heatmap_svg(
     matrix: Any,
     row_labels: Sequence[Any],
@@ -172,13 +170,21 @@ def heatmap_svg(
     Returns:
         An ``<svg>`` element as a string.
     """
-    m = _as_matrix(matrix, "heatmap_svg")
-    rows = _check_len(row_labels, m.shape[0], "row_labels", "row", "heatmap_svg")
-    cols = _check_len(col_labels, m.shape[1], "col_labels", "column", "heatmap_svg")
+    caller = "heatmap_svg"
+    m = _as_matrix(matrix, caller)
+    rows = _check_len(row_labels, m.shape[0], "row_labels", "row", caller)
+    cols = _check_len(col_labels, m.shape[1], "col_labels", "column", caller)
+    title = str(arg.text(title, "title", caller))
+    vmax = arg.real(vmax, "vmax", caller, optional=True)
+    if vmax is not None and not (math.isfinite(vmax) and vmax > 0):
+        raise ArgumentError(
+            f"{caller}: vmax={vmax!r}; pass a finite number > 0 (the value drawn at full "
+            "colour), or None for the largest |value|."
+        )
+    annotate = arg.flag(annotate, "annotate", caller, optional=True)
     finite = m[np.isfinite(m)]
     if vmax is None:
         vmax = float(np.abs(finite).max()) if finite.size else 1.0
-    vmax = float(vmax)
     vmax = vmax if vmax > 0 else 1.0
     R, C = m.shape
     cs = float(np.clip(min(680 / max(C, 1), 440 / max(R, 1)), 12, 58))
@@ -250,6 +256,7 @@ def heatmap_svg(
 
 
 # ---------------------------------------------------------------------------- bars
+@check.entry
 def bar_svg(
     values: Any,
     labels: Sequence[Any],
@@ -276,10 +283,14 @@ def bar_svg(
     Returns:
         An ``<svg>`` element as a string.
     """
-    v = np.asarray(
-        values.detach().cpu().numpy() if hasattr(values, "detach") else values, dtype=np.float64
-    ).reshape(-1)
-    names = _check_len(labels, v.shape[0], "labels", "value", "bar_svg")
+    caller = "bar_svg"
+    v = arg.numbers_array(values, "values", caller, "(one per bar)").reshape(-1)
+    names = _check_len(labels, v.shape[0], "labels", "value", caller)
+    title = str(arg.text(title, "title", caller))
+    total = arg.real(total, "total", caller, optional=True)
+    waterfall = bool(arg.flag(waterfall, "waterfall", caller))
+    total_label = str(arg.text(total_label, "total_label", caller))
+    note = str(arg.text(note, "note", caller))
     starts = np.concatenate([[0.0], np.cumsum(v)[:-1]]) if waterfall else np.zeros_like(v)
     ends = starts + v
     pts = [0.0] + list(starts) + list(ends) + ([float(total)] if total is not None else [])

@@ -6,7 +6,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from tlprisms._errors import PrismError
+from tlprisms import _validate as check
+from tlprisms._errors import ArgumentError
+from tlprisms.render import _args as arg
 from tlprisms.render._escape import esc, label, token_label
 from tlprisms.render._svg import (
     PALETTE,
@@ -26,6 +28,7 @@ __all__ = ["lines_svg", "scatter_svg"]
 
 
 # ---------------------------------------------------------------------------- lines
+@check.entry
 def lines_svg(
     series: dict, x_labels: Sequence[Any], title: str = "", *, highlight: Optional[str] = None
 ) -> str:
@@ -41,22 +44,31 @@ def lines_svg(
     Returns:
         An ``<svg>`` element as a string.
     """
-    xs = list(x_labels)
+    caller = "lines_svg"
+    named = arg.mapping(series, "series", caller, "{'neuron 5': [0.1, 0.3, ...]}")
+    xs = arg.labels(x_labels, None, "x_labels", "x category", caller)
+    title = str(arg.text(title, "title", caller))
     data = {}
-    for name, vals in series.items():
-        arr = np.asarray(
-            vals.detach().cpu().numpy() if hasattr(vals, "detach") else vals, dtype=np.float64
-        ).reshape(-1)
+    for name, vals in named.items():
+        what = f"series {label(name, 40)!r}"
+        arr = arg.numbers_array(vals, what, caller, "(one value per x label)").reshape(-1)
         if arr.shape[0] != len(xs):
-            raise PrismError(
-                f"lines_svg: series {label(name, 40)!r} has {arr.shape[0]} values "
+            raise ArgumentError(
+                f"{caller}: {what} has {arr.shape[0]} values "
                 f"for {len(xs)} x labels; give one value per x label."
             )
         data[name] = arr
-    if highlight is not None and highlight not in data:
-        raise PrismError(
-            f"lines_svg: highlight={highlight!r} is not a series name; use one of {list(data)[:8]}."
-        )
+    if highlight is not None:
+        try:
+            known = highlight in data
+        except TypeError:  # unhashable: not a key
+            known = False
+        if not known:
+            names = [label(n, 40) for n in list(data)[:8]]
+            raise ArgumentError(
+                f"{caller}: highlight={label(highlight, 40)!r} is not a series name; use one "
+                f"of {names}{' ...' if len(data) > 8 else ''}, or None."
+            )
     allv = np.concatenate([a[np.isfinite(a)] for a in data.values()] + [np.zeros(1)])
     lo, hi = float(allv.min()), float(allv.max())
     if hi - lo < 1e-12:
@@ -136,6 +148,7 @@ def lines_svg(
 
 
 # ---------------------------------------------------------------------------- scatter
+@check.entry
 def scatter_svg(
     points: Any, labels: Sequence[Any], title: str = "", *, show_labels: Optional[bool] = None
 ) -> str:
@@ -151,14 +164,17 @@ def scatter_svg(
     Returns:
         An ``<svg>`` element as a string.
     """
-    p = _as_matrix(points, "scatter_svg")
+    caller = "scatter_svg"
+    p = _as_matrix(points, caller, "points", "[n, 2]")
     if p.shape[1] != 2:
-        raise PrismError(
-            f"scatter_svg: points must be [n, 2], got shape {p.shape}; project "
+        raise ArgumentError(
+            f"{caller}: points must be [n, 2], got shape {p.shape}; project "
             "to two dimensions first."
         )
-    names = _check_len(labels, p.shape[0], "labels", "point", "scatter_svg")
-    show_labels = p.shape[0] <= 80 if show_labels is None else show_labels
+    names = _check_len(labels, p.shape[0], "labels", "point", caller)
+    title = str(arg.text(title, "title", caller))
+    shown = arg.flag(show_labels, "show_labels", caller, optional=True)
+    show_labels = p.shape[0] <= 80 if shown is None else shown
     ok = np.isfinite(p).all(1)
     q = p[ok] if ok.any() else np.zeros((1, 2))
     (x0, y0), (x1, y1) = q.min(0), q.max(0)

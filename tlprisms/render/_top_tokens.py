@@ -204,6 +204,16 @@ def top_tokens(
         of=f" for inputs of {prism.n_ctx} tokens",
     )
     k = check.count(k, "k", caller)
+    if component.kind == "head" and component.src != -1:
+        check.in_range(
+            component.src,
+            prism.n_ctx,
+            f"{component}'s source position",
+            caller,
+            PositionError,
+            negative=False,
+            of=f" for inputs of {prism.n_ctx} tokens",
+        )
     with torch.no_grad():
         values = vocab_readout(prism, component_write(prism, component, b, i), b, i)
     k = min(k, values.shape[0])

@@ -9,19 +9,25 @@ where a docstring says so; blue is positive (raises the explained logit), red ne
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
 
-from tlprisms._errors import PrismError
-from tlprisms._result import Decomposition
+from tlprisms import _validate as check
+from tlprisms._errors import ArgumentError, PositionError, PrismError, TargetError
+from tlprisms._result import KINDS, Decomposition
+from tlprisms.render import _args as arg
 from tlprisms.render._escape import FSI, PDI, Label, esc, quote_token, token_label
 from tlprisms.render._svg import NEGATIVE, POSITIVE, bar_svg, fmt, heatmap_svg
 from tlprisms.render._views_base import WRAP, Figure, Group, View, Widget, _bundle_path
 
 __all__ = ["bars", "layer_head_heatmap", "source_tokens", "head_source_map", "default_view"]
 
-Sel = Union[None, int, Iterable[int]]
+#: a selection of layers or heads: None or ``"all"`` (every one in the result), an index, or a
+#: list of indices
+Sel = Union[None, str, int, Iterable[int]]
 
 
 @dataclass
@@ -50,20 +56,39 @@ class _Point:
 
 def _check_result(result: Any, caller: str) -> Decomposition:
     if not isinstance(result, Decomposition):
-        raise PrismError(
+        from tlprisms.prism import LogitPrism
+
+        hint = (
+            f" Call a prism first, e.g. {caller}(prism.heads(target))."
+            if isinstance(result, LogitPrism)
+            else ""
+        )
+        raise ArgumentError(
             f"{caller}: expected a tlprisms Decomposition (what LogitPrism.residual/"
-            f"heads/neurons return), got {type(result).__name__}."
+            f"heads/neurons return), got {type(result).__name__}.{hint}"
         )
     return result
 
 
-def _index(i: int, n: int, what: str, caller: str) -> int:
-    if not -n <= int(i) < n:
-        raise PrismError(
-            f"{caller}: {what}={i} is out of range; the result has {n} "
-            f"{what} entries (0..{n - 1}, or negative from the end)."
+#: per axis of a result: the error class, and what its entries are called
+_AXES = {
+    "batch": (ArgumentError, "batch row"),
+    "pos": (PositionError, "explained position"),
+    "target": (TargetError, "target"),
+}
+
+
+def _index(value: Any, n: int, what: str, caller: str) -> int:
+    """An index into the result's ``what`` axis (``batch``, ``pos`` or ``target``)."""
+    error, noun = _AXES[what]
+    i = check.index(value, what, caller, error)
+    if not -n <= i < n:
+        also = " (pos indexes the result's explained positions, not the tokens)" * (what == "pos")
+        raise error(
+            f"{caller}: {what}={i} is out of range; the result has {n} {noun}"
+            f"{'s' if n != 1 else ''}{also}: use 0..{n - 1}, or -{n}..-1 from the end."
         )
-    return int(i) % n
+    return i % n
 
 
 def tokens_of(result: Decomposition, batch: int) -> list:
@@ -85,7 +110,7 @@ def _known(result: Decomposition, batch: int) -> bool:
     return toks is not None and batch < len(toks) and toks[batch] is not None
 
 
-def _point(result: Decomposition, batch: int, pos: int, target: int, caller: str) -> _Point:
+def _point(result: Decomposition, batch: Any, pos: Any, target: Any, caller: str) -> _Point:
     B, P, K, _ = result.values.shape
     b = _index(batch, B, "batch", caller)
     p = _index(pos, P, "pos", caller)
@@ -109,27 +134,104 @@ def _target(label: Any) -> str:
     return token_label(label, 40).text()
 
 
-def _head_mask(result: Decomposition, layers: Sel, heads: Sel) -> np.ndarray:
+def _every(value: Any) -> bool:
+    """A selection of every layer or head: None or ``"all"``."""
+    return value is None or (isinstance(value, str) and value == check.ALL)
+
+
+def _head_indices(value: Any, caller: str) -> Optional[set]:
+    """``heads=``: None or ``"all"`` (every head), a head index or a list of them."""
+    if _every(value):
+        return None
+    is_one = check.is_index(value)
+    if is_one:
+        items = [value]
+    elif isinstance(value, torch.Tensor) and value.ndim == 1:
+        items = list(value)
+    elif isinstance(value, (list, tuple, range, set, frozenset, np.ndarray)):
+        items = list(value)
+    else:
+        why = " (a string is not a list of heads)" if isinstance(value, str) else ""
+        raise ArgumentError(
+            f"{caller}: heads={arg.describe(value)}; pass 'all', a head index or a list of "
+            f"head indices{why}."
+        )
+    out = {check.index(h, "heads" if is_one else "heads entry", caller) for h in items}
+    return out
+
+
+def _head_mask(result: Decomposition, layers: Any, heads: Any, caller: str) -> np.ndarray:
+    """The head terms of ``layers`` x ``heads`` (checked first); a layer or head the result has
+    no head terms of is refused, naming the ones it has."""
     c = result.components
     keep = c.kinds() == "head"
-    if layers is not None:
-        keep &= np.isin(c.layer, [layers] if isinstance(layers, int) else list(layers))
-    if heads is not None:
-        keep &= np.isin(c.head, [heads] if isinstance(heads, int) else list(heads))
+    chosen_layers = None
+    if layers is not None:  # "all" is checked (and kept whole) by layer_set
+        n_layers = max([int(result.n_layers)] + [1 + int(x) for x in c.layer[keep]])
+        view = SimpleNamespace(n_layers=n_layers)
+        chosen_layers = check.layer_set(view, layers, "layers", caller)
+    chosen_heads = _head_indices(heads, caller)
+    _need_heads(result, keep, caller, by_source=False)
+    have_layers = sorted(set(c.layer[keep].tolist()))
+    have_heads = sorted(set(c.head[keep].tolist()))
+    if chosen_layers is not None:
+        missing = sorted(chosen_layers - set(have_layers))
+        if missing:
+            raise ArgumentError(
+                f"{caller}: layers={layers!r}: the result has no head terms in layer"
+                f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}; it split "
+                f"layers {have_layers} into heads. Pick among those, or decompose with "
+                f"prism.heads(target, layers={missing})."
+            )
+        keep &= np.isin(c.layer, sorted(chosen_layers))
+    if chosen_heads is not None:
+        missing = sorted(chosen_heads - set(have_heads))
+        if missing:
+            raise ArgumentError(
+                f"{caller}: heads={heads!r}: the result has no head "
+                f"{', '.join(map(str, missing))}; its head terms are of heads "
+                f"{have_heads}."
+            )
+        keep &= np.isin(c.head, sorted(chosen_heads))
+    if not keep.any():
+        raise ArgumentError(
+            f"{caller}: layers={layers!r} and heads={heads!r} select no head term of the "
+            "result; choose heads that it holds (result.select(kind='head') lists them)."
+        )
     return keep
 
 
 def _need_heads(result: Decomposition, keep: np.ndarray, caller: str, by_source: bool) -> None:
     if not keep.any():
-        raise PrismError(
+        raise ArgumentError(
             f"{caller}: the result has no head terms (prism {result.prism!r}); "
             "use prism.heads(target) or prism.decompose(target, heads=...)."
         )
     if by_source and not (result.components.src[keep] >= 0).any():
-        raise PrismError(
+        raise ArgumentError(
             f"{caller}: the head terms are not split by source position; use "
             "prism.heads(target, by_source=True) (the default)."
         )
+
+
+def _kinds(kind: Any, caller: str) -> Optional[list]:
+    """``kind=``: None (every kind), a kind or a list of kinds."""
+    if kind is None:
+        return None
+    if isinstance(kind, str):
+        kinds = [kind]
+    elif isinstance(kind, (list, tuple, set, frozenset)):
+        kinds = list(kind)
+    else:
+        raise ArgumentError(
+            f"{caller}: kind={arg.describe(kind)}; pass a kind such as 'head' or a list of kinds."
+        )
+    for k in kinds:
+        if not isinstance(k, str) or k not in KINDS:
+            raise ArgumentError(
+                f"{caller}: kind={k!r} is not a kind; use one of {', '.join(map(repr, KINDS))}."
+            )
+    return kinds
 
 
 def _caption(result: Decomposition, pt: _Point) -> str:
@@ -147,6 +249,7 @@ def _caption(result: Decomposition, pt: _Point) -> str:
 
 
 # ---------------------------------------------------------------------------- bars
+@check.entry
 def bars(
     result: Decomposition,
     *,
@@ -176,22 +279,23 @@ def bars(
     """
     caller = "bars"
     result = _check_result(result, caller)
-    if order not in ("auto", "stream", "abs"):
-        raise PrismError(f"{caller}: order={order!r}; use 'stream', 'abs' or 'auto'.")
+    order = check.choice(order, "order", ("auto", "stream", "abs"), caller)
+    k = check.count(k, "k", caller, minimum=0)
+    waterfall = bool(arg.flag(waterfall, "waterfall", caller))
+    kinds = _kinds(kind, caller)
     if (result.components.src >= 0).any():
         result = result.aggregate("kind", "layer", "head", "neuron", "pos")
     pt = _point(result, batch, pos, target, caller)
     c = result.components
     const = c.is_constant()
-    if kind is None:
+    if kinds is None:
         focus = ~const
     else:
-        kinds = [kind] if isinstance(kind, str) else list(kind)
         focus = np.isin(c.kinds(), kinds) & ~const
         if not focus.any():
-            raise PrismError(
-                f"{caller}: the result has no components of kind {kinds}; it has "
-                f"{sorted(set(c.kinds()))}."
+            raise ArgumentError(
+                f"{caller}: kind={kind!r}: the result has no (non-constant) components of "
+                f"kind {kinds}; it has {sorted(set(c.kinds().tolist()))}."
             )
     idx = np.nonzero(focus)[0]
     v = pt.values
@@ -233,6 +337,7 @@ def _plural(kinds: np.ndarray) -> str:
 
 
 # ---------------------------------------------------------------------------- heads
+@check.entry
 def layer_head_heatmap(
     result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 0
 ) -> Figure:
@@ -244,8 +349,7 @@ def layer_head_heatmap(
     """
     caller = "layer_head_heatmap"
     result = _check_result(result, caller)
-    keep = _head_mask(result, None, None)
-    _need_heads(result, keep, caller, by_source=False)
+    keep = _head_mask(result, None, None, caller)
     pt = _point(result, batch, pos, target, caller)
     c = result.components
     layers = sorted(set(int(x) for x in c.layer[keep]))
@@ -304,6 +408,7 @@ def _full_tokens(labels: list) -> str:
     )
 
 
+@check.entry
 def source_tokens(
     result: Decomposition,
     *,
@@ -322,12 +427,12 @@ def source_tokens(
     """
     caller = "source_tokens"
     result = _check_result(result, caller)
-    keep = _head_mask(result, layers, heads)
+    keep = _head_mask(result, layers, heads, caller)
     _need_heads(result, keep, caller, by_source=True)
     pt = _point(result, batch, pos, target, caller)
     values = _src_matrix(result, pt, keep, len(pt.tokens))
     vmax = float(np.abs(values).max()) or 1.0
-    which = "all heads" if layers is None and heads is None else "the chosen heads"
+    which = "all heads" if _every(layers) and _every(heads) else "the chosen heads"
     title = f"Source tokens: {which}' terms for the {result.explains} of {pt.label} at {pt.where()}"
     labels = [token_label(t) for t in pt.tokens]
     return Widget(
@@ -351,6 +456,7 @@ def source_tokens(
     )
 
 
+@check.entry
 def head_source_map(
     result: Decomposition,
     *,
@@ -376,7 +482,9 @@ def head_source_map(
     """
     caller = "head_source_map"
     result = _check_result(result, caller)
-    keep = _head_mask(result, layers, heads)
+    if top is not None:
+        top = check.count(top, "top", caller)
+    keep = _head_mask(result, layers, heads, caller)
     _need_heads(result, keep, caller, by_source=True)
     B, P, K, _ = result.values.shape
     b = _index(batch, B, "batch", caller)
@@ -433,18 +541,26 @@ def head_source_map(
 
 
 # ---------------------------------------------------------------------------- default
-def default_view(result: Decomposition, *, batch: int = 0, pos: int = -1, target: int = 0) -> Group:
+@check.entry
+def default_view(
+    result: Decomposition,
+    *,
+    batch: int = 0,
+    pos: int = -1,
+    target: int = 0,
+    caller: str = "to_html",
+) -> Group:
     """What a result shows in Jupyter: chosen by its component kinds.
 
     Heads present: the layer x head heatmap, and the source tokens when split by source.
     Neurons present: bars of the largest neurons. Neither (residual prism): waterfall bars
-    of every term.
+    of every term. ``caller`` names the call in error messages.
     """
-    result = _check_result(result, "to_html")
-    pt = _point(result, batch, pos, target, "to_html")
+    result = _check_result(result, caller)
+    pt = _point(result, batch, pos, target, caller)
     kinds = set(result.components.kinds().tolist())
     views: list[View] = []
-    at: dict[str, Any] = dict(batch=batch, pos=pos, target=target)
+    at: dict[str, Any] = dict(batch=pt.batch, pos=pt.p, target=pt.target)
     caption = _caption(result, pt)
     if "head" in kinds:
         views.append(layer_head_heatmap(result, **at))

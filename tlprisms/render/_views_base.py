@@ -16,7 +16,9 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from tlprisms._errors import PrismError
+from tlprisms import _validate as check
+from tlprisms._errors import ArgumentError, PrismError
+from tlprisms.render import _args as arg
 from tlprisms.render._escape import esc, new_id, script_json
 
 __all__ = ["View", "Figure", "Widget", "Group", "bundle_script", "CV_GLOBAL", "WRAP"]
@@ -101,9 +103,18 @@ class Figure(View):
     ``data`` holds the numbers drawn (e.g. ``labels``, ``values``, ``total`` for bars).
     """
 
+    @check.entry
     def __init__(self, svg: str, title: str = "", data: Optional[dict] = None) -> None:
+        svg = str(arg.text(svg, "svg", "Figure"))
+        if "<svg" not in svg:
+            raise ArgumentError(
+                f"Figure: svg must be an <svg> element as a string, got {svg[:40]!r}; make "
+                "one with heatmap_svg, bar_svg, lines_svg or scatter_svg."
+            )
+        if data is not None and not isinstance(data, dict):
+            raise ArgumentError(f"Figure: data must be a dict or None, got {arg.describe(data)}.")
         self.svg = svg
-        self.title = title
+        self.title = str(arg.text(title, "title", "Figure"))
         self.data = data or {}  # the numbers drawn, for tests and re-use
 
     def fragment(self, *, bundle: bool) -> str:
@@ -134,6 +145,7 @@ class Widget(View):
             text of token labels the component shows shortened.
     """
 
+    @check.entry
     def __init__(
         self,
         component: str,
@@ -143,12 +155,18 @@ class Widget(View):
         css: str = "",
         footer: str = "",
     ) -> None:
-        self.component = component
+        caller = "Widget"
+        self.component = str(arg.text(component, "component", caller))
+        if not isinstance(props, dict):
+            raise ArgumentError(
+                f"{caller}: props must be a dict of the component's props, got "
+                f"{arg.describe(props)}."
+            )
         self.props = props
-        self.title = title
-        self.note = note
-        self.css = css
-        self.footer = footer
+        self.title = str(arg.text(title, "title", caller))
+        self.note = str(arg.text(note, "note", caller))
+        self.css = str(arg.text(css, "css", caller))
+        self.footer = str(arg.text(footer, "footer", caller))
 
     @property
     def needs_bundle(self) -> bool:
