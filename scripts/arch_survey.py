@@ -53,15 +53,33 @@ import torch  # noqa: E402
 
 B, P, LO, HI = 3, 7, 4, 60
 TARGET = 7
-NEEDED = ("hook_embed", "ln_final.hook_scale", "blocks.{l}.hook_resid_pre",
-          "blocks.{l}.hook_resid_mid", "blocks.{l}.hook_resid_post", "blocks.{l}.hook_attn_out",
-          "blocks.{l}.hook_mlp_out", "blocks.{l}.attn.hook_pattern", "blocks.{l}.attn.hook_v",
-          "blocks.{l}.attn.hook_z", "blocks.{l}.attn.hook_q", "blocks.{l}.attn.hook_k",
-          "blocks.{l}.mlp.hook_pre", "blocks.{l}.mlp.hook_post", "blocks.{l}.ln1.hook_scale",
-          "blocks.{l}.ln2.hook_scale")
-OPTIONAL = ("hook_pos_embed", "blocks.{l}.mlp.hook_pre_linear", "blocks.{l}.ln1_post.hook_scale",
-            "blocks.{l}.ln2_post.hook_scale", "blocks.{l}.attn.hook_rot_q",
-            "blocks.{l}.attn.hook_rot_k", "blocks.{l}.attn.hook_attn_scores")
+NEEDED = (
+    "hook_embed",
+    "ln_final.hook_scale",
+    "blocks.{l}.hook_resid_pre",
+    "blocks.{l}.hook_resid_mid",
+    "blocks.{l}.hook_resid_post",
+    "blocks.{l}.hook_attn_out",
+    "blocks.{l}.hook_mlp_out",
+    "blocks.{l}.attn.hook_pattern",
+    "blocks.{l}.attn.hook_v",
+    "blocks.{l}.attn.hook_z",
+    "blocks.{l}.attn.hook_q",
+    "blocks.{l}.attn.hook_k",
+    "blocks.{l}.mlp.hook_pre",
+    "blocks.{l}.mlp.hook_post",
+    "blocks.{l}.ln1.hook_scale",
+    "blocks.{l}.ln2.hook_scale",
+)
+OPTIONAL = (
+    "hook_pos_embed",
+    "blocks.{l}.mlp.hook_pre_linear",
+    "blocks.{l}.ln1_post.hook_scale",
+    "blocks.{l}.ln2_post.hook_scale",
+    "blocks.{l}.attn.hook_rot_q",
+    "blocks.{l}.attn.hook_rot_k",
+    "blocks.{l}.attn.hook_attn_scores",
+)
 
 
 class _Timeout(Exception):
@@ -115,16 +133,32 @@ def diagnose(model: Any, tokens: Any, logits: Any, cache: Any) -> dict:
     """Structural facts of one bridged model and its cache (see the module docstring)."""
     keys = set(cache.keys())
     n_layers = int(model.cfg.n_layers)
-    d: dict[str, Any] = {"cfg": {k: _get(model.cfg, k) for k in (
-        "normalization_type", "positional_embedding_type", "act_fn", "gated_mlp",
-        "parallel_attn_mlp", "n_key_value_heads", "final_rms", "output_logits_soft_cap",
-        "attn_scores_soft_cap", "use_normalization_before_and_after", "rotary_dim",
-        "default_prepend_bos")}}
-    d["cfg"] = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                for k, v in d["cfg"].items()}
+    d: dict[str, Any] = {
+        "cfg": {
+            k: _get(model.cfg, k)
+            for k in (
+                "normalization_type",
+                "positional_embedding_type",
+                "act_fn",
+                "gated_mlp",
+                "parallel_attn_mlp",
+                "n_key_value_heads",
+                "final_rms",
+                "output_logits_soft_cap",
+                "attn_scores_soft_cap",
+                "use_normalization_before_and_after",
+                "rotary_dim",
+                "default_prepend_bos",
+            )
+        }
+    }
+    d["cfg"] = {
+        k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+        for k, v in d["cfg"].items()
+    }
     missing, present_opt = [], []
     for pat in NEEDED:
-        for layer in ([0] if "{l}" in pat else [None]):
+        for layer in [0] if "{l}" in pat else [None]:
             name = pat.format(l=layer)
             if name not in keys:
                 missing.append(name)
@@ -135,22 +169,32 @@ def diagnose(model: Any, tokens: Any, logits: Any, cache: Any) -> dict:
     d["missing_hooks_L0"] = missing
     d["optional_hooks_L0"] = present_opt
     blk = model.blocks[0]
-    d["modules"] = {n: type(_get(blk, n)).__name__ for n in ("ln1", "ln2", "attn", "mlp",
-                                                             "ln1_post", "ln2_post")
-                    if _get(blk, n) is not None}
+    d["modules"] = {
+        n: type(_get(blk, n)).__name__
+        for n in ("ln1", "ln2", "attn", "mlp", "ln1_post", "ln2_post")
+        if _get(blk, n) is not None
+    }
     d["modules"]["ln_final"] = type(_get(model, "ln_final")).__name__
     d["modules"]["embed"] = type(_get(model, "embed")).__name__
     hf_block = getattr(blk, "original_component", None)
-    d["hf_block_children"] = ([f"{n}:{type(m).__name__}" for n, m in hf_block.named_children()]
-                              if hf_block is not None else None)
+    d["hf_block_children"] = (
+        [f"{n}:{type(m).__name__}" for n, m in hf_block.named_children()]
+        if hf_block is not None
+        else None
+    )
     attn = _get(blk, "attn")
     hf_attn = getattr(attn, "original_component", None)
-    d["hf_attn_children"] = ([f"{n}:{type(m).__name__}" for n, m in hf_attn.named_children()]
-                             if hf_attn is not None else None)
+    d["hf_attn_children"] = (
+        [f"{n}:{type(m).__name__}" for n, m in hf_attn.named_children()]
+        if hf_attn is not None
+        else None
+    )
     weights = {}
-    for owner, names in ((attn, ("W_Q", "W_K", "W_V", "W_O", "b_V", "b_O")),
-                         (_get(blk, "mlp"), ("W_in", "W_gate", "W_out", "b_in", "b_out")),
-                         (model, ("W_E", "W_U", "b_U", "W_pos"))):
+    for owner, names in (
+        (attn, ("W_Q", "W_K", "W_V", "W_O", "b_V", "b_O")),
+        (_get(blk, "mlp"), ("W_in", "W_gate", "W_out", "b_in", "b_out")),
+        (model, ("W_E", "W_U", "b_U", "W_pos")),
+    ):
         for name in names:
             w = _get(owner, name) if owner is not None else None
             weights[name] = list(w.shape) if isinstance(w, torch.Tensor) else None
@@ -188,17 +232,33 @@ def diagnose(model: Any, tokens: Any, logits: Any, cache: Any) -> dict:
         def get(n: str, b: str = b) -> Any:
             return c[f"{b}.{n}"]
 
-        if have("hook_resid_pre") and have("hook_resid_post") and have("hook_attn_out") \
-                and have("hook_mlp_out"):
-            note("resid_post=pre+attn+mlp", _rel(get("hook_resid_pre") + get("hook_attn_out")
-                                                 + get("hook_mlp_out"), get("hook_resid_post")))
+        if (
+            have("hook_resid_pre")
+            and have("hook_resid_post")
+            and have("hook_attn_out")
+            and have("hook_mlp_out")
+        ):
+            note(
+                "resid_post=pre+attn+mlp",
+                _rel(
+                    get("hook_resid_pre") + get("hook_attn_out") + get("hook_mlp_out"),
+                    get("hook_resid_post"),
+                ),
+            )
         if have("hook_resid_pre") and have("hook_resid_mid") and have("hook_attn_out"):
-            note("resid_mid=pre+attn", _rel(get("hook_resid_pre") + get("hook_attn_out"),
-                                            get("hook_resid_mid")))
-        if layer + 1 < n_layers and have("hook_resid_post") \
-                and f"blocks.{layer + 1}.hook_resid_pre" in keys:
-            note("resid_pre[l+1]=resid_post[l]",
-                 _rel(get("hook_resid_post"), c[f"blocks.{layer + 1}.hook_resid_pre"]))
+            note(
+                "resid_mid=pre+attn",
+                _rel(get("hook_resid_pre") + get("hook_attn_out"), get("hook_resid_mid")),
+            )
+        if (
+            layer + 1 < n_layers
+            and have("hook_resid_post")
+            and f"blocks.{layer + 1}.hook_resid_pre" in keys
+        ):
+            note(
+                "resid_pre[l+1]=resid_post[l]",
+                _rel(get("hook_resid_post"), c[f"blocks.{layer + 1}.hook_resid_pre"]),
+            )
         blk = model.blocks[layer]
         attn = _get(blk, "attn")
         W_O, W_V, b_V, b_O = (_get(attn, n) for n in ("W_O", "W_V", "b_V", "b_O"))
@@ -210,8 +270,12 @@ def diagnose(model: Any, tokens: Any, logits: Any, cache: Any) -> dict:
             ve = v.repeat_interleave(n_h // v.shape[2], dim=2) if n_h % v.shape[2] == 0 else None
             if pat is not None and ve is not None and z is not None:
                 note("z=pattern@v", _rel(torch.einsum("bhqk,bkhd->bqhd", pat, ve), z))
-        if z is not None and isinstance(W_O, torch.Tensor) and z.ndim == 4 \
-                and W_O.shape[0] == z.shape[2]:
+        if (
+            z is not None
+            and isinstance(W_O, torch.Tensor)
+            and z.ndim == 4
+            and W_O.shape[0] == z.shape[2]
+        ):
             out = torch.einsum("bqhd,hdm->bqm", z, W_O.to(z.dtype))
             if isinstance(b_O, torch.Tensor):
                 out = out + b_O
@@ -219,8 +283,13 @@ def diagnose(model: Any, tokens: Any, logits: Any, cache: Any) -> dict:
                 note("attn_out=sum_h z W_O+b_O", _rel(out, get("hook_attn_out")))
             if have("ln1_post.hook_in"):
                 note("ln1_post.in=sum_h z W_O+b_O", _rel(out, get("ln1_post.hook_in")))
-        if v is not None and have("ln1.hook_out") and isinstance(W_V, torch.Tensor) \
-                and W_V.ndim == 3 and W_V.shape[0] == v.shape[2]:
+        if (
+            v is not None
+            and have("ln1.hook_out")
+            and isinstance(W_V, torch.Tensor)
+            and W_V.ndim == 3
+            and W_V.shape[0] == v.shape[2]
+        ):
             vh = torch.einsum("bpm,gmd->bpgd", get("ln1.hook_out"), W_V.to(v.dtype))
             if isinstance(b_V, torch.Tensor):
                 vh = vh + b_V
@@ -255,7 +324,8 @@ def diagnose(model: Any, tokens: Any, logits: Any, cache: Any) -> dict:
         if adapter is not None and hasattr(adapter, "apply_output_logits_transform"):
             try:  # TransformerLens's own map from the unembedding's output to the logits
                 ids["logits=T(ln_final.out@W_U+b_U)"] = _r(
-                    _rel(adapter.apply_output_logits_transform(lo), logits))
+                    _rel(adapter.apply_output_logits_transform(lo), logits)
+                )
             except Exception as exc:  # noqa: BLE001
                 ids["logits=T(ln_final.out@W_U+b_U)"] = type(exc).__name__
     d["identities"] = ids
@@ -294,27 +364,35 @@ def _prism_calls(tp: Any, model: Any, tokens: Any, logits: Any, cache: Any) -> d
             out[name] = (kind, f"{type(exc).__name__}: {_msg(exc)}")
         except Exception as exc:  # noqa: BLE001
             tb = traceback.extract_tb(exc.__traceback__)[-1]
-            out[name] = ("crash", f"{type(exc).__name__}: {_msg(exc)} "
-                                  f"[{Path(tb.filename).name}:{tb.lineno}]")
+            out[name] = (
+                "crash",
+                f"{type(exc).__name__}: {_msg(exc)} [{Path(tb.filename).name}:{tb.lineno}]",
+            )
     # chains must total the term they split (and that term must be the one of heads/neurons)
     try:
         if "through_head" in results and "heads" in results:
             term = results["heads"].select(kind="head", layer=1, head=0).values.sum(-1)
             err = _rel(results["through_head"].total(), term)
             if err is None or err > 1e-4:
-                out["through_head"] = ("incomplete", f"chain total differs from the L1H0 term "
-                                                     f"of heads() by rel {err}")
+                out["through_head"] = (
+                    "incomplete",
+                    f"chain total differs from the L1H0 term of heads() by rel {err}",
+                )
         if "through_neuron" in results and "neurons" in results:
             term = results["neurons"].select(kind="neuron", layer=1, neuron=3).values.sum(-1)
             err = _rel(results["through_neuron"].total(), term)
             if err is None or err > 1e-4:
-                out["through_neuron"] = ("incomplete", f"chain total differs from the L1N3 term "
-                                                       f"of neurons() by rel {err}")
+                out["through_neuron"] = (
+                    "incomplete",
+                    f"chain total differs from the L1N3 term of neurons() by rel {err}",
+                )
         if "full" in results and "run" in results:
             err = _rel(results["run"].total(), results["full"].total())
             if err is None or err > 1e-4:
-                out["run"] = ("incomplete", f"LogitPrism.run differs from LogitPrism(...) by "
-                                            f"rel {err}")
+                out["run"] = (
+                    "incomplete",
+                    f"LogitPrism.run differs from LogitPrism(...) by rel {err}",
+                )
     except Exception as exc:  # noqa: BLE001
         out["crosscheck"] = ("crash", f"{type(exc).__name__}: {_msg(exc)}")
     return out
@@ -336,8 +414,7 @@ def verdict(calls: dict) -> tuple[str, float, str]:
     return ("refused" if not ok else f"partial ({', '.join(ok)} exact)"), gap, message
 
 
-def survey_one(zoo: Any, tp: Any, name: str, fold: bool, want_diag: bool, timeout: int
-               ) -> dict:
+def survey_one(zoo: Any, tp: Any, name: str, fold: bool, want_diag: bool, timeout: int) -> dict:
     row: dict[str, Any] = {"arch": name, "fold": fold}
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout)
@@ -357,8 +434,9 @@ def survey_one(zoo: Any, tp: Any, name: str, fold: bool, want_diag: bool, timeou
             with torch.no_grad():
                 logits, cache = model.run_with_cache(tokens)
         except Exception as exc:  # noqa: BLE001
-            row.update(verdict="broken-build",
-                       message=f"run_with_cache: {type(exc).__name__}: {_msg(exc)}")
+            row.update(
+                verdict="broken-build", message=f"run_with_cache: {type(exc).__name__}: {_msg(exc)}"
+            )
             return row
         row["logit_absmax"] = float(logits.abs().max())
         if want_diag:
@@ -387,38 +465,51 @@ def _short(row: dict) -> str:
 
 
 def table(rows: list, infos: list) -> str:
-    lines = ["| architecture | kind | fold | verdict | max gap | calls | message |",
-             "|---|---|---|---|---:|---|---|"]
+    lines = [
+        "| architecture | kind | fold | verdict | max gap | calls | message |",
+        "|---|---|---|---|---:|---|---|",
+    ]
     kinds = {i.name: i.kind for i in infos}
     for row in rows:
         gap = row.get("gap")
         gap_s = "" if gap is None or gap != gap else f"{gap:.1e}"
         msg = (row.get("message") or "").replace("|", "\\|")
         msg = msg if len(msg) <= 260 else msg[:257] + "..."
-        lines.append(f"| {row['arch']} | {kinds.get(row['arch'], '')} | "
-                     f"{'fold' if row['fold'] else 'raw'} | {row['verdict']} | {gap_s} | "
-                     f"{_short(row)} | {msg} |")
+        lines.append(
+            f"| {row['arch']} | {kinds.get(row['arch'], '')} | "
+            f"{'fold' if row['fold'] else 'raw'} | {row['verdict']} | {gap_s} | "
+            f"{_short(row)} | {msg} |"
+        )
     lines.append("")
-    lines.append("Not surveyed (TransformerLens supports them, but they are not causal LMs that "
-                 "transformers ships):")
+    lines.append(
+        "Not surveyed (TransformerLens supports them, but they are not causal LMs that "
+        "transformers ships):"
+    )
     lines.append("")
     for info in infos:
         if not info.buildable:
             lines.append(f"* {info.name} ({info.kind}: {info.reason})")
     lines.append("")
-    lines.append("calls: init=LogitPrism(...) re=residual he=heads ne=neurons fu=full "
-                 "th=through_head tn=through_neuron ru=LogitPrism.run; + exact, r refused "
-                 "(PrismError), X incomplete/wrong numbers, ! crash (non-tlprisms exception)")
+    lines.append(
+        "calls: init=LogitPrism(...) re=residual he=heads ne=neurons fu=full "
+        "th=through_head tn=through_neuron ru=LogitPrism.run; + exact, r refused "
+        "(PrismError), X incomplete/wrong numbers, ! crash (non-tlprisms exception)"
+    )
     return "\n".join(lines)
 
 
-_KIND_TITLES = {"moe": "Mixture of experts",
-                "hybrid": "Hybrid (attention + recurrent / state-space / convolution layers)",
-                "ssm": "State-space / recurrent (no attention)"}
-_OTHER_TITLES = {"encoder": "encoders", "encoder-decoder": "encoder-decoders",
-                 "multimodal": "multimodal (vision / audio towers)",
-                 "alias": "aliases of a listed name",
-                 "no-hf-class": "no class in transformers (remote code / TL-native)"}
+_KIND_TITLES = {
+    "moe": "Mixture of experts",
+    "hybrid": "Hybrid (attention + recurrent / state-space / convolution layers)",
+    "ssm": "State-space / recurrent (no attention)",
+}
+_OTHER_TITLES = {
+    "encoder": "encoders",
+    "encoder-decoder": "encoder-decoders",
+    "multimodal": "multimodal (vision / audio towers)",
+    "alias": "aliases of a listed name",
+    "no-hf-class": "no class in transformers (remote code / TL-native)",
+}
 
 
 def _cell(ta: Any, expect: Any, measured: Any) -> str:
@@ -462,26 +553,38 @@ def markdown(zoo: Any, ta: Any, infos: list, folds: list, timeout: int) -> str:
             finally:
                 signal.alarm(0)
             measured[info.name, fold] = m
-            print(f"{info.name:32s} {'fold' if fold else 'raw ':4s} {m.line()[:150]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{info.name:32s} {'fold' if fold else 'raw ':4s} {m.line()[:150]}",
+                file=sys.stderr,
+                flush=True,
+            )
     print(f"{len(measured)} runs in {time.time() - t0:.0f} s", file=sys.stderr)
 
     def cells(name: str) -> list:
         expect = ta.expect_for(name)
-        return [_cell(ta, expect, measured.get((name, f))) if f in folds else "not run"
-                for f in (True, False)]
+        return [
+            _cell(ta, expect, measured.get((name, f))) if f in folds else "not run"
+            for f in (True, False)
+        ]
 
     def tested(name: str) -> bool:
-        return any((name, f) in measured and measured[name, f].verdict not in
-                   ("tl-broken", "skip") for f in folds)
+        return any(
+            (name, f) in measured and measured[name, f].verdict not in ("tl-broken", "skip")
+            for f in folds
+        )
 
     def broken(name: str) -> str:
-        folds_b = [f for f in (True, False) if (name, f) in measured
-                   and measured[name, f].verdict == "tl-broken"]
+        folds_b = [
+            f
+            for f in (True, False)
+            if (name, f) in measured and measured[name, f].verdict == "tl-broken"
+        ]
         if not folds_b:
             return ""
-        why = ta.TL_BROKEN.get(name, ((), ""))[1] or " ".join(
-            measured[name, folds_b[0]].message.split())[:120]
+        why = (
+            ta.TL_BROKEN.get(name, ((), ""))[1]
+            or " ".join(measured[name, folds_b[0]].message.split())[:120]
+        )
         which = "" if len(folds_b) == 2 else f" ({'folded' if folds_b[0] else 'unfolded'})"
         return f"TransformerLens cannot build or run it{which}: {why}"
 
@@ -511,19 +614,25 @@ def markdown(zoo: Any, ta: Any, infos: list, folds: list, timeout: int) -> str:
         "|---|---|---|---|---|",
     ]
     decoders = [i for i in infos if i.buildable and i.kind == zoo.DECODER]
-    decoders.sort(key=lambda i: (not tested(i.name), not ta.expect_for(i.name).exact,
-                                 i.name.lower()))
+    decoders.sort(
+        key=lambda i: (not tested(i.name), not ta.expect_for(i.name).exact, i.name.lower())
+    )
     for info in decoders:
         expect = ta.expect_for(info.name)
         note = "; ".join(x for x in (expect.note, broken(info.name)) if x)
         wanted = _expected(expect) if tested(info.name) else "not tested"
-        lines.append(f"| {info.name} | {wanted} | "
-                     + " | ".join(cells(info.name)) + f" | {note} |")
-    lines += ["", "## Refused by kind", "",
-              "| Kind | tlprisms | Why | Architectures | Measured |", "|---|---|---|---|---|"]
+        lines.append(f"| {info.name} | {wanted} | " + " | ".join(cells(info.name)) + f" | {note} |")
+    lines += [
+        "",
+        "## Refused by kind",
+        "",
+        "| Kind | tlprisms | Why | Architectures | Measured |",
+        "|---|---|---|---|---|",
+    ]
     for kind, title in _KIND_TITLES.items():
-        group = sorted((i for i in infos if i.buildable and i.kind == kind),
-                       key=lambda i: i.name.lower())
+        group = sorted(
+            (i for i in infos if i.buildable and i.kind == kind), key=lambda i: i.name.lower()
+        )
         if not group:
             continue
         rule = ta.BY_KIND[kind]
@@ -531,24 +640,33 @@ def markdown(zoo: Any, ta: Any, infos: list, folds: list, timeout: int) -> str:
         for info in group:
             expect = ta.expect_for(info.name)
             names.append(info.name + (f" ({expect.note})" if info.name in ta.EXPECT else ""))
-            bad = {fold: measured[info.name, fold] for fold in folds
-                   if (info.name, fold) in measured
-                   and (measured[info.name, fold].verdict == "tl-broken"
-                        or ta.judge(expect, measured[info.name, fold]) is not None)}
+            bad = {
+                fold: measured[info.name, fold]
+                for fold in folds
+                if (info.name, fold) in measured
+                and (
+                    measured[info.name, fold].verdict == "tl-broken"
+                    or ta.judge(expect, measured[info.name, fold]) is not None
+                )
+            }
             for fold, m in bad.items():
-                tag = info.name if len(bad) == len(folds) == 2 else \
-                    f"{info.name} {'folded' if fold else 'unfolded'}"
-                odd.append(f"{tag}: TL error" if m.verdict == "tl-broken"
-                           else f"{tag}: {_cell(ta, expect, m)}")
+                tag = (
+                    info.name
+                    if len(bad) == len(folds) == 2
+                    else f"{info.name} {'folded' if fold else 'unfolded'}"
+                )
+                odd.append(
+                    f"{tag}: TL error"
+                    if m.verdict == "tl-broken"
+                    else f"{tag}: {_cell(ta, expect, m)}"
+                )
                 if tag == info.name:
                     break
         ok = "all refused \u2713" if not odd else "refused \u2713 except " + "; ".join(odd)
-        lines.append(f"| {title} | {_expected(rule)} | {rule.note} | {', '.join(names)} | "
-                     f"{ok} |")
+        lines.append(f"| {title} | {_expected(rule)} | {rule.note} | {', '.join(names)} | {ok} |")
     lines += ["", "## Not causal LMs that transformers ships (not tested)", ""]
     for kind, title in _OTHER_TITLES.items():
-        names = sorted((i.name for i in infos if i.kind == kind and not i.buildable),
-                       key=str.lower)
+        names = sorted((i.name for i in infos if i.kind == kind and not i.buildable), key=str.lower)
         if names:
             lines.append(f"* {title}: {', '.join(names)}")
     return "\n".join(lines) + "\n"
@@ -563,8 +681,11 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/arch_table.md")
     ap.add_argument("--diag", default="/tmp/arch_diag.json", help="'' to skip diagnostics")
     ap.add_argument("--timeout", type=int, default=60)
-    ap.add_argument("--markdown", metavar="FILE",
-                    help="write the per-family verdict table (docs/architectures.md) instead")
+    ap.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="write the per-family verdict table (docs/architectures.md) instead",
+    )
     args = ap.parse_args()
     sys.path.insert(0, args.tlprisms or str(ROOT))
     warnings.filterwarnings("ignore")
@@ -579,8 +700,11 @@ def main() -> None:
     print(f"tlprisms from {Path(tp.__file__).parent}", file=sys.stderr)
     infos = zoo.architectures()
     kinds = set(args.kinds.split(","))
-    todo = [i for i in infos if i.hf_class is not None and i.kind in kinds
-            and (not args.only or i.name in args.only)]
+    todo = [
+        i
+        for i in infos
+        if i.hf_class is not None and i.kind in kinds and (not args.only or i.name in args.only)
+    ]
     folds = [bool(int(f)) for f in args.folds.split(",")]
     if args.markdown:
         import test_architectures as ta
@@ -596,9 +720,12 @@ def main() -> None:
             row = survey_one(zoo, tp, info.name, fold, bool(args.diag), args.timeout)
             row["kind"] = info.kind
             rows.append(row)
-            print(f"{info.name:32s} {'fold' if fold else 'raw ':4s} {row['verdict']:28s} "
-                  f"{_short(row):32s} {row.get('seconds')}s {(row.get('message') or '')[:150]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{info.name:32s} {'fold' if fold else 'raw ':4s} {row['verdict']:28s} "
+                f"{_short(row):32s} {row.get('seconds')}s {(row.get('message') or '')[:150]}",
+                file=sys.stderr,
+                flush=True,
+            )
     text = table(rows, infos)
     print(text)
     Path(args.out).write_text(text + "\n")

@@ -47,7 +47,9 @@ from tlprisms.errors import (
 from families import FAMILIES, HAS_HOOKED, make_tokenizer
 
 # hypothesis keeps a cache in ./.hypothesis unless told otherwise: keep the checkout clean
-os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "tlprisms-hypothesis"))
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "tlprisms-hypothesis")
+)
 try:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
@@ -60,7 +62,9 @@ PARIS, TOKYO, ROME = 11, 15, 17  # ids in the demo vocabulary
 TEXT, TEXT_B = "The capital of France is", "The capital of Japan is"  # 6 tokens with <bos>
 N_CTX, N_LAYERS, N_HEADS, D_MLP, D_MODEL, D_VOCAB = 6, 2, 4, 512, 128, 149
 
-hooked_only = pytest.mark.skipif(not HAS_HOOKED, reason="needs HookedTransformer (TransformerLens 3)")
+hooked_only = pytest.mark.skipif(
+    not HAS_HOOKED, reason="needs HookedTransformer (TransformerLens 3)"
+)
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -81,9 +85,14 @@ def fingerprint(obj: Any) -> str:
         for name, b in obj.named_buffers():
             h.update(name.encode())
             _digest(h, b)
-        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                    + len(getattr(m, "fwd_hooks", None) or [])
-                    + len(getattr(m, "bwd_hooks", None) or []) for m in obj.modules())
+        hooks = sum(
+            len(m._forward_hooks)
+            + len(m._forward_pre_hooks)
+            + len(m._backward_hooks)
+            + len(getattr(m, "fwd_hooks", None) or [])
+            + len(getattr(m, "bwd_hooks", None) or [])
+            for m in obj.modules()
+        )
         h.update(f"hooks {hooks} training {obj.training}".encode())
     elif isinstance(obj, torch.Tensor):
         _digest(h, obj)
@@ -100,8 +109,28 @@ class Env:
     """Models, inputs and caches, built on first use (once per module) and hashed around
     every row."""
 
-    USER = ("M", "T1", "T2", "L1", "L2", "C1", "C2", "C1b", "C1_res", "C1b_res", "TWIN", "C_twin",
-            "C_twin_res", "G", "TG", "CG", "G_train", "M_bf16", "M_f64", "HK")
+    USER = (
+        "M",
+        "T1",
+        "T2",
+        "L1",
+        "L2",
+        "C1",
+        "C2",
+        "C1b",
+        "C1_res",
+        "C1b_res",
+        "TWIN",
+        "C_twin",
+        "C_twin_res",
+        "G",
+        "TG",
+        "CG",
+        "G_train",
+        "M_bf16",
+        "M_f64",
+        "HK",
+    )
 
     def __init__(self) -> None:
         self.built: dict[str, Any] = {}
@@ -122,7 +151,6 @@ class Env:
         when given: hashing every model around every row would dominate the run time)."""
         keep = set(self.USER) if names is None else (set(names) | set(self.CORE)) & set(self.USER)
         return {k: fingerprint(v) for k, v in list(self.built.items()) if k in keep}
-
 
     def b_M(self):
         from tlprisms.demo import load_demo_model
@@ -163,11 +191,14 @@ class Env:
         return self.M(self.T2)
 
     def b_C1_res(self):
-        return self.M.run_with_cache(self.T1, names_filter=tp.needed_hooks(self.M, ("residual",)))[1]
+        return self.M.run_with_cache(self.T1, names_filter=tp.needed_hooks(self.M, ("residual",)))[
+            1
+        ]
 
     def b_C1b_res(self):
-        return self.M.run_with_cache(self.M.to_tokens(TEXT_B),
-                                     names_filter=tp.needed_hooks(self.M, ("residual",)))[1]
+        return self.M.run_with_cache(
+            self.M.to_tokens(TEXT_B), names_filter=tp.needed_hooks(self.M, ("residual",))
+        )[1]
 
     def b_P1(self):
         return tp.LogitPrism(self.M, self.C1, tokens=self.T1, logits=self.L1)
@@ -200,7 +231,9 @@ class Env:
         return self.TWIN.run_with_cache(self.T1)[1]
 
     def b_C_twin_res(self):
-        return self.TWIN.run_with_cache(self.T1, names_filter=tp.needed_hooks(self.M, ("residual",)))[1]
+        return self.TWIN.run_with_cache(
+            self.T1, names_filter=tp.needed_hooks(self.M, ("residual",))
+        )[1]
 
     def b_G(self):
         return FAMILIES["gpt2/bridge"](True, tokenizer=make_tokenizer())
@@ -246,7 +279,21 @@ def env() -> Env:
     e = Env()
     # Built before any row: a bridge's first run_with_cache leaves TransformerLens's own
     # hooks on the model, which must not count as a change made by the row.
-    for key in ("M", "C1", "C2", "C1b", "C1_res", "C1b_res", "F1", "F2", "P1", "P2", "H1", "R1", "PR"):
+    for key in (
+        "M",
+        "C1",
+        "C2",
+        "C1b",
+        "C1_res",
+        "C1b_res",
+        "F1",
+        "F2",
+        "P1",
+        "P2",
+        "H1",
+        "R1",
+        "PR",
+    ):
         getattr(e, key)
     return e
 
@@ -326,108 +373,445 @@ HEAD = tp.Component("head", layer=1, head=2)
 # --------------------------------------------------------------------------- refusals
 ROWS = [
     # --- LogitPrism(model, cache, tokens=, logits=)
-    row("ctor/cache None", lambda e: tp.LogitPrism(e.M, None), (CacheError, ArgumentError), r"None"),
+    row(
+        "ctor/cache None", lambda e: tp.LogitPrism(e.M, None), (CacheError, ArgumentError), r"None"
+    ),
     row("ctor/cache empty dict", lambda e: tp.LogitPrism(e.M, {}), CacheError, r"hook_embed"),
-    row("ctor/cache a list", lambda e: tp.LogitPrism(e.M, [e.C1]), (CacheError, ArgumentError), r"list"),
-    row("ctor/logits where the cache goes", lambda e: tp.LogitPrism(e.M, e.L1), (CacheError, ArgumentError), r"Tensor|ActivationCache"),
-    row("ctor/model and cache swapped", lambda e: tp.LogitPrism(e.C1, e.M), UnsupportedModelError, r"TransformerLens model"),
-    row("ctor/HF model inside the bridge", lambda e: tp.LogitPrism(e.M.original_model, e.C1), UnsupportedModelError, r"TransformerLens model"),
-    row("ctor/cache of other tokens", lambda e: tp.LogitPrism(e.M, e.C1b, tokens=e.T1), CacheError, r"tokens"),
-    row("ctor/cache of other tokens, needed_hooks residual", lambda e: tp.LogitPrism(e.M, e.C1b_res, tokens=e.T1), CacheError, r"tokens"),
-    row("ctor/logits of other tokens", lambda e: tp.LogitPrism(e.M, e.C1, logits=e.M(e.M.to_tokens(TEXT_B))), CacheError, r"logits"),
-    row("ctor/logits of other tokens, needed_hooks residual", lambda e: tp.LogitPrism(e.M, e.C1_res, logits=e.M(e.M.to_tokens(TEXT_B))), CacheError, r"logits"),
+    row(
+        "ctor/cache a list",
+        lambda e: tp.LogitPrism(e.M, [e.C1]),
+        (CacheError, ArgumentError),
+        r"list",
+    ),
+    row(
+        "ctor/logits where the cache goes",
+        lambda e: tp.LogitPrism(e.M, e.L1),
+        (CacheError, ArgumentError),
+        r"Tensor|ActivationCache",
+    ),
+    row(
+        "ctor/model and cache swapped",
+        lambda e: tp.LogitPrism(e.C1, e.M),
+        UnsupportedModelError,
+        r"TransformerLens model",
+    ),
+    row(
+        "ctor/HF model inside the bridge",
+        lambda e: tp.LogitPrism(e.M.original_model, e.C1),
+        UnsupportedModelError,
+        r"TransformerLens model",
+    ),
+    row(
+        "ctor/cache of other tokens",
+        lambda e: tp.LogitPrism(e.M, e.C1b, tokens=e.T1),
+        CacheError,
+        r"tokens",
+    ),
+    row(
+        "ctor/cache of other tokens, needed_hooks residual",
+        lambda e: tp.LogitPrism(e.M, e.C1b_res, tokens=e.T1),
+        CacheError,
+        r"tokens",
+    ),
+    row(
+        "ctor/logits of other tokens",
+        lambda e: tp.LogitPrism(e.M, e.C1, logits=e.M(e.M.to_tokens(TEXT_B))),
+        CacheError,
+        r"logits",
+    ),
+    row(
+        "ctor/logits of other tokens, needed_hooks residual",
+        lambda e: tp.LogitPrism(e.M, e.C1_res, logits=e.M(e.M.to_tokens(TEXT_B))),
+        CacheError,
+        r"logits",
+    ),
     row("ctor/twin's cache", lambda e: tp.LogitPrism(e.M, e.C_twin), CacheError, r"model"),
-    row("ctor/twin's cache, needed_hooks residual", lambda e: tp.LogitPrism(e.M, e.C_twin_res), CacheError, r"model"),
-    row("ctor/twin's cache without hook_v", lambda e: tp.LogitPrism(e.M, without(e.C_twin, "blocks.0.attn.hook_v")), CacheError, r"model|needed_hooks"),
-    row("ctor/twin's cache without resid_pre", lambda e: tp.LogitPrism(e.M, without(e.C_twin, "blocks.0.hook_resid_pre")), CacheError, r"model|needed_hooks"),
-    row("ctor/cache of a model of another size", lambda e: tp.LogitPrism(e.M, e.CG), CacheError, r"another model"),
-    row("ctor/remove_batch_dim cache", lambda e: tp.LogitPrism(e.M, no_batch(e.M, e.T1)), CacheError, r"remove_batch_dim|batch (axis|dim)"),
-    row("ctor/batch-2 cache, batch-1 tokens", lambda e: tp.LogitPrism(e.M, e.C2, tokens=e.T1), CacheError, r"tokens.*shape"),
-    row("ctor/tokens float", lambda e: tp.LogitPrism(e.M, e.C1, tokens=e.T1.float()), ArgumentError, r"tokens.*int"),
-    row("ctor/tokens bool", lambda e: tp.LogitPrism(e.M, e.C1, tokens=e.T1.bool()), ArgumentError, r"tokens.*int"),
-    row("ctor/tokens outside the vocabulary", lambda e: tp.LogitPrism(e.M, e.C1, tokens=e.T1 + 1000), (TargetError, ArgumentError), r"vocabulary"),
-    row("ctor/tokens of another shape", lambda e: tp.LogitPrism(e.M, e.C1, tokens=e.T1[:, :4]), CacheError, r"tokens has shape"),
-    row("ctor/logits of another shape", lambda e: tp.LogitPrism(e.M, e.C1, logits=e.L1[:, :3]), CacheError, r"logits"),
-    row("ctor/logits NaN", lambda e: tp.LogitPrism(e.M, e.C1, logits=torch.full_like(e.L1, float("nan"))), NonFiniteError, r"logits"),
-    row("ctor/logits int", lambda e: tp.LogitPrism(e.M, e.C1, logits=e.L1.long()), ArgumentError, r"logits"),
-    row("ctor/hook_embed as ints", lambda e: tp.LogitPrism(e.M, cast(e.C1, torch.long, "hook_embed")).residual(PARIS), (CacheError, ArgumentError), r"dtype|float|integer"),
-    row("ctor/train mode with dropout", lambda e: tp.LogitPrism(e.G_train, e.G_train.run_with_cache(e.TG)[1]).residual(7), UnsupportedModelError, r"eval\(\)"),
+    row(
+        "ctor/twin's cache, needed_hooks residual",
+        lambda e: tp.LogitPrism(e.M, e.C_twin_res),
+        CacheError,
+        r"model",
+    ),
+    row(
+        "ctor/twin's cache without hook_v",
+        lambda e: tp.LogitPrism(e.M, without(e.C_twin, "blocks.0.attn.hook_v")),
+        CacheError,
+        r"model|needed_hooks",
+    ),
+    row(
+        "ctor/twin's cache without resid_pre",
+        lambda e: tp.LogitPrism(e.M, without(e.C_twin, "blocks.0.hook_resid_pre")),
+        CacheError,
+        r"model|needed_hooks",
+    ),
+    row(
+        "ctor/cache of a model of another size",
+        lambda e: tp.LogitPrism(e.M, e.CG),
+        CacheError,
+        r"another model",
+    ),
+    row(
+        "ctor/remove_batch_dim cache",
+        lambda e: tp.LogitPrism(e.M, no_batch(e.M, e.T1)),
+        CacheError,
+        r"remove_batch_dim|batch (axis|dim)",
+    ),
+    row(
+        "ctor/batch-2 cache, batch-1 tokens",
+        lambda e: tp.LogitPrism(e.M, e.C2, tokens=e.T1),
+        CacheError,
+        r"tokens.*shape",
+    ),
+    row(
+        "ctor/tokens float",
+        lambda e: tp.LogitPrism(e.M, e.C1, tokens=e.T1.float()),
+        ArgumentError,
+        r"tokens.*int",
+    ),
+    row(
+        "ctor/tokens bool",
+        lambda e: tp.LogitPrism(e.M, e.C1, tokens=e.T1.bool()),
+        ArgumentError,
+        r"tokens.*int",
+    ),
+    row(
+        "ctor/tokens outside the vocabulary",
+        lambda e: tp.LogitPrism(e.M, e.C1, tokens=e.T1 + 1000),
+        (TargetError, ArgumentError),
+        r"vocabulary",
+    ),
+    row(
+        "ctor/tokens of another shape",
+        lambda e: tp.LogitPrism(e.M, e.C1, tokens=e.T1[:, :4]),
+        CacheError,
+        r"tokens has shape",
+    ),
+    row(
+        "ctor/logits of another shape",
+        lambda e: tp.LogitPrism(e.M, e.C1, logits=e.L1[:, :3]),
+        CacheError,
+        r"logits",
+    ),
+    row(
+        "ctor/logits NaN",
+        lambda e: tp.LogitPrism(e.M, e.C1, logits=torch.full_like(e.L1, float("nan"))),
+        NonFiniteError,
+        r"logits",
+    ),
+    row(
+        "ctor/logits int",
+        lambda e: tp.LogitPrism(e.M, e.C1, logits=e.L1.long()),
+        ArgumentError,
+        r"logits",
+    ),
+    row(
+        "ctor/hook_embed as ints",
+        lambda e: tp.LogitPrism(e.M, cast(e.C1, torch.long, "hook_embed")).residual(PARIS),
+        (CacheError, ArgumentError),
+        r"dtype|float|integer",
+    ),
+    row(
+        "ctor/train mode with dropout",
+        lambda e: tp.LogitPrism(e.G_train, e.G_train.run_with_cache(e.TG)[1]).residual(7),
+        UnsupportedModelError,
+        r"eval\(\)",
+    ),
     # --- NaN / inf in the cache: named with the hook and position
-    row("nan/mlp_out -> residual().check()", lambda e: tp.LogitPrism(e.M, edited(e.C1, "blocks.0.hook_mlp_out", float("nan"))).residual(PARIS).check(),
-        NonFiniteError, r"hook_mlp_out.*\bpos\w*\W{0,3}5\b"),
-    row("nan/mlp_out with logits -> residual()", lambda e: tp.LogitPrism(e.M, edited(e.C1, "blocks.0.hook_mlp_out", float("nan")), logits=e.L1).residual(PARIS),
-        NonFiniteError, r"hook_mlp_out"),
-    row("inf/hook_embed -> residual()", lambda e: tp.LogitPrism(e.M, edited(e.C1, "hook_embed", float("inf"))).residual(PARIS), NonFiniteError, r"hook_embed|resid_pre"),
-    row("nan/ln_final scale -> residual()", lambda e: tp.LogitPrism(e.M, edited(e.C1, "ln_final.hook_scale", float("nan"))).residual(PARIS), NonFiniteError, r"ln_final\.hook_scale"),
-    row("nan/pattern -> heads()", lambda e: tp.LogitPrism(e.M, edited(e.C1, "blocks.1.attn.hook_pattern", float("nan"), (0, 0, -1, 2))).heads(PARIS), NonFiniteError, r"hook_pattern"),
-    row("nan/hook_v at a source -> heads()", lambda e: tp.LogitPrism(e.M, edited(e.C1, "blocks.1.attn.hook_v", float("nan"), (0, 2))).heads(PARIS), NonFiniteError, r"hook_v"),
-    row("inf/mlp hook_post -> neurons()", lambda e: tp.LogitPrism(e.M, edited(e.C1, "blocks.1.mlp.hook_post", float("inf"))).neurons(PARIS), NonFiniteError, r"hook_post"),
-    row("nan/ln1 scale at the source -> through_head()", lambda e: tp.LogitPrism(e.M, edited(e.C1, "blocks.1.ln1.hook_scale", float("nan"), (0, 3))).through_head(1, 2, PARIS, src=3),
-        NonFiniteError, r"ln1\.hook_scale"),
+    row(
+        "nan/mlp_out -> residual().check()",
+        lambda e: (
+            tp.LogitPrism(e.M, edited(e.C1, "blocks.0.hook_mlp_out", float("nan")))
+            .residual(PARIS)
+            .check()
+        ),
+        NonFiniteError,
+        r"hook_mlp_out.*\bpos\w*\W{0,3}5\b",
+    ),
+    row(
+        "nan/mlp_out with logits -> residual()",
+        lambda e: tp.LogitPrism(
+            e.M, edited(e.C1, "blocks.0.hook_mlp_out", float("nan")), logits=e.L1
+        ).residual(PARIS),
+        NonFiniteError,
+        r"hook_mlp_out",
+    ),
+    row(
+        "inf/hook_embed -> residual()",
+        lambda e: tp.LogitPrism(e.M, edited(e.C1, "hook_embed", float("inf"))).residual(PARIS),
+        NonFiniteError,
+        r"hook_embed|resid_pre",
+    ),
+    row(
+        "nan/ln_final scale -> residual()",
+        lambda e: tp.LogitPrism(e.M, edited(e.C1, "ln_final.hook_scale", float("nan"))).residual(
+            PARIS
+        ),
+        NonFiniteError,
+        r"ln_final\.hook_scale",
+    ),
+    row(
+        "nan/pattern -> heads()",
+        lambda e: tp.LogitPrism(
+            e.M, edited(e.C1, "blocks.1.attn.hook_pattern", float("nan"), (0, 0, -1, 2))
+        ).heads(PARIS),
+        NonFiniteError,
+        r"hook_pattern",
+    ),
+    row(
+        "nan/hook_v at a source -> heads()",
+        lambda e: tp.LogitPrism(
+            e.M, edited(e.C1, "blocks.1.attn.hook_v", float("nan"), (0, 2))
+        ).heads(PARIS),
+        NonFiniteError,
+        r"hook_v",
+    ),
+    row(
+        "inf/mlp hook_post -> neurons()",
+        lambda e: tp.LogitPrism(e.M, edited(e.C1, "blocks.1.mlp.hook_post", float("inf"))).neurons(
+            PARIS
+        ),
+        NonFiniteError,
+        r"hook_post",
+    ),
+    row(
+        "nan/ln1 scale at the source -> through_head()",
+        lambda e: tp.LogitPrism(
+            e.M, edited(e.C1, "blocks.1.ln1.hook_scale", float("nan"), (0, 3))
+        ).through_head(1, 2, PARIS, src=3),
+        NonFiniteError,
+        r"ln1\.hook_scale",
+    ),
     # --- LogitPrism.run
-    row("run/empty string without BOS", lambda e: tp.LogitPrism.run(e.M, "", prepend_bos=False), ArgumentError, r"no tokens|empty"),
+    row(
+        "run/empty string without BOS",
+        lambda e: tp.LogitPrism.run(e.M, "", prepend_bos=False),
+        ArgumentError,
+        r"no tokens|empty",
+    ),
     row("run/empty list", lambda e: tp.LogitPrism.run(e.M, []), ArgumentError, r"input|empty"),
-    row("run/empty token tensor", lambda e: tp.LogitPrism.run(e.M, torch.zeros(1, 0, dtype=torch.long)), ArgumentError, r"no tokens|empty"),
+    row(
+        "run/empty token tensor",
+        lambda e: tp.LogitPrism.run(e.M, torch.zeros(1, 0, dtype=torch.long)),
+        ArgumentError,
+        r"no tokens|empty",
+    ),
     row("run/float tokens", lambda e: tp.LogitPrism.run(e.M, e.T1.float()), ArgumentError, r"int"),
     row("run/bool tokens", lambda e: tp.LogitPrism.run(e.M, e.T1.bool()), ArgumentError, r"int"),
-    row("run/token id 500", lambda e: tp.LogitPrism.run(e.M, torch.tensor([[2, 500]])), (TargetError, ArgumentError), r"500.*vocabulary"),
-    row("run/token id -1", lambda e: tp.LogitPrism.run(e.M, torch.tensor([[2, -1]])), (TargetError, ArgumentError), r"-1.*vocabulary"),
-    row("run/3-D tokens", lambda e: tp.LogitPrism.run(e.M, e.T1[None]), ArgumentError, r"\[batch, pos\]|shape"),
+    row(
+        "run/token id 500",
+        lambda e: tp.LogitPrism.run(e.M, torch.tensor([[2, 500]])),
+        (TargetError, ArgumentError),
+        r"500.*vocabulary",
+    ),
+    row(
+        "run/token id -1",
+        lambda e: tp.LogitPrism.run(e.M, torch.tensor([[2, -1]])),
+        (TargetError, ArgumentError),
+        r"-1.*vocabulary",
+    ),
+    row(
+        "run/3-D tokens",
+        lambda e: tp.LogitPrism.run(e.M, e.T1[None]),
+        ArgumentError,
+        r"\[batch, pos\]|shape",
+    ),
     row("run/None", lambda e: tp.LogitPrism.run(e.M, None), ArgumentError, r"input"),
     row("run/an int", lambda e: tp.LogitPrism.run(e.M, 42), ArgumentError, r"input"),
-    row("run/text and ids mixed", lambda e: tp.LogitPrism.run(e.M, [TEXT, 5]), ArgumentError, r"input|string"),
-    row("run/prepend_bos='yes'", lambda e: tp.LogitPrism.run(e.M, TEXT, prepend_bos="yes"), ArgumentError, r"prepend_bos"),
-    row("run/not a model", lambda e: tp.LogitPrism.run("gpt2", TEXT), UnsupportedModelError, r"TransformerLens model"),
-    row("run/train mode with dropout", lambda e: tp.LogitPrism.run(e.G_train, e.TG), UnsupportedModelError, r"eval\(\)"),
+    row(
+        "run/text and ids mixed",
+        lambda e: tp.LogitPrism.run(e.M, [TEXT, 5]),
+        ArgumentError,
+        r"input|string",
+    ),
+    row(
+        "run/prepend_bos='yes'",
+        lambda e: tp.LogitPrism.run(e.M, TEXT, prepend_bos="yes"),
+        ArgumentError,
+        r"prepend_bos",
+    ),
+    row(
+        "run/not a model",
+        lambda e: tp.LogitPrism.run("gpt2", TEXT),
+        UnsupportedModelError,
+        r"TransformerLens model",
+    ),
+    row(
+        "run/train mode with dropout",
+        lambda e: tp.LogitPrism.run(e.G_train, e.TG),
+        UnsupportedModelError,
+        r"eval\(\)",
+    ),
     # --- targets
-    row("target/0-d float tensor 11.7", lambda e: e.P1.residual(torch.tensor(11.7)), TargetError, r"11\.7|float"),
+    row(
+        "target/0-d float tensor 11.7",
+        lambda e: e.P1.residual(torch.tensor(11.7)),
+        TargetError,
+        r"11\.7|float",
+    ),
     row("target/float 11.0", lambda e: e.P1.residual(11.0), TargetError, r"float|11\.0"),
     row("target/numpy float", lambda e: e.P1.residual(np.float32(11)), TargetError, r"float|11"),
     row("target/True", lambda e: e.P1.residual(True), TargetError, r"bool|True"),
     row("target/-1", lambda e: e.P1.residual(-1), TargetError, r"-1.*vocabulary"),
     row("target/d_vocab", lambda e: e.P1.residual(D_VOCAB), TargetError, r"149.*vocabulary"),
-    row("target/word not in the vocabulary", lambda e: e.P1.residual(" Zebra"), TargetError, r"Zebra.*(vocabulary|unknown)"),
-    row("target/empty string", lambda e: e.P1.residual(""), TargetError, r"no token|empty|0 tokens"),
+    row(
+        "target/word not in the vocabulary",
+        lambda e: e.P1.residual(" Zebra"),
+        TargetError,
+        r"Zebra.*(vocabulary|unknown)",
+    ),
+    row(
+        "target/empty string", lambda e: e.P1.residual(""), TargetError, r"no token|empty|0 tokens"
+    ),
     row("target/two words", lambda e: e.P1.residual(" Paris Rome"), TargetError, r"2 tokens"),
     row("target/None", lambda e: e.P1.residual(None), TargetError, r"None"),
     row("target/empty list", lambda e: e.P1.residual([]), TargetError, r"empty"),
-    row("target/list with a float", lambda e: e.P1.residual([" Paris", 3.5]), TargetError, r"3\.5|float"),
+    row(
+        "target/list with a float",
+        lambda e: e.P1.residual([" Paris", 3.5]),
+        TargetError,
+        r"3\.5|float",
+    ),
     row("target/bytes", lambda e: e.P1.residual(b" Paris"), TargetError, r"bytes"),
-    row("target/LogitDiff with an unknown word", lambda e: e.P1.residual(tp.LogitDiff(" Paris", " Zebra")), TargetError, r"Zebra"),
-    row("target/LogitDiff with a bool", lambda e: e.P1.residual(tp.LogitDiff(" Paris", True)), TargetError, r"bool|True"),
-    row("target/Direction of 64 dims", lambda e: e.P1.residual(tp.Direction(U(64))), TargetError, r"128|d_model"),
-    row("target/Direction 2-D", lambda e: e.P1.residual(tp.Direction(U(1, D_MODEL))), TargetError, r"shape|d_model"),
-    row("target/Direction NaN", lambda e: e.P1.residual(tp.Direction(torch.full((D_MODEL,), float("nan")))), NonFiniteError, r"Direction|NaN"),
-    row("target/Direction of a list", lambda e: e.P1.residual(tp.Direction([0.0] * D_MODEL)), TargetError, r"list|tensor|Direction"),
-    row("target/PerRow too short", lambda e: e.P2.residual(tp.PerRow([" Paris"])), TargetError, r"PerRow has 1"),
-    row("target/PerRow of a string", lambda e: e.P2.residual(tp.PerRow(" Paris")), TargetError, r"PerRow.*\b(string|str)\b"),
-    row("target/PerRow with an empty row", lambda e: e.P2.residual(tp.PerRow([[], [PARIS]])), TargetError, r"empty"),
-    row("target/float tensor per row", lambda e: e.P2.residual(torch.tensor([11.0, 15.0])), TargetError, r"integer|float"),
-    row("target/tensor of the wrong batch", lambda e: e.P2.residual(torch.tensor([PARIS, TOKYO, ROME])), TargetError, r"shape"),
-    row("target/tensor outside the vocabulary", lambda e: e.P2.residual(torch.tensor([PARIS, 999])), TargetError, r"vocabulary|\[0, 149\)"),
-    row("target/NextToken at one position", lambda e: e.P1.residual(tp.NextToken()), TargetError, r"'all'"),
-    row("target/NextToken without tokens", lambda e: e.P1_bare.residual(tp.NextToken(), pos="all"), TargetError, r"tokens"),
-    row("target/the NextToken class", lambda e: e.P1.residual(tp.NextToken, pos="all"), TargetError, r"NextToken"),
+    row(
+        "target/LogitDiff with an unknown word",
+        lambda e: e.P1.residual(tp.LogitDiff(" Paris", " Zebra")),
+        TargetError,
+        r"Zebra",
+    ),
+    row(
+        "target/LogitDiff with a bool",
+        lambda e: e.P1.residual(tp.LogitDiff(" Paris", True)),
+        TargetError,
+        r"bool|True",
+    ),
+    row(
+        "target/Direction of 64 dims",
+        lambda e: e.P1.residual(tp.Direction(U(64))),
+        TargetError,
+        r"128|d_model",
+    ),
+    row(
+        "target/Direction 2-D",
+        lambda e: e.P1.residual(tp.Direction(U(1, D_MODEL))),
+        TargetError,
+        r"shape|d_model",
+    ),
+    row(
+        "target/Direction NaN",
+        lambda e: e.P1.residual(tp.Direction(torch.full((D_MODEL,), float("nan")))),
+        NonFiniteError,
+        r"Direction|NaN",
+    ),
+    row(
+        "target/Direction of a list",
+        lambda e: e.P1.residual(tp.Direction([0.0] * D_MODEL)),
+        TargetError,
+        r"list|tensor|Direction",
+    ),
+    row(
+        "target/PerRow too short",
+        lambda e: e.P2.residual(tp.PerRow([" Paris"])),
+        TargetError,
+        r"PerRow has 1",
+    ),
+    row(
+        "target/PerRow of a string",
+        lambda e: e.P2.residual(tp.PerRow(" Paris")),
+        TargetError,
+        r"PerRow.*\b(string|str)\b",
+    ),
+    row(
+        "target/PerRow with an empty row",
+        lambda e: e.P2.residual(tp.PerRow([[], [PARIS]])),
+        TargetError,
+        r"empty",
+    ),
+    row(
+        "target/float tensor per row",
+        lambda e: e.P2.residual(torch.tensor([11.0, 15.0])),
+        TargetError,
+        r"integer|float",
+    ),
+    row(
+        "target/tensor of the wrong batch",
+        lambda e: e.P2.residual(torch.tensor([PARIS, TOKYO, ROME])),
+        TargetError,
+        r"shape",
+    ),
+    row(
+        "target/tensor outside the vocabulary",
+        lambda e: e.P2.residual(torch.tensor([PARIS, 999])),
+        TargetError,
+        r"vocabulary|\[0, 149\)",
+    ),
+    row(
+        "target/NextToken at one position",
+        lambda e: e.P1.residual(tp.NextToken()),
+        TargetError,
+        r"'all'",
+    ),
+    row(
+        "target/NextToken without tokens",
+        lambda e: e.P1_bare.residual(tp.NextToken(), pos="all"),
+        TargetError,
+        r"tokens",
+    ),
+    row(
+        "target/the NextToken class",
+        lambda e: e.P1.residual(tp.NextToken, pos="all"),
+        TargetError,
+        r"NextToken",
+    ),
     # --- positions
     row("pos/6", lambda e: e.P1.residual(PARIS, pos=6), PositionError, r"6.*out of range.*0\.\.5"),
     row("pos/-7", lambda e: e.P1.residual(PARIS, pos=-7), PositionError, r"-7.*out of range"),
     row("pos/True", lambda e: e.P1.residual(PARIS, pos=True), PositionError, r"True|bool"),
     row("pos/False", lambda e: e.P1.residual(PARIS, pos=False), PositionError, r"False|bool"),
     row("pos/2.7", lambda e: e.P1.residual(PARIS, pos=2.7), PositionError, r"2\.7|float"),
-    row("pos/np.float64", lambda e: e.P1.residual(PARIS, pos=np.float64(3)), PositionError, r"3\.0|float"),
-    row("pos/float tensor", lambda e: e.P1.residual(PARIS, pos=torch.tensor(3.0)), PositionError, r"float|3\.0|tensor"),
+    row(
+        "pos/np.float64",
+        lambda e: e.P1.residual(PARIS, pos=np.float64(3)),
+        PositionError,
+        r"3\.0|float",
+    ),
+    row(
+        "pos/float tensor",
+        lambda e: e.P1.residual(PARIS, pos=torch.tensor(3.0)),
+        PositionError,
+        r"float|3\.0|tensor",
+    ),
     row("pos/None", lambda e: e.P1.residual(PARIS, pos=None), PositionError, r"None.*int.*'all'"),
-    row("pos/slice", lambda e: e.P1.residual(PARIS, pos=slice(None)), PositionError, r"slice.*int.*'all'"),
+    row(
+        "pos/slice",
+        lambda e: e.P1.residual(PARIS, pos=slice(None)),
+        PositionError,
+        r"slice.*int.*'all'",
+    ),
     row("pos/'last'", lambda e: e.P1.residual(PARIS, pos="last"), PositionError, r"'last'.*'all'"),
     row("pos/[]", lambda e: e.P1.residual(PARIS, pos=[]), PositionError, r"0 positions|batch"),
     row("pos/[2.5]", lambda e: e.P1.residual(PARIS, pos=[2.5]), PositionError, r"2\.5|float"),
     row("pos/[True]", lambda e: e.P1.residual(PARIS, pos=[True]), PositionError, r"True|bool"),
     row("pos/[[2]]", lambda e: e.P1.residual(PARIS, pos=[[2]]), PositionError, r"\[2\]|list|int"),
-    row("pos/one for a batch of 2", lambda e: e.P2.residual(PARIS, pos=[2]), PositionError, r"1 position.*batch of 2"),
-    row("pos/float tensor per row", lambda e: e.P2.residual(PARIS, pos=torch.tensor([2.0, 3.0])), PositionError, r"float|2\.0"),
+    row(
+        "pos/one for a batch of 2",
+        lambda e: e.P2.residual(PARIS, pos=[2]),
+        PositionError,
+        r"1 position.*batch of 2",
+    ),
+    row(
+        "pos/float tensor per row",
+        lambda e: e.P2.residual(PARIS, pos=torch.tensor([2.0, 3.0])),
+        PositionError,
+        r"float|2\.0",
+    ),
     row("pos/a set", lambda e: e.P1.residual(PARIS, pos={2}), PositionError, r"set|\{2\}"),
     row("pos/readout None", lambda e: e.P1.readout(U(), 1, pos=None), PositionError, r"None"),
-    row("pos/through_head 'all'", lambda e: e.P1.through_head(1, 2, PARIS, pos="all"), PositionError, r"'all'|one position"),
+    row(
+        "pos/through_head 'all'",
+        lambda e: e.P1.through_head(1, 2, PARIS, pos="all"),
+        PositionError,
+        r"'all'|one position",
+    ),
     # --- layers / heads / neurons / modes
     row("layers/'10'", lambda e: e.P1.heads(PARIS, layers="10"), ArgumentError, r"'10'"),
     row("layers/'al'", lambda e: e.P1.heads(PARIS, layers="al"), ArgumentError, r"'al'.*'all'"),
@@ -435,148 +819,589 @@ ROWS = [
     row("layers/[True]", lambda e: e.P1.heads(PARIS, layers=[True]), ArgumentError, r"True|bool"),
     row("layers/1.0", lambda e: e.P1.heads(PARIS, layers=1.0), ArgumentError, r"1\.0|float"),
     row("layers/[0.5]", lambda e: e.P1.heads(PARIS, layers=[0.5]), ArgumentError, r"0\.5|float"),
-    row("layers/float tensor", lambda e: e.P1.heads(PARIS, layers=torch.tensor([1.0])), ArgumentError, r"float|1\.0|tensor"),
-    row("layers/2", lambda e: e.P1.heads(PARIS, layers=2), ArgumentError, r"2.*out of range.*0\.\.1"),
-    row("layers/[0, 5]", lambda e: e.P1.heads(PARIS, layers=[0, 5]), ArgumentError, r"5.*out of range"),
+    row(
+        "layers/float tensor",
+        lambda e: e.P1.heads(PARIS, layers=torch.tensor([1.0])),
+        ArgumentError,
+        r"float|1\.0|tensor",
+    ),
+    row(
+        "layers/2", lambda e: e.P1.heads(PARIS, layers=2), ArgumentError, r"2.*out of range.*0\.\.1"
+    ),
+    row(
+        "layers/[0, 5]",
+        lambda e: e.P1.heads(PARIS, layers=[0, 5]),
+        ArgumentError,
+        r"5.*out of range",
+    ),
     row("layers/neurons '1'", lambda e: e.P1.neurons(PARIS, layers="1"), ArgumentError, r"'1'"),
-    row("layers/decompose neurons=3", lambda e: e.P1.decompose(PARIS, neurons=3), ArgumentError, r"3.*out of range"),
-    row("layers/decompose heads=[[0]]", lambda e: e.P1.decompose(PARIS, heads=[[0]]), ArgumentError, r"\[0\]|list|int"),
-    row("layers/through_head heads='10'", lambda e: e.P1.through_head(1, 2, PARIS, heads="10"), ArgumentError, r"'10'"),
-    row("mode/by_source='yes'", lambda e: e.P1.heads(PARIS, by_source="yes"), ArgumentError, r"by_source"),
-    row("mode/softcap='both'", lambda e: e.P1.residual(PARIS, softcap="both"), ArgumentError, r"softcap.*'post'"),
-    row("mode/softcap=True", lambda e: e.P1.residual(PARIS, softcap=True), ArgumentError, r"softcap"),
+    row(
+        "layers/decompose neurons=3",
+        lambda e: e.P1.decompose(PARIS, neurons=3),
+        ArgumentError,
+        r"3.*out of range",
+    ),
+    row(
+        "layers/decompose heads=[[0]]",
+        lambda e: e.P1.decompose(PARIS, heads=[[0]]),
+        ArgumentError,
+        r"\[0\]|list|int",
+    ),
+    row(
+        "layers/through_head heads='10'",
+        lambda e: e.P1.through_head(1, 2, PARIS, heads="10"),
+        ArgumentError,
+        r"'10'",
+    ),
+    row(
+        "mode/by_source='yes'",
+        lambda e: e.P1.heads(PARIS, by_source="yes"),
+        ArgumentError,
+        r"by_source",
+    ),
+    row(
+        "mode/softcap='both'",
+        lambda e: e.P1.residual(PARIS, softcap="both"),
+        ArgumentError,
+        r"softcap.*'post'",
+    ),
+    row(
+        "mode/softcap=True", lambda e: e.P1.residual(PARIS, softcap=True), ArgumentError, r"softcap"
+    ),
     # --- chains, Hop
-    row("chain/through_head layer 1.0", lambda e: e.P1.through_head(1.0, 2, PARIS), ArgumentError, r"1\.0|float"),
-    row("chain/through_head layer True", lambda e: e.P1.through_head(True, 2, PARIS), ArgumentError, r"True|bool"),
-    row("chain/through_head head '2'", lambda e: e.P1.through_head(1, "2", PARIS), ArgumentError, r"'2'"),
-    row("chain/through_head layer 2", lambda e: e.P1.through_head(2, 0, PARIS), ArgumentError, r"2.*out of range.*0\.\.1"),
-    row("chain/through_head head 4", lambda e: e.P1.through_head(1, 4, PARIS), ArgumentError, r"4.*out of range.*0\.\.3"),
-    row("chain/through_head src 6", lambda e: e.P1.through_head(1, 2, PARIS, src=6), PositionError, r"6.*out of range"),
-    row("chain/through_head src 2.5", lambda e: e.P1.through_head(1, 2, PARIS, src=2.5), (PositionError, ArgumentError), r"2\.5|float"),
-    row("chain/through_neuron 512", lambda e: e.P1.through_neuron(1, D_MLP, PARIS), ArgumentError, r"512.*out of range.*0\.\.511"),
-    row("chain/through_neuron 7.0", lambda e: e.P1.through_neuron(1, 7.0, PARIS), ArgumentError, r"7\.0|float"),
-    row("chain/through_neuron tensor(7.9)", lambda e: e.P1.through_neuron(1, torch.tensor(7.9), PARIS), ArgumentError, r"7\.9|float"),
+    row(
+        "chain/through_head layer 1.0",
+        lambda e: e.P1.through_head(1.0, 2, PARIS),
+        ArgumentError,
+        r"1\.0|float",
+    ),
+    row(
+        "chain/through_head layer True",
+        lambda e: e.P1.through_head(True, 2, PARIS),
+        ArgumentError,
+        r"True|bool",
+    ),
+    row(
+        "chain/through_head head '2'",
+        lambda e: e.P1.through_head(1, "2", PARIS),
+        ArgumentError,
+        r"'2'",
+    ),
+    row(
+        "chain/through_head layer 2",
+        lambda e: e.P1.through_head(2, 0, PARIS),
+        ArgumentError,
+        r"2.*out of range.*0\.\.1",
+    ),
+    row(
+        "chain/through_head head 4",
+        lambda e: e.P1.through_head(1, 4, PARIS),
+        ArgumentError,
+        r"4.*out of range.*0\.\.3",
+    ),
+    row(
+        "chain/through_head src 6",
+        lambda e: e.P1.through_head(1, 2, PARIS, src=6),
+        PositionError,
+        r"6.*out of range",
+    ),
+    row(
+        "chain/through_head src 2.5",
+        lambda e: e.P1.through_head(1, 2, PARIS, src=2.5),
+        (PositionError, ArgumentError),
+        r"2\.5|float",
+    ),
+    row(
+        "chain/through_neuron 512",
+        lambda e: e.P1.through_neuron(1, D_MLP, PARIS),
+        ArgumentError,
+        r"512.*out of range.*0\.\.511",
+    ),
+    row(
+        "chain/through_neuron 7.0",
+        lambda e: e.P1.through_neuron(1, 7.0, PARIS),
+        ArgumentError,
+        r"7\.0|float",
+    ),
+    row(
+        "chain/through_neuron tensor(7.9)",
+        lambda e: e.P1.through_neuron(1, torch.tensor(7.9), PARIS),
+        ArgumentError,
+        r"7\.9|float",
+    ),
     row("chain/empty path", lambda e: e.P1.chain(PARIS, []), ArgumentError, r"empty"),
-    row("chain/a Hop, not a list", lambda e: e.P1.chain(PARIS, tp.Hop("head", 1, 2)), ArgumentError, r"list"),
+    row(
+        "chain/a Hop, not a list",
+        lambda e: e.P1.chain(PARIS, tp.Hop("head", 1, 2)),
+        ArgumentError,
+        r"list",
+    ),
     row("chain/a string path", lambda e: e.P1.chain(PARIS, "L1H2"), ArgumentError, r"Hop|list"),
-    row("chain/first hop without src", lambda e: e.P1.chain(PARIS, [tp.Hop("head", 1, 2), tp.Hop("neuron", 0, 1)]), ArgumentError, r"src"),
-    row("chain/second hop in a later layer", lambda e: e.P1.chain(PARIS, [tp.Hop("head", 0, 1, src=2), tp.Hop("head", 1, 2)]), ArgumentError,
-        r"does not write|earlier|before"),
-    row("chain/src 9", lambda e: e.P1.chain(PARIS, [tp.Hop("head", 1, 2, src=9)]), PositionError, r"9.*out of range"),
+    row(
+        "chain/first hop without src",
+        lambda e: e.P1.chain(PARIS, [tp.Hop("head", 1, 2), tp.Hop("neuron", 0, 1)]),
+        ArgumentError,
+        r"src",
+    ),
+    row(
+        "chain/second hop in a later layer",
+        lambda e: e.P1.chain(PARIS, [tp.Hop("head", 0, 1, src=2), tp.Hop("head", 1, 2)]),
+        ArgumentError,
+        r"does not write|earlier|before",
+    ),
+    row(
+        "chain/src 9",
+        lambda e: e.P1.chain(PARIS, [tp.Hop("head", 1, 2, src=9)]),
+        PositionError,
+        r"9.*out of range",
+    ),
     row("Hop/kind 'attn'", lambda e: tp.Hop("attn", 1, 2), ArgumentError, r"'attn'.*'head'"),
     row("Hop/layer 1.0", lambda e: tp.Hop("head", 1.0, 2), ArgumentError, r"1\.0|float"),
     row("Hop/index True", lambda e: tp.Hop("head", 1, True), ArgumentError, r"True|bool"),
     row("Hop/neuron with src", lambda e: tp.Hop("neuron", 1, 2, src=3), ArgumentError, r"src"),
     # --- readout
-    row("readout/at 'ln3'", lambda e: e.P1.readout(U(), 1, at="ln3"), ArgumentError, r"'ln3'.*'ln1'"),
+    row(
+        "readout/at 'ln3'", lambda e: e.P1.readout(U(), 1, at="ln3"), ArgumentError, r"'ln3'.*'ln1'"
+    ),
     row("readout/64 dims", lambda e: e.P1.readout(U(64), 1), ArgumentError, r"64.*128|d_model"),
-    row("readout/3-D vector", lambda e: e.P1.readout(U(1, 2, D_MODEL), 1), ArgumentError, r"\[d_model\]|\[k, d_model\]|shape|3-D"),
-    row("readout/NaN vector", lambda e: e.P1.readout(torch.full((D_MODEL,), float("nan")), 1), NonFiniteError, r"NaN|finite"),
+    row(
+        "readout/3-D vector",
+        lambda e: e.P1.readout(U(1, 2, D_MODEL), 1),
+        ArgumentError,
+        r"\[d_model\]|\[k, d_model\]|shape|3-D",
+    ),
+    row(
+        "readout/NaN vector",
+        lambda e: e.P1.readout(torch.full((D_MODEL,), float("nan")), 1),
+        NonFiniteError,
+        r"NaN|finite",
+    ),
     row("readout/layer 1.0", lambda e: e.P1.readout(U(), 1.0), ArgumentError, r"1\.0|float"),
-    row("readout/layer 5", lambda e: e.P1.readout(U(), 5), ArgumentError, r"5.*out of range.*0\.\.1"),
+    row(
+        "readout/layer 5", lambda e: e.P1.readout(U(), 5), ArgumentError, r"5.*out of range.*0\.\.1"
+    ),
     row("readout/layer '1'", lambda e: e.P1.readout(U(), "1"), ArgumentError, r"'1'"),
     row("readout/layer True", lambda e: e.P1.readout(U(), True), ArgumentError, r"True|bool"),
-    row("readout/ln_final of layer 0", lambda e: e.P1.readout(U(), 0, at="ln_final"), ArgumentError, r"ln_final.*layer"),
+    row(
+        "readout/ln_final of layer 0",
+        lambda e: e.P1.readout(U(), 0, at="ln_final"),
+        ArgumentError,
+        r"ln_final.*layer",
+    ),
     row("readout/bias 'x'", lambda e: e.P1.readout(U(), 1, bias="x"), ArgumentError, r"bias"),
-    row("readout/bias NaN", lambda e: e.P1.readout(U(), 1, bias=float("nan")), NonFiniteError, r"bias|NaN|finite"),
-    row("readout/3 biases for one vector", lambda e: e.P1.readout(U(), 1, bias=torch.zeros(3)), ArgumentError, r"bias"),
+    row(
+        "readout/bias NaN",
+        lambda e: e.P1.readout(U(), 1, bias=float("nan")),
+        NonFiniteError,
+        r"bias|NaN|finite",
+    ),
+    row(
+        "readout/3 biases for one vector",
+        lambda e: e.P1.readout(U(), 1, bias=torch.zeros(3)),
+        ArgumentError,
+        r"bias",
+    ),
     # --- Decomposition
     row("check/atol -1", lambda e: e.H1.check(atol=-1), ArgumentError, r"atol"),
     row("check/atol '0.1'", lambda e: e.H1.check(atol="0.1"), ArgumentError, r"atol"),
     row("check/atol True", lambda e: e.H1.check(atol=True), ArgumentError, r"atol"),
     row("check/rtol NaN", lambda e: e.H1.check(rtol=float("nan")), ArgumentError, r"rtol"),
     row("check/terms shifted", lambda e: shifted(e.H1, 1.0).check(), CompletenessError, r"miss"),
-    row("check/a NaN term", lambda e: shifted(e.H1, float("nan")).check(), NonFiniteError, r"NaN|finite"),
-    row("check/a selection", lambda e: e.H1.select(layer=0).check(), CompletenessError, r"selection"),
-    row("check/bf16 wrong terms", lambda e: (lambda r: dataclasses.replace(r, values=r.values * 1.5).check())(tp.LogitPrism.run(e.M_bf16, TEXT).residual(PARIS)),
-        CompletenessError, r"miss"),
-    row("check/float64 terms off by 1e-3", lambda e: shifted(tp.LogitPrism.run(e.M_f64, TEXT).residual(PARIS), 1e-3).check(), CompletenessError, r"miss"),
+    row(
+        "check/a NaN term",
+        lambda e: shifted(e.H1, float("nan")).check(),
+        NonFiniteError,
+        r"NaN|finite",
+    ),
+    row(
+        "check/a selection", lambda e: e.H1.select(layer=0).check(), CompletenessError, r"selection"
+    ),
+    row(
+        "check/bf16 wrong terms",
+        lambda e: (lambda r: dataclasses.replace(r, values=r.values * 1.5).check())(
+            tp.LogitPrism.run(e.M_bf16, TEXT).residual(PARIS)
+        ),
+        CompletenessError,
+        r"miss",
+    ),
+    row(
+        "check/float64 terms off by 1e-3",
+        lambda e: shifted(tp.LogitPrism.run(e.M_f64, TEXT).residual(PARIS), 1e-3).check(),
+        CompletenessError,
+        r"miss",
+    ),
     row("top/k -1", lambda e: e.H1.top(-1), ArgumentError, r"-1"),
     row("top/k 2.5", lambda e: e.H1.top(2.5), ArgumentError, r"2\.5|float"),
     row("top/k True", lambda e: e.H1.top(True), ArgumentError, r"True|bool"),
     row("top/k '5'", lambda e: e.H1.top("5"), ArgumentError, r"'5'"),
     row("top/kind 'heads'", lambda e: e.H1.top(3, kind="heads"), ArgumentError, r"'heads'.*'head'"),
-    row("top/order 'biggest'", lambda e: e.H1.top(3, order="biggest"), ArgumentError, r"'biggest'.*'abs'"),
+    row(
+        "top/order 'biggest'",
+        lambda e: e.H1.top(3, order="biggest"),
+        ArgumentError,
+        r"'biggest'.*'abs'",
+    ),
     row("top/batch 3", lambda e: e.H1.top(3, batch=3), (ArgumentError, PositionError), r"batch.*3"),
-    row("top/target 1", lambda e: e.H1.top(3, target=1), (ArgumentError, TargetError), r"target.*1"),
-    row("select/kind 'heads'", lambda e: e.H1.select(kind="heads"), ArgumentError, r"'heads'.*'head'"),
+    row(
+        "top/target 1", lambda e: e.H1.top(3, target=1), (ArgumentError, TargetError), r"target.*1"
+    ),
+    row(
+        "select/kind 'heads'",
+        lambda e: e.H1.select(kind="heads"),
+        ArgumentError,
+        r"'heads'.*'head'",
+    ),
     row("select/head '2'", lambda e: e.H1.select(head="2"), ArgumentError, r"head.*'2'"),
     row("select/layer 1.0", lambda e: e.H1.select(layer=1.0), ArgumentError, r"1\.0|float"),
     row("select/layer True", lambda e: e.H1.select(layer=True), ArgumentError, r"True|bool"),
     row("select/src '3'", lambda e: e.H1.select(src="3"), ArgumentError, r"src.*'3'"),
-    row("select/unknown field", lambda e: e.H1.select(heads=1), ArgumentError, r"'heads'.*(head|layer)"),
-    row("select/kind list with a typo", lambda e: e.H1.select(kind=["head", "mlpp"]), ArgumentError, r"'mlpp'"),
+    row(
+        "select/unknown field",
+        lambda e: e.H1.select(heads=1),
+        ArgumentError,
+        r"'heads'.*(head|layer)",
+    ),
+    row(
+        "select/kind list with a typo",
+        lambda e: e.H1.select(kind=["head", "mlpp"]),
+        ArgumentError,
+        r"'mlpp'",
+    ),
     row("aggregate/'heads'", lambda e: e.H1.aggregate("heads"), ArgumentError, r"'heads'"),
     row("aggregate/1", lambda e: e.H1.aggregate(1), ArgumentError, r"1"),
     # --- weights
-    row("ov_map/layer 2", lambda e: W().ov_map(e.M, 2, 0, [" France"], [" Paris"]), ArgumentError, r"2.*out of range"),
-    row("ov_map/layer 1.0", lambda e: W().ov_map(e.M, 1.0, 0, [" France"], [" Paris"]), ArgumentError, r"1\.0|float"),
-    row("ov_map/layer True", lambda e: W().ov_map(e.M, True, 0, [" France"], [" Paris"]), ArgumentError, r"True|bool"),
-    row("ov_map/head 4", lambda e: W().ov_map(e.M, 1, 4, [" France"], [" Paris"]), ArgumentError, r"4.*out of range"),
-    row("ov_map/head '2'", lambda e: W().ov_map(e.M, 1, "2", [" France"], [" Paris"]), ArgumentError, r"'2'"),
-    row("ov_map/unknown word", lambda e: W().ov_map(e.M, 1, 2, [" Zebra"], [" Paris"]), TargetError, r"Zebra"),
-    row("ov_map/a string, not a list", lambda e: W().ov_map(e.M, 1, 2, " France", [" Paris"]), TargetError, r"list"),
-    row("ov_map/float ids", lambda e: W().ov_map(e.M, 1, 2, torch.tensor([10.0]), [" Paris"]), TargetError, r"float|10\.0"),
-    row("ov_map/not a model", lambda e: W().ov_map(e.C1, 1, 2, [" France"], [" Paris"]), UnsupportedModelError, r"TransformerLens"),
-    row("neuron_templates/512", lambda e: W().neuron_templates(e.M, 1, [D_MLP], ["1"]), ArgumentError, r"512.*out of range"),
-    row("neuron_templates/5.5", lambda e: W().neuron_templates(e.M, 1, [5.5], ["1"]), ArgumentError, r"5\.5|float"),
-    row("neuron_templates/True", lambda e: W().neuron_templates(e.M, 1, [True], ["1"]), ArgumentError, r"True|bool"),
-    row("neuron_templates/'5'", lambda e: W().neuron_templates(e.M, 1, "5", ["1"]), ArgumentError, r"'5'"),
-    row("neuron_templates/no neurons", lambda e: W().neuron_templates(e.M, 1, [], ["1"]), ArgumentError, r"neuron"),
-    row("neuron_templates/3 activations for 2", lambda e: W().neuron_templates(e.M, 1, [5, 6], ["1"], activations=torch.ones(3)), ArgumentError, r"3.*2"),
-    row("neuron_templates/NaN activations", lambda e: W().neuron_templates(e.M, 1, [5, 6], ["1"], activations=torch.tensor([1.0, float("nan")])),
-        NonFiniteError, r"activations|NaN"),
+    row(
+        "ov_map/layer 2",
+        lambda e: W().ov_map(e.M, 2, 0, [" France"], [" Paris"]),
+        ArgumentError,
+        r"2.*out of range",
+    ),
+    row(
+        "ov_map/layer 1.0",
+        lambda e: W().ov_map(e.M, 1.0, 0, [" France"], [" Paris"]),
+        ArgumentError,
+        r"1\.0|float",
+    ),
+    row(
+        "ov_map/layer True",
+        lambda e: W().ov_map(e.M, True, 0, [" France"], [" Paris"]),
+        ArgumentError,
+        r"True|bool",
+    ),
+    row(
+        "ov_map/head 4",
+        lambda e: W().ov_map(e.M, 1, 4, [" France"], [" Paris"]),
+        ArgumentError,
+        r"4.*out of range",
+    ),
+    row(
+        "ov_map/head '2'",
+        lambda e: W().ov_map(e.M, 1, "2", [" France"], [" Paris"]),
+        ArgumentError,
+        r"'2'",
+    ),
+    row(
+        "ov_map/unknown word",
+        lambda e: W().ov_map(e.M, 1, 2, [" Zebra"], [" Paris"]),
+        TargetError,
+        r"Zebra",
+    ),
+    row(
+        "ov_map/a string, not a list",
+        lambda e: W().ov_map(e.M, 1, 2, " France", [" Paris"]),
+        TargetError,
+        r"list",
+    ),
+    row(
+        "ov_map/float ids",
+        lambda e: W().ov_map(e.M, 1, 2, torch.tensor([10.0]), [" Paris"]),
+        TargetError,
+        r"float|10\.0",
+    ),
+    row(
+        "ov_map/not a model",
+        lambda e: W().ov_map(e.C1, 1, 2, [" France"], [" Paris"]),
+        UnsupportedModelError,
+        r"TransformerLens",
+    ),
+    row(
+        "neuron_templates/512",
+        lambda e: W().neuron_templates(e.M, 1, [D_MLP], ["1"]),
+        ArgumentError,
+        r"512.*out of range",
+    ),
+    row(
+        "neuron_templates/5.5",
+        lambda e: W().neuron_templates(e.M, 1, [5.5], ["1"]),
+        ArgumentError,
+        r"5\.5|float",
+    ),
+    row(
+        "neuron_templates/True",
+        lambda e: W().neuron_templates(e.M, 1, [True], ["1"]),
+        ArgumentError,
+        r"True|bool",
+    ),
+    row(
+        "neuron_templates/'5'",
+        lambda e: W().neuron_templates(e.M, 1, "5", ["1"]),
+        ArgumentError,
+        r"'5'",
+    ),
+    row(
+        "neuron_templates/no neurons",
+        lambda e: W().neuron_templates(e.M, 1, [], ["1"]),
+        ArgumentError,
+        r"neuron",
+    ),
+    row(
+        "neuron_templates/3 activations for 2",
+        lambda e: W().neuron_templates(e.M, 1, [5, 6], ["1"], activations=torch.ones(3)),
+        ArgumentError,
+        r"3.*2",
+    ),
+    row(
+        "neuron_templates/NaN activations",
+        lambda e: W().neuron_templates(
+            e.M, 1, [5, 6], ["1"], activations=torch.tensor([1.0, float("nan")])
+        ),
+        NonFiniteError,
+        r"activations|NaN",
+    ),
     row("unembed_map/a string", lambda e: W().unembed_map(e.M, "123"), TargetError, r"list"),
-    row("TokenMap.top/unknown row", lambda e: W().ov_map(e.M, 1, 2, [" France"], [" Paris"]).top("nope"), ArgumentError, r"'nope'"),
-    row("TokenMap.weighted_sum/3 for 2 rows", lambda e: W().neuron_templates(e.M, 1, [5, 6], ["1"]).weighted_sum(torch.ones(3)), ArgumentError, r"3.*2"),
+    row(
+        "TokenMap.top/unknown row",
+        lambda e: W().ov_map(e.M, 1, 2, [" France"], [" Paris"]).top("nope"),
+        ArgumentError,
+        r"'nope'",
+    ),
+    row(
+        "TokenMap.weighted_sum/3 for 2 rows",
+        lambda e: W().neuron_templates(e.M, 1, [5, 6], ["1"]).weighted_sum(torch.ones(3)),
+        ArgumentError,
+        r"3.*2",
+    ),
     # --- explain_task
-    row("task/fewer answers", lambda e: tp.explain_task(e.M, [TEXT, "7+2="], [" Paris"]), ArgumentError, r"2 prompts.*1 answer"),
+    row(
+        "task/fewer answers",
+        lambda e: tp.explain_task(e.M, [TEXT, "7+2="], [" Paris"]),
+        ArgumentError,
+        r"2 prompts.*1 answer",
+    ),
     row("task/no prompts", lambda e: tp.explain_task(e.M, [], []), ArgumentError, r"prompt"),
-    row("task/prompts as one string", lambda e: tp.explain_task(e.M, TEXT, [" Paris"]), ArgumentError, r"string|list"),
-    row("task/batch_size 0", lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], batch_size=0), ArgumentError, r"batch_size"),
-    row("task/batch_size True", lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], batch_size=True), ArgumentError, r"batch_size"),
-    row("task/unknown answer", lambda e: tp.explain_task(e.M, [TEXT], [" Zebra"]), TargetError, r"Zebra"),
-    row("task/heads '10'", lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], heads="10"), ArgumentError, r"'10'"),
-    row("task/train mode with dropout", lambda e: tp.explain_task(e.G_train, ["Paris is", "Rome is"], [" a", " a"], progress=False),
-        UnsupportedModelError, r"eval\(\)"),
-    row("task/summary k 0", lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], progress=False).summary(k=0), ArgumentError, r"k"),
-    row("task/check atol -1", lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], progress=False).check(atol=-1), ArgumentError, r"atol"),
+    row(
+        "task/prompts as one string",
+        lambda e: tp.explain_task(e.M, TEXT, [" Paris"]),
+        ArgumentError,
+        r"string|list",
+    ),
+    row(
+        "task/batch_size 0",
+        lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], batch_size=0),
+        ArgumentError,
+        r"batch_size",
+    ),
+    row(
+        "task/batch_size True",
+        lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], batch_size=True),
+        ArgumentError,
+        r"batch_size",
+    ),
+    row(
+        "task/unknown answer",
+        lambda e: tp.explain_task(e.M, [TEXT], [" Zebra"]),
+        TargetError,
+        r"Zebra",
+    ),
+    row(
+        "task/heads '10'",
+        lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], heads="10"),
+        ArgumentError,
+        r"'10'",
+    ),
+    row(
+        "task/train mode with dropout",
+        lambda e: tp.explain_task(e.G_train, ["Paris is", "Rome is"], [" a", " a"], progress=False),
+        UnsupportedModelError,
+        r"eval\(\)",
+    ),
+    row(
+        "task/summary k 0",
+        lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], progress=False).summary(k=0),
+        ArgumentError,
+        r"k",
+    ),
+    row(
+        "task/check atol -1",
+        lambda e: tp.explain_task(e.M, [TEXT], [" Paris"], progress=False).check(atol=-1),
+        ArgumentError,
+        r"atol",
+    ),
     # --- needed_hooks
-    row("needed_hooks/a string", lambda e: tp.needed_hooks(e.M, "residual"), ArgumentError, r"'residual'"),
-    row("needed_hooks/unknown part", lambda e: tp.needed_hooks(e.M, ("resid",)), ArgumentError, r"'resid'"),
-    row("needed_hooks/not a model", lambda e: tp.needed_hooks(e.C1), UnsupportedModelError, r"TransformerLens"),
+    row(
+        "needed_hooks/a string",
+        lambda e: tp.needed_hooks(e.M, "residual"),
+        ArgumentError,
+        r"'residual'",
+    ),
+    row(
+        "needed_hooks/unknown part",
+        lambda e: tp.needed_hooks(e.M, ("resid",)),
+        ArgumentError,
+        r"'resid'",
+    ),
+    row(
+        "needed_hooks/not a model",
+        lambda e: tp.needed_hooks(e.C1),
+        UnsupportedModelError,
+        r"TransformerLens",
+    ),
     # --- render
     row("render/to_html(42)", lambda e: R().to_html(42), ArgumentError, r"int"),
-    row("render/to_html batch 5", lambda e: R().to_html(e.H1, batch=5), (ArgumentError, PositionError), r"batch.*5"),
-    row("render/to_html pos 2.5", lambda e: R().to_html(e.H1, pos=2.5), (ArgumentError, PositionError), r"2\.5.*(float|integer)"),
-    row("render/to_html unknown option", lambda e: R().to_html(e.H1, colour="red"), ArgumentError, r"colour"),
+    row(
+        "render/to_html batch 5",
+        lambda e: R().to_html(e.H1, batch=5),
+        (ArgumentError, PositionError),
+        r"batch.*5",
+    ),
+    row(
+        "render/to_html pos 2.5",
+        lambda e: R().to_html(e.H1, pos=2.5),
+        (ArgumentError, PositionError),
+        r"2\.5.*(float|integer)",
+    ),
+    row(
+        "render/to_html unknown option",
+        lambda e: R().to_html(e.H1, colour="red"),
+        ArgumentError,
+        r"colour",
+    ),
     row("render/bars k -1", lambda e: R().bars(e.R1, k=-1), ArgumentError, r"k"),
     row("render/bars k '5'", lambda e: R().bars(e.R1, k="5"), ArgumentError, r"'5'"),
     row("render/bars order 'x'", lambda e: R().bars(e.R1, order="x"), ArgumentError, r"order"),
-    row("render/bars batch True", lambda e: R().bars(e.R1, batch=True), (ArgumentError, PositionError), r"bool|True.*integer"),
+    row(
+        "render/bars batch True",
+        lambda e: R().bars(e.R1, batch=True),
+        (ArgumentError, PositionError),
+        r"bool|True.*integer",
+    ),
     row("render/bars of a prism", lambda e: R().bars(e.P1), ArgumentError, r"Decomposition"),
-    row("render/heatmap without heads", lambda e: R().layer_head_heatmap(e.R1), ArgumentError, r"no head"),
-    row("render/source_tokens layers '10'", lambda e: R().source_tokens(e.H1, layers="10"), ArgumentError, r"'10'"),
-    row("render/head_source_map top 2.5", lambda e: R().head_source_map(e.H1, top=2.5), ArgumentError, r"2\.5|top"),
-    row("render/top_tokens of a string", lambda e: R().top_tokens(e.P1, "L1H2"), ArgumentError, r"Component"),
-    row("render/top_tokens layer 5", lambda e: R().top_tokens(e.P1, tp.Component("head", layer=5, head=0)), ArgumentError, r"layer.*5"),
-    row("render/top_tokens pos 2.5", lambda e: R().top_tokens(e.P1, HEAD, pos=2.5), PositionError, r"2\.5|float"),
+    row(
+        "render/heatmap without heads",
+        lambda e: R().layer_head_heatmap(e.R1),
+        ArgumentError,
+        r"no head",
+    ),
+    row(
+        "render/source_tokens layers '10'",
+        lambda e: R().source_tokens(e.H1, layers="10"),
+        ArgumentError,
+        r"'10'",
+    ),
+    row(
+        "render/head_source_map top 2.5",
+        lambda e: R().head_source_map(e.H1, top=2.5),
+        ArgumentError,
+        r"2\.5|top",
+    ),
+    row(
+        "render/top_tokens of a string",
+        lambda e: R().top_tokens(e.P1, "L1H2"),
+        ArgumentError,
+        r"Component",
+    ),
+    row(
+        "render/top_tokens layer 5",
+        lambda e: R().top_tokens(e.P1, tp.Component("head", layer=5, head=0)),
+        ArgumentError,
+        r"layer.*5",
+    ),
+    row(
+        "render/top_tokens pos 2.5",
+        lambda e: R().top_tokens(e.P1, HEAD, pos=2.5),
+        PositionError,
+        r"2\.5|float",
+    ),
     row("render/top_tokens k -1", lambda e: R().top_tokens(e.P1, HEAD, k=-1), ArgumentError, r"k"),
-    row("render/top_tokens of a result", lambda e: R().top_tokens(e.H1, HEAD), ArgumentError, r"LogitPrism"),
+    row(
+        "render/top_tokens of a result",
+        lambda e: R().top_tokens(e.H1, HEAD),
+        ArgumentError,
+        r"LogitPrism",
+    ),
     row("render/Report.add(42)", lambda e: R().Report().add(42).html(), ArgumentError, r"int"),
-    row("render/Report.save under a file", lambda e: R().Report().add(e.R1).save(file_path() / "r.html"), PrismError, r"r\.html|directory|write"),
-    row("render/save_svg of a widget", lambda e: R().save_svg(R().source_tokens(e.H1), Path(tempfile.mkdtemp()) / "x.svg"), ArgumentError, r"SVG"),
-    row("render/heatmap_svg 1-D", lambda e: R().heatmap_svg(np.zeros(3), ["a"], ["b"]), ArgumentError, r"2-D"),
+    row(
+        "render/Report.save under a file",
+        lambda e: R().Report().add(e.R1).save(file_path() / "r.html"),
+        PrismError,
+        r"r\.html|directory|write",
+    ),
+    row(
+        "render/save_svg of a widget",
+        lambda e: R().save_svg(R().source_tokens(e.H1), Path(tempfile.mkdtemp()) / "x.svg"),
+        ArgumentError,
+        r"SVG",
+    ),
+    row(
+        "render/heatmap_svg 1-D",
+        lambda e: R().heatmap_svg(np.zeros(3), ["a"], ["b"]),
+        ArgumentError,
+        r"2-D",
+    ),
     row("render/bar_svg labels", lambda e: R().bar_svg([1.0, 2.0], ["a"]), ArgumentError, r"label"),
-    row("render/lines_svg highlight", lambda e: R().lines_svg({"a": [1, 2]}, ["x", "y"], highlight="b"), ArgumentError, r"highlight"),
-    row("render/scatter_svg [n, 3]", lambda e: R().scatter_svg(np.zeros((3, 3)), ["a", "b", "c"]), ArgumentError, r"\[n, 2\]"),
+    row(
+        "render/lines_svg highlight",
+        lambda e: R().lines_svg({"a": [1, 2]}, ["x", "y"], highlight="b"),
+        ArgumentError,
+        r"highlight",
+    ),
+    row(
+        "render/scatter_svg [n, 3]",
+        lambda e: R().scatter_svg(np.zeros((3, 3)), ["a", "b", "c"]),
+        ArgumentError,
+        r"\[n, 2\]",
+    ),
     # --- models
-    row("model/bridge without compatibility mode", lambda e: tp.LogitPrism(_bare_bridge(), e.C1), UnsupportedModelError, r"compatibility"),
-    row("model/mixture of experts", lambda e: tp.LogitPrism.run(_moe(), torch.tensor([[1, 2, 3]])), UnsupportedModelError, r"(?i)mixture.of.experts|Mixtral"),
-    row("hooked/pos True", lambda e: tp.LogitPrism.run(e.HK, TEXT).residual(PARIS, pos=True), PositionError, r"True|bool", hooked=True),
-    row("hooked/remove_batch_dim cache", lambda e: tp.LogitPrism(e.HK, no_batch(e.HK, e.T1)), CacheError, r"remove_batch_dim|batch (axis|dim)", hooked=True),
-    row("hooked/twin cache, needed_hooks residual", lambda e: tp.LogitPrism(e.HK, e.C_twin_res), CacheError, r"model", hooked=True),
-    row("hooked/attn-only through_neuron", lambda e: _attn_only().through_neuron(1, 0, 7), ArgumentError, r"attention-only|no neurons|no MLP", hooked=True),
+    row(
+        "model/bridge without compatibility mode",
+        lambda e: tp.LogitPrism(_bare_bridge(), e.C1),
+        UnsupportedModelError,
+        r"compatibility",
+    ),
+    row(
+        "model/mixture of experts",
+        lambda e: tp.LogitPrism.run(_moe(), torch.tensor([[1, 2, 3]])),
+        UnsupportedModelError,
+        r"(?i)mixture.of.experts|Mixtral",
+    ),
+    row(
+        "hooked/pos True",
+        lambda e: tp.LogitPrism.run(e.HK, TEXT).residual(PARIS, pos=True),
+        PositionError,
+        r"True|bool",
+        hooked=True,
+    ),
+    row(
+        "hooked/remove_batch_dim cache",
+        lambda e: tp.LogitPrism(e.HK, no_batch(e.HK, e.T1)),
+        CacheError,
+        r"remove_batch_dim|batch (axis|dim)",
+        hooked=True,
+    ),
+    row(
+        "hooked/twin cache, needed_hooks residual",
+        lambda e: tp.LogitPrism(e.HK, e.C_twin_res),
+        CacheError,
+        r"model",
+        hooked=True,
+    ),
+    row(
+        "hooked/attn-only through_neuron",
+        lambda e: _attn_only().through_neuron(1, 0, 7),
+        ArgumentError,
+        r"attention-only|no neurons|no MLP",
+        hooked=True,
+    ),
 ]
 
 
@@ -593,10 +1418,20 @@ def _moe() -> Any:
     import transformers as tf
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-    cfg = tf.MixtralConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, max_position_embeddings=16)
-    bridge = build_bridge_from_module(tf.MixtralForCausalLM(cfg), "MixtralForCausalLM", hf_config=cfg)
+    cfg = tf.MixtralConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=16,
+    )
+    bridge = build_bridge_from_module(
+        tf.MixtralForCausalLM(cfg), "MixtralForCausalLM", hf_config=cfg
+    )
     try:
         bridge.enable_compatibility_mode(disable_warnings=True)
     except Exception:  # noqa: BLE001 - some TL versions refuse MoE here already
@@ -607,8 +1442,18 @@ def _moe() -> Any:
 def _attn_only() -> Any:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_vocab=60,
-                                  attn_only=True, act_fn="gelu", normalization_type="LN", seed=0)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=16,
+        d_head=8,
+        n_heads=4,
+        d_vocab=60,
+        attn_only=True,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
     return tp.LogitPrism.run(HookedTransformer(cfg).eval(), torch.tensor([[1, 2, 3]]))
 
 
@@ -631,7 +1476,9 @@ def test_refused(env: Env, r: Row) -> None:
 # --------------------------------------------------------------------------- accepted input
 def close(got: Any, want: Any, rtol: float = 1e-4) -> bool:
     got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    return got.shape == want.shape and bool(((got - want).abs() <= rtol * want.abs().clamp(min=1)).all())
+    return got.shape == want.shape and bool(
+        ((got - want).abs() <= rtol * want.abs().clamp(min=1)).all()
+    )
 
 
 def logit_is(fresh: str, ids: list, pos: Union[int, list] = -1) -> Callable[[Any, Env], bool]:
@@ -650,8 +1497,11 @@ def logit_is(fresh: str, ids: list, pos: Union[int, list] = -1) -> Callable[[Any
 
 def head_term(layer: int, head: int, src: Optional[int] = None) -> Callable[[Any, Env], bool]:
     def ok(r: Any, e: Env) -> bool:
-        sel = e.H1.select(layer=layer, head=head) if src is None else \
-            e.H1.select(layer=layer, head=head, src=src)
+        sel = (
+            e.H1.select(layer=layer, head=head)
+            if src is None
+            else e.H1.select(layer=layer, head=head, src=src)
+        )
         return close(r.total(), sel.total())
 
     return ok
@@ -668,10 +1518,30 @@ def read(layer: int, module: str, hook: str, u: torch.Tensor, bias: float = 0.0)
 
 
 ACCEPTED = [
-    row("needed_hooks residual cache", lambda e: tp.LogitPrism(e.M, e.C1_res, tokens=e.T1).residual(PARIS).check(), None, ""),
-    row("needed_hooks residual keeps provenance", lambda e: tp.needed_hooks(e.M, ("residual",)), None, ""),
-    row("plain dict cache", lambda e: tp.LogitPrism(e.M, dict(e.C1.items())).residual(PARIS).check(), None, ""),
-    row("cache of another input without tokens", lambda e: tp.LogitPrism(e.M, e.C1b).residual(PARIS).check(), None, ""),
+    row(
+        "needed_hooks residual cache",
+        lambda e: tp.LogitPrism(e.M, e.C1_res, tokens=e.T1).residual(PARIS).check(),
+        None,
+        "",
+    ),
+    row(
+        "needed_hooks residual keeps provenance",
+        lambda e: tp.needed_hooks(e.M, ("residual",)),
+        None,
+        "",
+    ),
+    row(
+        "plain dict cache",
+        lambda e: tp.LogitPrism(e.M, dict(e.C1.items())).residual(PARIS).check(),
+        None,
+        "",
+    ),
+    row(
+        "cache of another input without tokens",
+        lambda e: tp.LogitPrism(e.M, e.C1b).residual(PARIS).check(),
+        None,
+        "",
+    ),
     row("target int tensor 0-d", lambda e: e.P1.residual(torch.tensor(PARIS)), None, ""),
     row("target np.int64", lambda e: e.P1.residual(np.int64(PARIS)), None, ""),
     row("target '<unk>' itself", lambda e: e.P1.residual("<unk>"), None, ""),
@@ -684,32 +1554,105 @@ ACCEPTED = [
     row("pos per row numpy", lambda e: e.P2.residual(PARIS, pos=np.array([2, 3])), None, ""),
     row("pos per row tensor", lambda e: e.P2.residual(PARIS, pos=torch.tensor([2, 3])), None, ""),
     row("heads layers 'all'", lambda e: e.P1.heads(PARIS, layers="all").check(), None, ""),
-    row("heads layers int tensor", lambda e: e.P1.heads(PARIS, layers=torch.tensor([1])).check(), None, ""),
-    row("decompose heads 'all' neurons 1", lambda e: e.P1.decompose(PARIS, heads="all", neurons=1).check(), None, ""),
+    row(
+        "heads layers int tensor",
+        lambda e: e.P1.heads(PARIS, layers=torch.tensor([1])).check(),
+        None,
+        "",
+    ),
+    row(
+        "decompose heads 'all' neurons 1",
+        lambda e: e.P1.decompose(PARIS, heads="all", neurons=1).check(),
+        None,
+        "",
+    ),
     row("through_head", lambda e: e.P1.through_head(1, 2, PARIS).check(), None, ""),
-    row("through_head np.int64 src", lambda e: e.P1.through_head(np.int64(1), 2, PARIS, src=np.int64(3)).check(), None, ""),
-    row("through_neuron 0-d tensor", lambda e: e.P1.through_neuron(1, torch.tensor(7), PARIS).check(), None, ""),
+    row(
+        "through_head np.int64 src",
+        lambda e: e.P1.through_head(np.int64(1), 2, PARIS, src=np.int64(3)).check(),
+        None,
+        "",
+    ),
+    row(
+        "through_neuron 0-d tensor",
+        lambda e: e.P1.through_neuron(1, torch.tensor(7), PARIS).check(),
+        None,
+        "",
+    ),
     row("readout ln2 after run", lambda e: e.PR.readout(U(), 1, at="ln2").check(), None, ""),
     row("readout ln1 with bias", lambda e: e.P1.readout(U(), 1, bias=1.5).check(), None, ""),
     row("select at", lambda e: e.P1.through_head(1, 2, PARIS).select(at=3), None, ""),
     row("top order positive", lambda e: e.H1.top(3, order="positive"), None, ""),
-    row("summary k", lambda e: tp.explain_task(e.M, [TEXT, "7+2="], [" Paris", " 9"], progress=False).summary(k=3), None, ""),
-    row("bf16 model check", lambda e: tp.LogitPrism.run(e.M_bf16, TEXT).full(PARIS).check(), None, ""),
-    row("float64 model check", lambda e: tp.LogitPrism.run(e.M_f64, TEXT).heads(PARIS).check(), None, ""),
-    row("float16 model check", lambda e: tp.LogitPrism.run(_demo(torch.float16), TEXT).residual(PARIS).check(), None, ""),
-    row("float64 HF Gemma check", lambda e: tp.LogitPrism.run(FAMILIES["gemma/bridge"](True, dtype=torch.float64), torch.tensor([[1, 5, 6, 7, 8]])).residual(7).check(),
-        None, ""),
-    row("hooked float64 check", lambda e: tp.LogitPrism.run(_demo(torch.float64, "hooked"), TEXT).full(PARIS).check(), None, "", hooked=True),
-    row("hooked bf16 check", lambda e: tp.LogitPrism.run(_demo(torch.bfloat16, "hooked"), TEXT).full(PARIS).check(), None, "", hooked=True),
+    row(
+        "summary k",
+        lambda e: tp.explain_task(e.M, [TEXT, "7+2="], [" Paris", " 9"], progress=False).summary(
+            k=3
+        ),
+        None,
+        "",
+    ),
+    row(
+        "bf16 model check",
+        lambda e: tp.LogitPrism.run(e.M_bf16, TEXT).full(PARIS).check(),
+        None,
+        "",
+    ),
+    row(
+        "float64 model check",
+        lambda e: tp.LogitPrism.run(e.M_f64, TEXT).heads(PARIS).check(),
+        None,
+        "",
+    ),
+    row(
+        "float16 model check",
+        lambda e: tp.LogitPrism.run(_demo(torch.float16), TEXT).residual(PARIS).check(),
+        None,
+        "",
+    ),
+    row(
+        "float64 HF Gemma check",
+        lambda e: (
+            tp.LogitPrism.run(
+                FAMILIES["gemma/bridge"](True, dtype=torch.float64), torch.tensor([[1, 5, 6, 7, 8]])
+            )
+            .residual(7)
+            .check()
+        ),
+        None,
+        "",
+    ),
+    row(
+        "hooked float64 check",
+        lambda e: tp.LogitPrism.run(_demo(torch.float64, "hooked"), TEXT).full(PARIS).check(),
+        None,
+        "",
+        hooked=True,
+    ),
+    row(
+        "hooked bf16 check",
+        lambda e: tp.LogitPrism.run(_demo(torch.bfloat16, "hooked"), TEXT).full(PARIS).check(),
+        None,
+        "",
+        hooked=True,
+    ),
 ]
 
 #: what each accepted row's result must be, checked against the model itself
 EXPECT: dict[str, Callable[[Any, Env], bool]] = {
     "needed_hooks residual cache": logit_is("F1", [PARIS]),
-    "needed_hooks residual keeps provenance": lambda f, e: all(f(n) for n in (
-        "hook_embed", "blocks.0.hook_resid_pre", "blocks.0.attn.hook_v", "blocks.0.ln1.hook_scale")),
+    "needed_hooks residual keeps provenance": lambda f, e: all(
+        f(n)
+        for n in (
+            "hook_embed",
+            "blocks.0.hook_resid_pre",
+            "blocks.0.attn.hook_v",
+            "blocks.0.ln1.hook_scale",
+        )
+    ),
     "plain dict cache": logit_is("F1", [PARIS]),
-    "cache of another input without tokens": lambda r, e: close(r.total()[0, 0, 0], e.M(e.M.to_tokens(TEXT_B))[0, -1, PARIS]),
+    "cache of another input without tokens": lambda r, e: close(
+        r.total()[0, 0, 0], e.M(e.M.to_tokens(TEXT_B))[0, -1, PARIS]
+    ),
     "target int tensor 0-d": logit_is("F1", [PARIS]),
     "target np.int64": logit_is("F1", [PARIS]),
     "target '<unk>' itself": logit_is("F1", [3]),
@@ -721,22 +1664,33 @@ EXPECT: dict[str, Callable[[Any, Env], bool]] = {
     "pos per row list": logit_is("F2", [PARIS], [2, 3]),
     "pos per row numpy": logit_is("F2", [PARIS], [2, 3]),
     "pos per row tensor": logit_is("F2", [PARIS], [2, 3]),
-    "heads layers 'all'": lambda r, e: set(r.select(kind="head").components.layer.tolist()) == {0, 1},
-    "heads layers int tensor": lambda r, e: set(r.select(kind="head").components.layer.tolist()) == {1},
-    "decompose heads 'all' neurons 1": lambda r, e: logit_is("F1", [PARIS])(r, e)
-    and set(r.select(kind="neuron").components.layer.tolist()) == {1},
+    "heads layers 'all'": lambda r, e: (
+        set(r.select(kind="head").components.layer.tolist()) == {0, 1}
+    ),
+    "heads layers int tensor": lambda r, e: (
+        set(r.select(kind="head").components.layer.tolist()) == {1}
+    ),
+    "decompose heads 'all' neurons 1": lambda r, e: (
+        logit_is("F1", [PARIS])(r, e)
+        and set(r.select(kind="neuron").components.layer.tolist()) == {1}
+    ),
     "through_head": head_term(1, 2),
     "through_head np.int64 src": head_term(1, 2, 3),
     "through_neuron 0-d tensor": lambda r, e: close(
-        r.total(), e.P1.neurons(PARIS, layers=[1]).select(layer=1, neuron=7).total()),
+        r.total(), e.P1.neurons(PARIS, layers=[1]).select(layer=1, neuron=7).total()
+    ),
     "readout ln2 after run": read(1, "ln2", "resid_mid", U()),
     "readout ln1 with bias": read(1, "ln1", "resid_pre", U(), 1.5),
     "select at": lambda r, e: len(r.components) > 0 and set(r.components.at.tolist()) == {3},
-    "top order positive": lambda df, e: len(df) == 3 and df["value"].is_monotonic_decreasing
-    and float(df["value"].iloc[0]) == float(e.H1.values[0, 0, 0][~torch.as_tensor(
-        e.H1.components.is_constant())].max()),
-    "summary k": lambda df, e: len(df) > 0 and any(c.startswith("frac_top3") or c == "frac_top"
-                                                   for c in df.columns),
+    "top order positive": lambda df, e: (
+        len(df) == 3
+        and df["value"].is_monotonic_decreasing
+        and float(df["value"].iloc[0])
+        == float(e.H1.values[0, 0, 0][~torch.as_tensor(e.H1.components.is_constant())].max())
+    ),
+    "summary k": lambda df, e: (
+        len(df) > 0 and any(c.startswith("frac_top3") or c == "frac_top" for c in df.columns)
+    ),
 }
 
 
@@ -764,9 +1718,21 @@ CLI_ROWS = [
     ("empty target", EXPLAIN + ["--target", ""], r"target|no token|empty|0 tokens"),
     ("pos out of range", EXPLAIN + ["--target", " Paris", "--pos", "99"], r"99.*out of range"),
     ("pos a float", EXPLAIN + ["--target", " Paris", "--pos", "2.5"], r"--pos|2\.5"),
-    ("unknown model offline", ["explain", "--model", "no/such-model", "--prompt", TEXT, "--target", " Paris"], r"no/such-model"),
-    ("nonsense device", EXPLAIN + ["--target", " Paris", "--device", "nonsense"], r"device|nonsense"),
-    ("report under a file", EXPLAIN + ["--target", " Paris", "--out", "{file}/r.html"], r"r\.html|directory|write"),
+    (
+        "unknown model offline",
+        ["explain", "--model", "no/such-model", "--prompt", TEXT, "--target", " Paris"],
+        r"no/such-model",
+    ),
+    (
+        "nonsense device",
+        EXPLAIN + ["--target", " Paris", "--device", "nonsense"],
+        r"device|nonsense",
+    ),
+    (
+        "report under a file",
+        EXPLAIN + ["--target", " Paris", "--out", "{file}/r.html"],
+        r"r\.html|directory|write",
+    ),
     ("missing target", EXPLAIN, r"--target"),
     ("unknown command", ["explian"], r"explian|choose"),
 ]
@@ -808,19 +1774,28 @@ def test_command_line_explains(capsys: Any) -> None:
 if HAS_HYPOTHESIS:
     #: fast and reproducible: no example database in the repository, no shrinking (the
     #: strategies draw small, readable values already)
-    SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                        phases=[Phase.explicit, Phase.generate],
-                        suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                               HealthCheck.too_slow])
+    SETTINGS = settings(
+        max_examples=20,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
 
     #: not an index: bools, floats (Python, numpy, 0-d tensors), strings, None, containers
     NOT_INDEX = st.one_of(
-        st.booleans(), st.builds(np.bool_, st.booleans()),
+        st.booleans(),
+        st.builds(np.bool_, st.booleans()),
         st.floats(allow_nan=True, allow_infinity=True),
-        st.builds(np.float64, st.floats(-10, 10)), st.builds(np.float32, st.floats(-10, 10)),
+        st.builds(np.float64, st.floats(-10, 10)),
+        st.builds(np.float32, st.floats(-10, 10)),
         st.builds(lambda x: torch.tensor(x), st.floats(-10, 10)),
         st.builds(lambda x: torch.tensor(x), st.booleans()),
-        st.text(max_size=4), st.none(), st.just(slice(None)), st.just(1j),
+        st.text(max_size=4),
+        st.none(),
+        st.just(slice(None)),
+        st.just(1j),
     )
 
     def _raises(fn: Callable, error: Errors, match: str = "") -> str:
@@ -835,7 +1810,11 @@ if HAS_HYPOTHESIS:
     @SETTINGS
     @given(pos=NOT_INDEX.filter(lambda v: v != "all"))
     def test_position_not_an_index_is_refused(env: Env, pos: Any) -> None:
-        _raises(lambda: env.P1.residual(PARIS, pos=pos), PositionError, r"int.*'all'|'all'.*int|float|bool")
+        _raises(
+            lambda: env.P1.residual(PARIS, pos=pos),
+            PositionError,
+            r"int.*'all'|'all'.*int|float|bool",
+        )
 
     @SETTINGS
     @given(pos=st.integers(-N_CTX, N_CTX - 1), wrap=st.sampled_from([int, np.int64, torch.tensor]))
@@ -845,13 +1824,15 @@ if HAS_HYPOTHESIS:
         assert close(r.total()[0, 0, 0], env.F1[0, pos, PARIS])
 
     @SETTINGS
-    @given(pos=st.one_of(st.integers(N_CTX, 10**6), st.integers(-10**6, -N_CTX - 1)))
+    @given(pos=st.one_of(st.integers(N_CTX, 10**6), st.integers(-(10**6), -N_CTX - 1)))
     def test_position_out_of_range_names_the_range(env: Env, pos: int) -> None:
         _raises(lambda: env.P1.residual(PARIS, pos=pos), PositionError, rf"{pos}.*0\D+{N_CTX - 1}")
 
     #: not a layer list: anything not an index, or a sequence holding one; strings but 'all'
-    NOT_LAYERS = st.one_of(NOT_INDEX.filter(lambda v: v is not None and v != "all"),
-                           st.lists(NOT_INDEX, min_size=1, max_size=3))
+    NOT_LAYERS = st.one_of(
+        NOT_INDEX.filter(lambda v: v is not None and v != "all"),
+        st.lists(NOT_INDEX, min_size=1, max_size=3),
+    )
 
     @SETTINGS
     @given(layers=NOT_LAYERS, preset=st.sampled_from(["heads", "neurons"]))
@@ -862,12 +1843,16 @@ if HAS_HYPOTHESIS:
     @given(layers=st.lists(st.integers(-N_LAYERS, N_LAYERS - 1), max_size=4))
     def test_layers_in_range_are_accepted(env: Env, layers: list) -> None:
         r = env.P1.heads(PARIS, layers=layers)
-        assert set(r.select(kind="head").components.layer.tolist()) == {x % N_LAYERS for x in layers}
+        assert set(r.select(kind="head").components.layer.tolist()) == {
+            x % N_LAYERS for x in layers
+        }
         assert close(r.total(), env.R1.total())
 
     @SETTINGS
-    @given(layer=st.one_of(st.integers(N_LAYERS, 10**6), st.integers(-10**6, -N_LAYERS - 1)),
-           where=st.sampled_from(["heads", "neurons", "through_head", "readout", "ov_map"]))
+    @given(
+        layer=st.one_of(st.integers(N_LAYERS, 10**6), st.integers(-(10**6), -N_LAYERS - 1)),
+        where=st.sampled_from(["heads", "neurons", "through_head", "readout", "ov_map"]),
+    )
     def test_layer_out_of_range_names_the_range(env: Env, layer: int, where: str) -> None:
         call = {
             "heads": lambda: env.P1.heads(PARIS, layers=[0, layer]),
@@ -897,8 +1882,16 @@ if HAS_HYPOTHESIS:
     @SETTINGS
     @given(head=st.integers(N_HEADS, 10**6), neuron=st.integers(D_MLP, 10**6))
     def test_head_and_neuron_out_of_range_name_the_range(env: Env, head: int, neuron: int) -> None:
-        _raises(lambda: env.P1.through_head(1, head, PARIS), ArgumentError, rf"{head}.*0\D+{N_HEADS - 1}")
-        _raises(lambda: env.P1.through_neuron(1, neuron, PARIS), ArgumentError, rf"{neuron}.*0\D+{D_MLP - 1}")
+        _raises(
+            lambda: env.P1.through_head(1, head, PARIS),
+            ArgumentError,
+            rf"{head}.*0\D+{N_HEADS - 1}",
+        )
+        _raises(
+            lambda: env.P1.through_neuron(1, neuron, PARIS),
+            ArgumentError,
+            rf"{neuron}.*0\D+{D_MLP - 1}",
+        )
 
     @SETTINGS
     @given(target=NOT_INDEX.filter(lambda v: not isinstance(v, str) and v is not None))
@@ -911,15 +1904,17 @@ if HAS_HYPOTHESIS:
         assert close(env.P1.residual(tid).total()[0, 0, 0], env.F1[0, -1, tid])
 
     @SETTINGS
-    @given(tid=st.one_of(st.integers(D_VOCAB, 10**9), st.integers(-10**9, -1)))
+    @given(tid=st.one_of(st.integers(D_VOCAB, 10**9), st.integers(-(10**9), -1)))
     def test_target_ids_out_of_range_name_the_vocabulary(env: Env, tid: int) -> None:
         _raises(lambda: env.P1.residual(tid), TargetError, rf"{tid}.*\[0, {D_VOCAB}\)")
 
     @SETTINGS
     @given(k=NOT_INDEX, field=st.sampled_from(["layer", "head", "src"]))
     def test_result_fields_are_typed(env: Env, k: Any, field: str) -> None:
-        if not (isinstance(k, (str, float, np.floating, bool, np.bool_, complex))
-                or isinstance(k, torch.Tensor)):
+        if not (
+            isinstance(k, (str, float, np.floating, bool, np.bool_, complex))
+            or isinstance(k, torch.Tensor)
+        ):
             return  # None, slices: select() treats them as values or predicates
         _raises(lambda: env.H1.top(k), ArgumentError)
         _raises(lambda: env.H1.select(**{field: k}), ArgumentError)
@@ -930,6 +1925,7 @@ if HAS_HYPOTHESIS:
         n = int((~torch.as_tensor(env.H1.components.is_constant())).sum())
         assert len(env.H1.top(k)) == min(k, n)
 else:  # pragma: no cover - hypothesis is a test extra
+
     @pytest.mark.skip(reason="the property tests need hypothesis (pip install hypothesis)")
     def test_properties_need_hypothesis() -> None:
         pass
