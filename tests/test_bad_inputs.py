@@ -1,4 +1,3 @@
-# ruff: noqa: E501 - one probe per line: the tables read (and diff) better unwrapped
 """Issue 9: bad or edge input, over every public entry point and the command line.
 
 Each row of :data:`ROWS` is one input a hostile but realistic user passes, the error class of
