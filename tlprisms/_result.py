@@ -282,7 +282,10 @@ class ComponentTable:
             if callable(want):
                 keep &= np.asarray([bool(want(v)) for v in col], dtype=bool)
                 continue
-            values = [want] if isinstance(want, str) or check_arg.is_index(want) else want
+            single = isinstance(want, (str, bool, float, np.generic)) or (
+                isinstance(want, Tensor) and want.ndim == 0
+            )
+            values = [want] if single or check_arg.is_index(want) else want
             if not isinstance(values, (Iterable, np.ndarray)):
                 raise ArgumentError(
                     f"{caller}: {name}={want!r}; pass a value, a collection of "

@@ -204,6 +204,17 @@ class CacheView:
         return inv
 
     # ------------------------------------------------------------------ checks
+    def precision(self) -> str:
+        """The dtype the model computed in: the cache's, except a float32 computation cast to
+        float64 afterwards (every value of its final residual stream is a float32 number,
+        which a float64 forward pass practically never gives)."""
+        name = str(self.cache_dtype).replace("torch.", "")
+        if name == "float64" and self.has(Site.FINAL_RESID):
+            x = self.cache[self.view.hook(Site.FINAL_RESID)][:, -1]
+            if bool((x == x.float().double()).all()):
+                return "float32"
+        return name
+
     def locate_nonfinite(self) -> str:
         """Where the first NaN/inf among the hooks read so far is: 'hook at batch b, pos p'."""
         for name in dict.fromkeys(self.read_names):
