@@ -108,7 +108,7 @@ class LogitPrism:
         self.logits = None if logits is None else self._check_logits(logits, cv)
         self._rec = Recorded(cv, self.tokens, self.logits)
         #: the dtype the model computed in (sets the default tolerance of ``check()``)
-        self.precision = str(cv.cache_dtype).replace("torch.", "")
+        self.precision = cv.precision()
         if self.logits is not None:
             self._check_logits_match()
 
@@ -509,7 +509,7 @@ class LogitPrism:
         """
         return self._chain(
             target,
-            [Hop("head", layer, head, src)],
+            [_hop("head", layer, head, src, "LogitPrism.through_head")],
             pos,
             heads,
             neurons,
@@ -535,7 +535,7 @@ class LogitPrism:
         reads, with its activation gate held fixed. Totals the neuron's term in :meth:`neurons`."""
         return self._chain(
             target,
-            [Hop("neuron", layer, neuron)],
+            [_hop("neuron", layer, neuron, None, "LogitPrism.through_neuron")],
             pos,
             heads,
             neurons,
@@ -679,3 +679,10 @@ class LogitPrism:
             f"LogitPrism({type(self.model).__name__}, {v.n_layers} layers, batch {self.batch}"
             f" x {self.n_ctx} tokens)"
         )
+
+
+def _hop(kind: str, layer: Any, index: Any, src: Any, caller: str) -> Hop:
+    """A one-hop path, its indices checked with the words of ``caller``'s signature."""
+    check.index(layer, "layer", caller)
+    check.index(index, kind, caller)
+    return Hop(kind, layer, index, src)
