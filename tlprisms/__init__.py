@@ -43,7 +43,7 @@ from tlprisms._errors import PrismError
 from tlprisms._result import Component, Decomposition
 from tlprisms._seam import needed_hooks
 from tlprisms._targets import Direction, LogitDiff, NextToken, PerRow
-from tlprisms._verify import Verification
+from tlprisms._verification import Verification
 from tlprisms.prism import LogitPrism
 from tlprisms.task import explain_task
 

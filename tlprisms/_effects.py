@@ -83,8 +83,8 @@ class Effects:
         import pandas as pd
 
         B, K, C = self.direct.shape
-        bb, kk, cc = np.meshgrid(np.arange(B), np.arange(K), np.arange(C), indexing="ij")
-        bb, kk, cc = bb.ravel(), kk.ravel(), cc.ravel()
+        grid = np.meshgrid(np.arange(B), np.arange(K), np.arange(C), indexing="ij")
+        bb, kk, cc = (g.ravel() for g in grid)
         c = self.components
         labels = np.broadcast_to(self.target_labels, (B, K))
         return pd.DataFrame(
@@ -92,7 +92,7 @@ class Effects:
                 "batch": bb,
                 "pos": self.positions.numpy()[bb],
                 "target": labels[bb, kk],
-                "component": [str(c[i]) for i in cc],
+                "component": [str(c[int(i)]) for i in cc],
                 "kind": c.kinds()[cc],
                 "layer": c.layer[cc],
                 "head": c.head[cc],

@@ -161,7 +161,7 @@ class LogitPrism:
                 f"{caller}: logits has shape {tuple(logits.shape)}, expected "
                 f"({cv.batch}, {cv.n_ctx}, {view.d_vocab}) for this cache and model."
             )
-        if not bool(torch.isfinite(logits).all()):
+        if not bool(torch.isfinite(logits.sum(dtype=torch.float64))):  # NaN/inf make it so
             where = tuple(int(i) for i in torch.nonzero(~torch.isfinite(logits))[0])
             raise NonFiniteError(
                 f"{caller}: the logits hold NaN or infinity (first at batch, "
@@ -274,10 +274,11 @@ class LogitPrism:
         """Refuse a result that is not finite, or whose parts do not add up (a structural
         problem, not rounding)."""
         cv = rec.cache
-        if not bool(torch.isfinite(values).all()) or not bool(torch.isfinite(explained).all()):
+        l1 = torch.linalg.vector_norm(values, 1, -1)  # NaN/inf in any term makes it non-finite
+        if not bool(torch.isfinite(l1).all()) or not bool(torch.isfinite(explained).all()):
             cv.refuse_nonfinite("the decomposition")
         rtol = _STRUCTURAL_RTOL_LOWP if cv.low_precision else _STRUCTURAL_RTOL[cv.dtype]
-        scale = torch.linalg.vector_norm(values, 1, -1) + explained.abs() + 1.0
+        scale = l1 + explained.abs() + 1.0
         gap = (values.sum(-1) - explained).abs()
         if bool((gap > rtol * scale).any()) or bool(
             (layer_gap.abs().amax(-1) > rtol * scale.amax(-1)).any()
@@ -614,7 +615,7 @@ class LogitPrism:
         k: int = 20,
         sample: int = 20,
         seed: int = 0,
-    ) -> "Verification":
+    ) -> "Verification":  # type: ignore[name-defined]
         """Check ``result``'s terms on the model itself: remove each term's write in a forward
         pass that holds fixed what the prism holds fixed, and compare the change of the
         explained value with minus the term.
@@ -635,6 +636,12 @@ class LogitPrism:
             A :class:`~tlprisms.Verification`: ``ok``, ``max_error``, ``to_frame()``, a
             one-line certificate as ``str()``; ``.check()`` raises
             :class:`~tlprisms.errors.VerificationError` unless ``ok``.
+
+        >>> import tlprisms as tp
+        >>> from tlprisms.demo import load_demo_model
+        >>> prism = tp.LogitPrism.run(load_demo_model(), "The capital of France is")
+        >>> print(prism.verify(prism.full(" Paris")))
+        20 largest + 20 sampled terms verified by intervention, max error ... of a logit of 18.9
         """
         from tlprisms._verify import verify
 
@@ -651,7 +658,7 @@ class LogitPrism:
         pos: Any = -1,
         softcap: Softcap = "post",
         seed: int = 0,
-    ) -> "Effects":
+    ) -> "Effects":  # type: ignore[name-defined]
         """Each component's direct term next to its total effect when ablated with nothing
         frozen (so later layers, norms and patterns respond, and backups compensate).
 
@@ -668,6 +675,13 @@ class LogitPrism:
         Returns:
             ``Effects``: ``direct``, ``total`` (the drop of the explained value when ablated),
             ``difference = total - direct``, ``to_frame()`` and a direct-vs-total scatter.
+
+        >>> import tlprisms as tp
+        >>> from tlprisms.demo import load_demo_model
+        >>> prism = tp.LogitPrism.run(load_demo_model(), "The capital of France is")
+        >>> e = prism.effects(" Paris", [tp.Component("head", layer=0, head=2)])
+        >>> round(float(e.direct[0, 0, 0]), 1), round(float(e.total[0, 0, 0]), 1)
+        (2.1, 1.3)
         """
         from tlprisms._effects import effects
 

@@ -399,7 +399,7 @@ def _neuron_hops(
             for c, h in neurons:
                 b, cl = int(plan.mine[c]), int(plan.clean[c])
                 p_new, p_old, m_old = pre[b, h.out], pre[cl, h.out], x[cl, h.out]
-                g = _ratio(m_old, p_old, lambda p=p_old: torch.softmax(p, -1))
+                g = _ratio(m_old, p_old, _softmax)
                 x[b] = x[cl]
                 x[b, h.out] = m_old + g * (p_new - p_old)
 
@@ -414,7 +414,7 @@ def _neuron_hops(
                 pre = plan.stash[("pre", layer)]
                 p_new, p_old = pre[b, h.out, h.index], pre[cl, h.out, h.index]
                 post = x[cl, h.out, h.index]
-                g = _ratio(post, p_old, lambda p=p_old: gate_limit(p))
+                g = _ratio(post, p_old, gate_limit)
                 new = post + g * (p_new - p_old)
             x[b] = x[cl]
             x[b, h.out, h.index] = new
@@ -422,14 +422,19 @@ def _neuron_hops(
     hooks.add(view.hook(Site.MLP_POST, layer), keep_neuron)
 
 
-def _ratio(num: Tensor, den: Tensor, fallback: Callable[[], Tensor]) -> Tensor:
-    """``num / den``, and ``fallback()`` where ``den`` is ~0 (as the chained prism does)."""
+def _ratio(num: Tensor, den: Tensor, fallback: Callable[[Tensor], Tensor]) -> Tensor:
+    """``num / den``, and ``fallback(den)`` where ``den`` is ~0 (as the chained prism does)."""
     tiny = den.abs() <= 1e-12 * (1.0 + num.abs())
     if not bool(tiny.any()):
         return num / den
     return torch.where(
-        tiny, fallback().to(num.dtype), num / torch.where(tiny, torch.ones_like(den), den)
+        tiny, fallback(den).to(num.dtype), num / torch.where(tiny, torch.ones_like(den), den)
     )
+
+
+def _softmax(pre: Tensor) -> Tensor:
+    """SoLU's gate ``mid / pre`` where ``pre`` is 0: the softmax weights themselves."""
+    return torch.softmax(pre, -1)
 
 
 # ----------------------------------------------------------------------------- ablations

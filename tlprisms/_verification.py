@@ -1,0 +1,197 @@
+"""The result of :meth:`LogitPrism.verify`: checked terms next to their interventions.
+
+A :class:`Verification` holds, for each checked term, the change of the explained value that
+removing its write caused (``-term`` when the prism is exact), the error and the bound it
+had to meet. ``str()`` is a one-line certificate; :meth:`Verification.check` raises
+:class:`~tlprisms.errors.VerificationError` unless every term matched and the result adds up.
+How the interventions are made is in :mod:`tlprisms._verify`.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from beartype import beartype
+from jaxtyping import Bool, Float, Int, jaxtyped
+from torch import Tensor
+
+from tlprisms._errors import VerificationError
+from tlprisms._result import ComponentTable
+
+__all__ = ["Verification"]
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True, eq=False)
+class Verification:
+    """The outcome of :meth:`LogitPrism.verify`: each checked term next to the change its
+    removal caused. ``str()`` reads as a one-line certificate; :meth:`check` raises
+    :class:`~tlprisms.errors.VerificationError` unless ``ok``.
+
+    Attributes:
+        ok: every checked term matched its intervention, and the result adds up.
+        terms: the checked terms, ``[n]``.
+        change: the change of the explained value when the term's write was removed, ``[n]``
+            (``-terms`` when exact).
+        error: ``|terms + change|``, ``[n]``.
+        bound: the largest error accepted for each term, ``[n]``.
+        explained: the explained value each term belongs to, ``[n]``.
+        batch, pos, target: where each term is: batch row, explained position, target index.
+        components: each term's component.
+        sampled: False for the ``k`` largest terms, True for the random sample.
+        target_labels: each term's target, as the result names it.
+        skipped: why terms were not checked, and how many (constants, sums over layers).
+        sum_gap: ``max |total - explained|`` of the result (NaN for a selection).
+        sum_ok: the result's terms add up within its completeness tolerance.
+        explains / prism: copied from the result.
+        forward_passes: how many forward passes the interventions took.
+    """
+
+    ok: bool
+    terms: Float[Tensor, "n"]
+    change: Float[Tensor, "n"]
+    error: Float[Tensor, "n"]
+    bound: Float[Tensor, "n"]
+    explained: Float[Tensor, "n"]
+    batch: Int[Tensor, "n"]
+    pos: Int[Tensor, "n"]
+    target: Int[Tensor, "n"]
+    components: ComponentTable
+    sampled: Bool[Tensor, "n"]
+    target_labels: np.ndarray
+    skipped: dict
+    sum_gap: float
+    sum_ok: bool
+    explains: str
+    prism: str
+    forward_passes: int
+
+    @property
+    def max_error(self) -> float:
+        """The largest ``|term + change|`` (0 when nothing was checked)."""
+        return float(self.error.max()) if self.error.numel() else 0.0
+
+    @property
+    def max_relative_error(self) -> float:
+        """The largest error relative to its explained value, ``|error| / max(1, |explained|)``."""
+        if not self.error.numel():
+            return 0.0
+        return float((self.error / self.explained.abs().clamp(min=1.0)).max())
+
+    @property
+    def failed(self) -> Bool[Tensor, "n"]:
+        """Which checked terms missed their intervention."""
+        return ~(self.error <= self.bound)
+
+    def check(self) -> "Verification":
+        """Raise :class:`~tlprisms.errors.VerificationError` unless ``ok``; return self."""
+        if not self.ok:
+            raise VerificationError(
+                f"verify: {self}. The terms were changed after the prism "
+                "made them, or the model was changed since the cache was "
+                "recorded; see .to_frame() for every checked term."
+            )
+        return self
+
+    # ------------------------------------------------------------------ text
+    def _checked(self) -> str:
+        n_top = int((~self.sampled).sum())
+        n_sampled = int(self.sampled.sum())
+        return f"{n_top} largest + {n_sampled} sampled terms"
+
+    def __str__(self) -> str:
+        if not self.ok:
+            bad = self.failed
+            if bool(bad.any()):
+                i = (
+                    int(torch.nonzero(bad)[0])
+                    if bad.sum() == 1
+                    else int((self.error - self.bound).argmax())
+                )
+                return (
+                    f"FAILED: {int(bad.sum())} of {self.terms.numel()} terms differ from "
+                    f"their intervention; worst {self.components[i]} (batch "
+                    f"{int(self.batch[i])}, pos {int(self.pos[i])}, target "
+                    f"{self.target_labels[i]}): term {float(self.terms[i]):.4g}, removing it "
+                    f"changed the {self.explains} by {float(self.change[i]):.4g} (error "
+                    f"{float(self.error[i]):.2g} > bound {float(self.bound[i]):.2g})"
+                )
+            return (
+                f"FAILED: the terms do not add up to the {self.explains} (gap "
+                f"{self.sum_gap:.3g}), although {self._checked()} matched their "
+                "interventions"
+            )
+        if not self.terms.numel():
+            return f"no term could be checked by intervention ({self._skipped()})"
+        i = int(self.error.argmax())
+        return (
+            f"{self._checked()} verified by intervention, max error "
+            f"{self.max_error:.1g} of a {self.explains} of {float(self.explained[i]):.3g}"
+        )
+
+    def _skipped(self) -> str:
+        return "; ".join(f"{n} {why}" for why, n in self.skipped.items()) or "none skipped"
+
+    def __repr__(self) -> str:
+        lines = [
+            f"Verification({self.prism}: {self}",
+            f"  {self.forward_passes} forward passes; not intervened on: {self._skipped()}",
+        ]
+        order = torch.argsort(self.error - self.bound, descending=True)[:5]
+        for i in order.tolist():
+            lines.append(
+                f"    {str(self.components[i]):<24} term {float(self.terms[i]):+.4g}"
+                f"  change {float(self.change[i]):+.4g}  error "
+                f"{float(self.error[i]):.2g}"
+            )
+        return "\n".join(lines) + ")"
+
+    def to_frame(self) -> Any:
+        """One row per checked term: ``component``, its fields, ``batch``, ``pos``,
+        ``target``, ``selected`` (``"top"``/``"sample"``), ``term``, ``change``, ``error``,
+        ``bound``, ``ok``."""
+        import pandas as pd
+
+        c = self.components
+        return pd.DataFrame(
+            {
+                "component": [str(x) for x in c],
+                "kind": c.kinds(),
+                "layer": c.layer,
+                "head": c.head,
+                "neuron": c.neuron,
+                "src": c.src,
+                "at": c.at,
+                "batch": self.batch.numpy(),
+                "pos": self.pos.numpy(),
+                "target": self.target_labels,
+                "selected": np.where(self.sampled.numpy(), "sample", "top"),
+                "term": self.terms.numpy(),
+                "change": self.change.numpy(),
+                "error": self.error.numpy(),
+                "bound": self.bound.numpy(),
+                "ok": ~self.failed.numpy(),
+            }
+        )
+
+    # ------------------------------------------------------------------ rendering
+    def svg(self) -> str:
+        """Each checked term against minus its measured change: on the diagonal when right."""
+        from tlprisms.render import scatter_svg
+
+        points = torch.stack([self.terms, -self.change], 1).numpy()
+        labels = [str(x) for x in self.components]
+        return scatter_svg(
+            points, labels, f"term (x) vs minus the change when removed (y): {self._checked()}"
+        )
+
+    def _tlprisms_views(self) -> list:
+        from tlprisms.render._escape import esc
+
+        return [f'<div style="font-size:13px;margin:4px 0">{esc(str(self))}</div>', self.svg()]
+
+    def _repr_html_(self) -> str:
+        from tlprisms import render
+
+        return render.to_html(self)
