@@ -58,7 +58,8 @@ class Effects:
         explained: the clean explained value, ``[batch, target]``.
         positions: the explained position of each batch row, ``[batch]``.
         target_labels: a name per target.
-        explains: what is explained (``"logit"``, ``"pre-softcap logit"`` ...).
+        explains: what is explained (``"logit"``, ``"pre-softcap logit"`` ...); the total
+            effect applies the soft-cap itself, the direct term holds its ratio frozen.
         ablation: ``"zero"``, ``"mean"`` or ``"resample"``.
     """
 
@@ -348,6 +349,6 @@ def effects(
         explained=clean.cpu(),
         positions=positions.cpu(),
         target_labels=np.asarray(labels),
-        explains=direct_res.explains,
+        explains=direct_res.explains.replace(" (rho frozen)", ""),
         ablation=ablation,
     )
