@@ -26,7 +26,7 @@ by ``rho``. ``Decomposition.explains`` says which one a result explains.
 """
 
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -55,6 +55,10 @@ from tlprisms._readout import (
 from tlprisms._result import ComponentTable, Decomposition
 from tlprisms._seam import CacheView, ModelView, Site, needed_hooks
 from tlprisms._targets import resolve_positions
+
+if TYPE_CHECKING:  # the result types of verify/effects (imported lazily at call time)
+    from tlprisms._effects import Effects
+    from tlprisms._verification import Verification
 
 __all__ = ["LogitPrism", "LayerSelection"]
 
@@ -615,7 +619,7 @@ class LogitPrism:
         k: int = 20,
         sample: int = 20,
         seed: int = 0,
-    ) -> "Verification":  # type: ignore[name-defined]
+    ) -> "Verification":
         """Check ``result``'s terms on the model itself: remove each term's write in a forward
         pass that holds fixed what the prism holds fixed, and compare the change of the
         explained value with minus the term.
@@ -658,7 +662,7 @@ class LogitPrism:
         pos: Any = -1,
         softcap: Softcap = "post",
         seed: int = 0,
-    ) -> "Effects":  # type: ignore[name-defined]
+    ) -> "Effects":
         """Each component's direct term next to its total effect when ablated with nothing
         frozen (so later layers, norms and patterns respond, and backups compensate).
 
