@@ -536,19 +536,6 @@ class ModelView:
         """The hook name of ``site`` on this model."""
         return hook_name(site, layer, n_layers=self.n_layers, is_bridge=self.is_bridge)
 
-    def norm_of(self, site: Site, layer: Optional[int]) -> Optional[NormSpec]:
-        """The norm whose scale ``site`` records (at ``layer``)."""
-        if site is Site.FINAL_SCALE:
-            return self.final_norm
-        assert layer is not None, f"{site} is per layer"
-        return {
-            Site.LN1_SCALE: lambda: self.ln1[layer],
-            Site.LN2_SCALE: lambda: self.ln2[layer],
-            Site.LN1_POST_SCALE: lambda: self.ln1_post[layer],
-            Site.LN2_POST_SCALE: lambda: self.ln2_post[layer],
-            Site.SOLU_SCALE: lambda: self.solu_ln[layer],
-        }[site]()
-
     def has_site(self, site: Site, layer: Optional[int] = None) -> bool:
         """Whether this model writes ``site`` at all (e.g. no pos_embed with rotary)."""
         if site is Site.POS_EMBED:
