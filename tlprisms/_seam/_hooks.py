@@ -45,7 +45,6 @@ _WRITES = frozenset(
     {
         Site.EMBED,
         Site.POS_EMBED,
-        Site.RESID_PRE,
         Site.ATTN_OUT,
         Site.MLP_OUT,
         Site.FINAL_RESID,
@@ -78,7 +77,8 @@ PART_SITES: dict[str, frozenset] = {
 }
 PARTS = tuple(PART_SITES)
 
-#: what the check that a cache belongs to this model and these tokens reads (always recorded)
+#: what the check that a cache belongs to this model and these tokens reads (always recorded,
+#: at layer 0; the embedding's write is also read off resid_pre[0] where a norm follows it)
 PROVENANCE_SITES = frozenset({Site.TOKENS, Site.EMBED, Site.RESID_PRE, Site.LN1_SCALE, Site.V})
 
 
