@@ -41,7 +41,7 @@ from tlprisms._readout import Explained, FinalReadout, Recorded, weigh
 from tlprisms._result import ComponentTable
 from tlprisms._seam import CacheView, Site
 
-__all__ = ["Hop", "ChainTerms", "run_chain", "read_at", "READ_AT"]
+__all__ = ["Hop", "ChainTerms", "run_chain", "read_at", "READ_AT", "limit_at_zero"]
 
 
 @dataclass(frozen=True, init=False)
@@ -141,7 +141,7 @@ _LIMITS = {
 }
 
 
-def _limit_at_zero(name: str, pre: Tensor) -> Tensor:
+def limit_at_zero(name: str, pre: Tensor) -> Tensor:
     """``lim act(x)/x`` at ``x = 0``: 1/2 for the GELUs and SiLU, 0 for ReLU and ReLU^2."""
     if name not in _LIMITS:
         raise UnsupportedModelError(
@@ -246,7 +246,7 @@ def _gate_coefficients(
             const = const + ln.bias.to(post.device, dtype)[neuron]
     else:
         c[:, neuron] = _ratio(
-            post[:, neuron], pre[:, neuron], lambda: _limit_at_zero(name, pre[:, neuron])
+            post[:, neuron], pre[:, neuron], lambda: limit_at_zero(name, pre[:, neuron])
         )
     return c, const
 

@@ -22,7 +22,7 @@ has ``total == direct`` under zero ablation; ``difference = total - direct`` is 
 effect (negative when the rest of the model compensates).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -35,7 +35,7 @@ from torch import Tensor
 from tlprisms import _validate as check
 from tlprisms._errors import ArgumentError, PositionError
 from tlprisms._readout import FinalReadout, Recorded, final_readout
-from tlprisms._result import Component, ComponentTable
+from tlprisms._result import Component, ComponentTable, Decomposition
 from tlprisms._seam import COPY_TOKENS, Ablation, CacheView, Site, record, run_ablated
 
 __all__ = ["Effects", "effects", "ABLATIONS"]
@@ -254,7 +254,8 @@ def _reference(view: Any, cv: CacheView, reference: Any, tokens: Tensor, caller:
 
 # ----------------------------------------------------------------------------- effects
 def effects(
-    prism: Any,
+    rec: Recorded,
+    direct_of: Callable[..., Decomposition],
     target: Any,
     components: Any,
     ablation: Any,
@@ -265,7 +266,7 @@ def effects(
     caller: str = "LogitPrism.effects",
 ) -> Effects:
     """See :meth:`tlprisms.LogitPrism.effects`."""
-    cv: CacheView = prism._rec.cache.for_call(caller)
+    cv: CacheView = rec.cache
     view = cv.view
     check.choice(ablation, "ablation", ABLATIONS, caller)
     check.choice(softcap, "softcap", ("post", "pre"), caller)
@@ -276,7 +277,7 @@ def effects(
             f"{caller}: pos={pos!r}; effects explain one position per row: pass "
             "an int or one int per batch row."
         )
-    tokens = prism.tokens
+    tokens = rec.tokens
     if tokens is None and cv.has(Site.TOKENS):
         tokens = cv.get(Site.TOKENS).long()
     if tokens is None:
@@ -290,12 +291,13 @@ def effects(
     ref = None if ablation == "zero" else _reference(view, cv, reference, tokens, caller)
     heads = sorted({c.layer for c in comps if c.kind == "head"})
     neurons = sorted({c.layer for c in comps if c.kind == "neuron"})
-    direct_res = prism._decompose(target, pos, heads, neurons, False, softcap, caller)
+    direct_res = direct_of(
+        target, pos, heads=heads, neurons=neurons, by_source=False, softcap=softcap
+    )
     B, _, K, _ = direct_res.values.shape
     direct = torch.stack(
         [direct_res.values[:, 0, :, _mask(direct_res.components, c)].sum(-1) for c in comps], -1
     ).cpu()
-    rec = Recorded(cv, prism.tokens, prism.logits)
     fr = final_readout(rec, target, pos)
     positions = fr.readout.positions[:, 0]
     rows = torch.arange(B, device=cv.device)

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from tlprisms import _validate as check
-from tlprisms._chain import READ_AT, _limit_at_zero
+from tlprisms._chain import READ_AT, limit_at_zero
 from tlprisms._errors import ArgumentError, TargetError
 from tlprisms._readout import Recorded, Softcap, explain, final_readout
 from tlprisms._result import KINDS, Decomposition, tolerance
@@ -152,8 +152,8 @@ def _positions_arg(result: Decomposition, n_ctx: int) -> Any:
     return "all"
 
 
-def _readout(prism: Any, result: Decomposition, target: Any, caller: str) -> _Readout:
-    cv: CacheView = prism._rec.cache.for_call(caller)
+def _readout(rec: Recorded, result: Decomposition, target: Any, caller: str) -> _Readout:
+    cv: CacheView = rec.cache
     view = cv.view
     name = result.prism
     if name == "readout":
@@ -214,7 +214,6 @@ def _readout(prism: Any, result: Decomposition, target: Any, caller: str) -> _Re
     B, P, K = result.values.shape[:3]
     if target is None:
         target = _infer_target(view, result.target_labels, caller)
-    rec = Recorded(cv, prism.tokens, prism.logits)
     fr = final_readout(rec, target, _positions_arg(result, cv.n_ctx))
     labels = np.broadcast_to(
         fr.atoms.labels, (B, P if fr.atoms.labels.shape[1] != 1 else 1, fr.atoms.labels.shape[2])
@@ -330,7 +329,7 @@ def _chunks(copies: list, per_pass: int) -> list[slice]:
 
 
 def verify(
-    prism: Any,
+    rec: Recorded,
     result: Any,
     target: Any,
     k: Any,
@@ -347,7 +346,7 @@ def verify(
     k = check.count(k, "k", caller, minimum=0)
     sample = check.count(sample, "sample", caller, minimum=0)
     seed = check.index(seed, "seed", caller)
-    cv: CacheView = prism._rec.cache.for_call(caller)
+    cv: CacheView = rec.cache
     view = cv.view
     B, P, K, C = result.values.shape
     if (
@@ -360,7 +359,7 @@ def verify(
             f"{result.n_layers} layers; this prism: batch {cv.batch}, "
             f"{view.n_layers} layers, {cv.n_ctx} positions)."
         )
-    tokens = prism.tokens
+    tokens = rec.tokens
     if tokens is None and cv.has(Site.TOKENS):
         tokens = cv.get(Site.TOKENS).long()
     if tokens is None:
@@ -369,7 +368,7 @@ def verify(
             "tokens; build the prism with LogitPrism.run(model, tokens) or "
             "LogitPrism(model, cache, tokens=tokens)."
         )
-    ro = _readout(prism, result, target, caller)
+    ro = _readout(rec, result, target, caller)
     comps = result.components
     codes = comps.kind  # compared as codes: a chained result has millions of components
     layered = np.isin(codes, [KINDS.index(k) for k in ("attn", "head", "mlp", "neuron")])
@@ -403,7 +402,7 @@ def verify(
     per_pass = max(2, COPY_TOKENS // cv.n_ctx)
     change: dict[tuple, Tensor] = {}
     passes = 0
-    gate = lambda pre: _limit_at_zero(str(view.act_fn), pre)
+    gate = lambda pre: limit_at_zero(str(view.act_fn), pre)
     for part in _chunks(copies, per_pass):
         chunk, ks = copies[part], keys[part]
         new, clean = run_frozen(view, tokens.to(cv.device), chunk, ro.site, ro.layer, gate)

@@ -649,7 +649,8 @@ class LogitPrism:
         """
         from tlprisms._verify import verify
 
-        return verify(self, result, target, k, sample, seed)
+        rec = Recorded(self._rec.cache.for_call("LogitPrism.verify"), self.tokens, self.logits)
+        return verify(rec, result, target, k, sample, seed)
 
     @check.entry
     def effects(
@@ -689,7 +690,10 @@ class LogitPrism:
         """
         from tlprisms._effects import effects
 
-        return effects(self, target, components, ablation, reference, pos, softcap, seed)
+        rec = Recorded(self._rec.cache.for_call("LogitPrism.effects"), self.tokens, self.logits)
+        return effects(
+            rec, self.decompose, target, components, ablation, reference, pos, softcap, seed
+        )
 
     def __repr__(self) -> str:
         v = self.view
