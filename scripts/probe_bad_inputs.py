@@ -2570,27 +2570,9 @@ add("bridge without compatibility mode", _no_compat, Err("UnsupportedModelError"
 
 
 def _moe(e: Env) -> Any:
-    import transformers as tf
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
+    from families import tiny_moe
 
-    cfg = tf.MixtralConfig(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=16,
-    )
-    bridge = build_bridge_from_module(
-        tf.MixtralForCausalLM(cfg), "MixtralForCausalLM", hf_config=cfg
-    )
-    try:
-        bridge.enable_compatibility_mode(disable_warnings=True)
-    except Exception:  # noqa: BLE001 - some TL versions refuse MoE here already
-        bridge.compatibility_mode = True
+    bridge = tiny_moe()
     return tp.LogitPrism.run(bridge, torch.tensor([[1, 2, 3]]))
 
 

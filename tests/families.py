@@ -249,6 +249,32 @@ def _hooked(arch: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer
     return model
 
 
+def tiny_moe():
+    """A one-layer Mixtral bridge (a mixture of experts), for refusal tests."""
+    import transformers as tf
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    cfg = tf.MixtralConfig(
+        vocab_size=D_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=N_CTX,
+    )
+    bridge = build_bridge_from_module(
+        tf.MixtralForCausalLM(cfg), "MixtralForCausalLM", hf_config=cfg
+    )
+    try:
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    except Exception:  # noqa: BLE001 - some TL versions refuse MoE here already
+        bridge.compatibility_mode = True
+    return bridge
+
+
 def builders() -> dict[str, Callable[..., object]]:
     """name -> builder(fold, dtype=..., tokenizer=...) for the installed TransformerLens."""
     out: dict[str, Callable[..., object]] = {}

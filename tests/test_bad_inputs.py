@@ -43,7 +43,7 @@ from tlprisms.errors import (
     UnsupportedModelError,
 )
 
-from families import FAMILIES, HAS_HOOKED, make_tokenizer
+from families import FAMILIES, HAS_HOOKED, make_tokenizer, tiny_moe
 
 # hypothesis keeps a cache in ./.hypothesis unless told otherwise: keep the checkout clean
 os.environ.setdefault(
@@ -1414,28 +1414,7 @@ def _bare_bridge() -> Any:
 
 
 def _moe() -> Any:
-    import transformers as tf
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
-
-    cfg = tf.MixtralConfig(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=16,
-    )
-    bridge = build_bridge_from_module(
-        tf.MixtralForCausalLM(cfg), "MixtralForCausalLM", hf_config=cfg
-    )
-    try:
-        bridge.enable_compatibility_mode(disable_warnings=True)
-    except Exception:  # noqa: BLE001 - some TL versions refuse MoE here already
-        bridge.compatibility_mode = True
-    return bridge
+    return tiny_moe()
 
 
 def _attn_only() -> Any:

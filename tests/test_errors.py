@@ -13,7 +13,7 @@ from tlprisms.errors import (
 )
 
 from conftest import BATCH, SEQ, build_case
-from families import FAMILIES
+from families import FAMILIES, tiny_moe
 
 
 @pytest.fixture(scope="module")
@@ -137,27 +137,7 @@ def test_bridge_without_compatibility_mode():
 
 
 def test_mixture_of_experts_is_refused():
-    import transformers as tf
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
-
-    cfg = tf.MixtralConfig(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=16,
-    )
-    bridge = build_bridge_from_module(
-        tf.MixtralForCausalLM(cfg), "MixtralForCausalLM", hf_config=cfg
-    )
-    try:
-        bridge.enable_compatibility_mode(disable_warnings=True)
-    except Exception:  # noqa: BLE001 - some TL versions refuse MoE here already
-        bridge.compatibility_mode = True
+    bridge = tiny_moe()
     with pytest.raises(UnsupportedModelError, match="(?i)mixture.of.experts|Mixtral"):
         tp.LogitPrism(bridge, {})
 
