@@ -1,0 +1,333 @@
+"""The feature prism: split a frozen readout into dictionary features (SAEs, transcoders).
+
+A dictionary at a site rewrites what the cache recorded there as
+
+    x = sum_f a_f W_dec[f] + b_dec (+ x_in @ W_skip) + e,     e = x - x_hat,
+
+with ``a_f`` the encoder applied to the recorded input and ``e`` taken from the cache, so the
+sum is exact. A readout ``u/s`` of a later residual stream then splits into
+
+* a **residual** dictionary's terms ``a_f (W_dec[f] . u)/s``, ``b_dec . u/s`` and
+  ``e . u/s`` (``x_site . u/s`` in all), plus every write after the site, split by the
+  engine (:func:`tlprisms._engine.split_writes`) as the other prisms split it;
+* an ``hook_attn_out``/``hook_mlp_out`` dictionary's (a transcoder's) terms in place of that
+  layer's attention/MLP write (the write, its bias and its post-norm bias), since the
+  recorded hook value is exactly what the layer adds to the stream.
+
+**Through a feature.** ``a_f = g * pre_f`` with the gate ``g`` (1 or 0 for ReLU, JumpReLU and
+TopK) frozen, and ``pre_f = x_in . (c W_enc[:, f]) + b_enc[f] - c b_dec . W_enc[:, f]`` (``c``
+the input scale; ``b_dec`` only when subtracted) is a linear read of the residual stream at
+the dictionary's input (through the frozen ``ln2`` for a transcoder reading
+``ln2.hook_normalized``), which the engine splits by upstream writer, including other
+dictionaries' features.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tlprisms._engine import Readout, Split, Terms, split_writes
+from tlprisms._errors import ArgumentError
+from tlprisms._ops import dot
+from tlprisms._result import KINDS, ComponentTable
+from tlprisms._seam import CacheView, Site
+from tlprisms.dictionary import Dictionary
+
+__all__ = ["feature_split", "check_dictionaries", "dictionary_input", "RESIDUAL_SITES"]
+
+#: residual stream sites, and the writes each holds: (attention layers < a, MLP layers < m)
+#: as a function of the layer
+RESIDUAL_SITES = {
+    Site.RESID_PRE: lambda L: (L, L),
+    Site.RESID_MID: lambda L: (L + 1, L),
+    Site.RESID_POST: lambda L: (L + 1, L + 1),
+}
+_ATTN = frozenset(KINDS.index(k) for k in ("attn", "head", "b_O"))
+_MLP = frozenset(KINDS.index(k) for k in ("mlp", "neuron", "b_out"))
+_START = frozenset(KINDS.index(k) for k in ("embed", "pos_embed"))
+_INHERIT = KINDS.index("ln.b")  # a post-norm's bias follows its layer's write
+
+
+def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Dictionary]:
+    """The dictionaries as a list, each checked against the model; at most one residual
+    stream dictionary, at most one per attention/MLP write, none inside the residual one."""
+    if isinstance(dictionaries, Dictionary):
+        dictionaries = [dictionaries]
+    if (
+        isinstance(dictionaries, (str, bytes))
+        or not isinstance(dictionaries, Sequence)
+        or not dictionaries
+        or not all(isinstance(d, Dictionary) for d in dictionaries)
+    ):
+        raise ArgumentError(
+            f"{caller}: dictionaries={dictionaries!r:.80}; pass a tlprisms.Dictionary or a "
+            "non-empty list of them (e.g. one transcoder per layer)."
+        )
+    out = list(dictionaries)
+    for d in out:
+        d.check_model(view, caller)
+    resid = [d for d in out if d.site in RESIDUAL_SITES]
+    if len(resid) > 1:
+        raise ArgumentError(
+            f"{caller}: {len(resid)} residual-stream dictionaries "
+            f"({', '.join(d.hook for d in resid)}); a readout splits at one residual "
+            "stream. Pass one (a hop "
+            "Hop('feature', sae, f) goes through an earlier one)."
+        )
+    writes: dict = {}
+    for d in out:
+        if d.site in RESIDUAL_SITES:
+            continue
+        key = (d.site, d.layer)
+        if key in writes:
+            raise ArgumentError(
+                f"{caller}: two dictionaries rewrite {d.hook!r}; pass one per write."
+            )
+        writes[key] = d
+        if resid:
+            r = resid[0]
+            a, m = RESIDUAL_SITES[r.site](r.layer)
+            inside = d.layer < (a if d.site is Site.ATTN_OUT else m)
+            if inside or d.layer == r.layer:
+                raise ArgumentError(
+                    f"{caller}: dictionary at {d.hook!r} "
+                    + (
+                        f"writes into the residual stream {r.hook!r}, which the residual "
+                        "dictionary already splits"
+                        if inside
+                        else f"shares layer {d.layer} with the residual dictionary at "
+                        f"{r.hook!r}, so their labels would collide"
+                    )
+                    + "; pass dictionaries at later layers, or split separately."
+                )
+    return out
+
+
+def dictionary_input(cv: CacheView, d: Dictionary, positions: Tensor, dtype: Any) -> Tensor:
+    """What the dictionary reads at ``positions [B, P]``: ``[B, P, d_in]``."""
+    if d.input_site is not Site.LN2_NORMALIZED:
+        return cv.at(d.input_site, d.layer, positions, dtype)
+    view = cv.view
+    norm = view.ln2[d.layer]
+    stream = Site.RESID_PRE if view.parallel else Site.RESID_MID
+    x = cv.at(stream, d.layer, positions, dtype)
+    scale = cv.scale(norm, positions)[..., None].to(dtype) if norm.has_scale else None
+    return norm.apply(x, scale)
+
+
+def _contract(W: Tensor, u: Tensor) -> Tensor:
+    """``W [F, d]`` against readouts ``u [B', P', K, d]`` -> ``[B', P', K, F]``."""
+    if u.shape[0] == 1 and u.shape[1] == 1:
+        return (u[0, 0] @ W.T)[None, None]
+    return torch.einsum("fd,bpkd->bpkf", W, u)
+
+
+@dataclass(frozen=True)
+class _Parts:
+    values: list
+    tables: list
+
+
+def _dictionary_terms(cv: CacheView, d: Dictionary, r: Readout, u: Tensor, inv_s: Tensor) -> _Parts:
+    """Features, b_dec, skip and error terms of one dictionary, ``[B, P, K, *]`` each."""
+    positions = r.positions
+    B, P = positions.shape
+    K = u.shape[2]
+    dtype = u.dtype
+    x_in = dictionary_input(cv, d, positions, dtype)
+    x_out = x_in if not d.transcoder else cv.at(d.site, d.layer, positions, dtype)
+    acts = d.encode(x_in)  # [B, P, F]
+    W_dec = d.W_dec.to(u.device, dtype)
+    if d.input_scale != 1.0:
+        W_dec = W_dec / d.input_scale
+    s = inv_s[:, :, None]
+    Wu = _contract(W_dec, u)  # [B', P', K, F]
+    feats = acts[:, :, None, :] * Wu * s[..., None]
+    b_dec = d.b_dec.to(u.device, dtype) / d.input_scale
+    x_hat = acts @ W_dec + b_dec
+    values = [feats.reshape(B, P, K, -1), ((u @ b_dec).expand(B, P, K) * s)[..., None]]
+    L = d.layer
+    tables = [
+        ComponentTable.block("feature", d.d_sae, layer=L, feature=np.arange(d.d_sae)),
+        ComponentTable.block("b_dec", layer=L),
+    ]
+    if d.W_skip is not None:
+        skip = x_in @ d.W_skip.to(u.device, dtype)
+        x_hat = x_hat + skip
+        values.append((dot(skip, u) * s)[..., None])
+        tables.append(ComponentTable.block("skip", layer=L))
+    values.append((dot(x_out - x_hat, u) * s)[..., None])
+    tables.append(ComponentTable.block("error", layer=L))
+    return _Parts(values, tables)
+
+
+def _groups(table: ComponentTable) -> tuple[np.ndarray, np.ndarray]:
+    """Per component of a split: its write (0 stream start, 1 attention, 2 MLP, 3 the
+    readout's constants) and the layer of that write."""
+    kind = table.kind.astype(np.int64)
+    cat = np.full(len(kind), 3, dtype=np.int64)
+    cat[np.isin(kind, list(_START))] = 0
+    cat[np.isin(kind, list(_ATTN))] = 1
+    cat[np.isin(kind, list(_MLP))] = 2
+    inherit = kind == _INHERIT
+    idx = np.where(inherit, 0, np.arange(len(kind)))
+    idx = np.maximum.accumulate(idx) if len(idx) else idx
+    return cat[idx], table.layer
+
+
+def feature_split(
+    cv: CacheView,
+    r: Readout,
+    dictionaries: Sequence[Dictionary],
+    split: Split,
+    extra: Sequence[tuple[Tensor, ComponentTable]] = (),
+) -> Terms:
+    """Split the readout ``r`` into the dictionaries' terms and the writes they do not cover.
+
+    The residual dictionary (at most one, at or before the stream ``r`` reads) replaces every
+    write before its site; each attention/MLP-write dictionary replaces its layer's write.
+    Dictionaries that write nowhere into the stream read are left out.
+    """
+    terms = split_writes(cv, r, split, extra=extra)
+    u, inv_s = r.u, r.inv_s
+    cat, layer = _groups(terms.table)
+    keep = np.ones(len(cat), dtype=bool)
+    head: list = []
+    resid = [
+        d
+        for d in dictionaries
+        if d.site in RESIDUAL_SITES
+        and all(
+            x <= y for x, y in zip(RESIDUAL_SITES[d.site](d.layer), (r.attn_layers, r.mlp_layers))
+        )
+    ]
+    if resid:
+        d = max(resid, key=lambda d: RESIDUAL_SITES[d.site](d.layer))
+        a, m = RESIDUAL_SITES[d.site](d.layer)
+        keep &= ~((cat == 0) | ((cat == 1) & (layer < a)) | ((cat == 2) & (layer < m)))
+        head.append(_dictionary_terms(cv, d, r, u, inv_s))
+    inserts: dict = {}
+    for d in dictionaries:
+        if d.site in RESIDUAL_SITES:
+            continue
+        c = 1 if d.site is Site.ATTN_OUT else 2
+        group = keep & (cat == c) & (layer == d.layer)
+        if not group.any():
+            continue  # not in the stream read, or inside the residual dictionary
+        inserts[int(np.nonzero(group)[0][0])] = _dictionary_terms(cv, d, r, u, inv_s)
+        keep &= ~group
+    values: list = []
+    tables: list = []
+    for part in head:
+        values += part.values
+        tables += part.tables
+    # the kept components in order, each dictionary where its write was
+    cuts = sorted(inserts)
+    bounds = [0] + cuts + [len(cat)]
+    for i in range(len(bounds) - 1):
+        lo, hi = bounds[i], bounds[i + 1]
+        if lo in inserts:
+            values += inserts[lo].values
+            tables += inserts[lo].tables
+        idx = np.nonzero(keep[lo:hi])[0] + lo
+        if len(idx) == hi - lo:
+            values.append(terms.values[..., lo:hi])
+        elif len(idx):
+            values.append(
+                terms.values.index_select(-1, torch.as_tensor(idx, device=terms.values.device))
+            )
+        if len(idx):
+            tables.append(terms.table.take(idx))
+    return Terms(
+        values=torch.cat(values, dim=-1),
+        table=ComponentTable.concat(tables),
+        layer_gap=terms.layer_gap,
+    )
+
+
+# ----------------------------------------------------------------------------- hops
+def check_feature_hop(cv: CacheView, r: Readout, hop: Any) -> Any:
+    """A feature hop checked against the model and the stream read so far."""
+    from tlprisms import _validate as check
+
+    d, caller = hop.dictionary, cv.caller
+    d.check_model(cv.view, caller)
+    check.in_range(hop.index, d.d_sae, "feature", caller, of=f" ({d.d_sae} features)")
+    if d.site in RESIDUAL_SITES:
+        a, m = RESIDUAL_SITES[d.site](d.layer)
+        inside = a <= r.attn_layers and m <= r.mlp_layers
+    else:
+        inside = d.layer < (r.attn_layers if d.site is Site.ATTN_OUT else r.mlp_layers)
+    if not inside:
+        raise ArgumentError(
+            f"{caller}: feature {hop} of the dictionary at {d.hook!r} does not write into the "
+            "residual stream read at this hop; chain toward earlier layers."
+        )
+    if d.input_site in (Site.ATTN_OUT, Site.MLP_OUT):
+        raise ArgumentError(
+            f"{caller}: feature {hop} reads {d.input_hook!r}, one layer's output rather than "
+            "the residual stream, so its input cannot be split by writer; hop through the "
+            "layer's heads or neurons instead."
+        )
+    return hop
+
+
+def feature_hop(cv: CacheView, st: Any, hop: Any) -> tuple[Any, Tensor]:
+    """Pull the readout back through feature ``hop.index`` (its gate frozen): the new readout
+    is the feature's pre-activation times its gate and its decoder's read."""
+    from tlprisms._chain import _State
+
+    r, d, f = st.readout, hop.dictionary, hop.index
+    view, dtype = cv.view, r.u.dtype
+    B = r.positions.shape[0]
+    K = r.u.shape[2]
+    x_in = dictionary_input(cv, d, r.positions, dtype)  # [B, 1, d_in]
+    pre = d.pre_activations(x_in)  # [B, 1, F]
+    acts = d.activate(pre)[..., f]  # [B, 1]
+    pre = pre[..., f]
+    nonzero = pre != 0
+    gate = torch.where(nonzero, acts / torch.where(nonzero, pre, torch.ones_like(pre)), acts * 0)
+    w_dec = d.W_dec[f].to(r.u.device, dtype) / d.input_scale
+    c = (r.u @ w_dec).expand(B, 1, K) * r.inv_s[:, :, None]  # [B, 1, K]
+    term = acts[:, :, None] * c
+    coef = gate[:, :, None] * c  # [B, 1, K]
+    w = d.W_enc[:, f].to(r.u.device, dtype) * d.input_scale  # the linear read of x_in
+    const = d.b_enc[f].to(r.u.device, dtype)
+    if d.subtract_b_dec:
+        const = const - d.b_dec.to(r.u.device, dtype) @ d.W_enc[:, f].to(r.u.device, dtype)
+    L, at = d.layer, st.at
+    consts = [
+        (
+            ComponentTable.block("b_enc", 1, layer=L, feature=f, at=at),
+            const * coef,
+        )
+    ]
+    if d.input_site is Site.LN2_NORMALIZED:
+        norm = view.ln2[L]
+        u_new = norm.pull_back(w)[None, None, None, :] * coef[..., None]  # [B, 1, K, d]
+        inv_s = (
+            1.0 / cv.scale(norm, r.positions)
+            if norm.has_scale
+            else torch.ones(B, 1, dtype=dtype, device=u_new.device)
+        )
+        if norm.bias is not None:
+            consts.append(
+                (
+                    ComponentTable.block("ln.b", 1, layer=L, feature=f, at=at),
+                    norm.constant(w) * coef,
+                )
+            )
+        site = Site.RESID_PRE if view.parallel else Site.RESID_MID
+    else:
+        u_new = w[None, None, None, :] * coef[..., None]
+        inv_s = torch.ones(B, 1, dtype=dtype, device=u_new.device)
+        site = d.input_site
+    a, m = RESIDUAL_SITES[site](L)
+    if view.parallel and site is Site.RESID_PRE:
+        a, m = L, L
+    new = Readout(u=u_new, inv_s=inv_s, positions=r.positions, attn_layers=a, mlp_layers=m)
+    return _State(new, at, consts), term
