@@ -21,7 +21,7 @@ residual stream the readout reads, exactly up to float rounding, because the wri
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from tlprisms._ops import dot
 from tlprisms._result import ComponentTable
 from tlprisms._seam import CacheView, NormSpec, Site
 
-__all__ = ["Readout", "Split", "Terms", "split_writes", "post_parts"]
+__all__ = ["Readout", "Split", "Terms", "split_writes", "writes_table", "post_parts"]
 
 
 @jaxtyped(typechecker=beartype)
@@ -172,6 +172,63 @@ def _neuron_terms(
     return post[:, :, None, :] * Wu
 
 
+def _table(
+    view: Any, kind: str, layer: int, split: Split, n_src: int, d_mlp: int
+) -> ComponentTable:
+    """The labels of one split layer: heads (x sources) or neurons."""
+    H = view.n_heads
+    if kind == "attn":
+        if split.by_source:
+            hh, jj = np.meshgrid(np.arange(H), np.arange(n_src), indexing="ij")
+            return ComponentTable.block(
+                "head", H * n_src, layer=layer, head=hh.ravel(), src=jj.ravel()
+            )
+        return ComponentTable.block("head", H, layer=layer, head=np.arange(H))
+    return ComponentTable.block("neuron", d_mlp, layer=layer, neuron=np.arange(d_mlp))
+
+
+def _d_mlp(cv: CacheView, layer: int) -> int:
+    return int(cv.get(Site.MLP_POST, layer).shape[-1])
+
+
+def writes_table(
+    cv: CacheView,
+    readout: Readout,
+    split: Split,
+    extra: Sequence[ComponentTable] = (),
+) -> ComponentTable:
+    """The component labels :func:`split_writes` gives for ``readout`` and ``split``, without
+    computing a term (to size chunks and preallocate results)."""
+    return ComponentTable.concat([t for t, _ in _plan(cv, readout, split)] + list(extra))
+
+
+def _plan(cv: CacheView, readout: Readout, split: Split) -> list[tuple[ComponentTable, tuple]]:
+    """Every block of terms in result order: ``(labels, what)`` with ``what`` one of
+    ``("embed",)``, ``("pos_embed",)``, ``(kind, layer, "split"|"whole"|"bias"|"post_b")``."""
+    view = cv.view
+    plan: list[tuple[ComponentTable, tuple]] = [(ComponentTable.block("embed"), ("embed",))]
+    if view.pos_embed_in_resid:
+        plan.append((ComponentTable.block("pos_embed"), ("pos_embed",)))
+    for layer in range(max(readout.attn_layers, readout.mlp_layers)):
+        for kind in ("attn", "mlp"):
+            if kind == "attn" and layer >= readout.attn_layers:
+                continue
+            if kind == "mlp" and (layer >= readout.mlp_layers or view.attn_only):
+                continue
+            post = view.ln1_post[layer] if kind == "attn" else view.ln2_post[layer]
+            if layer in (split.heads if kind == "attn" else split.neurons):
+                d_mlp = _d_mlp(cv, layer) if kind == "mlp" else 0
+                table = _table(view, kind, layer, split, cv.n_ctx, d_mlp)
+                plan.append((table, (kind, layer, "split")))
+            else:
+                plan.append((ComponentTable.block(kind, layer=layer), (kind, layer, "whole")))
+            bias_kind = "b_O" if kind == "attn" else "b_out"
+            plan.append((ComponentTable.block(bias_kind, layer=layer), (kind, layer, "bias")))
+            if post is not None and post.bias is not None:
+                plan.append((ComponentTable.block("ln.b", layer=layer), (kind, layer, "post_b")))
+    return plan
+
+
 def split_writes(
     cv: CacheView,
     readout: Readout,
@@ -180,73 +237,74 @@ def split_writes(
 ) -> Terms:
     """Split a readout by every write into the residual stream it reads.
 
+    The labels are planned first and every block of terms is written straight into one
+    preallocated ``[B, P, K, C]`` result (no list of pieces to concatenate: the peak is the
+    result plus one layer's block).
+
     Args:
         split: which layers to split into heads (x sources) / neurons.
-        extra: more ``([B', P', K] values, labels)`` to append (the readout's constants), so
-            that the result is assembled with one copy.
+        extra: more ``([B', P', K] values, labels)`` to append (the readout's constants).
     """
     view = cv.view
     u, inv_s, positions = readout.u, readout.inv_s, readout.positions
     B, P = positions.shape
     K = u.shape[2]
-    parts: list[Tensor] = []
-    tables: list[ComponentTable] = []
+    plan = _plan(cv, readout, split)
+    table = ComponentTable.concat([t for t, _ in plan] + [t for _, t in extra])
+    out = torch.empty(B, P, K, len(table), dtype=u.dtype, device=u.device)
     check = torch.zeros(B, P, K, dtype=u.dtype, device=u.device)
-
-    def add(values: Tensor, table: ComponentTable) -> None:
-        parts.append(values.reshape(B, P, K, -1))
-        tables.append(table)
-
     s = inv_s[:, :, None]
-    add(dot(cv.embed_write(positions, u.dtype), u) * s, ComponentTable.block("embed"))
-    if view.pos_embed_in_resid:
-        add(
-            dot(cv.at(Site.POS_EMBED, None, positions, u.dtype), u) * s,
-            ComponentTable.block("pos_embed"),
-        )
-    n_src = cv.n_ctx
-    for layer in range(max(readout.attn_layers, readout.mlp_layers)):
-        for kind in ("attn", "mlp"):
-            if kind == "attn" and layer >= readout.attn_layers:
-                continue
-            if kind == "mlp" and (layer >= readout.mlp_layers or view.attn_only):
-                continue
+    start = 0
+    cached: dict = {}
+
+    def layer_parts(kind: str, layer: int) -> tuple:
+        """(ul, sl, bias_term, post_b, whole) of one layer's attention or MLP write."""
+        if (kind, layer) not in cached:
+            cached.clear()
             post = view.ln1_post[layer] if kind == "attn" else view.ln2_post[layer]
             ul, inv = post_parts(cv, post, readout, layer)
             sl = inv[:, :, None]
             bias = (view.b_O if kind == "attn" else view.b_out)(layer, u.dtype, u.device)
             bias_term = (ul @ bias).expand(B, P, K) * sl  # [B,P,K]
             post_b = _post_bias(post, u)
-            out = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
-            whole = dot(cv.at(out, layer, positions, u.dtype), u) * s
+            site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
+            whole = dot(cv.at(site, layer, positions, u.dtype), u) * s
             whole = whole - bias_term - (post_b.expand(B, P, K) * s if post is not None else 0)
-            if layer in (split.heads if kind == "attn" else split.neurons):
-                if kind == "attn":
-                    t = _head_terms(cv, layer, ul, positions, split.by_source)
-                    t = t * sl[..., None, None] if split.by_source else t * sl[..., None]
-                    H = view.n_heads
-                    if split.by_source:
-                        hh, jj = np.meshgrid(np.arange(H), np.arange(n_src), indexing="ij")
-                        table = ComponentTable.block(
-                            "head", H * n_src, layer=layer, head=hh.ravel(), src=jj.ravel()
-                        )
-                    else:
-                        table = ComponentTable.block("head", H, layer=layer, head=np.arange(H))
-                else:
-                    t = _neuron_terms(cv, layer, ul, positions) * sl[..., None]
-                    table = ComponentTable.block(
-                        "neuron", t.shape[-1], layer=layer, neuron=np.arange(t.shape[-1])
-                    )
-                flat = t.reshape(B, P, K, -1)
-                check = check + (flat.sum(-1) - whole)
-                add(flat, table)
+            cached[(kind, layer)] = (ul, sl, bias_term, post_b, whole)
+        return cached[(kind, layer)]
+
+    for tab, what in plan:
+        n = len(tab)
+        dst = out[..., start : start + n]
+        start += n
+        if what[0] == "embed":
+            dst[..., 0] = dot(cv.embed_write(positions, u.dtype), u) * s
+            continue
+        if what[0] == "pos_embed":
+            dst[..., 0] = dot(cv.at(Site.POS_EMBED, None, positions, u.dtype), u) * s
+            continue
+        kind, layer, part = what
+        ul, sl, bias_term, post_b, whole = layer_parts(kind, layer)
+        if part == "whole":
+            dst[..., 0] = whole
+        elif part == "bias":
+            dst[..., 0] = bias_term
+        elif part == "post_b":
+            dst[..., 0] = post_b.expand(B, P, K) * s
+        elif kind == "attn":
+            t = _head_terms(cv, layer, ul, positions, split.by_source)
+            if split.by_source:
+                torch.mul(t, sl[..., None, None], out=dst.view(t.shape))
             else:
-                add(whole, ComponentTable.block(kind, layer=layer))
-            add(bias_term, ComponentTable.block("b_O" if kind == "attn" else "b_out", layer=layer))
-            if post is not None and post.bias is not None:
-                add(post_b.expand(B, P, K) * s, ComponentTable.block("ln.b", layer=layer))
-    for values, table in extra:
-        add(values.expand(B, P, K), table)
-    return Terms(
-        values=torch.cat(parts, dim=-1), table=ComponentTable.concat(tables), layer_gap=check
-    )
+                torch.mul(t, sl[..., None], out=dst.view(t.shape))
+            del t
+            check = check + (dst.sum(-1) - whole)
+        else:
+            t = _neuron_terms(cv, layer, ul, positions)
+            torch.mul(t, sl[..., None], out=dst)
+            del t
+            check = check + (dst.sum(-1) - whole)
+    for values, tab in extra:
+        out[..., start : start + len(tab)] = values.expand(B, P, K)[..., None]
+        start += len(tab)
+    return Terms(values=out, table=table, layer_gap=check)
