@@ -65,11 +65,24 @@ KINDS = (
     "b_in",
     "resid",
     "readout.b",
+    "rest",
+    "feature",  # a dictionary feature (SAE, transcoder): layer, feature
+    "b_dec",  # a dictionary's decoder bias
+    "error",  # a dictionary's reconstruction error, taken from the cache
+    "skip",  # a transcoder's linear skip connection
+    "b_enc",  # a dictionary's encoder bias (the constant of a feature's pre-activation)
+    "pair",  # a QK prism term: (query-side writer, key-side writer)
+    "b_Q",
+    "b_K",
 )
 CONSTANT_KINDS = frozenset(
-    {"b_O", "b_out", "b_U", "ln_final.b", "b_V", "ln.b", "b_in", "readout.b"}
+    {"b_O", "b_out", "b_U", "ln_final.b", "b_V", "ln.b", "b_in", "readout.b", "b_dec", "b_enc"}
 )
-_FIELDS = ("layer", "head", "neuron", "src", "at")
+#: the QK prism's query and key biases are constants too
+CONSTANT_KINDS = CONSTANT_KINDS | {"b_Q", "b_K"}
+_FIELDS = ("layer", "head", "neuron", "src", "at", "feature")
+#: how a remainder ("rest") component names the kind it aggregates
+_PLURAL = {"head": "heads", "neuron": "neurons"}
 #: the label fields of a component, besides ``kind``
 FIELDS = _FIELDS
 
@@ -113,6 +126,9 @@ class Component:
     neuron: int = -1
     src: int = -1
     at: int = -1
+    feature: int = -1
+    #: for a remainder (kind ``"rest"`` of a sparse result): the kind of the terms it sums
+    of: str = ""
 
     def __init__(
         self,
@@ -122,8 +138,10 @@ class Component:
         neuron: int = -1,
         src: int = -1,
         at: int = -1,
+        feature: int = -1,
         *,
         pos: Optional[int] = None,
+        of: str = "",
     ) -> None:
         if pos is not None:
             warnings.warn(
@@ -140,6 +158,8 @@ class Component:
             ("neuron", neuron),
             ("src", src),
             ("at", at),
+            ("feature", feature),
+            ("of", of),
         ):
             object.__setattr__(self, name, value)
 
@@ -159,11 +179,20 @@ class Component:
         return self.kind in CONSTANT_KINDS
 
     def __str__(self) -> str:
+        if self.kind == "rest":  # a sparse result's remainder: "L3.heads (rest)", "embed (rest)"
+            of = _PLURAL.get(self.of, self.of)
+            return (f"L{self.layer}.{of}" if self.layer >= 0 else of) + " (rest)"
         if self.kind == "head":
             s = f"L{self.layer}H{self.head}" if self.head >= 0 else f"L{self.layer}.heads"
         elif self.kind == "neuron":
             s = f"L{self.layer}N{self.neuron}" if self.neuron >= 0 else f"L{self.layer}.neurons"
+        elif self.kind == "feature":
+            s = f"L{self.layer}F{self.feature}" if self.feature >= 0 else f"L{self.layer}.features"
         elif self.layer >= 0 and self.kind in (
+            "b_dec",
+            "b_enc",
+            "error",
+            "skip",
             "attn",
             "mlp",
             "b_O",
@@ -198,6 +227,15 @@ class ComponentTable:
     neuron: np.ndarray
     src: np.ndarray
     at: np.ndarray
+    #: a dictionary feature's index (-1 for other components); filled with -1s when None
+    feature: np.ndarray = None  # type: ignore[assignment]
+    #: int8 codes into KINDS: the kind a "rest" component sums (-1 otherwise); None when the
+    #: table has no remainders (every dense result)
+    of: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        if self.feature is None:
+            object.__setattr__(self, "feature", np.full(len(self.kind), -1, dtype=_INT))
 
     @property
     def pos(self) -> np.ndarray:
@@ -216,6 +254,10 @@ class ComponentTable:
         for name in _FIELDS:
             value = fields.get(name, -1)
             cols[name] = np.broadcast_to(np.asarray(value, dtype=_INT), (n,)).copy()
+        of = fields.get("of")
+        if of is not None:  # kind names (or int8 codes) of what "rest" components sum
+            codes = [KINDS.index(k) if isinstance(k, str) else int(k) for k in np.ravel(of)]
+            cols["of"] = np.broadcast_to(np.asarray(codes, dtype=np.int8), (n,)).copy()
         return ComponentTable(np.full(n, KINDS.index(kind), dtype=np.int8), **cols)
 
     @staticmethod
@@ -223,28 +265,41 @@ class ComponentTable:
         tables = list(tables)
         if not tables:
             return ComponentTable.empty()
-        return ComponentTable(
-            *(np.concatenate([getattr(t, f) for t in tables]) for f in ("kind",) + _FIELDS)
-        )
+        of = None
+        if any(t.of is not None for t in tables):
+            of = np.concatenate([t.of_codes() for t in tables])
+        cols = {f: np.concatenate([getattr(t, f) for t in tables]) for f in ("kind",) + _FIELDS}
+        return ComponentTable(**cols, of=of)
+
+    def of_codes(self) -> np.ndarray:
+        """The ``of`` column (int8 kind codes, -1 where not a remainder), never None."""
+        return self.of if self.of is not None else np.full(len(self), -1, dtype=np.int8)
 
     def __len__(self) -> int:
         return int(self.kind.shape[0])
 
     def __getitem__(self, i: Union[int, np.integer]) -> Component:
-        return Component(KINDS[int(self.kind[i])], *(int(getattr(self, f)[i]) for f in _FIELDS))
+        of = -1 if self.of is None else int(self.of[i])
+        return Component(
+            KINDS[int(self.kind[i])],
+            *(int(getattr(self, f)[i]) for f in _FIELDS),
+            of=KINDS[of] if of >= 0 else "",
+        )
 
     def __iter__(self) -> Iterator[Component]:
         return (self[i] for i in range(len(self)))
 
     def take(self, idx: np.ndarray) -> "ComponentTable":
-        return ComponentTable(*(getattr(self, f)[idx] for f in ("kind",) + _FIELDS))
+        cols = {f: getattr(self, f)[idx] for f in ("kind",) + _FIELDS}
+        return ComponentTable(**cols, of=None if self.of is None else self.of[idx])
 
     def tile_over_positions(self, positions: np.ndarray) -> "ComponentTable":
         """This table repeated once per residual position, with ``pos`` set to each."""
         P = len(positions)
         cols = {f: np.tile(getattr(self, f), P) for f in _FIELDS if f != "at"}
         at = np.repeat(np.asarray(positions, dtype=_INT), len(self))
-        return ComponentTable(np.tile(self.kind, P), at=at, **cols)
+        of = None if self.of is None else np.tile(self.of, P)
+        return ComponentTable(np.tile(self.kind, P), at=at, of=of, **cols)
 
     def kinds(self) -> np.ndarray:
         return np.asarray(KINDS, dtype=object)[self.kind]
@@ -272,12 +327,14 @@ class ComponentTable:
                 name = "at"
             if name == "kind":
                 col = self.kinds()
+            elif name == "of":  # the kind a remainder sums ("" for other components)
+                col = np.asarray(KINDS + ("",), dtype=object)[self.of_codes()]
             elif name in _FIELDS:
                 col = getattr(self, name)
             else:
                 raise ArgumentError(
                     f"{caller}: unknown field {name!r}; use kind, {', '.join(_FIELDS)} (e.g. "
-                    "result.select(layer=3, head=7))."
+                    "result.select(layer=3, head=7)), or of (the kind a 'rest' term sums)."
                 )
             if callable(want):
                 keep &= np.asarray([bool(want(v)) for v in col], dtype=bool)
@@ -293,7 +350,7 @@ class ComponentTable:
                 )
             values = list(values)
             for v in values:
-                if name == "kind":
+                if name in ("kind", "of"):
                     if not isinstance(v, str) or v not in KINDS:
                         raise ArgumentError(
                             f"{caller}: kind={v!r} is not a kind; use one of "
@@ -331,6 +388,13 @@ class Decomposition:
         precision: the dtype the model computed in (``"float32"``, ``"bfloat16"`` ...), which
             with ``n_layers`` sets :meth:`check`'s default tolerance.
         n_layers: the model's number of layers.
+        index: None for a dense result (the usual case). A sparse result (``top_k=`` /
+            ``min_abs=`` on a prism) keeps per ``(batch, pos, target)`` only some terms:
+            then ``values[b, p, t, s]`` is the term of component ``index[b, p, t, s]`` (a
+            *slot*; -1 marks an empty slot, whose value is 0), and ``components`` lists every
+            component any slot may name, the remainders (kind ``"rest"``) included. Totals,
+            :meth:`check`, :meth:`top`, :meth:`select`, :meth:`aggregate` and :meth:`to_frame`
+            read the slots; :meth:`to_dense` gives the usual layout over the kept components.
     """
 
     values: Float[Tensor, "batch pos target comp"]
@@ -344,12 +408,31 @@ class Decomposition:
     str_tokens: Optional[list] = None
     precision: str = "float32"
     n_layers: int = 1
+    index: Optional[Int[Tensor, "batch pos target comp"]] = None
 
     # ------------------------------------------------------------ basic views
     @property
     def labels(self) -> list[Component]:
         """Every component as a :class:`Component` record (built on demand)."""
         return list(self.components)
+
+    @property
+    def is_sparse(self) -> bool:
+        """True for a result with ``top_k=``/``min_abs=`` (see :attr:`index`)."""
+        return self.index is not None
+
+    def to_dense(self) -> "Decomposition":
+        """This result with one term per component (``values[batch, pos, target, comp]``).
+
+        A dense result is returned as is. A sparse one gets one column per component kept
+        anywhere (remainders included), 0 where a ``(batch, pos, target)`` did not keep it;
+        its totals are the sparse totals.
+        """
+        if self.index is None:
+            return self
+        from tlprisms._sparse import to_dense
+
+        return to_dense(self)
 
     @property
     def constants(self) -> "Decomposition":
@@ -425,6 +508,10 @@ class Decomposition:
 
     # ------------------------------------------------------------ selection
     def _subset(self, keep: np.ndarray) -> "Decomposition":
+        if self.index is not None:
+            from tlprisms._sparse import subset
+
+            return subset(self, keep)
         idx = np.nonzero(keep)[0]
         t_idx = torch.as_tensor(idx, dtype=torch.long, device=self.values.device)
         return replace(
@@ -471,11 +558,26 @@ class Decomposition:
                     f"aggregate: unknown field {name!r}; use kind, {', '.join(_FIELDS)}."
                 )
         c = self.components
-        keys = np.stack([c.kind.astype(np.int64)] + [getattr(c, f) for f in by if f != "kind"], 1)
+        keys = np.stack(
+            [c.kind.astype(np.int64)]
+            + ([c.of.astype(np.int64)] if c.of is not None else [])  # remainders stay apart
+            + [getattr(c, f) for f in by if f != "kind"],
+            1,
+        )
         uniq, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
         order = np.argsort(first)  # keep first-appearance order
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
+        if self.index is not None:
+            from tlprisms._sparse import regroup
+
+            table = c.take(first[order])
+            cols = {
+                f: (getattr(table, f) if f in by else np.full(len(table), -1, dtype=_INT))
+                for f in _FIELDS
+            }
+            new = ComponentTable(table.kind, **cols, of=table.of)
+            return regroup(self, rank[inverse.reshape(-1)], new)
         group = torch.as_tensor(
             rank[inverse.reshape(-1)], dtype=torch.long, device=self.values.device
         )
@@ -488,7 +590,7 @@ class Decomposition:
             f: (getattr(table, f) if f in by else np.full(len(table), -1, dtype=_INT))
             for f in _FIELDS
         }
-        return replace(self, values=out, components=ComponentTable(table.kind, **cols))
+        return replace(self, values=out, components=ComponentTable(table.kind, **cols, of=table.of))
 
     # ------------------------------------------------------------ tables
     @check_arg.entry
@@ -519,7 +621,7 @@ class Decomposition:
             by: deprecated name of ``order`` (0.1: ``"abs"``, ``"pos"``, ``"neg"``).
 
         Columns: ``component``, ``kind``, ``layer``, ``head``, ``neuron``, ``src``, ``at``
-        (where a chained term was written), ``value``.
+        (where a chained term was written), ``feature``, ``value``.
         """
         import pandas as pd
 
@@ -529,7 +631,17 @@ class Decomposition:
         k = check_arg.count(k, "k", "top", minimum=0)
         B, P, K, _ = self.values.shape
         target = check_arg.in_range(target, K, "target", "top", of=f" ({K} targets)")
-        v = self.values[..., target, :]
+        if self.index is not None:  # scatter the slots onto the components first
+            from tlprisms._sparse import component_row
+
+            if batch is not None:
+                batch = check_arg.in_range(batch, B, "batch", "top", of=f" ({B} rows)")
+            if pos is not None:
+                pos = check_arg.in_range(pos, P, "pos", "top", of=f" ({P} explained positions)")
+            v = component_row(self, target, batch, pos)
+            batch = pos = 0
+        else:
+            v = self.values[..., target, :]
         v = (
             v.mean(0)
             if batch is None
@@ -553,6 +665,9 @@ class Decomposition:
             part = np.argpartition(-score, k - 1)[:k]
             idx = part[np.argsort(-score[part], kind="stable")]
         c = self.components
+        if hasattr(c, "side_columns"):  # pairs (the QK prism): one column set per side
+            cols = {"component": [str(c[i]) for i in idx], **c.side_columns(idx)}
+            return pd.DataFrame({**cols, "value": w[idx]})
         return pd.DataFrame(
             {
                 "component": [str(c[i]) for i in idx],
@@ -562,6 +677,7 @@ class Decomposition:
                 "neuron": c.neuron[idx],
                 "src": c.src[idx],
                 "at": c.at[idx],
+                "feature": c.feature[idx],
                 "value": w[idx],
             }
         )
@@ -570,10 +686,15 @@ class Decomposition:
         """A long pandas table: one row per (batch, pos, target, component).
 
         Columns: ``batch``, ``pos`` (the explained position), ``target``, ``kind``, ``layer``,
-        ``head``, ``neuron``, ``src``, ``at`` (where a chained term was written), ``value``.
+        ``head``, ``neuron``, ``src``, ``at`` (where a chained term was written), ``feature``
+        (a dictionary feature's index), ``value``.
         """
         import pandas as pd
 
+        if self.index is not None:  # only the kept terms (and remainders, constants)
+            from tlprisms._sparse import to_frame
+
+            return to_frame(self)
         B, P, K, C = self.values.shape
         c = self.components
         bb, pp, kk, cc = np.meshgrid(
@@ -581,6 +702,14 @@ class Decomposition:
         )
         positions = self.positions.cpu().numpy()
         labels = np.broadcast_to(self.target_labels, (B, P, K))
+        if hasattr(c, "side_columns"):  # pairs (the QK prism): one column set per side
+            rows = {
+                "batch": bb.ravel(),
+                "pos": positions[bb.ravel(), pp.ravel()],
+                "target": labels[bb.ravel(), pp.ravel(), kk.ravel()],
+            }
+            values = self.values.detach().float().cpu().numpy().ravel()
+            return pd.DataFrame({**rows, **c.side_columns(cc.ravel()), "value": values})
         return pd.DataFrame(
             {
                 "batch": bb.ravel(),
@@ -592,15 +721,18 @@ class Decomposition:
                 "neuron": c.neuron[cc.ravel()],
                 "src": c.src[cc.ravel()],
                 "at": c.at[cc.ravel()],
+                "feature": c.feature[cc.ravel()],
                 "value": self.values.detach().float().cpu().numpy().ravel(),
             }
         )
 
     def __repr__(self) -> str:
         B, P, K, C = self.values.shape
+        C = len(self.components) if self.index is None else C
+        kept = "" if self.index is None else f" kept of {len(self.components)} (sparse)"
         head = (
-            f"Decomposition({self.prism}: {B} batch x {P} pos x {K} target, {C} components; "
-            f"explains {self.explains}"
+            f"Decomposition({self.prism}: {B} batch x {P} pos x {K} target, {C} components"
+            f"{kept}; explains {self.explains}"
         )
         if self.complete:
             head += f"; max |gap| {float(self.gap().abs().max()):.2g})"
@@ -616,8 +748,11 @@ class Decomposition:
                 f"{float(tot[0, -1, k]):.4g}"
             )
             v = self.values[0, -1, k].detach().float().cpu().numpy()
+            slot = None if self.index is None else self.index[0, -1, k].cpu().numpy()
             for i in np.argsort(-np.abs(v))[:5]:
-                lines.append(f"    {str(self.components[int(i)]):<24} {_fmt(float(v[i]))}")
+                j = int(i) if slot is None else int(slot[i])
+                if j >= 0:
+                    lines.append(f"    {str(self.components[j]):<24} {_fmt(float(v[i]))}")
         return "\n".join(lines)
 
     # rendering lives in tlprisms.render; imported lazily

@@ -54,6 +54,7 @@ from tlprisms._readout import (
 )
 from tlprisms._result import ComponentTable, Decomposition
 from tlprisms._seam import CacheView, ModelView, Site, needed_hooks
+from tlprisms._sparse import check_sparse_args, chunked_split, sparse_result
 from tlprisms._targets import resolve_positions
 
 if TYPE_CHECKING:  # the result types of verify/effects (imported lazily at call time)
@@ -306,6 +307,7 @@ class LogitPrism:
         labels: np.ndarray,
         explains: str,
         prism: str,
+        index: Optional[Tensor] = None,
     ) -> Decomposition:
         return Decomposition(
             values=values,
@@ -318,7 +320,17 @@ class LogitPrism:
             str_tokens=self._str_tokens(),
             precision=self.precision,
             n_layers=self.view.n_layers,
+            index=index,
         )
+
+    def _sparse(
+        self, rec: Recorded, values: Tensor, table: ComponentTable, top_k: Any, min_abs: Any
+    ) -> tuple[Tensor, ComponentTable, Optional[Tensor]]:
+        """A checked dense block made sparse when ``top_k``/``min_abs`` ask for it."""
+        if top_k is None and min_abs is None:
+            return values, table, None
+        st, table = sparse_result(values, table, top_k, min_abs)
+        return st.values, table, st.index
 
     @check.entry
     def decompose(
@@ -330,6 +342,8 @@ class LogitPrism:
         neurons: LayerSelection = (),
         by_source: bool = True,
         softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
     ) -> Decomposition:
         """The general prism: split the chosen attention layers into heads (x sources) and
         the chosen MLP layers into neurons; every other write stays one term.
@@ -347,9 +361,23 @@ class LogitPrism:
             by_source: split heads by the source position they read too (default True).
             softcap: for soft-capped models, explain the ``"post"``-cap logit (default) or the
                 ``"pre"``-cap logit.
+            top_k: keep per explained value only the ``top_k`` largest terms by ``|value|``,
+                every constant, and one remainder (kind ``"rest"``) per (kind, layer) for the
+                terms dropped, so totals stay exact (see :mod:`tlprisms._sparse`); computed a
+                chunk of positions at a time. None (default): every term.
+            min_abs: keep only terms with ``|value| >= min_abs`` (with ``top_k``: of the
+                ``top_k``); the others go into the remainders. None (default): no threshold.
         """
         return self._decompose(
-            target, pos, heads, neurons, by_source, softcap, "LogitPrism.decompose"
+            target,
+            pos,
+            heads,
+            neurons,
+            by_source,
+            softcap,
+            "LogitPrism.decompose",
+            top_k=top_k,
+            min_abs=min_abs,
         )
 
     def _decompose(
@@ -361,8 +389,11 @@ class LogitPrism:
         by_source: Any,
         softcap: Any,
         caller: str,
+        top_k: Any = None,
+        min_abs: Any = None,
     ) -> Decomposition:
         split = self._split(heads, neurons, by_source, caller)
+        top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
         with torch.no_grad():
             rec, fr, ex = self._readout(target, pos, softcap, caller)
             extra = []
@@ -370,6 +401,8 @@ class LogitPrism:
                 extra.append((fr.bias, ComponentTable.block("b_U")))
             if fr.has_norm_bias:
                 extra.append((fr.norm_bias, ComponentTable.block("ln_final.b")))
+            if top_k is not None or min_abs is not None:
+                return self._decompose_sparse(rec, fr, ex, split, extra, top_k, min_abs, caller)
             terms = split_writes(rec.cache, fr.readout, split, extra=extra)
             B, P = fr.readout.positions.shape
             k = ex.weights.shape[2]
@@ -390,6 +423,42 @@ class LogitPrism:
             caller.split(".")[-1],
         )
 
+    def _decompose_sparse(
+        self,
+        rec: Recorded,
+        fr: FinalReadout,
+        ex: Explained,
+        split: Split,
+        extra: list,
+        top_k: Optional[int],
+        min_abs: Optional[float],
+        caller: str,
+    ) -> Decomposition:
+        """:meth:`_decompose` with ``top_k``/``min_abs``: a chunk of positions at a time."""
+        B, P = fr.readout.positions.shape
+        k = ex.weights.shape[2]
+        trivial = ex.trivial
+
+        def finish(atoms: Tensor, s: int, e: int, layer_gap: Tensor) -> Tensor:
+            values = atoms if trivial else weigh(atoms, ex.weights[:, s:e])
+            self._refuse_broken(rec, values, ex.values[:, s:e], layer_gap)
+            return values
+
+        st, table = chunked_split(rec.cache, fr.readout, split, extra, finish, top_k, min_abs)
+        labels = fr.atoms.labels
+        labels = np.broadcast_to(labels, (B, P if labels.shape[1] != 1 else 1, k))
+        return self._result(
+            rec,
+            st.values,
+            table,
+            ex.values,
+            fr.readout.positions,
+            np.array(labels),
+            ex.explains,
+            caller.split(".")[-1],
+            index=st.index,
+        )
+
     def _str_tokens(self) -> Optional[list]:
         if self.tokens is None or self.view.tokenizer() is None:
             return None
@@ -399,9 +468,20 @@ class LogitPrism:
 
     # ------------------------------------------------------------------ presets
     @check.entry
-    def residual(self, target: Any, pos: Any = -1, *, softcap: Softcap = "post") -> Decomposition:
-        """One term per embedding, attention layer and MLP layer, plus the bias terms."""
-        return self._decompose(target, pos, (), (), True, softcap, "LogitPrism.residual")
+    def residual(
+        self,
+        target: Any,
+        pos: Any = -1,
+        *,
+        softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
+    ) -> Decomposition:
+        """One term per embedding, attention layer and MLP layer, plus the bias terms
+        (``top_k``/``min_abs``: as for :meth:`decompose`)."""
+        return self._decompose(
+            target, pos, (), (), True, softcap, "LogitPrism.residual", top_k, min_abs
+        )
 
     @check.entry
     def heads(
@@ -412,9 +492,14 @@ class LogitPrism:
         *,
         by_source: bool = True,
         softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
     ) -> Decomposition:
-        """Attention layers (``layers``, default all) split into heads x source positions."""
-        return self._decompose(target, pos, layers, (), by_source, softcap, "LogitPrism.heads")
+        """Attention layers (``layers``, default all) split into heads x source positions
+        (``top_k``/``min_abs``: as for :meth:`decompose`)."""
+        return self._decompose(
+            target, pos, layers, (), by_source, softcap, "LogitPrism.heads", top_k, min_abs
+        )
 
     @check.entry
     def neurons(
@@ -424,14 +509,107 @@ class LogitPrism:
         layers: LayerSelection = "all",
         *,
         softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
     ) -> Decomposition:
-        """MLP layers (``layers``, default all) split into neurons."""
-        return self._decompose(target, pos, (), layers, True, softcap, "LogitPrism.neurons")
+        """MLP layers (``layers``, default all) split into neurons (``top_k``/``min_abs``: as
+        for :meth:`decompose`)."""
+        return self._decompose(
+            target, pos, (), layers, True, softcap, "LogitPrism.neurons", top_k, min_abs
+        )
 
     @check.entry
-    def full(self, target: Any, pos: Any = -1, *, softcap: Softcap = "post") -> Decomposition:
-        """Every head x source and every neuron at once."""
-        return self._decompose(target, pos, "all", "all", True, softcap, "LogitPrism.full")
+    def full(
+        self,
+        target: Any,
+        pos: Any = -1,
+        *,
+        softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
+    ) -> Decomposition:
+        """Every head x source and every neuron at once (``top_k``/``min_abs``: as for
+        :meth:`decompose`; ``full(tp.NextToken(), pos="all", top_k=32)`` keeps long contexts
+        small)."""
+        return self._decompose(
+            target, pos, "all", "all", True, softcap, "LogitPrism.full", top_k, min_abs
+        )
+
+    # ------------------------------------------------------------------ dictionary features
+    @check.entry
+    def features(
+        self,
+        target: Any,
+        dictionaries: Any,
+        pos: Any = -1,
+        *,
+        path: Sequence[Any] = (),
+        heads: LayerSelection = (),
+        neurons: LayerSelection = (),
+        by_source: bool = True,
+        softcap: Softcap = "post",
+    ) -> Decomposition:
+        """Split the logit into dictionary features (SAEs, transcoders), exactly.
+
+        A residual-stream dictionary (at most one) replaces every write before its site by
+        its features, ``b_dec`` and its reconstruction error (taken from the cache, so the sum
+        is exact); an ``hook_attn_out``/``hook_mlp_out`` dictionary or a transcoder replaces
+        that layer's attention/MLP write. Every other write stays as in :meth:`decompose`
+        (``heads``/``neurons`` split those layers further).
+
+        Args:
+            target: as for :meth:`decompose`.
+            dictionaries: a :class:`~tlprisms.Dictionary` or a list of them (e.g. one
+                transcoder per layer).
+            pos: an index (default -1), one per batch row, or ``"all"``.
+            path: hops (:class:`Hop`) to follow back first, as in :meth:`chain`; the last
+                hop's readout is then split into features (one position per row).
+
+        Components: kind ``"feature"`` (``layer``, ``feature``), and per dictionary
+        ``"b_dec"``, ``"error"`` (and ``"skip"`` for a transcoder's skip connection).
+
+        >>> import tlprisms as tp
+        >>> from tlprisms.demo import load_demo_model, load_demo_sae
+        >>> prism = tp.LogitPrism.run(load_demo_model(), "The capital of France is")
+        >>> r = prism.features(" Paris", load_demo_sae()).check()
+        >>> r.top(1, kind="feature")["component"][0]
+        'L1F...'
+        """
+        from tlprisms._features import check_dictionaries, feature_split
+
+        caller = "LogitPrism.features"
+        dicts = check_dictionaries(self.view, dictionaries, caller)
+        if path:
+            return self._chain(
+                target, path, pos, heads, neurons, by_source, softcap, caller, dictionaries=dicts
+            )
+        split = self._split(heads, neurons, by_source, caller)
+        with torch.no_grad():
+            rec, fr, ex = self._readout(target, pos, softcap, caller)
+            extra = []
+            if fr.has_b_U:
+                extra.append((fr.bias, ComponentTable.block("b_U")))
+            if fr.has_norm_bias:
+                extra.append((fr.norm_bias, ComponentTable.block("ln_final.b")))
+            terms = feature_split(rec.cache, fr.readout, dicts, split, extra)
+            B, P = fr.readout.positions.shape
+            k = ex.weights.shape[2]
+            values = (
+                terms.values.reshape(B, P, k, -1) if ex.trivial else weigh(terms.values, ex.weights)
+            )
+            self._refuse_broken(rec, values, ex.values, terms.layer_gap)
+        labels = fr.atoms.labels
+        labels = np.broadcast_to(labels, (B, P if labels.shape[1] != 1 else 1, k))
+        return self._result(
+            rec,
+            values,
+            terms.table,
+            ex.values,
+            fr.readout.positions,
+            np.array(labels),
+            ex.explains,
+            "features",
+        )
 
     # ------------------------------------------------------------------ chained prisms
     @check.entry
@@ -445,16 +623,29 @@ class LogitPrism:
         neurons: LayerSelection = (),
         by_source: bool = True,
         softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
     ) -> Decomposition:
         """Follow a path of hops (:class:`Hop`) back from the logit and split the last one.
 
         ``path=[Hop("head", 5, 1, src=3), Hop("neuron", 2, 40)]`` explains neuron L2N40's
         contribution, at position 3, to head L5H1's term. Each hop's result sums exactly to
         the term it splits; components carry ``at``, the residual position they wrote at.
-        ``heads``/``neurons``/``by_source`` choose how the last hop's writers are split.
+        ``heads``/``neurons``/``by_source`` choose how the last hop's writers are split;
+        ``top_k``/``min_abs`` keep the largest terms and a remainder per (kind, layer), as
+        for :meth:`decompose`.
         """
         return self._chain(
-            target, path, pos, heads, neurons, by_source, softcap, "LogitPrism.chain"
+            target,
+            path,
+            pos,
+            heads,
+            neurons,
+            by_source,
+            softcap,
+            "LogitPrism.chain",
+            top_k,
+            min_abs,
         )
 
     def _chain(
@@ -467,6 +658,9 @@ class LogitPrism:
         by_source: Any,
         softcap: Any,
         caller: str,
+        top_k: Any = None,
+        min_abs: Any = None,
+        dictionaries: Sequence[Any] = (),
     ) -> Decomposition:
         if isinstance(path, (Hop, str)) or not isinstance(path, Sequence):
             raise ArgumentError(
@@ -475,22 +669,25 @@ class LogitPrism:
             )
         hops = [h if isinstance(h, Hop) else Hop(*h) for h in path]
         split = self._split(heads, neurons, by_source, caller)
+        top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
         with torch.no_grad():
             rec, fr, ex = self._readout(target, pos, softcap, caller)
-            ct = run_chain(rec, fr, ex, hops, split)
+            ct = run_chain(rec, fr, ex, hops, split, dictionaries)
             self._refuse_broken(rec, ct.values, ct.term, torch.zeros_like(ct.term))
+            values, table, index = self._sparse(rec, ct.values, ct.table, top_k, min_abs)
         name = " > ".join(str(h) for h in hops)
         B, k = ct.values.shape[0], ct.values.shape[2]
         labels = np.array(np.broadcast_to(fr.atoms.labels, (B, 1, k)))
         return self._result(
             rec,
-            ct.values,
-            ct.table,
+            values,
+            table,
             ct.term,
             ct.positions,
             labels,
             f"{ex.explains} term of {name}",
             f"through {name}",
+            index=index,
         )
 
     @check.entry
@@ -506,6 +703,8 @@ class LogitPrism:
         neurons: LayerSelection = (),
         by_source: bool = True,
         softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
     ) -> Decomposition:
         """Split head ``(layer, head)``'s term by source position and by what wrote into the
         residual stream there (embed, pos_embed, earlier attention/MLP layers, or their heads
@@ -521,6 +720,8 @@ class LogitPrism:
             by_source,
             softcap,
             "LogitPrism.through_head",
+            top_k,
+            min_abs,
         )
 
     @check.entry
@@ -535,6 +736,8 @@ class LogitPrism:
         neurons: LayerSelection = (),
         by_source: bool = True,
         softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
     ) -> Decomposition:
         """Split neuron ``(layer, neuron)``'s term by what wrote into the residual stream it
         reads, with its activation gate held fixed. Totals the neuron's term in :meth:`neurons`."""
@@ -547,6 +750,74 @@ class LogitPrism:
             by_source,
             softcap,
             "LogitPrism.through_neuron",
+            top_k,
+            min_abs,
+        )
+
+    # ------------------------------------------------------------------ attention scores
+    @check.entry
+    def qk(
+        self,
+        layer: int,
+        head: int,
+        pos: int = -1,
+        keys: Any = None,
+        *,
+        contrast: bool = False,
+        q_heads: LayerSelection = (),
+        q_neurons: LayerSelection = (),
+        k_heads: LayerSelection = (),
+        k_neurons: LayerSelection = (),
+        by_source: bool = True,
+        softcap: Softcap = "post",
+    ) -> Decomposition:
+        """Why head ``(layer, head)`` attends where it does: its pre-softmax scores at query
+        position ``pos`` for each key position, split exactly into (query-side writer,
+        key-side writer) pairs, with ln1's cached scale frozen (see :mod:`tlprisms._qk`).
+
+        Args:
+            keys: key positions (default every key up to ``pos``): the targets.
+            contrast: with ``keys=[j, j2]``, explain ``score(j) - score(j2)`` (softmax sees
+                only differences).
+            q_heads, q_neurons: earlier layers whose writes into the query position are split
+                into heads (x sources when ``by_source``) / neurons; ``k_heads``, ``k_neurons``
+                the same for the key positions. By default both sides are layer-level.
+            softcap: for soft-capped scores (Gemma 2), explain the ``"post"``-cap score
+                (ratio frozen, default) or the ``"pre"``-cap score.
+
+        Components are pairs: ``to_frame()`` has ``q_kind, q_layer, q_head, q_neuron, q_src``
+        and ``k_kind, ...``; select with the same names (``select(q_kind="head")``).
+
+        >>> import tlprisms as tp
+        >>> from tlprisms.demo import load_demo_model
+        >>> prism = tp.LogitPrism.run(load_demo_model(), "The capital of France is")
+        >>> r = prism.qk(1, 0).check()
+        >>> r.explains, r.values.shape[2]
+        ('attention score', 6)
+        """
+        from tlprisms._qk import qk_terms, resolve_keys
+
+        caller = "LogitPrism.qk"
+        layer = check.layer(self.view, layer, caller)
+        head = check.head(self.view, head, caller)
+        check.choice(softcap, "softcap", ("post", "pre"), caller)
+        i, key_list = resolve_keys(pos, keys, contrast, self.n_ctx, caller)
+        q_split = self._split(q_heads, q_neurons, by_source, caller)
+        k_split = self._split(k_heads, k_neurons, by_source, caller)
+        rec = Recorded(self._rec.cache.for_call(caller), self.tokens, self.logits)
+        with torch.no_grad():
+            t = qk_terms(rec, layer, head, i, key_list, q_split, k_split, softcap, contrast)
+            zero = torch.zeros_like(t.explained)
+            self._refuse_broken(rec, t.values, t.explained, zero)
+        return self._result(
+            rec,
+            t.values,
+            t.table,
+            t.explained,
+            t.positions,
+            t.labels,
+            t.explains,
+            f"qk L{layer}H{head}",
         )
 
     @check.entry
@@ -561,6 +832,8 @@ class LogitPrism:
         heads: LayerSelection = (),
         neurons: LayerSelection = (),
         by_source: bool = True,
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
     ) -> Decomposition:
         """Decompose any linear read ``norm(x) . vector + bias`` of the residual stream.
 
@@ -572,24 +845,31 @@ class LogitPrism:
                 its cached scale), or ``"resid_pre"`` / ``"resid_mid"`` / ``"resid_post"`` to
                 read the raw stream.
             bias: a constant added to the read (e.g. ``b_in[n]``).
+            top_k, min_abs: keep the largest terms and a remainder per (kind, layer), as for
+                :meth:`decompose`.
         """
         caller = "LogitPrism.readout"
         split = self._split(heads, neurons, by_source, caller)
+        top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
         rec = Recorded(self._rec.cache.for_call(caller), self.tokens, self.logits)
         with torch.no_grad():
             rt = read_at(rec, vector, layer, pos, at, bias, split)
             self._refuse_broken(rec, rt.terms.values, rt.explained, rt.terms.layer_gap)
+            values, table, index = self._sparse(
+                rec, rt.terms.values, rt.terms.table, top_k, min_abs
+            )
         K = rt.explained.shape[-1]
         labels = np.array([[[f"u{k}@{at}{rt.layer}" for k in range(K)]]], dtype=object)
         return self._result(
             rec,
-            rt.terms.values,
-            rt.terms.table,
+            values,
+            table,
             rt.explained,
             rt.positions,
             labels,
             f"readout at {at} of layer {rt.layer}",
             "readout",
+            index=index,
         )
 
     @check.entry
@@ -649,6 +929,8 @@ class LogitPrism:
         """
         from tlprisms._verify import verify
 
+        if isinstance(result, Decomposition) and result.index is not None:
+            result = result.to_dense()  # a sparse result: its kept terms, laid out densely
         rec = Recorded(self._rec.cache.for_call("LogitPrism.verify"), self.tokens, self.logits)
         return verify(rec, result, target, k, sample, seed)
 
