@@ -12,11 +12,23 @@ and spread of every component's term, and how often it is among the top componen
 >>> res = tp.explain_task(load_demo_model(), prompts, answers, heads="all", progress=False)
 >>> res.check().values.shape[0], res.summary(k=3)["component"][0]
 (4, 'L1.mlp')
+
+**Streams.** The task can also be any iterable of rows (a generator, a list, a Hugging Face
+``datasets.Dataset``): ``(prompt, answer)`` pairs, or mappings with the keys ``columns``
+(default ``("prompt", "answer")``). With ``keep="stats"`` only exact running statistics are
+kept (:class:`TaskStats`: memory bounded by the batch, whatever the length of the task), and
+``parquet="terms.parquet"`` writes each prompt's largest terms to a Parquet file as it goes:
+
+>>> rows = ({"prompt": p, "answer": a} for p, a in capital_task()[:4])
+>>> st = tp.explain_task(load_demo_model(), rows, heads="all", keep="stats", progress=False)
+>>> st.check().n, st.summary(k=3)["component"][0]
+(4, 'L1.mlp')
 """
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -25,14 +37,18 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from tlprisms import _validate as check_arg
-from tlprisms._errors import ArgumentError
+from tlprisms._errors import ArgumentError, CompletenessError, TargetError
 from tlprisms._readout import Softcap
-from tlprisms._result import ComponentTable, Decomposition
-from tlprisms._seam import needed_hooks
-from tlprisms._targets import PerRow
+from tlprisms._result import ComponentTable, Decomposition, tolerance
+from tlprisms._seam import ModelView, needed_hooks
+from tlprisms._stats import RunningStats
+from tlprisms._targets import Direction, LogitDiff, PerRow, token_id
+from tlprisms.distributed import all_gather, world
 from tlprisms.prism import LogitPrism
 
-__all__ = ["TaskResult", "explain_task"]
+__all__ = ["TaskResult", "TaskStats", "explain_task"]
+
+Keep = Literal["values", "stats"]
 
 
 @jaxtyped(typechecker=beartype)
@@ -170,11 +186,282 @@ class TaskResult:
         return render.to_html(self)
 
 
+@dataclass(frozen=True, eq=False)
+class TaskStats:
+    """Exact running statistics of a task (``explain_task(..., keep="stats")``).
+
+    Holds, per component, the count, mean, standard deviation, min, max, mean |term|, mean
+    share of the logit and how often the component was among a prompt's ``k`` largest
+    |terms| (for each ``k`` in ``frac_top``), merged exactly over batches (and processes);
+    no per-prompt values. :meth:`summary` gives the same table as
+    :meth:`TaskResult.summary` (to float64 rounding, ~1e-15 relative).
+    """
+
+    stats: RunningStats
+    components: ComponentTable
+    explains: str = "logit"
+    meta: dict = field(default_factory=dict)
+    precision: str = "float32"
+    n_layers: int = 1
+
+    @property
+    def n(self) -> int:
+        """The number of prompts."""
+        return self.stats.n
+
+    @property
+    def frac_top(self) -> tuple:
+        """The ``k`` values whose top-``k`` frequencies were counted."""
+        return tuple(sorted({k for k, _ in self.stats.tops}))
+
+    @check_arg.entry
+    def check(self) -> "TaskStats":
+        """Raise :class:`CompletenessError` unless every prompt's terms added up to its logit
+        within the default bound of :meth:`Decomposition.check` (the largest gap relative
+        to ``max(1, |logit|, sum of |terms|)`` is recorded as the stream goes)."""
+        bound = tolerance(self.precision, self.n_layers)
+        if not self.stats.max_gap_ratio <= bound:
+            raise CompletenessError(
+                f"check: a prompt's terms miss its {self.explains} by "
+                f"{self.stats.max_gap:.3g} ({self.stats.max_gap_ratio:.3g} of its scale, bound "
+                f"{bound:.3g}); the cache does not belong to the model's forward pass. Re-run "
+                "explain_task with the model in eval() mode and unchanged weights."
+            )
+        return self
+
+    @check_arg.entry
+    def summary(self, k: int = 10, constants: bool = False) -> Any:
+        """One row per component, as :meth:`TaskResult.summary`: mean, std, min, max, mean
+        share of the logit, ``frac_top{k}`` and mean |term|, sorted by mean |term|. ``k``
+        must be one of the counted :attr:`frac_top` (``explain_task(frac_top=...)``)."""
+        import pandas as pd
+
+        k = check_arg.count(k, "k", "summary")
+        if not isinstance(constants, bool):
+            raise ArgumentError(f"summary: constants={constants!r}; pass True or False.")
+        if (k, constants) not in self.stats.tops:
+            raise ArgumentError(
+                f"summary: k={k} was not counted during the stream (counted: "
+                f"{', '.join(map(str, self.frac_top))}); pass frac_top=({k},) to explain_task."
+            )
+        s = self.stats.cpu()
+        c = self.components
+        keep = np.ones(len(c), dtype=bool) if constants else ~c.is_constant()
+        npy = lambda t: t.double().numpy()
+        df = pd.DataFrame(
+            {
+                "component": [str(x) for x in c],
+                "kind": c.kinds(),
+                "layer": c.layer,
+                "head": c.head,
+                "neuron": c.neuron,
+                "mean": npy(s.mean),
+                "std": npy(s.std),
+                "min": npy(s.min),
+                "max": npy(s.max),
+                "mean_share": npy(s.sum_share) / s.n_share if s.n_share else np.nan,
+                f"frac_top{k}": npy(s.tops[(k, constants)]) / s.n,
+                "mean_abs": npy(s.sum_abs) / s.n,
+            }
+        )[keep]
+        return df.sort_values("mean_abs", ascending=False).reset_index(drop=True)
+
+    def merge(self, other: "TaskStats") -> "TaskStats":
+        """The statistics of both tasks' prompts (e.g. shards run separately)."""
+        if not isinstance(other, TaskStats) or len(other.components) != len(self.components):
+            raise ArgumentError(
+                "TaskStats.merge: pass the TaskStats of the same model and heads/neurons split."
+            )
+        n = self.meta.get("prompts", self.n) + other.meta.get("prompts", other.n)
+        return TaskStats(
+            self.stats.merge(other.stats),
+            self.components,
+            self.explains,
+            dict(self.meta, prompts=n),
+            self.precision,
+            self.n_layers,
+        )
+
+    def __repr__(self) -> str:
+        k = 5 if 5 in self.frac_top else self.frac_top[0]
+        s = self.summary(k=k).head(5)
+        lines = [
+            f"TaskStats({self.n} prompts, {len(self.components)} components; explains "
+            f"{self.explains}; max |gap| {self.stats.max_gap:.2g})"
+        ]
+        for _, row in s.iterrows():
+            lines.append(
+                f"  {row['component']:<16} mean {row['mean']:+.3g} +- {row['std']:.2g}"
+                f"  top-{k} in {row[f'frac_top{k}']:.0%} of prompts"
+            )
+        return "\n".join(lines)
+
+    def _tlprisms_views(self) -> list:
+        from tlprisms import render
+
+        s = self.summary(k=self.frac_top[-1]).head(20)
+        return [
+            render.bar_svg(
+                s["mean"].tolist(), s["component"].tolist(), f"mean term over {self.n} prompts"
+            )
+        ]
+
+    def _repr_html_(self) -> str:
+        from tlprisms import render
+
+        return render.to_html(self)
+
+
+# ------------------------------------------------------------------------------ reading rows
+def _is_pair(row: Any) -> bool:
+    return isinstance(row, (tuple, list)) and not isinstance(row, (str, bytes))
+
+
+def _check_answer(view: Any, i: int, answer: Any, caller: str) -> None:
+    """A single-token string, a token id, a LogitDiff of those, or a Direction."""
+    try:
+        if isinstance(answer, str) or check_arg.is_index(answer):
+            token_id(view, answer, caller, "answer")
+            return
+        if isinstance(answer, LogitDiff):
+            token_id(view, answer.positive, caller, "answer")
+            token_id(view, answer.negative, caller, "answer")
+            return
+    except TargetError as err:
+        msg = str(err)
+        msg = msg[len(caller) + 2 :] if msg.startswith(caller + ": ") else msg
+        raise TargetError(f"{caller}: item {i}: {msg}") from None
+    if isinstance(answer, Direction):
+        return
+    raise TargetError(
+        f"{caller}: item {i}: the answer {answer!r:.60} (type {type(answer).__name__}) is not "
+        "a target; give a single-token string, a token id, tlprisms.LogitDiff or "
+        "tlprisms.Direction."
+    )
+
+
+def _row(i: int, row: Any, columns: tuple, caller: str) -> tuple:
+    if isinstance(row, Mapping):
+        missing = [key for key in columns if key not in row]
+        if missing:
+            raise ArgumentError(
+                f"{caller}: item {i} is a mapping without the key {missing[0]!r} (its keys: "
+                f"{', '.join(map(repr, list(row)[:8]))}); name the prompt and answer keys "
+                "with columns=('prompt_key', 'answer_key')."
+            )
+        prompt, answer = row[columns[0]], row[columns[1]]
+    elif _is_pair(row) and len(row) == 2:
+        prompt, answer = row
+    else:
+        what = (
+            f"a {len(row)}-item {type(row).__name__}"
+            if _is_pair(row)
+            else (f"{row!r:.40} ({type(row).__name__})")
+        )
+        raise ArgumentError(
+            f"{caller}: item {i} is {what}, not a (prompt, answer) pair; give pairs or "
+            f"mappings with the keys {columns!r} (for a pandas DataFrame, "
+            "df.to_dict('records')), or two lists: explain_task(model, prompts, answers)."
+        )
+    if not isinstance(prompt, str) or not prompt:
+        raise ArgumentError(
+            f"{caller}: the prompt of item {i} is {prompt!r:.60}; every prompt must be a "
+            "non-empty string."
+        )
+    return prompt, answer
+
+
+def _items(
+    view: Any, prompts: Any, answers: Any, columns: Any, caller: str
+) -> tuple[Iterator[tuple], Optional[int]]:
+    """``(index, prompt, answer)`` for every item, checked as read, and the task's length
+    when it is known."""
+    if isinstance(prompts, (str, bytes)) or isinstance(answers, (str, bytes)):
+        raise ArgumentError(
+            f"{caller}: prompts and answers must be lists (one answer per "
+            "prompt), not a single string; wrap them in lists."
+        )
+    if answers is not None:
+        prompts, answers = list(prompts), list(answers)
+        if len(prompts) != len(answers):
+            raise ArgumentError(
+                f"{caller}: {len(prompts)} prompts but {len(answers)} answers; give "
+                "one answer per prompt."
+            )
+        if not prompts:
+            raise ArgumentError(f"{caller}: no prompts; give at least one.")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p:
+                raise ArgumentError(
+                    f"{caller}: prompt {i} is {p!r}; every prompt must be a non-empty string."
+                )
+
+        def listed() -> Iterator[tuple]:
+            for i, (p, a) in enumerate(zip(prompts, answers)):
+                _check_answer(view, i, a, caller)
+                yield i, p, a
+
+        return listed(), len(prompts)
+    if (
+        not isinstance(columns, tuple)
+        or len(columns) != 2
+        or not all(isinstance(c, str) for c in columns)
+    ):
+        raise ArgumentError(
+            f"{caller}: columns={columns!r}; pass a tuple of two key names "
+            "(prompt key, answer key), e.g. ('question', 'label')."
+        )
+    try:
+        it = iter(prompts)
+    except TypeError:
+        raise ArgumentError(
+            f"{caller}: {type(prompts).__name__} is not iterable; give an iterable of "
+            "(prompt, answer) pairs or of mappings, or two lists (prompts, answers)."
+        ) from None
+    total = len(prompts) if hasattr(prompts, "__len__") else None
+
+    def rows() -> Iterator[tuple]:
+        for i, row in enumerate(it):
+            p, a = _row(i, row, columns, caller)
+            _check_answer(view, i, a, caller)
+            yield i, p, a
+
+    return rows(), total
+
+
+def _batches(
+    items: Iterator[tuple], size: int, window: int, bucket: bool, length: Any
+) -> Iterator[list]:
+    """Batches of ``(index, prompt, answer, n_tokens)``: consecutive items, or, with
+    ``bucket``, each look-ahead window of ``window`` batches sorted by token length."""
+    while True:
+        chunk = []
+        for item in items:
+            chunk.append((*item, length(item[1])))
+            if len(chunk) == size * window:
+                break
+        if not chunk:
+            return
+        if bucket:
+            chunk.sort(key=lambda x: x[3])  # stable: equal lengths keep their order
+        for s in range(0, len(chunk), size):
+            yield chunk[s : s + size]
+        if len(chunk) < size * window:
+            return
+
+
+def _own(items: Iterator[tuple], rank: int, world_size: int) -> Iterator[tuple]:
+    for item in items:
+        if item[0] % world_size == rank:
+            yield item
+
+
+# ------------------------------------------------------------------------------ the call
 @check_arg.entry
 def explain_task(
     model: Any,
-    prompts: Sequence[str],
-    answers: Sequence[Any],
+    prompts: Union[Sequence[str], Iterable[Any]],
+    answers: Optional[Sequence[Any]] = None,
     *,
     heads: Any = (),
     neurons: Any = (),
@@ -182,80 +469,188 @@ def explain_task(
     progress: bool = True,
     softcap: Softcap = "post",
     prepend_bos: Optional[bool] = None,
-) -> TaskResult:
+    keep: Keep = "values",
+    frac_top: Any = (5, 10),
+    parquet: Any = None,
+    parquet_k: int = 20,
+    columns: tuple = ("prompt", "answer"),
+    bucket: Optional[bool] = None,
+    window: int = 32,
+    distributed: Optional[bool] = None,
+) -> Union[TaskResult, TaskStats]:
     """Decompose each prompt's answer logit at its last token, in batches.
 
     Args:
-        prompts: the task's prompts (any lengths).
+        prompts: the task's prompts (any lengths), with ``answers``; or, with ``answers``
+            left out, any iterable of rows (a list, a generator, a Hugging Face
+            ``datasets.Dataset``): ``(prompt, answer)`` tuples or lists, or mappings with
+            the keys ``columns``. A malformed row raises an error naming its index.
         answers: one target per prompt: a single-token string, a token id, or a
             :class:`~tlprisms.LogitDiff` (e.g. the right answer minus a distractor).
         heads / neurons: layers to split into heads (summed over sources) / neurons:
             ``"all"``, a layer, a list of layers, or ``()`` (default) for none.
         batch_size: prompts per forward pass; memory is bounded by this.
-        progress: show a progress bar (tqdm).
+        progress: show a progress bar (tqdm: prompts, rate, and ETA when the length is known).
+        keep: ``"values"`` (a :class:`TaskResult` with every prompt's terms) or ``"stats"``
+            (a :class:`TaskStats`: exact running statistics only; memory bounded by the batch).
+        frac_top: the ``k`` values for which ``keep="stats"`` counts how often each
+            component is among a prompt's ``k`` largest |terms| (``summary(k=...)``).
+        parquet: a path: write each prompt's ``parquet_k`` largest terms, plus one
+            ``"(rest)"`` row holding the others, to this Parquet file in row groups (needs
+            pyarrow; see :mod:`tlprisms._parquet` for the columns). The file is closed even
+            when the task is interrupted, and then holds every completed batch.
+        columns: the prompt and answer keys of mapping rows.
+        bucket: group prompts of equal token length into batches (less padding), within a
+            look-ahead of ``window`` batches; results are in task order either way. Default:
+            off for two lists (0.1's numbers, bit for bit), on for rows.
+        distributed: shard the task over the ``torch.distributed`` ranks (item ``i`` on rank
+            ``i % world_size``) and merge the results exactly on every rank; ``None``
+            (default) does so when a process group is initialised. See
+            :mod:`tlprisms.distributed`.
     """
     caller = "explain_task"
-    if isinstance(prompts, str) or isinstance(answers, str):
-        raise ArgumentError(
-            f"{caller}: prompts and answers must be lists (one answer per "
-            "prompt), not a single string; wrap them in lists."
-        )
-    prompts, answers = list(prompts), list(answers)
-    if len(prompts) != len(answers):
-        raise ArgumentError(
-            f"{caller}: {len(prompts)} prompts but {len(answers)} answers; give "
-            "one answer per prompt."
-        )
-    if not prompts:
-        raise ArgumentError(f"{caller}: no prompts; give at least one.")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p:
-            raise ArgumentError(
-                f"{caller}: prompt {i} is {p!r}; every prompt must be a non-empty string."
-            )
+    view = ModelView(model)
+    check_arg.choice(keep, "keep", ("values", "stats"), caller)
     batch_size = check_arg.count(batch_size, "batch_size", caller)
+    window = check_arg.count(window, "window", caller)
+    ks = (frac_top,) if check_arg.is_index(frac_top) else frac_top
+    if not isinstance(ks, (tuple, list)) or not ks:
+        raise ArgumentError(f"{caller}: frac_top={frac_top!r}; pass an int or a tuple of ints.")
+    ks = tuple(sorted({check_arg.count(k, "frac_top", caller) for k in ks}))
+    parquet_k = check_arg.count(parquet_k, "parquet_k", caller)
+    for flag, what in ((progress, "progress"), (bucket, "bucket")):
+        if flag is not None and not isinstance(flag, bool):
+            raise ArgumentError(f"{caller}: {what}={flag!r}; pass True or False.")
+    if parquet is not None and not isinstance(parquet, (str, os.PathLike)):
+        raise ArgumentError(f"{caller}: parquet={parquet!r}; pass a file path or None.")
+    rank, world_size = world(distributed, caller)
+    items, total = _items(view, prompts, answers, columns, caller)
+    if bucket is None:
+        bucket = answers is None
     kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+    length = lambda p: int(model.to_tokens(p, **kw).shape[-1])
     names = needed_hooks(model, ("residual", "heads", "neurons"))
-    starts = range(0, len(prompts), batch_size)
-    if progress:
+
+    writer = None
+    if parquet is not None:
+        from tlprisms._parquet import SparseWriter, rank_path
+
+        file_meta = {"rank": rank, "world_size": world_size}
+        file_meta.update(heads=repr(heads), neurons=repr(neurons))
+        writer = SparseWriter(rank_path(parquet, rank, world_size), parquet_k, file_meta)
+    bar = None
+    if progress and rank == 0:
         from tqdm import tqdm  # plain bar: tqdm.auto warns in Jupyter without ipywidgets
 
-        starts = tqdm(starts, desc=caller, unit="batch")
-    values, logits, positions = [], [], []
-    table = None
+        own = None if total is None else len(range(rank, total, world_size))
+        bar = tqdm(total=own, desc=caller, unit="prompt", dynamic_ncols=True)
+
+    index: list = []
+    values: list = []
+    logits: list = []
+    positions: list = []
+    kept_prompts: list = []
+    kept_answers: list = []
+    stats: Optional[RunningStats] = None
+    table: Optional[ComponentTable] = None
+    constant = None
     explains, precision = "logit", "float32"
-    for start in starts:
-        batch = prompts[start : start + batch_size]
-        lengths = [model.to_tokens(p, **kw).shape[-1] for p in batch]
-        tokens = model.to_tokens(batch, **kw)
-        with torch.no_grad():
-            out, cache = model.run_with_cache(tokens, names_filter=names)
-        prism = LogitPrism(model, cache, tokens=tokens, logits=out)
-        pos = [n - 1 for n in lengths]
-        r = prism.decompose(
-            PerRow(answers[start : start + batch_size]),
-            pos,
-            heads=heads,
-            neurons=neurons,
-            by_source=False,
-            softcap=softcap,
-        )
+    complete = False
+    try:
+        own_items = _own(items, rank, world_size) if world_size > 1 else items
+        for batch in _batches(own_items, batch_size, window, bucket, length):
+            idx = [b[0] for b in batch]
+            ps = [b[1] for b in batch]
+            ans = [b[2] for b in batch]
+            tokens = model.to_tokens(ps, **kw)
+            with torch.no_grad():
+                out, cache = model.run_with_cache(tokens, names_filter=names)
+            prism = LogitPrism(model, cache, tokens=tokens, logits=out)
+            pos = [b[3] - 1 for b in batch]
+            r = prism.decompose(
+                PerRow(ans), pos, heads=heads, neurons=neurons, by_source=False, softcap=softcap
+            )
+            del cache, out, prism
+            if table is None:
+                table = r.components
+                constant = torch.as_tensor(table.is_constant(), device=r.values.device)
+            v = r.values[:, 0, 0, :].detach()
+            lg = r.logits[:, 0, 0].detach()
+            explains, precision = r.explains, r.precision
+            del r
+            if keep == "values":
+                values.append(v)
+                logits.append(lg)
+                kept_prompts += ps
+                kept_answers += ans
+                positions += pos
+            else:
+                assert constant is not None
+                part = RunningStats.of_batch(v, lg, constant, ks)
+                stats = part if stats is None else stats.merge(part)
+            index += idx
+            if writer is not None:
+                writer.add(idx, ps, ans, pos, v, lg, table)
+            if bar is not None:
+                bar.update(len(batch))
+        complete = True
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close(complete, explains=explains, precision=precision)
+    n_layers = int(model.cfg.n_layers)
+    meta: dict = {}
+    if writer is not None:
+        meta["parquet"] = str(writer.path)
+    if world_size > 1:
+        meta.update(world_size=world_size)
+    if keep == "values":
+        if world_size > 1:
+            local = (index, [t.cpu() for t in values], [t.cpu() for t in logits])
+            parts = all_gather(
+                (local, kept_prompts, kept_answers, positions, table, explains, precision),
+                world_size,
+            )
+            index, values, logits, kept_prompts, kept_answers, positions = [], [], [], [], [], []
+            for (i, v, lg), ps, ans, pos, tab, ex, pr in parts:
+                index += i
+                values += v
+                logits += lg
+                kept_prompts += ps
+                kept_answers += ans
+                positions += pos
+                if tab is not None and table is None:
+                    table, explains, precision = tab, ex, pr
         if table is None:
-            table = r.components
-        values.append(r.values[:, 0, 0, :].detach())
-        logits.append(r.logits[:, 0, 0].detach())
-        positions += pos
-        explains, precision = r.explains, r.precision
-        del cache, out, prism, r
-    assert table is not None  # there is at least one prompt
-    return TaskResult(
-        values=torch.cat(values),
-        logits=torch.cat(logits),
-        components=table,
-        prompts=prompts,
-        answers=answers,
-        explains=explains,
-        meta={"positions": positions},
-        precision=precision,
-        n_layers=int(model.cfg.n_layers),
-    )
+            raise ArgumentError(f"{caller}: no prompts; give at least one.")
+        V, L = torch.cat(values), torch.cat(logits)
+        if index != sorted(index):
+            order = np.argsort(np.asarray(index), kind="stable")
+            V, L = V[torch.as_tensor(order, device=V.device)], L[torch.as_tensor(order)]
+            kept_prompts = [kept_prompts[j] for j in order]
+            kept_answers = [kept_answers[j] for j in order]
+            positions = [positions[j] for j in order]
+        return TaskResult(
+            values=V,
+            logits=L,
+            components=table,
+            prompts=kept_prompts,
+            answers=kept_answers,
+            explains=explains,
+            meta={"positions": positions, **meta},
+            precision=precision,
+            n_layers=n_layers,
+        )
+    if world_size > 1:
+        parts = all_gather(
+            (None if stats is None else stats.cpu(), table, explains, precision), world_size
+        )
+        stats = None
+        for st, tab, ex, pr in parts:
+            if st is not None:
+                stats = st if stats is None else stats.merge(st)
+                table, explains, precision = tab, ex, pr
+    if stats is None or table is None:
+        raise ArgumentError(f"{caller}: no prompts; give at least one.")
+    return TaskStats(stats, table, explains, dict(meta, prompts=stats.n), precision, n_layers)
