@@ -67,6 +67,8 @@ def _check_result(result: Any, caller: str) -> Decomposition:
             f"{caller}: expected a tlprisms Decomposition (what LogitPrism.residual/"
             f"heads/neurons return), got {type(result).__name__}.{hint}"
         )
+    if result.index is not None:  # a sparse result (top_k=): its kept terms, laid out densely
+        return result.to_dense()
     return result
 
 
