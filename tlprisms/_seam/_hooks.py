@@ -37,6 +37,9 @@ class Site(enum.Enum):
     LN1_POST_SCALE = "ln1_post.scale"
     LN2_POST_SCALE = "ln2_post.scale"
     SOLU_SCALE = "mlp.ln.scale"
+    ATTN_SCORES = "attn_scores"  # pre-softmax scores (after soft-cap and mask)
+    ROT_COS = "rot_cos"  # a bridge's rotary tables, as its attention received them
+    ROT_SIN = "rot_sin"
 
 
 _GLOBAL = frozenset({Site.TOKENS, Site.EMBED, Site.POS_EMBED, Site.FINAL_RESID, Site.FINAL_SCALE})
@@ -74,6 +77,15 @@ PART_SITES: dict[str, frozenset] = {
         Site.SOLU_MID,
         Site.SOLU_SCALE,
     },
+}
+#: the QK prism reads both sides' writers (split into heads/neurons on request), ln1's scale,
+#: the scores it explains and a bridge's rotary tables
+PART_SITES["qk"] = PART_SITES["heads"] | {
+    Site.MLP_POST,
+    Site.LN1_SCALE,
+    Site.ATTN_SCORES,
+    Site.ROT_COS,
+    Site.ROT_SIN,
 }
 PARTS = tuple(PART_SITES)
 
@@ -114,6 +126,9 @@ def hook_name(site: Site, layer: Optional[int], *, n_layers: int, is_bridge: boo
         Site.LN1_POST_SCALE: f"{b}.ln1_post.hook_scale",
         Site.LN2_POST_SCALE: f"{b}.ln2_post.hook_scale",
         Site.SOLU_SCALE: f"{b}.mlp.ln.hook_scale",
+        Site.ATTN_SCORES: f"{b}.attn.hook_attn_scores",
+        Site.ROT_COS: f"{b}.attn.hook_cos",
+        Site.ROT_SIN: f"{b}.attn.hook_sin",
     }[site]
 
 

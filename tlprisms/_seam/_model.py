@@ -483,6 +483,101 @@ class ModelView:
         """The key/value head that query head ``head`` reads (grouped-/multi-query attention)."""
         return head // (self.n_heads // self.n_kv_heads)
 
+    # ------------------------------------------------------------------ QK weights
+    def _expand_undone(self, w: Tensor) -> Tensor:
+        """K weights of ``n_kv_heads`` heads (some loaders expand them to query heads)."""
+        if w.shape[0] != self.n_kv_heads:
+            w = w[:: self.n_heads // self.n_kv_heads]
+        return w
+
+    def W_Q(self, layer: int, dtype: torch.dtype) -> Tensor:
+        """``[head, d_model, d_head]``"""
+        return self._attn(layer).W_Q.detach().to(dtype)
+
+    def W_K(self, layer: int, dtype: torch.dtype) -> Tensor:
+        """``[kv_head, d_model, d_head]`` (never expanded to query heads)."""
+        attn = self._attn(layer)
+        w = attn.W_K if self.is_bridge else param(attn, "_W_K", "W_K")
+        if w is None:
+            raise UnsupportedModelError(f"layer {layer}'s attention has no W_K.")
+        return self._expand_undone(w.detach()).to(dtype)
+
+    def b_Q(self, layer: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``[head, d_head]`` (zeros without a query bias)."""
+        return self._bias(self._attn(layer), ("b_Q",), (self.n_heads, self.d_head), dtype, device)
+
+    def b_K(self, layer: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``[kv_head, d_head]`` (zeros without a key bias; never expanded)."""
+        b = self._bias(
+            self._attn(layer), ("_b_K", "b_K"), (self.n_kv_heads, self.d_head), dtype, device
+        )
+        return self._expand_undone(b)
+
+    def _hf_attn(self, layer: int) -> Any:
+        return getattr(self._attn(layer), "original_component", None)
+
+    def attn_score_factor(self, layer: int) -> float:
+        """The factor ``q . k`` is multiplied by (``1/sqrt(d_head)``, Gemma's
+        ``query_pre_attn_scalar**-0.5``, GPT-2's inverse layer index where enabled ...)."""
+        if not self.is_bridge:
+            return 1.0 / float(self._attn(layer).attn_scale)
+        hf = self._hf_attn(layer)
+        if type(hf).__name__ == "NativeAttention":  # TransformerLens's own: divides by scale
+            return 1.0 / float(hf.scale)
+        scaling = getattr(hf, "scaling", None)
+        if scaling is None:
+            scaling = float(self.d_head) ** -0.5
+        factor = float(scaling)
+        if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+            factor /= float(getattr(hf, "layer_idx", layer) + 1)
+        return factor
+
+    def attn_softcap(self, layer: int) -> Optional[float]:
+        """The attention scores' soft-cap ``c`` (``c * tanh(s / c)``, Gemma 2), or None."""
+        cap = getattr(self._hf_attn(layer), "attn_logit_softcapping", None)
+        if cap is None:
+            cap = getattr(self.cfg, "attn_scores_soft_cap", None)
+        return float(cap) if cap is not None and float(cap) > 0 else None
+
+    @property
+    def rotary(self) -> bool:
+        return getattr(self.cfg, "positional_embedding_type", "standard") == "rotary"
+
+    @property
+    def rotary_adjacent_pairs(self) -> bool:
+        """GPT-J-style rotary (pairs of adjacent dimensions) rather than halves."""
+        return bool(getattr(self.cfg, "rotary_adjacent_pairs", False))
+
+    def rotary_tables(self, layer: int, n: int) -> Optional[tuple[Tensor, Tensor]]:
+        """A HookedTransformer's rotary ``(cos, sin)`` ``[n, rotary_dim]`` for positions
+        ``0..n-1``; None for bridges (their attention records them) or without rotary."""
+        if self.is_bridge or not self.rotary:
+            return None
+        attn = self._attn(layer)
+        return attn.rotary_cos[:n].detach(), attn.rotary_sin[:n].detach()
+
+    def qk_problem(self, layer: int) -> Optional[str]:
+        """Why the QK prism cannot split this layer's scores exactly, or None."""
+        attn, hf, cfg = self._attn(layer), self._hf_attn(layer), self.cfg
+        if any(
+            getattr(m, n, None) is not None for m in (attn, hf) for n in ("q_norm", "k_norm")
+        ) or getattr(cfg, "use_qk_norm", False):
+            return (
+                "its attention normalises queries and keys (q_norm/k_norm) and TransformerLens "
+                "records no scale of those norms to hold fixed"
+            )
+        pos_type = getattr(cfg, "positional_embedding_type", "standard")
+        if pos_type not in ("standard", "rotary", "shortformer"):
+            return f"its scores carry a positional bias ('{pos_type}') not split by this prism"
+        hf_cfg = getattr(getattr(self.model, "original_model", None), "config", None)
+        if getattr(hf_cfg, "alibi", False) or "Bloom" in self.architecture:
+            return "its scores carry an ALiBi positional bias not split by this prism"
+        if getattr(cfg, "use_logn_attn", False) or getattr(cfg, "clip_qkv", None):
+            return "its queries are rescaled (log-n attention) or clipped before the scores"
+        if getattr(cfg, "use_dynamic_ntk_rope", False):
+            return "its rotary tables are rescaled per input length (dynamic NTK)"
+        return None
+
     @property
     def gated_bias_after_product(self) -> bool:
         """HookedTransformer's GatedMLP adds ``b_in`` after the product:
@@ -563,6 +658,12 @@ class ModelView:
             return self.gated and not self.attn_only
         if site is Site.SOLU_MID:
             return self.act_fn == "solu_ln"
+        if site is Site.ATTN_SCORES and self.is_bridge and layer is not None:
+            # a plain AttentionBridge fires hook_attn_scores with the softmaxed weights its
+            # attention function returns, not with the scores
+            return type(self._attn(layer)).__name__ != "AttentionBridge"
+        if site in (Site.ROT_COS, Site.ROT_SIN):  # a bridge's rotary tables
+            return self.is_bridge and self.rotary and self.records(self.hook(site, layer))
         return True
 
     def missing_reason(self, site: Site, layer: Optional[int]) -> Optional[str]:
