@@ -11,6 +11,7 @@ MODULES = [
     "tlprisms.prism",
     "tlprisms.weights",
     "tlprisms.task",
+    "tlprisms.distributed",
     "tlprisms.errors",
     "tlprisms.render",
     "tlprisms.demo",
