@@ -92,7 +92,7 @@ def bridge_from_hf(hf_model: Any, architecture: str, cfg: Any, **kw: Any) -> Any
     return bridge
 
 
-def gpt2_small_shaped(quick: bool = False, seed: int = 0) -> Any:
+def gpt2_small_shaped(quick: bool = False, seed: int = 0, n_positions: int = 1024) -> Any:
     """A random GPT-2-small-shaped bridge (12 layers, d_model 768, 12 heads, vocab 50257).
 
     ``quick=True`` gives a 2-layer, d_model 64 model with a 1000-token vocabulary for smoke
@@ -101,9 +101,13 @@ def gpt2_small_shaped(quick: bool = False, seed: int = 0) -> Any:
     import transformers as tf
 
     if quick:
-        cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128)
+        cfg = tf.GPT2Config(
+            n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=max(128, n_positions)
+        )
     else:
-        cfg = tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+        cfg = tf.GPT2Config(
+            n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=n_positions
+        )
     torch.manual_seed(seed)
     hf = tf.GPT2LMHeadModel(cfg).eval()
     return bridge_from_hf(hf, "GPT2LMHeadModel", cfg)
