@@ -20,6 +20,9 @@ import tlprisms as tp
 from families import FAMILIES, make_tokenizer
 
 BATCH, SEQ = 3, 7
+#: where the family models live: ``TLPRISMS_TEST_DEVICE=cuda`` runs the family tests on a GPU
+#: (``benchmarks/gpu_check.py`` does); the default is the CPU.
+DEVICE = os.environ.get("TLPRISMS_TEST_DEVICE", "cpu")
 
 
 @dataclass
@@ -38,8 +41,9 @@ class Case:
 
 @functools.cache
 def build_case(name: str, fold: bool, dtype: torch.dtype = torch.float32) -> Case:
-    model = FAMILIES[name](fold, dtype=dtype, tokenizer=make_tokenizer())
+    model = FAMILIES[name](fold, dtype=dtype, tokenizer=make_tokenizer(), device=DEVICE)
     tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    tokens = tokens.to(DEVICE)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
     return Case(name, fold, model, tokens, logits, cache)

@@ -65,9 +65,9 @@ def _perturb(named_params, gen: torch.Generator, weight_scale: float = 2.5) -> N
             if p.ndim == 1:
                 is_norm = any(k in low for k in ("norm", "ln", ".w", "layernorm"))
                 if is_norm and not low.endswith("bias") and not low.endswith(".b"):
-                    p.add_(0.3 * torch.randn(p.shape, generator=gen))
+                    p.add_(0.3 * torch.randn(p.shape, generator=gen).to(p.device))
                 else:
-                    p.add_(0.2 * torch.randn(p.shape, generator=gen))
+                    p.add_(0.2 * torch.randn(p.shape, generator=gen).to(p.device))
             else:
                 unembed = any(
                     k in low
@@ -86,7 +86,9 @@ def _perturb(named_params, gen: torch.Generator, weight_scale: float = 2.5) -> N
 
 
 # --------------------------------------------------------------------- HF-backed bridges
-def _hf(arch: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None):
+def _hf(
+    arch: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None, device: str = "cpu"
+):
     import transformers as tf
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
@@ -155,13 +157,15 @@ def _hf(arch: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer=Non
     torch.manual_seed(SEED)
     hf = cls(cfg).eval()
     _perturb(hf.named_parameters(), torch.Generator().manual_seed(SEED), weight_scale=7.0)
-    hf = hf.to(dtype)
+    hf = hf.to(device=device, dtype=dtype)
     bridge = build_bridge_from_module(hf, name, hf_config=cfg, tokenizer=tokenizer)
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not fold)
     return bridge
 
 
-def _native_solu(fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None):
+def _native_solu(
+    fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None, device: str = "cpu"
+):
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge.sources import boot_native
 
@@ -177,14 +181,16 @@ def _native_solu(fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None)
         normalization_type="LN",
         seed=SEED,
     )
-    bridge = boot_native(cfg, tokenizer=tokenizer, dtype=dtype)
+    bridge = boot_native(cfg, tokenizer=tokenizer, dtype=dtype, device=device)
     _perturb(bridge.original_model.named_parameters(), torch.Generator().manual_seed(SEED))
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=not fold)
     return bridge
 
 
 # --------------------------------------------------------------------- HookedTransformer
-def _hooked(arch: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None):
+def _hooked(
+    arch: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer=None, device: str = "cpu"
+):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     base = dict(
@@ -197,6 +203,7 @@ def _hooked(arch: str, fold: bool, dtype: torch.dtype = torch.float32, tokenizer
         d_vocab=D_VOCAB,
         seed=SEED,
         dtype=dtype,
+        device=device,
     )
     extra = {
         "gpt2": dict(act_fn="gelu_new", normalization_type="LN"),

@@ -270,7 +270,7 @@ def _select(
     if want > 0 and n_ok <= 4 * (want + top.numel()) + 1_000_000:
         flat = torch.nonzero(torch.as_tensor(ok).repeat(values.numel() // C))[:, 0]
         flat = flat[torch.randperm(flat.numel(), generator=gen)]
-        picked = [x for x in flat.tolist()[: want + top.numel()] if x not in taken][:want]
+        picked = [x for x in flat[: want + top.numel()].tolist() if x not in taken][:want]
     else:
         for _ in range(50):
             if len(picked) >= want:

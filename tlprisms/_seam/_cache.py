@@ -152,6 +152,9 @@ class CacheView:
                 self.refuse_nonfinite("the cache")
             self._finite.add(name)
             self.read_names.append(name)
+        home = getattr(self, "device", t.device)  # the embedding's device, once it is known
+        if t.device != home:  # a model split across devices: compute where the stream starts
+            t = t.to(home)
         return t
 
     def at(
