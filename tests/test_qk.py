@@ -241,7 +241,8 @@ def test_qk_norm_is_refused():
         head_dim=8,
         max_position_embeddings=16,
     )
-    model = build_bridge_from_module(tf.Qwen3ForCausalLM(cfg).eval(), "Qwen3ForCausalLM")
+    hf = tf.Qwen3ForCausalLM(cfg).eval()
+    model = build_bridge_from_module(hf, "Qwen3ForCausalLM", hf_config=cfg)
     model.enable_compatibility_mode(disable_warnings=True)
     tokens = torch.arange(4, 10)[None]
     with torch.no_grad():
@@ -287,10 +288,11 @@ def test_designed_token_match():
     top = r.top(1, batch=0, pos=0, target=2)  # key 2: the earlier copy of token 3
     assert top["component"][0] == "q:embed x k:embed"
     ee = r.select(q_kind="embed", k_kind="embed").values[0, 0, :, 0]
-    # the matching keys get the embedding x embedding score, the others nothing
-    match = np.isin(np.arange(7), [2, 4, 6])
-    assert bool((ee[torch.as_tensor(match)] > 1.0).all())
-    assert bool((ee[torch.as_tensor(~match)].abs() < 1e-4).all())
+    # the matching keys get the large embedding x embedding score; the others one smaller
+    # value (LayerNorm centring leaves every non-matching one-hot pair alike)
+    match = torch.as_tensor(np.isin(np.arange(7), [2, 4, 6]))
+    assert torch.allclose(ee[~match], ee[~match][0].expand(int((~match).sum())))
+    assert float(ee[match].min()) > float(ee[~match].max()) + 1.0
 
 
 def test_needed_hooks_part():
@@ -303,3 +305,23 @@ def test_needed_hooks_part():
     r = prism.qk(1, 0, q_heads="all", k_neurons="all").check()
     assert torch.equal(r.logits[:, 0], recorded_scores(case, 1, 0, SEQ - 1))
     assert view.hook(Site.ATTN_SCORES, 1) in cache
+
+
+def test_qk_map_is_the_embedding_pair_term():
+    """On the designed model (no positions, every ln1 scale equal) the weight-space map at
+    the recorded scale is the forward pass's embedding x embedding pair term."""
+    model = designed_model()
+    tokens = torch.tensor([[5, 1, 3, 2, 3, 6, 3]])
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+    scale = cache[prism.view.hook(Site.LN1_SCALE, 0)][0, :, 0]
+    assert torch.allclose(scale, scale[0].expand_as(scale))
+    r = prism.qk(0, 0, pos=6)
+    m = tp.weights.qk_map(model, 0, 0, [3], tokens[0].tolist(), scale=float(scale[0]))
+    ee = r.select(q_kind="embed", k_kind="embed").values[0, 0, :, 0]
+    assert torch.allclose(m.values[0], ee, atol=1e-4)
+    assert m.argmax_index() == [2]
+    assert "learned position embeddings" in m.meta["positional"]
+    with pytest.raises(ArgumentError, match="scale="):
+        tp.weights.qk_map(model, 0, 0, [3], [3], scale=0)

@@ -8,6 +8,8 @@
 * **Neuron templates**: ``W_out[l, n] @ U_tokens`` for a token set (e.g. the digits), and
   their activation-weighted sum.
 * **Unembedding map**: a 2-D PCA projection of a token set's readout columns.
+* **QK token map** of head ``(l, h)``: ``ln1(E_q) W_Q[h] W_K[kv(h)]^T ln1(E_k)^T`` times the
+  score factor, ``ln1`` frozen at a given scale (see :func:`qk_map`).
 
 Positional embeddings and biases are left out: these maps describe the weights alone.
 
@@ -32,7 +34,14 @@ from tlprisms._errors import ArgumentError, TargetError, UnsupportedModelError
 from tlprisms._seam import ModelView
 from tlprisms._targets import token_id
 
-__all__ = ["TokenMap", "TokenProjection", "ov_map", "neuron_templates", "unembed_map"]
+__all__ = [
+    "TokenMap",
+    "TokenProjection",
+    "ov_map",
+    "neuron_templates",
+    "unembed_map",
+    "qk_map",
+]
 
 Tokens = Union[Sequence[Union[int, str]], Tensor]
 
@@ -342,4 +351,76 @@ def unembed_map(
         labels=labels,
         explained_variance=ratio.to(dtype),
         title="unembedding map (PCA)",
+    )
+
+
+@check.entry
+def qk_map(
+    model: Any,
+    layer: int,
+    head: int,
+    query_tokens: Tokens,
+    key_tokens: Tokens,
+    *,
+    scale: Union[int, float] = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> TokenMap:
+    """The QK circuit of head ``(layer, head)`` between two token sets.
+
+    ``values[q, k]`` is the attention score a query reading token ``q``'s embedding gives a
+    key reading token ``k``'s embedding: ``ln1(E_q) W_Q W_K^T ln1(E_k)^T`` times the score
+    factor (``1/sqrt(d_head)``...), with ``ln1`` frozen at ``scale`` (1 by default: the
+    norm's weight and centring only) and its bias, ``b_Q`` and ``b_K`` left out. The
+    positional parts are stated, not included (``meta["positional"]``): learned position
+    embeddings are not added, and rotary is taken at zero query-key offset (the identity);
+    :meth:`LogitPrism.qk` gives them exactly on a forward pass.
+
+    >>> import tlprisms as tp
+    >>> from tlprisms.demo import load_demo_model
+    >>> qk = tp.weights.qk_map(load_demo_model(), 1, 0, [" is"], [" France", " capital"])
+    >>> qk.values.shape
+    torch.Size([1, 2])
+    """
+    caller = "qk_map"
+    view = ModelView(model)
+    layer = check.layer(view, layer, caller)
+    head = check.head(view, head, caller)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ArgumentError(
+            f"{caller}: scale={scale!r}; pass the positive number ln1 is frozen at (e.g. a "
+            "typical ln1.hook_scale value of the model), default 1."
+        )
+    if view.embedding_normalised:
+        raise UnsupportedModelError(
+            f"{caller}: {view.architecture} normalises its embeddings before the residual "
+            "stream, so a map from W_E's rows would not be what the head reads; use "
+            "LogitPrism.qk on a forward pass instead."
+        )
+    qids, q_labels = _ids(view, query_tokens, "query_tokens", caller)
+    kids, k_labels = _ids(view, key_tokens, "key_tokens", caller)
+    ln1 = view.ln1[layer]
+    with torch.no_grad():
+        Eq = view.embed_rows(torch.tensor(qids), dtype)
+        Ek = view.embed_rows(torch.tensor(kids), dtype)
+        s = torch.tensor(float(scale), dtype=dtype, device=Eq.device)
+        Eq, Ek = (ln1.apply(e, s, bias=False) for e in (Eq, Ek))
+        W_Q = view.W_Q(layer, dtype).to(Eq.device)[head]
+        W_K = view.W_K(layer, dtype).to(Eq.device)[view.kv_group(head)]
+        values = (Eq @ W_Q) @ (Ek @ W_K).T * view.attn_score_factor(layer)
+    positional = []
+    if view.pos_embed_in_resid:
+        positional.append("learned position embeddings are left out")
+    if view.rotary:
+        positional.append("rotary is taken at zero query-key offset (no rotation)")
+    return TokenMap(
+        values=values,
+        rows=q_labels,
+        cols=k_labels,
+        title=f"QK map of L{layer}H{head}",
+        meta={
+            "layer": layer,
+            "head": head,
+            "scale": float(scale),
+            "positional": "; ".join(positional) or "the model adds no positional information",
+        },
     )

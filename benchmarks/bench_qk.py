@@ -1,0 +1,119 @@
+"""Benchmark: the QK prism on the gpt2-small-shaped benchmark input (8 x 128 tokens, CPU).
+
+Measured against the ``run_with_cache`` that produced the cache, in the same process
+(round-robin timing, same-round ratios; see ``benchmarks/_common.py``):
+
+``one head, layer-level``
+    ``prism.qk(L-1, 0)``: one head of the last layer, the last query, every key, layer-level
+    writers on both sides. Limit 0.02 x ``run_with_cache``.
+``all heads, query heads x sources``
+    ``prism.qk(L-1, h, keys=[SEQ // 2], q_heads="all")`` for each of the 12 heads of the last
+    layer: the query side split into every earlier head x source position, the key side
+    layer-level, one key. Limit 0.2 x ``run_with_cache``.
+
+Extra peak memory (RSS sampled, and the torch allocator's exact peak) of each call, result
+included. Limit 64 MiB.
+
+    python benchmarks/bench_qk.py [--repeats N] [--quick]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import (
+    environment,
+    gpt2_small_shaped,
+    interleaved,
+    paired_ratio,
+    peak_extra_mib,
+    random_tokens,
+    silence,
+    torch_peak_mib,
+)
+
+import tlprisms as tp
+
+BATCH, SEQ = 8, 128
+#: (max x run_with_cache, max extra MiB)
+LIMITS = {"one head, layer-level": (0.02, 64.0), "all heads, query heads x sources": (0.2, 64.0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    silence()
+    torch.set_grad_enabled(False)
+    model = gpt2_small_shaped(quick=args.quick)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    seq = SEQ if not args.quick else 32
+    tokens = random_tokens(BATCH, seq, model.cfg.d_vocab)
+    logits, cache = model.run_with_cache(tokens)
+    prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+
+    def one_head():
+        return prism.qk(L - 1, 0)
+
+    def all_heads():
+        return [prism.qk(L - 1, h, keys=[seq // 2], q_heads="all") for h in range(H)]
+
+    first = one_head().check()
+    split = all_heads()
+    for r in split:
+        r.check()
+    shapes = {
+        "one head, layer-level": list(first.values.shape),
+        "all heads, query heads x sources": [H] + list(split[0].values.shape),
+    }
+    gaps = {
+        "one head, layer-level": float(first.gap().abs().max()),
+        "all heads, query heads x sources": max(float(r.gap().abs().max()) for r in split),
+    }
+    del first, split
+    calls = {"one head, layer-level": one_head, "all heads, query heads x sources": all_heads}
+    timing = interleaved(
+        {"run_with_cache": lambda: model.run_with_cache(tokens), **calls}, repeats=args.repeats
+    )
+    rows = {}
+    for name, fn in calls.items():
+        ratio = paired_ratio(timing[name], timing["run_with_cache"])
+        mem = max(peak_extra_mib(fn)["extra_mib"], torch_peak_mib(fn))
+        lim = LIMITS[name]
+        rows[name] = {
+            "values_shape": shapes[name],
+            "max_abs_gap": gaps[name],
+            "seconds": timing[name]["median"],
+            "x_run_with_cache": ratio,
+            "extra_peak_mib": mem,
+            "ok": ratio <= lim[0] and mem <= lim[1],
+            "limits": {"x_run_with_cache": lim[0], "extra_peak_mib": lim[1]},
+        }
+    out = {
+        "input": f"{BATCH} x {seq} tokens, gpt2-small shape (random init), CPU",
+        "run_with_cache_s": timing["run_with_cache"]["median"],
+        "cases": rows,
+        "environment": environment(),
+    }
+    print(json.dumps({k: v for k, v in out.items() if k != "environment"}, indent=2))
+    for name, r in rows.items():
+        lim = r["limits"]
+        print(
+            f"| qk: {name} | {r['seconds']:.3f} s | {r['x_run_with_cache']:.4f}x run_with_cache "
+            f"(<= {lim['x_run_with_cache']}) | {r['extra_peak_mib']:.1f} MiB extra peak "
+            f"(<= {lim['extra_peak_mib']:.0f}) | {'ok' if r['ok'] else 'MISS'} |"
+        )
+    if not args.quick:
+        path = Path(__file__).parent / "results" / "qk.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
