@@ -81,12 +81,12 @@ def peak_extra_mib(fn: Callable[[], Any]) -> float:
 
 
 # ----------------------------------------------------------------------------- 1
-def family_pytest(report: dict) -> None:
+def family_pytest(report: dict, log_dir: Any = None) -> None:
     files = [f for f in PYTEST_FILES if (ROOT / f).exists()]
     env = dict(os.environ, TLPRISMS_TEST_DEVICE=DEV)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", *files, "-q"],
+        [sys.executable, "-m", "pytest", *files, "-q", "-rfE", "--tb=line"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -94,6 +94,8 @@ def family_pytest(report: dict) -> None:
         timeout=240,
     )
     tail = (proc.stdout + proc.stderr).strip().splitlines()
+    if log_dir is not None:
+        (log_dir / "pytest_cuda.txt").write_text(proc.stdout + proc.stderr)
     report["pytest_cuda"] = {
         "files": files,
         "rc": proc.returncode,
@@ -102,7 +104,7 @@ def family_pytest(report: dict) -> None:
     }
     print(f"[1] pytest on CUDA ({', '.join(files)}): {tail[-1] if tail else '?'}")
     if proc.returncode != 0:
-        print("\n".join(tail[-60:]))
+        print("\n".join(line for line in tail if line.startswith(("FAILED", "ERROR")))[:6000])
 
 
 # ----------------------------------------------------------------------------- 2
@@ -153,9 +155,25 @@ def bf16_families(report: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- 3
+def _place(module: torch.nn.Module, device: str) -> None:
+    """Put ``module`` on ``device`` and move its inputs there as it runs: a pipeline split of
+    the kind accelerate's ``device_map`` makes (without offloading: the weights live there)."""
+
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, (tuple, list)):
+            return type(x)(move(v) for v in x)
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x
+
+    module.to(device)
+    module.register_forward_pre_hook(lambda m, a, kw: (move(a), move(kw)), with_kwargs=True)
+
+
 def split_devices(report: dict) -> None:
     import transformers as tf
-    from accelerate import dispatch_model
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
     from families import D_VOCAB, N_CTX, SEED, _perturb
@@ -176,22 +194,14 @@ def split_devices(report: dict) -> None:
             torch.manual_seed(SEED)
             hf = tf.LlamaForCausalLM(cfg).eval()
             _perturb(hf.named_parameters(), torch.Generator().manual_seed(SEED), 7.0)
-            if device_map is None:
-                hf = hf.to(DEV)
-            else:
-                hf = dispatch_model(hf, device_map=device_map)
+            hf = hf.to(DEV)
+            for module in device_map or ():
+                _place(hf.get_submodule(module), "cpu")
             b = build_bridge_from_module(hf, "LlamaForCausalLM", hf_config=cfg)
             b.enable_compatibility_mode(disable_warnings=True, no_processing=True)
             return b
 
-        split_map = {
-            "model.embed_tokens": 0,
-            "model.rotary_emb": 0,
-            "model.layers.0": 0,
-            "model.layers.1": "cpu",
-            "model.norm": "cpu",
-            "lm_head": "cpu",
-        }
+        split_map = ("model.layers.1", "model.norm", "lm_head")
         tokens = torch.randint(4, 60, (3, 9), generator=torch.Generator().manual_seed(2))
         results = {}
         for label, dmap in (("one GPU", None), ("split", split_map)):
@@ -366,7 +376,8 @@ def main() -> None:
     steps += [("gpt2", lambda: bench_gpt2(report, args.quick))]
     steps += [("gemma", lambda: bench_gemma(report, args.quick))]
     if not args.skip_pytest:
-        steps.insert(0, ("pytest", lambda: family_pytest(report)))
+        log_dir = Path(args.json).parent if args.json else None
+        steps.insert(0, ("pytest", lambda: family_pytest(report, log_dir)))
     failed = []
     for name, step in steps:
         try:
