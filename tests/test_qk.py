@@ -325,3 +325,22 @@ def test_qk_map_is_the_embedding_pair_term():
     assert "learned position embeddings" in m.meta["positional"]
     with pytest.raises(ArgumentError, match="scale="):
         tp.weights.qk_map(model, 0, 0, [3], [3], scale=0)
+
+
+def test_one_side_whole(case):
+    """sides='query': the query writers' terms of the score against the whole key (one
+    key-side component); they are the pair terms summed over the key side."""
+    prism = case.prism
+    both = prism.qk(1, 2, q_heads="all")
+    r = prism.qk(1, 2, q_heads="all", sides="query").check()
+    assert set(r.to_frame().k_kind) == {"resid"}
+    assert r.values.shape[-1] == len(both.components.q)
+    summed = both.values.reshape(*both.values.shape[:3], r.values.shape[-1], -1).sum(-1)
+    assert torch.allclose(r.values, summed, atol=1e-5, rtol=1e-5)
+    k = prism.qk(1, 2, k_neurons="all", sides="key").check()
+    assert set(k.to_frame().q_kind) == {"resid"}
+    assert str(k.components[0]).startswith("q:whole x k:")
+    with pytest.raises(ArgumentError, match="keeps the key side whole"):
+        prism.qk(1, 2, sides="query", k_heads="all")
+    with pytest.raises(ArgumentError, match="sides="):
+        prism.qk(1, 2, sides="pairs")

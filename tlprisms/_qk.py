@@ -47,6 +47,8 @@ _SCORES_RTOL_LOWP = 3e-2
 
 
 def _side_label(c: Component) -> str:
+    if c.kind == "resid":  # a side kept whole (sides="query" / "key")
+        return "whole"
     if c.kind in ("b_Q", "b_K"):
         return f"L{c.layer}.{c.kind}"
     return str(c)
@@ -249,6 +251,7 @@ def qk_terms(
     k_split: Split,
     softcap: str,
     contrast: bool,
+    sides: str = "both",
 ) -> QKTerms:
     """The pair terms of head ``(layer, head)``'s scores at query ``pos`` for ``keys``."""
     cv = rec.cache
@@ -270,6 +273,10 @@ def qk_terms(
     kpos = torch.tensor(list(keys), dtype=torch.long, device=device)[None].expand(B, -1)
     Q, q_table = side_terms(cv, layer, W_Q, b_Q, "b_Q", head, qpos, q_split)
     K, k_table = side_terms(cv, layer, W_K, b_K, "b_K", g, kpos, k_split)
+    if sides == "query":  # the key side whole: the query side's terms of the score
+        K, k_table = K.sum(-1, keepdim=True), ComponentTable.block("resid", layer=layer)
+    elif sides == "key":
+        Q, q_table = Q.sum(-1, keepdim=True), ComponentTable.block("resid", layer=layer)
     factor = view.attn_score_factor(layer)
     # [B, 1, Ca, d] @ [B, Kp, d, Cb] -> [B, Kp, Ca, Cb]: one matmul for every pair
     pairs = torch.matmul(Q[:, 0].transpose(1, 2)[:, None], K) * factor

@@ -764,6 +764,7 @@ class LogitPrism:
         keys: Any = None,
         *,
         contrast: bool = False,
+        sides: str = "both",
         q_heads: LayerSelection = (),
         q_neurons: LayerSelection = (),
         k_heads: LayerSelection = (),
@@ -779,6 +780,9 @@ class LogitPrism:
             keys: key positions (default every key up to ``pos``): the targets.
             contrast: with ``keys=[j, j2]``, explain ``score(j) - score(j2)`` (softmax sees
                 only differences).
+            sides: ``"both"`` (default): pairs of writers; ``"query"``: split the query side
+                only, the key vector kept whole (one key-side component, ``k:whole``): the
+                query writers' terms of the score; ``"key"``: the reverse.
             q_heads, q_neurons: earlier layers whose writes into the query position are split
                 into heads (x sources when ``by_source``) / neurons; ``k_heads``, ``k_neurons``
                 the same for the key positions. By default both sides are layer-level.
@@ -801,12 +805,21 @@ class LogitPrism:
         layer = check.layer(self.view, layer, caller)
         head = check.head(self.view, head, caller)
         check.choice(softcap, "softcap", ("post", "pre"), caller)
+        check.choice(sides, "sides", ("both", "query", "key"), caller)
+        whole = {"query": (k_heads, k_neurons, "k"), "key": (q_heads, q_neurons, "q")}
+        if sides in whole and any(sel not in ((), None) for sel in whole[sides][:2]):
+            side = whole[sides][2]
+            raise ArgumentError(
+                f"{caller}: sides={sides!r} keeps the {'key' if side == 'k' else 'query'} "
+                f"side whole, so {side}_heads/{side}_neurons cannot split it; drop them or "
+                "use sides='both'."
+            )
         i, key_list = resolve_keys(pos, keys, contrast, self.n_ctx, caller)
         q_split = self._split(q_heads, q_neurons, by_source, caller)
         k_split = self._split(k_heads, k_neurons, by_source, caller)
         rec = Recorded(self._rec.cache.for_call(caller), self.tokens, self.logits)
         with torch.no_grad():
-            t = qk_terms(rec, layer, head, i, key_list, q_split, k_split, softcap, contrast)
+            t = qk_terms(rec, layer, head, i, key_list, q_split, k_split, softcap, contrast, sides)
             zero = torch.zeros_like(t.explained)
             self._refuse_broken(rec, t.values, t.explained, zero)
         return self._result(
