@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from beartype import beartype
-from jaxtyping import Bool, Float, Int, jaxtyped
+from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
 __all__ = ["RunningStats", "SHARE_EPS", "top_counts"]
@@ -25,19 +25,25 @@ __all__ = ["RunningStats", "SHARE_EPS", "top_counts"]
 SHARE_EPS = 1e-12
 
 
-def top_counts(
-    values: Float[Tensor, "prompt comp"], keep: Bool[Tensor, "comp"], k: int
-) -> Int[Tensor, "comp"]:
-    """How many prompts have each component among their ``k`` largest |terms| (over the
-    components in ``keep``; ties broken by ``torch.topk``)."""
+def top_counts(values: Float[Tensor, "prompt comp"], keep: Bool[Tensor, "comp"], ks: tuple) -> list:
+    """For each ``k`` in ``ks``: how many prompts have each component among their ``k``
+    largest |terms| (over the components in ``keep``; ties broken by ``torch.topk``), all
+    read from one sorted top-``max(ks)``."""
     C = values.shape[1]
-    k = min(k, int(keep.sum()))
-    counts = torch.zeros(C, dtype=torch.int64, device=values.device)
-    if k <= 0 or values.shape[0] == 0:
-        return counts
-    absv = torch.where(keep[None], values.abs(), torch.full_like(values, -torch.inf))
-    idx = torch.topk(absv, k, dim=1).indices.reshape(-1)
-    return counts.index_add_(0, idx, torch.ones_like(idx))
+    n_keep = int(keep.sum())
+    top = min(max(ks), n_keep)
+    out = []
+    idx = None
+    if top > 0 and values.shape[0] > 0:
+        absv = torch.where(keep[None], values.abs(), torch.full_like(values, -torch.inf))
+        idx = torch.topk(absv, top, dim=1, sorted=True).indices
+    for k in ks:
+        counts = torch.zeros(C, dtype=torch.int64, device=values.device)
+        if idx is not None:
+            flat = idx[:, : min(k, top)].reshape(-1)
+            counts.index_add_(0, flat, torch.ones_like(flat))
+        out.append(counts)
+    return out
 
 
 @jaxtyped(typechecker=beartype)
@@ -82,9 +88,9 @@ class RunningStats:
         gap = (v.sum(1) - lg).abs()
         scale = torch.maximum(lg.abs(), v.abs().sum(1)).clamp(min=1.0)
         tops = {}
-        for k in ks:
-            tops[(k, False)] = top_counts(values, ~constant, k)
-            tops[(k, True)] = top_counts(values, torch.ones_like(constant), k)
+        for constants, keep in ((False, ~constant), (True, torch.ones_like(constant))):
+            for k, counts in zip(ks, top_counts(values, keep, ks)):
+                tops[(k, constants)] = counts
         return cls(
             n=n,
             mean=mean,

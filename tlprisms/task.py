@@ -317,27 +317,36 @@ def _is_pair(row: Any) -> bool:
     return isinstance(row, (tuple, list)) and not isinstance(row, (str, bytes))
 
 
-def _check_answer(view: Any, i: int, answer: Any, caller: str) -> None:
-    """A single-token string, a token id, a LogitDiff of those, or a Direction."""
+def _resolve_answer(view: Any, i: int, answer: Any, caller: str, memo: dict) -> Any:
+    """The answer as a target with token ids (a single-token string or a token id becomes
+    its id, a LogitDiff a LogitDiff of ids, a Direction stays), or an error naming item ``i``.
+    ``memo`` keeps the ids of answers already resolved (labels repeat across a task)."""
+    key = (type(answer), answer) if isinstance(answer, (str, int, LogitDiff)) else None
+    if key is not None and key in memo:
+        return memo[key]
     try:
         if isinstance(answer, str) or check_arg.is_index(answer):
-            token_id(view, answer, caller, "answer")
-            return
-        if isinstance(answer, LogitDiff):
-            token_id(view, answer.positive, caller, "answer")
-            token_id(view, answer.negative, caller, "answer")
-            return
+            target: Any = token_id(view, answer, caller, "answer")
+        elif isinstance(answer, LogitDiff):
+            target = LogitDiff(
+                token_id(view, answer.positive, caller, "answer"),
+                token_id(view, answer.negative, caller, "answer"),
+            )
+        elif isinstance(answer, Direction):
+            return answer
+        else:
+            raise TargetError(
+                f"{caller}: the answer {answer!r:.60} (type {type(answer).__name__}) is not "
+                "a target; give a single-token string, a token id, tlprisms.LogitDiff or "
+                "tlprisms.Direction."
+            )
     except TargetError as err:
         msg = str(err)
         msg = msg[len(caller) + 2 :] if msg.startswith(caller + ": ") else msg
         raise TargetError(f"{caller}: item {i}: {msg}") from None
-    if isinstance(answer, Direction):
-        return
-    raise TargetError(
-        f"{caller}: item {i}: the answer {answer!r:.60} (type {type(answer).__name__}) is not "
-        "a target; give a single-token string, a token id, tlprisms.LogitDiff or "
-        "tlprisms.Direction."
-    )
+    if key is not None:
+        memo[key] = target
+    return target
 
 
 def _row(i: int, row: Any, columns: tuple, caller: str) -> tuple:
@@ -374,8 +383,8 @@ def _row(i: int, row: Any, columns: tuple, caller: str) -> tuple:
 def _items(
     view: Any, prompts: Any, answers: Any, columns: Any, caller: str
 ) -> tuple[Iterator[tuple], Optional[int]]:
-    """``(index, prompt, answer)`` for every item, checked as read, and the task's length
-    when it is known."""
+    """``(index, prompt, answer, target)`` for every item, checked as read (``target``: the
+    answer with token ids), and the task's length when it is known."""
     if isinstance(prompts, (str, bytes)) or isinstance(answers, (str, bytes)):
         raise ArgumentError(
             f"{caller}: prompts and answers must be lists (one answer per "
@@ -397,9 +406,9 @@ def _items(
                 )
 
         def listed() -> Iterator[tuple]:
+            memo: dict = {}
             for i, (p, a) in enumerate(zip(prompts, answers)):
-                _check_answer(view, i, a, caller)
-                yield i, p, a
+                yield i, p, a, _resolve_answer(view, i, a, caller, memo)
 
         return listed(), len(prompts)
     if (
@@ -421,10 +430,10 @@ def _items(
     total = len(prompts) if hasattr(prompts, "__len__") else None
 
     def rows() -> Iterator[tuple]:
+        memo: dict = {}
         for i, row in enumerate(it):
             p, a = _row(i, row, columns, caller)
-            _check_answer(view, i, a, caller)
-            yield i, p, a
+            yield i, p, a, _resolve_answer(view, i, a, caller, memo)
 
     return rows(), total
 
@@ -432,8 +441,8 @@ def _items(
 def _batches(
     items: Iterator[tuple], size: int, window: int, bucket: bool, length: Any
 ) -> Iterator[list]:
-    """Batches of ``(index, prompt, answer, n_tokens)``: consecutive items, or, with
-    ``bucket``, each look-ahead window of ``window`` batches sorted by token length."""
+    """Batches of ``(*item, n_tokens)`` (``item[1]`` is the prompt): consecutive items, or,
+    with ``bucket``, each look-ahead window of ``window`` batches sorted by token length."""
     while True:
         chunk = []
         for item in items:
@@ -443,7 +452,7 @@ def _batches(
         if not chunk:
             return
         if bucket:
-            chunk.sort(key=lambda x: x[3])  # stable: equal lengths keep their order
+            chunk.sort(key=lambda x: x[-1])  # stable: equal lengths keep their order
         for s in range(0, len(chunk), size):
             yield chunk[s : s + size]
         if len(chunk) < size * window:
@@ -565,10 +574,17 @@ def explain_task(
             tokens = model.to_tokens(ps, **kw)
             with torch.no_grad():
                 out, cache = model.run_with_cache(tokens, names_filter=names)
-            prism = LogitPrism(model, cache, tokens=tokens, logits=out)
-            pos = [b[3] - 1 for b in batch]
+            # no tokens=: this cache was just recorded from them (the values do not depend
+            # on it, and the prism then skips labelling every input token)
+            prism = LogitPrism(model, cache, logits=out)
+            pos = [b[-1] - 1 for b in batch]
             r = prism.decompose(
-                PerRow(ans), pos, heads=heads, neurons=neurons, by_source=False, softcap=softcap
+                PerRow([b[3] for b in batch]),
+                pos,
+                heads=heads,
+                neurons=neurons,
+                by_source=False,
+                softcap=softcap,
             )
             del cache, out, prism
             if table is None:
