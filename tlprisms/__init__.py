@@ -44,6 +44,7 @@ from tlprisms._result import Component, Decomposition
 from tlprisms._seam import needed_hooks
 from tlprisms._targets import Direction, LogitDiff, NextToken, PerRow
 from tlprisms._verification import Verification
+from tlprisms.dictionary import Dictionary
 from tlprisms.prism import LogitPrism
 from tlprisms.task import explain_task
 
@@ -60,6 +61,7 @@ __all__ = [
     "needed_hooks",
     "PrismError",
     "Verification",
+    "Dictionary",
 ]
 
 from importlib.metadata import PackageNotFoundError, version

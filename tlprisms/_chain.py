@@ -55,15 +55,27 @@ class Hop:
     ('L5H1[src 3]', 'L2N40')
     """
 
-    kind: str  # "head" or "neuron"
+    kind: str  # "head", "neuron" or "feature"
     layer: int
     index: int
     src: Optional[int] = None
+    #: a feature hop's :class:`~tlprisms.Dictionary` (``Hop("feature", dictionary, f)``)
+    dictionary: Any = None
 
     @check.entry
-    def __init__(self, kind: str, layer: int, index: int, src: Optional[int] = None) -> None:
+    def __init__(self, kind: str, layer: Any, index: int, src: Optional[int] = None) -> None:
         caller = "Hop"
-        check.choice(kind, "kind", ("head", "neuron"), caller)
+        check.choice(kind, "kind", ("head", "neuron", "feature"), caller)
+        dictionary = None
+        if kind == "feature":
+            from tlprisms.dictionary import Dictionary
+
+            if not isinstance(layer, Dictionary):
+                raise ArgumentError(
+                    f"Hop: a feature hop is Hop('feature', dictionary, f) with a "
+                    f"tlprisms.Dictionary; got {type(layer).__name__}."
+                )
+            dictionary, layer = layer, layer.layer
         values = {
             "kind": kind,
             "layer": check.index(layer, "layer", caller),
@@ -77,10 +89,13 @@ class Hop:
                     "reads); a neuron hop reads its own position."
                 )
             values["src"] = check.index(src, "src", caller, PositionError)
+        values["dictionary"] = dictionary
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
     def __str__(self) -> str:
+        if self.kind == "feature":
+            return f"L{self.layer}F{self.index}"
         if self.kind == "head":
             return f"L{self.layer}H{self.index}" + ("" if self.src is None else f"[src {self.src}]")
         return f"L{self.layer}N{self.index}"
@@ -303,6 +318,10 @@ def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
             f"{caller}: the previous head hop kept every source position; give "
             "it src=... to chain further from one source."
         )
+    if hop.kind == "feature":
+        from tlprisms._features import check_feature_hop
+
+        return check_feature_hop(cv, r, hop)
     layer = check.layer(view, hop.layer, caller)
     if hop.kind == "head":
         index = check.head(view, hop.index, caller)
@@ -338,7 +357,12 @@ def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
 
 
 def run_chain(
-    rec: Recorded, fr: FinalReadout, ex: Explained, path: Sequence[Hop], split: Split
+    rec: Recorded,
+    fr: FinalReadout,
+    ex: Explained,
+    path: Sequence[Hop],
+    split: Split,
+    dictionaries: Sequence[Any] = (),
 ) -> ChainTerms:
     """Follow ``path`` back from the final readout; split the last hop's readout by writer.
 
@@ -358,8 +382,18 @@ def run_chain(
     term = torch.zeros(0)
     for i, hop in enumerate(path):
         hop = _check_hop(cv, st, hop, last=i == len(path) - 1)
+        if hop.kind == "feature":
+            from tlprisms._features import feature_hop
+
+            st, term = feature_hop(cv, st, hop)
+            continue
         st, term = (head_hop if hop.kind == "head" else neuron_hop)(cv, st, hop)
-    terms = split_writes(cv, st.readout, split)
+    if dictionaries:  # the last hop split into dictionary features
+        from tlprisms._features import feature_split
+
+        terms = feature_split(cv, st.readout, dictionaries, split)
+    else:
+        terms = split_writes(cv, st.readout, split)
     values, weights = terms.values, ex.weights
     B, P, K, C = values.shape
     k = weights.shape[2]

@@ -274,7 +274,7 @@ class Dictionary:
                 )
         for site in {self.site, self.input_site}:
             has = (
-                view.has_site(Site.RESID_MID, self.layer)
+                view.has_site(Site.MLP_OUT, self.layer)
                 if site is Site.LN2_NORMALIZED
                 else view.has_site(site, self.layer)
             )

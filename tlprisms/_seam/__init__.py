@@ -12,7 +12,16 @@ from typing import Any
 
 from tlprisms._errors import ArgumentError
 from tlprisms._seam._cache import LOW_PRECISION, CacheView
-from tlprisms._seam._hooks import PART_SITES, PARTS, PROVENANCE_SITES, Site, hook_names
+from tlprisms._seam._hooks import (
+    DICTIONARY_HOOKS,
+    PART_SITES,
+    PARTS,
+    PROVENANCE_SITES,
+    Site,
+    block_hook_name,
+    hook_names,
+    parse_block_hook,
+)
 from tlprisms._seam._interventions import (
     COPY_TOKENS,
     Ablation,
@@ -46,6 +55,9 @@ __all__ = [
     "run_ablated",
     "record",
     "COPY_TOKENS",
+    "DICTIONARY_HOOKS",
+    "parse_block_hook",
+    "block_hook_name",
 ]
 
 

@@ -10,7 +10,16 @@ included so that a cache recorded with ``needed_hooks`` can always be verified.
 import enum
 from typing import Any, Optional
 
-__all__ = ["Site", "PART_SITES", "PARTS", "PROVENANCE_SITES", "hook_name", "hook_names"]
+__all__ = [
+    "Site",
+    "PART_SITES",
+    "PARTS",
+    "PROVENANCE_SITES",
+    "hook_name",
+    "hook_names",
+    "parse_block_hook",
+    "block_hook_name",
+]
 
 
 class Site(enum.Enum):
@@ -40,6 +49,7 @@ class Site(enum.Enum):
     ATTN_SCORES = "attn_scores"  # pre-softmax scores (after soft-cap and mask)
     ROT_COS = "rot_cos"  # a bridge's rotary tables, as its attention received them
     ROT_SIN = "rot_sin"
+    LN2_NORMALIZED = "ln2.normalized"  # the MLP's input after ln2 (a transcoder's input)
 
 
 _GLOBAL = frozenset({Site.TOKENS, Site.EMBED, Site.POS_EMBED, Site.FINAL_RESID, Site.FINAL_SCALE})
@@ -78,6 +88,9 @@ PART_SITES: dict[str, frozenset] = {
         Site.SOLU_SCALE,
     },
 }
+#: dictionary features (SAEs, transcoders) read the residual streams and norm scales their
+#: encoders and hops read: the chains' sites
+PART_SITES["features"] = PART_SITES["chains"]
 #: the QK prism reads both sides' writers (split into heads/neurons on request), ln1's scale,
 #: the scores it explains and a bridge's rotary tables
 PART_SITES["qk"] = PART_SITES["heads"] | {
@@ -129,7 +142,43 @@ def hook_name(site: Site, layer: Optional[int], *, n_layers: int, is_bridge: boo
         Site.ATTN_SCORES: f"{b}.attn.hook_attn_scores",
         Site.ROT_COS: f"{b}.attn.hook_cos",
         Site.ROT_SIN: f"{b}.attn.hook_sin",
+        Site.LN2_NORMALIZED: f"{b}.ln2.hook_normalized",
     }[site]
+
+
+#: the hooks inside a block a dictionary may read or write, by their name after
+#: ``blocks.{layer}.`` (SAELens, Gemma Scope and circuit-tracer spellings)
+_DICTIONARY_HOOKS = {
+    "hook_resid_pre": Site.RESID_PRE,
+    "hook_resid_mid": Site.RESID_MID,
+    "hook_mlp_in": Site.RESID_MID,
+    "hook_resid_post": Site.RESID_POST,
+    "hook_attn_out": Site.ATTN_OUT,
+    "hook_mlp_out": Site.MLP_OUT,
+    "mlp.hook_out": Site.MLP_OUT,
+    "ln2.hook_normalized": Site.LN2_NORMALIZED,
+    "mlp.hook_in": Site.LN2_NORMALIZED,
+}
+#: the hook names a dictionary may name, for messages
+DICTIONARY_HOOKS = tuple(_DICTIONARY_HOOKS)
+
+
+def parse_block_hook(name: str) -> Optional[tuple[Site, int]]:
+    """``(site, layer)`` of a block hook a dictionary can sit at, or None.
+
+    >>> parse_block_hook("blocks.3.hook_resid_pre")
+    (<Site.RESID_PRE: 'resid_pre'>, 3)
+    """
+    parts = name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        return None
+    site = _DICTIONARY_HOOKS.get(parts[2])
+    return None if site is None else (site, int(parts[1]))
+
+
+def block_hook_name(layer: int, suffix: str) -> str:
+    """The full hook name of ``suffix`` (e.g. ``"hook_mlp_out"``) in block ``layer``."""
+    return f"blocks.{layer}.{suffix}"
 
 
 def hook_names(view: Any, parts: tuple) -> list[str]:

@@ -42,6 +42,7 @@ __all__ = [
     "load_demo_hf_model",
     "load_demo_model",
     "load_demo_tokenizer",
+    "load_demo_sae",
 ]
 
 #: Folder holding ``model.safetensors``, ``config.json``, ``tokenizer.json`` and
@@ -340,3 +341,31 @@ def load_demo_model(
     if kind == "hooked":
         return _load_hooked(fold, device, dtype)
     raise ValueError(f"kind must be 'auto', 'bridge' or 'hooked', not {kind!r}")
+
+
+def load_demo_sae() -> Any:
+    """The demo SAE: 256 ReLU features on the demo model's residual stream before layer 1
+    (``b_dec`` subtracted before encoding), trained by ``scripts/train_demo_sae.py`` (seeded)
+    and shipped in ``assets/demo_sae.safetensors``.
+
+    >>> sae = load_demo_sae()
+    >>> sae.d_sae, sae.layer
+    (256, 1)
+    """
+    from safetensors import safe_open
+
+    from tlprisms.dictionary import Dictionary
+
+    path = ASSETS_DIR / "demo_sae.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        w = {k: f.get_tensor(k) for k in f.keys()}
+    return Dictionary(
+        w["W_enc"],
+        w["b_enc"],
+        w["W_dec"],
+        w["b_dec"],
+        meta["hook_name"],
+        subtract_b_dec=meta.get("apply_b_dec_to_input") == "true",
+        name="demo SAE",
+    )
