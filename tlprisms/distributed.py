@@ -4,11 +4,11 @@ Launch the same script on every process with ``torchrun`` (or ``accelerate launc
 calls it), initialise the process group, and call ``explain_task`` as usual::
 
     torchrun --nproc_per_node 8 task.py                        # 8 GPUs of one machine
-    torchrun --nnodes 4 --nproc_per_node 8 --node_rank $RANK \\
+    torchrun --nnodes 4 --nproc_per_node 8 --node_rank $NODE_RANK \\
              --rdzv_backend c10d --rdzv_endpoint host0:29500 task.py   # 4 machines
 
     # task.py
-    import torch, torch.distributed as dist, tlprisms as tp
+    import os, torch, torch.distributed as dist, tlprisms as tp
     dist.init_process_group()                 # "nccl" on GPUs, "gloo" on CPUs
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)              # GPUs only
@@ -22,8 +22,10 @@ task is computed by rank ``i % world_size``; every rank must be given the same i
 same order (each one reads them all and skips the others' items). Each rank keeps running
 statistics of its own prompts; they are gathered (``all_gather_object``: a few tensors with
 one row per component) and merged exactly (:class:`~tlprisms._stats.RunningStats`) in rank
-order, so **every rank returns the same result**, bit for bit, equal to a one-process run to
-float64 rounding. With ``keep="values"`` the per-prompt values are gathered too (on the
+order, so **every rank returns the same result**, bit for bit. It equals one process run on
+the same shards, merged, to float64 rounding; against one process run on the whole task it
+differs only as much as the terms do when batched with other prompts (other padding:
+float32 rounding). With ``keep="values"`` the per-prompt values are gathered too (on the
 CPU) and put back in task order. Parquet output: one file per rank (``terms-rank0.parquet``,
 ... or a ``{rank}`` in the path); read them together with ``pandas.read_parquet(dir)`` or
 duckdb's ``read_parquet('out/terms-rank*.parquet')``.
