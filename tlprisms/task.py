@@ -21,7 +21,7 @@ kept (:class:`TaskStats`: memory bounded by the batch, whatever the length of th
 
 >>> rows = ({"prompt": p, "answer": a} for p, a in capital_task()[:4])
 >>> st = tp.explain_task(load_demo_model(), rows, heads="all", keep="stats", progress=False)
->>> st.check().n, st.summary(k=3)["component"][0]
+>>> st.check().n, st.summary(k=5)["component"][0]
 (4, 'L1.mlp')
 """
 
