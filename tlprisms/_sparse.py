@@ -162,17 +162,19 @@ def sparsify(
     groups: Groups,
     top_k: Optional[int],
     min_abs: Optional[float],
+    inplace: bool = False,
 ) -> SparseTerms:
     """Keep the ``top_k`` largest ``|terms|`` (those ``>= min_abs``) of every ``(b, p, k)``,
     every constant, and one remainder per group: the sum of the terms dropped from it.
 
     ``values`` is a chunk of dense terms labelled by the table ``groups`` was made from;
-    remainder ``g`` is column ``C + g`` of :func:`extend`'s table."""
+    remainder ``g`` is column ``C + g`` of :func:`extend`'s table. ``inplace``: ``values``
+    may be overwritten (a chunk nobody else holds), which saves a copy."""
     B, P, K, C = values.shape
     dev = values.device
-    free = torch.as_tensor(groups.free, device=dev)
+    const = torch.as_tensor(groups.const, dtype=torch.long, device=dev)
     n_free = int(groups.free.sum())
-    score = values.abs().masked_fill_(~free, -1.0)  # constants are never candidates
+    score = values.abs().index_fill_(-1, const, -1.0)  # constants are never candidates
     kk = n_free if top_k is None else min(top_k, n_free)
     if min_abs is not None and kk > 0:
         kk = min(kk, int((score >= min_abs).sum(-1).max()))
@@ -180,8 +182,10 @@ def sparsify(
     del score
     keep = top >= (0.0 if min_abs is None else min_abs)
     picked = values.gather(-1, idx)
-    dropped = values.clone()
-    # zero the kept terms (a slot not kept writes its own value back)
+    const_values = values.index_select(-1, const)
+    # zero the kept terms (a slot not kept writes its own value back): the group sums are
+    # then the sums of the dropped terms
+    dropped = values if inplace else values.clone()
     dropped.scatter_(-1, idx, torch.where(keep, torch.zeros_like(picked), picked))
     if groups.order is not None:
         dropped = dropped.index_select(-1, torch.as_tensor(groups.order, device=dev))
@@ -189,14 +193,13 @@ def sparsify(
     for g, (s, e) in enumerate(groups.bounds):
         rest[..., g] = dropped[..., s:e].sum(-1)
     del dropped
-    const = torch.as_tensor(groups.const, dtype=torch.long, device=dev)
     n_c, G = len(groups.const), len(groups)
     S = kk + n_c + G
     out_v = torch.empty(B, P, K, S, dtype=values.dtype, device=dev)
     out_i = torch.empty(B, P, K, S, dtype=torch.long, device=dev)
     out_v[..., :kk] = torch.where(keep, picked, torch.zeros_like(picked))
     out_i[..., :kk] = torch.where(keep, idx, torch.full_like(idx, -1))
-    out_v[..., kk : kk + n_c] = values.index_select(-1, const)
+    out_v[..., kk : kk + n_c] = const_values
     out_i[..., kk : kk + n_c] = const
     out_v[..., kk + n_c :] = rest
     out_i[..., kk + n_c :] = torch.arange(C, C + G, device=dev)
@@ -258,7 +261,7 @@ def chunked_split(
         terms = split_writes(cv, _slice_readout(readout, s, e), split, extra=ex_chunk)
         values = finish(terms.values, s, e, terms.layer_gap)
         del terms
-        pieces.append(sparsify(values, groups, top_k, min_abs))
+        pieces.append(sparsify(values, groups, top_k, min_abs, inplace=True))
         del values
     S = max(p.values.shape[-1] for p in pieces)
     k_out = pieces[0].values.shape[2]
