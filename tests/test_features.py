@@ -241,3 +241,26 @@ def test_features_by_family_names_every_component():
     names = {str(c) for c in r.components}
     assert {"L0F0", "L0.b_dec", "L0.error"} <= names
     assert np.all(r.components.feature[r.components.kinds() == "feature"] >= 0)
+
+
+def test_feature_template_is_the_direct_term():
+    """weights.feature_templates times the activation and the final norm's 1/s is the
+    feature's term in the prism."""
+    model, prism = _demo()
+    sae = load_demo_sae()
+    r = prism.features(" Paris", sae)
+    f = int(r.top(1, batch=0, kind="feature")["feature"][0])
+    tmpl = tp.weights.feature_templates(model, sae, [f], [" Paris"]).values[0, 0]
+    cv = CacheView(prism.view, prism.cache, "test")
+    last = torch.full((prism.batch, 1), prism.n_ctx - 1)
+    act = sae.encode(cv.at(Site.RESID_PRE, 1, last))[0, 0, f]
+    fr = final_readout(Recorded(cv, prism.tokens), " Paris", -1)
+    want = act * tmpl * fr.readout.inv_s[0, 0]
+    got = r.select(kind="feature", feature=f).values[0, 0, 0, 0]
+    assert torch.allclose(got, want, rtol=1e-4)
+    top = tp.weights.feature_top_tokens(model, sae, f, k=5)
+    assert top["promoted"][0][1] >= top["suppressed"][0][1]
+    ov = tp.weights.ov_feature_map(model, 0, 2, sae, [" France", " Japan"], [f, 0])
+    assert ov.values.shape == (2, 2) and ov.cols == [f"L1F{f}", "L1F0"]
+    with pytest.raises(ArgumentError, match="does not hold layer 1"):
+        tp.weights.ov_feature_map(model, 1, 0, sae, [" France"], [f])

@@ -41,6 +41,9 @@ __all__ = [
     "neuron_templates",
     "unembed_map",
     "qk_map",
+    "feature_templates",
+    "feature_top_tokens",
+    "ov_feature_map",
 ]
 
 Tokens = Union[Sequence[Union[int, str]], Tensor]
@@ -423,4 +426,168 @@ def qk_map(
             "scale": float(scale),
             "positional": "; ".join(positional) or "the model adds no positional information",
         },
+    )
+
+
+# ----------------------------------------------------------------------------- features
+def _dictionary(view: ModelView, dictionary: Any, caller: str) -> Any:
+    from tlprisms.dictionary import Dictionary
+
+    if not isinstance(dictionary, Dictionary):
+        raise ArgumentError(f"{caller}: dictionary={dictionary!r:.60}; pass a tlprisms.Dictionary.")
+    dictionary.check_model(view, caller)
+    return dictionary
+
+
+def _features(dictionary: Any, features: Any, caller: str) -> list[int]:
+    if check.is_index(features):
+        features = [features]
+    if isinstance(features, str) or not isinstance(features, (Sequence, Tensor)):
+        raise ArgumentError(f"{caller}: features={features!r}; pass a list of feature indices.")
+    items = features.tolist() if isinstance(features, Tensor) else list(features)
+    if not items:
+        raise ArgumentError(f"{caller}: no features given; pass a list of feature indices.")
+    n = dictionary.d_sae
+    return [check.in_range(f, n, "feature", caller, of=f" ({n} features)") for f in items]
+
+
+def _logit_directions(view: ModelView, dictionary: Any, feats: list[int], dtype: Any) -> Tensor:
+    """The features' writes as readouts of the logits: ``w_final * P(W_dec[f])`` ``[n, d]``
+    (the final norm's scale left out: 1)."""
+    v = dictionary.W_dec[feats].to(dtype) / dictionary.input_scale
+    norm = view.final_norm
+    if norm.centred:
+        v = v - v.mean(-1, keepdim=True)
+    return v if norm.weight is None else v * norm.weight.to(v.device, dtype)
+
+
+@check.entry
+def feature_templates(
+    model: Any,
+    dictionary: Any,
+    features: Sequence[int],
+    tokens: Tokens,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> TokenMap:
+    """Each feature's direct logit template over a token set: ``W_dec[f]`` read through the
+    final norm (its weight and centring; scale 1) and ``W_U``: ``values[f, t]`` is the logit
+    change of token ``t`` per unit of activation and per unit of the final norm's ``1/s``.
+
+    >>> import tlprisms as tp
+    >>> from tlprisms.demo import load_demo_model, load_demo_sae
+    >>> m = tp.weights.feature_templates(load_demo_model(), load_demo_sae(), [0, 1], [" Paris"])
+    >>> m.values.shape
+    torch.Size([2, 1])
+    """
+    caller = "feature_templates"
+    view = ModelView(model)
+    d = _dictionary(view, dictionary, caller)
+    feats = _features(d, features, caller)
+    ids, labels = _ids(view, tokens, "tokens", caller)
+    with torch.no_grad():
+        r = _logit_directions(view, d, feats, dtype)
+        cols, _ = view.unembed_columns(torch.tensor(ids), dtype)  # [t, d]
+        values = r @ cols.to(r.device).T
+    return TokenMap(
+        values=values,
+        rows=[f"L{d.layer}F{f}" for f in feats],
+        cols=labels,
+        title=f"logit templates of {d.name} features",
+        meta={"layer": d.layer, "features": feats, "hook": d.hook},
+    )
+
+
+@check.entry
+def feature_top_tokens(
+    model: Any, dictionary: Any, feature: int, *, k: int = 10, dtype: torch.dtype = torch.float32
+) -> dict:
+    """The ``k`` tokens a feature's decoder direction promotes most and suppresses most,
+    through the final norm and ``W_U`` (see :func:`feature_templates`):
+    ``{"promoted": [(token, value)...], "suppressed": [...]}``.
+
+    >>> import tlprisms as tp
+    >>> from tlprisms.demo import load_demo_model, load_demo_sae
+    >>> top = tp.weights.feature_top_tokens(load_demo_model(), load_demo_sae(), 0, k=3)
+    >>> len(top["promoted"]), len(top["suppressed"])
+    (3, 3)
+    """
+    caller = "feature_top_tokens"
+    view = ModelView(model)
+    d = _dictionary(view, dictionary, caller)
+    f = _features(d, [feature], caller)
+    k = check.count(k, "k", caller)
+    with torch.no_grad():
+        r = _logit_directions(view, d, f, dtype)[0]
+        logits = r @ view.unembed_matrix().to(r.device, dtype)  # [vocab]
+    k = min(k, logits.shape[0])
+    up, down = logits.topk(k), (-logits).topk(k)
+    return {
+        "promoted": [(view.token_label(int(i), quote=False), float(v)) for v, i in zip(*up)],
+        "suppressed": [(view.token_label(int(i), quote=False), -float(v)) for v, i in zip(*down)],
+    }
+
+
+@check.entry
+def ov_feature_map(
+    model: Any,
+    layer: int,
+    head: int,
+    dictionary: Any,
+    src_tokens: Tokens,
+    features: Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> TokenMap:
+    """How head ``(layer, head)``'s OV circuit moves source tokens into a later dictionary's
+    features: ``values[s, f] = ln1(E_s) W_V W_O . W_enc[:, f]`` (times the dictionary's input
+    scale; through its ``ln2`` weight and centring for a transcoder reading
+    ``ln2.hook_normalized``, scale 1), per unit of attention: the feature's pre-activation
+    change when the head reads token ``s``.
+
+    >>> import tlprisms as tp
+    >>> from tlprisms.demo import load_demo_model, load_demo_sae
+    >>> m = tp.weights.ov_feature_map(load_demo_model(), 0, 2, load_demo_sae(), [" France"], [0])
+    >>> m.values.shape
+    torch.Size([1, 1])
+    """
+    from tlprisms._seam import Site
+
+    caller = "ov_feature_map"
+    view = ModelView(model)
+    layer = check.layer(view, layer, caller)
+    head = check.head(view, head, caller)
+    d = _dictionary(view, dictionary, caller)
+    feats = _features(d, features, caller)
+    reads_layer = {
+        Site.RESID_PRE: d.layer > layer,
+        Site.RESID_MID: d.layer >= layer,
+        Site.LN2_NORMALIZED: d.layer >= layer and not view.parallel,
+        Site.RESID_POST: d.layer >= layer,
+    }.get(d.input_site)
+    if not reads_layer:
+        raise ArgumentError(
+            f"{caller}: the dictionary reads {d.input_hook!r}, which does not hold layer "
+            f"{layer}'s attention output (a dictionary on a residual stream after it, or on "
+            "the MLP input of this or a later layer, does)."
+        )
+    src, src_labels = _ids(view, src_tokens, "src_tokens", caller)
+    with torch.no_grad():
+        E = _embeddings(view, src, view.ln1[layer], dtype)  # [s, d]
+        g = view.kv_group(head)
+        W_V = view.W_V(layer, dtype).to(E.device)[g]
+        W_O = view.W_O(layer, dtype).to(E.device)[head]
+        enc = d.W_enc[:, feats].T.to(E.device, dtype) * d.input_scale  # [f, d]
+        if d.input_site is Site.LN2_NORMALIZED:
+            enc = view.ln2[d.layer].pull_back(enc)
+        post = view.ln1_post[layer]
+        if post is not None:
+            enc = post.pull_back(enc)
+        values = ((E @ W_V) @ W_O) @ enc.T
+    return TokenMap(
+        values=values,
+        rows=src_labels,
+        cols=[f"L{d.layer}F{f}" for f in feats],
+        title=f"OV map of L{layer}H{head} into {d.name} features",
+        meta={"layer": layer, "head": head, "features": feats},
     )
