@@ -344,3 +344,49 @@ def test_one_side_whole(case):
         prism.qk(1, 2, sides="query", k_heads="all")
     with pytest.raises(ArgumentError, match="sides="):
         prism.qk(1, 2, sides="pairs")
+
+
+def test_render_pair_matrix_and_sources(case):
+    from tlprisms import render
+    from tlprisms.render._qk import attention_pattern, pair_matrix, query_sources
+
+    r = case.prism.qk(1, 0, q_heads="all")
+    fig = pair_matrix(r, batch=1, target=3, top=6)
+    m = fig.data["matrix"]
+    assert m.shape[0] <= 6 and m.shape[1] <= 6
+    # folding keeps every term: the cells add up to the score
+    assert abs(m.sum() - float(r.logits[1, 0, 3])) <= 1e-4 * (
+        1 + float(r.values[1, 0, 3].abs().sum())
+    )
+    assert "<svg" in fig.svg
+    html = render.to_html(r)
+    assert "<svg" in html and "q: " in html
+    w = query_sources(r, batch=0, target=2)
+    assert w.component == "ColoredTokens" and len(w.props["values"]) == SEQ
+    pattern = case.cache[case.prism.view.hook(Site.PATTERN, 1)][0]
+    assert attention_pattern(pattern[0], [str(t) for t in range(SEQ)]).component == (
+        "AttentionPattern"
+    )
+    assert attention_pattern(pattern, [str(t) for t in range(SEQ)]).component == "AttentionHeads"
+    with pytest.raises(ArgumentError, match="no query-side heads"):
+        query_sources(case.prism.qk(1, 0))
+
+
+def test_bundle_once_per_notebook(monkeypatch):
+    """In a Jupyter kernel the first displayed view carries the CircuitsVis bundle and the
+    later ones reuse it; to_html() called directly stays self-contained."""
+    from tlprisms import render
+    from tlprisms.render import _views_base as vb
+
+    monkeypatch.setattr(vb, "_in_kernel", lambda: True)
+    monkeypatch.setattr(vb, "_NOTEBOOK", {"sent": False})
+    w = render.Widget("ColoredTokens", {"tokens": ["a"], "values": [1.0]})
+    marker = vb.bundle_script()
+
+    class Shown:
+        def _repr_html_(self):
+            return render.to_html(w)
+
+    first, second = Shown()._repr_html_(), w._repr_html_()
+    assert first.count(marker) == 1 and second.count(marker) == 0
+    assert render.to_html(w).count(marker) == 1  # a fragment to paste: self-contained

@@ -9,6 +9,7 @@ links and namespace names, never fetched).
 import datetime
 import inspect
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -18,7 +19,14 @@ from tlprisms._result import Decomposition
 from tlprisms.render import _args as arg
 from tlprisms.render._escape import esc
 from tlprisms.render._views import default_view
-from tlprisms.render._views_base import WRAP, Figure, Group, View, bundle_script
+from tlprisms.render._views_base import (
+    WRAP,
+    Figure,
+    Group,
+    View,
+    bundle_script,
+    notebook_bundle,
+)
 
 __all__ = ["to_html", "show", "Report", "save_svg", "save_png", "as_view"]
 
@@ -117,7 +125,22 @@ def to_html(obj: Any, **kw: Any) -> str:
     fragments runs it once) and makes no network request. Element ids are fresh on every
     call, so the same object can be shown twice. See :func:`as_view` for what ``obj`` can be.
     """
-    return as_view(obj, **kw).html()
+    view = as_view(obj, **kw)
+    if _displayed_by_jupyter():  # an object's _repr_html_: the bundle once per kernel session
+        return view.fragment(bundle=notebook_bundle(view.needs_bundle))
+    return view.html()
+
+
+def _displayed_by_jupyter() -> bool:
+    """``to_html`` was called by an object's ``_repr_html_`` (Jupyter displaying it)."""
+    frame = sys._getframe(2)
+    for _ in range(8):  # type-checking wrappers may stand in between
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_repr_html_":
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _HTML:
@@ -139,15 +162,15 @@ def show(obj: Any, **kw: Any) -> Any:
     Returns None after displaying in an IPython session; otherwise an object with
     ``_repr_html_`` (IPython's ``HTML`` when IPython is installed).
     """
-    html = to_html(obj, **kw)
+    view = as_view(obj, "show", **kw)
     try:
         from IPython import get_ipython
         from IPython.display import HTML, display
     except ImportError:
-        return _HTML(html)
+        return _HTML(view.html())
     if get_ipython() is None:
-        return HTML(html)
-    display(HTML(html))
+        return HTML(view.html())
+    display(HTML(view.fragment(bundle=notebook_bundle(view.needs_bundle))))
     return None
 
 

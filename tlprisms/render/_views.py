@@ -564,6 +564,11 @@ def default_view(
     views: list[View] = []
     at: dict[str, Any] = dict(batch=pt.batch, pos=pt.p, target=pt.target)
     caption = _caption(result, pt)
+    if "pair" in kinds:  # a QK result: the pair matrix (and the query's sources)
+        from tlprisms.render._qk import qk_default_view
+
+        views = qk_default_view(result, pt.batch, pt.target)
+        return Group(views, caption=caption, title=f"{result.prism} prism")
     if "head" in kinds:
         views.append(layer_head_heatmap(result, **at))
         if (result.components.src[result.components.kinds() == "head"] >= 0).any():

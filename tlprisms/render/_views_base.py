@@ -21,7 +21,16 @@ from tlprisms._errors import ArgumentError, PrismError
 from tlprisms.render import _args as arg
 from tlprisms.render._escape import esc, new_id, script_json
 
-__all__ = ["View", "Figure", "Widget", "Group", "bundle_script", "CV_GLOBAL", "WRAP"]
+__all__ = [
+    "View",
+    "Figure",
+    "Widget",
+    "Group",
+    "bundle_script",
+    "notebook_bundle",
+    "CV_GLOBAL",
+    "WRAP",
+]
 
 #: the window property the guarded bundle stores CircuitsVis's exports in
 CV_GLOBAL = "__tlprismsCircuitsVis"
@@ -73,6 +82,34 @@ def bundle_script() -> str:
     )
 
 
+#: Jupyter shows many views per notebook: the first view displayed in a kernel session
+#: carries the CircuitsVis bundle and the later ones reuse it (``window.__tlprismsCircuitsVis``),
+#: so a saved notebook holds one copy and still renders offline (outputs run in order)
+_NOTEBOOK = {"sent": False}
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def notebook_bundle(needed: bool) -> bool:
+    """Whether a view Jupyter displays now must carry the bundle: outside a kernel always
+    (when needed), in a kernel only the first time in the session."""
+    if not needed:
+        return False
+    if not _in_kernel():
+        return True
+    if _NOTEBOOK["sent"]:
+        return False
+    _NOTEBOOK["sent"] = True
+    return True
+
+
 class View:
     """One rendered view. ``html()`` is a self-contained fragment; Jupyter shows it."""
 
@@ -89,8 +126,8 @@ class View:
         """A self-contained HTML fragment (inlines the CircuitsVis bundle when needed)."""
         return self.fragment(bundle=self.needs_bundle)
 
-    def _repr_html_(self) -> str:
-        return self.html()
+    def _repr_html_(self) -> str:  # Jupyter: the bundle once per kernel session
+        return self.fragment(bundle=notebook_bundle(self.needs_bundle))
 
     def figures(self) -> list["Figure"]:
         """The plain SVG figures in this view (for :func:`save_svg`)."""
