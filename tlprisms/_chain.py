@@ -34,7 +34,7 @@ from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from tlprisms import _validate as check
-from tlprisms._engine import Readout, Split, Terms, split_writes
+from tlprisms._engine import Readout, Split, Terms, split_writes, writes_table
 from tlprisms._errors import ArgumentError, PositionError, UnsupportedModelError
 from tlprisms._ops import dot
 from tlprisms._readout import Explained, FinalReadout, Recorded, weigh
@@ -356,6 +356,25 @@ def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
     return Hop("neuron", layer, index)
 
 
+def _split_into(
+    cv: CacheView, st: _State, ex: Explained, split: Split
+) -> tuple[Terms, Optional[Tensor]]:
+    """The last hop's readout split by writer. With one atom per target (weights 1) the
+    terms are written straight into the chain's result layout ``[B, k, P * C + consts]``
+    (returned second; ``values`` is a permuted view of it), so nothing is copied afterwards."""
+    if not ex.trivial:
+        return split_writes(cv, st.readout, split), None
+    B, P = st.readout.positions.shape
+    k = ex.weights.shape[2]
+    C = len(writes_table(cv, st.readout, split))
+    n_const = sum(t.kind.shape[0] for t, _ in st.consts)
+    u = st.readout.u
+    out = torch.empty(B, k, P * C + n_const, dtype=u.dtype, device=u.device)
+    dest = out[:, :, : P * C].view(B, k, P, C).permute(0, 2, 1, 3)
+    # the chain's total is checked by the caller: no per-layer gap needed
+    return split_writes(cv, st.readout, split, out=dest, gap=False), out
+
+
 def run_chain(
     rec: Recorded,
     fr: FinalReadout,
@@ -392,17 +411,20 @@ def run_chain(
         from tlprisms._features import feature_split
 
         terms = feature_split(cv, st.readout, dictionaries, split)
+        out: Optional[Tensor] = None
     else:
-        terms = split_writes(cv, st.readout, split)
+        terms, out = _split_into(cv, st, ex, split)
     values, weights = terms.values, ex.weights
     B, P, K, C = values.shape
     k = weights.shape[2]
     n_const = sum(t.kind.shape[0] for t, _ in st.consts)
-    out = torch.empty(B, k, P * C + n_const, dtype=values.dtype, device=values.device)
-    combined = values if ex.trivial else weigh(values, weights)
-    out[:, :, : P * C].view(B, k, P, C).copy_(combined.permute(0, 2, 1, 3))
+    if out is None:  # weigh the atoms into targets, then lay out [B, k, P * C + consts]
+        out = torch.empty(B, k, P * C + n_const, dtype=values.dtype, device=values.device)
+        combined = values if ex.trivial else weigh(values, weights)
+        out[:, :, : P * C].view(B, k, P, C).copy_(combined.permute(0, 2, 1, 3))
+        del combined
     table = terms.table
-    del values, combined, terms
+    del values, terms
     tables = [table.tile_over_positions(st.at)]
     start = P * C
     for t, v in st.consts:

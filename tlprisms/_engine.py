@@ -157,19 +157,20 @@ def _neuron_terms(
     layer: int,
     ul: Float[Tensor, "rb rp k d_model"],
     positions: Int[Tensor, "batch pos"],
+    out: Optional[Tensor] = None,
 ) -> Float[Tensor, "batch pos k d_mlp"]:
-    """``[B, P, K, d_mlp]``"""
+    """``[B, P, K, d_mlp]`` (written into ``out`` when given)."""
     post = cv.at(Site.MLP_POST, layer, positions, ul.dtype)
     W_out = cv.view.W_out(layer, ul.dtype).to(ul.device)  # [n, d]
     B, P = positions.shape
     if ul.shape[0] == 1 and ul.shape[1] == 1:
         Wu = ul[0, 0] @ W_out.T  # [K, n] (this layout is the fast one)
-        return post[:, :, None, :] * Wu[None, None]
+        return torch.mul(post[:, :, None, :], Wu[None, None], out=out)
     if ul.shape[1] == 1:  # one readout per batch row
         Wu = torch.einsum("nm,bkm->bkn", W_out, ul[:, 0].expand(B, *ul.shape[2:]))
-        return post[:, :, None, :] * Wu[:, None]
+        return torch.mul(post[:, :, None, :], Wu[:, None], out=out)
     Wu = torch.einsum("nm,bpkm->bpkn", W_out, _expand(ul, B, P))
-    return post[:, :, None, :] * Wu
+    return torch.mul(post[:, :, None, :], Wu, out=out)
 
 
 def _table(
@@ -234,6 +235,8 @@ def split_writes(
     readout: Readout,
     split: Split,
     extra: Sequence[tuple[Tensor, ComponentTable]] = (),
+    out: Optional[Tensor] = None,
+    gap: bool = True,
 ) -> Terms:
     """Split a readout by every write into the residual stream it reads.
 
@@ -244,6 +247,10 @@ def split_writes(
     Args:
         split: which layers to split into heads (x sources) / neurons.
         extra: more ``([B', P', K] values, labels)`` to append (the readout's constants).
+        out: where to write the terms, ``[B, P, K, C]`` (any strides, e.g. a permuted view
+            of the caller's own result); a new tensor when None.
+        gap: compute ``layer_gap`` (split layers' parts minus their whole write); zeros
+            when False (a caller that checks its totals otherwise).
     """
     view = cv.view
     u, inv_s, positions = readout.u, readout.inv_s, readout.positions
@@ -251,7 +258,12 @@ def split_writes(
     K = u.shape[2]
     plan = _plan(cv, readout, split)
     table = ComponentTable.concat([t for t, _ in plan] + [t for _, t in extra])
-    out = torch.empty(B, P, K, len(table), dtype=u.dtype, device=u.device)
+    if out is None:
+        out = torch.empty(B, P, K, len(table), dtype=u.dtype, device=u.device)
+    elif tuple(out.shape) != (B, P, K, len(table)):
+        raise ValueError(
+            f"split_writes: out has shape {tuple(out.shape)}, not {(B, P, K, len(table))}"
+        )
     check = torch.zeros(B, P, K, dtype=u.dtype, device=u.device)
     s = inv_s[:, :, None]
     start = 0
@@ -298,12 +310,12 @@ def split_writes(
             else:
                 torch.mul(t, sl[..., None], out=dst.view(t.shape))
             del t
-            check = check + (dst.sum(-1) - whole)
+            if gap:
+                check = check + (dst.sum(-1) - whole)
         else:
-            t = _neuron_terms(cv, layer, ul, positions)
-            torch.mul(t, sl[..., None], out=dst)
-            del t
-            check = check + (dst.sum(-1) - whole)
+            _neuron_terms(cv, layer, ul, positions, out=dst).mul_(sl[..., None])
+            if gap:
+                check = check + (dst.sum(-1) - whole)
     for values, tab in extra:
         out[..., start : start + len(tab)] = values.expand(B, P, K)[..., None]
         start += len(tab)
