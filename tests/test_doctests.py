@@ -10,6 +10,7 @@ MODULES = [
     "tlprisms",
     "tlprisms.prism",
     "tlprisms.weights",
+    "tlprisms.dictionary",
     "tlprisms.task",
     "tlprisms.distributed",
     "tlprisms.errors",

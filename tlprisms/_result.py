@@ -189,7 +189,9 @@ class Component:
         elif self.kind == "neuron":
             s = f"L{self.layer}N{self.neuron}" if self.neuron >= 0 else f"L{self.layer}.neurons"
         elif self.kind == "feature":
-            s = f"L{self.layer}F{self.feature}" if self.feature >= 0 else f"L{self.layer}.features"
+            s = f"L{self.layer}F{self.feature}" if self.feature >= 0 else "features"
+            if self.feature < 0 and self.layer >= 0:
+                s = f"L{self.layer}.features"
         elif self.layer >= 0 and self.kind in (
             "b_dec",
             "b_enc",
