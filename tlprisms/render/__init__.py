@@ -7,6 +7,8 @@
 * Views of a decomposition: :func:`bars` (terms adding up to the logit),
   :func:`layer_head_heatmap`, :func:`source_tokens` and :func:`head_source_map`
   (CircuitsVis widgets), :func:`top_tokens` (what one component promotes and suppresses).
+* Views of a QK result (:meth:`~tlprisms.LogitPrism.qk`): :func:`pair_matrix` (query writers
+  x key writers), :func:`query_sources`, and a head's pattern with :func:`attention_pattern`.
 * Plain SVG helpers for any numbers: :func:`heatmap_svg`, :func:`bar_svg`, :func:`lines_svg`,
   :func:`scatter_svg`; export with :func:`save_svg` (or :func:`save_png`, via a local
   headless Chromium).
@@ -22,6 +24,7 @@ props escaped for a ``<script>``; tokens are always shown as text, never as mark
 """
 
 from tlprisms.render._page import Report, save_png, save_svg, show, to_html
+from tlprisms.render._qk import attention_pattern, pair_matrix, query_sources
 from tlprisms.render._svg import bar_svg, heatmap_svg
 from tlprisms.render._svg_plots import lines_svg, scatter_svg
 from tlprisms.render._top_tokens import TopTokens, top_tokens
@@ -39,6 +42,9 @@ __all__ = [
     "source_tokens",
     "head_source_map",
     "top_tokens",
+    "pair_matrix",
+    "query_sources",
+    "attention_pattern",
     "heatmap_svg",
     "bar_svg",
     "lines_svg",
