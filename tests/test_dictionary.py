@@ -151,7 +151,7 @@ def test_real_saelens_sae(prism):
     sae_lens = pytest.importorskip("sae_lens")
     cfg_cls = getattr(sae_lens, "StandardSAEConfig", None)
     if cfg_cls is not None:  # SAELens >= 6
-        sae = sae_lens.StandardSAE(cfg_cls(d_in=D, d_sae=F, metadata=None))
+        sae = sae_lens.StandardSAE(cfg_cls(d_in=D, d_sae=F))
         sae.cfg.metadata.hook_name = HOOK
     else:
         cfg = sae_lens.SAEConfig.from_dict(

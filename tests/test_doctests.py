@@ -21,6 +21,7 @@ MODULES = [
     "tlprisms._targets",
     "tlprisms._result",
     "tlprisms._chain",
+    "tlprisms._qk",
 ]
 
 

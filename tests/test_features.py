@@ -264,3 +264,17 @@ def test_feature_template_is_the_direct_term():
     assert ov.values.shape == (2, 2) and ov.cols == [f"L1F{f}", "L1F0"]
     with pytest.raises(ArgumentError, match="does not hold layer 1"):
         tp.weights.ov_feature_map(model, 1, 0, sae, [" France"], [f])
+
+
+def test_render_feature_terms():
+    model, prism = _demo()
+    sae = load_demo_sae()
+    r = prism.features(" Paris", sae)
+    fig = tp.render.feature_terms(r, model, sae, k=4, tokens=2)
+    rows = fig.data["features"]
+    top = r.top(4, batch=0, kind="feature")
+    assert [x["feature"] for x in rows] == list(top["feature"])
+    assert all(len(x["promoted"]) == 2 for x in rows)
+    assert "L1.error" in fig.svg and "L1.b_dec" in fig.svg
+    with pytest.raises(ArgumentError, match="no feature terms"):
+        tp.render.feature_terms(prism.residual(" Paris"), model, sae)

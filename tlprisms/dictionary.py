@@ -493,6 +493,11 @@ def _from_saelens_parts(cfg: dict, p: dict, hook: Optional[str], caller: str) ->
             f"{caller}: architecture {arch!r} with activation {act_name!r} is not one tlprisms "
             f"reads; supported: {', '.join(ACTIVATIONS)}."
         )
+    if (cfg.get("reshape_activations") or "none") != "none":
+        raise ArgumentError(
+            f"{caller}: an SAE on {cfg.get('reshape_activations')!r} (per-head z) is not "
+            "supported; tlprisms reads dictionaries on d_model-sized sites."
+        )
     norm = cfg.get("normalize_activations") or "none"
     if norm not in ("none", None):
         raise ArgumentError(

@@ -6,7 +6,8 @@
 * :class:`Report`: several views in ONE self-contained HTML file.
 * Views of a decomposition: :func:`bars` (terms adding up to the logit),
   :func:`layer_head_heatmap`, :func:`source_tokens` and :func:`head_source_map`
-  (CircuitsVis widgets), :func:`top_tokens` (what one component promotes and suppresses).
+  (CircuitsVis widgets), :func:`top_tokens` (what one component promotes and suppresses),
+  :func:`feature_terms` (a feature prism's terms with each feature's top tokens).
 * Views of a QK result (:meth:`~tlprisms.LogitPrism.qk`): :func:`pair_matrix` (query writers
   x key writers), :func:`query_sources`, and a head's pattern with :func:`attention_pattern`.
 * Plain SVG helpers for any numbers: :func:`heatmap_svg`, :func:`bar_svg`, :func:`lines_svg`,
@@ -23,6 +24,7 @@ props escaped for a ``<script>``; tokens are always shown as text, never as mark
 (False, True)
 """
 
+from tlprisms.render._features import feature_terms
 from tlprisms.render._page import Report, save_png, save_svg, show, to_html
 from tlprisms.render._qk import attention_pattern, pair_matrix, query_sources
 from tlprisms.render._svg import bar_svg, heatmap_svg
@@ -53,4 +55,5 @@ __all__ = [
     "Figure",
     "Widget",
     "TopTokens",
+    "feature_terms",
 ]
