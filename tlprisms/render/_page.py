@@ -11,6 +11,7 @@ import inspect
 import re
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any, Optional, Union
 
 from tlprisms import _validate as check
@@ -133,7 +134,7 @@ def to_html(obj: Any, **kw: Any) -> str:
 
 def _displayed_by_jupyter() -> bool:
     """``to_html`` was called by an object's ``_repr_html_`` (Jupyter displaying it)."""
-    frame = sys._getframe(2)
+    frame: Optional[FrameType] = sys._getframe(2)
     for _ in range(8):  # type-checking wrappers may stand in between
         if frame is None:
             return False

@@ -35,6 +35,11 @@ def is_pairs(result: Any) -> bool:
     return isinstance(result, Decomposition) and hasattr(result.components, "side_columns")
 
 
+def _pairs(result: Decomposition) -> Any:
+    """The result's pair table (a :class:`tlprisms._qk.PairTable`)."""
+    return result.components
+
+
 def _check(result: Any, caller: str) -> Decomposition:
     if not is_pairs(result):
         raise ArgumentError(
@@ -80,7 +85,7 @@ def pair_matrix(
     result = _check(result, caller)
     top = check.count(top, "top", caller, minimum=2)
     v = _values(result, batch, target, caller)
-    c = result.components
+    c = _pairs(result)
     nq, nk = len(c.q), len(c.k)
     m = np.zeros((nq, nk))
     np.add.at(m, (c.qi, c.ki), v)
@@ -102,7 +107,7 @@ def query_sources(result: Decomposition, *, batch: int = 0, target: int = 0) -> 
 
     caller = "query_sources"
     result = _check(result, caller)
-    c = result.components
+    c = _pairs(result)
     src = c.q.src[c.qi]
     head = c.q.kinds()[c.qi] == "head"
     if not bool((head & (src >= 0)).any()):
@@ -165,7 +170,7 @@ def qk_default_view(result: Decomposition, batch: int, target: int) -> list:
     """The default views of a QK result: the pair matrix, and the query's sources when the
     query side is split by source."""
     views: list = [pair_matrix(result, batch=batch, target=target)]
-    c = result.components
+    c = _pairs(result)
     if bool(((c.q.kinds() == "head") & (c.q.src >= 0)).any()) and result.str_tokens is not None:
         try:
             views.append(query_sources(result, batch=batch, target=target))
