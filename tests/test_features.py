@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tlprisms as tp
+from tlprisms._features import dictionary_input
 from tlprisms._readout import Recorded, final_readout
 from tlprisms._seam import Copy, Removal, Site, run_frozen
 from tlprisms._seam._cache import CacheView
@@ -72,8 +73,9 @@ def test_complete_on_every_family(case, variant):
     assert torch.equal(r.logits, prism.residual(" Paris").logits)
     # no embedding term left: the residual dictionary replaces it
     assert "embed" not in set(r.components.kinds())
-    prism.features([7, tp.LogitDiff(3, 4)], dicts, pos=[1, SEQ - 1, 3]).check()
-    prism.features(tp.NextToken(), dicts, pos="all").check()
+    if variant == "transcoder":  # positions: one per row, and all (bounded as the prisms)
+        prism.features([7, tp.LogitDiff(3, 4)], dicts, pos=[1, SEQ - 1, 3]).check()
+        prism.features(tp.NextToken(), dicts, pos="all").check()
 
 
 def test_error_is_zero_for_a_lossless_dictionary():
@@ -278,3 +280,36 @@ def test_render_feature_terms():
     assert "L1.error" in fig.svg and "L1.b_dec" in fig.svg
     with pytest.raises(ArgumentError, match="no feature terms"):
         tp.render.feature_terms(prism.residual(" Paris"), model, sae)
+
+
+def test_removing_a_transcoder_feature_moves_the_logit_by_minus_its_term():
+    """A transcoder on the last MLP: its feature's write is subtracted from hook_mlp_out in a
+    forward pass with the final norm's scale frozen (no later block)."""
+    model, prism = _demo()
+    d = model.cfg.d_model
+    tc = random_dictionary(
+        d, "blocks.1.hook_mlp_out", 8, input_hook="blocks.1.ln2.hook_normalized", skip=True
+    )
+    r = prism.features(" Paris", tc)
+    cv = CacheView(prism.view, prism.cache, "test")
+    at = prism.n_ctx - 1
+    acts = tc.encode(dictionary_input(cv, tc, torch.full((prism.batch, 1), at), torch.float32))
+    pid = model.to_single_token(" Paris")
+    scale = prism.cache["ln_final.hook_scale"]
+    for f, term in zip(*r.top(3, batch=0, kind="feature")[["feature", "value"]].T.values):
+        vec = acts[0, 0, int(f)] * tc.W_dec[int(f)]
+
+        def remove(x, hook, vec=vec):
+            x[:1, at] -= vec
+            return x
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                prism.tokens,
+                fwd_hooks=[
+                    ("blocks.1.hook_mlp_out", remove),
+                    ("ln_final.hook_scale", lambda x, hook: scale),
+                ],
+            )
+        delta = float(logits[0, at, pid] - prism.logits[0, at, pid])
+        assert abs(delta + term) <= 1e-4 * (1 + abs(term)) and abs(term) > 1e-3

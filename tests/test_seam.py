@@ -57,6 +57,11 @@ def _run_part(prism: tp.LogitPrism, part: str) -> list:
         return [prism.heads(7), prism.decompose(7, heads="all", by_source=False)]
     if part == "neurons":
         return [prism.neurons(7)]
+    if part == "qk":
+        return [
+            prism.qk(1, 0, q_heads="all", k_neurons="all"),
+            prism.qk(1, 1, pos=4, keys=[3, 1], contrast=True, q_neurons="all", sides="query"),
+        ]
     view = prism.view
     u = torch.ones(view.d_model)
     out = [
