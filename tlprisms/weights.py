@@ -391,7 +391,7 @@ def qk_map(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ArgumentError(
             f"{caller}: scale={scale!r}; pass the positive number ln1 is frozen at (e.g. a "
-            "typical ln1.hook_scale value of the model), default 1."
+            "typical scale of the layer's ln1 on a forward pass), default 1."
         )
     if view.embedding_normalised:
         raise UnsupportedModelError(
