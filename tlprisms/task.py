@@ -486,7 +486,7 @@ def explain_task(
     bucket: Optional[bool] = None,
     window: int = 32,
     distributed: Optional[bool] = None,
-) -> Union[TaskResult, TaskStats]:
+) -> Any:  # TaskResult, or TaskStats with keep="stats"
     """Decompose each prompt's answer logit at its last token, in batches.
 
     Args:

@@ -94,6 +94,7 @@ PART_SITES["features"] = PART_SITES["chains"]
 #: the QK prism reads both sides' writers (split into heads/neurons on request), ln1's scale,
 #: the scores it explains and a bridge's rotary tables
 PART_SITES["qk"] = PART_SITES["heads"] | {
+    Site.RESID_PRE,
     Site.MLP_POST,
     Site.LN1_SCALE,
     Site.ATTN_SCORES,
