@@ -241,6 +241,75 @@ def side_terms(
     return values, terms.table
 
 
+def _whole_side(
+    cv: CacheView,
+    layer: int,
+    W: Float[Tensor, "d_model d_head"],
+    b: Float[Tensor, " d_head"],
+    positions: Int[Tensor, "batch pos"],
+) -> Float[Tensor, "batch pos d_head"]:
+    """The whole query (or key) vector at ``positions``, rotated there: ``R (ln1(x) W + b)``
+    with ln1 at its cached scale."""
+    ln1, dtype = cv.view.ln1[layer], W.dtype
+    x = cv.at(Site.RESID_PRE, layer, positions, dtype)
+    scale = cv.scale(ln1, positions)[..., None].to(dtype) if ln1.has_scale else None
+    v = ln1.apply(x, scale) @ W + b
+    rot = _rotary(cv, layer, positions, dtype)
+    if rot is not None:
+        v = _rotate(v[..., None], rot[0], rot[1], cv.view.rotary_adjacent_pairs)[..., 0]
+    return v
+
+
+def one_side(
+    cv: CacheView,
+    layer: int,
+    W: Float[Tensor, "d_model d_head"],
+    b: Float[Tensor, " d_head"],
+    bias_kind: str,
+    head: int,
+    positions: Int[Tensor, "batch pos"],
+    other: Float[Tensor, "batch n d_head"],
+    split: Split,
+    factor: float,
+) -> tuple[Float[Tensor, "batch pos k comp"], ComponentTable]:
+    """One side's writers' terms of the score against the other side kept whole: the score
+    ``(R_p v_p) . other * c`` is the readout ``x_p . P(w1 * W R_p^T other c) / s_p`` plus
+    ln1's bias and the projection's bias, so the engine splits it with one direction per
+    key instead of ``d_head``. ``positions`` is ``[B, 1]`` (the query; ``other`` holds one
+    key per column) or ``[B, Kp]`` (the keys; ``other`` the query, one per key). Returns
+    ``[B, 1, Kp, C]`` or ``[B, Kp, 1, C]``."""
+    view, dtype = cv.view, W.dtype
+    ln1 = view.ln1[layer]
+    B, P = positions.shape
+    rot = _rotary(cv, layer, positions, dtype)
+    y = other * factor  # [B, K, d_head]
+    if rot is not None:  # R_p^T: the rotation at p with the sine negated
+        cos, sin = rot  # [B, P, rot]
+        if P == 1:
+            cos, sin = cos.expand(B, y.shape[1], -1), sin.expand(B, y.shape[1], -1)
+        y = _rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
+    u_pre = y @ W.T  # [B, K, d_model]
+    if P == 1:  # one query position, one direction per key
+        u, const = ln1.pull_back(u_pre)[:, None], ln1.constant(u_pre)[:, None]
+        bias = (y @ b)[:, None]
+    else:  # one key per position, one direction each
+        u, const = ln1.pull_back(u_pre)[:, :, None], ln1.constant(u_pre)[:, :, None]
+        bias = (y @ b)[:, :, None]
+    readout = Readout(
+        u=u,
+        inv_s=cv.inv_scale_or_one(ln1, positions),
+        positions=positions,
+        attn_layers=layer,
+        mlp_layers=layer,
+    )
+    extra = []
+    if ln1.bias is not None:
+        extra.append((const, ComponentTable.block("ln.b", layer=layer)))
+    extra.append((bias, ComponentTable.block(bias_kind, layer=layer, head=head)))
+    terms = split_writes(cv, readout, split, extra=extra)
+    return terms.values, terms.table
+
+
 def qk_terms(
     rec: Recorded,
     layer: int,
@@ -271,18 +340,24 @@ def qk_terms(
     b_K = view.b_K(layer, dtype, device)[g]
     qpos = torch.full((B, 1), pos, dtype=torch.long, device=device)
     kpos = torch.tensor(list(keys), dtype=torch.long, device=device)[None].expand(B, -1)
-    Q, q_table = side_terms(cv, layer, W_Q, b_Q, "b_Q", head, qpos, q_split)
-    K, k_table = side_terms(cv, layer, W_K, b_K, "b_K", g, kpos, k_split)
-    if sides == "query":  # the key side whole: the query side's terms of the score
-        K, k_table = K.sum(-1, keepdim=True), ComponentTable.block("resid", layer=layer)
-    elif sides == "key":
-        Q, q_table = Q.sum(-1, keepdim=True), ComponentTable.block("resid", layer=layer)
     factor = view.attn_score_factor(layer)
-    # [B, 1, Ca, d] @ [B, Kp, d, Cb] -> [B, Kp, Ca, Cb]: one matmul for every pair
-    pairs = torch.matmul(Q[:, 0].transpose(1, 2)[:, None], K) * factor
-    Kp = K.shape[1]
-    values = pairs.reshape(B, 1, Kp, -1)
-    z = torch.einsum("bd,bkd->bk", Q[:, 0].sum(-1), K.sum(-1))[:, None] * factor
+    Kp = kpos.shape[1]
+    whole = ComponentTable.block("resid", layer=layer)
+    if sides == "query":  # the key whole: a readout of the query's stream, one per key
+        k = _whole_side(cv, layer, W_K, b_K, kpos)  # [B, Kp, d_head], rotated at j
+        values, q_table = one_side(cv, layer, W_Q, b_Q, "b_Q", head, qpos, k, q_split, factor)
+        values, k_table = values.reshape(B, 1, Kp, -1), whole
+    elif sides == "key":  # the query whole: a readout of each key's stream
+        q = _whole_side(cv, layer, W_Q, b_Q, qpos).expand(B, Kp, -1)
+        values, k_table = one_side(cv, layer, W_K, b_K, "b_K", g, kpos, q, k_split, factor)
+        values, q_table = values.reshape(B, 1, Kp, -1), whole
+    else:
+        Q, q_table = side_terms(cv, layer, W_Q, b_Q, "b_Q", head, qpos, q_split)
+        K, k_table = side_terms(cv, layer, W_K, b_K, "b_K", g, kpos, k_split)
+        # [B, 1, Ca, d] @ [B, Kp, d, Cb] -> [B, Kp, Ca, Cb]: one matmul for every pair
+        pairs = torch.matmul(Q[:, 0].transpose(1, 2)[:, None], K) * factor
+        values = pairs.reshape(B, 1, Kp, -1)
+    z = values.sum(-1)
     cap = view.attn_softcap(layer)
     post = z if cap is None else cap * torch.tanh(z / cap)
     recorded = None
