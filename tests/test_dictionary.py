@@ -199,7 +199,7 @@ def test_real_saelens_sae(prism):
         ({"activation": "topk"}, "needs k"),
         ({"input_scale": 0.0}, "input_scale"),
         ({"W_enc": torch.zeros(3)}, "2 dimension"),
-        ({"input_hook": "blocks.0.hook_resid_mid", "hook": "blocks.1.hook_mlp_out"}, "same layer"),
+        ({"input_hook": "blocks.0.hook_resid_mid", "hook": "blocks.1.hook_mlp_out"}, "of layer 0"),
     ],
 )
 def test_bad_construction(kw, fragment):

@@ -42,7 +42,14 @@ from torch import Tensor
 
 from tlprisms import _validate as check
 from tlprisms._errors import ArgumentError
-from tlprisms._seam import DICTIONARY_HOOKS, Site, block_hook_name, parse_block_hook
+from tlprisms._seam import (
+    DICTIONARY_HOOKS,
+    HOOK_NAME_KEY,
+    Site,
+    block_hook_name,
+    parse_block_hook,
+    transcoder_hooks,
+)
 
 __all__ = ["Dictionary", "ACTIVATIONS"]
 
@@ -139,25 +146,25 @@ class Dictionary:
         if self.site not in _OUTPUT_SITES:
             raise ArgumentError(
                 f"{caller}: hook={hook!r} is a place to read, not a write to reconstruct; "
-                "a dictionary reconstructs a residual stream (hook_resid_pre/mid/post), "
-                "hook_attn_out or hook_mlp_out (pass the read one as input_hook)."
+                "a dictionary reconstructs a residual stream, an attention output or an MLP "
+                "output (pass the place it reads as input_hook)."
             )
         if input_hook is None:
             self.input_hook, self.input_site, input_layer = self.hook, self.site, self.layer
         else:
             self.input_hook, self.input_site, input_layer = _site(input_hook, "input_hook", caller)
         self.transcoder = self.input_hook != self.hook
+        out, normed, raw = transcoder_hooks(input_layer)
         if self.transcoder and (self.site is not Site.MLP_OUT or input_layer != self.layer):
             raise ArgumentError(
                 f"{caller}: a transcoder (input_hook={self.input_hook!r} differs from "
-                f"hook={self.hook!r}) must write its own layer's hook_mlp_out, replacing that "
-                "MLP; pass hook='blocks.L.hook_mlp_out' and an input hook of the same layer."
+                f"hook={self.hook!r}) must reconstruct its own layer's MLP output, replacing "
+                f"that MLP; pass hook={out!r} and an input hook of layer {input_layer}."
             )
         if self.transcoder and self.input_site not in (Site.LN2_NORMALIZED, Site.RESID_MID):
             raise ArgumentError(
                 f"{caller}: a transcoder reads the MLP's input: input_hook must be "
-                "'blocks.L.ln2.hook_normalized' (or 'mlp.hook_in') or 'blocks.L.hook_resid_mid';"
-                f" got {self.input_hook!r}."
+                f"{normed!r} or {raw!r}; got {self.input_hook!r}."
             )
         check.choice(activation, "activation", ACTIVATIONS, caller)
         self.activation = activation
@@ -269,8 +276,8 @@ class Dictionary:
                 raise ArgumentError(
                     f"{caller}: dictionary {self.name} has d_{'in' if what == 'input' else 'out'}"
                     f"={d} ({what} size) but the model has d_model={view.d_model}; it was "
-                    "made for another model (or a hook_z/per-head site, which tlprisms does "
-                    "not read)."
+                    "made for another model (or a per-head z site, which tlprisms does not "
+                    "read)."
                 )
         for site in {self.site, self.input_site}:
             has = (
@@ -470,9 +477,9 @@ def _read_yaml(file: Path, caller: str) -> dict:
 
 def _from_saelens_parts(cfg: dict, p: dict, hook: Optional[str], caller: str) -> "Dictionary":
     meta = cfg.get("metadata") or {}
-    hook = hook or cfg.get("hook_name") or meta.get("hook_name")
+    hook = hook or cfg.get(HOOK_NAME_KEY) or meta.get(HOOK_NAME_KEY)
     if not isinstance(hook, str):
-        raise ArgumentError(f"{caller}: the config names no hook_name; pass hook=.")
+        raise ArgumentError(f"{caller}: the config names no hook; pass hook=.")
     arch = str(cfg.get("architecture") or "standard").lower()
     act_name = str(cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu").lower()
     kwargs = cfg.get("activation_fn_kwargs") or {}

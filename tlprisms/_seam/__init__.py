@@ -14,6 +14,7 @@ from tlprisms._errors import ArgumentError
 from tlprisms._seam._cache import LOW_PRECISION, CacheView
 from tlprisms._seam._hooks import (
     DICTIONARY_HOOKS,
+    HOOK_NAME_KEY,
     PART_SITES,
     PARTS,
     PROVENANCE_SITES,
@@ -21,6 +22,7 @@ from tlprisms._seam._hooks import (
     block_hook_name,
     hook_names,
     parse_block_hook,
+    transcoder_hooks,
 )
 from tlprisms._seam._interventions import (
     COPY_TOKENS,
@@ -58,6 +60,8 @@ __all__ = [
     "DICTIONARY_HOOKS",
     "parse_block_hook",
     "block_hook_name",
+    "HOOK_NAME_KEY",
+    "transcoder_hooks",
 ]
 
 

@@ -19,6 +19,8 @@ __all__ = [
     "hook_names",
     "parse_block_hook",
     "block_hook_name",
+    "HOOK_NAME_KEY",
+    "transcoder_hooks",
 ]
 
 
@@ -162,6 +164,8 @@ _DICTIONARY_HOOKS = {
 }
 #: the hook names a dictionary may name, for messages
 DICTIONARY_HOOKS = tuple(_DICTIONARY_HOOKS)
+#: the config key under which SAELens (and the demo SAE's metadata) names a dictionary's hook
+HOOK_NAME_KEY = "hook_name"
 
 
 def parse_block_hook(name: str) -> Optional[tuple[Site, int]]:
@@ -175,6 +179,12 @@ def parse_block_hook(name: str) -> Optional[tuple[Site, int]]:
         return None
     site = _DICTIONARY_HOOKS.get(parts[2])
     return None if site is None else (site, int(parts[1]))
+
+
+def transcoder_hooks(layer: int) -> tuple[str, str, str]:
+    """A transcoder's output hook and its two possible input hooks at ``layer`` (messages)."""
+    b = f"blocks.{layer}"
+    return f"{b}.hook_mlp_out", f"{b}.ln2.hook_normalized", f"{b}.hook_resid_mid"
 
 
 def block_hook_name(layer: int, suffix: str) -> str:

@@ -354,6 +354,7 @@ def load_demo_sae() -> Any:
     """
     from safetensors import safe_open
 
+    from tlprisms._seam import HOOK_NAME_KEY
     from tlprisms.dictionary import Dictionary
 
     path = ASSETS_DIR / "demo_sae.safetensors"
@@ -365,7 +366,7 @@ def load_demo_sae() -> Any:
         w["b_enc"],
         w["W_dec"],
         w["b_dec"],
-        meta["hook_name"],
+        meta[HOOK_NAME_KEY],
         subtract_b_dec=meta.get("apply_b_dec_to_input") == "true",
         name="demo SAE",
     )
