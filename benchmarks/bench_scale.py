@@ -69,7 +69,9 @@ def long_context(seq: int, repeats: int, quick: bool, top_k: int = TOP_K) -> dic
     def sparse():
         return prism.full(tp.NextToken(), pos="all", top_k=top_k)
 
+    print(f"long context {seq}: cache made", file=sys.stderr, flush=True)
     r = sparse().check()
+    print("long context: first call done", file=sys.stderr, flush=True)
     out = {
         "input": f"1 x {seq} tokens, every position's next token, full split, top_k={top_k}",
         "components": len(r.components),
@@ -81,6 +83,7 @@ def long_context(seq: int, repeats: int, quick: bool, top_k: int = TOP_K) -> dic
     del r
     mem = peak_extra_mib(sparse)
     out["extra_peak_mib"] = mem["extra_mib"]
+    print(f"long context: {out}", file=sys.stderr, flush=True)
     if repeats:
         t = interleaved({"run_with_cache": rwc, "sparse": sparse}, repeats=repeats)
         out["run_with_cache_s"] = t["run_with_cache"]["median"]

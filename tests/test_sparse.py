@@ -10,7 +10,7 @@ from tlprisms import _sparse
 from tlprisms._result import KINDS, Decomposition
 from tlprisms.errors import ArgumentError
 
-from conftest import BATCH, SEQ
+from conftest import BATCH, SEQ, build_case
 
 TOP_K = 3
 #: chunked vs one-block terms: the same products, possibly blocked differently (float32)
@@ -77,6 +77,16 @@ def test_sparse_equals_dense_last_position(case, prism):
     assert_sparse_of(fn(TARGET, top_k=TOP_K), fn(TARGET), top_k=TOP_K)
 
 
+#: the families the fast pos="all" test runs on (every family: the slow one)
+ALL_POS_FAST = [("gpt2/bridge", True), ("gemma2/bridge", False)]
+
+
+@pytest.mark.parametrize("which", ALL_POS_FAST, ids=lambda w: f"{w[0]}-{w[1]}")
+def test_sparse_all_positions_chunked_fast(which, monkeypatch):
+    test_sparse_all_positions_chunked(build_case(*which), monkeypatch)
+
+
+@pytest.mark.slow
 def test_sparse_all_positions_chunked(case, monkeypatch):
     """pos="all": one position per chunk (the smallest chunks) gives the same result."""
     dense = case.prism.full(tp.NextToken(), pos="all")
