@@ -313,3 +313,16 @@ def test_removing_a_transcoder_feature_moves_the_logit_by_minus_its_term():
             )
         delta = float(logits[0, at, pid] - prism.logits[0, at, pid])
         assert abs(delta + term) <= 1e-4 * (1 + abs(term)) and abs(term) > 1e-3
+
+
+def test_sparse_and_dense_reads_agree(monkeypatch):
+    """A sparse code is read through its active features only; the terms are the same."""
+    import tlprisms._features as engine
+
+    _, prism = _demo()
+    sae = load_demo_sae()
+    monkeypatch.setattr(engine, "_SPARSE_FRACTION", 1.0)
+    sparse = prism.features(" Paris", sae).check()
+    monkeypatch.setattr(engine, "_SPARSE_FRACTION", 0.0)
+    dense = prism.features(" Paris", sae).check()
+    assert torch.allclose(sparse.values, dense.values, atol=1e-5)

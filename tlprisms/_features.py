@@ -50,6 +50,8 @@ _ATTN = frozenset(KINDS.index(k) for k in ("attn", "head", "b_O"))
 _MLP = frozenset(KINDS.index(k) for k in ("mlp", "neuron", "b_out"))
 _START = frozenset(KINDS.index(k) for k in ("embed", "pos_embed"))
 _INHERIT = KINDS.index("ln.b")  # a post-norm's bias follows its layer's write
+#: below this fraction of active features, only the active ones are read and decoded
+_SPARSE_FRACTION = 0.25
 
 
 def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Dictionary]:
@@ -145,10 +147,19 @@ def _dictionary_terms(cv: CacheView, d: Dictionary, r: Readout, u: Tensor, inv_s
     if d.input_scale != 1.0:
         W_dec = W_dec / d.input_scale
     s = inv_s[:, :, None]
-    Wu = _contract(W_dec, u)  # [B', P', K, F]
-    feats = acts[:, :, None, :] * Wu * s[..., None]
+    active = (acts != 0).flatten(0, -2).any(0).nonzero()[:, 0]  # features active anywhere
+    if active.numel() <= acts.shape[-1] * _SPARSE_FRACTION:
+        # a sparse code (a trained dictionary): read and decode the active features only;
+        # the others' terms are exactly 0
+        W_act, a_act = W_dec.index_select(0, active), acts.index_select(-1, active)
+        feats = torch.zeros(B, P, K, acts.shape[-1], dtype=dtype, device=u.device)
+        feats.index_copy_(-1, active, a_act[:, :, None, :] * _contract(W_act, u) * s[..., None])
+        x_hat = a_act @ W_act
+    else:
+        feats = acts[:, :, None, :] * _contract(W_dec, u) * s[..., None]
+        x_hat = acts @ W_dec
     b_dec = d.b_dec.to(u.device, dtype) / d.input_scale
-    x_hat = acts @ W_dec + b_dec
+    x_hat = x_hat + b_dec
     values = [feats.reshape(B, P, K, -1), ((u @ b_dec).expand(B, P, K) * s)[..., None]]
     L = d.layer
     tables = [
