@@ -15,7 +15,7 @@ Measured against the ``run_with_cache`` that produced the cache, in the same pro
 Extra peak memory (RSS sampled, and the torch allocator's exact peak) of each call, result
 included. Limit 64 MiB.
 
-    python benchmarks/bench_qk.py [--repeats N] [--quick]
+    python benchmarks/bench_qk.py [--repeats N] [--quick] [--threads N]
 """
 
 import argparse
@@ -49,9 +49,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     silence()
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = gpt2_small_shaped(quick=args.quick)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     seq = SEQ if not args.quick else 32
@@ -99,6 +102,7 @@ def main() -> None:
         }
     out = {
         "input": f"{BATCH} x {seq} tokens, gpt2-small shape (random init), CPU",
+        "threads": torch.get_num_threads(),
         "run_with_cache_s": timing["run_with_cache"]["median"],
         "cases": rows,
         "environment": environment(),
@@ -112,7 +116,8 @@ def main() -> None:
             f"(<= {lim['extra_peak_mib']:.0f}) | {'ok' if r['ok'] else 'MISS'} |"
         )
     if not args.quick:
-        path = Path(__file__).parent / "results" / "qk.json"
+        name = "qk.json" if not args.threads else f"qk-threads{args.threads}.json"
+        path = Path(__file__).parent / "results" / name
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")
 
