@@ -24,6 +24,7 @@ PUBLIC = {
     "Hop",
     "explain_task",
     "Verification",
+    "Dictionary",
 }
 
 
