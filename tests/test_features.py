@@ -326,3 +326,28 @@ def test_sparse_and_dense_reads_agree(monkeypatch):
     monkeypatch.setattr(engine, "_SPARSE_FRACTION", 0.0)
     dense = prism.features(" Paris", sae).check()
     assert torch.allclose(sparse.values, dense.values, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2/bridge", "llama/bridge", "gemma2/bridge"])
+def test_top_k_keeps_the_dense_terms_and_the_totals(name):
+    """``top_k``/``min_abs`` on the feature prism: the kept terms are the dense terms bit for
+    bit, every remainder is the sum of what it replaces, and the totals stay exact."""
+    prism = build_case(name, True).prism
+    dicts = stack(build_case(name, True).model, "transcoder")
+    dense = prism.features([7, tp.LogitDiff(3, 4)], dicts, pos="all")
+    for kw in ({"top_k": 4}, {"min_abs": 0.1}, {"top_k": 3, "min_abs": 0.05}):
+        sparse = prism.features([7, tp.LogitDiff(3, 4)], dicts, pos="all", **kw).check()
+        back = sparse.to_dense()
+        assert torch.allclose(back.total(), dense.total(), rtol=1e-5, atol=1e-5)
+        index = sparse.index
+        kept = index >= 0
+        n_dense = len(dense.components)
+        real = kept & (index < n_dense)
+        got = sparse.values[real]
+        want = dense.values.gather(-1, index.clamp(min=0).clamp(max=n_dense - 1))[real]
+        assert torch.equal(got, want)
+        if "top_k" in kw:
+            free = ~sparse.components.is_constant()[index.clamp(min=0).cpu().numpy()]
+            is_rest = np.asarray(sparse.components.kinds())[index.clamp(min=0).cpu().numpy()]
+            n_terms = (real.cpu().numpy() & free & (is_rest != "rest")).sum(-1)
+            assert n_terms.max() <= kw["top_k"]

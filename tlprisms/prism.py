@@ -548,6 +548,8 @@ class LogitPrism:
         neurons: LayerSelection = (),
         by_source: bool = True,
         softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
     ) -> Decomposition:
         """Split the logit into dictionary features (SAEs, transcoders), exactly.
 
@@ -564,6 +566,8 @@ class LogitPrism:
             pos: an index (default -1), one per batch row, or ``"all"``.
             path: hops (:class:`Hop`) to follow back first, as in :meth:`chain`; the last
                 hop's readout is then split into features (one position per row).
+            top_k / min_abs: keep the largest terms and one remainder per (kind, layer), as
+                for :meth:`decompose` (totals stay exact).
 
         Components: kind ``"feature"`` (``layer``, ``feature``), and per dictionary
         ``"b_dec"``, ``"error"`` (and ``"skip"`` for a transcoder's skip connection).
@@ -579,9 +583,20 @@ class LogitPrism:
 
         caller = "LogitPrism.features"
         dicts = check_dictionaries(self.view, dictionaries, caller)
+        top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
         if path:
             return self._chain(
-                target, path, pos, heads, neurons, by_source, softcap, caller, dictionaries=dicts
+                target,
+                path,
+                pos,
+                heads,
+                neurons,
+                by_source,
+                softcap,
+                caller,
+                top_k,
+                min_abs,
+                dictionaries=dicts,
             )
         split = self._split(heads, neurons, by_source, caller)
         with torch.no_grad():
@@ -598,17 +613,19 @@ class LogitPrism:
                 terms.values.reshape(B, P, k, -1) if ex.trivial else weigh(terms.values, ex.weights)
             )
             self._refuse_broken(rec, values, ex.values, terms.layer_gap)
+            values, table, index = self._sparse(rec, values, terms.table, top_k, min_abs)
         labels = fr.atoms.labels
         labels = np.broadcast_to(labels, (B, P if labels.shape[1] != 1 else 1, k))
         return self._result(
             rec,
             values,
-            terms.table,
+            table,
             ex.values,
             fr.readout.positions,
             np.array(labels),
             ex.explains,
             "features",
+            index,
         )
 
     # ------------------------------------------------------------------ chained prisms
