@@ -51,6 +51,8 @@ PYTEST_FILES = [
 RTOL_BF16 = 1e-2
 #: fp32 on a GPU (TF32 off) against fp32 on the same GPU in another layout
 RTOL_FP32 = 1e-4
+#: terms kept per position in the long-context check (as benchmarks/bench_scale.py)
+LONG_TOP_K = 32
 DEV = "cuda"
 
 
@@ -268,6 +270,70 @@ def bench_gpt2(report: dict, quick: bool) -> None:
         print(f"[4] gpt2-small fp32  {r['call']:<62} {r['seconds']:.4f} s  {r['ratio']:.3f}x")
 
 
+def _long_context(seq: int, quick: bool) -> dict:
+    import transformers as tf
+    from _common import bridge_from_hf, random_tokens
+
+    n_layer, d = (2, 64) if quick else (12, 768)
+    cfg = tf.GPT2Config(
+        n_layer=n_layer, n_embd=d, n_head=4 if quick else 12, vocab_size=50257, n_positions=seq
+    )
+    torch.manual_seed(0)
+    model = bridge_from_hf(tf.GPT2LMHeadModel(cfg).eval().to(DEV), "GPT2LMHeadModel", cfg)
+    tokens = random_tokens(1, seq, cfg.vocab_size).to(DEV)
+    names = tp.needed_hooks(model, ("residual", "heads", "neurons"))
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return model.run_with_cache(tokens, names_filter=names)
+
+    logits, cache = forward()
+    prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+    t_fwd = sync_time(forward, repeats=2)
+    del logits
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    r = prism.full(tp.NextToken(), pos="all", top_k=LONG_TOP_K)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    extra = (torch.cuda.max_memory_allocated() - before) / 2**20
+    r.check()
+    return {
+        "call": f"full(NextToken(), pos='all', top_k={LONG_TOP_K}), 1 x {seq} tokens",
+        "forward_s": t_fwd,
+        "seconds": seconds,
+        "ratio": seconds / t_fwd,
+        "extra_mib": extra,
+        "cache_gib": sum(v.numel() * v.element_size() for v in cache.cache_dict.values()) / 2**30,
+        "max_gap": float(r.gap().abs().max()),
+    }
+
+
+def bench_long(report: dict, quick: bool) -> None:
+    rows = []
+    for seq in (256,) if quick else (2048, 8192):
+        try:
+            rows.append(_long_context(seq, quick))
+        except torch.OutOfMemoryError as err:
+            rows.append({"call": f"1 x {seq} tokens", "error": f"out of memory: {err}"[:300]})
+        torch.cuda.empty_cache()
+        r = rows[-1]
+        print(
+            f"[5] long context {r['call']}: "
+            + (
+                r["error"]
+                if "error" in r
+                else f"{r['seconds']:.2f} s = {r['ratio']:.2f}x forward ({r['forward_s']:.2f} s), "
+                f"+{r['extra_mib']:.0f} MiB beside a {r['cache_gib']:.1f} GiB cache, "
+                f"max gap {r['max_gap']:.2g}"
+            ),
+            flush=True,
+        )
+    report["long_context"] = rows
+
+
 def _gemma2b_shaped(quick: bool) -> Any:
     import transformers as tf
     from transformer_lens.model_bridge.sources import build_bridge_from_module
@@ -375,6 +441,7 @@ def main() -> None:
     steps = [("bf16", lambda: bf16_families(report)), ("split", lambda: split_devices(report))]
     steps += [("gpt2", lambda: bench_gpt2(report, args.quick))]
     steps += [("gemma", lambda: bench_gemma(report, args.quick))]
+    steps += [("long", lambda: bench_long(report, args.quick))]
     if not args.skip_pytest:
         log_dir = Path(args.json).parent if args.json else None
         steps.insert(0, ("pytest", lambda: family_pytest(report, log_dir)))

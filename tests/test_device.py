@@ -17,7 +17,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import tlprisms as tp
-from tlprisms.demo import load_demo_model
+from tlprisms.demo import load_demo_model, load_demo_sae
 
 DEVICE = os.environ.get("TLPRISMS_TEST_DEVICE", "cpu")
 #: a copy to the host of more than this many elements is "large": the demo model's cache
@@ -82,6 +82,9 @@ CALLS = {
     "through_head": lambda p: p.through_head(1, 2, 7, heads="all", neurons="all"),
     "through_neuron": lambda p: p.through_neuron(1, 5, 7, heads="all", neurons="all"),
     "readout": lambda p: p.readout(torch.ones(p.view.d_model, device=DEVICE), 1, at="ln2"),
+    "full, every position, top_k": lambda p: p.full(tp.NextToken(), pos="all", top_k=8),
+    "qk, heads on both sides": lambda p: p.qk(1, 0, q_heads="all", k_heads="all"),
+    "features (demo SAE)": lambda p: p.features(7, load_demo_sae()),
 }
 
 
