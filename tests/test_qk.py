@@ -104,7 +104,7 @@ def test_rotary_depends_on_positions(name):
     """Rotary: the same writer pair is worth different amounts at different offsets, and
     the terms still add up (each part rotated at its own position)."""
     case = build_case(name, True)
-    tokens = torch.full((1, SEQ), 9)
+    tokens = torch.full((1, SEQ), 9, device=case.tokens.device)
     model = case.model
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)

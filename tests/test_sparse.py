@@ -37,15 +37,16 @@ def assert_sparse_of(s: Decomposition, d: Decomposition, top_k=None, min_abs=Non
     for j in const:
         assert bool(((idx == int(j)).sum(-1) == 1).all())
     # which dense terms were dropped
-    hits = torch.zeros(d.values.shape, dtype=torch.long)
+    hits = torch.zeros(d.values.shape, dtype=torch.long, device=d.values.device)
     keep_dense = hits.scatter_add_(-1, torch.where(kept, idx, 0), kept.long()) > 0
-    free = torch.as_tensor(~d.components.is_constant())
+    free = torch.as_tensor(~d.components.is_constant(), device=d.values.device)
     dropped = free & ~keep_dense
     tol = d.tolerance()
     # the remainders: the dense sum of the dropped terms of their (kind, layer)
     for g in range(n, len(c)):
         members = torch.as_tensor(
-            (d.components.kind == KINDS.index(c[g].of)) & (d.components.layer == c.layer[g])
+            (d.components.kind == KINDS.index(c[g].of)) & (d.components.layer == c.layer[g]),
+            device=d.values.device,
         )
         want = torch.where(dropped & members, d.values, 0.0).sum(-1)
         slot = idx == g
@@ -54,7 +55,10 @@ def assert_sparse_of(s: Decomposition, d: Decomposition, top_k=None, min_abs=Non
         assert bool(((got - want).abs() <= tol).all())
     # the kept terms are the largest (and at least min_abs)
     counts = (
-        kept & torch.as_tensor(np.isin(np.arange(n), const, invert=True))[idx.clamp(0, n - 1)]
+        kept
+        & torch.as_tensor(np.isin(np.arange(n), const, invert=True), device=idx.device)[
+            idx.clamp(0, n - 1)
+        ]
     ).sum(-1)
     n_free = int(free.sum())
     if top_k is not None and min_abs is None:
@@ -93,6 +97,7 @@ def test_sparse_all_positions_chunked(case, monkeypatch):
     whole = case.prism.full(tp.NextToken(), pos="all", top_k=TOP_K)
     assert_sparse_of(whole, dense, top_k=TOP_K)
     monkeypatch.setattr(_sparse, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(_sparse, "CHUNK_BYTES_CUDA", 1)
     chunked = case.prism.full(tp.NextToken(), pos="all", top_k=TOP_K)
     assert chunked.values.shape == (BATCH, SEQ, 1, whole.values.shape[-1])
     # the same terms kept; values to float rounding (a chunk's matrix products may block

@@ -46,6 +46,7 @@ from tlprisms._result import KINDS, ComponentTable, Decomposition
 
 __all__ = [
     "CHUNK_BYTES",
+    "CHUNK_BYTES_CUDA",
     "Groups",
     "SparseTerms",
     "remainder_groups",
@@ -58,6 +59,9 @@ __all__ = [
 
 #: the most bytes of dense terms one chunk of explained positions may hold
 CHUNK_BYTES = 32 * 2**20
+#: the same on a GPU, where each chunk's fixed cost (a few dozen kernel launches per layer)
+#: dominates small chunks and memory is plentiful
+CHUNK_BYTES_CUDA = 256 * 2**20
 
 
 def check_sparse_args(
@@ -253,7 +257,8 @@ def chunked_split(
     groups = remainder_groups(table)
     if chunk is None:
         per_pos = B * K * len(table) * readout.u.element_size()
-        chunk = max(1, min(P, CHUNK_BYTES // max(per_pos, 1)))
+        budget = CHUNK_BYTES_CUDA if readout.u.device.type == "cuda" else CHUNK_BYTES
+        chunk = max(1, min(P, budget // max(per_pos, 1)))
     pieces: list[SparseTerms] = []
     for s in range(0, P, chunk):
         e = min(P, s + chunk)

@@ -53,7 +53,7 @@ class NormSpec:
         Returns ``P(w * u)``; divide by the cached scale to finish the pull-back.
         """
         if self.weight is not None:
-            u = u * self.weight.to(u.dtype)
+            u = u * self.weight.to(u.device, u.dtype)
         if self.centred:
             u = u - u.mean(-1, keepdim=True)
         return u
@@ -68,7 +68,7 @@ class NormSpec:
             x = x - x.mean(-1, keepdim=True)
         if self.has_scale:
             s = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() if scale is None else scale
-            x = x / s.to(x.dtype)
+            x = x / s.to(x.device, x.dtype)
         if self.weight is not None:
             x = x * self.weight.to(x.device, x.dtype)
         if bias and self.bias is not None:
@@ -79,7 +79,7 @@ class NormSpec:
         """``b . u``: what the norm's bias adds to a readout ``u`` on its output."""
         if self.bias is None:
             return torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
-        return u @ self.bias.to(u.dtype)
+        return u @ self.bias.to(u.device, u.dtype)
 
 
 def read_norm(module: Any, name: str, site: Site, layer: Optional[int]) -> NormSpec:
