@@ -423,7 +423,17 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--skip-pytest", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small benchmark models")
+    parser.add_argument(
+        "--steps", default="pytest,bf16,split,gpt2,gemma,long", help="comma-separated steps"
+    )
+    parser.add_argument(
+        "--chunk-mib", type=int, default=None, help="sparse chunk budget on CUDA (MiB)"
+    )
     args = parser.parse_args()
+    if args.chunk_mib is not None:
+        from tlprisms import _sparse
+
+        _sparse.CHUNK_BYTES_CUDA = args.chunk_mib * 2**20
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA device (torch.cuda.is_available() is False).")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -445,6 +455,8 @@ def main() -> None:
     if not args.skip_pytest:
         log_dir = Path(args.json).parent if args.json else None
         steps.insert(0, ("pytest", lambda: family_pytest(report, log_dir)))
+    wanted = set(args.steps.split(","))
+    steps = [(name, step) for name, step in steps if name in wanted]
     failed = []
     for name, step in steps:
         try:

@@ -90,7 +90,7 @@ class Explained:
 def predicted(rec: Recorded) -> Tensor:
     """The model's top prediction at the last position, ``[batch]``."""
     if rec.logits is not None:
-        return rec.logits[:, -1].argmax(-1)
+        return rec.logits[:, -1].argmax(-1).to(rec.cache.device)
     cv = rec.cache
     view, norm = cv.view, cv.view.final_norm
     scale = cv.get(norm.site)[:, -1:] if norm.has_scale else None
@@ -183,8 +183,10 @@ def explain(rec: Recorded, fr: FinalReadout, softcap: Softcap) -> Explained:
     if rec.logits is not None and (cap is None or softcap == "post"):
         rows = torch.arange(B, device=cv.device)[:, None, None]
         ids = atoms.ids.to(cv.device).clamp(min=0).expand(B, P, k, a).reshape(B, P, -1)
-        model_val = rec.logits[rows, r.positions[:, :, None], ids]  # no [B,P,vocab] copy
-        atom_val = torch.where(tok, model_val.to(cv.dtype).reshape(B, P, k, a), atom_val)
+        at = rec.logits.device  # a model split across devices returns them from its last
+        model_val = rec.logits[rows.to(at), r.positions[:, :, None].to(at), ids.to(at)]
+        model_val = model_val.to(cv.device, cv.dtype)  # [B, P, k*a]: no [B,P,vocab] copy
+        atom_val = torch.where(tok, model_val.reshape(B, P, k, a), atom_val)
     if bool((~tok & (coef != 0)).any()):
         explains = explains if bool(tok.any()) else "readout"
     return Explained(weights=weights, values=(coef * atom_val).sum(-1), explains=explains)

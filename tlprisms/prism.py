@@ -183,8 +183,8 @@ class LogitPrism:
         ids = rec.logits[:, -1].argmax(-1)
         fr = final_readout(Recorded(rec.cache.for_call("LogitPrism")), ids, -1)
         ex = explain(Recorded(rec.cache), fr, "post")
-        got = rec.logits[:, -1].gather(-1, ids[:, None]).to(self.dtype)[:, 0]
         want = ex.values[:, 0, 0]
+        got = rec.logits[:, -1].gather(-1, ids[:, None]).to(want.device, self.dtype)[:, 0]
         rtol = _LOGITS_RTOL[rec.cache.low_precision]
         rel = float(((got - want).abs() / (1.0 + want.abs())).max())
         if self.precision == "float64" and rel > _FLOAT64_LOGITS_RTOL:
