@@ -418,6 +418,15 @@ def bench_gemma(report: dict, quick: bool) -> None:
         )
 
 
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write the report here")
@@ -438,12 +447,10 @@ def main() -> None:
         sys.exit("gpu_check.py needs a CUDA device (torch.cuda.is_available() is False).")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    import transformer_lens
-
     report: dict = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+        "transformer_lens": _version("transformer-lens"),
         "tlprisms": tp.__version__,
     }
     print(f"[0] {report}")
