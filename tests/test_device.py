@@ -116,3 +116,19 @@ def test_the_tracker_sees_host_copies():
     assert "cpu" in kinds
     if DEVICE != "cpu":
         assert "to(cpu)" in kinds
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finiteness_is_checked_in_slices(monkeypatch, bad):
+    """The cache's finiteness check reads big tensors in slices (no copy of a whole
+    attention pattern) and still finds a bad value in the first or the last slice."""
+    from tlprisms._seam import _cache
+
+    monkeypatch.setattr(_cache, "FINITE_CHUNK", 7)
+    t = torch.randn(5, 13)
+    assert _cache.all_finite(t)
+    for where in ((0, 0), (4, 12), (2, 6)):
+        u = t.clone()
+        u[where] = bad
+        assert not _cache.all_finite(u)
+        assert not _cache.all_finite(u.T)  # not contiguous: checked whole
