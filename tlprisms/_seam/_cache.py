@@ -80,6 +80,7 @@ class CacheView:
         self.read_names: list[str] = []
         self._finite: set[str] = set()  # hooks checked to hold finite values (shared by copies)
         self._embed_is_hooked: Optional[bool] = None
+        self._home: Optional[torch.device] = None  # where prisms compute: set from hook_embed
         embed = self.get(Site.EMBED)
         if embed.ndim == 2:
             raise CacheError(
@@ -99,7 +100,7 @@ class CacheView:
                 "record it from at least one token."
             )
         self.batch, self.n_ctx = int(embed.shape[0]), int(embed.shape[1])
-        self.device = embed.device
+        self.device = self._home = embed.device
         self.cache_dtype = embed.dtype
         self.low_precision = embed.dtype in LOW_PRECISION
         self.dtype = torch.float64 if embed.dtype == torch.float64 else torch.float32
@@ -166,9 +167,8 @@ class CacheView:
                 self.refuse_nonfinite("the cache")
             self._finite.add(name)
             self.read_names.append(name)
-        home = getattr(self, "device", t.device)  # the embedding's device, once it is known
-        if t.device != home:  # a model split across devices: compute where the stream starts
-            t = t.to(home)
+        if self._home is not None and t.device != self._home:  # a model split across devices
+            t = t.to(self._home)
         return t
 
     def at(
