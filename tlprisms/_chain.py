@@ -25,7 +25,7 @@ sums exactly to the term it splits.
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -377,7 +377,7 @@ def _split_into(
 
 def run_chain(
     rec: Recorded,
-    fr: FinalReadout,
+    fr: Union[FinalReadout, Readout],
     ex: Explained,
     path: Sequence[Hop],
     split: Split,
@@ -387,17 +387,20 @@ def run_chain(
 
     The result's values are weighted into target terms and laid out as one explained
     position with ``P * C`` components (every read position times every writer) plus the
-    last hop's constants; they add up to ``term``, the chained component's term.
+    last hop's constants; they add up to ``term``, the chained component's term. ``fr`` may
+    be a bare :class:`Readout` of one position per row (one side of an attention score,
+    :mod:`tlprisms._qk_chain`).
     """
     cv = rec.cache
+    r0 = fr.readout if isinstance(fr, FinalReadout) else fr
     if not path:
         raise ArgumentError(f"{cv.caller}: the chain is empty; give at least one Hop.")
-    if fr.readout.positions.shape[1] != 1:
+    if r0.positions.shape[1] != 1:
         raise PositionError(
             f"{cv.caller}: chains explain one position per row; pos='all' is "
             "not supported here (loop over positions instead)."
         )
-    st = _State(fr.readout, np.asarray([-1]), [])
+    st = _State(r0, np.asarray([-1]), [])
     term = torch.zeros(0)
     for i, hop in enumerate(path):
         hop = _check_hop(cv, st, hop, last=i == len(path) - 1)
@@ -438,7 +441,7 @@ def run_chain(
         values=out[:, None],
         table=ComponentTable.concat(tables),
         term=explained,
-        positions=fr.readout.positions,
+        positions=r0.positions,
     )
 
 
