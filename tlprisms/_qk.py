@@ -34,7 +34,16 @@ from tlprisms._readout import Recorded, softcap_ratio
 from tlprisms._result import Component, ComponentTable
 from tlprisms._seam import CacheView, Site
 
-__all__ = ["PairComponent", "PairTable", "QKTerms", "qk_terms", "side_terms", "SIDE_FIELDS"]
+__all__ = [
+    "PairComponent",
+    "PairTable",
+    "QKTerms",
+    "SparseQKTerms",
+    "qk_terms",
+    "qk_sparse_terms",
+    "side_terms",
+    "SIDE_FIELDS",
+]
 
 #: the label fields of each side of a pair, as ``to_frame()`` names them (``q_`` / ``k_``)
 SIDE_FIELDS = ("kind", "layer", "head", "neuron", "src")
@@ -49,44 +58,81 @@ _SCORES_RTOL_LOWP = 3e-2
 def _side_label(c: Component) -> str:
     if c.kind == "resid":  # a side kept whole (sides="query" / "key")
         return "whole"
-    if c.kind in ("b_Q", "b_K"):
+    if c.kind in ("b_Q", "b_K", "alibi"):
         return f"L{c.layer}.{c.kind}"
     return str(c)
+
+
+#: the side fields aggregate() may keep (``q_``/``k_`` prefixed); ``"query"`` / ``"key"``
+#: keep every field of that side and sum over the other
+_AGG_FIELDS = tuple(f"{s}_{f}" for s in ("q", "k") for f in SIDE_FIELDS)
+_FINE = ("head", "neuron", "src")
 
 
 class PairComponent(Component):
     """One QK term's label: a query-side writer ``q`` and a key-side writer ``k``.
 
+    ``rest``: a sparse result's remainder, the sum of the dropped pairs of one (query-side
+    kind and layer, key-side kind and layer) group. The ALiBi positional bias is the pair
+    of two ``alibi`` constants.
+
     >>> str(PairComponent(Component("embed"), Component("head", layer=0, head=2, src=1)))
     'q:embed x k:L0H2[src 1]'
+    >>> str(PairComponent(Component("head", layer=1), Component("embed"), rest=True))
+    'q:L1.heads x k:embed (rest)'
+    >>> str(PairComponent(Component("alibi", layer=2, head=0), Component("alibi", layer=2, head=0)))
+    'L2H0 alibi'
     """
 
     q: Component
     k: Component
+    rest: bool
 
-    def __init__(self, q: Component, k: Component) -> None:
-        super().__init__("pair")
+    def __init__(self, q: Component, k: Component, rest: bool = False) -> None:
+        super().__init__("rest" if rest else "pair", of="pair" if rest else "")
         object.__setattr__(self, "q", q)
         object.__setattr__(self, "k", k)
+        object.__setattr__(self, "rest", rest)
 
     @property
     def is_constant(self) -> bool:
-        return self.q.is_constant and self.k.is_constant
+        return self.q.is_constant and self.k.is_constant and not self.rest
 
     def __str__(self) -> str:
-        return f"q:{_side_label(self.q)} x k:{_side_label(self.k)}"
+        if self.q.kind == "alibi" and self.k.kind == "alibi":
+            return f"L{self.q.layer}H{self.q.head} alibi"
+        s = f"q:{_side_label(self.q)} x k:{_side_label(self.k)}"
+        return s + " (rest)" if self.rest else s
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PairComponent) and (self.q, self.k) == (other.q, other.k)
+        return isinstance(other, PairComponent) and (self.q, self.k, self.rest) == (
+            other.q,
+            other.k,
+            other.rest,
+        )
 
     def __hash__(self) -> int:
-        return hash((self.q, self.k))
+        return hash((self.q, self.k, self.rest))
+
+
+_PAIR = np.int8(ComponentTable.block("pair", 1).kind[0])
+_REST = np.int8(ComponentTable.block("rest", 1).kind[0])
+
+
+def _side_block(table: ComponentTable, rows: np.ndarray, keep: Sequence[str]) -> ComponentTable:
+    """Side labels ``rows`` of ``table`` with only the fields ``keep`` (others -1)."""
+    cols = {
+        f: (getattr(table, f)[rows] if f in keep else np.full(len(rows), -1, dtype=np.int32))
+        for f in ("layer", "head", "neuron", "src", "at", "feature")
+    }
+    return ComponentTable(table.kind[rows], **cols)
 
 
 class PairTable(ComponentTable):
     """Pair labels: the query side's and the key side's tables, and per pair the index of
-    its writer on each side. The base columns say ``kind="pair"`` (other fields -1); select
-    pairs by side with ``q_``/``k_`` prefixed fields: ``select(q_kind="head", k_layer=0)``."""
+    its writer on each side. The base columns say ``kind="pair"`` (``"rest"`` for a sparse
+    result's remainders; other fields -1); select pairs by side with ``q_``/``k_`` prefixed
+    fields: ``select(q_kind="head", k_layer=0)``, or ``select(kind="rest")``."""
 
     q: ComponentTable
     k: ComponentTable
@@ -94,19 +140,20 @@ class PairTable(ComponentTable):
     ki: np.ndarray
 
     @staticmethod
-    def make(q: ComponentTable, k: ComponentTable, qi: np.ndarray, ki: np.ndarray) -> "PairTable":
+    def make(
+        q: ComponentTable,
+        k: ComponentTable,
+        qi: np.ndarray,
+        ki: np.ndarray,
+        rest: Optional[np.ndarray] = None,
+    ) -> "PairTable":
         n = len(qi)
-        code = np.int8(ComponentTable.block("pair", 1).kind[0])
         minus = np.broadcast_to(np.int32(-1), (n,))
+        kind = np.broadcast_to(_PAIR, (n,)) if rest is None else np.where(rest, _REST, _PAIR)
+        of = None if rest is None else np.where(rest, _PAIR, np.int8(-1)).astype(np.int8)
         t = object.__new__(PairTable)
         ComponentTable.__init__(
-            t,
-            kind=np.broadcast_to(code, (n,)),
-            layer=minus,
-            head=minus,
-            neuron=minus,
-            src=minus,
-            at=minus,
+            t, kind=kind, layer=minus, head=minus, neuron=minus, src=minus, at=minus, of=of
         )
         for name, value in (("q", q), ("k", k), ("qi", qi), ("ki", ki)):
             object.__setattr__(t, name, value)
@@ -120,14 +167,108 @@ class PairTable(ComponentTable):
         ki = np.tile(np.arange(nk, dtype=np.int32), nq)
         return PairTable.make(q, k, qi, ki)
 
+    def rest(self) -> np.ndarray:
+        """True at the remainders of a sparse result."""
+        return self.kind == _REST
+
     def __getitem__(self, i: Any) -> PairComponent:
-        return PairComponent(self.q[int(self.qi[i])], self.k[int(self.ki[i])])
+        return PairComponent(
+            self.q[int(self.qi[i])], self.k[int(self.ki[i])], rest=bool(self.kind[i] == _REST)
+        )
 
     def take(self, idx: np.ndarray) -> "PairTable":
-        return PairTable.make(self.q, self.k, self.qi[idx], self.ki[idx])
+        rest = self.rest()
+        return PairTable.make(
+            self.q, self.k, self.qi[idx], self.ki[idx], rest[idx] if rest.any() else None
+        )
+
+    def append(self, other: "PairTable") -> "PairTable":
+        """This table's pairs, then ``other``'s (both sides' tables appended)."""
+        nq, nk = len(self.q), len(self.k)
+        return PairTable.make(
+            ComponentTable.concat([self.q, other.q]),
+            ComponentTable.concat([self.k, other.k]),
+            np.concatenate([self.qi, other.qi + nq]).astype(np.int32),
+            np.concatenate([self.ki, other.ki + nk]).astype(np.int32),
+            np.concatenate([self.rest(), other.rest()]),
+        )
 
     def is_constant(self) -> np.ndarray:
-        return self.q.is_constant()[self.qi] & self.k.is_constant()[self.ki]
+        const = self.q.is_constant()[self.qi] & self.k.is_constant()[self.ki]
+        return const & ~self.rest()
+
+    # ------------------------------------------------------------ sparse remainders
+    def group_keys(self, idx: np.ndarray) -> np.ndarray:
+        """One int64 per pair ``idx``: its (query kind, layer, key kind, layer) group."""
+        q, k = self.qi[idx], self.ki[idx]
+        key = self.q.kind[q].astype(np.int64)
+        key = key * 2**24 + (self.q.layer[q].astype(np.int64) + 1)
+        key = key * 2**7 + self.k.kind[k].astype(np.int64)
+        return key * 2**24 + (self.k.layer[k].astype(np.int64) + 1)
+
+    def remainders(self, rep: np.ndarray) -> "PairTable":
+        """One remainder pair per group, labelled by its representative pairs ``rep``:
+        each side's kind and layer (``q:L3.heads x k:embed (rest)``)."""
+        keep = ("layer",)
+        q = _side_block(self.q, self.qi[rep], keep)
+        k = _side_block(self.k, self.ki[rep], keep)
+        n = len(rep)
+        idx = np.arange(n, dtype=np.int32)
+        return PairTable.make(q, k, idx, idx, np.ones(n, dtype=bool))
+
+    # ------------------------------------------------------------ aggregate
+    def grouped(self, by: Sequence[str]) -> tuple[np.ndarray, "PairTable"]:
+        """The group of every pair when the fields ``by`` are kept (``q_kind``,
+        ``q_layer``, ... ``k_src``; ``"query"`` / ``"key"``: every field of that side), and
+        the groups' labels. A side none of whose fields is named is summed over (its label
+        ``whole``); a named side always keeps its kind. Remainders join the groups of their
+        (kind, layer) unless a finer field (head, neuron, src) of their side is kept."""
+        fields: dict[str, list[str]] = {"q": [], "k": []}
+        for name in by:
+            if name in ("query", "key"):
+                fields[name[0]] = list(SIDE_FIELDS)
+                continue
+            if not isinstance(name, str) or name not in _AGG_FIELDS:
+                raise ArgumentError(
+                    f"aggregate: {name!r} is not a field of a QK result; use q_kind, q_layer, "
+                    "q_head, q_neuron, q_src, k_kind, ... (e.g. aggregate('q_kind', 'q_layer') "
+                    "for one term per query-side layer, the key side summed), or 'query' / "
+                    "'key' for every field of one side."
+                )
+            side, _, f = name.partition("_")
+            if f not in fields[side]:
+                fields[side].append(f)
+        if not fields["q"] and not fields["k"]:  # default: (kind, layer) on both sides
+            fields = {"q": ["kind", "layer"], "k": ["kind", "layer"]}
+        rest = self.rest()
+        cols = []
+        sides = {}
+        for side, table, rows in (("q", self.q, self.qi), ("k", self.k, self.ki)):
+            keep = [f for f in SIDE_FIELDS if f in fields[side] and f != "kind"]
+            if fields[side]:
+                cols.append(table.kind[rows].astype(np.int64))
+                cols += [getattr(table, f)[rows].astype(np.int64) for f in keep]
+            sides[side] = keep
+        fine = any(f in _FINE for s in ("q", "k") for f in sides[s] if fields[s])
+        cols.append((rest & fine).astype(np.int64))
+        keys = np.stack(cols, 1)
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # first-appearance order of the groups
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        rep = first[order]
+        labels = {}
+        for side, table, rows in (("q", self.q, self.qi), ("k", self.k, self.ki)):
+            if fields[side]:
+                labels[side] = _side_block(table, rows[rep], sides[side])
+            else:
+                labels[side] = ComponentTable.block("resid", len(rep))
+        idx = np.arange(len(rep), dtype=np.int32)
+        group_rest = (rest & fine)[rep]
+        table = PairTable.make(
+            labels["q"], labels["k"], idx, idx, group_rest if group_rest.any() else None
+        )
+        return rank[inverse.reshape(-1)], table
 
     def side_columns(self, idx: np.ndarray) -> dict:
         """``q_kind, q_layer, q_head, q_neuron, q_src, k_kind, ...`` of the pairs ``idx``."""
@@ -310,20 +451,30 @@ def one_side(
     return terms.values, terms.table
 
 
-def qk_terms(
-    rec: Recorded,
-    layer: int,
-    head: int,
-    pos: int,
-    keys: Sequence[int],
-    q_split: Split,
-    k_split: Split,
-    softcap: str,
-    contrast: bool,
-    sides: str = "both",
-) -> QKTerms:
-    """The pair terms of head ``(layer, head)``'s scores at query ``pos`` for ``keys``."""
-    cv = rec.cache
+def _alibi_pair(layer: int, head: int) -> PairTable:
+    """The ALiBi bias as one constant pair (``L{layer}H{head} alibi``)."""
+    side = ComponentTable.block("alibi", layer=layer, head=head)
+    zero = np.zeros(1, dtype=np.int32)
+    return PairTable.make(side, side, zero, zero)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What every key chunk of one head's scores needs: weights, positions, factors."""
+
+    layer: int
+    head: int
+    group: int
+    W_Q: Tensor
+    W_K: Tensor
+    b_Q: Tensor
+    b_K: Tensor
+    qpos: Tensor
+    factor: float
+    cap: Optional[float]
+
+
+def _prepare(cv: CacheView, layer: int, head: int, pos: int) -> _Head:
     view, dtype, device = cv.view, cv.dtype, cv.device
     problem = view.qk_problem(layer)
     if problem:
@@ -332,33 +483,61 @@ def qk_terms(
             f"model ({view.describe()}) exactly: {problem}. The logit prisms still work; "
             "docs/architectures.md says what each family supports."
         )
-    B = cv.batch
     g = view.kv_group(head)
-    W_Q = view.W_Q(layer, dtype)[head].to(device)
-    W_K = view.W_K(layer, dtype)[g].to(device)
-    b_Q = view.b_Q(layer, dtype, device)[head]
-    b_K = view.b_K(layer, dtype, device)[g]
-    qpos = torch.full((B, 1), pos, dtype=torch.long, device=device)
+    return _Head(
+        layer=layer,
+        head=head,
+        group=g,
+        W_Q=view.W_Q(layer, dtype)[head].to(device),
+        W_K=view.W_K(layer, dtype)[g].to(device),
+        b_Q=view.b_Q(layer, dtype, device)[head],
+        b_K=view.b_K(layer, dtype, device)[g],
+        qpos=torch.full((cv.batch, 1), pos, dtype=torch.long, device=device),
+        factor=view.attn_score_factor(layer),
+        cap=view.attn_softcap(layer),
+    )
+
+
+def _chunk_terms(
+    cv: CacheView,
+    h: _Head,
+    pos: int,
+    keys: Sequence[int],
+    q_split: Split,
+    k_split: Split,
+    softcap: str,
+    sides: str,
+) -> tuple[Tensor, PairTable, Tensor, str]:
+    """The pair terms ``[B, 1, K, C]`` of head ``h``'s scores at query ``pos`` for ``keys``,
+    their labels, what they add up to ``[B, 1, K]`` and its name (checked against the
+    recorded scores where the cache has them)."""
+    view, dtype, device = cv.view, cv.dtype, cv.device
+    layer, head, g, factor, qpos = h.layer, h.head, h.group, h.factor, h.qpos
+    B = cv.batch
     kpos = torch.tensor(list(keys), dtype=torch.long, device=device)[None].expand(B, -1)
-    factor = view.attn_score_factor(layer)
     Kp = kpos.shape[1]
     whole = ComponentTable.block("resid", layer=layer)
     if sides == "query":  # the key whole: a readout of the query's stream, one per key
-        k = _whole_side(cv, layer, W_K, b_K, kpos)  # [B, Kp, d_head], rotated at j
-        values, q_table = one_side(cv, layer, W_Q, b_Q, "b_Q", head, qpos, k, q_split, factor)
+        k = _whole_side(cv, layer, h.W_K, h.b_K, kpos)  # [B, Kp, d_head], rotated at j
+        values, q_table = one_side(cv, layer, h.W_Q, h.b_Q, "b_Q", head, qpos, k, q_split, factor)
         values, k_table = values.reshape(B, 1, Kp, -1), whole
     elif sides == "key":  # the query whole: a readout of each key's stream
-        q = _whole_side(cv, layer, W_Q, b_Q, qpos).expand(B, Kp, -1)
-        values, k_table = one_side(cv, layer, W_K, b_K, "b_K", g, kpos, q, k_split, factor)
+        q = _whole_side(cv, layer, h.W_Q, h.b_Q, qpos).expand(B, Kp, -1)
+        values, k_table = one_side(cv, layer, h.W_K, h.b_K, "b_K", g, kpos, q, k_split, factor)
         values, q_table = values.reshape(B, 1, Kp, -1), whole
     else:
-        Q, q_table = side_terms(cv, layer, W_Q, b_Q, "b_Q", head, qpos, q_split)
-        K, k_table = side_terms(cv, layer, W_K, b_K, "b_K", g, kpos, k_split)
+        Q, q_table = side_terms(cv, layer, h.W_Q, h.b_Q, "b_Q", head, qpos, q_split)
+        K, k_table = side_terms(cv, layer, h.W_K, h.b_K, "b_K", g, kpos, k_split)
         # [B, 1, Ca, d] @ [B, Kp, d, Cb] -> [B, Kp, Ca, Cb]: one matmul for every pair
         pairs = torch.matmul(Q[:, 0].transpose(1, 2)[:, None], K) * factor
         values = pairs.reshape(B, 1, Kp, -1)
+    table = PairTable.product(q_table, k_table)
+    if view.alibi_kind is not None:  # the positional bias: one constant pair per key
+        bias = view.alibi_bias(layer, head, pos, kpos[0], cv.n_ctx).to(device, dtype)
+        values = torch.cat((values, bias.expand(B, 1, Kp)[..., None]), -1)
+        table = table.append(_alibi_pair(layer, head))
     z = values.sum(-1)
-    cap = view.attn_softcap(layer)
+    cap = h.cap
     post = z if cap is None else cap * torch.tanh(z / cap)
     recorded = None
     if cv.has(Site.ATTN_SCORES, layer):
@@ -387,6 +566,27 @@ def qk_terms(
         values = values * softcap_ratio(z, cap)[..., None]
         explained = post if recorded is None else recorded
         explains = "post-softcap attention score (rho frozen)"
+    return values, table, explained, explains
+
+
+def qk_terms(
+    rec: Recorded,
+    layer: int,
+    head: int,
+    pos: int,
+    keys: Sequence[int],
+    q_split: Split,
+    k_split: Split,
+    softcap: str,
+    contrast: bool,
+    sides: str = "both",
+) -> QKTerms:
+    """The pair terms of head ``(layer, head)``'s scores at query ``pos`` for ``keys``."""
+    cv = rec.cache
+    h = _prepare(cv, layer, head, pos)
+    values, table, explained, explains = _chunk_terms(
+        cv, h, pos, keys, q_split, k_split, softcap, sides
+    )
     labels = _key_labels(rec, keys)
     if contrast:
         values = values[:, :, :1] - values[:, :, 1:2]
@@ -395,10 +595,134 @@ def qk_terms(
         explains = f"{explains} difference"
     return QKTerms(
         values=values,
-        table=PairTable.product(q_table, k_table),
+        table=table,
         explained=explained,
-        positions=qpos,
+        positions=h.qpos,
         labels=labels,
+        explains=explains,
+    )
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
+class SparseQKTerms:
+    """A sparse QK result: slots ``values``/``index [B, 1, K, S]`` over ``table`` (the pairs
+    and their remainders), what they add up to and the labels."""
+
+    values: Float[Tensor, "batch one k slot"]
+    index: Int[Tensor, "batch one k slot"]
+    table: ComponentTable
+    explained: Float[Tensor, "batch one k"]
+    positions: Int[Tensor, "batch one"]
+    labels: np.ndarray
+    explains: str
+
+
+def _n_writers(cv: CacheView, h: _Head, split: Split) -> int:
+    """How many writers one side of head ``h`` has with ``split`` (ln1's bias and the
+    projection's bias included), without computing a term."""
+    from tlprisms._engine import writes_table
+
+    readout = Readout(
+        u=torch.zeros(1, 1, 1, h.W_Q.shape[0], dtype=h.W_Q.dtype, device=h.W_Q.device),
+        inv_s=torch.ones(h.qpos.shape, dtype=h.W_Q.dtype, device=h.W_Q.device),
+        positions=h.qpos,
+        attn_layers=h.layer,
+        mlp_layers=h.layer,
+    )
+    n = len(writes_table(cv, readout, split))
+    return n + 1 + int(cv.view.ln1[h.layer].bias is not None)
+
+
+def qk_sparse_terms(
+    rec: Recorded,
+    layer: int,
+    head: int,
+    pos: int,
+    keys: Sequence[int],
+    q_split: Split,
+    k_split: Split,
+    softcap: str,
+    contrast: bool,
+    sides: str,
+    top_k: Optional[int],
+    min_abs: Optional[float],
+    chunk: Optional[int] = None,
+) -> SparseQKTerms:
+    """:func:`qk_terms` kept sparse (``top_k`` / ``min_abs``, see :mod:`tlprisms._sparse`):
+    the dense pair terms of a chunk of keys at a time (``chunk`` keys, default as many as
+    keep the dense block under the sparse module's chunk budget), each chunk reduced to its
+    kept terms, the constants and one remainder per (query kind, layer, key kind, layer)."""
+    from tlprisms._sparse import (
+        CHUNK_BYTES,
+        CHUNK_BYTES_CUDA,
+        Groups,
+        extend,
+        remainder_groups,
+        sparsify,
+    )
+
+    if contrast:  # two keys: one dense block, then their difference made sparse
+        t = qk_terms(rec, layer, head, pos, keys, q_split, k_split, softcap, True, sides)
+        both = remainder_groups(t.table)
+        st = sparsify(t.values, both, top_k, min_abs)
+        return SparseQKTerms(
+            st.values,
+            st.index,
+            extend(t.table, both),
+            t.explained,
+            t.positions,
+            t.labels,
+            t.explains,
+        )
+    cv = rec.cache
+    h = _prepare(cv, layer, head, pos)
+    keys = list(keys)
+    pieces: list = []
+    explained: list = []
+    groups: Optional[Groups] = None
+    table: Optional[PairTable] = None
+    explains = ""
+    if chunk is None:  # as many keys as keep the dense pair block under the budget
+        nq = _n_writers(cv, h, q_split) if sides != "key" else 1
+        nk = _n_writers(cv, h, k_split) if sides != "query" else 1
+        per_key = cv.batch * (nq * nk + 1) * h.W_Q.element_size()
+        budget = CHUNK_BYTES_CUDA if h.W_Q.device.type == "cuda" else CHUNK_BYTES
+        chunk = max(1, budget // per_key)
+    s = 0
+    while s < len(keys):
+        e = min(len(keys), s + chunk)
+        values, table, ex, explains = _chunk_terms(
+            cv, h, pos, keys[s:e], q_split, k_split, softcap, sides
+        )
+        if groups is None:
+            groups = remainder_groups(table)
+        pieces.append(sparsify(values, groups, top_k, min_abs, inplace=True))
+        explained.append(ex)
+        del values
+        s = e
+    assert groups is not None and table is not None
+    n_tail = len(groups.const) + len(groups)
+    S = max(p.values.shape[-1] for p in pieces)
+    B, K = cv.batch, len(keys)
+    v0 = pieces[0].values
+    out_v = torch.zeros(B, 1, K, S, dtype=v0.dtype, device=v0.device)
+    out_i = torch.full((B, 1, K, S), -1, dtype=torch.long, device=v0.device)
+    s = 0
+    for p in pieces:  # widths differ only with min_abs: the padding is empty slots
+        e, w = s + p.values.shape[2], p.values.shape[-1]
+        out_v[:, :, s:e, : w - n_tail] = p.values[..., : w - n_tail]
+        out_i[:, :, s:e, : w - n_tail] = p.index[..., : w - n_tail]
+        out_v[:, :, s:e, S - n_tail :] = p.values[..., w - n_tail :]
+        out_i[:, :, s:e, S - n_tail :] = p.index[..., w - n_tail :]
+        s = e
+    return SparseQKTerms(
+        values=out_v,
+        index=out_i,
+        table=extend(table, groups),
+        explained=torch.cat(explained, 2),
+        positions=h.qpos,
+        labels=_key_labels(rec, keys),
         explains=explains,
     )
 

@@ -74,12 +74,13 @@ KINDS = (
     "pair",  # a QK prism term: (query-side writer, key-side writer)
     "b_Q",
     "b_K",
+    "alibi",  # the QK prism's ALiBi positional score bias (a constant per key)
 )
 CONSTANT_KINDS = frozenset(
     {"b_O", "b_out", "b_U", "ln_final.b", "b_V", "ln.b", "b_in", "readout.b", "b_dec", "b_enc"}
 )
 #: the QK prism's query and key biases are constants too
-CONSTANT_KINDS = CONSTANT_KINDS | {"b_Q", "b_K"}
+CONSTANT_KINDS = CONSTANT_KINDS | {"b_Q", "b_K", "alibi"}
 _FIELDS = ("layer", "head", "neuron", "src", "at", "feature")
 #: how a remainder ("rest") component names the kind it aggregates
 _PLURAL = {"head": "heads", "neuron": "neurons"}
@@ -544,7 +545,23 @@ class Decomposition:
 
         ``heads_result.aggregate("kind", "layer", "head")`` gives one term per head (sources
         summed); ``aggregate("kind", "layer")`` one per layer and kind.
+
+        A QK result (pairs) aggregates per side: ``aggregate("q_kind", "q_layer", "k_kind",
+        "k_layer")`` (the default) one term per (query-side layer, key-side layer);
+        ``aggregate("q_kind", "q_layer")`` or ``aggregate("query")`` sum over the key side
+        (its label ``whole``); see :meth:`tlprisms._qk.PairTable.grouped`.
         """
+        if hasattr(self.components, "grouped"):  # QK pairs: fields of either side
+            group, table = self.components.grouped(by)
+            if self.index is not None:
+                from tlprisms._sparse import regroup
+
+                return regroup(self, group, table)
+            g = torch.as_tensor(group, dtype=torch.long, device=self.values.device)
+            out = torch.zeros(
+                *self.values.shape[:-1], len(table), dtype=self.values.dtype, device=g.device
+            )
+            return replace(self, values=out.index_add_(-1, g, self.values), components=table)
         if "pos" in by:
             warnings.warn(
                 "aggregate('pos') is deprecated: the position a chained term was "

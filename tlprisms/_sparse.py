@@ -117,7 +117,11 @@ def remainder_groups(table: ComponentTable) -> Groups:
     """The ``(kind, layer)`` groups of ``table``'s non-constant components."""
     const_mask = table.is_constant() | (table.kind == KINDS.index("rest"))
     free_idx = np.nonzero(~const_mask)[0]
-    keys = table.kind[free_idx].astype(np.int64) * (2**32) + table.layer[free_idx].astype(np.int64)
+    if hasattr(table, "group_keys"):  # QK pairs: (query kind, layer, key kind, layer)
+        keys = table.group_keys(free_idx)
+    else:
+        keys = table.kind[free_idx].astype(np.int64) * (2**32)
+        keys = keys + table.layer[free_idx].astype(np.int64)
     uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     order_g = np.argsort(first, kind="stable")  # first-appearance order of the groups
     rank = np.empty_like(order_g)
@@ -138,9 +142,12 @@ def remainder_groups(table: ComponentTable) -> Groups:
         bounds = [(int(s), int(e)) for s, e in zip(starts, ends)]
         order = perm
     rep = free_idx[first[order_g]]
-    rest = ComponentTable.block(
-        "rest", len(rep), layer=table.layer[rep], of=table.kind[rep].astype(np.int8)
-    )
+    if hasattr(table, "remainders"):  # QK pairs: "q:L3.heads x k:embed (rest)"
+        rest = table.remainders(rep)
+    else:
+        rest = ComponentTable.block(
+            "rest", len(rep), layer=table.layer[rep], of=table.kind[rep].astype(np.int8)
+        )
     return Groups(
         table=rest, const=np.nonzero(const_mask)[0], free=~const_mask, order=order, bounds=bounds
     )
@@ -148,6 +155,8 @@ def remainder_groups(table: ComponentTable) -> Groups:
 
 def extend(table: ComponentTable, groups: Groups) -> ComponentTable:
     """``table`` followed by the remainder components (what a sparse result's slots index)."""
+    if hasattr(table, "remainders"):  # QK pairs keep their two sides
+        return table.append(groups.table)  # type: ignore[attr-defined]
     return ComponentTable.concat([table, groups.table])
 
 
@@ -381,6 +390,10 @@ def to_frame(d: Decomposition) -> Any:
     positions = d.positions.cpu().numpy()
     labels = np.broadcast_to(d.target_labels, (B, P, K))
     of = np.asarray(KINDS + ("",), dtype=object)[c.of_codes()[cc]]
+    if hasattr(c, "side_columns"):  # QK pairs: one column set per side, remainders flagged
+        rows = {"batch": bb, "pos": positions[bb, pp], "target": labels[bb, pp, kk]}
+        rest = c.kinds()[cc] == "rest"
+        return pd.DataFrame({**rows, **c.side_columns(cc), "value": vals, "rest": rest})
     return pd.DataFrame(
         {
             "batch": bb,

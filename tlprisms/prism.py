@@ -788,6 +788,8 @@ class LogitPrism:
         k_neurons: LayerSelection = (),
         by_source: bool = True,
         softcap: Softcap = "post",
+        top_k: Optional[int] = None,
+        min_abs: Optional[float] = None,
     ) -> Decomposition:
         """Why head ``(layer, head)`` attends where it does: its pre-softmax scores at query
         position ``pos`` for each key position, split exactly into (query-side writer,
@@ -805,9 +807,15 @@ class LogitPrism:
                 the same for the key positions. By default both sides are layer-level.
             softcap: for soft-capped scores (Gemma 2), explain the ``"post"``-cap score
                 (ratio frozen, default) or the ``"pre"``-cap score.
+            top_k, min_abs: keep per key only the ``top_k`` largest pair terms (those with
+                ``|term| >= min_abs``), the constants and one remainder per (query-side kind
+                and layer, key-side kind and layer), ``q:L3.heads x k:embed (rest)``, so the
+                totals stay exact; computed a chunk of keys at a time.
 
         Components are pairs: ``to_frame()`` has ``q_kind, q_layer, q_head, q_neuron, q_src``
-        and ``k_kind, ...``; select with the same names (``select(q_kind="head")``).
+        and ``k_kind, ...``; select with the same names (``select(q_kind="head")``);
+        ``aggregate("q_kind", "q_layer")`` sums per query-side layer (key side summed). An
+        ALiBi model's positional bias is the constant pair ``L{layer}H{head} alibi``.
 
         >>> import tlprisms as tp
         >>> from tlprisms.demo import load_demo_model
@@ -834,9 +842,18 @@ class LogitPrism:
         i, key_list = resolve_keys(pos, keys, contrast, self.n_ctx, caller)
         q_split = self._split(q_heads, q_neurons, by_source, caller)
         k_split = self._split(k_heads, k_neurons, by_source, caller)
+        top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
         rec = Recorded(self._rec.cache.for_call(caller), self.tokens, self.logits)
+        args = (rec, layer, head, i, key_list, q_split, k_split, softcap, contrast, sides)
         with torch.no_grad():
-            t = qk_terms(rec, layer, head, i, key_list, q_split, k_split, softcap, contrast, sides)
+            if top_k is None and min_abs is None:
+                t: Any = qk_terms(*args)
+                index = None
+            else:
+                from tlprisms._qk import qk_sparse_terms
+
+                t = qk_sparse_terms(*args, top_k, min_abs)
+                index = t.index
             zero = torch.zeros_like(t.explained)
             self._refuse_broken(rec, t.values, t.explained, zero)
         return self._result(
@@ -848,6 +865,7 @@ class LogitPrism:
             t.labels,
             t.explains,
             f"qk L{layer}H{head}",
+            index=index,
         )
 
     @check.entry

@@ -525,6 +525,8 @@ class ModelView:
         if type(hf).__name__ == "NativeAttention":  # TransformerLens's own: divides by scale
             return 1.0 / float(hf.scale)
         scaling = getattr(hf, "scaling", None)
+        if scaling is None:  # MPT names it softmax_scale
+            scaling = getattr(hf, "softmax_scale", None)
         if scaling is None:
             scaling = float(self.d_head) ** -0.5
         factor = float(scaling)
@@ -567,16 +569,81 @@ class ModelView:
                 "records no scale of those norms to hold fixed"
             )
         pos_type = getattr(cfg, "positional_embedding_type", "standard")
-        if pos_type not in ("standard", "rotary", "shortformer"):
+        alibi = self.alibi_kind
+        if alibi is None and pos_type not in ("standard", "rotary", "shortformer"):
             return f"its scores carry a positional bias ('{pos_type}') not split by this prism"
         hf_cfg = getattr(getattr(self.model, "original_model", None), "config", None)
-        if getattr(hf_cfg, "alibi", False) or "Bloom" in self.architecture:
-            return "its scores carry an ALiBi positional bias not split by this prism"
+        if alibi is None and (getattr(hf_cfg, "alibi", False) or pos_type == "alibi"):
+            return (
+                "its scores carry an ALiBi positional bias in a convention this prism does not "
+                "know (it knows HookedTransformer's, Bloom's and MPT's)"
+            )
+        if alibi is not None and self.attn_softcap(layer) is not None:
+            return "its scores carry both an ALiBi bias and a soft-cap"
+        if getattr(hf, "clip_qkv", None):
+            return "its queries and keys are clipped (clip_qkv) before the scores"
         if getattr(cfg, "use_logn_attn", False) or getattr(cfg, "clip_qkv", None):
             return "its queries are rescaled (log-n attention) or clipped before the scores"
         if getattr(cfg, "use_dynamic_ntk_rope", False):
             return "its rotary tables are rescaled per input length (dynamic NTK)"
         return None
+
+    @property
+    def alibi_kind(self) -> Optional[str]:
+        """How this model adds ALiBi to its attention scores (after the ``q . k`` scale),
+        or None: ``"hooked"`` (HookedTransformer: ``slope_h * min(j - i, 0)``, read from its
+        attention's ``alibi`` buffer), ``"bloom"`` (Hugging Face Bloom: ``slope_h * j``),
+        ``"mpt"`` (Hugging Face MPT: ``slope_h * (j - (n - 1))`` for ``n`` tokens)."""
+        if not self.is_bridge:
+            pos_type = getattr(self.cfg, "positional_embedding_type", "standard")
+            return "hooked" if pos_type == "alibi" else None
+        hf = self._alibi_owner()
+        if hf is None:
+            return None
+        return "mpt" if hasattr(hf, "build_mpt_alibi_tensor") else "bloom"
+
+    def _alibi_owner(self) -> Any:
+        """The Hugging Face module that builds a bridge's ALiBi tensor (Bloom's or MPT's
+        base model), or None."""
+        original = getattr(self.model, "original_model", None)
+        if original is None:
+            return None
+        for module in (original, getattr(original, "transformer", None)):
+            if module is None:
+                continue
+            if hasattr(module, "build_mpt_alibi_tensor"):
+                attn_cfg = getattr(getattr(module, "config", None), "attn_config", None)
+                return module if getattr(attn_cfg, "alibi", True) else None
+            if hasattr(module, "build_alibi_tensor") and "Bloom" in type(module).__name__:
+                return module
+        return None
+
+    def alibi_bias(self, layer: int, head: int, query: int, keys: Tensor, n_ctx: int) -> Tensor:
+        """The ALiBi bias ``[K]`` (float32, on ``keys``' device) that head ``head`` of layer
+        ``layer`` adds to its score at query position ``query`` for key positions ``keys``,
+        in an input of ``n_ctx`` tokens without padding, computed as the model computes it:
+        a HookedTransformer's recorded ``alibi`` buffer (rows ``-n_ctx:``, as its forward
+        slices it), or Hugging Face's own ``build_alibi_tensor`` (Bloom) /
+        ``build_mpt_alibi_tensor`` (MPT)."""
+        kind, dev = self.alibi_kind, keys.device
+        if kind == "hooked":
+            buf = getattr(self._attn(layer), "alibi", None)
+            if isinstance(buf, Tensor) and buf.shape[-1] >= n_ctx:
+                row = buf.shape[-2] - n_ctx + query
+                return buf[head, row].detach().to(dev, torch.float32)[keys]
+            attn_cls = type(self._attn(layer))
+            mult = attn_cls.create_alibi_multipliers(self.n_heads, dev)[head]
+            slope = (keys - query).clamp(max=0).to(torch.float32)
+            return mult * slope
+        hf = self._alibi_owner()
+        if kind == "mpt":
+            size = int(hf.config.max_seq_len)
+            bias_max = getattr(hf.config.attn_config, "alibi_bias_max", 8)
+            table = hf.build_mpt_alibi_tensor(self.n_heads, size, bias_max, device=dev)
+            return table[head, 0, size - n_ctx :][keys].to(torch.float32)
+        mask = torch.ones(1, n_ctx, dtype=torch.long, device=dev)
+        table = hf.build_alibi_tensor(mask, self.n_heads, torch.float32)  # [H, 1, n]
+        return table.reshape(self.n_heads, n_ctx)[head][keys]
 
     @property
     def gated_bias_after_product(self) -> bool:
