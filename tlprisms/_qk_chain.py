@@ -1,0 +1,239 @@
+"""Chains through one side of an attention score: what fed the query at ``i`` (or the key at
+``j``), pulled back through an earlier head or neuron.
+
+With ln1's cached scale frozen and the key side kept whole, head ``(l, h)``'s score for key
+``j`` is a linear readout of ``resid_pre l`` at the query position ``i``, one direction per key
+(:func:`tlprisms._qk.one_side` splits the same readout):
+
+    z_ij = x_i . P(w1 * (W_Q R_i^T k_j c)) / s_i  +  ln1's bias and b_Q terms
+
+(``k_j = R_j (ln1(x_j) W_K + b_K)`` the whole rotated key, ``c`` the score factor). Likewise the
+key side is a readout of ``resid_pre l`` at each key ``j``, one direction (the whole query). So
+:func:`tlprisms._chain.run_chain`'s hops apply unchanged: ``Hop("head", l2, h2, src=k)`` splits
+head ``(l2, h2)``'s write at the read position, from its source ``k``, into what wrote the
+residual stream at ``k`` (scales, pattern and gates frozen as for every chain).
+
+**Total.** The chained terms add up exactly to the hop's term in that one-side readout: for a
+first hop ``Hop("head", l2, h2, src=k)`` on the query side, the component ``L{l2}H{h2}[src k]``
+of ``qk(layer, head, pos, keys, sides="query", q_heads=l2)`` (``L{l2}N{n}`` for a neuron hop),
+times the frozen soft-cap ratio ``rho = cap * tanh(z / cap) / z`` of each score post-cap; a
+contrast ``keys=[j, j2]`` gives that term for ``j`` minus that for ``j2``. Later hops split the
+previous hop's term, as :meth:`~tlprisms.LogitPrism.chain` does.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from beartype import beartype
+from jaxtyping import Float, Int, jaxtyped
+from torch import Tensor
+
+from tlprisms import _validate as check
+from tlprisms._chain import ChainTerms, Hop, run_chain
+from tlprisms._engine import Readout, Split
+from tlprisms._errors import ArgumentError, PositionError
+from tlprisms._qk import _rotary, _rotate, _whole_side, qk_terms
+from tlprisms._readout import Explained, Recorded, softcap_ratio
+from tlprisms._result import ComponentTable
+from tlprisms._seam import CacheView
+
+__all__ = ["QKChainTerms", "qk_chain_terms", "check_path", "resolve_path", "side_readout"]
+
+
+@jaxtyped(typechecker=beartype)
+@dataclass(frozen=True)
+class QKChainTerms:
+    """A chain through one side of a score: ``values [B, 1, K, C]`` (K: keys, or 1 for a
+    contrast) that add up to ``term [B, 1, K]``, the first hop's term of that side."""
+
+    values: Float[Tensor, "batch one k comp"]
+    table: ComponentTable
+    term: Float[Tensor, "batch one k"]
+    positions: Int[Tensor, "batch one"]
+    labels: np.ndarray
+    explains: str
+    name: str
+
+
+def side_readout(
+    cv: CacheView,
+    layer: int,
+    W: Float[Tensor, "d_model d_head"],
+    positions: Int[Tensor, "batch one"],
+    other: Float[Tensor, "batch n d_head"],
+    factor: float,
+) -> Readout:
+    """The score ``(R_p v_p) . other * c`` as a readout of ``resid_pre layer`` at the one
+    position per row ``positions``: one direction per column of ``other`` (the other side's
+    whole rotated vectors), ``P(w1 * W R_p^T other c)`` with ln1's cached ``1/s`` at ``p``.
+    The same directions as :func:`tlprisms._qk.one_side`; its constants (ln1's bias, the
+    projection's bias) belong to no hop, so a chain does not need them."""
+    view = cv.view
+    ln1 = view.ln1[layer]
+    B, n = other.shape[0], other.shape[1]
+    y = other * factor
+    rot = _rotary(cv, layer, positions, W.dtype)
+    if rot is not None:  # R_p^T: the rotation at p with the sine negated
+        cos, sin = (t.expand(B, n, -1) for t in rot)
+        y = _rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
+    u = ln1.pull_back(y @ W.T)[:, None]  # [B, 1, n, d_model]
+    return Readout(
+        u=u,
+        inv_s=cv.inv_scale_or_one(ln1, positions),
+        positions=positions,
+        attn_layers=layer,
+        mlp_layers=layer,
+    )
+
+
+def resolve_path(path: object, sides: str, caller: str) -> list:
+    """``path=`` of :meth:`~tlprisms.LogitPrism.qk` as a list of :class:`Hop`, refused
+    clearly where a chain through one side cannot follow it."""
+    if sides == "both":
+        raise ArgumentError(
+            f"{caller}: path= follows one side of the score back through earlier heads or "
+            "neurons, with the other side kept whole; pass sides='query' (what fed the query) "
+            "or sides='key' (what fed the key), not sides='both'."
+        )
+    if isinstance(path, (Hop, str)) or not isinstance(path, Sequence) or not path:
+        raise ArgumentError(
+            f"{caller}: path={path!r:.80}; pass a non-empty list of tlprisms.Hop, e.g. "
+            "[tp.Hop('head', 0, 1, src=3)]."
+        )
+    return [h if isinstance(h, Hop) else Hop(*h) for h in path]
+
+
+def check_path(
+    cv: CacheView, layer: int, side: str, path: Sequence[Hop], read_at: Sequence[int]
+) -> None:
+    """Refuse what a chain through one side of layer ``layer``'s score cannot follow: a
+    first hop not before that layer, a feature hop, or a head hop's ``src`` after the
+    position it is read at (``read_at``: the query position, or every key position)."""
+    caller, view = cv.caller, cv.view
+    where = min(read_at)
+    for n, hop in enumerate(path):
+        if hop.kind == "feature":
+            raise ArgumentError(
+                f"{caller}: path= through one side of an attention score follows head and "
+                f"neuron hops; {hop} is a feature hop. Split the side into features with "
+                "LogitPrism.readout(...) on the query/key direction, or drop the feature hop."
+            )
+        hop_layer = check.layer(view, hop.layer, caller)
+        if n == 0 and hop_layer >= layer:
+            raise ArgumentError(
+                f"{caller}: the first hop {hop} is in layer {hop_layer}, but the {side} of "
+                f"L{layer}'s score reads resid_pre {layer}, which only layers before {layer} "
+                f"write; chain through a head or neuron of layers 0..{layer - 1}."
+            )
+        if hop.kind != "head" or hop.src is None:
+            continue
+        if hop.src > where:
+            at = (
+                f"the query position {where}"
+                if side == "query"
+                else f"the key position {where}" + (" (the first key)" if len(read_at) > 1 else "")
+            )
+            fix = "" if side == "query" else f", or keys at positions >= {hop.src}"
+            if n > 0:
+                at, fix = f"position {where}, the previous hop's source", ""
+            raise PositionError(
+                f"{caller}: hop {hop} reads source position {hop.src}, after {at} where its "
+                f"output is read; a head at position {where} attends only to positions "
+                f"0..{where} (causal mask). Pass src <= {where}{fix}."
+            )
+        where = hop.src
+
+
+def qk_chain_terms(
+    rec: Recorded,
+    layer: int,
+    head: int,
+    pos: int,
+    keys: Sequence[int],
+    side: str,
+    path: Sequence[Hop],
+    split: Split,
+    softcap: str,
+    contrast: bool,
+) -> QKChainTerms:
+    """Follow ``path`` back from one side (``"query"`` or ``"key"``) of head
+    ``(layer, head)``'s scores at query ``pos`` for ``keys``; split the last hop by writer."""
+    cv = rec.cache
+    check_path(cv, layer, side, path, [pos] if side == "query" else list(keys))
+    view, dtype, device = cv.view, cv.dtype, cv.device
+    # the scores, checked against the recorded ones (and refused where this prism cannot
+    # split them) by the QK prism itself at layer level: pre-cap, one per key
+    whole = qk_terms(rec, layer, head, pos, keys, Split(), Split(), "pre", False, side)
+    z = whole.values.sum(-1)[:, 0]  # [B, Kp]: the pre-cap scores
+    cap = view.attn_softcap(layer)
+    if cap is None:
+        rho, explains = torch.ones_like(z), "attention score"
+    elif softcap == "pre":
+        rho, explains = torch.ones_like(z), "pre-softcap attention score"
+    else:
+        rho, explains = softcap_ratio(z, cap), "post-softcap attention score (rho frozen)"
+    B, Kp = z.shape
+    g = view.kv_group(head)
+    W_Q = view.W_Q(layer, dtype)[head].to(device)
+    W_K = view.W_K(layer, dtype)[g].to(device)
+    b_Q = view.b_Q(layer, dtype, device)[head]
+    b_K = view.b_K(layer, dtype, device)[g]
+    factor = view.attn_score_factor(layer)
+    qpos = torch.full((B, 1), pos, dtype=torch.long, device=device)
+    kpos = torch.tensor(list(keys), dtype=torch.long, device=device)[None].expand(B, -1)
+    sign = torch.tensor([1.0, -1.0], dtype=dtype, device=device)
+    if side == "query":  # one readout at the query position, one direction per key
+        k = _whole_side(cv, layer, W_K, b_K, kpos)  # [B, Kp, d_head], rotated at j
+        readout = side_readout(cv, layer, W_Q, qpos, k, factor)
+        if contrast:  # one target of two atoms: rho_j * (key j) - rho_j2 * (key j2)
+            weights = (rho * sign)[:, None, None, :]
+        else:
+            weights = rho[:, None, :, None]
+        ex = Explained(weights=weights, values=weights.sum(-1), explains=explains)
+        ct = run_chain(rec, readout, ex, path, split)
+    else:  # one readout per key position, each one direction (the whole query)
+        q = _whole_side(cv, layer, W_Q, b_Q, qpos)  # [B, 1, d_head], rotated at i
+        parts = []
+        for n in range(Kp):
+            readout = side_readout(cv, layer, W_K, kpos[:, n : n + 1], q, factor)
+            w = rho[:, n] * (sign[n] if contrast else 1.0)
+            w = w[:, None, None, None]
+            ex = Explained(weights=w, values=w[..., 0], explains=explains)
+            parts.append(run_chain(rec, readout, ex, path, split))
+        ct = _stack_keys(parts, contrast)
+    labels = whole.labels
+    if contrast:
+        labels = np.array([[[f"{labels[0, 0, 0]} - {labels[0, 0, 1]}"]]], dtype=object)
+        explains = f"{explains} difference"
+    name = " > ".join(str(h) for h in path)
+    return QKChainTerms(
+        values=ct.values,
+        table=ct.table,
+        term=ct.term,
+        positions=qpos,
+        labels=labels,
+        explains=f"{explains}: {side}-side term of {name}",
+        name=name,
+    )
+
+
+def _stack_keys(parts: list, contrast: bool) -> ChainTerms:
+    """One chain per key (the key side) as one result: keys along the target axis, or
+    their sum for a contrast (the second key's weights carry the minus sign)."""
+    table = parts[0].table
+    for p in parts[1:]:  # the same path and split at every key: the same labels
+        same = len(p.table) == len(table) and all(
+            np.array_equal(getattr(p.table, f), getattr(table, f))
+            for f in ("kind", "layer", "head", "neuron", "src", "at", "feature")
+        )
+        if not same:  # pragma: no cover - run_chain labels do not depend on the read position
+            raise AssertionError("key-side chains labelled differently per key")
+    if contrast:
+        values = parts[0].values + parts[1].values
+        term = parts[0].term + parts[1].term
+    else:
+        values = torch.cat([p.values for p in parts], dim=2)
+        term = torch.cat([p.term for p in parts], dim=2)
+    return ChainTerms(values=values, table=table, term=term, positions=parts[0].positions)
