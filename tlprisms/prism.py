@@ -782,6 +782,7 @@ class LogitPrism:
         *,
         contrast: bool = False,
         sides: str = "both",
+        path: Optional[Sequence[Any]] = None,
         q_heads: LayerSelection = (),
         q_neurons: LayerSelection = (),
         k_heads: LayerSelection = (),
@@ -802,6 +803,12 @@ class LogitPrism:
             sides: ``"both"`` (default): pairs of writers; ``"query"``: split the query side
                 only, the key vector kept whole (one key-side component, ``k:whole``): the
                 query writers' terms of the score; ``"key"``: the reverse.
+            path: with ``sides="query"``/``"key"``, a chain of :class:`Hop` back from that
+                side (what fed the query at ``pos``, the key at each key): the components are
+                the last hop's writers, labelled as :meth:`chain` labels them, and add up to
+                the first hop's term of that side (e.g. ``L0H1[src 3]`` of
+                ``qk(..., sides="query", q_heads=0)``); ``q_heads``/``q_neurons`` (or
+                ``k_...``) split the last hop (see :mod:`tlprisms._qk_chain`).
             q_heads, q_neurons: earlier layers whose writes into the query position are split
                 into heads (x sources when ``by_source``) / neurons; ``k_heads``, ``k_neurons``
                 the same for the key positions. By default both sides are layer-level.
@@ -842,6 +849,11 @@ class LogitPrism:
         i, key_list = resolve_keys(pos, keys, contrast, self.n_ctx, caller)
         q_split = self._split(q_heads, q_neurons, by_source, caller)
         k_split = self._split(k_heads, k_neurons, by_source, caller)
+        if path is not None:  # a chain through one side of the score
+            split = q_split if sides == "query" else k_split
+            return self._qk_chain(
+                layer, head, i, key_list, sides, path, split, softcap, contrast, top_k, min_abs
+            )
         top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
         rec = Recorded(self._rec.cache.for_call(caller), self.tokens, self.logits)
         args = (rec, layer, head, i, key_list, q_split, k_split, softcap, contrast, sides)
@@ -865,6 +877,44 @@ class LogitPrism:
             t.labels,
             t.explains,
             f"qk L{layer}H{head}",
+            index=index,
+        )
+
+    def _qk_chain(
+        self,
+        layer: int,
+        head: int,
+        pos: int,
+        keys: list,
+        sides: str,
+        path: Any,
+        split: Split,
+        softcap: str,
+        contrast: bool,
+        top_k: Any,
+        min_abs: Any,
+    ) -> Decomposition:
+        """``qk(..., path=[...])``: :func:`tlprisms._qk_chain.qk_chain_terms`, checked, and
+        kept sparse as :meth:`chain` keeps it when ``top_k``/``min_abs`` ask."""
+        from tlprisms._qk_chain import qk_chain_terms, resolve_path
+
+        caller = "LogitPrism.qk"
+        hops = resolve_path(path, sides, caller)
+        top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
+        rec = Recorded(self._rec.cache.for_call(caller), self.tokens, self.logits)
+        with torch.no_grad():
+            t = qk_chain_terms(rec, layer, head, pos, keys, sides, hops, split, softcap, contrast)
+            self._refuse_broken(rec, t.values, t.term, torch.zeros_like(t.term))
+            values, table, index = self._sparse(rec, t.values, t.table, top_k, min_abs)
+        return self._result(
+            rec,
+            values,
+            table,
+            t.term,
+            t.positions,
+            t.labels,
+            t.explains,
+            f"qk L{layer}H{head} {sides} side through {t.name}",
             index=index,
         )
 
