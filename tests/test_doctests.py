@@ -22,6 +22,7 @@ MODULES = [
     "tlprisms._result",
     "tlprisms._chain",
     "tlprisms._qk",
+    "tlprisms._qk_chain",
 ]
 
 

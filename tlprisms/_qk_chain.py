@@ -19,6 +19,17 @@ of ``qk(layer, head, pos, keys, sides="query", q_heads=l2)`` (``L{l2}N{n}`` for 
 times the frozen soft-cap ratio ``rho = cap * tanh(z / cap) / z`` of each score post-cap; a
 contrast ``keys=[j, j2]`` gives that term for ``j`` minus that for ``j2``. Later hops split the
 previous hop's term, as :meth:`~tlprisms.LogitPrism.chain` does.
+
+>>> import torch
+>>> import tlprisms as tp
+>>> from tlprisms.demo import load_demo_model
+>>> prism = tp.LogitPrism.run(load_demo_model(), "The capital of France is")
+>>> r = prism.qk(1, 0, sides="query", path=[tp.Hop("head", 0, 2, src=3)]).check()
+>>> [str(c) for c in r.components], r.prism
+(['@3 embed', '@3 L0.b_VH2'], 'qk L1H0 query side through L0H2[src 3]')
+>>> one = prism.qk(1, 0, sides="query", q_heads=0).select(q_kind="head", q_head=2, q_src=3)
+>>> bool(torch.allclose(r.total(), one.values[..., 0], atol=1e-9))
+True
 """
 
 from collections.abc import Sequence
