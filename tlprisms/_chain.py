@@ -23,6 +23,7 @@ sums exactly to the term it splits.
 """
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
@@ -34,11 +35,11 @@ from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from tlprisms import _validate as check
-from tlprisms._engine import Readout, Split, Terms, split_writes, writes_table
+from tlprisms._engine import Readout, Split, Terms, freeze, split_writes, writes_table
 from tlprisms._errors import ArgumentError, PositionError, UnsupportedModelError
 from tlprisms._ops import dot
 from tlprisms._readout import Explained, FinalReadout, Recorded, weigh
-from tlprisms._result import ComponentTable
+from tlprisms._result import FIELDS, ComponentTable
 from tlprisms._seam import CacheView, Site
 
 __all__ = ["Hop", "ChainTerms", "run_chain", "read_at", "READ_AT", "limit_at_zero"]
@@ -117,6 +118,9 @@ class ChainTerms:
     table: ComponentTable
     term: Float[Tensor, "batch one k"]
     positions: Int[Tensor, "batch one"]
+    #: ``sum |values|`` and ``sum values`` over the components (for the structural check)
+    l1: Optional[Float[Tensor, "batch one k"]] = None
+    total: Optional[Float[Tensor, "batch one k"]] = None
 
 
 # ----------------------------------------------------------------------------- gates
@@ -366,7 +370,7 @@ def _split_into(
         return split_writes(cv, st.readout, split), None
     B, P = st.readout.positions.shape
     k = ex.weights.shape[2]
-    C = len(writes_table(cv, st.readout, split))
+    C = len(writes_table(cv, st.readout, split))  # kept by the prism: no labels built here
     n_const = sum(t.kind.shape[0] for t, _ in st.consts)
     u = st.readout.u
     out = torch.empty(B, k, P * C + n_const, dtype=u.dtype, device=u.device)
@@ -428,21 +432,83 @@ def run_chain(
         del combined
     table = terms.table
     del values, terms
-    tables = [table.tile_over_positions(st.at)]
     start = P * C
-    for t, v in st.consts:
+    for _, v in st.consts:
         v = v.expand(B, -1, K).reshape(B, -1, k, weights.shape[3])  # [B, n, k, a]
         v = (v * weights[:, 0, None]).sum(-1).permute(0, 2, 1)  # [B, k, n]
         out[:, :, start : start + v.shape[-1]] = v
         start += v.shape[-1]
-        tables.append(t)
+    if dictionaries:
+        full = ComponentTable.concat([table.tile_over_positions(st.at)] + [t for t, _ in st.consts])
+    else:  # the labels depend on the shapes only: the prism keeps them for the next call
+        full = _chain_table(cv, st, split, table)
     explained = (term.reshape(B, 1, k, -1) * weights).sum(-1)
+    l1, total = _sums(out)
     return ChainTerms(
         values=out[:, None],
-        table=ComponentTable.concat(tables),
+        table=full,
         term=explained,
         positions=r0.positions,
+        l1=l1[:, None],
+        total=total[:, None],
     )
+
+
+#: chained label tables a prism keeps (each can hold millions of labels: ~25 bytes each)
+_KEPT_TABLES = 2
+#: elements per row and slice in :func:`_sums` (the slice stays in the CPU's cache)
+_SUM_CHUNK = 2**15
+
+
+def _chain_table(cv: CacheView, st: _State, split: Split, table: ComponentTable) -> ComponentTable:
+    """``table`` tiled over the read positions ``st.at``, then the last hop's constants:
+    the same labels as ``concat([table.tile_over_positions(st.at), *consts])``.
+
+    The tiled part depends only on the readout's layers, the split and the positions, so a
+    prism keeps the last few full tables (read-only) and a later call reuses every column
+    whose constants' labels are the same (through each head of a layer, only ``head``
+    differs: one column is copied and its tail rewritten)."""
+    consts = ComponentTable.concat([t for t, _ in st.consts])
+    memo = getattr(cv, "memo", None)
+    if memo is None or consts.of is not None or table.of is not None:
+        return ComponentTable.concat([table.tile_over_positions(st.at), consts])
+    r = st.readout
+    key = (r.attn_layers, r.mlp_layers, split, st.at.tobytes(), consts.kind.tobytes())
+    kept = memo.setdefault("chain tables", OrderedDict())
+    if key not in kept:
+        full = freeze(ComponentTable.concat([table.tile_over_positions(st.at), consts]))
+        kept[key] = full
+        while len(kept) > _KEPT_TABLES:
+            kept.popitem(last=False)
+        return full
+    kept.move_to_end(key)
+    full = kept[key]
+    n = len(full) - len(consts)
+    cols = {}
+    for name in ("kind",) + FIELDS:
+        col, tail = getattr(full, name), getattr(consts, name)
+        if not np.array_equal(col[n:], tail):
+            col = col.copy()
+            col[n:] = tail
+            col.flags.writeable = False
+        cols[name] = col
+    return ComponentTable(**cols)
+
+
+def _sums(
+    out: Float[Tensor, "batch k comp"],
+) -> tuple[Float[Tensor, "batch k"], Float[Tensor, "batch k"]]:
+    """``(sum |x|, sum x)`` over the last axis, read once: in slices that stay in the CPU's
+    cache (two full passes over a result of hundreds of MB cost twice the memory traffic).
+    What the structural check needs; the slices change only the rounding of the sums."""
+    if out.shape[-1] <= 2 * _SUM_CHUNK or out.device.type != "cpu":
+        return torch.linalg.vector_norm(out, 1, -1), out.sum(-1)
+    l1 = torch.zeros(out.shape[:-1], dtype=out.dtype, device=out.device)
+    total = torch.zeros_like(l1)
+    for part in out.split(_SUM_CHUNK, -1):
+        l1 += torch.linalg.vector_norm(part, 1, -1)
+        total += part.sum(-1)
+    return l1, total
 
 
 #: where a readout can read, and the residual stream each reads

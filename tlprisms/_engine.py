@@ -200,12 +200,51 @@ def writes_table(
 ) -> ComponentTable:
     """The component labels :func:`split_writes` gives for ``readout`` and ``split``, without
     computing a term (to size chunks and preallocate results)."""
+    if not extra:
+        return _plan_table(cv, readout, split)
     return ComponentTable.concat([t for t, _ in _plan(cv, readout, split)] + list(extra))
+
+
+def _memo(cv: CacheView, key: tuple, make: Any) -> Any:
+    """``make()``, kept in the cache view's memo (shared by a prism's calls) under ``key``:
+    labels depend only on the cache's shape, the readout's layers and the split."""
+    memo = getattr(cv, "memo", None)
+    if memo is None:
+        return make()
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
+def _plan_table(cv: CacheView, readout: Readout, split: Split) -> ComponentTable:
+    """The labels of :func:`_plan`'s blocks in one table (read-only: it is shared)."""
+    key = ("writes table", readout.attn_layers, readout.mlp_layers, split)
+
+    def make() -> ComponentTable:
+        table = ComponentTable.concat([t for t, _ in _plan(cv, readout, split)])
+        return freeze(table)
+
+    return _memo(cv, key, make)
+
+
+def freeze(table: ComponentTable) -> ComponentTable:
+    """``table`` with its columns made read-only (so that results can share them)."""
+    for name in ("kind", "layer", "head", "neuron", "src", "at", "feature", "of"):
+        col = getattr(table, name)
+        if col is not None:
+            col.flags.writeable = False
+    return table
 
 
 def _plan(cv: CacheView, readout: Readout, split: Split) -> list[tuple[ComponentTable, tuple]]:
     """Every block of terms in result order: ``(labels, what)`` with ``what`` one of
-    ``("embed",)``, ``("pos_embed",)``, ``(kind, layer, "split"|"whole"|"bias"|"post_b")``."""
+    ``("embed",)``, ``("pos_embed",)``, ``(kind, layer, "split"|"whole"|"bias"|"post_b")``.
+    Kept in the cache view's memo (the list and its tables are shared: do not modify)."""
+    key = ("plan", readout.attn_layers, readout.mlp_layers, split)
+    return _memo(cv, key, lambda: _make_plan(cv, readout, split))
+
+
+def _make_plan(cv: CacheView, readout: Readout, split: Split) -> list[tuple[ComponentTable, tuple]]:
     view = cv.view
     plan: list[tuple[ComponentTable, tuple]] = [(ComponentTable.block("embed"), ("embed",))]
     if view.pos_embed_in_resid:
@@ -257,7 +296,7 @@ def split_writes(
     B, P = positions.shape
     K = u.shape[2]
     plan = _plan(cv, readout, split)
-    table = ComponentTable.concat([t for t, _ in plan] + [t for _, t in extra])
+    table = writes_table(cv, readout, split, [t for _, t in extra])
     if out is None:
         out = torch.empty(B, P, K, len(table), dtype=u.dtype, device=u.device)
     elif tuple(out.shape) != (B, P, K, len(table)):
@@ -270,7 +309,8 @@ def split_writes(
     cached: dict = {}
 
     def layer_parts(kind: str, layer: int) -> tuple:
-        """(ul, sl, bias_term, post_b, whole) of one layer's attention or MLP write."""
+        """(ul, sl, bias_term, post_b, whole) of one layer's attention or MLP write;
+        ``whole`` is None for a split layer when no gap is asked for (nothing reads it)."""
         if (kind, layer) not in cached:
             cached.clear()
             post = view.ln1_post[layer] if kind == "attn" else view.ln2_post[layer]
@@ -279,9 +319,11 @@ def split_writes(
             bias = (view.b_O if kind == "attn" else view.b_out)(layer, u.dtype, u.device)
             bias_term = (ul @ bias).expand(B, P, K) * sl  # [B,P,K]
             post_b = _post_bias(post, u)
-            site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
-            whole = dot(cv.at(site, layer, positions, u.dtype), u) * s
-            whole = whole - bias_term - (post_b.expand(B, P, K) * s if post is not None else 0)
+            whole = None
+            if gap or layer not in (split.heads if kind == "attn" else split.neurons):
+                site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
+                whole = dot(cv.at(site, layer, positions, u.dtype), u) * s
+                whole = whole - bias_term - (post_b.expand(B, P, K) * s if post is not None else 0)
             cached[(kind, layer)] = (ul, sl, bias_term, post_b, whole)
         return cached[(kind, layer)]
 

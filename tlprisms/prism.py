@@ -274,17 +274,25 @@ class LogitPrism:
         return rec, fr, explain(rec, fr, softcap)
 
     def _refuse_broken(
-        self, rec: Recorded, values: Tensor, explained: Tensor, layer_gap: Tensor
+        self,
+        rec: Recorded,
+        values: Tensor,
+        explained: Tensor,
+        layer_gap: Tensor,
+        sums: Optional[tuple[Tensor, Tensor]] = None,
     ) -> None:
         """Refuse a result that is not finite, or whose parts do not add up (a structural
-        problem, not rounding)."""
+        problem, not rounding). ``sums``: ``(sum |values|, sum values)`` over the components
+        when the caller has them (read in one pass), else they are computed here."""
         cv = rec.cache
-        l1 = torch.linalg.vector_norm(values, 1, -1)  # NaN/inf in any term makes it non-finite
+        if sums is None:
+            sums = (torch.linalg.vector_norm(values, 1, -1), values.sum(-1))
+        l1, total = sums  # NaN/inf in any term makes l1 non-finite
         if not bool(torch.isfinite(l1).all()) or not bool(torch.isfinite(explained).all()):
             cv.refuse_nonfinite("the decomposition")
         rtol = _STRUCTURAL_RTOL_LOWP if cv.low_precision else _STRUCTURAL_RTOL[cv.dtype]
         scale = l1 + explained.abs() + 1.0
-        gap = (values.sum(-1) - explained).abs()
+        gap = (total - explained).abs()
         if bool((gap > rtol * scale).any()) or bool(
             (layer_gap.abs().amax(-1) > rtol * scale.amax(-1)).any()
         ):
@@ -690,7 +698,8 @@ class LogitPrism:
         with torch.no_grad():
             rec, fr, ex = self._readout(target, pos, softcap, caller)
             ct = run_chain(rec, fr, ex, hops, split, dictionaries)
-            self._refuse_broken(rec, ct.values, ct.term, torch.zeros_like(ct.term))
+            sums = None if ct.l1 is None or ct.total is None else (ct.l1, ct.total)
+            self._refuse_broken(rec, ct.values, ct.term, torch.zeros_like(ct.term), sums)
             values, table, index = self._sparse(rec, ct.values, ct.table, top_k, min_abs)
         name = " > ".join(str(h) for h in hops)
         B, k = ct.values.shape[0], ct.values.shape[2]
