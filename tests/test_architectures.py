@@ -398,6 +398,26 @@ def test_architecture(name: str, fold: bool) -> None:
     assert problem is None, f"{name} ({'folded' if fold else 'unfolded'}): {problem}"
 
 
+#: architectures whose attention scores carry ALiBi: the QK prism splits them exactly, the
+#: positional bias one constant pair per key (``L{layer}H{head} alibi``)
+QK_ALIBI = ("BloomForCausalLM", "MptForCausalLM")
+
+
+@pytest.mark.parametrize("name", QK_ALIBI)
+def test_qk_exact_on_alibi_models(name: str) -> None:
+    """The QK prism on an ALiBi model: exact against the recorded scores, every head."""
+    from tlprisms._seam import Site
+
+    case = _built(name, True)
+    prism = tp.LogitPrism(case.model, case.cache, tokens=case.tokens, logits=case.logits)
+    layer = int(case.model.cfg.n_layers) - 1
+    scores = case.cache[prism.view.hook(Site.ATTN_SCORES, layer)]
+    for head in range(int(case.model.cfg.n_heads)):
+        r = prism.qk(layer, head, q_heads="all").check()
+        assert torch.equal(r.logits[:, 0], scores[:, head, -1])
+        assert r.select(q_kind="alibi").values.shape[-1] == 1
+
+
 def test_sdpa_bridge_says_why_the_pattern_is_missing() -> None:
     """A bridge running HF's sdpa attention records no pattern: the refusal names sdpa and
     how to get eager attention, not a names_filter the user never passed."""

@@ -18,6 +18,9 @@ TOL = {"float32": ATOL_FLOAT32, "float64": ATOL_FLOAT64}
 #: an intervention with ln1's scale frozen moves a score by minus the removed writer's terms,
 #: to float32 rounding of the forward pass (relative to 1 + the size of the terms involved)
 CAUSAL_RTOL = 1e-4
+#: a chunk of keys may block its matrix products differently from the whole block, so
+#: the last bits of a term can differ (relative to the term)
+CHUNK_RTOL = 1e-5
 
 
 def recorded_scores(case, layer: int, head: int, pos: int) -> torch.Tensor:
@@ -390,3 +393,303 @@ def test_bundle_once_per_notebook(monkeypatch):
     first, second = Shown()._repr_html_(), w._repr_html_()
     assert first.count(marker) == 1 and second.count(marker) == 0
     assert render.to_html(w).count(marker) == 1  # a fragment to paste: self-contained
+
+
+# ------------------------------------------------------------------ ALiBi (Bloom, MPT, hooked)
+def _alibi_case(name: str, fold: bool = True):
+    """A tiny ALiBi model (arch_zoo's Bloom / MPT bridge), its tokens and prism."""
+    import arch_zoo as zoo
+
+    model = zoo.build(name, fold)
+    tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    return model, cache, tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+
+
+def _slopes(n_heads: int, base_exponent: float) -> torch.Tensor:
+    """Geometric ALiBi slopes ``2**(-base_exponent * (h + 1) / n_heads)`` (power-of-2 heads)."""
+    return torch.tensor([2.0 ** (-base_exponent * (h + 1) / n_heads) for h in range(n_heads)])
+
+
+#: what each convention adds to score (i, j): slope * distance(i, j, n)
+ALIBI_DISTANCE = {
+    "BloomForCausalLM": lambda i, j, n: j,  # Hugging Face Bloom: slope * j
+    "MptForCausalLM": lambda i, j, n: j - (n - 1),  # MPT: slope * (j - (n - 1))
+}
+
+
+@pytest.mark.parametrize("name", list(ALIBI_DISTANCE))
+@pytest.mark.parametrize("fold", [True, False])
+def test_alibi_term_is_slope_times_distance(name, fold):
+    """ALiBi models: the scores split exactly with the positional bias as one constant pair
+    ``L1Hh alibi`` whose value per key is the head's slope times that model's distance."""
+    model, cache, prism = _alibi_case(name, fold)
+    view = prism.view
+    assert view.alibi_kind == {"BloomForCausalLM": "bloom", "MptForCausalLM": "mpt"}[name]
+    slopes = _slopes(view.n_heads, 8.0)
+    pos = SEQ - 2
+    for head in range(view.n_heads):
+        r = prism.qk(1, head, pos=pos, q_heads="all", k_neurons="all")
+        assert_complete(r, type("C", (), {"prism": prism, "cache": cache})(), 1, head, pos, pos + 1)
+        a = r.select(q_kind="alibi")
+        assert len(a.components) == 1 and str(a.components[0]) == f"L1H{head} alibi"
+        assert a.components.is_constant().all()
+        want = torch.tensor(
+            [slopes[head] * ALIBI_DISTANCE[name](pos, j, SEQ) for j in range(pos + 1)]
+        )
+        assert torch.allclose(a.values[:, 0, :, 0], want.expand(BATCH, -1), rtol=1e-6, atol=0)
+        frame = r.to_frame()
+        assert set(frame.loc[frame.q_kind == "alibi", "k_kind"]) == {"alibi"}
+    # a contrast of two keys includes the difference of their positional biases
+    c = prism.qk(1, 0, pos=pos, keys=[pos, 1], contrast=True).check()
+    d = float(c.select(q_kind="alibi").values[0, 0, 0, 0])
+    assert d == pytest.approx(float(slopes[0]) * (pos - 1), rel=1e-6)
+    both = prism.qk(1, 0, pos=pos, keys=[pos, 1])
+    assert torch.allclose(c.values[:, :, 0], both.values[:, :, 0] - both.values[:, :, 1])
+    # the sparse result keeps the bias (a constant) at every key
+    s = prism.qk(1, 0, pos=pos, q_heads="all", top_k=2)
+    s.check()
+    assert bool(
+        ((s.index == int(np.nonzero(s.components.mask(q_kind="alibi"))[0][0])).sum(-1) == 1).all()
+    )
+
+
+@pytest.mark.parametrize("name", list(ALIBI_DISTANCE))
+def test_alibi_causal_key_side(name):
+    """With ln1's scale frozen, removing the embedding's write at a key moves that key's
+    score by minus its key-side terms; the ALiBi term does not move."""
+    model, cache, prism = _alibi_case(name)
+    view = prism.view
+    layer, head, pos, key = 1, 2, SEQ - 1, 3
+    r = prism.qk(layer, head, pos=pos)
+    write = cache[view.hook(Site.EMBED)][:, key]
+    case = type("C", (), {"model": model, "prism": prism, "cache": cache, "tokens": None})()
+    case.tokens = prism.tokens
+    moved = _frozen_scores(case, layer, head, pos, key, write)
+    base = cache[view.hook(Site.ATTN_SCORES, layer)][:, head, pos]
+    terms = r.select(k_kind="embed").values[:, 0, key].sum(-1)
+    size = 1 + base[:, key].abs() + r.values.abs().sum(-1)[:, 0, key]
+    assert bool(((moved[:, key] - (base[:, key] - terms)).abs() <= CAUSAL_RTOL * size).all())
+    assert float((moved[:, key] - base[:, key]).abs().max()) > 1e-3
+
+
+def test_alibi_hooked_transformer():
+    """TransformerLens 3's HookedTransformer: the bias is read from the attention's recorded
+    ``alibi`` buffer, ``slope * min(j - i, 0)`` (sliced as its forward slices it, also after
+    a longer input grew the buffer)."""
+    from families import HAS_HOOKED
+
+    if not HAS_HOOKED:
+        pytest.skip("this TransformerLens has no HookedTransformer")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=16,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=60,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="alibi",
+        seed=0,
+    )
+    model = HookedTransformer(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    slopes = _slopes(4, 8.0)
+    pos = 5
+    for longer in (False, True):
+        with torch.no_grad():
+            if longer:  # a longer input first: TransformerLens keeps the grown buffer
+                model(torch.randint(4, 60, (1, 12), generator=gen))
+            logits, cache = model.run_with_cache(tokens)
+        prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+        r = prism.qk(1, 1, pos=pos, q_heads="all").check()
+        assert torch.equal(
+            r.logits[:, 0], cache[prism.view.hook(Site.ATTN_SCORES, 1)][:, 1, pos, : pos + 1]
+        )
+        a = r.select(q_kind="alibi").values[0, 0, :, 0]
+        offset = 12 - SEQ if longer else 0  # rows -SEQ: of a 12-token buffer
+        want = torch.tensor([float(slopes[1]) * min(j - pos - offset, 0) for j in range(pos + 1)])
+        assert torch.allclose(a, want, rtol=1e-6, atol=0)
+
+
+def test_alibi_refusals_say_why():
+    """An ALiBi model whose scores are also soft-capped is refused with that reason."""
+    model, cache, prism = _alibi_case("BloomForCausalLM")
+    view = prism.view
+    view.attn_softcap = lambda layer: 30.0  # type: ignore[method-assign]
+    try:
+        with pytest.raises(UnsupportedModelError, match="ALiBi bias and a soft-cap"):
+            prism.qk(1, 0)
+    finally:
+        del view.attn_softcap
+
+
+# ------------------------------------------------------------------ top_k / min_abs
+SPARSE_FAMILIES = [n for n in FAMILIES if n.split("/")[0] in ("gpt2", "llama", "gemma2")]
+
+
+def assert_sparse_pairs(s, d, top_k=None, min_abs=None) -> None:
+    """``s`` is the QK result ``d`` made sparse: kept terms bit for bit, one remainder per
+    (query kind, layer, key kind, layer) group that sums the dropped terms, constants kept,
+    totals equal to the dense totals."""
+    assert s.is_sparse and not d.is_sparse
+    s.check()
+    n = len(d.components)
+    c = s.components
+    assert [str(c[i]) for i in range(n)] == [str(x) for x in d.components]
+    assert set(c.kinds()[n:]) == {"rest"} and all(
+        str(c[i]).endswith("(rest)") for i in range(n, len(c))
+    )
+    idx, v = s.index, s.values
+    kept = (idx >= 0) & (idx < n)
+    gathered = d.values.gather(-1, idx.clamp(0, n - 1))
+    assert torch.equal(torch.where(kept, v, 0.0), torch.where(kept, gathered, 0.0))
+    const = np.nonzero(d.components.is_constant())[0]
+    for j in const:
+        assert bool(((idx == int(j)).sum(-1) == 1).all())
+    hits = torch.zeros(d.values.shape, dtype=torch.long)
+    keep_dense = hits.scatter_add_(-1, torch.where(kept, idx, 0), kept.long()) > 0
+    free = torch.as_tensor(~d.components.is_constant())
+    dropped = free & ~keep_dense
+    tol = d.tolerance()
+    # each remainder: the dense sum of the dropped pairs of its (q kind, layer, k kind, layer)
+    rest_keys = c.group_keys(np.arange(n, len(c)))
+    assert len(set(rest_keys.tolist())) == len(rest_keys)
+    dense_keys = d.components.group_keys(np.arange(n))
+    gid = np.searchsorted(np.sort(rest_keys), dense_keys)
+    gid = np.argsort(rest_keys)[np.clip(gid, 0, len(rest_keys) - 1)]
+    member = rest_keys[gid] == dense_keys  # False for the constants (never grouped)
+    assert bool(member[~d.components.is_constant()].all())
+    G = len(rest_keys)
+    g_idx = torch.as_tensor(np.where(member, gid, G))
+    want = torch.zeros(*d.values.shape[:-1], G + 1, dtype=d.values.dtype)
+    want.index_add_(-1, g_idx, torch.where(dropped, d.values, 0.0))
+    slot_g = torch.where(idx >= n, idx - n, G)
+    assert bool(((slot_g < G).sum(-1) == G).all())  # one slot per remainder
+    got = torch.zeros_like(want).scatter_add_(-1, slot_g, v)
+    assert bool(((got[..., :G] - want[..., :G]).abs() <= tol[..., None]).all())
+    counts = (kept & ~torch.as_tensor(d.components.is_constant())[idx.clamp(0, n - 1)]).sum(-1)
+    if top_k is not None and min_abs is None:
+        assert bool((counts == min(top_k, int(free.sum()))).all())
+    absd = d.values.abs()
+    smallest_kept = torch.where(keep_dense & free, absd, float("inf")).amin(-1)
+    largest_dropped = torch.where(dropped, absd, -1.0).amax(-1)
+    assert bool((smallest_kept >= largest_dropped).all())
+    if min_abs is not None:
+        assert bool((smallest_kept >= min_abs).all())
+    assert bool(((s.total() - d.total()).abs() <= tol).all())
+    assert torch.equal(s.logits, d.logits)
+
+
+@pytest.mark.parametrize("name", SPARSE_FAMILIES)
+def test_top_k_equals_dense(name):
+    case = build_case(name, True)
+    p = case.prism
+    for kw in (dict(q_heads="all", k_heads="all"), dict(q_neurons=0, sides="query"), {}):
+        d = p.qk(1, 2, **kw)
+        assert_sparse_pairs(p.qk(1, 2, top_k=4, **kw), d, top_k=4)
+    d = p.qk(1, 2, pos=5, q_heads="all", k_neurons="all")
+    cut = float(d.values.abs().median())
+    assert_sparse_pairs(
+        p.qk(1, 2, pos=5, q_heads="all", k_neurons="all", min_abs=cut), d, min_abs=cut
+    )
+    both = p.qk(1, 2, pos=5, q_heads="all", k_neurons="all", top_k=3, min_abs=cut)
+    assert_sparse_pairs(both, d, top_k=3, min_abs=cut)
+    # a contrast: the difference of two keys made sparse
+    dc = p.qk(1, 2, keys=[4, 0], contrast=True, q_heads="all")
+    assert_sparse_pairs(p.qk(1, 2, keys=[4, 0], contrast=True, q_heads="all", top_k=5), dc, top_k=5)
+
+
+def test_top_k_chunks_of_keys(monkeypatch):
+    """One key per chunk (the smallest chunks) keeps the same terms as one block."""
+    from tlprisms import _sparse
+
+    case = build_case("gpt2/bridge", True)
+    p = case.prism
+    whole = p.qk(1, 0, q_heads="all", k_heads="all", top_k=6)
+    monkeypatch.setattr(_sparse, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(_sparse, "CHUNK_BYTES_CUDA", 1)
+    chunked = p.qk(1, 0, q_heads="all", k_heads="all", top_k=6)
+    assert torch.equal(chunked.index, whole.index)
+    err = (chunked.values - whole.values).abs()
+    assert bool((err <= CHUNK_RTOL * whole.values.abs() + whole.tolerance()[..., None]).all())
+    assert_sparse_pairs(chunked, p.qk(1, 0, q_heads="all", k_heads="all"), top_k=6)
+
+
+@pytest.mark.parametrize("name", SPARSE_FAMILIES)
+def test_sparse_pairs_views(name):
+    """select / top / to_frame / aggregate / to_dense / render on a sparse QK result."""
+    from tlprisms import render
+    from tlprisms.render._qk import pair_matrix
+
+    p = build_case(name, False).prism
+    d = p.qk(1, 0, q_heads="all")
+    s = p.qk(1, 0, q_heads="all", top_k=3)
+    frame = s.to_frame()
+    assert {"q_kind", "k_kind", "value", "rest"} <= set(frame.columns)
+    assert frame.rest.any() and (~frame.rest).any()
+    rest = s.select(kind="rest").to_frame()
+    assert bool(rest.rest.all()) and set(rest.q_head) == {-1}
+    heads = s.select(q_kind="head")
+    assert set(heads.to_frame().q_kind) == {"head"}
+    top = s.top(3, batch=0, pos=0, target=SEQ - 1)
+    assert top["component"][0].startswith("q:") and len(top) == 3
+    dense = s.to_dense()
+    assert torch.allclose(dense.total(), d.total(), atol=float(d.tolerance().max()))
+    # layer-level aggregation of the sparse result: the dense result's, remainders included
+    agg, dagg = s.aggregate(), d.aggregate()
+    assert [str(x) for x in agg.components] == [str(x) for x in dagg.components]
+    got = agg.to_dense() if agg.is_sparse else agg
+    assert torch.allclose(got.values, dagg.values, atol=float(d.tolerance().max()))
+    fig = pair_matrix(s, batch=0, target=2)
+    assert abs(fig.data["matrix"].sum() - float(s.logits[0, 0, 2])) <= float(s.tolerance()[0, 0, 2])
+    assert "<svg" in render.to_html(s)
+
+
+# ------------------------------------------------------------------ aggregate per side
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_aggregate_per_side(name):
+    p = build_case(name, True).prism
+    r = p.qk(1, 1, q_heads="all", k_neurons="all")
+    tol = r.tolerance()
+    # default: one term per (query-side kind, layer) x (key-side kind, layer)
+    a = r.aggregate()
+    assert a.complete and len(a.components) < len(r.components)
+    assert bool(((a.total() - r.total()).abs() <= tol).all())
+    layer_level = p.qk(1, 1)
+    lv = {str(c): layer_level.values[..., i] for i, c in enumerate(layer_level.components)}
+    for i, comp in enumerate(a.components):
+        assert " x " in str(comp) or "alibi" in str(comp)  # both sides still labelled
+        if str(comp) in lv:  # the same pair at layer level, to rounding
+            assert torch.allclose(a.values[..., i], lv[str(comp)], atol=float(tol.max()))
+    # one side kept, the other summed: the sides="query" result
+    q = r.aggregate("query")
+    one = p.qk(1, 1, q_heads="all", sides="query")
+    assert [str(x) for x in q.components] == [str(x) for x in one.components]
+    assert torch.allclose(q.values, one.values, atol=float(tol.max()))
+    k = r.aggregate("k_kind", "k_layer")
+    assert set(k.to_frame().q_kind) == {"resid"} and str(k.components[0]).startswith("q:whole x k:")
+    assert bool(((k.total() - r.total()).abs() <= tol).all())
+    h = r.aggregate("q_kind", "q_layer", "q_head")
+    frame = h.to_frame()
+    assert set(frame.k_kind) == {"resid"} and (frame.q_head >= 0).any()
+    assert set(frame.q_src) == {-1}
+    with pytest.raises(ArgumentError, match="not a field of a QK result"):
+        r.aggregate("layer")
+
+
+def test_bad_sparse_inputs():
+    prism = build_case(next(iter(FAMILIES)), True).prism
+    with pytest.raises(ArgumentError, match="top_k=0"):
+        prism.qk(1, 0, top_k=0)
+    with pytest.raises(ArgumentError, match="min_abs="):
+        prism.qk(1, 0, min_abs=-1.0)

@@ -52,6 +52,10 @@ def _values(result: Decomposition, batch: int, target: int, caller: str) -> np.n
     B, _, K, _ = result.values.shape
     b = check.in_range(batch, B, "batch", caller, of=f" ({B} rows)")
     t = check.in_range(target, K, "target", caller, of=f" ({K} keys)")
+    if result.index is not None:  # sparse: the slots scattered onto every pair (0: dropped)
+        from tlprisms._sparse import component_row
+
+        return component_row(result, t, b, 0)[0, 0].detach().float().cpu().numpy()
     return result.values[b, 0, t].detach().float().cpu().numpy()
 
 
