@@ -66,6 +66,21 @@ def test_complete_every_family(case, side):
     assert r.explains.endswith(f"{side}-side term of L0H{HOP_HEAD}[src {SRC}]")
 
 
+def test_key_side_keys_at_once(case):
+    """The key side reads each key's stream; through a head from one source every key's
+    chain reads that source, and is computed at once: each key's terms are those of the
+    key alone."""
+    prism = case.prism
+    path = [tp.Hop("head", 0, HOP_HEAD, src=SRC)]
+    r = prism.qk(LAYER, HEAD, pos=POS, keys=KEYS, sides="key", path=path)
+    for n, j in enumerate(KEYS):
+        one = prism.qk(LAYER, HEAD, pos=POS, keys=[j], sides="key", path=path)
+        assert [str(c) for c in one.components] == [str(c) for c in r.components]
+        size = one.values.abs().sum(-1)
+        assert _close(r.values[:, :, n], one.values[:, :, 0], size[..., None], r.precision)
+        assert _close(r.logits[:, :, n], one.logits[:, :, 0], size, r.precision)
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_complete_float64(name):
     case = build_case(name, False, torch.float64)

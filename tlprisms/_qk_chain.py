@@ -42,11 +42,11 @@ from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from tlprisms import _validate as check
-from tlprisms._chain import ChainTerms, Hop, run_chain
-from tlprisms._engine import Readout, Split
+from tlprisms._chain import ChainTerms, Hop, _check_hop, _State, head_hop, run_chain
+from tlprisms._engine import Readout, Split, split_writes
 from tlprisms._errors import ArgumentError, PositionError
 from tlprisms._qk import _rotary, _rotate, _whole_side, qk_terms
-from tlprisms._readout import Explained, Recorded, softcap_ratio
+from tlprisms._readout import Explained, Recorded, softcap_ratio, weigh
 from tlprisms._result import ComponentTable
 from tlprisms._seam import CacheView
 
@@ -194,26 +194,27 @@ def qk_chain_terms(
     factor = view.attn_score_factor(layer)
     qpos = torch.full((B, 1), pos, dtype=torch.long, device=device)
     kpos = torch.tensor(list(keys), dtype=torch.long, device=device)[None].expand(B, -1)
-    sign = torch.tensor([1.0, -1.0], dtype=dtype, device=device)
+    if contrast:  # one target of two atoms: rho_j * (key j) - rho_j2 * (key j2)
+        weights = (rho * torch.tensor([1.0, -1.0], dtype=dtype, device=device))[:, None, None]
+    else:  # one target per key
+        weights = rho[:, None, :, None]
+    ex = Explained(weights=weights, values=weights.sum(-1), explains=explains)
     if side == "query":  # one readout at the query position, one direction per key
         k = _whole_side(cv, layer, W_K, b_K, kpos)  # [B, Kp, d_head], rotated at j
         readout = side_readout(cv, layer, W_Q, qpos, k, factor)
-        if contrast:  # one target of two atoms: rho_j * (key j) - rho_j2 * (key j2)
-            weights = (rho * sign)[:, None, None, :]
-        else:
-            weights = rho[:, None, :, None]
-        ex = Explained(weights=weights, values=weights.sum(-1), explains=explains)
         ct = run_chain(rec, readout, ex, path, split)
     else:  # one readout per key position, each one direction (the whole query)
         q = _whole_side(cv, layer, W_Q, b_Q, qpos)  # [B, 1, d_head], rotated at i
-        parts = []
-        for n in range(Kp):
-            readout = side_readout(cv, layer, W_K, kpos[:, n : n + 1], q, factor)
-            w = rho[:, n] * (sign[n] if contrast else 1.0)
-            w = w[:, None, None, None]
-            ex = Explained(weights=w, values=w[..., 0], explains=explains)
-            parts.append(run_chain(rec, readout, ex, path, split))
-        ct = _stack_keys(parts, contrast)
+        readouts = [side_readout(cv, layer, W_K, kpos[:, n : n + 1], q, factor) for n in range(Kp)]
+        if path[0].kind == "head" and path[0].src is not None:
+            ct = _keys_through_head(rec, readouts, ex, path, split)
+        else:  # the read position differs per key at every hop: one chain per key
+            parts = []
+            for n, readout in enumerate(readouts):
+                w = weights[:, :, n : n + 1] if not contrast else weights[:, :, :, n : n + 1]
+                one = Explained(weights=w, values=w[..., 0], explains=explains)
+                parts.append(run_chain(rec, readout, one, path, split))
+            ct = _stack_keys(parts, contrast)
     labels = whole.labels
     if contrast:
         labels = np.array([[[f"{labels[0, 0, 0]} - {labels[0, 0, 1]}"]]], dtype=object)
@@ -227,6 +228,54 @@ def qk_chain_terms(
         labels=labels,
         explains=f"{explains}: {side}-side term of {name}",
         name=name,
+    )
+
+
+def _keys_through_head(
+    rec: Recorded, readouts: list, ex: Explained, path: Sequence[Hop], split: Split
+) -> ChainTerms:
+    """The key side when the first hop is a head hop from one source ``k``: after that hop
+    every key's readout reads the residual stream at ``k``, so the keys' directions, each
+    times its own coefficient (the pattern weight at its key, post-norm scale, ln1's scale
+    at ``k``), are one readout of ``Kp`` directions and the rest of the chain runs once
+    (instead of once per key)."""
+    cv = rec.cache
+    states, terms = [], []
+    for r in readouts:
+        st = _State(r, np.asarray([-1]), [])
+        st, term = head_hop(cv, st, _check_hop(cv, st, path[0], last=len(path) == 1))
+        states.append(st)
+        terms.append(term)
+    first = states[0].readout
+    B = first.positions.shape[0]
+    u = torch.cat(
+        [s.readout.u.expand(B, -1, -1, -1) * s.readout.inv_s[:, :, None, None] for s in states],
+        dim=2,
+    )  # [B, 1, Kp, d_model]
+    readout = Readout(
+        u=u,
+        inv_s=torch.ones_like(first.inv_s),
+        positions=first.positions,
+        attn_layers=first.attn_layers,
+        mlp_layers=first.mlp_layers,
+    )
+    if len(path) > 1:
+        return run_chain(rec, readout, ex, path[1:], split)
+    weights = ex.weights  # [B, 1, k, a]: the keys as atoms of the targets
+    k = weights.shape[2]
+    split_terms = split_writes(cv, readout, split)
+    values = [weigh(split_terms.values, weights)]  # [B, 1, k, C]
+    tables = [split_terms.table.tile_over_positions(states[0].at)]
+    for c, (table, _) in enumerate(states[0].consts):  # b_V, ln.b: the same labels per key
+        v = torch.cat([s.consts[c][1] for s in states], dim=2)  # [B, 1, Kp]
+        values.append(weigh(v[..., None], weights))
+        tables.append(table)
+    term = (torch.cat(terms, dim=2).reshape(B, 1, k, -1) * weights).sum(-1)
+    return ChainTerms(
+        values=torch.cat(values, -1),
+        table=ComponentTable.concat(tables),
+        term=term,
+        positions=first.positions,
     )
 
 
