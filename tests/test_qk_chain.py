@@ -66,11 +66,12 @@ def test_complete_every_family(case, side):
     assert r.explains.endswith(f"{side}-side term of L0H{HOP_HEAD}[src {SRC}]")
 
 
-def test_key_side_keys_at_once(case):
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_key_side_keys_at_once(name):
     """The key side reads each key's stream; through a head from one source every key's
     chain reads that source, and is computed at once: each key's terms are those of the
     key alone."""
-    prism = case.prism
+    prism = build_case(name, True).prism
     path = [tp.Hop("head", 0, HOP_HEAD, src=SRC)]
     r = prism.qk(LAYER, HEAD, pos=POS, keys=KEYS, sides="key", path=path)
     for n, j in enumerate(KEYS):
@@ -104,7 +105,7 @@ def test_neuron_hop_and_two_hops(case, side):
     view = prism.view
     if view.attn_only:
         pytest.skip("no MLPs")
-    s, keys, n = side[0], (None if side == "query" else KEYS), 5
+    s, keys, n = side[0], [POS - 2, POS], 5
     neuron = tp.Hop("neuron", 0, n)
     r = prism.qk(LAYER, HEAD, pos=POS, keys=keys, sides=side, path=[neuron]).check()
     ref = prism.qk(LAYER, HEAD, pos=POS, keys=keys, sides=side, **{f"{s}_neurons": 0})
@@ -133,9 +134,10 @@ def test_neuron_hop_and_two_hops(case, side):
     assert set(two.components.at.tolist()) <= set(range(SEQ))
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("side", ["query", "key"])
-def test_contrast_is_difference(case, side):
-    prism = case.prism
+def test_contrast_is_difference(name, side):
+    prism = build_case(name, True).prism
     keys = [5, 3] if side == "query" else [6, 4]
     path = [tp.Hop("head", 0, HOP_HEAD, src=SRC)]
     r = prism.qk(LAYER, HEAD, pos=POS, keys=keys, contrast=True, sides=side, path=path).check()
@@ -310,8 +312,9 @@ def test_causal_removing_a_source_write(name, side):
 
 
 # ----------------------------------------------------------------------------- labels, errors
-def test_labels_frame_and_selection(case):
-    prism = case.prism
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_labels_frame_and_selection(name):
+    prism = build_case(name, True).prism
     path = [tp.Hop("head", 0, HOP_HEAD, src=SRC)]
     r = prism.qk(LAYER, HEAD, pos=POS, sides="query", path=path)
     assert str(r.components[0]) == f"@{SRC} embed"
