@@ -50,7 +50,14 @@ from tlprisms._readout import Explained, Recorded, softcap_ratio, weigh
 from tlprisms._result import ComponentTable
 from tlprisms._seam import CacheView
 
-__all__ = ["QKChainTerms", "qk_chain_terms", "check_path", "resolve_path", "side_readout"]
+__all__ = [
+    "QKChainTerms",
+    "qk_chain_terms",
+    "check_path",
+    "resolve_path",
+    "side_readout",
+    "key_readouts",
+]
 
 
 @jaxtyped(typechecker=beartype)
@@ -97,6 +104,37 @@ def side_readout(
         attn_layers=layer,
         mlp_layers=layer,
     )
+
+
+def key_readouts(
+    cv: CacheView,
+    layer: int,
+    W: Float[Tensor, "d_model d_head"],
+    positions: Int[Tensor, "batch k"],
+    query: Float[Tensor, "batch one d_head"],
+    factor: float,
+) -> list:
+    """:func:`side_readout` at each key position (one direction each, the whole query),
+    computed for every key at once: one :class:`Readout` per key."""
+    view = cv.view
+    ln1 = view.ln1[layer]
+    B, Kp = positions.shape
+    y = (query * factor).expand(B, Kp, -1)
+    rot = _rotary(cv, layer, positions, W.dtype)
+    if rot is not None:  # R_j^T at each key
+        y = _rotate(y[..., None], rot[0], -rot[1], view.rotary_adjacent_pairs)[..., 0]
+    u = ln1.pull_back(y @ W.T)  # [B, Kp, d_model]
+    inv_s = cv.inv_scale_or_one(ln1, positions)  # [B, Kp]
+    return [
+        Readout(
+            u=u[:, n, None, None],
+            inv_s=inv_s[:, n : n + 1],
+            positions=positions[:, n : n + 1],
+            attn_layers=layer,
+            mlp_layers=layer,
+        )
+        for n in range(Kp)
+    ]
 
 
 def resolve_path(path: object, sides: str, caller: str) -> list:
@@ -205,7 +243,7 @@ def qk_chain_terms(
         ct = run_chain(rec, readout, ex, path, split)
     else:  # one readout per key position, each one direction (the whole query)
         q = _whole_side(cv, layer, W_Q, b_Q, qpos)  # [B, 1, d_head], rotated at i
-        readouts = [side_readout(cv, layer, W_K, kpos[:, n : n + 1], q, factor) for n in range(Kp)]
+        readouts = key_readouts(cv, layer, W_K, kpos, q, factor)
         if path[0].kind == "head" and path[0].src is not None:
             ct = _keys_through_head(rec, readouts, ex, path, split)
         else:  # the read position differs per key at every hop: one chain per key
