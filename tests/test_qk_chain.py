@@ -11,7 +11,7 @@ import torch
 import tlprisms as tp
 from tlprisms._result import ATOL_FLOAT32, ATOL_FLOAT64
 from tlprisms._seam import Site
-from tlprisms.errors import ArgumentError, PositionError
+from tlprisms.errors import ArgumentError, CacheError, PositionError
 
 from conftest import SEQ, build_case
 from families import FAMILIES
@@ -211,6 +211,32 @@ def test_alibi_models(name):
         term = ref.select(**{f"{s}_kind": "head", f"{s}_layer": 0, f"{s}_head": 0, f"{s}_src": SRC})
         size = ref.values.abs().sum(-1)
         assert _close(r.total(), term.values.sum(-1), size, r.precision)
+
+
+@pytest.mark.parametrize("name", ["gpt2/bridge", "gemma2/bridge"])
+def test_needed_hooks_parts(name):
+    """A QK chain reads the "qk" and "chains" parts: a cache recorded with both serves
+    every hop; with "qk" alone head hops work and a neuron hop names the missing hook."""
+    case = build_case(name, True)
+    model, tokens = case.model, case.tokens
+    path = [tp.Hop("neuron", 0, 5), tp.Hop("head", 0, HOP_HEAD)]
+    for parts in (("qk", "chains"), ("qk",)):
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens, names_filter=tp.needed_hooks(model, parts))
+        prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+        for side, keys in (("query", None), ("key", KEYS)):
+            head = prism.qk(
+                LAYER, HEAD, keys=keys, sides=side, path=[tp.Hop("head", 0, HOP_HEAD, src=SRC)]
+            )
+            ref = case.prism.qk(
+                LAYER, HEAD, keys=keys, sides=side, path=[tp.Hop("head", 0, HOP_HEAD, src=SRC)]
+            )
+            assert torch.equal(head.check().values, ref.values)
+            if parts == ("qk",):
+                with pytest.raises(CacheError, match="names_filter"):
+                    prism.qk(LAYER, HEAD, keys=keys, sides=side, path=path)
+            else:
+                prism.qk(LAYER, HEAD, keys=keys, sides=side, path=path).check()
 
 
 # ----------------------------------------------------------------------------- causal
