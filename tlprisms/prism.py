@@ -868,6 +868,7 @@ class LogitPrism:
         args = (rec, layer, head, i, key_list, q_split, k_split, softcap, contrast, sides)
         with torch.no_grad():
             if top_k is None and min_abs is None:
+                # finite and checked against the recorded scores by qk_terms itself
                 t: Any = qk_terms(*args)
                 index = None
             else:
@@ -875,8 +876,8 @@ class LogitPrism:
 
                 t = qk_sparse_terms(*args, top_k, min_abs)
                 index = t.index
-            zero = torch.zeros_like(t.explained)
-            self._refuse_broken(rec, t.values, t.explained, zero)
+                zero = torch.zeros_like(t.explained)
+                self._refuse_broken(rec, t.values, t.explained, zero)
         return self._result(
             rec,
             t.values,
