@@ -160,17 +160,59 @@ def _neuron_terms(
     out: Optional[Tensor] = None,
 ) -> Float[Tensor, "batch pos k d_mlp"]:
     """``[B, P, K, d_mlp]`` (written into ``out`` when given)."""
-    post = cv.at(Site.MLP_POST, layer, positions, ul.dtype)
+    post, Wu = _neuron_factors(cv, layer, ul, positions)
+    return torch.mul(post, Wu, out=out)
+
+
+def _neuron_factors(
+    cv: CacheView,
+    layer: int,
+    ul: Float[Tensor, "rb rp k d_model"],
+    positions: Int[Tensor, "batch pos"],
+) -> tuple[Float[Tensor, "batch pos 1 d_mlp"], Float[Tensor, "wb wp k d_mlp"]]:
+    """The two factors of :func:`_neuron_terms`: ``post [B, P, 1, n]`` and ``W_out . u``
+    ``[B', P', K, n]`` (``B'``/``P'`` 1 where the readout is shared)."""
+    post = cv.at(Site.MLP_POST, layer, positions, ul.dtype)[:, :, None, :]
     W_out = cv.view.W_out(layer, ul.dtype).to(ul.device)  # [n, d]
     B, P = positions.shape
     if ul.shape[0] == 1 and ul.shape[1] == 1:
-        Wu = ul[0, 0] @ W_out.T  # [K, n] (this layout is the fast one)
-        return torch.mul(post[:, :, None, :], Wu[None, None], out=out)
+        return post, (ul[0, 0] @ W_out.T)[None, None]  # [K, n] (this layout is the fast one)
     if ul.shape[1] == 1:  # one readout per batch row
         Wu = torch.einsum("nm,bkm->bkn", W_out, ul[:, 0].expand(B, *ul.shape[2:]))
-        return torch.mul(post[:, :, None, :], Wu[:, None], out=out)
-    Wu = torch.einsum("nm,bpkm->bpkn", W_out, _expand(ul, B, P))
-    return torch.mul(post[:, :, None, :], Wu, out=out)
+        return post, Wu[:, None]
+    return post, torch.einsum("nm,bpkm->bpkn", W_out, _expand(ul, B, P))
+
+
+#: elements of a neuron block written per slice on the CPU (256 KiB of float32: the slice
+#: is still in the core's cache when it is scaled)
+_NEURON_SLICE = 2**16
+
+
+def _neuron_block(
+    cv: CacheView,
+    layer: int,
+    ul: Float[Tensor, "rb rp k d_model"],
+    positions: Int[Tensor, "batch pos"],
+    sl: Float[Tensor, "batch pos 1"],
+    dst: Float[Tensor, "batch pos k d_mlp"],
+) -> None:
+    """``_neuron_terms(...) * sl`` written into ``dst``: the same two products per term
+    (so the same bits), on the CPU slice by slice, so that the scaling reads the terms from
+    the cache instead of from memory (a second pass over a block of up to GBs)."""
+    post, Wu = _neuron_factors(cv, layer, ul, positions)
+    B, P, K, n = dst.shape
+    rows = _NEURON_SLICE // (K * n)
+    scale = sl[..., None]  # [B, P, 1, 1]
+    if dst.device.type != "cpu" or rows == 0 or rows >= P:
+        torch.mul(post, Wu, out=dst).mul_(scale)
+        return
+    Wu = Wu.expand(B, P, K, n)
+    for b in range(B):
+        for p in range(0, P, rows):
+            d = dst[b, p : p + rows]
+            torch.mul(post[b, p : p + rows], Wu[b, p : p + rows], out=d).mul_(
+                scale[b, p : p + rows]
+            )
 
 
 def _table(
@@ -355,7 +397,7 @@ def split_writes(
             if gap:
                 check = check + (dst.sum(-1) - whole)
         else:
-            _neuron_terms(cv, layer, ul, positions, out=dst).mul_(sl[..., None])
+            _neuron_block(cv, layer, ul, positions, sl, dst)
             if gap:
                 check = check + (dst.sum(-1) - whole)
     for values, tab in extra:
