@@ -139,16 +139,21 @@ def test_neuron_hop_and_two_hops(case, side):
 def test_contrast_is_difference(name, side):
     prism = build_case(name, True).prism
     keys = [5, 3] if side == "query" else [6, 4]
-    path = [tp.Hop("head", 0, HOP_HEAD, src=SRC)]
-    r = prism.qk(LAYER, HEAD, pos=POS, keys=keys, contrast=True, sides=side, path=path).check()
-    both = prism.qk(LAYER, HEAD, pos=POS, keys=keys, sides=side, path=path)
-    assert r.values.shape[2] == 1
-    diff = both.values[:, :, :1] - both.values[:, :, 1:2]
-    size = both.values.abs().sum(-1).amax(-1, keepdim=True)
-    assert _close(r.values.sum(-1), diff.sum(-1), size, r.precision)
-    assert torch.allclose(r.values, diff, atol=TOL[r.precision] * float(size.max()))
-    assert " - " in str(r.target_labels[0, 0, 0])
-    assert "difference" in r.explains
+    paths = [[tp.Hop("head", 0, HOP_HEAD, src=SRC)]]
+    if not prism.view.attn_only:  # the key side reads each key's own neuron: key by key
+        paths.append([tp.Hop("neuron", 0, 5)])
+    for path in paths:
+        r = prism.qk(LAYER, HEAD, pos=POS, keys=keys, contrast=True, sides=side, path=path)
+        r.check()
+        both = prism.qk(LAYER, HEAD, pos=POS, keys=keys, sides=side, path=path)
+        assert r.values.shape[2] == 1
+        diff = both.values[:, :, :1] - both.values[:, :, 1:2]
+        size = both.values.abs().sum(-1).amax(-1, keepdim=True)
+        assert _close(r.values.sum(-1), diff.sum(-1), size, r.precision)
+        assert _close(r.logits, both.logits[:, :, :1] - both.logits[:, :, 1:2], size, r.precision)
+        assert torch.allclose(r.values, diff, atol=TOL[r.precision] * float(size.max()))
+        assert " - " in str(r.target_labels[0, 0, 0])
+        assert "difference" in r.explains
 
 
 def _has(prefix: str) -> list:
