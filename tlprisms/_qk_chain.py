@@ -18,7 +18,9 @@ first hop ``Hop("head", l2, h2, src=k)`` on the query side, the component ``L{l2
 of ``qk(layer, head, pos, keys, sides="query", q_heads=l2)`` (``L{l2}N{n}`` for a neuron hop),
 times the frozen soft-cap ratio ``rho = cap * tanh(z / cap) / z`` of each score post-cap; a
 contrast ``keys=[j, j2]`` gives that term for ``j`` minus that for ``j2``. Later hops split the
-previous hop's term, as :meth:`~tlprisms.LogitPrism.chain` does. A chain reads what the QK
+previous hop's term, as :meth:`~tlprisms.LogitPrism.chain` does. Components carry ``at``, the
+position they wrote at; ``at=-1`` is the position read first: the query position on the query
+side, and on the key side each target's own key position. A chain reads what the QK
 prism and the chains read: record the cache with ``needed_hooks(model, ("qk", "chains"))``
 (or the default, every part).
 
