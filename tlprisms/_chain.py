@@ -39,7 +39,7 @@ from tlprisms._engine import Readout, Split, Terms, freeze, split_writes, writes
 from tlprisms._errors import ArgumentError, PositionError, UnsupportedModelError
 from tlprisms._ops import dot
 from tlprisms._readout import Explained, FinalReadout, Recorded, weigh
-from tlprisms._result import FIELDS, ComponentTable
+from tlprisms._result import FIELDS, ComponentTable, fresh_empty
 from tlprisms._seam import CacheView, Site
 
 __all__ = ["Hop", "ChainTerms", "run_chain", "read_at", "READ_AT", "limit_at_zero"]
@@ -360,27 +360,6 @@ def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
     return Hop("neuron", layer, index)
 
 
-#: results at least this large (bytes) on the CPU are allocated through NumPy (see below)
-_NUMPY_ALLOC_MIN = 2**22
-
-
-def _result_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised result tensor. A large float32/float64 one on the CPU is allocated
-    by NumPy, which asks Linux for transparent huge pages on big arrays (as PyTorch does
-    only with ``THP_MEM_ALLOC_ENABLE=1``): writing a fresh 139 MB chained result then costs
-    about a quarter of the page faults. Same values, same layout, a torch tensor over it."""
-    numel = math.prod(shape)
-    if (
-        device.type != "cpu"
-        or dtype not in (torch.float32, torch.float64)
-        or numel * (4 if dtype == torch.float32 else 8) < _NUMPY_ALLOC_MIN
-    ):
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.from_numpy(
-        np.empty(shape, dtype=np.float32 if dtype == torch.float32 else np.float64)
-    )
-
-
 def _split_into(
     cv: CacheView, st: _State, ex: Explained, split: Split
 ) -> tuple[Terms, Optional[Tensor]]:
@@ -394,7 +373,7 @@ def _split_into(
     C = len(writes_table(cv, st.readout, split))  # kept by the prism: no labels built here
     n_const = sum(t.kind.shape[0] for t, _ in st.consts)
     u = st.readout.u
-    out = _result_buffer((B, k, P * C + n_const), u.dtype, u.device)
+    out = fresh_empty((B, k, P * C + n_const), u.dtype, u.device)
     dest = out[:, :, : P * C].view(B, k, P, C).permute(0, 2, 1, 3)
     # the chain's total is checked by the caller: no per-layer gap needed
     return split_writes(cv, st.readout, split, out=dest, gap=False), out
@@ -447,7 +426,7 @@ def run_chain(
     k = weights.shape[2]
     n_const = sum(t.kind.shape[0] for t, _ in st.consts)
     if out is None:  # weigh the atoms into targets, then lay out [B, k, P * C + consts]
-        out = _result_buffer((B, k, P * C + n_const), values.dtype, values.device)
+        out = fresh_empty((B, k, P * C + n_const), values.dtype, values.device)
         combined = values if ex.trivial else weigh(values, weights)
         out[:, :, : P * C].view(B, k, P, C).copy_(combined.permute(0, 2, 1, 3))
         del combined
