@@ -103,7 +103,10 @@ def main() -> None:
     names = needed_hooks(model, ("residual", "heads", "neurons"))
     length = lambda p: int(model.to_tokens(p).shape[-1])
     items = ((i, p, a) for i, (p, a) in enumerate(task))
-    batches = [[b[1] for b in batch] for batch in _batches(items, BATCH, 32, True, length)]
+    batches = [
+        [b[1] for b in batch]
+        for batch in _batches(items, BATCH, 32, True, lambda ps: list(map(length, ps)))
+    ]
 
     def bare() -> None:
         for ps in batches:

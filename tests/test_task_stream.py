@@ -101,15 +101,17 @@ def test_bucketing_groups_lengths_within_a_bounded_window():
             yield i, f"p{i}", "a", 5 + (i % 2)  # alternate lengths
 
     seen = []
-    for batch in _batches(((i, p, a) for i, p, a, _ in items()), 4, 2, True, lambda p: 0):
+    zeros = lambda ps: [0] * len(ps)
+    for batch in _batches(((i, p, a) for i, p, a, _ in items()), 4, 2, True, zeros):
         seen.append(batch)
         assert len(consumed) <= 4 * 2 * (len(seen) + 1)  # at most one window ahead
     assert sorted(b[0] for batch in seen for b in batch) == list(range(40))
     # with real lengths every batch of a window holds one length
     lengths = {f"p{i}": 5 + (i % 2) for i in range(40)}
-    batches = list(_batches(((i, f"p{i}", "a") for i in range(40)), 4, 2, True, lengths.get))
+    by_prompt = lambda ps: [lengths[p] for p in ps]
+    batches = list(_batches(((i, f"p{i}", "a") for i in range(40)), 4, 2, True, by_prompt))
     assert all(len({b[3] for b in batch}) == 1 for batch in batches)
-    batches = list(_batches(((i, f"p{i}", "a") for i in range(40)), 4, 2, False, lengths.get))
+    batches = list(_batches(((i, f"p{i}", "a") for i in range(40)), 4, 2, False, by_prompt))
     assert [b[0] for batch in batches for b in batch] == list(range(40))
     assert all(len({b[3] for b in batch}) == 2 for batch in batches)
 

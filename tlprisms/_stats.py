@@ -13,13 +13,14 @@ Everything stays on the device of the values it came from until :meth:`RunningSt
 """
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 from beartype import beartype
 from jaxtyping import Bool, Float, jaxtyped
 from torch import Tensor
 
-__all__ = ["RunningStats", "SHARE_EPS", "top_counts"]
+__all__ = ["RunningStats", "SHARE_EPS", "StatsStream", "top_counts"]
 
 #: logits with ``|logit| <= SHARE_EPS`` give no share (as ``TaskResult.summary``)
 SHARE_EPS = 1e-12
@@ -156,3 +157,102 @@ class RunningStats:
     def std(self) -> Float[Tensor, "comp"]:
         """Population standard deviation (``ddof=0``, as ``numpy.std``)."""
         return (self.m2 / self.n).clamp(min=0).sqrt()
+
+
+class StatsStream:
+    """:meth:`RunningStats.of_batch` of each batch merged into the running total in turn,
+    bit for bit as ``total.merge(RunningStats.of_batch(...))`` gives them, with the totals
+    updated in place: no typed record is built per batch, and the largest gaps and the
+    share count stay tensors until :meth:`result` (no device sync per batch).
+
+    Args:
+        constant: which components are constants (excluded from the top-k counts with
+            ``constants=False``).
+        ks: the ``k`` of the top-k counts.
+    """
+
+    def __init__(self, constant: Bool[Tensor, "comp"], ks: tuple) -> None:
+        #: per ``constants`` flag: the components ranked, how many, and the counts so far
+        self.keeps = ((False, constant), (True, None))
+        self.n_keep = {False: int((~constant).sum()), True: int(constant.shape[0])}
+        self.ks = ks
+        self.n = 0
+        self.t: dict = {}
+        self.tops = {
+            (k, c): torch.zeros(constant.shape[0], dtype=torch.int64, device=constant.device)
+            for c in (False, True)
+            for k in ks
+        }
+
+    def _count_tops(self, values: Float[Tensor, "prompt comp"]) -> None:
+        """:func:`top_counts` of both ``keep`` masks, added to the running counts (integer
+        sums: exact in any order); the top ``max(ks)`` read once per mask."""
+        absv = values.abs()
+        for constants, constant in self.keeps:
+            top = min(max(self.ks), self.n_keep[constants])
+            if top <= 0:
+                continue
+            ranked = absv if constant is None else absv.masked_fill(constant[None], -torch.inf)
+            idx = torch.topk(ranked, top, dim=1, sorted=True).indices
+            for k in self.ks:
+                flat = idx[:, : min(k, top)].reshape(-1)
+                self.tops[(k, constants)].index_add_(0, flat, torch.ones_like(flat))
+
+    def add(self, values: Float[Tensor, "prompt comp"], logits: Float[Tensor, "prompt"]) -> None:
+        """Merge one batch of per-prompt terms and the logits they explain."""
+        v = values.detach().double()
+        lg = logits.detach().double()
+        nb = v.shape[0]
+        mean = v.mean(0)
+        valid = lg.abs() > SHARE_EPS
+        share = (v[valid] / lg[valid, None]).sum(0)
+        gap = (v.sum(1) - lg).abs()
+        scale = torch.maximum(lg.abs(), v.abs().sum(1)).clamp(min=1.0)
+        self._count_tops(values.detach())
+        part = {
+            "mean": mean,
+            "m2": ((v - mean) ** 2).sum(0),
+            "min": v.min(0).values,
+            "max": v.max(0).values,
+            "sum_abs": v.abs().sum(0),
+            "sum_share": share,
+            "n_share": valid.sum(),
+            "max_gap": gap.max(),
+            "max_gap_ratio": (gap / scale).max(),
+            "max_abs_logit": lg.abs().max(),
+        }
+        if self.n == 0:
+            self.n, self.t = nb, part
+            return
+        t, na = self.t, self.n
+        n = na + nb
+        delta = mean - t["mean"]
+        t["mean"] = t["mean"] + delta * (nb / n)
+        t["m2"] = t["m2"] + part["m2"] + delta**2 * (na * nb / n)
+        t["min"] = torch.minimum(t["min"], part["min"])
+        t["max"] = torch.maximum(t["max"], part["max"])
+        for key in ("sum_abs", "sum_share", "n_share"):
+            t[key] = t[key] + part[key]
+        for key in ("max_gap", "max_gap_ratio", "max_abs_logit"):
+            t[key] = torch.maximum(t[key], part[key])
+        self.n = n
+
+    def result(self) -> Optional[RunningStats]:
+        """The statistics of every batch added, or None before the first."""
+        if self.n == 0:
+            return None
+        t = self.t
+        return RunningStats(
+            n=self.n,
+            mean=t["mean"],
+            m2=t["m2"],
+            min=t["min"],
+            max=t["max"],
+            sum_abs=t["sum_abs"],
+            sum_share=t["sum_share"],
+            n_share=int(t["n_share"]),
+            tops=dict(self.tops),
+            max_gap=float(t["max_gap"]),
+            max_gap_ratio=float(t["max_gap_ratio"]),
+            max_abs_logit=float(t["max_abs_logit"]),
+        )

@@ -117,6 +117,24 @@ class LogitPrism:
         if self.logits is not None:
             self._check_logits_match()
 
+    @classmethod
+    def _recorded(cls, view: ModelView, cache: Any, logits: Tensor, caller: str) -> "LogitPrism":
+        """A prism over a cache and logits that the caller has itself just recorded with
+        ``view.model.run_with_cache`` (``explain_task`` does, batch after batch). That the
+        cache comes from this model and that the logits belong to it holds by construction,
+        so those checks (provenance, logits match) are skipped; terms are still refused when
+        they are not finite or do not add up. Never for a cache or logits from outside."""
+        self = cls.__new__(cls)
+        self.view, self.model, self.cache = view, view.model, cache
+        cv = CacheView(view, cache, caller)
+        self.batch, self.n_ctx = cv.batch, cv.n_ctx
+        self.device, self.dtype = cv.device, cv.dtype
+        self.tokens = None
+        self.logits = logits.detach()
+        self._rec = Recorded(cv, None, self.logits)
+        self.precision = cv.precision()
+        return self
+
     # ------------------------------------------------------------------ inputs
     @staticmethod
     def _check_tokens(tokens: Any, cv: CacheView) -> Tensor:

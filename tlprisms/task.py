@@ -41,8 +41,9 @@ from tlprisms._errors import ArgumentError, CompletenessError, TargetError
 from tlprisms._readout import Softcap
 from tlprisms._result import ComponentTable, Decomposition, tolerance
 from tlprisms._seam import ModelView, needed_hooks
-from tlprisms._stats import RunningStats
+from tlprisms._stats import RunningStats, StatsStream
 from tlprisms._targets import Direction, LogitDiff, PerRow, token_id
+from tlprisms._task_kernel import TaskKernel
 from tlprisms.distributed import all_gather, world
 from tlprisms.prism import LogitPrism
 
@@ -439,24 +440,98 @@ def _items(
 
 
 def _batches(
-    items: Iterator[tuple], size: int, window: int, bucket: bool, length: Any
+    items: Iterator[tuple], size: int, window: int, bucket: bool, lengths: Any
 ) -> Iterator[list]:
     """Batches of ``(*item, n_tokens)`` (``item[1]`` is the prompt): consecutive items, or,
-    with ``bucket``, each look-ahead window of ``window`` batches sorted by token length."""
+    with ``bucket``, each look-ahead window of ``window`` batches sorted by token length.
+    ``lengths(prompts)`` gives the token lengths of a window's prompts."""
     while True:
         chunk = []
         for item in items:
-            chunk.append((*item, length(item[1])))
+            chunk.append(item)
             if len(chunk) == size * window:
                 break
         if not chunk:
             return
+        n_tokens = lengths([item[1] for item in chunk])
+        chunk = [(*item, n) for item, n in zip(chunk, n_tokens)]
         if bucket:
             chunk.sort(key=lambda x: x[-1])  # stable: equal lengths keep their order
         for s in range(0, len(chunk), size):
             yield chunk[s : s + size]
         if len(chunk) < size * window:
             return
+
+
+#: prompts of a task's first window whose batched lengths are compared with one-by-one ones
+LENGTHS_CHECKED = 16
+
+
+class _Lengths:
+    """Token lengths of prompts as ``model.to_tokens(prompt)`` gives them, a window at a
+    time: one batched ``to_tokens`` call (right-padded), each row's length up to its
+    trailing padding. A row whose text holds the pad token itself (so that its own tokens
+    may end in it) or that is all padding is tokenized alone, and so is every prompt when
+    the tokenizer has no pad token. The first window's lengths are compared with one-by-one
+    tokenization (of :data:`LENGTHS_CHECKED` prompts); a tokenizer that adds something at
+    the end (an EOS that is also the pad token, say) differs there, and the task then
+    tokenizes every prompt alone."""
+
+    def __init__(self, model: Any, view: ModelView, kw: dict) -> None:
+        self.model, self.kw = model, kw
+        tok = view.tokenizer()
+        self.pad = getattr(tok, "pad_token_id", None)
+        self.pad_text = getattr(tok, "pad_token", None)
+        self.batched = isinstance(self.pad, int) and isinstance(self.pad_text, str)
+        self.checked = False
+
+    def one(self, prompt: str) -> int:
+        return int(self.model.to_tokens(prompt, **self.kw).shape[-1])
+
+    def __call__(self, prompts: list) -> list:
+        if not self.batched or len(prompts) == 1:
+            return [self.one(p) for p in prompts]
+        tokens = self.model.to_tokens(prompts, padding_side="right", **self.kw)
+        L = tokens.shape[-1]
+        real = tokens != self.pad
+        last = L - real.flip(-1).to(torch.int8).argmax(-1)  # after the last real token
+        out = torch.where(real.any(-1), last, 0).tolist()
+        for i, p in enumerate(prompts):
+            if out[i] == 0 or (out[i] < L and self.pad_text in p):
+                out[i] = self.one(p)
+        if not self.checked:
+            self.checked = True
+            if [self.one(p) for p in prompts[:LENGTHS_CHECKED]] != out[:LENGTHS_CHECKED]:
+                self.batched = False
+                return [self.one(p) for p in prompts]
+        return out
+
+
+def _kernel(
+    view: ModelView,
+    prism: LogitPrism,
+    heads: Any,
+    neurons: Any,
+    softcap: Any,
+    first: Decomposition,
+    targets: list,
+    pos: list,
+) -> Optional[TaskKernel]:
+    """The task's :class:`TaskKernel`, set up on its first batch, or None unless it gives
+    that batch's ``decompose`` result (``first``) bit for bit."""
+    split = prism._split(heads, neurons, False, "explain_task")
+    try:
+        kernel = TaskKernel(view, prism._rec.cache, split, softcap, first.components)
+        values, explained, _, explains = kernel(prism._rec, targets, pos)
+    except ValueError:
+        return None
+    same = (
+        explains == first.explains
+        and values.shape == first.values.shape
+        and torch.equal(values, first.values)
+        and torch.equal(explained, first.logits)
+    )
+    return kernel if same else None
 
 
 def _own(items: Iterator[tuple], rank: int, world_size: int) -> Iterator[tuple]:
@@ -537,7 +612,7 @@ def explain_task(
     if bucket is None:
         bucket = answers is None
     kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-    length = lambda p: int(model.to_tokens(p, **kw).shape[-1])
+    lengths = _Lengths(model, view, kw)
     names = needed_hooks(model, ("residual", "heads", "neurons"))
 
     writer = None
@@ -560,40 +635,61 @@ def explain_task(
     positions: list = []
     kept_prompts: list = []
     kept_answers: list = []
-    stats: Optional[RunningStats] = None
+    stream: Optional[StatsStream] = None
     table: Optional[ComponentTable] = None
     constant = None
     explains, precision = "logit", "float32"
+    kernel: Optional[TaskKernel] = None
+    tried = trusted = False
     complete = False
     try:
         own_items = _own(items, rank, world_size) if world_size > 1 else items
-        for batch in _batches(own_items, batch_size, window, bucket, length):
+        for batch in _batches(own_items, batch_size, window, bucket, lengths):
             idx = [b[0] for b in batch]
             ps = [b[1] for b in batch]
             ans = [b[2] for b in batch]
             tokens = model.to_tokens(ps, **kw)
             with torch.no_grad():
                 out, cache = model.run_with_cache(tokens, names_filter=names)
-            # no tokens=: this cache was just recorded from them (the values do not depend
-            # on it, and the prism then skips labelling every input token)
-            prism = LogitPrism(model, cache, logits=out)
             pos = [b[-1] - 1 for b in batch]
-            r = prism.decompose(
-                PerRow([b[3] for b in batch]),
-                pos,
-                heads=heads,
-                neurons=neurons,
-                by_source=False,
-                softcap=softcap,
-            )
-            del cache, out, prism
-            if table is None:
-                table = r.components
-                constant = torch.as_tensor(table.is_constant(), device=r.values.device)
-            v = r.values[:, 0, 0, :].detach()
-            lg = r.logits[:, 0, 0].detach()
-            explains, precision = r.explains, r.precision
-            del r
+            targets = [b[3] for b in batch]
+            ints = all(type(t) is int for t in targets)
+            # no tokens=: this cache was just recorded from them (the values do not depend
+            # on it, and the prism then skips labelling every input token). The first batch
+            # is checked like any user's cache; later ones were recorded here just the same
+            # (float64 caches are always checked: their precision is read off the logits)
+            if trusted:
+                prism = LogitPrism._recorded(view, cache, out, caller)
+            else:
+                prism = LogitPrism(model, cache, logits=out)
+            rec = prism._rec
+            if kernel is not None and ints and kernel.fits(rec.cache):
+                vals, explained, gap, explains = kernel(rec, targets, pos)
+                prism._refuse_broken(rec, vals, explained, gap)
+                precision = prism.precision
+            else:
+                r = prism.decompose(
+                    PerRow(targets),
+                    pos,
+                    heads=heads,
+                    neurons=neurons,
+                    by_source=False,
+                    softcap=softcap,
+                )
+                vals, explained = r.values, r.logits
+                explains, precision = r.explains, r.precision
+                if table is None:
+                    table = r.components
+                    constant = torch.as_tensor(table.is_constant(), device=r.values.device)
+                if not tried and ints and prism.dtype != torch.float64:
+                    tried = True
+                    kernel = _kernel(view, prism, heads, neurons, softcap, r, targets, pos)
+                del r
+                trusted = prism.dtype != torch.float64
+            del cache, out, prism, rec
+            v = vals[:, 0, 0, :].detach()
+            lg = explained[:, 0, 0].detach()
+            del vals, explained
             if keep == "values":
                 values.append(v)
                 logits.append(lg)
@@ -601,11 +697,13 @@ def explain_task(
                 kept_answers += ans
                 positions += pos
             else:
-                assert constant is not None
-                part = RunningStats.of_batch(v, lg, constant, ks)
-                stats = part if stats is None else stats.merge(part)
+                if stream is None:
+                    assert constant is not None
+                    stream = StatsStream(constant, ks)
+                stream.add(v, lg)
             index += idx
             if writer is not None:
+                assert table is not None  # set by the first batch (always decompose)
                 writer.add(idx, ps, ans, pos, v, lg, table)
             if bar is not None:
                 bar.update(len(batch))
@@ -616,7 +714,7 @@ def explain_task(
         if writer is not None:
             writer.close(complete, explains=explains, precision=precision)
     n_layers = int(model.cfg.n_layers)
-    meta: dict = {}
+    meta: dict = {"kernel": kernel is not None}
     if writer is not None:
         meta["parquet"] = str(writer.path)
     if world_size > 1:
@@ -658,6 +756,7 @@ def explain_task(
             precision=precision,
             n_layers=n_layers,
         )
+    stats = None if stream is None else stream.result()
     if world_size > 1:
         parts = all_gather(
             (None if stats is None else stats.cpu(), table, explains, precision), world_size

@@ -121,6 +121,15 @@ class CacheView:
         other.caller = caller
         return other
 
+    def trust_finite(self) -> None:
+        """Read hooks without checking each for NaN/inf (a pass over the whole tensor), for
+        a caller that refuses a non-finite result itself (``explain_task``'s kernel, via
+        ``_refuse_broken``): a non-finite term is then traced through every hook the cache
+        holds, in the order recorded."""
+        names = [name for name in self.cache.keys() if name not in self._finite]
+        self._finite.update(names)
+        self.read_names.extend(names)
+
     # ------------------------------------------------------------------ reads
     def _present(self, name: str) -> bool:
         try:

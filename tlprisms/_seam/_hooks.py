@@ -8,6 +8,7 @@ included so that a cache recorded with ``needed_hooks`` can always be verified.
 """
 
 import enum
+import functools
 from typing import Any, Optional
 
 __all__ = [
@@ -110,6 +111,7 @@ PARTS = tuple(PART_SITES)
 PROVENANCE_SITES = frozenset({Site.TOKENS, Site.EMBED, Site.RESID_PRE, Site.LN1_SCALE, Site.V})
 
 
+@functools.lru_cache(maxsize=4096)  # called for every cache read; a pure function
 def hook_name(site: Site, layer: Optional[int], *, n_layers: int, is_bridge: bool) -> str:
     """The TransformerLens hook name of ``site`` (at ``layer`` for per-layer sites)."""
     if site is Site.EMBED:
