@@ -15,7 +15,7 @@ Measured against the ``run_with_cache`` that produced the cache, in the same pro
 Extra peak memory (RSS sampled, and the torch allocator's exact peak) of each call, result
 included. Limit 64 MiB.
 
-    python benchmarks/bench_qk.py [--repeats N] [--quick] [--threads N]
+    python benchmarks/bench_qk.py [--repeats N] [--quick] [--threads N] [--only one|all]
 """
 
 import argparse
@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--only", choices=("one", "all"), help="time only the one-head or the all-heads case"
+    )
     args = parser.parse_args()
     silence()
     torch.set_grad_enabled(False)
@@ -71,18 +74,21 @@ def main() -> None:
     def all_heads():
         return [split_head(h).top(10) for h in range(H)]
 
-    first = one_head().check()
-    split = [split_head(h).check() for h in range(H)]
-    shapes = {
-        "one head, layer-level": list(first.values.shape),
-        "all heads, query heads x sources": [H] + list(split[0].values.shape),
-    }
-    gaps = {
-        "one head, layer-level": float(first.gap().abs().max()),
-        "all heads, query heads x sources": max(float(r.gap().abs().max()) for r in split),
-    }
-    del first, split
-    calls = {"one head, layer-level": one_head, "all heads, query heads x sources": all_heads}
+    ONE, ALL = "one head, layer-level", "all heads, query heads x sources"
+    shapes: dict = {}
+    gaps: dict = {}
+    calls: dict = {}
+    if args.only != "all":
+        first = one_head().check()
+        shapes[ONE], gaps[ONE] = list(first.values.shape), float(first.gap().abs().max())
+        calls[ONE] = one_head
+        del first
+    if args.only != "one":
+        split = [split_head(h).check() for h in range(H)]
+        shapes[ALL] = [H] + list(split[0].values.shape)
+        gaps[ALL] = max(float(r.gap().abs().max()) for r in split)
+        calls[ALL] = all_heads
+        del split
     timing = interleaved(
         {"run_with_cache": lambda: model.run_with_cache(tokens), **calls}, repeats=args.repeats
     )
@@ -116,7 +122,8 @@ def main() -> None:
             f"(<= {lim['extra_peak_mib']:.0f}) | {'ok' if r['ok'] else 'MISS'} |"
         )
     if not args.quick:
-        name = "qk.json" if not args.threads else f"qk-threads{args.threads}.json"
+        name = "qk" + (f"-{args.only}" if args.only else "")
+        name += ".json" if not args.threads else f"-threads{args.threads}.json"
         path = Path(__file__).parent / "results" / name
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")

@@ -693,3 +693,10 @@ def test_bad_sparse_inputs():
         prism.qk(1, 0, top_k=0)
     with pytest.raises(ArgumentError, match="min_abs="):
         prism.qk(1, 0, min_abs=-1.0)
+
+
+def test_qk_map_states_alibi():
+    """The weight-space map of an ALiBi model says that the positional bias is left out."""
+    model, cache, prism = _alibi_case("MptForCausalLM")
+    m = tp.weights.qk_map(model, 1, 0, [5], [5, 6])
+    assert "ALiBi" in m.meta["positional"]

@@ -415,6 +415,8 @@ def qk_map(
         positional.append("learned position embeddings are left out")
     if view.rotary:
         positional.append("rotary is taken at zero query-key offset (no rotation)")
+    if view.alibi_kind is not None:
+        positional.append("the ALiBi score bias (the head's slope x a key distance) is left out")
     return TokenMap(
         values=values,
         rows=q_labels,
