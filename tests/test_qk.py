@@ -700,3 +700,19 @@ def test_qk_map_states_alibi():
     model, cache, prism = _alibi_case("MptForCausalLM")
     m = tp.weights.qk_map(model, 1, 0, [5], [5, 6])
     assert "ALiBi" in m.meta["positional"]
+
+
+def test_alibi_padded_rows_are_refused():
+    """Bloom with a padded row: its ALiBi counts positions from the first real token, which
+    the cache does not record; the scores do not match and the refusal says why."""
+    import arch_zoo as zoo
+
+    model = zoo.build("BloomForCausalLM", True)
+    tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[0, :2] = 0  # row 0 left-padded by two tokens
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+    prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+    with pytest.raises(UnsupportedModelError, match="rows without padding"):
+        prism.qk(1, 0, keys=[2, 3, SEQ - 1])

@@ -570,6 +570,11 @@ def _chunk_terms(
                 f"architecture ({view.describe()}) computes its scores in a way tlprisms does "
                 "not know (a rotary convention, a score scale or a positional bias), or the "
                 "cache was edited by hooks. Nothing was returned; please report the model config."
+                + (
+                    " This model adds ALiBi, taken for rows without padding: run unpadded rows."
+                    if view.alibi_kind is not None
+                    else ""
+                )
             )
     if cap is None:
         explained, explains = (post if recorded is None else recorded), "attention score"
