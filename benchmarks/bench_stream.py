@@ -12,7 +12,11 @@ neuron split (1,038 components), batch 16, length buckets:
   same batches (same bucketing, same tokenisation). Limit: >= 0.7 x the bare loop's
   prompts per second.
 
-    python benchmarks/bench_stream.py [--sizes 2000,20000] [--time-prompts 2000] [--repeats 3]
+    python benchmarks/bench_stream.py [--mode all|throughput|memory] [--sizes 2000,20000]
+        [--time-prompts 2000] [--repeats 3] [--threads N]
+
+``--mode memory`` runs only the two children (about 10 minutes on a loaded 2-core box),
+``--mode throughput`` only the timing; results go to ``results/stream[-MODE].json``.
 """
 
 import argparse
@@ -83,11 +87,20 @@ def child(n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--mode",
+        choices=("all", "throughput", "memory"),
+        default="all",
+        help="throughput only, memory only (2,000 -> 20,000 prompts), or both",
+    )
     parser.add_argument("--sizes", default="2000,20000")
     parser.add_argument("--time-prompts", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.child is not None:
         child(args.child)
         return
@@ -97,56 +110,79 @@ def main() -> None:
     from tlprisms.demo import load_demo_model
     from tlprisms.task import _batches
 
-    # ---- throughput, same process
-    model = load_demo_model()
-    task = rows(args.time_prompts)
-    names = needed_hooks(model, ("residual", "heads", "neurons"))
-    length = lambda p: int(model.to_tokens(p).shape[-1])
-    items = ((i, p, a) for i, (p, a) in enumerate(task))
-    batches = [
-        [b[1] for b in batch]
-        for batch in _batches(items, BATCH, 32, True, lambda ps: list(map(length, ps)))
-    ]
-
-    def bare() -> None:
-        for ps in batches:
-            model.run_with_cache(model.to_tokens(ps), names_filter=names)
-
-    def stream() -> None:
-        tp.explain_task(model, iter(task), keep="stats", progress=False, **SPLIT)
-
-    timing = interleaved({"bare": bare, "stream": stream}, repeats=args.repeats)
-    throughput = paired_ratio(timing["bare"], timing["stream"])  # t_bare / t_stream
-    throughput_cpu = paired_ratio(timing["bare"], timing["stream"], key="cpu")
-
-    # ---- memory, one child per size
-    sizes = [int(s) for s in args.sizes.split(",")]
-    mem = [run_child([__file__, "--child", str(n)], timeout=7200) for n in sizes]
-    growth = mem[-1]["peak_rss_mib"] / mem[0]["peak_rss_mib"] - 1
-    out = {
+    out: dict = {
         "model": "demo (2 layers, d_model 128, 4 heads, d_mlp 512; 1,038 components)",
         "batch": BATCH,
-        "time_prompts": args.time_prompts,
-        "bare_s": timing["bare"]["median"],
-        "stream_s": timing["stream"]["median"],
-        "throughput_ratio": throughput,
-        "throughput_ratio_cpu": throughput_cpu,
-        "memory": mem,
-        "peak_rss_growth": growth,
-        "environment": environment(),
+        "torch_threads": torch.get_num_threads(),
     }
+    lines = []
+    if args.mode in ("all", "throughput"):
+        # ---- throughput, same process. Like with like: the bare loop records the same
+        # hooks (needed_hooks for the residual, heads and neurons prisms) from the same
+        # token batches; only the batches' tokenization into lengths is left out of it.
+        model = load_demo_model()
+        task = rows(args.time_prompts)
+        names = needed_hooks(model, ("residual", "heads", "neurons"))
+        length = lambda p: int(model.to_tokens(p).shape[-1])
+        items = ((i, p, a) for i, (p, a) in enumerate(task))
+        lengths = lambda ps: list(map(length, ps))
+        batches = [[b[1] for b in batch] for batch in _batches(items, BATCH, 32, True, lengths)]
+        kernel = []
+
+        def bare() -> None:
+            for ps in batches:
+                model.run_with_cache(model.to_tokens(ps), names_filter=names)
+
+        def stream() -> None:
+            st = tp.explain_task(model, iter(task), keep="stats", progress=False, **SPLIT)
+            kernel.append(st.meta["kernel"])
+
+        timing = interleaved({"bare": bare, "stream": stream}, repeats=args.repeats)
+        throughput = paired_ratio(timing["bare"], timing["stream"])  # t_bare / t_stream
+        throughput_cpu = paired_ratio(timing["bare"], timing["stream"], key="cpu")
+        out.update(
+            time_prompts=args.time_prompts,
+            recorded_hooks=len(names),
+            kernel=all(kernel),
+            bare_s=timing["bare"]["median"],
+            stream_s=timing["stream"]["median"],
+            throughput_ratio=throughput,
+            throughput_ratio_cpu=throughput_cpu,
+            rounds_bare_s=timing["bare"]["times"],
+            rounds_stream_s=timing["stream"]["times"],
+        )
+        print(
+            f"bare loop: run_with_cache(to_tokens(batch), names_filter=<the {len(names)} hooks "
+            "explain_task records>) over the same length-bucketed batches of "
+            f"{BATCH}; streamed: explain_task(rows, keep='stats', heads='all', "
+            f"neurons='all') (kernel: {all(kernel)}); {torch.get_num_threads()} thread(s)"
+        )
+        lines.append(
+            f"| streamed task, {args.time_prompts} prompts, keep='stats' "
+            f"| {out['stream_s']:.2f} s | {throughput:.2f}x the bare run_with_cache loop's "
+            f"throughput (CPU time {throughput_cpu:.2f}x) "
+            f"{verdict(-throughput, -THROUGHPUT_LIMIT)} (>= {THROUGHPUT_LIMIT}) |"
+        )
+    if args.mode in ("all", "memory"):
+        # ---- memory, one child per size
+        sizes = [int(s) for s in args.sizes.split(",")]
+        child_args = [] if args.threads is None else ["--threads", str(args.threads)]
+        mem = []
+        for n in sizes:
+            mem.append(run_child([__file__, *child_args, "--child", str(n)], timeout=7200))
+            print(json.dumps(mem[-1]), flush=True)
+        growth = mem[-1]["peak_rss_mib"] / mem[0]["peak_rss_mib"] - 1
+        out.update(memory=mem, peak_rss_growth=growth)
+        lines.append(
+            f"| peak RSS, {sizes[0]} -> {sizes[-1]} prompts (+ Parquet) "
+            f"| {mem[0]['peak_rss_mib']:.0f} -> {mem[-1]['peak_rss_mib']:.0f} MiB "
+            f"| {100 * growth:+.1f}% {verdict(growth, GROWTH_LIMIT)} (<= +10%) |"
+        )
+    out["environment"] = environment()
     print(json.dumps({k: v for k, v in out.items() if k != "environment"}, indent=2))
-    print(
-        f"\n| streamed task, {args.time_prompts} prompts, keep='stats' "
-        f"| {out['stream_s']:.2f} s | {throughput:.2f}x the bare run_with_cache loop's "
-        f"throughput {verdict(-throughput, -THROUGHPUT_LIMIT)} (>= {THROUGHPUT_LIMIT}) |"
-    )
-    print(
-        f"| peak RSS, {sizes[0]} -> {sizes[-1]} prompts (+ Parquet) "
-        f"| {mem[0]['peak_rss_mib']:.0f} -> {mem[-1]['peak_rss_mib']:.0f} MiB "
-        f"| {100 * growth:+.1f}% {verdict(growth, GROWTH_LIMIT)} (<= +10%) |"
-    )
-    path = Path(__file__).parent / "results" / "stream.json"
+    print("\n" + "\n".join(lines))
+    name = "stream.json" if args.mode == "all" else f"stream-{args.mode}.json"
+    path = Path(__file__).parent / "results" / name
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
 

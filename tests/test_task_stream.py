@@ -16,11 +16,16 @@ import pytest
 import torch
 
 import tlprisms as tp
-from tlprisms._errors import ArgumentError, CompletenessError, TargetError
+from tlprisms._errors import ArgumentError, CompletenessError, NonFiniteError, TargetError
 from tlprisms._parquet import REST, RUN_KEY
 from tlprisms._result import tolerance
+from tlprisms._seam import ModelView, Site, needed_hooks
+from tlprisms._stats import RunningStats, StatsStream
+from tlprisms._task_kernel import TaskKernel
 from tlprisms.demo import addition_task, capital_task, load_demo_model
-from tlprisms.task import TaskStats, _batches
+from tlprisms.task import TaskStats, _batches, _Lengths
+
+from conftest import CASES, build_case
 
 #: streamed statistics vs the two-pass statistics of the in-memory values (float64 merges)
 STATS_ATOL = 1e-6
@@ -285,3 +290,162 @@ def test_not_iterable_and_no_prompts(model):
         tp.explain_task(model, iter([]), keep="stats", progress=False)
     with pytest.raises(ArgumentError, match="no prompts"):
         tp.explain_task(model, [], progress=False)
+
+
+# ------------------------------------------------------------------ the per-batch kernel
+
+KERNEL_SPLITS = {
+    "all": {"heads": "all", "neurons": "all"},
+    "heads1": {"heads": [1], "neurons": ()},
+    "whole": {"heads": (), "neurons": ()},
+}
+
+
+def kernel_vs_decompose(model, tokens, targets, pos, split, softcap="post"):
+    """The kernel's terms (on a trusted prism) and ``decompose``'s (on a checked one)."""
+    names = needed_hooks(model, ("residual", "heads", "neurons"))
+    with torch.no_grad():
+        out, cache = model.run_with_cache(tokens, names_filter=names)
+    prism = tp.LogitPrism(model, cache, logits=out)
+    kw = dict(by_source=False, softcap=softcap, **split)
+    r = prism.decompose(tp.PerRow(targets), pos, **kw)
+    view = ModelView(model)
+    plan = prism._split(split["heads"], split["neurons"], False, "test")
+    kernel = TaskKernel(view, prism._rec.cache, plan, softcap, r.components)
+    trusted = tp.LogitPrism._recorded(view, cache, out, "test")
+    values, explained, gap, explains = kernel(trusted._rec, targets, pos)
+    trusted._refuse_broken(trusted._rec, values, explained, gap)
+    return r, values, explained, explains
+
+
+@pytest.mark.parametrize("split", list(KERNEL_SPLITS))
+@pytest.mark.parametrize("case_key", [c.values[0] for c in CASES], ids=[c.id for c in CASES])
+def test_kernel_equals_decompose_bit_for_bit(case_key, split):
+    """explain_task's kernel gives decompose's values and logits exactly, on every family
+    (folded and not), for batches of 3 rows and of 1 row (the other einsum branch)."""
+    case = build_case(*case_key)
+    targets, pos = [5, 6, 7], [2, 6, 4]
+    softcaps = ["post", "pre"] if ModelView(case.model).softcap is not None else ["post"]
+    for softcap in softcaps:
+        for rows in (slice(None), slice(1, 2)):
+            r, values, explained, explains = kernel_vs_decompose(
+                case.model,
+                case.tokens[rows],
+                targets[rows],
+                pos[rows],
+                KERNEL_SPLITS[split],
+                softcap,
+            )
+            assert explains == r.explains
+            assert torch.equal(values, r.values) and torch.equal(explained, r.logits)
+
+
+def test_task_kernel_equals_decompose_path(model, monkeypatch):
+    """The whole task with the kernel and with decompose on every batch (the kernel turned
+    off): the same values, and the same running statistics, bit for bit."""
+    import tlprisms.task as task_module
+
+    rows = TASK[:20] + [(TASK[20][0], tp.LogitDiff(" 5", " 6"))] + TASK[21:]
+    run = lambda keep: tp.explain_task(
+        model, iter(rows), keep=keep, batch_size=6, progress=False, **SPLIT
+    )
+    fast_values, fast_stats = run("values"), run("stats")
+    assert fast_values.meta["kernel"] and fast_stats.meta["kernel"]
+    monkeypatch.setattr(task_module, "_kernel", lambda *a: None)
+    slow_values, slow_stats = run("values"), run("stats")
+    assert not slow_values.meta["kernel"]
+    assert torch.equal(fast_values.values, slow_values.values)
+    assert torch.equal(fast_values.logits, slow_values.logits)
+    a, b = fast_stats.stats, slow_stats.stats
+    for name in ("mean", "m2", "min", "max", "sum_abs", "sum_share"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.tops.keys() == b.tops.keys()
+    assert all(torch.equal(a.tops[key], b.tops[key]) for key in a.tops)
+    assert (a.n, a.n_share, a.max_gap, a.max_gap_ratio, a.max_abs_logit) == (
+        b.n,
+        b.n_share,
+        b.max_gap,
+        b.max_gap_ratio,
+        b.max_abs_logit,
+    )
+
+
+def test_stats_stream_equals_batch_merges():
+    """StatsStream.add gives RunningStats.of_batch(...) merged batch after batch, bit for
+    bit (float64 Chan updates in the same order, integer top-k counts)."""
+    gen = torch.Generator().manual_seed(3)
+    constant = torch.zeros(40, dtype=torch.bool)
+    constant[[0, 7, 39]] = True
+    ks = (3, 5)
+    stream, total = StatsStream(constant, ks), None
+    for n in (6, 1, 9, 4):
+        v = torch.randn(n, 40, generator=gen) * 3
+        lg = v.sum(1) + 1e-7 * torch.randn(n, generator=gen)
+        lg[0] = 0.0  # a logit without a share
+        stream.add(v, lg)
+        part = RunningStats.of_batch(v, lg, constant, ks)
+        total = part if total is None else total.merge(part)
+    got = stream.result()
+    assert got is not None and total is not None
+    for name in ("mean", "m2", "min", "max", "sum_abs", "sum_share"):
+        assert torch.equal(getattr(got, name), getattr(total, name)), name
+    assert got.tops.keys() == total.tops.keys()
+    assert all(torch.equal(got.tops[key], total.tops[key]) for key in got.tops)
+    for name in ("n", "n_share", "max_gap", "max_gap_ratio", "max_abs_logit"):
+        assert getattr(got, name) == getattr(total, name), name
+    assert StatsStream(constant, ks).result() is None
+
+
+def test_window_lengths_equal_one_by_one(model):
+    """Token lengths read off one right-padded window equal one-by-one tokenization,
+    prompts holding the pad token's own text included."""
+    view = ModelView(model)
+    pad = view.tokenizer().pad_token
+    prompts = [p for p, _ in TASK[:9]] + [f"1+1={pad}", f"{pad} 2+2=", "7"]
+    lengths = _Lengths(model, view.tokenizer(), {})
+    assert lengths.batched
+    want = [int(model.to_tokens(p).shape[-1]) for p in prompts]
+    assert lengths(prompts) == want and lengths.batched
+    assert lengths(prompts[::-1]) == want[::-1]
+
+
+class PadEndingTokens:
+    """A model whose one-prompt tokenization ends in the pad token (a tokenizer that
+    appends an EOS that is also its pad token): batched lengths would drop it."""
+
+    def to_tokens(self, prompts, padding_side=None):
+        words = [prompts] if isinstance(prompts, str) else prompts
+        L = max(len(w.split()) for w in words) + 1
+        rows = [[5] * len(w.split()) + [0] * (L - len(w.split())) for w in words]
+        return torch.tensor(rows)
+
+
+class PadTokenizer:
+    pad_token_id, pad_token = 0, "<pad>"
+
+
+def test_window_lengths_fall_back_when_the_first_window_differs():
+    lengths = _Lengths(PadEndingTokens(), PadTokenizer(), {})
+    prompts = ["a b", "a b c d", "a"]
+    assert lengths(prompts) == [3, 5, 2]  # what one-by-one to_tokens gives
+    assert not lengths.batched  # and every later window is tokenized one by one
+    assert lengths(["a b c"]) == [4]
+
+
+def test_non_finite_later_batch_names_its_hook(model):
+    """A later batch (kernel, trusted prism) whose forward pass wrote NaN is refused with
+    the hook that first held it."""
+    name = ModelView(model).hook(Site.MLP_OUT, 0)
+    seen = []
+
+    def poison(x, hook):
+        seen.append(1)
+        if len(seen) == 3:  # the third batch
+            x = x.clone()
+            x[1, 0, 0] = torch.nan
+        return x
+
+    with model.hooks(fwd_hooks=[(name, poison)]):
+        with pytest.raises(NonFiniteError, match=rf"{name}.*batch 1, position 0"):
+            tp.explain_task(model, iter(TASK), keep="stats", batch_size=4, progress=False)
+    assert len(seen) == 3

@@ -477,9 +477,8 @@ class _Lengths:
     the end (an EOS that is also the pad token, say) differs there, and the task then
     tokenizes every prompt alone."""
 
-    def __init__(self, model: Any, view: ModelView, kw: dict) -> None:
+    def __init__(self, model: Any, tok: Any, kw: dict) -> None:
         self.model, self.kw = model, kw
-        tok = view.tokenizer()
         self.pad = getattr(tok, "pad_token_id", None)
         self.pad_text = getattr(tok, "pad_token", None)
         self.batched = isinstance(self.pad, int) and isinstance(self.pad_text, str)
@@ -612,7 +611,7 @@ def explain_task(
     if bucket is None:
         bucket = answers is None
     kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-    lengths = _Lengths(model, view, kw)
+    lengths = _Lengths(model, view.tokenizer(), kw)
     names = needed_hooks(model, ("residual", "heads", "neurons"))
 
     writer = None
