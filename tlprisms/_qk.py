@@ -15,7 +15,13 @@ direction per ``d_head`` coordinate (``P(w1 * W_Q[:, d]) / s_i``), so the engine
 exactly: one matmul of the ``[writers, d_head]`` blocks of both sides. Grouped-query heads read
 their key/value head's ``W_K`` (never expanded). A soft-cap ``cap * tanh(z / cap)`` (Gemma 2) is
 explained post-cap with ``rho = cap * tanh(z / cap) / z`` frozen per score (every pair term
-times ``rho``), or pre-cap.
+times ``rho``), or pre-cap. An ALiBi model's positional bias (added after the scale) is one
+constant pair per key, ``L{l}H{h} alibi``, computed as that model computes it
+(:meth:`~tlprisms._seam.ModelView.alibi_bias`).
+
+Sparse results (``top_k=`` / ``min_abs=``, :func:`qk_sparse_terms`) keep per key the largest
+pairs, the constants and one remainder per (query kind, layer, key kind, layer), computed a
+chunk of keys at a time; :meth:`PairTable.grouped` is what ``aggregate()`` sums by.
 """
 
 from collections.abc import Sequence
