@@ -118,7 +118,8 @@ class ChainTerms:
     table: ComponentTable
     term: Float[Tensor, "batch one k"]
     positions: Int[Tensor, "batch one"]
-    #: ``sum |values|`` and ``sum values`` over the components (for the structural check)
+    #: ``sum |values|`` and ``sum values`` over the components, where known (for the
+    #: structural check: see ``LogitPrism._refuse_broken``)
     l1: Optional[Float[Tensor, "batch one k"]] = None
     total: Optional[Float[Tensor, "batch one k"]] = None
 
@@ -443,21 +444,17 @@ def run_chain(
     else:  # the labels depend on the shapes only: the prism keeps them for the next call
         full = _chain_table(cv, st, split, table)
     explained = (term.reshape(B, 1, k, -1) * weights).sum(-1)
-    l1, total = _sums(out)
     return ChainTerms(
         values=out[:, None],
         table=full,
         term=explained,
         positions=r0.positions,
-        l1=l1[:, None],
-        total=total[:, None],
+        total=out.sum(-1)[:, None],  # the structural check's sum |x| only where it is needed
     )
 
 
 #: chained label tables a prism keeps (each can hold millions of labels: ~25 bytes each)
 _KEPT_TABLES = 2
-#: elements per row and slice in :func:`_sums` (the slice stays in the CPU's cache)
-_SUM_CHUNK = 2**15
 
 
 def _chain_table(cv: CacheView, st: _State, split: Split, table: ComponentTable) -> ComponentTable:
@@ -493,22 +490,6 @@ def _chain_table(cv: CacheView, st: _State, split: Split, table: ComponentTable)
             col.flags.writeable = False
         cols[name] = col
     return ComponentTable(**cols)
-
-
-def _sums(
-    out: Float[Tensor, "batch k comp"],
-) -> tuple[Float[Tensor, "batch k"], Float[Tensor, "batch k"]]:
-    """``(sum |x|, sum x)`` over the last axis, read once: in slices that stay in the CPU's
-    cache (two full passes over a result of hundreds of MB cost twice the memory traffic).
-    What the structural check needs; the slices change only the rounding of the sums."""
-    if out.shape[-1] <= 2 * _SUM_CHUNK or out.device.type != "cpu":
-        return torch.linalg.vector_norm(out, 1, -1), out.sum(-1)
-    l1 = torch.zeros(out.shape[:-1], dtype=out.dtype, device=out.device)
-    total = torch.zeros_like(l1)
-    for part in out.split(_SUM_CHUNK, -1):
-        l1 += part.abs().sum(-1)  # faster than vector_norm(part, 1) here
-        total += part.sum(-1)
-    return l1, total
 
 
 #: where a readout can read, and the residual stream each reads

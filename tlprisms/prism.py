@@ -297,18 +297,31 @@ class LogitPrism:
         values: Tensor,
         explained: Tensor,
         layer_gap: Tensor,
-        sums: Optional[tuple[Tensor, Tensor]] = None,
+        sums: Optional[tuple[Optional[Tensor], Tensor]] = None,
     ) -> None:
         """Refuse a result that is not finite, or whose parts do not add up (a structural
         problem, not rounding). ``sums``: ``(sum |values|, sum values)`` over the components
-        when the caller has them (read in one pass), else they are computed here."""
+        when the caller has them, else they are computed here. ``sum |values|`` may be None:
+        the sum alone shows NaN/inf in any term, and a gap within ``rtol * (|explained| + 1)``
+        passes the full bound too (which adds ``sum |values|`` to the scale), so the second
+        pass over the terms is made only when that smaller bound fails."""
         cv = rec.cache
         if sums is None:
             sums = (torch.linalg.vector_norm(values, 1, -1), values.sum(-1))
-        l1, total = sums  # NaN/inf in any term makes l1 non-finite
-        if not bool(torch.isfinite(l1).all()) or not bool(torch.isfinite(explained).all()):
+        l1, total = sums  # NaN/inf in any term makes l1 (and the sum) non-finite
+        finite = total if l1 is None else l1
+        if not bool(torch.isfinite(finite).all()) or not bool(torch.isfinite(explained).all()):
             cv.refuse_nonfinite("the decomposition")
         rtol = _STRUCTURAL_RTOL_LOWP if cv.low_precision else _STRUCTURAL_RTOL[cv.dtype]
+        if l1 is None:
+            least = explained.abs() + 1.0
+            if not bool(((total - explained).abs() > rtol * least).any()) and not bool(
+                (layer_gap.abs().amax(-1) > rtol * least.amax(-1)).any()
+            ):
+                return
+            l1 = torch.linalg.vector_norm(values, 1, -1)
+            if not bool(torch.isfinite(l1).all()):
+                cv.refuse_nonfinite("the decomposition")
         scale = l1 + explained.abs() + 1.0
         gap = (total - explained).abs()
         if bool((gap > rtol * scale).any()) or bool(
@@ -716,7 +729,7 @@ class LogitPrism:
         with torch.no_grad():
             rec, fr, ex = self._readout(target, pos, softcap, caller)
             ct = run_chain(rec, fr, ex, hops, split, dictionaries)
-            sums = None if ct.l1 is None or ct.total is None else (ct.l1, ct.total)
+            sums = None if ct.total is None else (ct.l1, ct.total)
             self._refuse_broken(rec, ct.values, ct.term, torch.zeros_like(ct.term), sums)
             values, table, index = self._sparse(rec, ct.values, ct.table, top_k, min_abs)
         name = " > ".join(str(h) for h in hops)
