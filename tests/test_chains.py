@@ -5,12 +5,14 @@ Completeness at every hop on every family, causal checks of chained terms by int
 recover, and weight-space results against an independent computation.
 """
 
+import numpy as np
 import pytest
 import torch
 
 import tlprisms as tp
 from tlprisms import weights
-from tlprisms.errors import PrismError, TargetError
+from tlprisms._result import FIELDS, KINDS
+from tlprisms.errors import CompletenessError, NonFiniteError, PrismError, TargetError
 
 from conftest import CASES, SEQ, build_case
 
@@ -380,3 +382,120 @@ def test_explain_task_batches_and_aggregates():
     small.decomposition().check()
     with pytest.raises(PrismError, match="5 prompts but 4 answers"):
         tp.explain_task(model, prompts, answers[:4], progress=False)
+
+
+# ----------------------------------------------------------------------------- speed paths
+# (what makes the two-hop chain benchmark fast must leave every value as it was)
+@pytest.mark.parametrize("spec", [p for p in CASES if p.values[0][1]][:4])
+def test_kept_chain_tables_equal_fresh_ones(spec):
+    """A prism keeps its chained label tables: later calls (other heads, other targets)
+    get the labels a fresh prism builds, and the kept columns are read-only."""
+    case = build_case(*spec)
+    kept = case.prism
+    L = kept.view.n_layers
+    kw = dict(heads="all", neurons="all", by_source=False)
+    for head, target in [(0, 7), (1, 7), (1, 9), (0, 7)]:
+        a = kept.through_head(L - 1, head, target, **kw)
+        b = build_case(*spec).prism.through_head(L - 1, head, target, **kw)
+        assert torch.equal(a.values, b.values) and torch.equal(a.logits, b.logits)
+        for name in ("kind", *FIELDS):
+            col = getattr(a.components, name)
+            assert np.array_equal(col, getattr(b.components, name)), name
+            assert not col.flags.writeable, name
+        assert set(a.components.head[a.components.kinds() == "b_V"].tolist()) == {head}
+    with pytest.raises(ValueError, match="read-only"):
+        a.components.layer[0] = 5
+
+
+@pytest.mark.parametrize("spec", [p for p in CASES if p.values[0][1]][:4])
+def test_neuron_blocks_in_slices_are_bit_for_bit(spec, monkeypatch):
+    """Writing a neuron block slice by slice gives exactly the one-pass products."""
+    from tlprisms import _engine
+
+    case = build_case(*spec)
+    if case.prism.view.attn_only:
+        pytest.skip("no MLPs")
+    L = case.prism.view.n_layers
+    results = []
+    for size in (2**30, 1, 2 * case.prism.view.d_mlp + 1):  # one pass, row by row, 2 rows
+        monkeypatch.setattr(_engine, "_NEURON_SLICE", size)
+        p = build_case(*spec).prism
+        results.append(
+            (
+                p.through_head(L - 1, 1, [7, 9], heads="all", neurons="all").values,
+                p.decompose(7, pos="all", neurons="all").values,
+            )
+        )
+    for other in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(results[0], other))
+
+
+def test_top_of_millions_equals_the_full_selection():
+    """top()'s block-maximum selection picks what a full partition picks (ties by index),
+    and its mean over one row is the mean, bit for bit (-0.0 included)."""
+    from tlprisms._result import ComponentTable, _largest, _mean0
+
+    gen = np.random.default_rng(0)
+    codes = [KINDS.index(k) for k in ("head", "neuron", "b_V")]
+    for trial in range(40):
+        n = int(gen.integers(2**16, 2**18))
+        kind = gen.choice(codes, n, p=[0.5, 0.49, 0.01]).astype(np.int8)
+        zero = np.zeros(n, dtype=np.int32)
+        table = ComponentTable(kind, zero, zero, zero, zero, zero)
+        w = gen.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:
+            w = np.round(w, 1)  # many ties
+        if trial % 5 == 0:
+            w[kind == codes[2]] *= 100  # the largest are constants
+        k = int(gen.integers(1, 50))
+        for constants in (False, True):
+            score = np.abs(w)
+            keep = np.ones(n, dtype=bool) if constants else ~table.is_constant()
+            full = np.where(keep, score, -np.inf)
+            want = np.sort(full[np.argpartition(-full, k - 1)[:k]])[::-1]
+            got = _largest(score, table, k, constants)
+            if got is not None:
+                assert np.array_equal(full[got], want) and keep[got].all()
+                ties = full[got][1:] == full[got][:-1]
+                assert (np.diff(got)[ties] > 0).all()
+    for dtype in (torch.float32, torch.float64):
+        v = torch.tensor([[-0.0, 0.0, 1e-40, float("inf"), -float("inf"), 3.5]], dtype=dtype)
+        for x in (v, torch.randn(1, 5000, dtype=dtype), torch.randn(6, 5000, dtype=dtype)):
+            mean, got = x.mean(0), _mean0(x)
+            assert torch.equal(mean, got) and torch.equal(mean.signbit(), got.signbit())
+
+
+def test_structural_check_reads_abs_sums_only_when_needed(case):
+    """With only the sum given, the structural check passes a gap within
+    rtol * (|explained| + 1), computes sum |terms| for a larger one, and still refuses
+    terms that do not add up or are not finite."""
+    p = case.prism
+    rec = p._readout(7, -1, "post", "test")[0]
+    values = torch.randn(3, 1, 1, 50, dtype=p.dtype, device=p.device)
+    explained = values.sum(-1)
+    zero = torch.zeros_like(explained)
+
+    def refuse(v: torch.Tensor, e: torch.Tensor) -> None:
+        p._refuse_broken(rec, v, e, zero, (None, v.sum(-1)))
+
+    refuse(values, explained)
+    big = values.clone()
+    big[..., 0], big[..., 1] = 1e6, -1e6  # cancelling terms: gap up to ~1e6 * eps
+    refuse(big, explained + 10 * torch.finfo(p.dtype).eps * 1e6)
+    with pytest.raises(CompletenessError, match="do not add up"):
+        refuse(values, explained + 1.0)
+    bad = values.clone()
+    bad[1, 0, 0, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="not finite"):
+        refuse(bad, explained)
+
+
+def test_fresh_empty_is_numpy_backed_when_large():
+    from tlprisms._result import fresh_empty
+
+    big = fresh_empty((3, 2**20), torch.float32, torch.device("cpu"))
+    assert big.shape == (3, 2**20) and big.dtype == torch.float32 and big.is_contiguous()
+    big.fill_(2.0)
+    assert float(big.sum()) == 2.0 * 3 * 2**20
+    small = fresh_empty((3, 5), torch.float64, torch.device("cpu"))
+    assert small.shape == (3, 5) and small.dtype == torch.float64
