@@ -4,7 +4,10 @@ Through every head of the last layer (the logit term of each head split by sourc
 and by what wrote into the residual stream there, earlier heads and neurons split too),
 measured against the ``run_with_cache`` that produced the cache, in the same process.
 
-    python benchmarks/bench_chain.py [--repeats N] [--quick]
+    python benchmarks/bench_chain.py [--repeats N] [--quick] [--threads N]
+
+``--threads 1`` is less sensitive to other jobs on a shared machine (results go to
+``results/chain-threads1.json``).
 """
 
 import argparse
@@ -35,7 +38,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     silence()
     torch.set_grad_enabled(False)
     model = gpt2_small_shaped(quick=args.quick)
@@ -82,7 +88,8 @@ def main() -> None:
         f"{out['extra_peak_mib'] or float('nan'):.0f} MiB extra peak |"
     )
     if not args.quick:
-        path = Path(__file__).parent / "results" / "chain.json"
+        name = "chain.json" if not args.threads else f"chain-threads{args.threads}.json"
+        path = Path(__file__).parent / "results" / name
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")
 
