@@ -417,7 +417,9 @@ def test_neuron_blocks_in_slices_are_bit_for_bit(spec, monkeypatch):
         pytest.skip("no MLPs")
     L = case.prism.view.n_layers
     results = []
-    for size in (2**30, 1, 2 * case.prism.view.d_mlp + 1):  # one pass, row by row, 2 rows
+    monkeypatch.setattr(_engine, "_NEURON_SLICE_THREADS", 1)  # the same slices at any threads
+    n = case.prism.view.d_mlp
+    for size in (2**30, 2 * n + 1, 4 * n + 1):  # one pass; slices of 1-2 and 2-4 rows
         monkeypatch.setattr(_engine, "_NEURON_SLICE", size)
         p = build_case(*spec).prism
         results.append(

@@ -183,9 +183,13 @@ def _neuron_factors(
     return post, torch.einsum("nm,bpkm->bpkn", W_out, _expand(ul, B, P))
 
 
-#: elements of a neuron block written per slice on the CPU (256 KiB of float32: the slice
-#: is still in the core's cache when it is scaled)
+#: elements of a neuron block written per slice on the CPU at one thread (256 KiB of
+#: float32: the slice is still in the core's cache when it is scaled); with more threads
+#: each slice is :data:`_NEURON_SLICE_THREADS` times larger (it stays in the shared cache),
+#: so that there are few parallel regions (each waits for every thread: slow when other
+#: jobs share the cores)
 _NEURON_SLICE = 2**16
+_NEURON_SLICE_THREADS = 8
 
 
 def _neuron_block(
@@ -201,7 +205,8 @@ def _neuron_block(
     the cache instead of from memory (a second pass over a block of up to GBs)."""
     post, Wu = _neuron_factors(cv, layer, ul, positions)
     B, P, K, n = dst.shape
-    rows = _NEURON_SLICE // (K * n)
+    per = _NEURON_SLICE * (1 if torch.get_num_threads() == 1 else _NEURON_SLICE_THREADS)
+    rows = per // (K * n)
     scale = sl[..., None]  # [B, P, 1, 1]
     if dst.device.type != "cpu" or rows == 0 or rows >= P:
         torch.mul(post, Wu, out=dst).mul_(scale)
