@@ -142,7 +142,6 @@ def main() -> None:
         throughput_cpu = paired_ratio(timing["bare"], timing["stream"], key="cpu")
         out.update(
             time_prompts=args.time_prompts,
-            recorded_hooks=len(names),
             kernel=all(kernel),
             bare_s=timing["bare"]["median"],
             stream_s=timing["stream"]["median"],
@@ -152,8 +151,9 @@ def main() -> None:
             rounds_stream_s=timing["stream"]["times"],
         )
         print(
-            f"bare loop: run_with_cache(to_tokens(batch), names_filter=<the {len(names)} hooks "
-            "explain_task records>) over the same length-bucketed batches of "
+            "bare loop: run_with_cache(to_tokens(batch), names_filter=needed_hooks(model, "
+            "('residual', 'heads', 'neurons')), the hooks explain_task records) over the same "
+            "length-bucketed batches of "
             f"{BATCH}; streamed: explain_task(rows, keep='stats', heads='all', "
             f"neurons='all') (kernel: {all(kernel)}); {torch.get_num_threads()} thread(s)"
         )

@@ -204,22 +204,26 @@ class StatsStream:
         lg = logits.detach().double()
         nb = v.shape[0]
         mean = v.mean(0)
-        valid = lg.abs() > SHARE_EPS
-        share = (v[valid] / lg[valid, None]).sum(0)
+        av, alg = v.abs(), lg.abs()  # each read twice or more below: computed once
+        valid = alg > SHARE_EPS
+        if bool(valid.all()):  # v[valid] would be a copy of v: the same sum
+            share = (v / lg[:, None]).sum(0)
+        else:
+            share = (v[valid] / lg[valid, None]).sum(0)
         gap = (v.sum(1) - lg).abs()
-        scale = torch.maximum(lg.abs(), v.abs().sum(1)).clamp(min=1.0)
+        scale = torch.maximum(alg, av.sum(1)).clamp(min=1.0)
         self._count_tops(values.detach())
         part = {
             "mean": mean,
             "m2": ((v - mean) ** 2).sum(0),
             "min": v.min(0).values,
             "max": v.max(0).values,
-            "sum_abs": v.abs().sum(0),
+            "sum_abs": av.sum(0),
             "sum_share": share,
             "n_share": valid.sum(),
             "max_gap": gap.max(),
             "max_gap_ratio": (gap / scale).max(),
-            "max_abs_logit": lg.abs().max(),
+            "max_abs_logit": alg.max(),
         }
         if self.n == 0:
             self.n, self.t = nb, part

@@ -205,11 +205,7 @@ class TaskKernel:
         inv = inv if scale is None else inv * scale
         sl = inv[:, :, None]
         bias_term = (ul @ bias).expand(B, P, K) * sl
-        post_b: Any = (
-            post.constant(u)
-            if post is not None
-            else torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
-        )
+        post_b: Any = None if post is None else post.constant(u)  # read only with a post-norm
         whole = None
         if part != "split":
             site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
