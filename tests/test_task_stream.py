@@ -450,3 +450,22 @@ def test_non_finite_later_batch_names_its_hook(model):
         with pytest.raises(NonFiniteError, match=rf"{name}.*batch 1, position 0"):
             tp.explain_task(model, iter(TASK), keep="stats", batch_size=4, progress=False)
     assert len(seen) == 3
+
+
+def test_left_padding_model_reads_each_prompt_at_its_own_last_token():
+    """A model whose default padding side is left: the task still right-pads its batches,
+    so each prompt of a mixed-length batch is read at its own last token and equals the
+    prompt explained alone."""
+    import copy
+
+    model = copy.deepcopy(load_demo_model())
+    model.cfg.default_padding_side = "left"
+    if getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.padding_side = "left"
+    prompts, answers = zip(*TASK)
+    lens = {int(model.to_tokens(p).shape[-1]) for p in prompts}
+    assert len(lens) > 1, "the task must mix prompt lengths"
+    batched = tp.explain_task(model, list(prompts), list(answers), progress=False, batch_size=8)
+    alone = tp.explain_task(model, list(prompts), list(answers), progress=False, batch_size=1)
+    torch.testing.assert_close(batched.values, alone.values, rtol=0, atol=atol(alone))
+    torch.testing.assert_close(batched.logits, alone.logits, rtol=0, atol=atol(alone))

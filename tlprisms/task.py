@@ -647,7 +647,9 @@ def explain_task(
             idx = [b[0] for b in batch]
             ps = [b[1] for b in batch]
             ans = [b[2] for b in batch]
-            tokens = model.to_tokens(ps, **kw)
+            # right-padded whatever the model's default: each prompt is read at its own
+            # last token (its length - 1), and causal attention keeps later padding out
+            tokens = model.to_tokens(ps, padding_side="right", **kw)
             with torch.no_grad():
                 out, cache = model.run_with_cache(tokens, names_filter=names)
             pos = [b[-1] - 1 for b in batch]
