@@ -110,8 +110,10 @@ def _head_terms(
     ul: Float[Tensor, "rb rp k d_model"],
     positions: Int[Tensor, "batch pos"],
     by_source: bool,
+    W_O: Optional[Tensor] = None,
 ) -> Float[Tensor, "batch pos k head *src"]:
-    """``[B, P, K, head, src]`` (``src`` summed away when not ``by_source``: ``[B,P,K,head]``)."""
+    """``[B, P, K, head, src]`` (``src`` summed away when not ``by_source``: ``[B,P,K,head]``).
+    ``W_O``: the layer's ``[H, dh, d]`` in ``ul``'s dtype and device when already read."""
     view, dtype = cv.view, ul.dtype
     A = cv.get(Site.PATTERN, layer)
     v = cv.get(Site.V, layer).to(dtype)
@@ -124,7 +126,8 @@ def _head_terms(
             "model.run_with_cache(tokens) with this model."
         )
     rep = H // G
-    W_O = view.W_O(layer, dtype).to(ul.device)  # [H, dh, d]
+    if W_O is None:
+        W_O = view.W_O(layer, dtype).to(ul.device)  # [H, dh, d]
     if P == A.shape[2] and bool((positions == torch.arange(P, device=positions.device)).all()):
         Ai = A.to(dtype)  # [B, H, P, src]
     else:
@@ -169,11 +172,14 @@ def _neuron_factors(
     layer: int,
     ul: Float[Tensor, "rb rp k d_model"],
     positions: Int[Tensor, "batch pos"],
+    W_out: Optional[Tensor] = None,
 ) -> tuple[Float[Tensor, "batch pos 1 d_mlp"], Float[Tensor, "wb wp k d_mlp"]]:
     """The two factors of :func:`_neuron_terms`: ``post [B, P, 1, n]`` and ``W_out . u``
-    ``[B', P', K, n]`` (``B'``/``P'`` 1 where the readout is shared)."""
+    ``[B', P', K, n]`` (``B'``/``P'`` 1 where the readout is shared). ``W_out``: the
+    layer's ``[n, d]`` in ``ul``'s dtype and device when already read."""
     post = cv.at(Site.MLP_POST, layer, positions, ul.dtype)[:, :, None, :]
-    W_out = cv.view.W_out(layer, ul.dtype).to(ul.device)  # [n, d]
+    if W_out is None:
+        W_out = cv.view.W_out(layer, ul.dtype).to(ul.device)  # [n, d]
     B, P = positions.shape
     if ul.shape[0] == 1 and ul.shape[1] == 1:
         return post, (ul[0, 0] @ W_out.T)[None, None]  # [K, n] (this layout is the fast one)
@@ -199,11 +205,12 @@ def _neuron_block(
     positions: Int[Tensor, "batch pos"],
     sl: Float[Tensor, "batch pos 1"],
     dst: Float[Tensor, "batch pos k d_mlp"],
+    W_out: Optional[Tensor] = None,
 ) -> None:
     """``_neuron_terms(...) * sl`` written into ``dst``: the same two products per term
     (so the same bits), on the CPU slice by slice, so that the scaling reads the terms from
     the cache instead of from memory (a second pass over a block of up to GBs)."""
-    post, Wu = _neuron_factors(cv, layer, ul, positions)
+    post, Wu = _neuron_factors(cv, layer, ul, positions, W_out)
     B, P, K, n = dst.shape
     per = _NEURON_SLICE * (1 if torch.get_num_threads() == 1 else _NEURON_SLICE_THREADS)
     rows = per // (K * n)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tlprisms._engine import Readout, Split, _plan
+from tlprisms._engine import Readout, Split, _head_terms, _neuron_block, _plan
 from tlprisms._ops import dot
 from tlprisms._readout import Recorded, softcap_ratio, weigh
 from tlprisms._result import ComponentTable
@@ -172,8 +172,8 @@ class TaskKernel:
                 t = self._heads(cv, layer, ul, index)
                 torch.mul(t, sl[..., None], out=dst.view(t.shape))
                 del t
-            else:
-                self._neurons(cv, layer, ul, index, dst).mul_(sl[..., None])
+            else:  # W_out read once
+                _neuron_block(cv, layer, ul, index, sl, dst, self.layers[("mlp", layer)][3])
         for values in ([bias] if self.has_b_U else []) + (
             [norm_bias] if norm.bias is not None else []
         ):
@@ -214,39 +214,6 @@ class TaskKernel:
         return ul, sl, bias_term, post_b, whole
 
     def _heads(self, cv: CacheView, layer: int, ul: Tensor, positions: Tensor) -> Tensor:
-        """``_head_terms(cv, layer, ul, positions, by_source=False)``, ``W_O`` read once:
+        """``_head_terms(cv, layer, ul, positions, by_source=False)`` with ``W_O`` read once:
         ``[B, P, K, head]``."""
-        view, dtype = cv.view, ul.dtype
-        A = cv.get(Site.PATTERN, layer)
-        v = cv.get(Site.V, layer).to(dtype)
-        B, P = positions.shape
-        H, G = view.n_heads, view.n_kv_heads
-        rep = H // G
-        W_O = self.layers[("attn", layer)][3]
-        if P == A.shape[2] and bool((positions == torch.arange(P, device=positions.device)).all()):
-            Ai = A.to(dtype)
-        else:
-            rows = torch.arange(B, device=A.device)[:, None]
-            Ai = A.permute(0, 2, 1, 3)[rows, positions.to(A.device)].permute(0, 2, 1, 3).to(dtype)
-        dh = W_O.shape[1]
-        if ul.shape[0] == 1:
-            WOu = torch.einsum("hdm,km->hdk", W_O, ul[0, 0]).reshape(G, rep, dh, -1)
-            vW = torch.einsum("bjgd,grdk->bjgrk", v, WOu).reshape(B, v.shape[1], H, -1)
-            return torch.einsum("bhpj,bjhk->bpkh", Ai, vW)
-        WOu = torch.einsum("hdm,bkm->bhdk", W_O, ul[:, 0].expand(B, *ul.shape[2:]))
-        vW = torch.einsum("bjgd,bgrdk->bjgrk", v, WOu.reshape(B, G, rep, dh, -1))
-        vW = vW.reshape(B, v.shape[1], H, -1)
-        return torch.einsum("bhpj,bjhk->bpkh", Ai, vW)
-
-    def _neurons(
-        self, cv: CacheView, layer: int, ul: Tensor, positions: Tensor, out: Tensor
-    ) -> Tensor:
-        """``_neuron_terms(cv, layer, ul, positions, out=out)``, ``W_out`` read once."""
-        post = cv.at(Site.MLP_POST, layer, positions, ul.dtype)
-        W_out = self.layers[("mlp", layer)][3]
-        B = positions.shape[0]
-        if ul.shape[0] == 1:
-            Wu = ul[0, 0] @ W_out.T
-            return torch.mul(post[:, :, None, :], Wu[None, None], out=out)
-        Wu = torch.einsum("nm,bkm->bkn", W_out, ul[:, 0].expand(B, *ul.shape[2:]))
-        return torch.mul(post[:, :, None, :], Wu[:, None], out=out)
+        return _head_terms(cv, layer, ul, positions, False, self.layers[("attn", layer)][3])
