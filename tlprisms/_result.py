@@ -821,10 +821,12 @@ class Decomposition:
         lines = [head]
         labels = np.broadcast_to(self.target_labels, (B, P, K))
         tot = self.total()
+        # what each target's total is: "logit" for every logit prism (soft-capped or not)
+        what = "logit" if "logit" in self.explains else self.explains.split(" (")[0]
         for k in range(min(K, 3)):
             lines.append(
                 f"  target {labels[0, -1, k]} @ batch 0, pos {int(self.positions[0, -1])}:"
-                f" logit {float(self.logits[0, -1, k]):.4g} = sum of terms "
+                f" {what} {float(self.logits[0, -1, k]):.4g} = sum of terms "
                 f"{float(tot[0, -1, k]):.4g}"
             )
             v = self.values[0, -1, k].detach().float().cpu().numpy()
