@@ -194,18 +194,22 @@ def head_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tensor,
     layer, head = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
     ul, sl = _chain_post(cv, view.ln1_post[layer], r, layer)
-    W_O = view.W_O(layer, dtype).to(ul.device)[head]  # [dh, d]
+    # computed where the layer lives (a model split across devices): the readout crosses
+    # there, and the new readout and the per-source values come back
+    A = cv.get(Site.PATTERN, layer, native=True)
+    dev = A.device
+    W_O = view.W_O(layer, dtype).to(dev)[head]  # [dh, d]
     g = view.kv_group(head)
-    W_V = view.W_V(layer, dtype).to(ul.device)[g]  # [d, dh]
-    WOu = ul @ W_O.T  # [B',1,K,dh]
+    W_V = view.W_V(layer, dtype).to(dev)[g]  # [d, dh]
+    WOu = ul.to(dev) @ W_O.T  # [B',1,K,dh]
     WVWOu = WOu @ W_V.T  # [B',1,K,d]
-    A = cv.get(Site.PATTERN, layer)
-    rows = torch.arange(B, device=A.device)
-    A = A[rows, head, r.positions[:, 0].to(A.device)].to(dtype)  # [B, src]
+    rows = torch.arange(B, device=dev)
+    A = A[rows, head, r.positions[:, 0].to(dev)].to(dtype)  # [B, src]
+    v = cv.get(Site.V, layer, native=True)[:, :, g].to(dev, dtype)  # [B, src, dh]
+    value = torch.einsum("bjd,bkd->bjk", v, WOu[:, 0].expand(B, *WOu.shape[2:]))
+    WOu, WVWOu, A, value = cv.home(WOu), cv.home(WVWOu), cv.home(A), cv.home(value)
     n_src = A.shape[-1]
     coef = A * sl  # [B, src]
-    v = cv.get(Site.V, layer)[:, :, g].to(dtype)  # [B, src, dh]
-    value = torch.einsum("bjd,bkd->bjk", v, WOu[:, 0].expand(B, *WOu.shape[2:]))
     term_src = coef[..., None] * value  # [B, src, K]
     srcs = np.arange(n_src) if hop.src is None else np.asarray([hop.src])
     if hop.src is not None:
@@ -276,11 +280,12 @@ def neuron_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tenso
     layer, neuron = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
     ul, sl = _chain_post(cv, view.ln2_post[layer], r, layer)
-    W_out = view.W_out(layer, dtype).to(ul.device)[neuron]  # [d]
-    a = (ul @ W_out).expand(B, 1, ul.shape[2]) * sl[:, :, None]  # [B,1,K]
+    W_out = view.W_out(layer, dtype)  # [n, d], where the layer lives: the readout goes there
+    a = cv.home(ul.to(W_out.device) @ W_out[neuron])
+    a = a.expand(B, 1, ul.shape[2]) * sl[:, :, None]  # [B,1,K]
     c, post_const = _gate_coefficients(cv, layer, neuron, r.positions)
-    W_in = view.W_in(layer, dtype).to(ul.device)  # [d, d_mlp]
-    Wc = c @ W_in.T  # [B, d]
+    W_in = view.W_in(layer, dtype)  # [d, d_mlp], where the layer lives
+    Wc = cv.home(c.to(W_in.device) @ W_in.T)  # [B, d]
     norm2 = view.ln2[layer]
     u_new = norm2.pull_back(Wc)[:, None, None, :] * a[..., None]  # [B,1,K,d]
     if norm2.has_scale:

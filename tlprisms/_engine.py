@@ -113,10 +113,12 @@ def _head_terms(
     W_O: Optional[Tensor] = None,
 ) -> Float[Tensor, "batch pos k head *src"]:
     """``[B, P, K, head, src]`` (``src`` summed away when not ``by_source``: ``[B,P,K,head]``).
-    ``W_O``: the layer's ``[H, dh, d]`` in ``ul``'s dtype and device when already read."""
+    ``W_O``: the layer's ``[H, dh, d]`` in ``ul``'s dtype and device when already read.
+    Computed where the layer's pattern lives (:func:`layer_device`): ``ul`` and
+    ``positions`` must be there."""
     view, dtype = cv.view, ul.dtype
-    A = cv.get(Site.PATTERN, layer)
-    v = cv.get(Site.V, layer).to(dtype)
+    A = cv.get(Site.PATTERN, layer, native=True)
+    v = cv.get(Site.V, layer, native=True).to(A.device, dtype)
     B, P = positions.shape
     H, G = view.n_heads, view.n_kv_heads
     if v.shape[2] != G:
@@ -176,8 +178,9 @@ def _neuron_factors(
 ) -> tuple[Float[Tensor, "batch pos 1 d_mlp"], Float[Tensor, "wb wp k d_mlp"]]:
     """The two factors of :func:`_neuron_terms`: ``post [B, P, 1, n]`` and ``W_out . u``
     ``[B', P', K, n]`` (``B'``/``P'`` 1 where the readout is shared). ``W_out``: the
-    layer's ``[n, d]`` in ``ul``'s dtype and device when already read."""
-    post = cv.at(Site.MLP_POST, layer, positions, ul.dtype)[:, :, None, :]
+    layer's ``[n, d]`` in ``ul``'s dtype and device when already read. Computed where the
+    layer's activations live (:func:`layer_device`): ``ul`` and ``positions`` must be there."""
+    post = cv.at(Site.MLP_POST, layer, positions, ul.dtype, native=True)[:, :, None, :]
     if W_out is None:
         W_out = cv.view.W_out(layer, ul.dtype).to(ul.device)  # [n, d]
     B, P = positions.shape
@@ -209,7 +212,14 @@ def _neuron_block(
 ) -> None:
     """``_neuron_terms(...) * sl`` written into ``dst``: the same two products per term
     (so the same bits), on the CPU slice by slice, so that the scaling reads the terms from
-    the cache instead of from memory (a second pass over a block of up to GBs)."""
+    the cache instead of from memory (a second pass over a block of up to GBs). In a model
+    split across devices the block is computed where the layer lives and copied into
+    ``dst`` (``W_out``, when given, must be there)."""
+    dev = layer_device(cv, "mlp", layer)
+    if dev != dst.device:
+        post, Wu = _neuron_factors(cv, layer, ul.to(dev), positions.to(dev), W_out)
+        dst.copy_(torch.mul(post, Wu).mul_(sl.to(dev)[..., None]))
+        return
     post, Wu = _neuron_factors(cv, layer, ul, positions, W_out)
     B, P, K, n = dst.shape
     per = _NEURON_SLICE * (1 if torch.get_num_threads() == 1 else _NEURON_SLICE_THREADS)
@@ -243,7 +253,33 @@ def _table(
 
 
 def _d_mlp(cv: CacheView, layer: int) -> int:
-    return int(cv.get(Site.MLP_POST, layer).shape[-1])
+    return int(cv.get(Site.MLP_POST, layer, native=True).shape[-1])
+
+
+def layer_device(cv: CacheView, kind: str, layer: int, whole: bool = False) -> torch.device:
+    """Where layer ``layer``'s attention (``kind="attn"``) or MLP activations live: its
+    pattern / neuron activations, or its output (``whole``). In a model split across devices
+    that layer's terms are computed there and only they cross to the prism's device."""
+    if whole:
+        return cv.device_of(Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT, layer)
+    return cv.device_of(Site.PATTERN if kind == "attn" else Site.MLP_POST, layer)
+
+
+def whole_write(
+    cv: CacheView,
+    kind: str,
+    layer: int,
+    positions: Int[Tensor, "batch pos"],
+    u: Float[Tensor, "rb rp k d_model"],
+    s: Float[Tensor, "batch pos 1"],
+) -> Float[Tensor, "batch pos k"]:
+    """``dot(x, u) * s`` for layer ``layer``'s whole attention or MLP output ``x`` at
+    ``positions``, computed where that output lives and returned on ``u``'s device."""
+    site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
+    x = cv.at(site, layer, positions, u.dtype, native=True)
+    if x.device == u.device:
+        return dot(x, u) * s
+    return (dot(x, u.to(x.device)) * s.to(x.device)).to(u.device)
 
 
 def writes_table(
@@ -375,8 +411,7 @@ def split_writes(
             post_b = _post_bias(post, u)
             whole = None
             if gap or layer not in (split.heads if kind == "attn" else split.neurons):
-                site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
-                whole = dot(cv.at(site, layer, positions, u.dtype), u) * s
+                whole = whole_write(cv, kind, layer, positions, u, s)
                 whole = whole - bias_term - (post_b.expand(B, P, K) * s if post is not None else 0)
             cached[(kind, layer)] = (ul, sl, bias_term, post_b, whole)
         return cached[(kind, layer)]
@@ -400,11 +435,17 @@ def split_writes(
         elif part == "post_b":
             dst[..., 0] = post_b.expand(B, P, K) * s
         elif kind == "attn":
-            t = _head_terms(cv, layer, ul, positions, split.by_source)
-            if split.by_source:
-                torch.mul(t, sl[..., None, None], out=dst.view(t.shape))
-            else:
-                torch.mul(t, sl[..., None], out=dst.view(t.shape))
+            dev = layer_device(cv, kind, layer)
+            if dev == out.device:
+                t = _head_terms(cv, layer, ul, positions, split.by_source)
+                if split.by_source:
+                    torch.mul(t, sl[..., None, None], out=dst.view(t.shape))
+                else:
+                    torch.mul(t, sl[..., None], out=dst.view(t.shape))
+            else:  # a split model: the terms are computed where the layer lives
+                t = _head_terms(cv, layer, ul.to(dev), positions.to(dev), split.by_source)
+                scale = sl.to(dev)[..., None, None] if split.by_source else sl.to(dev)[..., None]
+                dst.view(t.shape).copy_(t.mul_(scale))
             del t
             if gap:
                 check = check + (dst.sum(-1) - whole)

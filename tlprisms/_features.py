@@ -109,15 +109,21 @@ def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Dictio
     return out
 
 
-def dictionary_input(cv: CacheView, d: Dictionary, positions: Tensor, dtype: Any) -> Tensor:
-    """What the dictionary reads at ``positions [B, P]``: ``[B, P, d_in]``."""
+def dictionary_input(
+    cv: CacheView, d: Dictionary, positions: Tensor, dtype: Any, device: Any = None
+) -> Tensor:
+    """What the dictionary reads at ``positions [B, P]``: ``[B, P, d_in]``, gathered where
+    it lives and returned on ``device`` (the prism's when None)."""
+    native = device is not None
     if d.input_site is not Site.LN2_NORMALIZED:
-        return cv.at(d.input_site, d.layer, positions, dtype)
+        x = cv.at(d.input_site, d.layer, positions, dtype, native=native)
+        return x if device is None else x.to(device)
     view = cv.view
     norm = view.ln2[d.layer]
     stream = Site.RESID_PRE if view.parallel else Site.RESID_MID
-    x = cv.at(stream, d.layer, positions, dtype)
-    scale = cv.scale(norm, positions)[..., None].to(dtype) if norm.has_scale else None
+    x = cv.at(stream, d.layer, positions, dtype, native=native)
+    x = x if device is None else x.to(device)
+    scale = cv.scale(norm, positions)[..., None].to(x.device, dtype) if norm.has_scale else None
     return norm.apply(x, scale)
 
 
@@ -135,18 +141,24 @@ class _Parts:
 
 
 def _dictionary_terms(cv: CacheView, d: Dictionary, r: Readout, u: Tensor, inv_s: Tensor) -> _Parts:
-    """Features, b_dec, skip and error terms of one dictionary, ``[B, P, K, *]`` each."""
+    """Features, b_dec, skip and error terms of one dictionary, ``[B, P, K, *]`` each.
+    Computed where the dictionary's weights live (its inputs and the readout go there, the
+    terms come back: nothing of the dictionary's size crosses devices)."""
     positions = r.positions
     B, P = positions.shape
     K = u.shape[2]
     dtype = u.dtype
-    x_in = dictionary_input(cv, d, positions, dtype)
-    x_out = x_in if not d.transcoder else cv.at(d.site, d.layer, positions, dtype)
+    dev = d.W_dec.device
+    x_in = dictionary_input(cv, d, positions, dtype, dev)
+    x_out = x_in
+    if d.transcoder:
+        x_out = cv.at(d.site, d.layer, positions, dtype, native=True).to(dev)
     acts = d.encode(x_in)  # [B, P, F]
-    W_dec = d.W_dec.to(u.device, dtype)
+    W_dec = d.W_dec.to(dev, dtype)
     if d.input_scale != 1.0:
         W_dec = W_dec / d.input_scale
-    s = inv_s[:, :, None]
+    u = u.to(dev)
+    s = inv_s[:, :, None].to(dev)
     active = (acts != 0).flatten(0, -2).any(0).nonzero()[:, 0]  # features active anywhere
     if active.numel() <= acts.shape[-1] * _SPARSE_FRACTION:
         # a sparse code (a trained dictionary): read and decode the active features only;
@@ -173,7 +185,7 @@ def _dictionary_terms(cv: CacheView, d: Dictionary, r: Readout, u: Tensor, inv_s
         tables.append(ComponentTable.block("skip", layer=L))
     values.append((dot(x_out - x_hat, u) * s)[..., None])
     tables.append(ComponentTable.block("error", layer=L))
-    return _Parts(values, tables)
+    return _Parts([cv.home(v) for v in values], tables)
 
 
 def _groups(table: ComponentTable) -> tuple[np.ndarray, np.ndarray]:
@@ -296,10 +308,11 @@ def feature_hop(cv: CacheView, st: Any, hop: Any) -> tuple[Any, Tensor]:
     view, dtype = cv.view, r.u.dtype
     B = r.positions.shape[0]
     K = r.u.shape[2]
-    x_in = dictionary_input(cv, d, r.positions, dtype)  # [B, 1, d_in]
+    # encoded where the dictionary lives; its one feature's values come back
+    x_in = dictionary_input(cv, d, r.positions, dtype, d.W_enc.device)  # [B, 1, d_in]
     pre = d.pre_activations(x_in)  # [B, 1, F]
-    acts = d.activate(pre)[..., f]  # [B, 1]
-    pre = pre[..., f]
+    acts = cv.home(d.activate(pre)[..., f])  # [B, 1]
+    pre = cv.home(pre[..., f])
     nonzero = pre != 0
     gate = torch.where(nonzero, acts / torch.where(nonzero, pre, torch.ones_like(pre)), acts * 0)
     w_dec = d.W_dec[f].to(r.u.device, dtype) / d.input_scale

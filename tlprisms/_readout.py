@@ -164,8 +164,10 @@ def explain(rec: Recorded, fr: FinalReadout, softcap: Softcap) -> Explained:
     """The per-atom weights, the explained values and what they are."""
     cv, atoms, r = rec.cache, fr.atoms, fr.readout
     B, P = r.positions.shape
-    x = cv.at(Site.FINAL_RESID, None, r.positions)
-    z = dot(x, r.u) * r.inv_s[:, :, None] + (fr.bias + fr.norm_bias)
+    # read where the final residual stream lives (a model split across devices: the last)
+    x = cv.at(Site.FINAL_RESID, None, r.positions, native=True)
+    z = cv.home(dot(x, r.u.to(x.device)) * r.inv_s.to(x.device)[:, :, None])
+    z = z + (fr.bias + fr.norm_bias)
     k, a = atoms.coef.shape[2], atoms.coef.shape[3]
     z = z.reshape(B, P, k, a)
     coef = atoms.coef.to(cv.device, cv.dtype).expand(B, P, k, a)

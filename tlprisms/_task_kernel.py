@@ -22,7 +22,15 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tlprisms._engine import Readout, Split, _head_terms, _neuron_block, _plan
+from tlprisms._engine import (
+    Readout,
+    Split,
+    _head_terms,
+    _neuron_block,
+    _plan,
+    layer_device,
+    whole_write,
+)
 from tlprisms._ops import dot
 from tlprisms._readout import Recorded, softcap_ratio, weigh
 from tlprisms._result import ComponentTable
@@ -65,7 +73,8 @@ class TaskKernel:
         if sum(size for size, _ in self.plan) + self.extra != len(table):
             raise ValueError("TaskKernel: the planned writes do not match the table")
         self.has_b_U = view.has_b_U
-        #: (kind, layer) -> (post-norm, bias, residual scale, W_O or W_out) in dtype, on device
+        #: (kind, layer) -> (post-norm, bias, residual scale, W_O or W_out) in dtype; the
+        #: weight where the layer's activations live (a split model: the layer's device)
         self.layers: dict = {}
         for _, what in self.plan:
             if len(what) == 3 and (what[0], what[1]) not in self.layers:
@@ -73,7 +82,9 @@ class TaskKernel:
                 post = view.ln1_post[layer] if kind == "attn" else view.ln2_post[layer]
                 bias = (view.b_O if kind == "attn" else view.b_out)(layer, self.dtype, self.device)
                 weight = (view.W_O if kind == "attn" else view.W_out)(layer, self.dtype)
-                weight = weight.to(self.device)
+                split_layer = layer in (split.heads if kind == "attn" else split.neurons)
+                at = layer_device(cv, kind, layer) if split_layer else self.device
+                weight = weight.to(at)
                 self.layers[(kind, layer)] = (post, bias, view.residual_scale(layer), weight)
         #: whether hook_embed (+ hook_pos_embed) starts the residual stream: the model's
         #: property, read off the first batch's cache (``CacheView.embed_write``)
@@ -125,9 +136,9 @@ class TaskKernel:
             model_val = rec.logits[rows.to(at), index[:, :, None].to(at), flat.to(at)]
             atom_val = model_val.to(dev, dtype).reshape(B, P, k, a)
         if cap is not None or rec.logits is None:
-            x = cv.at(Site.FINAL_RESID, None, index)
-            z = dot(x, u) * inv_s[:, :, None] + (bias + norm_bias)
-            z = z.reshape(B, P, k, a)
+            x = cv.at(Site.FINAL_RESID, None, index, native=True)  # where it lives
+            z = cv.home(dot(x, u.to(x.device)) * inv_s.to(x.device)[:, :, None])
+            z = (z + (bias + norm_bias)).reshape(B, P, k, a)
         if cap is None:  # the weights are coef (ones): the terms are the atom terms
             weights, explains = None, "logit"
             if rec.logits is None:
@@ -169,8 +180,13 @@ class TaskKernel:
             elif part == "post_b":
                 dst[..., 0] = post_b.expand(B, P, K) * s
             elif kind == "attn":
-                t = self._heads(cv, layer, ul, index)
-                torch.mul(t, sl[..., None], out=dst.view(t.shape))
+                at = self.layers[(kind, layer)][3].device
+                if at == dev:
+                    t = self._heads(cv, layer, ul, index)
+                    torch.mul(t, sl[..., None], out=dst.view(t.shape))
+                else:  # a split model: computed where the layer lives (split_writes does so)
+                    t = self._heads(cv, layer, ul.to(at), index.to(at))
+                    dst.view(t.shape).copy_(t.mul_(sl.to(at)[..., None]))
                 del t
             else:  # W_out read once
                 _neuron_block(cv, layer, ul, index, sl, dst, self.layers[("mlp", layer)][3])
@@ -208,8 +224,7 @@ class TaskKernel:
         post_b: Any = None if post is None else post.constant(u)  # read only with a post-norm
         whole = None
         if part != "split":
-            site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
-            whole = dot(cv.at(site, layer, index, u.dtype), u) * s
+            whole = whole_write(cv, kind, layer, index, u, s)
             whole = whole - bias_term - (post_b.expand(B, P, K) * s if post is not None else 0)
         return ul, sl, bias_term, post_b, whole
 

@@ -140,8 +140,12 @@ class CacheView:
     def has(self, site: Site, layer: Optional[int] = None) -> bool:
         return self.view.has_site(site, layer) and self._present(self.view.hook(site, layer))
 
-    def get(self, site: Site, layer: Optional[int] = None) -> Tensor:
-        """The cached tensor of ``site``, or a CacheError that says why it is missing."""
+    def get(self, site: Site, layer: Optional[int] = None, *, native: bool = False) -> Tensor:
+        """The cached tensor of ``site``, or a CacheError that says why it is missing.
+
+        In a model split across devices the tensor is moved to the device where the residual
+        stream starts (the embedding's) unless ``native``: then it stays where its layer
+        lives, for a prism that computes that layer's terms there (and moves only them)."""
         name = self.view.hook(site, layer)
         if not self._present(name):
             reason = self.view.missing_reason(site, layer)
@@ -179,9 +183,18 @@ class CacheView:
                 self.refuse_nonfinite("the cache")
             self._finite.add(name)
             self.read_names.append(name)
-        if self._home is not None and t.device != self._home:  # a model split across devices
+        if not native and self._home is not None and t.device != self._home:  # a split model
             t = t.to(self._home)
         return t
+
+    def device_of(self, site: Site, layer: Optional[int] = None) -> torch.device:
+        """Where the cached tensor of ``site`` lives: its layer's device in a model split
+        across devices, else the cache's."""
+        return self.get(site, layer, native=True).device
+
+    def home(self, t: Tensor) -> Tensor:
+        """``t`` (a result computed where its layer lives) on the prism's device."""
+        return t if self._home is None or t.device == self._home else t.to(self._home)
 
     def at(
         self,
@@ -189,12 +202,17 @@ class CacheView:
         layer: Optional[int],
         positions: Tensor,
         dtype: Optional[torch.dtype] = None,
+        *,
+        native: bool = False,
     ) -> Tensor:
-        """``site`` gathered at ``positions [B, P]``: ``[B, P, ...]`` in the compute dtype."""
-        x = self.get(site, layer)
+        """``site`` gathered at ``positions [B, P]``: ``[B, P, ...]`` in the compute dtype.
+        Gathered where the tensor lives; then moved to the prism's device unless ``native``
+        (see :meth:`get`)."""
+        x = self.get(site, layer, native=True)
         if site is Site.POS_EMBED and x.shape[0] != positions.shape[0]:
             x = x.expand(positions.shape[0], *x.shape[1:])
-        return gather_pos(x, positions, dtype or self.dtype)
+        out = gather_pos(x, positions, dtype or self.dtype)
+        return out if native else self.home(out)
 
     def embed_write(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
         """What the embedding writes into the residual stream at ``positions``: ``hook_embed``
@@ -220,7 +238,8 @@ class CacheView:
 
     def scale(self, norm: NormSpec, positions: Tensor) -> Tensor:
         """The frozen scale ``s`` of ``norm`` at ``positions``: ``[B, P]``."""
-        return gather_pos(self.get(norm.site, norm.layer)[..., 0], positions, self.dtype)
+        x = self.get(norm.site, norm.layer, native=True)[..., 0]
+        return self.home(gather_pos(x, positions, self.dtype))
 
     def inv_scale(self, norm: Optional[NormSpec], positions: Tensor) -> Optional[Tensor]:
         """The frozen ``1 / s`` of ``norm`` at ``positions`` (``[B, P]``), or None when the
