@@ -34,7 +34,17 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms._engine import Readout, Split, split_writes, writes_table
+from tlprisms._engine import (
+    Readout,
+    Split,
+    _head_terms,
+    _neuron_block,
+    _plan,
+    _post_bias,
+    post_parts,
+    split_writes,
+    writes_table,
+)
 from tlprisms._errors import ArgumentError, PositionError, UnsupportedModelError
 from tlprisms._readout import Recorded, softcap_ratio
 from tlprisms._result import Component, ComponentTable
@@ -462,6 +472,121 @@ def one_side(
     return terms.values, terms.table
 
 
+#: the plan blocks :func:`_split_rows` computes (any other block: the d_head path is used)
+_ROW_PARTS = ("split", "whole", "bias", "post_b")
+
+
+def _split_rows(
+    cv: CacheView,
+    readout: Readout,
+    split: Split,
+    extra: Sequence[tuple[Tensor, ComponentTable]],
+) -> Optional[tuple[Float[Tensor, "batch pos k comp"], ComponentTable]]:
+    """:func:`~tlprisms._engine.split_writes` for a readout with one set of directions per
+    batch row, shared by its positions (``u [B, 1, K, d_model]``): the same blocks, labels
+    and order, each whole write read with one GEMM per row (``[P, d] @ [d, K]``) instead of
+    the shared ``dot``'s per-position einsum. Split layers go through the engine's own head
+    and neuron blocks. No ``layer_gap``. None when the engine's plan holds a block this
+    function does not know (the caller then uses the engine).
+
+    The blocks are written writer-major (``[B, P, C, K]``: each GEMM writes its rows in
+    place, each bias block is one contiguous pass) and transposed once at the end: one
+    strided write per block into ``[B, P, K, C]`` costs several times that transpose."""
+    plan = _plan(cv, readout, split)
+    for _, what in plan:
+        if what[0] not in ("embed", "pos_embed") and (len(what) != 3 or what[2] not in _ROW_PARTS):
+            return None
+    view = cv.view
+    u, positions = readout.u, readout.positions
+    B, P = positions.shape
+    K, dtype = u.shape[2], u.dtype
+    table = writes_table(cv, readout, split, [t for _, t in extra])
+    buf = torch.empty(B, P, len(table), K, dtype=dtype, device=u.device)
+    s = readout.inv_s[:, :, None]
+    uT = u[:, 0].expand(B, K, u.shape[-1]).transpose(1, 2)  # [B, d_model, K]
+    start = 0
+    layer: dict = {}
+    for tab, what in plan:
+        n = len(tab)
+        dst = buf[:, :, start : start + n]  # [B, P, n, K]
+        start += n
+        if what[0] in ("embed", "pos_embed"):
+            if what[0] == "embed":
+                x = cv.embed_write(positions, dtype)
+            else:
+                x = cv.at(Site.POS_EMBED, None, positions, dtype)
+            torch.bmm(x, uT, out=dst[:, :, 0]).mul_(s)
+            continue
+        kind, lay, part = what
+        if layer.get("key") != (kind, lay):  # the layer's readout and its bias term
+            post = view.ln1_post[lay] if kind == "attn" else view.ln2_post[lay]
+            ul, inv = post_parts(cv, post, readout, lay)
+            bias = (view.b_O if kind == "attn" else view.b_out)(lay, dtype, u.device)
+            layer = {
+                "key": (kind, lay),
+                "post": post,
+                "ul": ul,
+                "sl": inv[:, :, None],
+                "bias": (ul[:, 0] @ bias)[:, None],  # [B, 1, K]: the bias term is this x sl
+                "post_b": _post_bias(post, u)[:, 0][:, None],  # [B, 1, K], times s
+            }
+        if part == "whole":  # the write minus its bias (and post-norm bias) terms
+            site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
+            t = torch.bmm(cv.at(site, lay, positions, dtype), uT, out=dst[:, :, 0]).mul_(s)
+            t.sub_(layer["bias"] * layer["sl"])
+            if layer["post"] is not None:
+                t.sub_(layer["post_b"] * s)
+        elif part == "bias":
+            torch.mul(layer["bias"], layer["sl"], out=dst[:, :, 0])
+        elif part == "post_b":
+            torch.mul(layer["post_b"], s, out=dst[:, :, 0])
+        elif kind == "attn":
+            t = _head_terms(cv, lay, layer["ul"], positions, split.by_source)
+            sl = layer["sl"]
+            sl = sl[..., None, None] if split.by_source else sl[..., None]
+            # dst [B, P, n, K] seen as t's [B, P, K, head(, src)]
+            dst_t = dst.view(B, P, *t.shape[3:], K).movedim(-1, 2)
+            torch.mul(t, sl, out=dst_t)
+            del t
+        else:
+            _neuron_block(cv, lay, layer["ul"], positions, layer["sl"], dst.transpose(2, 3))
+    for values, tab in extra:
+        buf[:, :, start : start + len(tab)] = values.expand(B, P, K)[:, :, None]
+        start += len(tab)
+    return buf.transpose(2, 3).contiguous(), table
+
+
+def _pulled_key_side(
+    cv: CacheView,
+    h: "_Head",
+    kpos: Int[Tensor, "batch keys"],
+    q: Float[Tensor, "batch ca d_head"],
+    split: Split,
+) -> Optional[tuple[Float[Tensor, "batch keys ca cb"], ComponentTable]]:
+    """Every pair term ``(q_a . K_b(j))`` without rotary, read from the key positions'
+    residual streams with the query-side vectors ``q`` (the score factor applied) pulled
+    back through ``W_K`` and ln1: one direction per query-side writer (fewer than
+    ``d_head`` when there are fewer writers than that), instead of each key-side writer's
+    ``d_head`` vector. The key side's constants are ln1's bias (``b . P(W_K q_a)``) and
+    ``b_K . q_a``, as :func:`side_terms` labels them. ``[B, Kp, Ca, Cb]`` and the key
+    side's labels, or None where :func:`_split_rows` does not know the plan."""
+    ln1 = cv.view.ln1[h.layer]
+    u_pre = q @ h.W_K.T  # [B, Ca, d_model]
+    readout = Readout(
+        u=ln1.pull_back(u_pre)[:, None],
+        inv_s=cv.inv_scale_or_one(ln1, kpos),
+        positions=kpos,
+        attn_layers=h.layer,
+        mlp_layers=h.layer,
+    )
+    extra = []
+    if ln1.bias is not None:
+        extra.append((ln1.constant(u_pre)[:, None], ComponentTable.block("ln.b", layer=h.layer)))
+    b_K = (q @ h.b_K.to(q.dtype))[:, None]
+    extra.append((b_K, ComponentTable.block("b_K", layer=h.layer, head=h.group)))
+    return _split_rows(cv, readout, split, extra)
+
+
 def _alibi_pair(layer: int, head: int) -> PairTable:
     """The ALiBi bias as one constant pair (``L{layer}H{head} alibi``)."""
     side = ComponentTable.block("alibi", layer=layer, head=head)
@@ -509,6 +634,17 @@ def _prepare(cv: CacheView, layer: int, head: int, pos: int) -> _Head:
     )
 
 
+#: the key side is read with the query-side writers pulled back through ``W_K`` when
+#: there are at most this many query-side writers per ``d_head`` coordinate (and no rotary:
+#: the rotation differs per key); ``0`` always takes the ``d_head`` path (tests compare them)
+PULL_BACK_MAX_RATIO = 1.0
+
+
+def _pull_back_keys(cv: CacheView, n_writers: int, d_head: int) -> bool:
+    """Whether the "both" path reads the key side with pulled-back query writers."""
+    return not cv.view.rotary and n_writers <= PULL_BACK_MAX_RATIO * d_head
+
+
 def _chunk_terms(
     cv: CacheView,
     h: _Head,
@@ -538,14 +674,21 @@ def _chunk_terms(
         values, q_table = values.reshape(B, 1, Kp, -1), whole
     else:
         Q, q_table = side_terms(cv, layer, h.W_Q, h.b_Q, "b_Q", head, qpos, q_split)
-        K, k_table = side_terms(cv, layer, h.W_K, h.b_K, "b_K", g, kpos, k_split)
-        Ca, Cb = Q.shape[-1], K.shape[-1]
-        # one GEMM per row for every pair: [Ca, d] @ [d, Kp * Cb] -> [B, Ca, Kp, Cb] (the
-        # factor applied to the query side's [Ca, d] block), then key-major
-        q = Q[:, 0].transpose(1, 2) * factor  # [B, Ca, d]
-        k = K.transpose(2, 3).reshape(B, Kp * Cb, -1)  # writer-major: a view, no copy
-        pairs = torch.bmm(q, k.transpose(1, 2)).view(B, Ca, Kp, Cb)
-        values = pairs.permute(0, 2, 1, 3).reshape(B, 1, Kp, Ca * Cb)
+        q = Q[:, 0].transpose(1, 2) * factor  # [B, Ca, d] (the factor on the query side)
+        Ca = q.shape[1]
+        pulled = None
+        if _pull_back_keys(cv, Ca, q.shape[2]):
+            pulled = _pulled_key_side(cv, h, kpos, q, k_split)
+        if pulled is not None:  # [B, Kp, Ca, Cb]: already key-major, query writer first
+            values, k_table = pulled[0].view(B, 1, Kp, -1), pulled[1]
+        else:
+            K, k_table = side_terms(cv, layer, h.W_K, h.b_K, "b_K", g, kpos, k_split)
+            Cb = K.shape[-1]
+            # one GEMM per row for every pair: [Ca, d] @ [d, Kp * Cb] -> [B, Ca, Kp, Cb],
+            # then key-major
+            k = K.transpose(2, 3).reshape(B, Kp * Cb, -1)  # writer-major: a view, no copy
+            pairs = torch.bmm(q, k.transpose(1, 2)).view(B, Ca, Kp, Cb)
+            values = pairs.permute(0, 2, 1, 3).reshape(B, 1, Kp, Ca * Cb)
     table = PairTable.product(q_table, k_table)
     if view.alibi_kind is not None:  # the positional bias: one constant pair per key
         bias = view.alibi_bias(layer, head, pos, kpos[0], cv.n_ctx).to(device, dtype)
