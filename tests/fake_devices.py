@@ -88,14 +88,15 @@ class Move:
 @dataclass
 class _State:
     moves: list = field(default_factory=list)
-    #: storage pointer -> elements of each tensor put on the far device
+    #: storage pointer -> (elements, the tensor) of each tensor put on the far device (held,
+    #: so that its memory is never reused by another tensor while the harness looks it up)
     far_storages: dict = field(default_factory=dict)
 
     def _record(self, op: str, src: Any, dst: torch.device) -> None:
         if not isinstance(src, torch.Tensor):
             return
         base = src.inner if isinstance(src, Far) else src
-        of = self.far_storages.get(base.untyped_storage().data_ptr())
+        of = self.far_storages.get(base.untyped_storage().data_ptr(), (None,))[0]
         whole = of is not None and src.numel() * VIEW_SHARE > of and src.numel() > SMALL
         self.moves.append(Move(op, src.device, dst, src.numel(), whole, _caller()))
 
@@ -176,7 +177,7 @@ class TwoDevices(TorchDispatchMode):
 def to_far(t: torch.Tensor) -> Far:
     """``t`` (on the CPU) as a far tensor; its storage counts as a far input."""
     out = Far(t.detach())
-    _STATE.far_storages[t.untyped_storage().data_ptr()] = t.numel()
+    _STATE.far_storages[t.untyped_storage().data_ptr()] = (t.numel(), t)
     return out
 
 
