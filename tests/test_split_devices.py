@@ -15,10 +15,13 @@ from fake_devices import FAR, HOME, TwoDevices, home, split_cache, split_model, 
 
 import tlprisms as tp
 
-from conftest import build_case
+from conftest import DEVICE, build_case
 from families import FAMILIES
 
 CUT = 1  # layers >= CUT live on the far device (the family models have 2 layers)
+
+if DEVICE != "cpu":  # the simulated pair is the CPU and a CPU-backed second device
+    pytest.skip("simulated on the CPU; gpu_check.py splits real devices", allow_module_level=True)
 
 
 def _sae(p):
