@@ -46,6 +46,9 @@ CALLS = {
     "through_neuron": lambda p: p.through_neuron(1, 5, 5, heads="all", neurons="all"),
     "readout at ln2": lambda p: p.readout(torch.ones(p.view.d_model), 1, at="ln2"),
     "features": lambda p: p.features(5, _sae(p)),
+    "every next token, without logits": lambda p: tp.LogitPrism(
+        p.model, p.cache, tokens=p.tokens
+    ).residual(tp.NextToken(), pos="all"),
     "qk, heads on both sides": lambda p: p.qk(1, 0, q_heads="all", k_heads="all"),
     "qk, key side through a head": lambda p: p.qk(
         1, 0, keys=[4], sides="key", path=[tp.Hop("head", 0, 1)]

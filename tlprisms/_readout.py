@@ -93,12 +93,14 @@ def predicted(rec: Recorded) -> Tensor:
         return rec.logits[:, -1].argmax(-1).to(rec.cache.device)
     cv = rec.cache
     view, norm = cv.view, cv.view.final_norm
-    scale = cv.get(norm.site)[:, -1:] if norm.has_scale else None
-    x = norm.apply(cv.get(Site.FINAL_RESID)[:, -1:].to(cv.dtype), scale)
+    # the last position, read where it lives and unembedded where W_U lives
+    x = cv.get(Site.FINAL_RESID, native=True)[:, -1:]
+    scale = cv.get(norm.site, native=True)[:, -1:].to(x.device) if norm.has_scale else None
+    x = norm.apply(x.to(cv.dtype), scale)
     W_U = view.unembed_matrix()
-    lg = x[:, -1].to(W_U.dtype) @ W_U
+    lg = x[:, -1].to(W_U.device, W_U.dtype) @ W_U
     b = view.unembed_bias()
-    return (lg if b is None else lg + b).argmax(-1)
+    return cv.home((lg if b is None else lg + b).argmax(-1))
 
 
 def _atoms_vectors(cv: CacheView, atoms: Atoms) -> tuple[Tensor, Tensor]:
