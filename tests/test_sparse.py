@@ -185,7 +185,12 @@ def test_sparse_result_api(demo):
     t_d = dense.top(5, batch=0, pos=3, kind="neuron")
     assert list(t_s["component"]) == list(t_d["component"])
     assert np.array_equal(t_s["value"].to_numpy(), t_d["value"].to_numpy())
-    assert "(sparse)" in repr(s) and "(rest)" in repr(s)
+    assert "(sparse: up to" in repr(s) and "(rest)" in repr(s)
+    # after select, the components counted are those kept, and no more slots than them
+    sel = s.select(kind="neuron")
+    n_kept = int((sel.index >= 0).sum(-1).max())
+    assert f"{len(sel.components)} components (sparse: up to {n_kept} kept" in repr(sel)
+    assert n_kept <= len(sel.components)
     # the dense view keeps the sparse totals
     d = s.to_dense()
     d.check()

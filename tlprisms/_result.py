@@ -807,9 +807,12 @@ class Decomposition:
         )
 
     def __repr__(self) -> str:
-        B, P, K, C = self.values.shape
-        C = len(self.components) if self.index is None else C
-        kept = "" if self.index is None else f" kept of {len(self.components)} (sparse)"
+        B, P, K, _ = self.values.shape
+        C = len(self.components)
+        kept = ""
+        if self.index is not None:  # slots per row (after select, some are empty)
+            n = int((self.index >= 0).sum(-1).max()) if self.index.numel() else 0
+            kept = f" (sparse: up to {n} kept per row)"
         head = (
             f"Decomposition({self.prism}: {B} batch x {P} pos x {K} target, {C} components"
             f"{kept}; explains {self.explains}"
