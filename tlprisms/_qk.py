@@ -489,8 +489,8 @@ def _split_rows(
     and neuron blocks. No ``layer_gap``. None when the engine's plan holds a block this
     function does not know (the caller then uses the engine).
 
-    The blocks are written writer-major (``[B, P, C, K]``: each GEMM writes its rows in
-    place, each bias block is one contiguous pass) and transposed once at the end: one
+    The blocks are written writer-major (``[B, P, C, K]``: each GEMM's scaled rows and each
+    bias block are one contiguous pass) and transposed once at the end: one
     strided write per block into ``[B, P, K, C]`` costs several times that transpose."""
     plan = _plan(cv, readout, split)
     for _, what in plan:
@@ -515,7 +515,7 @@ def _split_rows(
                 x = cv.embed_write(positions, dtype)
             else:
                 x = cv.at(Site.POS_EMBED, None, positions, dtype)
-            torch.bmm(x, uT, out=dst[:, :, 0]).mul_(s)
+            torch.mul(torch.bmm(x, uT), s, out=dst[:, :, 0])
             continue
         kind, lay, part = what
         if layer.get("key") != (kind, lay):  # the layer's readout and its bias term
@@ -527,17 +527,17 @@ def _split_rows(
                 "post": post,
                 "ul": ul,
                 "sl": inv[:, :, None],
-                "bias": (ul[:, 0] @ bias)[:, None],  # [B, 1, K]: the bias term is this x sl
+                "bias_term": (ul[:, 0] @ bias)[:, None] * inv[:, :, None],  # [B, P, K]
                 "post_b": _post_bias(post, u)[:, 0][:, None],  # [B, 1, K], times s
             }
         if part == "whole":  # the write minus its bias (and post-norm bias) terms
             site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
-            t = torch.bmm(cv.at(site, lay, positions, dtype), uT, out=dst[:, :, 0]).mul_(s)
-            t.sub_(layer["bias"] * layer["sl"])
+            t = torch.mul(torch.bmm(cv.at(site, lay, positions, dtype), uT), s, out=dst[:, :, 0])
+            t.sub_(layer["bias_term"])
             if layer["post"] is not None:
                 t.sub_(layer["post_b"] * s)
         elif part == "bias":
-            torch.mul(layer["bias"], layer["sl"], out=dst[:, :, 0])
+            dst[:, :, 0] = layer["bias_term"]
         elif part == "post_b":
             torch.mul(layer["post_b"], s, out=dst[:, :, 0])
         elif kind == "attn":
