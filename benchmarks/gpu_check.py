@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -174,7 +175,57 @@ def _place(module: torch.nn.Module, device: str) -> None:
     module.register_forward_pre_hook(lambda m, a, kw: (move(a), move(kw)), with_kwargs=True)
 
 
+#: a view of a CPU-resident (layer 1) cached activation or weight that crosses is "whole"
+#: when it holds more than this fraction of it, and more than :data:`_SMALL` elements (a
+#: norm's weight, a bias, one scale per position may cross: as tests/fake_devices.py)
+_VIEW_SHARE = 6
+_SMALL = 64
+
+
+class _Crossings(TorchFunctionMode):
+    """Records every tensor that crosses devices while it runs (``to``/``cuda``/``cpu``/
+    ``copy_``), and which of them are (large views of) the watched storages."""
+
+    def __init__(self, watched: dict) -> None:
+        super().__init__()
+        self.watched = watched  # storage pointer -> elements
+        self.moves: list = []
+        self.whole: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        crossing = func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu)
+        if crossing and isinstance(out, torch.Tensor) and out.device != args[0].device:
+            self._seen(args[0])
+        elif func is torch.Tensor.copy_ and isinstance(args[1], torch.Tensor):
+            if args[1].device != args[0].device:
+                self._seen(args[1])
+        return out
+
+    def _seen(self, src: torch.Tensor) -> None:
+        self.moves.append(src.numel())
+        of = self.watched.get(src.untyped_storage().data_ptr())
+        if of is not None and src.numel() * _VIEW_SHARE > of and src.numel() > _SMALL:
+            self.whole.append(tuple(src.shape))
+
+
+#: what the split step runs on both models (name -> call on a prism)
+SPLIT_CALLS: dict = {
+    "full": lambda p: p.full(7),
+    "heads by source": lambda p: p.heads([7, 9]),
+    "neurons": lambda p: p.neurons(7),
+    "full, every position, top_k": lambda p: p.full(tp.NextToken(), pos="all", top_k=8),
+    "through_head": lambda p: p.through_head(1, 0, 7, heads="all", neurons="all"),
+    "through_neuron": lambda p: p.through_neuron(1, 3, 7, heads="all", neurons="all"),
+    "qk, heads on both sides": lambda p: p.qk(1, 0, q_heads="all", k_heads="all"),
+}
+
+
 def split_devices(report: dict) -> None:
+    """Step 3: the split model against the same model on one device, every call of
+    :data:`SPLIT_CALLS`; and no cached activation or weight of the CPU-resident layer crosses
+    to the GPU whole (each layer's terms are computed where it lives)."""
     import transformers as tf
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
@@ -205,22 +256,34 @@ def split_devices(report: dict) -> None:
 
         split_map = ("model.layers.1", "model.norm", "lm_head")
         tokens = torch.randint(4, 60, (3, 9), generator=torch.Generator().manual_seed(2))
-        results = {}
+        results: dict = {}
+        whole: dict = {}
         for label, dmap in (("one GPU", None), ("split", split_map)):
             model = build(dmap)
             with torch.no_grad():
                 logits, cache = model.run_with_cache(tokens.to(DEV))
             devices = sorted({str(v.device) for v in cache.cache_dict.values()})
             prism = tp.LogitPrism(model, cache, tokens=tokens.to(DEV), logits=logits)
-            results[label] = (
-                prism.full(7).check(),
-                prism.through_head(1, 0, 7, heads="all", neurons="all").check(),
-            )
+            watched = {
+                t.untyped_storage().data_ptr(): t.numel()
+                for t in list(cache.cache_dict.values()) + list(model.parameters())
+                if t.device.type == "cpu"
+            }
+            results[label] = {}
+            for name, call in SPLIT_CALLS.items():
+                with _Crossings(watched) as seen:
+                    results[label][name] = call(prism).check()
+                if label == "split":
+                    whole[name] = seen.whole
             out[f"{label} cache devices"] = devices
-        for i, what in enumerate(("full", "through_head")):
-            a, b = results["split"][i].values, results["one GPU"][i].values
-            out[f"{what} max |split - one GPU|"] = float((a.to(b.device) - b).abs().max())
-            assert torch.allclose(a.to(b.device), b, rtol=RTOL_FP32, atol=RTOL_FP32), what
+        for name in SPLIT_CALLS:
+            a, b = results["split"][name], results["one GPU"][name]
+            assert a.values.device == b.values.device, f"{name}: result on {a.values.device}"
+            err = float((a.values.to(b.values.device) - b.values).abs().max())
+            out[f"{name}: max |split - one GPU|"] = err
+            assert torch.allclose(a.values, b.values, rtol=RTOL_FP32, atol=RTOL_FP32), name
+            assert not whole[name], f"{name} moved layer 1's activations or weights: {whole[name]}"
+        out["whole inputs moved"] = 0
         out["ok"] = True
     except Exception as err:  # noqa: BLE001
         out["ok"] = False
