@@ -716,3 +716,189 @@ def test_alibi_padded_rows_are_refused():
     prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
     with pytest.raises(UnsupportedModelError, match="rows without padding"):
         prism.qk(1, 0, keys=[2, 3, SEQ - 1])
+
+
+# ------------------------------------------------------------------ the pulled-back key side
+#: non-rotary architectures of every kind the pulled-back key side meets: learned positions
+#: (GPT-2, OPT, GPT-Neo), sinusoidal positions (XGLM), multi-query attention (GPTBigCode),
+#: ALiBi (Bloom, MPT); biases on q/k/v and LayerNorm biases in all of them
+PULLED_ZOO = [
+    "GPT2LMHeadModel",
+    "GPTBigCodeForCausalLM",
+    "OPTForCausalLM",
+    "XGLMForCausalLM",
+    "GPTNeoForCausalLM",
+    "BloomForCausalLM",
+    "MptForCausalLM",
+]
+
+
+def _zoo_prism(name: str, fold: bool):
+    import arch_zoo as zoo
+
+    model = zoo.build(name, fold)
+    tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    return tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+
+
+class _Paths:
+    """Run ``prism.qk`` through the pulled-back key side (the default where it applies) and
+    through each key writer's ``d_head`` vector, recording which path each call took."""
+
+    def __init__(self, monkeypatch):
+        from tlprisms import _qk
+
+        self.mp, self.qk, self.taken = monkeypatch, _qk, []
+        self.default = _qk.PULL_BACK_MAX_RATIO
+        pulled = _qk._pulled_key_side
+
+        def spy(*args, **kw):
+            out = pulled(*args, **kw)
+            self.taken.append(out is not None)
+            return out
+
+        monkeypatch.setattr(_qk, "_pulled_key_side", spy)
+
+    def run(self, prism, *args, **kw):
+        """(default result, d_head-path result, [path taken per chunk by the default])."""
+        self.mp.setattr(self.qk, "PULL_BACK_MAX_RATIO", 0.0)
+        self.taken.clear()
+        old = prism.qk(*args, **kw)
+        assert self.taken == []  # ratio 0: never tried
+        self.mp.setattr(self.qk, "PULL_BACK_MAX_RATIO", self.default)
+        new = prism.qk(*args, **kw)
+        return new, old, list(self.taken)
+
+
+def assert_same_terms(new, old) -> None:
+    """Two dense QK results with the same labels and terms equal to the precision's
+    tolerance (relative to max(1, |score|, sum |terms|), as check() bounds a gap)."""
+    assert [str(c) for c in new.components] == [str(c) for c in old.components]
+    assert new.explains == old.explains and new.values.shape == old.values.shape
+    scale = torch.maximum(old.logits.abs(), old.values.abs().sum(-1)).clamp(min=1.0)
+    assert bool(((new.values - old.values).abs() <= TOL[old.precision] * scale[..., None]).all())
+    assert bool(((new.logits - old.logits).abs() <= TOL[old.precision] * scale).all())
+    new.check()
+
+
+def test_pulled_key_side_every_family(case, monkeypatch):
+    """Without rotary (and with at most d_head query-side writers) the key side is read with
+    the query-side writers pulled back through W_K; it gives the d_head path's terms. Rotary
+    families always take the d_head path (the rotation differs per key): bit for bit."""
+    paths = _Paths(monkeypatch)
+    prism = case.prism
+    last = prism.view.n_layers - 1
+    rotary = prism.view.rotary
+    splits = (
+        dict(k_heads="all"),
+        dict(k_heads="all", by_source=False),
+        dict(k_neurons="all", k_heads=0),
+        dict(keys=[SEQ - 1, 2], contrast=True),
+    )
+    for kw in ({},) + (() if rotary else splits):
+        new, old, taken = paths.run(prism, last, 1, **kw)
+        assert taken == ([] if rotary else [True]), kw
+        if rotary:
+            assert torch.equal(new.values, old.values)
+        else:
+            assert_same_terms(new, old)
+    # many query-side writers (more than d_head): the d_head path, bit for bit
+    new, old, taken = paths.run(prism, last, 1, q_heads="all")
+    assert taken == [] and torch.equal(new.values, old.values)
+
+
+@pytest.mark.parametrize(
+    "name, fold",
+    [(n, True) for n in PULLED_ZOO]
+    + [pytest.param(n, False, marks=pytest.mark.slow) for n in PULLED_ZOO],
+)
+def test_pulled_key_side_zoo(name, fold, monkeypatch):
+    """The pulled-back key side on every non-rotary architecture (MQA, learned, sinusoidal
+    and ALiBi positions, q/k/v biases), folded (unfolded: slow): the d_head path's terms, the
+    model's recorded scores; contrasts, key sides split by head (x source) and neuron, and
+    sparse results (their kept terms and remainders from the same path's dense terms)."""
+    paths = _Paths(monkeypatch)
+    prism = _zoo_prism(name, fold)
+    view = prism.view
+    assert not view.rotary
+    pos = SEQ - 2
+    for head in (0, view.n_heads - 1):
+        new, old, taken = paths.run(prism, 1, head, pos=pos)
+        assert taken == [True]
+        assert_same_terms(new, old)
+    for kw in (
+        dict(k_heads="all"),
+        dict(k_neurons="all", by_source=False, k_heads=0),
+        dict(keys=[pos, 1], contrast=True),
+    ):
+        new, old, taken = paths.run(prism, 1, 0, pos=pos, **kw)
+        assert taken == [True], kw
+        assert_same_terms(new, old)
+    new, old, taken = paths.run(prism, 1, 0, pos=pos, k_heads="all", top_k=3)
+    assert taken and all(taken)
+    dense_new, dense_old, _ = paths.run(prism, 1, 0, pos=pos, k_heads="all")
+    assert_sparse_pairs(new, dense_new, top_k=3)  # the same path's dense terms
+    assert_same_terms(dense_new, dense_old)
+    assert bool(((new.total() - old.total()).abs() <= dense_old.tolerance()).all())
+
+
+def test_pulled_key_side_float64_and_fallback(monkeypatch):
+    """float64: the two paths agree to float64 rounding. A plan block the pulled-back side
+    does not know sends the call to the d_head path (the same bits)."""
+    from tlprisms import _qk
+
+    paths = _Paths(monkeypatch)
+    prism = build_case("gpt2/bridge", False, torch.float64).prism
+    new, old, taken = paths.run(prism, 1, 2, k_heads="all", k_neurons="all")
+    assert taken == [True] and new.values.dtype == torch.float64
+    assert_same_terms(new, old)
+    monkeypatch.setattr(_qk, "_ROW_PARTS", ("split", "whole", "post_b"))  # no "bias"
+    new, old, taken = paths.run(prism, 1, 2)
+    assert taken == [False] and torch.equal(new.values, old.values)
+
+
+def test_pulled_key_side_gqa_softcap_hooked(monkeypatch):
+    """TransformerLens 3's HookedTransformer with grouped-query attention, learned positions
+    and a soft-capped score (no rotary): the pulled-back key side gives the d_head path's
+    terms post-cap (rho frozen) and pre-cap."""
+    from families import HAS_HOOKED
+
+    if not HAS_HOOKED:
+        pytest.skip("this TransformerLens has no HookedTransformer")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=16,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=64,
+        d_vocab=60,
+        act_fn="gelu",
+        normalization_type="LN",
+        attn_scores_soft_cap=2.0,
+        seed=0,
+    )
+    model = HookedTransformer(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+    assert prism.view.n_kv_heads == 2 and prism.view.attn_softcap(1) == 2.0
+    paths = _Paths(monkeypatch)
+    for head in range(4):
+        for softcap in ("post", "pre"):
+            new, old, taken = paths.run(prism, 1, head, softcap=softcap)
+            assert taken == [True]
+            assert_same_terms(new, old)
+    new, old, taken = paths.run(prism, 1, 3, keys=[SEQ - 1, 0], contrast=True)
+    assert taken == [True]
+    assert_same_terms(new, old)
