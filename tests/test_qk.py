@@ -338,7 +338,8 @@ def test_one_side_whole(case):
     r = prism.qk(1, 2, q_heads="all", sides="query").check()
     assert set(r.to_frame().k_kind) == {"resid"}
     assert r.values.shape[-1] == len(both.components.q)
-    summed = both.values.reshape(*both.values.shape[:3], r.values.shape[-1], -1).sum(-1)
+    # the pairs: each key-side writer a row of query-side writers
+    summed = both.values.reshape(*both.values.shape[:3], -1, r.values.shape[-1]).sum(-2)
     assert torch.allclose(r.values, summed, atol=1e-5, rtol=1e-5)
     k = prism.qk(1, 2, k_neurons="all", sides="key").check()
     assert set(k.to_frame().q_kind) == {"resid"}

@@ -177,10 +177,12 @@ class PairTable(ComponentTable):
 
     @staticmethod
     def product(q: ComponentTable, k: ComponentTable) -> "PairTable":
-        """Every (query writer, key writer) pair, the key side varying fastest."""
+        """Every (query writer, key writer) pair, the query side varying fastest (the
+        layout the pair products are computed in: each key-side writer's block is one
+        contiguous row of query-side writers)."""
         nq, nk = len(q), len(k)
-        qi = np.repeat(np.arange(nq, dtype=np.int32), nk)
-        ki = np.tile(np.arange(nk, dtype=np.int32), nq)
+        qi = np.tile(np.arange(nq, dtype=np.int32), nk)
+        ki = np.repeat(np.arange(nk, dtype=np.int32), nq)
         return PairTable.make(q, k, qi, ki)
 
     def rest(self) -> np.ndarray:
@@ -481,7 +483,7 @@ def _split_rows(
     readout: Readout,
     split: Split,
     extra: Sequence[tuple[Tensor, ComponentTable]],
-) -> Optional[tuple[Float[Tensor, "batch pos k comp"], ComponentTable]]:
+) -> Optional[tuple[Float[Tensor, "batch pos comp k"], ComponentTable]]:
     """:func:`~tlprisms._engine.split_writes` for a readout with one set of directions per
     batch row, shared by its positions (``u [B, 1, K, d_model]``): the same blocks, labels
     and order, each whole write read with one GEMM per row (``[P, d] @ [d, K]``) instead of
@@ -489,9 +491,9 @@ def _split_rows(
     and neuron blocks. No ``layer_gap``. None when the engine's plan holds a block this
     function does not know (the caller then uses the engine).
 
-    The blocks are written writer-major (``[B, P, C, K]``: each GEMM's scaled rows and each
-    bias block are one contiguous pass) and transposed once at the end: one
-    strided write per block into ``[B, P, K, C]`` costs several times that transpose."""
+    The terms are returned writer-major, ``[B, P, C, K]`` (split_writes: ``[B, P, K, C]``):
+    each GEMM's scaled rows and each bias block are then one contiguous write (a strided
+    write per block costs several times more)."""
     plan = _plan(cv, readout, split)
     for _, what in plan:
         if what[0] not in ("embed", "pos_embed") and (len(what) != 3 or what[2] not in _ROW_PARTS):
@@ -553,7 +555,7 @@ def _split_rows(
     for values, tab in extra:
         buf[:, :, start : start + len(tab)] = values.expand(B, P, K)[:, :, None]
         start += len(tab)
-    return buf.transpose(2, 3).contiguous(), table
+    return buf, table
 
 
 def _pulled_key_side(
@@ -562,14 +564,15 @@ def _pulled_key_side(
     kpos: Int[Tensor, "batch keys"],
     q: Float[Tensor, "batch ca d_head"],
     split: Split,
-) -> Optional[tuple[Float[Tensor, "batch keys ca cb"], ComponentTable]]:
+) -> Optional[tuple[Float[Tensor, "batch keys cb ca"], ComponentTable]]:
     """Every pair term ``(q_a . K_b(j))`` without rotary, read from the key positions'
     residual streams with the query-side vectors ``q`` (the score factor applied) pulled
     back through ``W_K`` and ln1: one direction per query-side writer (fewer than
     ``d_head`` when there are fewer writers than that), instead of each key-side writer's
     ``d_head`` vector. The key side's constants are ln1's bias (``b . P(W_K q_a)``) and
-    ``b_K . q_a``, as :func:`side_terms` labels them. ``[B, Kp, Ca, Cb]`` and the key
-    side's labels, or None where :func:`_split_rows` does not know the plan."""
+    ``b_K . q_a``, as :func:`side_terms` labels them. ``[B, Kp, Cb, Ca]`` (the pairs in
+    :meth:`PairTable.product`'s order) and the key side's labels, or None where
+    :func:`_split_rows` does not know the plan."""
     ln1 = cv.view.ln1[h.layer]
     u_pre = q @ h.W_K.T  # [B, Ca, d_model]
     readout = Readout(
@@ -679,16 +682,15 @@ def _chunk_terms(
         pulled = None
         if _pull_back_keys(cv, Ca, q.shape[2]):
             pulled = _pulled_key_side(cv, h, kpos, q, k_split)
-        if pulled is not None:  # [B, Kp, Ca, Cb]: already key-major, query writer first
+        if pulled is not None:  # [B, Kp, Cb, Ca]: the pairs in their final order
             values, k_table = pulled[0].view(B, 1, Kp, -1), pulled[1]
         else:
             K, k_table = side_terms(cv, layer, h.W_K, h.b_K, "b_K", g, kpos, k_split)
             Cb = K.shape[-1]
-            # one GEMM per row for every pair: [Ca, d] @ [d, Kp * Cb] -> [B, Ca, Kp, Cb],
-            # then key-major
+            # one GEMM per row for every pair, [Kp * Cb, d] @ [d, Ca] -> [B, Kp, Cb, Ca]:
+            # already key-major, each key-side writer a row of query-side writers
             k = K.transpose(2, 3).reshape(B, Kp * Cb, -1)  # writer-major: a view, no copy
-            pairs = torch.bmm(q, k.transpose(1, 2)).view(B, Ca, Kp, Cb)
-            values = pairs.permute(0, 2, 1, 3).reshape(B, 1, Kp, Ca * Cb)
+            values = torch.bmm(k, q.transpose(1, 2)).view(B, 1, Kp, Cb * Ca)
     table = PairTable.product(q_table, k_table)
     if view.alibi_kind is not None:  # the positional bias: one constant pair per key
         bias = view.alibi_bias(layer, head, pos, kpos[0], cv.n_ctx).to(device, dtype)
