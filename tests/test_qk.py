@@ -798,6 +798,10 @@ def test_pulled_key_side_every_family(case, monkeypatch):
         dict(k_neurons="all", k_heads=0),
         dict(keys=[SEQ - 1, 2], contrast=True),
     )
+    pairs = prism.qk(last, 1).components  # the query side varies fastest on every path
+    nq = len(pairs.q)
+    assert (pairs.qi[: 2 * nq] == np.tile(np.arange(nq), 2)).all()
+    assert (pairs.ki[: 2 * nq] == np.repeat([0, 1], nq)).all()
     for kw in ({},) + (() if rotary else splits):
         new, old, taken = paths.run(prism, last, 1, **kw)
         assert taken == ([] if rotary else [True]), kw

@@ -12,7 +12,12 @@ direction per ``d_head`` coordinate (``P(w1 * W_Q[:, d]) / s_i``), so the engine
 
     z_ij = sum_ab (R_i Q_a) . (R_j K_b) * c
 
-exactly: one matmul of the ``[writers, d_head]`` blocks of both sides. Grouped-query heads read
+exactly: one matmul of the ``[writers, d_head]`` blocks of both sides. Without rotary, and
+with at most ``d_head`` query-side writers (the layer-level default), the key side is read
+instead with each query-side vector pulled back through ``W_K`` and ln1,
+``u_a = P(w1 * W_K Q_a c)``, so that ``z_ij``'s pair ``(a, b)`` is ``x_b(j) . u_a / s_j``:
+one direction per query writer in place of ``d_head`` per key writer, and no pair product
+(:func:`_pulled_key_side`; the same terms to float rounding). Grouped-query heads read
 their key/value head's ``W_K`` (never expanded). A soft-cap ``cap * tanh(z / cap)`` (Gemma 2) is
 explained post-cap with ``rho = cap * tanh(z / cap) / z`` frozen per score (every pair term
 times ``rho``), or pre-cap. An ALiBi model's positional bias (added after the scale) is one
