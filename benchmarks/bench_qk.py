@@ -5,7 +5,8 @@ Measured against the ``run_with_cache`` that produced the cache, in the same pro
 
 ``one head, layer-level``
     ``prism.qk(L-1, 0)``: one head of the last layer, the last query, every key, layer-level
-    writers on both sides. Limit 0.02 x ``run_with_cache``.
+    writers on both sides (GPT-2 has no rotary: the key side is read with the 48 query-side
+    writers pulled back through ``W_K``). Limit 0.02 x ``run_with_cache``.
 ``all heads, query heads x sources``
     ``prism.qk(L-1, h, keys=[SEQ // 2], q_heads="all", sides="query").top(10)`` for each of
     the 12 heads of the last layer: the query side split into every earlier head x source
