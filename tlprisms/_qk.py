@@ -46,6 +46,7 @@ from tlprisms._engine import (
     _neuron_block,
     _plan,
     _post_bias,
+    layer_device,
     post_parts,
     split_writes,
     writes_table,
@@ -539,7 +540,12 @@ def _split_rows(
             }
         if part == "whole":  # the write minus its bias (and post-norm bias) terms
             site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
-            t = torch.mul(torch.bmm(cv.at(site, lay, positions, dtype), uT), s, out=dst[:, :, 0])
+            x = cv.at(site, lay, positions, dtype, native=True)
+            if x.device == uT.device:
+                xu = torch.bmm(x, uT)
+            else:  # a split model: read where the layer's output lives, move the result
+                xu = torch.bmm(x, uT.to(x.device)).to(uT.device)
+            t = torch.mul(xu, s, out=dst[:, :, 0])
             t.sub_(layer["bias_term"])
             if layer["post"] is not None:
                 t.sub_(layer["post_b"] * s)
@@ -548,8 +554,12 @@ def _split_rows(
         elif part == "post_b":
             torch.mul(layer["post_b"], s, out=dst[:, :, 0])
         elif kind == "attn":
-            t = _head_terms(cv, lay, layer["ul"], positions, split.by_source)
-            sl = layer["sl"]
+            sl, ul, dev = layer["sl"], layer["ul"], layer_device(cv, kind, lay)
+            if dev == buf.device:
+                t = _head_terms(cv, lay, ul, positions, split.by_source)
+            else:  # a split model: the terms are computed where the layer lives
+                t = _head_terms(cv, lay, ul.to(dev), positions.to(dev), split.by_source)
+                t = t.to(buf.device)
             sl = sl[..., None, None] if split.by_source else sl[..., None]
             # dst [B, P, n, K] seen as t's [B, P, K, head(, src)]
             dst_t = dst.view(B, P, *t.shape[3:], K).movedim(-1, 2)
