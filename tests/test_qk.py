@@ -907,3 +907,34 @@ def test_pulled_key_side_gqa_softcap_hooked(monkeypatch):
     new, old, taken = paths.run(prism, 1, 3, keys=[SEQ - 1, 0], contrast=True)
     assert taken == [True]
     assert_same_terms(new, old)
+
+
+@pytest.mark.parametrize("name", ["gpt2/bridge", "solu/bridge"])
+def test_pulled_key_side_split_model(name, monkeypatch):
+    """A model split across (simulated) devices, every layer on the far one: the pulled-back
+    key side gives the one-device terms bit for bit, its result on the embedding's device,
+    and moves no more far tensors whole than the d_head path does (the whole writes and
+    head terms are read where they live)."""
+    from fake_devices import TwoDevices, home, split_cache, split_model, to_far
+
+    from conftest import DEVICE
+
+    if DEVICE != "cpu":
+        pytest.skip("simulated on the CPU")
+    case = build_case(name, False)
+    model, cache = split_model(case.model, 0), split_cache(case.cache, 0)
+    paths = _Paths(monkeypatch)
+    for kw in ({}, dict(k_heads="all"), dict(k_neurons="all")):
+        want = case.prism.qk(1, 0, **kw)
+        moved = []
+        for ratio in (0.0, paths.default):
+            monkeypatch.setattr(paths.qk, "PULL_BACK_MAX_RATIO", ratio)
+            paths.taken.clear()
+            with TwoDevices() as devices:
+                prism = tp.LogitPrism(model, cache, tokens=case.tokens, logits=to_far(case.logits))
+                got = prism.qk(1, 0, **kw)
+            moved.append(sorted(m.numel for m in devices.whole_inputs_moved()))
+        assert paths.taken == [True], kw
+        assert got.values.device == want.values.device
+        assert torch.equal(home(got.values), want.values), kw
+        assert moved[1] == moved[0], kw
