@@ -909,7 +909,7 @@ def test_pulled_key_side_gqa_softcap_hooked(monkeypatch):
     assert_same_terms(new, old)
 
 
-@pytest.mark.parametrize("name", ["gpt2/bridge", "solu/bridge"])
+@pytest.mark.parametrize("name", _has("gpt2") + _has("solu"))  # the non-rotary families
 def test_pulled_key_side_split_model(name, monkeypatch):
     """A model split across (simulated) devices, every layer on the far one: the pulled-back
     key side gives the one-device terms bit for bit, its result on the embedding's device,
