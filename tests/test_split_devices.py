@@ -66,19 +66,7 @@ def pair(request):
     return case, model, cache, to_far(case.logits)
 
 
-#: prisms that still read one head's query/key weights onto the embedding's device
-PENDING = {"qk, heads on both sides", "qk, key side through a head"}
-
-
-@pytest.mark.parametrize(
-    "call",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="QK: pending"))
-        if c in PENDING
-        else c
-        for c in CALLS
-    ],
-)
+@pytest.mark.parametrize("call", list(CALLS))
 def test_split_model_gives_the_one_device_values(pair, call):
     case, model, cache, logits = pair
     want = CALLS[call](case.prism)

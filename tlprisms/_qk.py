@@ -359,13 +359,13 @@ def _rotary(cv: CacheView, layer: int, positions: Tensor, dtype: torch.dtype) ->
     if not view.rotary:
         return None
     tables = view.rotary_tables(layer, cv.n_ctx)
-    if tables is not None:
-        cos, sin = (t.to(positions.device, dtype)[positions] for t in tables)
+    if tables is not None:  # gathered where the layer's tables live
+        cos, sin = (t[positions.to(t.device)].to(positions.device, dtype) for t in tables)
         return cos, sin
     B = positions.shape[0]
     out = []
     for site in (Site.ROT_COS, Site.ROT_SIN):
-        t = cv.get(site, layer)
+        t = cv.get(site, layer, native=True)
         t = t.expand(B, *t.shape[1:]) if t.shape[0] != B else t
         rows = torch.arange(B, device=t.device)[:, None]
         out.append(t[rows, positions.to(t.device)].to(positions.device, dtype))
@@ -383,12 +383,13 @@ def side_terms(
     split: Split,
 ) -> tuple[Float[Tensor, "batch pos d_head comp"], ComponentTable]:
     """One side (query or key) at ``positions``: each writer's ``d_head`` vector, rotated at
-    its position, with ln1's bias and the projection's bias as constant writers."""
+    its position, with ln1's bias and the projection's bias as constant writers. ``W`` where
+    the layer lives: the readout (``W`` pulled back through ln1) is made there and crosses."""
     view, dtype = cv.view, W.dtype
     ln1 = view.ln1[layer]
     cols = W.T.contiguous()  # [d_head, d_model]
     readout = Readout(
-        u=ln1.pull_back(cols)[None, None],
+        u=cv.home(ln1.pull_back(cols))[None, None],
         inv_s=cv.inv_scale_or_one(ln1, positions),
         positions=positions,
         attn_layers=layer,
@@ -396,13 +397,14 @@ def side_terms(
     )
     extra = []
     if ln1.bias is not None:
-        extra.append((ln1.constant(cols)[None, None], ComponentTable.block("ln.b", layer=layer)))
+        const = cv.home(ln1.constant(cols))[None, None]
+        extra.append((const, ComponentTable.block("ln.b", layer=layer)))
     extra.append((b[None, None].to(dtype), ComponentTable.block(bias_kind, layer=layer, head=head)))
     # the terms stored writer-major ([B, P, C, d_head], returned as a permuted view): each
     # writer's block is then one contiguous write, and the pair product reads it as is
     table = writes_table(cv, readout, split, [t for _, t in extra])
     B, P = positions.shape
-    buf = torch.empty(B, P, len(table), cols.shape[0], dtype=dtype, device=cols.device)
+    buf = torch.empty(B, P, len(table), cols.shape[0], dtype=dtype, device=cv.device)
     terms = split_writes(cv, readout, split, extra=extra, out=buf.permute(0, 1, 3, 2))
     values = terms.values
     rot = _rotary(cv, layer, positions, dtype)
@@ -419,15 +421,17 @@ def _whole_side(
     positions: Int[Tensor, "batch pos"],
 ) -> Float[Tensor, "batch pos d_head"]:
     """The whole query (or key) vector at ``positions``, rotated there: ``R (ln1(x) W + b)``
-    with ln1 at its cached scale."""
-    ln1, dtype = cv.view.ln1[layer], W.dtype
-    x = cv.at(Site.RESID_PRE, layer, positions, dtype)
-    scale = cv.scale(ln1, positions)[..., None].to(dtype) if ln1.has_scale else None
-    v = ln1.apply(x, scale) @ W + b
+    with ln1 at its cached scale; computed where ``W`` (the layer) lives, returned on the
+    prism's device."""
+    ln1, dtype, dev = cv.view.ln1[layer], W.dtype, W.device
+    x = cv.at(Site.RESID_PRE, layer, positions, dtype, native=True).to(dev)
+    scale = cv.scale(ln1, positions)[..., None].to(dev, dtype) if ln1.has_scale else None
+    v = ln1.apply(x, scale) @ W + b.to(dev)
     rot = _rotary(cv, layer, positions, dtype)
     if rot is not None:
-        v = _rotate(v[..., None], rot[0], rot[1], cv.view.rotary_adjacent_pairs)[..., 0]
-    return v
+        cos, sin = rot[0].to(dev), rot[1].to(dev)
+        v = _rotate(v[..., None], cos, sin, cv.view.rotary_adjacent_pairs)[..., 0]
+    return cv.home(v)
 
 
 def one_side(
@@ -458,7 +462,7 @@ def one_side(
         if P == 1:
             cos, sin = cos.expand(B, y.shape[1], -1), sin.expand(B, y.shape[1], -1)
         y = _rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
-    u_pre = y @ W.T  # [B, K, d_model]
+    u_pre = cv.home(y.to(W.device) @ W.T)  # [B, K, d_model], made where W lives
     if P == 1:  # one query position, one direction per key
         u, const = ln1.pull_back(u_pre)[:, None], ln1.constant(u_pre)[:, None]
         bias = (y @ b)[:, None]
@@ -589,7 +593,7 @@ def _pulled_key_side(
     :meth:`PairTable.product`'s order) and the key side's labels, or None where
     :func:`_split_rows` does not know the plan."""
     ln1 = cv.view.ln1[h.layer]
-    u_pre = q @ h.W_K.T  # [B, Ca, d_model]
+    u_pre = cv.home(q.to(h.W_K.device) @ h.W_K.T)  # [B, Ca, d_model], made where W_K lives
     readout = Readout(
         u=ln1.pull_back(u_pre)[:, None],
         inv_s=cv.inv_scale_or_one(ln1, kpos),
@@ -642,8 +646,9 @@ def _prepare(cv: CacheView, layer: int, head: int, pos: int) -> _Head:
         layer=layer,
         head=head,
         group=g,
-        W_Q=view.W_Q(layer, dtype)[head].to(device),
-        W_K=view.W_K(layer, dtype)[g].to(device),
+        # where the layer lives (a split model): the readouts made from them cross
+        W_Q=view.W_Q(layer, dtype)[head],
+        W_K=view.W_K(layer, dtype)[g],
         b_Q=view.b_Q(layer, dtype, device)[head],
         b_K=view.b_K(layer, dtype, device)[g],
         qpos=torch.full((cv.batch, 1), pos, dtype=torch.long, device=device),
@@ -806,8 +811,8 @@ def _n_writers(cv: CacheView, h: _Head, split: Split) -> int:
     """How many writers one side of head ``h`` has with ``split`` (ln1's bias and the
     projection's bias included), without computing a term."""
     readout = Readout(
-        u=torch.zeros(1, 1, 1, h.W_Q.shape[0], dtype=h.W_Q.dtype, device=h.W_Q.device),
-        inv_s=torch.ones(h.qpos.shape, dtype=h.W_Q.dtype, device=h.W_Q.device),
+        u=torch.zeros(1, 1, 1, h.W_Q.shape[0], dtype=h.W_Q.dtype, device=cv.device),
+        inv_s=torch.ones(h.qpos.shape, dtype=h.W_Q.dtype, device=cv.device),
         positions=h.qpos,
         attn_layers=h.layer,
         mlp_layers=h.layer,
@@ -869,7 +874,7 @@ def qk_sparse_terms(
         nq = _n_writers(cv, h, q_split) if sides != "key" else 1
         nk = _n_writers(cv, h, k_split) if sides != "query" else 1
         per_key = cv.batch * (nq * nk + 1) * h.W_Q.element_size()
-        budget = CHUNK_BYTES_CUDA if h.W_Q.device.type == "cuda" else CHUNK_BYTES
+        budget = CHUNK_BYTES_CUDA if cv.device.type == "cuda" else CHUNK_BYTES
         chunk = max(1, budget // per_key)
     s = 0
     while s < len(keys):

@@ -100,7 +100,7 @@ def side_readout(
     if rot is not None:  # R_p^T: the rotation at p with the sine negated
         cos, sin = (t.expand(B, n, -1) for t in rot)
         y = _rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
-    u = ln1.pull_back(y @ W.T)[:, None]  # [B, 1, n, d_model]
+    u = ln1.pull_back(cv.home(y.to(W.device) @ W.T))[:, None]  # [B, 1, n, d_model]
     return Readout(
         u=u,
         inv_s=cv.inv_scale_or_one(ln1, positions),
@@ -127,7 +127,7 @@ def key_readouts(
     rot = _rotary(cv, layer, positions, W.dtype)
     if rot is not None:  # R_j^T at each key
         y = _rotate(y[..., None], rot[0], -rot[1], view.rotary_adjacent_pairs)[..., 0]
-    u = ln1.pull_back(y @ W.T)  # [B, Kp, d_model]
+    u = ln1.pull_back(cv.home(y.to(W.device) @ W.T))  # [B, Kp, d_model]
     inv_s = cv.inv_scale_or_one(ln1, positions)  # [B, Kp]
     return [
         Readout(
@@ -229,8 +229,8 @@ def qk_chain_terms(
         rho, explains = softcap_ratio(z, cap), "post-softcap attention score (rho frozen)"
     B, Kp = z.shape
     g = view.kv_group(head)
-    W_Q = view.W_Q(layer, dtype)[head].to(device)
-    W_K = view.W_K(layer, dtype)[g].to(device)
+    W_Q = view.W_Q(layer, dtype)[head]  # where the layer lives: the readouts cross
+    W_K = view.W_K(layer, dtype)[g]
     b_Q = view.b_Q(layer, dtype, device)[head]
     b_K = view.b_K(layer, dtype, device)[g]
     factor = view.attn_score_factor(layer)
