@@ -14,7 +14,10 @@ Measured against the ``run_with_cache`` that produced the cache, in the same pro
     its top terms (what a user keeps). Limit 0.2 x ``run_with_cache``.
 
 Extra peak memory (RSS sampled, and the torch allocator's exact peak) of each call, result
-included. Limit 64 MiB.
+included, measured in a fresh child process started with ``_common.MEASURE_ENV`` (glibc
+returns every block of 64 KiB or more to the kernel on ``free``, so the RSS samples see each
+call's own pages; in the timing process the allocator's reuse made the RSS reading of the
+same call vary from 24 to 76 MiB between runs). Limit 64 MiB.
 
     python benchmarks/bench_qk.py [--repeats N] [--quick] [--threads N] [--only one|all]
 """
@@ -35,6 +38,7 @@ from _common import (
     paired_ratio,
     peak_extra_mib,
     random_tokens,
+    run_child,
     silence,
     torch_peak_mib,
 )
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=("one", "all"), help="time only the one-head or the all-heads case"
     )
+    parser.add_argument("--child-memory", choices=("one", "all"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     silence()
     torch.set_grad_enabled(False)
@@ -76,6 +81,12 @@ def main() -> None:
         return [split_head(h).top(10) for h in range(H)]
 
     ONE, ALL = "one head, layer-level", "all heads, query heads x sources"
+    if args.child_memory:  # a fresh process with MEASURE_ENV: the memory of one case
+        fn = one_head if args.child_memory == "one" else all_heads
+        cold = peak_extra_mib(fn)["extra_mib"]  # with the label tables the prism then keeps
+        warm = peak_extra_mib(fn)["extra_mib"]
+        print(json.dumps({"rss_mib": max(cold, warm), "torch_peak_mib": torch_peak_mib(fn)}))
+        return
     shapes: dict = {}
     gaps: dict = {}
     calls: dict = {}
@@ -94,9 +105,12 @@ def main() -> None:
         {"run_with_cache": lambda: model.run_with_cache(tokens), **calls}, repeats=args.repeats
     )
     rows = {}
-    for name, fn in calls.items():
+    for name in calls:
         ratio = paired_ratio(timing[name], timing["run_with_cache"])
-        mem = max(peak_extra_mib(fn)["extra_mib"], torch_peak_mib(fn))
+        argv = [__file__, "--child-memory", "one" if name == ONE else "all"]
+        argv += ["--quick"] * args.quick + ["--threads", str(args.threads)] * bool(args.threads)
+        child = run_child(argv)
+        mem = max(child["rss_mib"], child["torch_peak_mib"])
         lim = LIMITS[name]
         rows[name] = {
             "values_shape": shapes[name],
