@@ -157,6 +157,28 @@ def _head_terms(
     return torch.einsum("bhpj,bpjhk->bpkh", Ai, vW)
 
 
+def _head_block(
+    cv: CacheView,
+    layer: int,
+    ul: Float[Tensor, "rb rp k d_model"],
+    positions: Int[Tensor, "batch pos"],
+    by_source: bool,
+    sl: Float[Tensor, "batch pos 1"],
+    dst: Float[Tensor, "batch pos k head *src"],
+    W_O: Optional[Tensor] = None,
+) -> None:
+    """``_head_terms(...) * sl`` written into ``dst`` (a view of the terms' shape). In a
+    model split across devices the block is computed where the layer lives and copied into
+    ``dst`` (``W_O``, when given, must be there)."""
+    scale = sl[..., None, None] if by_source else sl[..., None]
+    dev = layer_device(cv, "attn", layer)
+    if dev == dst.device:
+        torch.mul(_head_terms(cv, layer, ul, positions, by_source, W_O), scale, out=dst)
+        return
+    t = _head_terms(cv, layer, ul.to(dev), positions.to(dev), by_source, W_O)
+    dst.copy_(t.mul_(scale.to(dev)))
+
+
 def _neuron_terms(
     cv: CacheView,
     layer: int,
@@ -435,18 +457,9 @@ def split_writes(
         elif part == "post_b":
             dst[..., 0] = post_b.expand(B, P, K) * s
         elif kind == "attn":
-            dev = layer_device(cv, kind, layer)
-            if dev == out.device:
-                t = _head_terms(cv, layer, ul, positions, split.by_source)
-                if split.by_source:
-                    torch.mul(t, sl[..., None, None], out=dst.view(t.shape))
-                else:
-                    torch.mul(t, sl[..., None], out=dst.view(t.shape))
-            else:  # a split model: the terms are computed where the layer lives
-                t = _head_terms(cv, layer, ul.to(dev), positions.to(dev), split.by_source)
-                scale = sl.to(dev)[..., None, None] if split.by_source else sl.to(dev)[..., None]
-                dst.view(t.shape).copy_(t.mul_(scale))
-            del t
+            H = view.n_heads
+            shape = (B, P, K, H, n // H) if split.by_source else (B, P, K, H)
+            _head_block(cv, layer, ul, positions, split.by_source, sl, dst.view(shape))
             if gap:
                 check = check + (dst.sum(-1) - whole)
         else:

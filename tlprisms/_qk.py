@@ -42,11 +42,10 @@ from torch import Tensor
 from tlprisms._engine import (
     Readout,
     Split,
-    _head_terms,
+    _head_block,
     _neuron_block,
     _plan,
     _post_bias,
-    layer_device,
     post_parts,
     split_writes,
     writes_table,
@@ -557,18 +556,11 @@ def _split_rows(
             dst[:, :, 0] = layer["bias_term"]
         elif part == "post_b":
             torch.mul(layer["post_b"], s, out=dst[:, :, 0])
-        elif kind == "attn":
-            sl, ul, dev = layer["sl"], layer["ul"], layer_device(cv, kind, lay)
-            if dev == buf.device:
-                t = _head_terms(cv, lay, ul, positions, split.by_source)
-            else:  # a split model: the terms are computed where the layer lives
-                t = _head_terms(cv, lay, ul.to(dev), positions.to(dev), split.by_source)
-                t = t.to(buf.device)
-            sl = sl[..., None, None] if split.by_source else sl[..., None]
-            # dst [B, P, n, K] seen as t's [B, P, K, head(, src)]
-            dst_t = dst.view(B, P, *t.shape[3:], K).movedim(-1, 2)
-            torch.mul(t, sl, out=dst_t)
-            del t
+        elif kind == "attn":  # dst [B, P, n, K] seen as the terms' [B, P, K, head(, src)]
+            H = view.n_heads
+            dst_t = dst.view(B, P, H, n // H, K) if split.by_source else dst.view(B, P, H, K)
+            dst_t = dst_t.movedim(-1, 2)
+            _head_block(cv, lay, layer["ul"], positions, split.by_source, layer["sl"], dst_t)
         else:
             _neuron_block(cv, lay, layer["ul"], positions, layer["sl"], dst.transpose(2, 3))
     for values, tab in extra:

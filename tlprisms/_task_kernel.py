@@ -25,7 +25,7 @@ from torch import Tensor
 from tlprisms._engine import (
     Readout,
     Split,
-    _head_terms,
+    _head_block,
     _neuron_block,
     _plan,
     layer_device,
@@ -179,15 +179,9 @@ class TaskKernel:
                 dst[..., 0] = bias_term
             elif part == "post_b":
                 dst[..., 0] = post_b.expand(B, P, K) * s
-            elif kind == "attn":
-                at = self.layers[(kind, layer)][3].device
-                if at == dev:
-                    t = self._heads(cv, layer, ul, index)
-                    torch.mul(t, sl[..., None], out=dst.view(t.shape))
-                else:  # a split model: computed where the layer lives (split_writes does so)
-                    t = self._heads(cv, layer, ul.to(at), index.to(at))
-                    dst.view(t.shape).copy_(t.mul_(sl.to(at)[..., None]))
-                del t
+            elif kind == "attn":  # W_O read once
+                W_O = self.layers[("attn", layer)][3]
+                _head_block(cv, layer, ul, index, False, sl, dst.view(B, P, K, n), W_O)
             else:  # W_out read once
                 _neuron_block(cv, layer, ul, index, sl, dst, self.layers[("mlp", layer)][3])
         for values in ([bias] if self.has_b_U else []) + (
@@ -227,8 +221,3 @@ class TaskKernel:
             whole = whole_write(cv, kind, layer, index, u, s)
             whole = whole - bias_term - (post_b.expand(B, P, K) * s if post is not None else 0)
         return ul, sl, bias_term, post_b, whole
-
-    def _heads(self, cv: CacheView, layer: int, ul: Tensor, positions: Tensor) -> Tensor:
-        """``_head_terms(cv, layer, ul, positions, by_source=False)`` with ``W_O`` read once:
-        ``[B, P, K, head]``."""
-        return _head_terms(cv, layer, ul, positions, False, self.layers[("attn", layer)][3])
