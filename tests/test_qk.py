@@ -475,10 +475,9 @@ def test_alibi_causal_key_side(name):
     assert float((moved[:, key] - base[:, key]).abs().max()) > 1e-3
 
 
-def test_alibi_hooked_transformer():
-    """TransformerLens 3's HookedTransformer: the bias is read from the attention's recorded
-    ``alibi`` buffer, ``slope * min(j - i, 0)`` (sliced as its forward slices it, also after
-    a longer input grew the buffer)."""
+def _tiny_hooked(**extra):
+    """A two-layer TransformerLens 3 HookedTransformer (LN, GELU) with ``extra`` config and
+    its weights perturbed, and the generator that perturbed them (skips on TransformerLens 4)."""
     from families import HAS_HOOKED
 
     if not HAS_HOOKED:
@@ -495,14 +494,22 @@ def test_alibi_hooked_transformer():
         d_vocab=60,
         act_fn="gelu",
         normalization_type="LN",
-        positional_embedding_type="alibi",
         seed=0,
+        **extra,
     )
     model = HookedTransformer(cfg).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model, gen
+
+
+def test_alibi_hooked_transformer():
+    """TransformerLens 3's HookedTransformer: the bias is read from the attention's recorded
+    ``alibi`` buffer, ``slope * min(j - i, 0)`` (sliced as its forward slices it, also after
+    a longer input grew the buffer)."""
+    model, gen = _tiny_hooked(positional_embedding_type="alibi")
     tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     slopes = _slopes(4, 8.0)
     pos = 5
@@ -868,31 +875,7 @@ def test_pulled_key_side_gqa_softcap_hooked(monkeypatch):
     """TransformerLens 3's HookedTransformer with grouped-query attention, learned positions
     and a soft-capped score (no rotary): the pulled-back key side gives the d_head path's
     terms post-cap (rho frozen) and pre-cap."""
-    from families import HAS_HOOKED
-
-    if not HAS_HOOKED:
-        pytest.skip("this TransformerLens has no HookedTransformer")
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_ctx=16,
-        d_head=8,
-        n_heads=4,
-        n_key_value_heads=2,
-        d_mlp=64,
-        d_vocab=60,
-        act_fn="gelu",
-        normalization_type="LN",
-        attn_scores_soft_cap=2.0,
-        seed=0,
-    )
-    model = HookedTransformer(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    model, gen = _tiny_hooked(n_key_value_heads=2, attn_scores_soft_cap=2.0)
     tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
