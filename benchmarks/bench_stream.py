@@ -107,8 +107,8 @@ def main() -> None:
     silence()
     torch.set_grad_enabled(False)
     from tlprisms._seam import needed_hooks
+    from tlprisms._tasks.task import _batches
     from tlprisms.demo import load_demo_model
-    from tlprisms.task import _batches
 
     out: dict = {
         "model": "demo (2 layers, d_model 128, 4 heads, d_mlp 512; 1,038 components)",

@@ -503,7 +503,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.chunk_mib is not None:
-        from tlprisms import _sparse
+        from tlprisms._core import sparse as _sparse
 
         _sparse.CHUNK_BYTES_CUDA = args.chunk_mib * 2**20
     if not torch.cuda.is_available():

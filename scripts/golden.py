@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (each lambda is called at once, inside its loop turn)
 """Save, or compare bit for bit, the outputs of every prism on every family (a refactor's check).
 
     python scripts/golden.py save /tmp/golden.pt      # before a change
@@ -16,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import tlprisms as tp  # noqa: E402
+import tlprisms as tp
 
-from conftest import build_case  # noqa: E402
-from families import FAMILIES  # noqa: E402
+from conftest import build_case
+from families import FAMILIES
 
 
 def _record(out: dict, key: str, fn) -> None:
@@ -28,7 +29,7 @@ def _record(out: dict, key: str, fn) -> None:
     except tp.PrismError as e:  # a refusal is an output too
         out[key] = ("refused", type(e).__name__, str(e))
         return
-    vals = getattr(r, "values")
+    vals = r.values
     out[key] = (
         vals.detach().cpu().clone(),
         [str(c) for c in r.components],
@@ -88,10 +89,18 @@ def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
-        return a.dtype == b.dtype and a.shape == b.shape and bool(
-            torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a,
-                        b.view(torch.uint8) if b.dtype != torch.bool else b)
-        ) if a.numel() else a.shape == b.shape
+        return (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and bool(
+                torch.equal(
+                    a.view(torch.uint8) if a.dtype != torch.bool else a,
+                    b.view(torch.uint8) if b.dtype != torch.bool else b,
+                )
+            )
+            if a.numel()
+            else a.shape == b.shape
+        )
     if isinstance(a, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
@@ -106,8 +115,11 @@ def main() -> int:
         print(f"saved {len(out)} outputs ({n} results, {len(out) - n} refusals) to {path}")
         return 0
     want = torch.load(path, weights_only=False)
-    bad = [k for k in sorted(set(want) | set(out)) if k not in out or k not in want
-           or not _same(want[k], out[k])]
+    bad = [
+        k
+        for k in sorted(set(want) | set(out))
+        if k not in out or k not in want or not _same(want[k], out[k])
+    ]
     print(f"{len(want)} saved outputs, {len(out)} now, {len(bad)} differ")
     for k in bad[:20]:
         print("  differs:", k)

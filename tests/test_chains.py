@@ -11,7 +11,7 @@ import torch
 
 import tlprisms as tp
 from tlprisms import weights
-from tlprisms._result import FIELDS, KINDS
+from tlprisms._core.result import FIELDS, KINDS
 from tlprisms.errors import CompletenessError, NonFiniteError, PrismError, TargetError
 
 from conftest import CASES, SEQ, build_case
@@ -410,7 +410,7 @@ def test_kept_chain_tables_equal_fresh_ones(spec):
 @pytest.mark.parametrize("spec", [p for p in CASES if p.values[0][1]][:4])
 def test_neuron_blocks_in_slices_are_bit_for_bit(spec, monkeypatch):
     """Writing a neuron block slice by slice gives exactly the one-pass products."""
-    from tlprisms import _engine
+    from tlprisms._core import engine as _engine
 
     case = build_case(*spec)
     if case.prism.view.attn_only:
@@ -435,7 +435,7 @@ def test_neuron_blocks_in_slices_are_bit_for_bit(spec, monkeypatch):
 def test_top_of_millions_equals_the_full_selection():
     """top()'s block-maximum selection picks what a full partition picks (ties by index),
     and its mean over one row is the mean, bit for bit (-0.0 included)."""
-    from tlprisms._result import ComponentTable, _largest, _mean0
+    from tlprisms._core.result import ComponentTable, _largest, _mean0
 
     gen = np.random.default_rng(0)
     codes = [KINDS.index(k) for k in ("head", "neuron", "b_V")]
@@ -493,7 +493,7 @@ def test_structural_check_reads_abs_sums_only_when_needed(case):
 
 
 def test_fresh_empty_is_numpy_backed_when_large():
-    from tlprisms._result import fresh_empty
+    from tlprisms._core.result import fresh_empty
 
     big = fresh_empty((3, 2**20), torch.float32, torch.device("cpu"))
     assert big.shape == (3, 2**20) and big.dtype == torch.float32 and big.is_contiguous()

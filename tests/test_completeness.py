@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tlprisms as tp
-from tlprisms._result import ATOL_FLOAT32, ATOL_FLOAT64
+from tlprisms._core.result import ATOL_FLOAT32, ATOL_FLOAT64
 
 from conftest import BATCH, SEQ, build_case
 from families import FAMILIES

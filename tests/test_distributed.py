@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import tlprisms as tp
-from tlprisms._result import tolerance
+from tlprisms._core.result import tolerance
 from tlprisms.demo import load_demo_model
 from tlprisms.distributed import world
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import tlprisms as tp
-from tlprisms._features import dictionary_input
-from tlprisms._readout import Recorded, final_readout
+from tlprisms._core.result import ATOL_FLOAT32
+from tlprisms._core.readout import Recorded, final_readout
+from tlprisms._prisms.features import dictionary_input
 from tlprisms._seam import Copy, Removal, Site, run_frozen
 from tlprisms._seam._cache import CacheView
 from tlprisms.demo import load_demo_model, load_demo_sae
@@ -92,7 +93,7 @@ def test_error_is_zero_for_a_lossless_dictionary():
     )
     r = case.prism.features(" Paris", lossless).check()
     err = r.select(kind="error").values
-    assert err.abs().max() <= tp._result.ATOL_FLOAT32 * r.logits.abs().max()
+    assert err.abs().max() <= ATOL_FLOAT32 * r.logits.abs().max()
 
 
 def _demo():
@@ -317,7 +318,7 @@ def test_removing_a_transcoder_feature_moves_the_logit_by_minus_its_term():
 
 def test_sparse_and_dense_reads_agree(monkeypatch):
     """A sparse code is read through its active features only; the terms are the same."""
-    import tlprisms._features as engine
+    import tlprisms._prisms.features as engine
 
     _, prism = _demo()
     sae = load_demo_sae()

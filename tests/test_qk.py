@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tlprisms as tp
-from tlprisms._result import ATOL_FLOAT32, ATOL_FLOAT64
+from tlprisms._core.result import ATOL_FLOAT32, ATOL_FLOAT64
 from tlprisms._seam import Site
 from tlprisms.errors import ArgumentError, PositionError, UnsupportedModelError
 
@@ -619,7 +619,7 @@ def test_top_k_equals_dense(name):
 
 def test_top_k_chunks_of_keys(monkeypatch):
     """One key per chunk (the smallest chunks) keeps the same terms as one block."""
-    from tlprisms import _sparse
+    from tlprisms._core import sparse as _sparse
 
     case = build_case("gpt2/bridge", True)
     p = case.prism
@@ -756,7 +756,7 @@ class _Paths:
     through each key writer's ``d_head`` vector, recording which path each call took."""
 
     def __init__(self, monkeypatch):
-        from tlprisms import _qk
+        from tlprisms._prisms import qk as _qk
 
         self.mp, self.qk, self.taken = monkeypatch, _qk, []
         self.default = _qk.PULL_BACK_MAX_RATIO
@@ -859,7 +859,7 @@ def test_pulled_key_side_zoo(name, fold, monkeypatch):
 def test_pulled_key_side_float64_and_fallback(monkeypatch):
     """float64: the two paths agree to float64 rounding. A plan block the pulled-back side
     does not know sends the call to the d_head path (the same bits)."""
-    from tlprisms import _qk
+    from tlprisms._prisms import qk as _qk
 
     paths = _Paths(monkeypatch)
     prism = build_case("gpt2/bridge", False, torch.float64).prism

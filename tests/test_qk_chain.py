@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tlprisms as tp
-from tlprisms._result import ATOL_FLOAT32, ATOL_FLOAT64
+from tlprisms._core.result import ATOL_FLOAT32, ATOL_FLOAT64
 from tlprisms._seam import Site
 from tlprisms.errors import ArgumentError, CacheError, PositionError
 

@@ -16,7 +16,7 @@ import torch
 
 import tlprisms as tp
 from tlprisms import render
-from tlprisms._errors import PrismError
+from tlprisms._core.errors import PrismError
 from tlprisms.render._escape import script_json
 from tlprisms.render._views_base import CV_GLOBAL, bundle_script
 

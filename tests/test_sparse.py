@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tlprisms as tp
-from tlprisms import _sparse
-from tlprisms._result import KINDS, Decomposition
+from tlprisms._core import sparse as _sparse
+from tlprisms._core.result import KINDS, Decomposition
 from tlprisms.errors import ArgumentError
 
 from conftest import BATCH, SEQ, build_case

@@ -101,7 +101,7 @@ def test_task_kernel_on_a_split_model(pair):
     """explain_task's per-batch kernel on a split model: decompose's values bit for bit (on
     one device), computed where each layer lives."""
     from tlprisms._seam import ModelView
-    from tlprisms._task_kernel import TaskKernel
+    from tlprisms._tasks.kernel import TaskKernel
 
     case, model, cache, logits = pair
     targets, pos = [5, 6, 7], [2, 6, 4]

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 import tlprisms as tp
-from tlprisms._errors import ArgumentError, CompletenessError, NonFiniteError, TargetError
-from tlprisms._parquet import REST, RUN_KEY
-from tlprisms._result import tolerance
+from tlprisms._core.errors import ArgumentError, CompletenessError, NonFiniteError, TargetError
+from tlprisms._core.result import tolerance
 from tlprisms._seam import ModelView, Site, needed_hooks
-from tlprisms._stats import RunningStats, StatsStream
-from tlprisms._task_kernel import TaskKernel
+from tlprisms._tasks.kernel import TaskKernel
+from tlprisms._tasks.parquet import REST, RUN_KEY
+from tlprisms._tasks.stats import RunningStats, StatsStream
+from tlprisms._tasks.task import TaskStats, _batches, _Lengths
 from tlprisms.demo import addition_task, capital_task, load_demo_model
-from tlprisms.task import TaskStats, _batches, _Lengths
 
 from conftest import CASES, build_case
 
@@ -343,7 +343,7 @@ def test_kernel_equals_decompose_bit_for_bit(case_key, split):
 def test_task_kernel_equals_decompose_path(model, monkeypatch):
     """The whole task with the kernel and with decompose on every batch (the kernel turned
     off): the same values, and the same running statistics, bit for bit."""
-    import tlprisms.task as task_module
+    import tlprisms._tasks.task as task_module
 
     rows = TASK[:20] + [(TASK[20][0], tp.LogitDiff(" 5", " 6"))] + TASK[21:]
     run = lambda keep: tp.explain_task(

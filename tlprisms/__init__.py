@@ -38,12 +38,12 @@ Glossary: every call, result column and renderer uses these words in one sense.
 ==============  =================================================================================
 """
 
-from tlprisms._chain import Hop
-from tlprisms._errors import PrismError
-from tlprisms._result import Component, Decomposition
+from tlprisms._causal.certificate import Verification
+from tlprisms._core.errors import PrismError
+from tlprisms._core.result import Component, Decomposition
+from tlprisms._core.targets import Direction, LogitDiff, NextToken, PerRow
+from tlprisms._prisms.chain import Hop
 from tlprisms._seam import needed_hooks
-from tlprisms._targets import Direction, LogitDiff, NextToken, PerRow
-from tlprisms._verification import Verification
 from tlprisms.dictionary import Dictionary
 from tlprisms.prism import LogitPrism
 from tlprisms.task import explain_task

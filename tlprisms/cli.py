@@ -22,7 +22,7 @@ from typing import Any, NoReturn, Optional
 
 import torch
 
-from tlprisms._errors import ArgumentError, PrismError, TargetError
+from tlprisms._core.errors import ArgumentError, PrismError, TargetError
 
 __all__ = ["main", "run_demo", "run_explain"]
 

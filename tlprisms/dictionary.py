@@ -40,8 +40,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError
 from tlprisms._seam import (
     DICTIONARY_HOOKS,
     HOOK_NAME_KEY,

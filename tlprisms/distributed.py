@@ -21,7 +21,7 @@ When the process group is initialised (or with ``distributed=True``), item ``i``
 task is computed by rank ``i % world_size``; every rank must be given the same items in the
 same order (each one reads them all and skips the others' items). Each rank keeps running
 statistics of its own prompts; they are gathered (``all_gather_object``: a few tensors with
-one row per component) and merged exactly (:class:`~tlprisms._stats.RunningStats`) in rank
+one row per component) and merged exactly (:class:`~tlprisms._tasks.stats.RunningStats`) in rank
 order, so **every rank returns the same result**, bit for bit. It equals one process run on
 the same shards, merged, to float64 rounding; against one process run on the whole task it
 differs only as much as the terms do when batched with other prompts (other padding:
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from tlprisms._errors import ArgumentError
+from tlprisms._core.errors import ArgumentError
 
 __all__ = ["world", "all_gather"]
 

@@ -5,7 +5,7 @@
 True
 """
 
-from tlprisms._errors import (
+from tlprisms._core.errors import (
     ArgumentError,
     CacheError,
     CompletenessError,

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from tlprisms._errors import PrismError
+from tlprisms._core.errors import PrismError
 
 __all__ = ["load_model"]
 

@@ -7,7 +7,7 @@ of target ``t`` at position ``i`` is linear in the final residual stream ``x``:
 
 (``P`` subtracts the mean for LayerNorm-type norms; ``w``/``b`` are the final norm's weight and
 bias, absent when folded). The residual, attention and MLP prisms split ``x . r_t`` by every
-write into ``x`` (see :mod:`tlprisms._engine`); ``c_t`` appears as the constant components
+write into ``x`` (see :mod:`tlprisms._core.engine`); ``c_t`` appears as the constant components
 ``b_U`` and ``ln_final.b``. With a soft-cap ``logit = cap * tanh(z / cap)`` (Gemma 2) the
 pre-cap ``z`` is split exactly, and the post-cap logit by holding
 ``rho = cap * tanh(z / cap) / z`` fixed per (batch, position, target): every term is scaled
@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tlprisms import _validate as check
-from tlprisms._chain import Hop, ReadAt, read_at, run_chain
-from tlprisms._engine import Split, split_writes
-from tlprisms._errors import (
+from tlprisms._core import arguments as check
+from tlprisms._core.engine import Split, split_writes
+from tlprisms._core.errors import (
     ArgumentError,
     CacheError,
     CompletenessError,
@@ -43,7 +42,7 @@ from tlprisms._errors import (
     PositionError,
     TargetError,
 )
-from tlprisms._readout import (
+from tlprisms._core.readout import (
     Explained,
     FinalReadout,
     Recorded,
@@ -52,14 +51,15 @@ from tlprisms._readout import (
     final_readout,
     weigh,
 )
-from tlprisms._result import ComponentTable, Decomposition
+from tlprisms._core.result import ComponentTable, Decomposition
+from tlprisms._core.sparse import check_sparse_args, chunked_split, sparse_result
+from tlprisms._core.targets import resolve_positions
+from tlprisms._prisms.chain import Hop, ReadAt, read_at, run_chain
 from tlprisms._seam import CacheView, ModelView, Site, needed_hooks
-from tlprisms._sparse import check_sparse_args, chunked_split, sparse_result
-from tlprisms._targets import resolve_positions
 
 if TYPE_CHECKING:  # the result types of verify/effects (imported lazily at call time)
-    from tlprisms._effects import Effects
-    from tlprisms._verification import Verification
+    from tlprisms._causal.certificate import Verification
+    from tlprisms._causal.effects import Effects
 
 __all__ = ["LogitPrism", "LayerSelection"]
 
@@ -402,7 +402,7 @@ class LogitPrism:
                 ``"pre"``-cap logit.
             top_k: keep per explained value only the ``top_k`` largest terms by ``|value|``,
                 every constant, and one remainder (kind ``"rest"``) per (kind, layer) for the
-                terms dropped, so totals stay exact (see :mod:`tlprisms._sparse`); computed a
+                terms dropped, so totals stay exact (see :mod:`tlprisms._core.sparse`); computed a
                 chunk of positions at a time. None (default): every term.
             min_abs: keep only terms with ``|value| >= min_abs`` (with ``top_k``: of the
                 ``top_k``); the others go into the remainders. None (default): no threshold.
@@ -618,7 +618,7 @@ class LogitPrism:
         >>> r.top(1, kind="feature")["component"][0]
         'L1F...'
         """
-        from tlprisms._features import check_dictionaries, feature_split
+        from tlprisms._prisms.features import check_dictionaries, feature_split
 
         caller = "LogitPrism.features"
         dicts = check_dictionaries(self.view, dictionaries, caller)
@@ -834,7 +834,7 @@ class LogitPrism:
     ) -> Decomposition:
         """Why head ``(layer, head)`` attends where it does: its pre-softmax scores at query
         position ``pos`` for each key position, split exactly into (query-side writer,
-        key-side writer) pairs, with ln1's cached scale frozen (see :mod:`tlprisms._qk`).
+        key-side writer) pairs, with ln1's cached scale frozen (see :mod:`tlprisms._prisms.qk`).
 
         Args:
             keys: key positions (default every key up to ``pos``): the targets.
@@ -848,7 +848,7 @@ class LogitPrism:
                 the last hop's writers, labelled as :meth:`chain` labels them, and add up to
                 the first hop's term of that side (e.g. ``L0H1[src 3]`` of
                 ``qk(..., sides="query", q_heads=0)``); ``q_heads``/``q_neurons`` (or
-                ``k_...``) split the last hop (see :mod:`tlprisms._qk_chain`).
+                ``k_...``) split the last hop (see :mod:`tlprisms._prisms.qk_chain`).
             q_heads, q_neurons: earlier layers whose writes into the query position are split
                 into heads (x sources when ``by_source``) / neurons; ``k_heads``, ``k_neurons``
                 the same for the key positions. By default both sides are layer-level.
@@ -871,7 +871,7 @@ class LogitPrism:
         >>> r.explains, r.values.shape[2]
         ('attention score', 6)
         """
-        from tlprisms._qk import qk_terms, resolve_keys
+        from tlprisms._prisms.qk import qk_terms, resolve_keys
 
         caller = "LogitPrism.qk"
         layer = check.layer(self.view, layer, caller)
@@ -903,7 +903,7 @@ class LogitPrism:
                 t: Any = qk_terms(*args)
                 index = None
             else:
-                from tlprisms._qk import qk_sparse_terms
+                from tlprisms._prisms.qk import qk_sparse_terms
 
                 t = qk_sparse_terms(*args, top_k, min_abs)
                 index = t.index
@@ -935,9 +935,9 @@ class LogitPrism:
         top_k: Any,
         min_abs: Any,
     ) -> Decomposition:
-        """``qk(..., path=[...])``: :func:`tlprisms._qk_chain.qk_chain_terms`, checked, and
+        """``qk(..., path=[...])``: :func:`tlprisms._prisms.qk_chain.qk_chain_terms`, checked, and
         kept sparse as :meth:`chain` keeps it when ``top_k``/``min_abs`` ask."""
-        from tlprisms._qk_chain import qk_chain_terms, resolve_path
+        from tlprisms._prisms.qk_chain import qk_chain_terms, resolve_path
 
         caller = "LogitPrism.qk"
         hops = resolve_path(path, sides, caller)
@@ -1066,7 +1066,7 @@ class LogitPrism:
         >>> print(prism.verify(prism.full(" Paris")))
         20 largest + 20 sampled terms verified by intervention, max error ... of a logit of 18.9
         """
-        from tlprisms._verify import verify
+        from tlprisms._causal.verify import verify
 
         if isinstance(result, Decomposition) and result.index is not None:
             result = result.to_dense()  # a sparse result: its kept terms, laid out densely
@@ -1109,7 +1109,7 @@ class LogitPrism:
         >>> round(float(e.direct[0, 0, 0]), 1), round(float(e.total[0, 0, 0]), 1)
         (2.1, 1.3)
         """
-        from tlprisms._effects import effects
+        from tlprisms._causal.effects import effects
 
         rec = Recorded(self._rec.cache.for_call("LogitPrism.effects"), self.tokens, self.logits)
         return effects(

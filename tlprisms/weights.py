@@ -29,10 +29,10 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError, TargetError, UnsupportedModelError
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError, TargetError, UnsupportedModelError
+from tlprisms._core.targets import token_id
 from tlprisms._seam import ModelView
-from tlprisms._targets import token_id
 
 __all__ = [
     "TokenMap",

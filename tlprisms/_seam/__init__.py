@@ -10,7 +10,8 @@ in :data:`PART_SITES`, and :func:`needed_hooks` is derived from it.
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tlprisms._errors import ArgumentError
+from tlprisms._core.arguments import entry
+from tlprisms._core.errors import ArgumentError
 from tlprisms._seam._cache import LOW_PRECISION, CacheView
 from tlprisms._seam._hooks import (
     DICTIONARY_HOOKS,
@@ -36,7 +37,6 @@ from tlprisms._seam._interventions import (
 )
 from tlprisms._seam._model import ModelView, architecture_name
 from tlprisms._seam._norms import NormSpec
-from tlprisms._validate import entry
 
 __all__ = [
     "ModelView",

@@ -12,8 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tlprisms._errors import ArgumentError, CacheError, NonFiniteError, UnsupportedModelError
-from tlprisms._ops import gather_pos
+from tlprisms._core.errors import ArgumentError, CacheError, NonFiniteError, UnsupportedModelError
+from tlprisms._core.ops import gather_pos
 from tlprisms._seam._hooks import Site
 from tlprisms._seam._model import ModelView
 from tlprisms._seam._norms import NormSpec

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tlprisms._errors import UnsupportedModelError
+from tlprisms._core.errors import UnsupportedModelError
 from tlprisms._seam._hooks import Site, hook_name
 from tlprisms._seam._norms import NormSpec, param, read_norm
 

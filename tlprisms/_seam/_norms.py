@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tlprisms._errors import UnsupportedModelError
+from tlprisms._core.errors import UnsupportedModelError
 from tlprisms._seam._hooks import Site
 
 __all__ = ["NormSpec", "read_norm", "param"]

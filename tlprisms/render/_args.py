@@ -1,4 +1,4 @@
-"""Argument checks of the rendering layer, on top of :mod:`tlprisms._validate`.
+"""Argument checks of the rendering layer, on top of :mod:`tlprisms._core.arguments`.
 
 Types are checked, never coerced: a bool is not a number, a string is not a list of labels,
 a float is not an index. Every refusal is an :class:`~tlprisms.errors.ArgumentError` that
@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from tlprisms._errors import ArgumentError
+from tlprisms._core.errors import ArgumentError
 
 __all__ = [
     "describe",

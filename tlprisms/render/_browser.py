@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tlprisms._errors import PrismError
+from tlprisms._core.errors import PrismError
 
 __all__ = ["CHROMIUM_ARGS", "chromium_executable", "open_page", "wait_rendered", "screenshot"]
 

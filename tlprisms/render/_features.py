@@ -9,9 +9,9 @@ terms are shown as their own bars, so the picture says how much the features exp
 
 from typing import Any
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError
-from tlprisms._result import Decomposition
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError
+from tlprisms._core.result import Decomposition
 from tlprisms.render._svg import bar_svg
 from tlprisms.render._views_base import Figure
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Optional, Union
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError
-from tlprisms._result import Decomposition
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError
+from tlprisms._core.result import Decomposition
 from tlprisms.render import _args as arg
 from tlprisms.render._escape import esc
 from tlprisms.render._views import default_view

@@ -18,9 +18,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError
-from tlprisms._result import Decomposition
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError
+from tlprisms._core.result import Decomposition
 from tlprisms.render._svg import heatmap_svg
 from tlprisms.render._views_base import Figure, Widget
 
@@ -36,7 +36,7 @@ def is_pairs(result: Any) -> bool:
 
 
 def _pairs(result: Decomposition) -> Any:
-    """The result's pair table (a :class:`tlprisms._qk.PairTable`)."""
+    """The result's pair table (a :class:`tlprisms._prisms.qk.PairTable`)."""
     return result.components
 
 
@@ -53,14 +53,14 @@ def _values(result: Decomposition, batch: int, target: int, caller: str) -> np.n
     b = check.in_range(batch, B, "batch", caller, of=f" ({B} rows)")
     t = check.in_range(target, K, "target", caller, of=f" ({K} keys)")
     if result.index is not None:  # sparse: the slots scattered onto every pair (0: dropped)
-        from tlprisms._sparse import component_row
+        from tlprisms._core.sparse import component_row
 
         return component_row(result, t, b, 0)[0, 0].detach().float().cpu().numpy()
     return result.values[b, 0, t].detach().float().cpu().numpy()
 
 
 def _side_labels(table: Any) -> list[str]:
-    from tlprisms._qk import _side_label
+    from tlprisms._prisms.qk import _side_label
 
     return [_side_label(c) for c in table]
 

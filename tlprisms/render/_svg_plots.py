@@ -6,8 +6,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError
 from tlprisms.render import _args as arg
 from tlprisms.render._escape import esc, label, token_label
 from tlprisms.render._svg import (

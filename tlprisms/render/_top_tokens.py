@@ -25,9 +25,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError, PositionError
-from tlprisms._result import Component
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError, PositionError
+from tlprisms._core.result import Component
 from tlprisms._seam import CacheView, NormSpec, Site
 from tlprisms.prism import LogitPrism
 from tlprisms.render._svg import bar_svg

@@ -15,9 +15,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError, PositionError, PrismError, TargetError
-from tlprisms._result import KINDS, Decomposition
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError, PositionError, PrismError, TargetError
+from tlprisms._core.result import KINDS, Decomposition
 from tlprisms.render import _args as arg
 from tlprisms.render._escape import FSI, PDI, Label, esc, quote_token, token_label
 from tlprisms.render._svg import NEGATIVE, POSITIVE, bar_svg, fmt, heatmap_svg

@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError, PrismError
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError, PrismError
 from tlprisms.render import _args as arg
 from tlprisms.render._escape import esc, new_id, script_json
 

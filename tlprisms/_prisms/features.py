@@ -9,7 +9,7 @@ sum is exact. A readout ``u/s`` of a later residual stream then splits into
 
 * a **residual** dictionary's terms ``a_f (W_dec[f] . u)/s``, ``b_dec . u/s`` and
   ``e . u/s`` (``x_site . u/s`` in all), plus every write after the site, split by the
-  engine (:func:`tlprisms._engine.split_writes`) as the other prisms split it;
+  engine (:func:`tlprisms._core.engine.split_writes`) as the other prisms split it;
 * an ``hook_attn_out``/``hook_mlp_out`` dictionary's (a transcoder's) terms in place of that
   layer's attention/MLP write (the write, its bias and its post-norm bias), since the
   recorded hook value is exactly what the layer adds to the stream.
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tlprisms._engine import Readout, Split, Terms, split_writes
-from tlprisms._errors import ArgumentError
-from tlprisms._ops import dot
-from tlprisms._result import KINDS, ComponentTable
+from tlprisms._core.engine import Readout, Split, Terms, split_writes
+from tlprisms._core.errors import ArgumentError
+from tlprisms._core.ops import dot
+from tlprisms._core.result import KINDS, ComponentTable
 from tlprisms._seam import CacheView, Site
 from tlprisms.dictionary import Dictionary
 
@@ -275,7 +275,7 @@ def feature_split(
 # ----------------------------------------------------------------------------- hops
 def check_feature_hop(cv: CacheView, r: Readout, hop: Any) -> Any:
     """A feature hop checked against the model and the stream read so far."""
-    from tlprisms import _validate as check
+    from tlprisms._core import arguments as check
 
     d, caller = hop.dictionary, cv.caller
     d.check_model(cv.view, caller)
@@ -302,7 +302,7 @@ def check_feature_hop(cv: CacheView, r: Readout, hop: Any) -> Any:
 def feature_hop(cv: CacheView, st: Any, hop: Any) -> tuple[Any, Tensor]:
     """Pull the readout back through feature ``hop.index`` (its gate frozen): the new readout
     is the feature's pre-activation times its gate and its decoder's read."""
-    from tlprisms._chain import _State
+    from tlprisms._prisms.chain import _State
 
     r, d, f = st.readout, hop.dictionary, hop.index
     view, dtype = cv.view, r.u.dtype

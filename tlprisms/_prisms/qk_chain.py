@@ -3,13 +3,14 @@
 
 With ln1's cached scale frozen and the key side kept whole, head ``(l, h)``'s score for key
 ``j`` is a linear readout of ``resid_pre l`` at the query position ``i``, one direction per key
-(:func:`tlprisms._qk.one_side` splits the same readout):
+(:func:`tlprisms._prisms.qk.one_side` splits the same readout):
 
     z_ij = x_i . P(w1 * (W_Q R_i^T k_j c)) / s_i  +  ln1's bias and b_Q terms
 
 (``k_j = R_j (ln1(x_j) W_K + b_K)`` the whole rotated key, ``c`` the score factor). Likewise the
 key side is a readout of ``resid_pre l`` at each key ``j``, one direction (the whole query). So
-:func:`tlprisms._chain.run_chain`'s hops apply unchanged: ``Hop("head", l2, h2, src=k)`` splits
+:func:`~tlprisms._prisms.chain.run_chain`'s hops apply unchanged: ``Hop("head", l2, h2, src=k)``
+splits
 head ``(l2, h2)``'s write at the read position, from its source ``k``, into what wrote the
 residual stream at ``k`` (scales, pattern and gates frozen as for every chain).
 
@@ -45,13 +46,13 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms import _validate as check
-from tlprisms._chain import ChainTerms, Hop, _check_hop, _State, head_hop, run_chain
-from tlprisms._engine import Readout, Split, split_writes
-from tlprisms._errors import ArgumentError, PositionError
-from tlprisms._qk import _rotary, _rotate, _whole_side, qk_terms
-from tlprisms._readout import Explained, Recorded, softcap_ratio, weigh
-from tlprisms._result import ComponentTable
+from tlprisms._core import arguments as check
+from tlprisms._core.engine import Readout, Split, split_writes
+from tlprisms._core.errors import ArgumentError, PositionError
+from tlprisms._core.readout import Explained, Recorded, softcap_ratio, weigh
+from tlprisms._core.result import ComponentTable
+from tlprisms._prisms.chain import ChainTerms, Hop, _check_hop, _State, head_hop, run_chain
+from tlprisms._prisms.qk import _rotary, _rotate, _whole_side, qk_terms
 from tlprisms._seam import CacheView
 
 __all__ = [
@@ -90,7 +91,7 @@ def side_readout(
     """The score ``(R_p v_p) . other * c`` as a readout of ``resid_pre layer`` at the one
     position per row ``positions``: one direction per column of ``other`` (the other side's
     whole rotated vectors), ``P(w1 * W R_p^T other c)`` with ln1's cached ``1/s`` at ``p``.
-    The same directions as :func:`tlprisms._qk.one_side`; its constants (ln1's bias, the
+    The same directions as :func:`tlprisms._prisms.qk.one_side`; its constants (ln1's bias, the
     projection's bias) belong to no hop, so a chain does not need them."""
     view = cv.view
     ln1 = view.ln1[layer]

@@ -20,8 +20,8 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms import _validate as check_arg
-from tlprisms._errors import ArgumentError, CompletenessError, NonFiniteError
+from tlprisms._core import arguments as check_arg
+from tlprisms._core.errors import ArgumentError, CompletenessError, NonFiniteError
 
 __all__ = [
     "Component",
@@ -490,7 +490,7 @@ class Decomposition:
         """
         if self.index is None:
             return self
-        from tlprisms._sparse import to_dense
+        from tlprisms._core.sparse import to_dense
 
         return to_dense(self)
 
@@ -569,7 +569,7 @@ class Decomposition:
     # ------------------------------------------------------------ selection
     def _subset(self, keep: np.ndarray) -> "Decomposition":
         if self.index is not None:
-            from tlprisms._sparse import subset
+            from tlprisms._core.sparse import subset
 
             return subset(self, keep)
         idx = np.nonzero(keep)[0]
@@ -605,12 +605,12 @@ class Decomposition:
         A QK result (pairs) aggregates per side: ``aggregate("q_kind", "q_layer", "k_kind",
         "k_layer")`` (the default) one term per (query-side layer, key-side layer);
         ``aggregate("q_kind", "q_layer")`` or ``aggregate("query")`` sum over the key side
-        (its label ``whole``); see :meth:`tlprisms._qk.PairTable.grouped`.
+        (its label ``whole``); see :meth:`tlprisms._prisms.qk.PairTable.grouped`.
         """
         if hasattr(self.components, "grouped"):  # QK pairs: fields of either side
             group, table = self.components.grouped(by)
             if self.index is not None:
-                from tlprisms._sparse import regroup
+                from tlprisms._core.sparse import regroup
 
                 return regroup(self, group, table)
             g = torch.as_tensor(group, dtype=torch.long, device=self.values.device)
@@ -645,7 +645,7 @@ class Decomposition:
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
         if self.index is not None:
-            from tlprisms._sparse import regroup
+            from tlprisms._core.sparse import regroup
 
             table = c.take(first[order])
             cols = {
@@ -708,7 +708,7 @@ class Decomposition:
         B, P, K, _ = self.values.shape
         target = check_arg.in_range(target, K, "target", "top", of=f" ({K} targets)")
         if self.index is not None:  # scatter the slots onto the components first
-            from tlprisms._sparse import component_row
+            from tlprisms._core.sparse import component_row
 
             if batch is not None:
                 batch = check_arg.in_range(batch, B, "batch", "top", of=f" ({B} rows)")
@@ -772,7 +772,7 @@ class Decomposition:
         import pandas as pd
 
         if self.index is not None:  # only the kept terms (and remainders, constants)
-            from tlprisms._sparse import to_frame
+            from tlprisms._core.sparse import to_frame
 
             return to_frame(self)
         B, P, K, C = self.values.shape

@@ -6,7 +6,7 @@ is ``z_ij = (R_i q_i) . (R_j k_j) * c`` with ``q_i = ln1(x_i) @ W_Q[h] + b_Q``,
 rotary) and ``c`` the score factor (``1/sqrt(d_head)``, Gemma's ``query_pre_attn_scalar``...).
 With ln1's cached scale frozen, ``q_i`` is a readout of the residual stream at ``i`` with one
 direction per ``d_head`` coordinate (``P(w1 * W_Q[:, d]) / s_i``), so the engine
-(:func:`~tlprisms._engine.split_writes`) splits it by writer: each writer ``a`` contributes a
+(:func:`~tlprisms._core.engine.split_writes`) splits it by writer: each writer ``a`` contributes a
 ``d_head`` vector ``Q_a`` (ln1's bias and ``b_Q`` are constant writers). Likewise ``K_b`` at
 ``j``. Rotation is linear, so rotating each part at its own position keeps the sum, and
 
@@ -39,7 +39,7 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms._engine import (
+from tlprisms._core.engine import (
     Readout,
     Split,
     _head_block,
@@ -50,9 +50,9 @@ from tlprisms._engine import (
     split_writes,
     writes_table,
 )
-from tlprisms._errors import ArgumentError, PositionError, UnsupportedModelError
-from tlprisms._readout import Recorded, softcap_ratio
-from tlprisms._result import Component, ComponentTable
+from tlprisms._core.errors import ArgumentError, PositionError, UnsupportedModelError
+from tlprisms._core.readout import Recorded, softcap_ratio
+from tlprisms._core.result import Component, ComponentTable
 from tlprisms._seam import CacheView, Site
 
 __all__ = [
@@ -493,7 +493,7 @@ def _split_rows(
     split: Split,
     extra: Sequence[tuple[Tensor, ComponentTable]],
 ) -> Optional[tuple[Float[Tensor, "batch pos comp k"], ComponentTable]]:
-    """:func:`~tlprisms._engine.split_writes` for a readout with one set of directions per
+    """:func:`~tlprisms._core.engine.split_writes` for a readout with one set of directions per
     batch row, shared by its positions (``u [B, 1, K, d_model]``): the same blocks, labels
     and order, each whole write read with one GEMM per row (``[P, d] @ [d, K]``) instead of
     the shared ``dot``'s per-position einsum. Split layers go through the engine's own head
@@ -828,11 +828,11 @@ def qk_sparse_terms(
     min_abs: Optional[float],
     chunk: Optional[int] = None,
 ) -> SparseQKTerms:
-    """:func:`qk_terms` kept sparse (``top_k`` / ``min_abs``, see :mod:`tlprisms._sparse`):
+    """:func:`qk_terms` kept sparse (``top_k`` / ``min_abs``, see :mod:`tlprisms._core.sparse`):
     the dense pair terms of a chunk of keys at a time (``chunk`` keys, default as many as
     keep the dense block under the sparse module's chunk budget), each chunk reduced to its
     kept terms, the constants and one remainder per (query kind, layer, key kind, layer)."""
-    from tlprisms._sparse import (
+    from tlprisms._core.sparse import (
         CHUNK_BYTES,
         CHUNK_BYTES_CUDA,
         Groups,
@@ -922,7 +922,7 @@ def resolve_keys(
     pos: Any, keys: Any, contrast: Any, n_ctx: int, caller: str
 ) -> tuple[int, list[int]]:
     """The query position and the key positions (each at most the query: causal)."""
-    from tlprisms import _validate as check
+    from tlprisms._core import arguments as check
 
     i = check.in_range(pos, n_ctx, "pos", caller, error=PositionError, of=f" ({n_ctx} positions)")
     if not isinstance(contrast, bool):

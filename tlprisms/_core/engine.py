@@ -29,9 +29,9 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms._errors import CacheError
-from tlprisms._ops import dot
-from tlprisms._result import ComponentTable
+from tlprisms._core.errors import CacheError
+from tlprisms._core.ops import dot
+from tlprisms._core.result import ComponentTable
 from tlprisms._seam import CacheView, NormSpec, Site
 
 __all__ = ["Readout", "Split", "Terms", "split_writes", "writes_table", "post_parts"]

@@ -9,7 +9,7 @@ group's and whose ``of`` names the kind it sums. So every total is still the log
 terms are the dense terms bit for bit, each remainder is the sum of the dense terms it replaces.
 
 **Layout (slots).** The kept components differ per ``(batch, pos, target)``, so a sparse
-:class:`~tlprisms._result.Decomposition` stores ``values[B, P, K, S]`` with
+:class:`~tlprisms._core.result.Decomposition` stores ``values[B, P, K, S]`` with
 ``index[B, P, K, S]``: slot ``s`` holds the term of component ``index[..., s]`` of
 ``components`` (-1: an empty slot, value 0). Slots are ``[kept terms, largest |value| first |
 constants | one remainder per group]``. ``components`` is every component of the dense result
@@ -39,10 +39,10 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms import _validate as check_arg
-from tlprisms._engine import Readout, Split, split_writes, writes_table
-from tlprisms._errors import ArgumentError
-from tlprisms._result import KINDS, ComponentTable, Decomposition
+from tlprisms._core import arguments as check_arg
+from tlprisms._core.engine import Readout, Split, split_writes, writes_table
+from tlprisms._core.errors import ArgumentError
+from tlprisms._core.result import KINDS, ComponentTable, Decomposition
 
 __all__ = [
     "CHUNK_BYTES",
@@ -254,7 +254,7 @@ def chunked_split(
     min_abs: Optional[float],
     chunk: Optional[int] = None,
 ) -> tuple[SparseTerms, ComponentTable]:
-    """:func:`~tlprisms._engine.split_writes` over chunks of explained positions, each chunk
+    """:func:`~tlprisms._core.engine.split_writes` over chunks of explained positions, each chunk
     turned into target terms by ``finish(atom_terms, start, end, layer_gap)`` (which weighs
     and checks it) and then made sparse; the slots are assembled into one result.
 

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tlprisms._engine import (
+from tlprisms._core.engine import (
     Readout,
     Split,
     _head_block,
@@ -31,9 +31,9 @@ from tlprisms._engine import (
     layer_device,
     whole_write,
 )
-from tlprisms._ops import dot
-from tlprisms._readout import Recorded, softcap_ratio, weigh
-from tlprisms._result import ComponentTable
+from tlprisms._core.ops import dot
+from tlprisms._core.readout import Recorded, softcap_ratio, weigh
+from tlprisms._core.result import ComponentTable
 from tlprisms._seam import CacheView, ModelView, Site
 
 __all__ = ["TaskKernel"]

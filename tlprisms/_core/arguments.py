@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from tlprisms._errors import ArgumentError, NonFiniteError
+from tlprisms._core.errors import ArgumentError, NonFiniteError
 
 __all__ = [
     "entry",

@@ -32,10 +32,10 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms import _validate as check
-from tlprisms._errors import ArgumentError, PositionError
-from tlprisms._readout import FinalReadout, Recorded, final_readout
-from tlprisms._result import Component, ComponentTable, Decomposition
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError, PositionError
+from tlprisms._core.readout import FinalReadout, Recorded, final_readout
+from tlprisms._core.result import Component, ComponentTable, Decomposition
 from tlprisms._seam import COPY_TOKENS, Ablation, CacheView, Site, record, run_ablated
 
 __all__ = ["Effects", "effects", "ABLATIONS"]

@@ -42,11 +42,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tlprisms import _validate as check
-from tlprisms._chain import READ_AT, limit_at_zero
-from tlprisms._errors import ArgumentError, TargetError
-from tlprisms._readout import Recorded, Softcap, explain, final_readout
-from tlprisms._result import KINDS, Decomposition, tolerance
+from tlprisms._causal.certificate import Verification
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import ArgumentError, TargetError
+from tlprisms._core.readout import Recorded, Softcap, explain, final_readout
+from tlprisms._core.result import KINDS, Decomposition, tolerance
+from tlprisms._core.targets import LogitDiff, PerRow
+from tlprisms._prisms.chain import READ_AT, limit_at_zero
 from tlprisms._seam import (
     COPY_TOKENS,
     CacheView,
@@ -57,8 +59,6 @@ from tlprisms._seam import (
     Through,
     run_frozen,
 )
-from tlprisms._targets import LogitDiff, PerRow
-from tlprisms._verification import Verification
 
 __all__ = ["Verification", "verify", "VERIFY_FACTOR", "WRITERS"]
 

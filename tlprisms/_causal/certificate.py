@@ -4,7 +4,7 @@ A :class:`Verification` holds, for each checked term, the change of the explaine
 removing its write caused (``-term`` when the prism is exact), the error and the bound it
 had to meet. ``str()`` is a one-line certificate; :meth:`Verification.check` raises
 :class:`~tlprisms.errors.VerificationError` unless every term matched and the result adds up.
-How the interventions are made is in :mod:`tlprisms._verify`.
+How the interventions are made is in :mod:`tlprisms._causal.verify`.
 """
 
 from dataclasses import dataclass
@@ -16,8 +16,8 @@ from beartype import beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms._errors import VerificationError
-from tlprisms._result import ComponentTable
+from tlprisms._core.errors import VerificationError
+from tlprisms._core.result import ComponentTable
 
 __all__ = ["Verification"]
 

@@ -18,7 +18,7 @@ for parallel attention/MLP blocks).
 
 **Any residual readout.** ``readout()`` decomposes ``norm(x) . u + bias`` for a vector ``u`` read
 at any layer and position, through ``ln1``/``ln2``/``ln_final`` or raw. The hops above are
-built on the same :class:`~tlprisms._engine.Readout`, so chains compose: every hop's result
+built on the same :class:`~tlprisms._core.engine.Readout`, so chains compose: every hop's result
 sums exactly to the term it splits.
 """
 
@@ -34,12 +34,12 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms import _validate as check
-from tlprisms._engine import Readout, Split, Terms, freeze, split_writes, writes_table
-from tlprisms._errors import ArgumentError, PositionError, UnsupportedModelError
-from tlprisms._ops import dot
-from tlprisms._readout import Explained, FinalReadout, Recorded, weigh
-from tlprisms._result import FIELDS, ComponentTable, fresh_empty
+from tlprisms._core import arguments as check
+from tlprisms._core.engine import Readout, Split, Terms, freeze, split_writes, writes_table
+from tlprisms._core.errors import ArgumentError, PositionError, UnsupportedModelError
+from tlprisms._core.ops import dot
+from tlprisms._core.readout import Explained, FinalReadout, Recorded, weigh
+from tlprisms._core.result import FIELDS, ComponentTable, fresh_empty
 from tlprisms._seam import CacheView, Site
 
 __all__ = ["Hop", "ChainTerms", "run_chain", "read_at", "READ_AT", "limit_at_zero"]
@@ -329,7 +329,7 @@ def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
             "it src=... to chain further from one source."
         )
     if hop.kind == "feature":
-        from tlprisms._features import check_feature_hop
+        from tlprisms._prisms.features import check_feature_hop
 
         return check_feature_hop(cv, r, hop)
     layer = check.layer(view, hop.layer, caller)
@@ -399,7 +399,7 @@ def run_chain(
     position with ``P * C`` components (every read position times every writer) plus the
     last hop's constants; they add up to ``term``, the chained component's term. ``fr`` may
     be a bare :class:`Readout` of one position per row (one side of an attention score,
-    :mod:`tlprisms._qk_chain`).
+    :mod:`tlprisms._prisms.qk_chain`).
     """
     cv = rec.cache
     r0 = fr.readout if isinstance(fr, FinalReadout) else fr
@@ -415,13 +415,13 @@ def run_chain(
     for i, hop in enumerate(path):
         hop = _check_hop(cv, st, hop, last=i == len(path) - 1)
         if hop.kind == "feature":
-            from tlprisms._features import feature_hop
+            from tlprisms._prisms.features import feature_hop
 
             st, term = feature_hop(cv, st, hop)
             continue
         st, term = (head_hop if hop.kind == "head" else neuron_hop)(cv, st, hop)
     if dictionaries:  # the last hop split into dictionary features
-        from tlprisms._features import feature_split
+        from tlprisms._prisms.features import feature_split
 
         terms = feature_split(cv, st.readout, dictionaries, split)
         out: Optional[Tensor] = None
@@ -524,7 +524,7 @@ def read_at(
     rec: Recorded, vector: Any, layer: Any, pos: Any, at: str, bias: Any, split: Split
 ) -> ReadTerms:
     """Split ``norm(x) . u + bias`` for ``x`` the residual stream at ``at`` of ``layer``."""
-    from tlprisms._targets import resolve_positions
+    from tlprisms._core.targets import resolve_positions
 
     cv = rec.cache
     view, caller = cv.view, cv.caller

@@ -17,10 +17,10 @@ from beartype import beartype
 from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
-from tlprisms._engine import Readout
-from tlprisms._ops import dot
+from tlprisms._core.engine import Readout
+from tlprisms._core.ops import dot
+from tlprisms._core.targets import Atoms, Positions, resolve_positions, resolve_targets
 from tlprisms._seam import CacheView, Site
-from tlprisms._targets import Atoms, Positions, resolve_positions, resolve_targets
 
 __all__ = [
     "Recorded",

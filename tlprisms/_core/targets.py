@@ -19,8 +19,8 @@ from beartype import beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
-from tlprisms import _validate as check
-from tlprisms._errors import NonFiniteError, PositionError, TargetError
+from tlprisms._core import arguments as check
+from tlprisms._core.errors import NonFiniteError, PositionError, TargetError
 
 __all__ = [
     "LogitDiff",
