@@ -33,8 +33,6 @@ All interventions of one call run as copies of their input rows stacked along th
 :data:`tlprisms._seam.COPY_TOKENS` tokens per forward pass.
 """
 
-import ast
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -46,14 +44,14 @@ from tlprisms._causal.certificate import Verification
 from tlprisms._core import arguments as check
 from tlprisms._core.errors import ArgumentError, TargetError
 from tlprisms._core.readout import Recorded, Softcap, explain, final_readout
-from tlprisms._core.result import KINDS, Decomposition, tolerance
-from tlprisms._core.targets import LogitDiff, PerRow
-from tlprisms._prisms.chain import READ_AT, limit_at_zero
+from tlprisms._core.result import Decomposition, tolerance
+from tlprisms._core.table import KINDS
+from tlprisms._prisms.chain import limit_at_zero
+from tlprisms._prisms.read import READ_AT
 from tlprisms._seam import (
     COPY_TOKENS,
     CacheView,
     Copy,
-    ModelView,
     Removal,
     Site,
     Through,
@@ -69,66 +67,12 @@ VERIFY_FACTOR = 10.0
 #: the component kinds verified by removing their write
 WRITERS = ("embed", "pos_embed", "attn", "head", "mlp", "neuron")
 _DIRECT = ("residual", "heads", "neurons", "full", "decompose")
-_HOP = re.compile(r"^L(\d+)(H|N)(\d+)(?:\[src (\d+)\])?$")
-
-
-# ----------------------------------------------------------------------------- targets
-def _token(view: ModelView, text: str) -> Optional[int]:
-    """The token id whose label is ``text``, or None."""
-    if text.startswith("#") and text[1:].isdigit():
-        tid = int(text[1:])
-        return tid if tid < view.d_vocab and view.token_label(tid) == text else None
-    try:
-        s = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return None
-    if not isinstance(s, str) or view.tokenizer() is None:
-        return None
-    try:
-        ids = view.encode(s)
-    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode it: not this token
-        return None
-    if len(ids) != 1 or not 0 <= ids[0] < view.d_vocab:
-        return None
-    return int(ids[0]) if view.token_label(int(ids[0])) == text else None
-
-
-def _from_label(view: ModelView, label: str) -> Any:
-    """A token id or a LogitDiff from a target label, or None."""
-    tid = _token(view, label)
-    if tid is not None:
-        return tid
-    for m in re.finditer(" - ", label):
-        a, b = _token(view, label[: m.start()]), _token(view, label[m.end() :])
-        if a is not None and b is not None:
-            return LogitDiff(a, b)
-    return None
-
-
-def _infer_target(view: ModelView, labels: np.ndarray, caller: str) -> Any:
-    """The target a result was made for, read back from its labels [tb, tp, k]."""
-    tb, tp, k = labels.shape
-    parsed = np.empty(labels.shape, dtype=object)
-    for idx in np.ndindex(labels.shape):
-        parsed[idx] = _from_label(view, str(labels[idx]))
-        if parsed[idx] is None:
-            raise ArgumentError(
-                f"{caller}: cannot tell the result's target from its label "
-                f"{str(labels[idx])!r} (a Direction, or a token whose text is ambiguous); pass "
-                "it: prism.verify(result, target=...), the same target the result was made for."
-            )
-    if tp > 1:
-        if k != 1 or any(isinstance(x, LogitDiff) for x in parsed.ravel()):
-            raise ArgumentError(f"{caller}: pass target=... for this all-positions result.")
-        return torch.as_tensor(parsed[:, :, 0].astype(np.int64))
-    if tb == 1:
-        return list(parsed[0, 0])
-    return PerRow([list(row[0]) for row in parsed])
+_CHAINS = ("chain", "through_head", "through_neuron")
 
 
 # ----------------------------------------------------------------------------- readouts
 @dataclass(frozen=True)
-class _Readout:
+class _Measure:
     """How a measured stream change becomes a change of the explained value."""
 
     u: Tensor  # [rb, rp, ka, d] directions, divided by the frozen scale inv_s [B, P]
@@ -152,18 +96,21 @@ def _positions_arg(result: Decomposition, n_ctx: int) -> Any:
     return "all"
 
 
-def _readout(rec: Recorded, result: Decomposition, target: Any, caller: str) -> _Readout:
+def _reread(rec: Recorded, result: Decomposition, target: Any, caller: str) -> _Measure:
     cv: CacheView = rec.cache
     view = cv.view
-    name = result.prism
+    request = result.request
+    if request is None:
+        raise ArgumentError(
+            f"{caller}: cannot verify a result of {result.prism!r}: it carries no request "
+            "(it was not made by a LogitPrism method); verify what this prism's "
+            "residual/heads/neurons/full/decompose, chains and readout return."
+        )
+    name = request.prism
     if name == "readout":
-        m = re.fullmatch(r"readout at (\w+) of layer (\d+)", result.explains)
-        if m is None or m.group(1) not in READ_AT:
-            raise ArgumentError(
-                f"{caller}: the result says it explains {result.explains!r}, "
-                "which no readout of this prism explains."
-            )
-        at, layer = m.group(1), int(m.group(2))
+        at = request.stream
+        layer = check.layer(view, request.layer, caller)
+        target = request.vector if target is None else target
         if (
             not isinstance(target, Tensor)
             or not target.dtype.is_floating_point
@@ -191,29 +138,25 @@ def _readout(rec: Recorded, result: Decomposition, target: Any, caller: str) -> 
         else:
             uu, inv = u, cv.inv_scale_or_one(None, positions)
         ones = torch.ones(1, 1, u.shape[0], 1, dtype=cv.dtype, device=cv.device)
-        return _Readout(uu[None, None], inv, ones, site, layer, ())
+        return _Measure(uu[None, None], inv, ones, site, layer, ())
     path: tuple = ()
-    if name.startswith("through "):
-        hops = []
-        for text in name[len("through ") :].split(" > "):
-            m = _HOP.fullmatch(text)
-            if m is None:
-                raise ArgumentError(f"{caller}: cannot read the chain {name!r} of this result.")
-            src = None if m.group(4) is None else int(m.group(4))
-            hops.append(
-                ("head" if m.group(2) == "H" else "neuron", int(m.group(1)), int(m.group(3)), src)
+    if request.is_chain and name in _CHAINS:
+        if any(h.kind not in ("head", "neuron") for h in request.path):
+            raise ArgumentError(
+                f"{caller}: cannot verify a chain through {result.prism!r} (a feature hop); "
+                "verify the chains through heads and neurons, and the direct prisms."
             )
-        path = tuple(hops)
+        path = tuple((h.kind, h.layer, h.index, h.src) for h in request.path)
     elif name not in _DIRECT:
         raise ArgumentError(
-            f"{caller}: cannot verify a result of {name!r}; verify what this "
+            f"{caller}: cannot verify a result of {result.prism!r}; verify what this "
             "prism's residual/heads/neurons/full/decompose, chains and readout "
             "return."
         )
-    softcap: Softcap = "pre" if "pre-softcap" in result.explains else "post"
-    B, P, K = result.values.shape[:3]
     if target is None:
-        target = _infer_target(view, result.target_labels, caller)
+        target = request.target
+    softcap: Softcap = request.softcap
+    B, P, K = result.values.shape[:3]
     fr = final_readout(rec, target, _positions_arg(result, cv.n_ctx))
     labels = np.broadcast_to(
         fr.atoms.labels, (B, P if fr.atoms.labels.shape[1] != 1 else 1, fr.atoms.labels.shape[2])
@@ -237,7 +180,7 @@ def _readout(rec: Recorded, result: Decomposition, target: Any, caller: str) -> 
         )
     ex = explain(rec, fr, softcap)
     r = fr.readout
-    return _Readout(r.u, r.inv_s, ex.weights, Site.FINAL_RESID, None, path)
+    return _Measure(r.u, r.inv_s, ex.weights, Site.FINAL_RESID, None, path)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -368,7 +311,7 @@ def verify(
             "tokens; build the prism with LogitPrism.run(model, tokens) or "
             "LogitPrism(model, cache, tokens=tokens)."
         )
-    ro = _readout(rec, result, target, caller)
+    ro = _reread(rec, result, target, caller)
     comps = result.components
     codes = comps.kind  # compared as codes: a chained result has millions of components
     layered = np.isin(codes, [KINDS.index(k) for k in ("attn", "head", "mlp", "neuron")])

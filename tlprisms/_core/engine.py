@@ -31,10 +31,10 @@ from torch import Tensor
 
 from tlprisms._core.errors import CacheError
 from tlprisms._core.ops import dot
-from tlprisms._core.result import ComponentTable
+from tlprisms._core.table import ComponentTable
 from tlprisms._seam import CacheView, NormSpec, Site
 
-__all__ = ["Readout", "Split", "Terms", "split_writes", "writes_table", "post_parts"]
+__all__ = ["Readout", "Split", "Writes", "split_writes", "writes_table", "post_parts"]
 
 
 @jaxtyped(typechecker=beartype)
@@ -70,7 +70,7 @@ class Split:
 
 @jaxtyped(typechecker=beartype)
 @dataclass(frozen=True)
-class Terms:
+class Writes:
     """The split of a readout: ``values [B, P, K, C]`` labelled by ``table``, and for split
     layers ``layer_gap [B, P, K]``: parts minus the layer's whole write (~0 when exact)."""
 
@@ -92,7 +92,7 @@ def post_parts(
     return ul, inv if scale is None else inv * scale
 
 
-def _post_bias(post: Optional[NormSpec], u: Tensor) -> Tensor:
+def post_bias(post: Optional[NormSpec], u: Tensor) -> Tensor:
     return (
         post.constant(u)
         if post is not None
@@ -157,7 +157,7 @@ def _head_terms(
     return torch.einsum("bhpj,bpjhk->bpkh", Ai, vW)
 
 
-def _head_block(
+def head_block(
     cv: CacheView,
     layer: int,
     ul: Float[Tensor, "rb rp k d_model"],
@@ -223,7 +223,7 @@ _NEURON_SLICE = 2**16
 _NEURON_SLICE_THREADS = 8
 
 
-def _neuron_block(
+def neuron_block(
     cv: CacheView,
     layer: int,
     ul: Float[Tensor, "rb rp k d_model"],
@@ -314,7 +314,7 @@ def writes_table(
     computing a term (to size chunks and preallocate results)."""
     if not extra:
         return _plan_table(cv, readout, split)
-    return ComponentTable.concat([t for t, _ in _plan(cv, readout, split)] + list(extra))
+    return ComponentTable.concat([t for t, _ in write_plan(cv, readout, split)] + list(extra))
 
 
 def _memo(cv: CacheView, key: tuple, make: Any) -> Any:
@@ -329,11 +329,11 @@ def _memo(cv: CacheView, key: tuple, make: Any) -> Any:
 
 
 def _plan_table(cv: CacheView, readout: Readout, split: Split) -> ComponentTable:
-    """The labels of :func:`_plan`'s blocks in one table (read-only: it is shared)."""
+    """The labels of :func:`write_plan`'s blocks in one table (read-only: it is shared)."""
     key = ("writes table", readout.attn_layers, readout.mlp_layers, split)
 
     def make() -> ComponentTable:
-        table = ComponentTable.concat([t for t, _ in _plan(cv, readout, split)])
+        table = ComponentTable.concat([t for t, _ in write_plan(cv, readout, split)])
         return freeze(table)
 
     return _memo(cv, key, make)
@@ -348,7 +348,7 @@ def freeze(table: ComponentTable) -> ComponentTable:
     return table
 
 
-def _plan(cv: CacheView, readout: Readout, split: Split) -> list[tuple[ComponentTable, tuple]]:
+def write_plan(cv: CacheView, readout: Readout, split: Split) -> list[tuple[ComponentTable, tuple]]:
     """Every block of terms in result order: ``(labels, what)`` with ``what`` one of
     ``("embed",)``, ``("pos_embed",)``, ``(kind, layer, "split"|"whole"|"bias"|"post_b")``.
     Kept in the cache view's memo (the list and its tables are shared: do not modify)."""
@@ -388,7 +388,7 @@ def split_writes(
     extra: Sequence[tuple[Tensor, ComponentTable]] = (),
     out: Optional[Tensor] = None,
     gap: bool = True,
-) -> Terms:
+) -> Writes:
     """Split a readout by every write into the residual stream it reads.
 
     The labels are planned first and every block of terms is written straight into one
@@ -407,7 +407,7 @@ def split_writes(
     u, inv_s, positions = readout.u, readout.inv_s, readout.positions
     B, P = positions.shape
     K = u.shape[2]
-    plan = _plan(cv, readout, split)
+    plan = write_plan(cv, readout, split)
     table = writes_table(cv, readout, split, [t for _, t in extra])
     if out is None:
         out = torch.empty(B, P, K, len(table), dtype=u.dtype, device=u.device)
@@ -430,7 +430,7 @@ def split_writes(
             sl = inv[:, :, None]
             bias = (view.b_O if kind == "attn" else view.b_out)(layer, u.dtype, u.device)
             bias_term = (ul @ bias).expand(B, P, K) * sl  # [B,P,K]
-            post_b = _post_bias(post, u)
+            post_b = post_bias(post, u)
             whole = None
             if gap or layer not in (split.heads if kind == "attn" else split.neurons):
                 whole = whole_write(cv, kind, layer, positions, u, s)
@@ -459,14 +459,14 @@ def split_writes(
         elif kind == "attn":
             H = view.n_heads
             shape = (B, P, K, H, n // H) if split.by_source else (B, P, K, H)
-            _head_block(cv, layer, ul, positions, split.by_source, sl, dst.view(shape))
+            head_block(cv, layer, ul, positions, split.by_source, sl, dst.view(shape))
             if gap:
                 check = check + (dst.sum(-1) - whole)
         else:
-            _neuron_block(cv, layer, ul, positions, sl, dst)
+            neuron_block(cv, layer, ul, positions, sl, dst)
             if gap:
                 check = check + (dst.sum(-1) - whole)
     for values, tab in extra:
         out[..., start : start + len(tab)] = values.expand(B, P, K)[..., None]
         start += len(tab)
-    return Terms(values=out, table=table, layer_gap=check)
+    return Writes(values=out, table=table, layer_gap=check)

@@ -12,6 +12,7 @@ values the terms must add up to (an :class:`Explained`).
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+import numpy as np
 import torch
 from beartype import beartype
 from jaxtyping import Float, jaxtyped
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from tlprisms._core.engine import Readout
 from tlprisms._core.ops import dot
+from tlprisms._core.table import ComponentTable
 from tlprisms._core.targets import Atoms, Positions, resolve_positions, resolve_targets
 from tlprisms._seam import CacheView, Site
 
@@ -31,6 +33,9 @@ __all__ = [
     "explain",
     "weigh",
     "softcap_ratio",
+    "read_logits",
+    "logit_constants",
+    "target_labels",
 ]
 
 #: what a soft-capped model's result explains: the logit after the cap (ratio frozen) or before
@@ -205,3 +210,28 @@ def weigh(values: Tensor, weights: Tensor) -> Tensor:
     if weights.shape[1] == 1 and P != 1:  # one explained position, P read positions (chains)
         return torch.einsum("bpkac,bka->bpkc", values.reshape(B, P, k, a, C), weights[:, 0])
     return torch.einsum("bpkac,bpka->bpkc", values.reshape(B, P, k, a, C), weights)
+
+
+def read_logits(
+    rec: Recorded, target: Any, pos: Any, softcap: Softcap
+) -> tuple[FinalReadout, Explained]:
+    """The frozen final readout of ``target`` at ``pos`` and what its terms add up to."""
+    fr = final_readout(rec, target, pos)
+    return fr, explain(rec, fr, softcap)
+
+
+def logit_constants(fr: FinalReadout) -> list:
+    """The final readout's constant terms: ``b_U`` and the final norm's bias, each with its
+    one-component table (the ``extra`` blocks of :func:`~tlprisms._core.engine.split_writes`)."""
+    extra = []
+    if fr.has_b_U:
+        extra.append((fr.bias, ComponentTable.block("b_U")))
+    if fr.has_norm_bias:
+        extra.append((fr.norm_bias, ComponentTable.block("ln_final.b")))
+    return extra
+
+
+def target_labels(fr: FinalReadout, B: int, P: int, k: int) -> np.ndarray:
+    """The label of every target, ``[B, P or 1, k]``."""
+    labels = fr.atoms.labels
+    return np.array(np.broadcast_to(labels, (B, P if labels.shape[1] != 1 else 1, k)))

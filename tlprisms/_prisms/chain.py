@@ -23,6 +23,7 @@ sums exactly to the term it splits.
 """
 
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,19 +36,35 @@ from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from tlprisms._core import arguments as check
-from tlprisms._core.engine import Readout, Split, Terms, freeze, split_writes, writes_table
+from tlprisms._core.engine import Readout, Split, Writes, freeze, split_writes, writes_table
 from tlprisms._core.errors import ArgumentError, PositionError, UnsupportedModelError
 from tlprisms._core.ops import dot
-from tlprisms._core.readout import Explained, FinalReadout, Recorded, weigh
-from tlprisms._core.result import FIELDS, ComponentTable, fresh_empty
+from tlprisms._core.policy import refuse_broken
+from tlprisms._core.readout import Explained, FinalReadout, Recorded, read_logits, weigh
+from tlprisms._core.request import Request
+from tlprisms._core.result import fresh_empty
+from tlprisms._core.table import FIELDS, ComponentTable
+from tlprisms._core.terms import Terms, keep_largest
 from tlprisms._seam import CacheView, Site
+from tlprisms.dictionary import Dictionary
 
-__all__ = ["Hop", "ChainTerms", "run_chain", "read_at", "READ_AT", "limit_at_zero"]
+__all__ = [
+    "Hop",
+    "ChainState",
+    "ChainTerms",
+    "HopKind",
+    "register_hop",
+    "run_chain",
+    "run",
+    "check_hop",
+    "limit_at_zero",
+]
 
 
 @dataclass(frozen=True, init=False)
 class Hop:
-    """One step of a chain: ``Hop("head", layer, head, src)`` or ``Hop("neuron", layer, n)``.
+    """One step of a chain: ``Hop("head", layer, head, src)``, ``Hop("neuron", layer, n)``
+    or ``Hop.feature(dictionary, f)``.
 
     ``src`` (heads only) keeps one source position; it is required for every head hop but
     the last, because the next hop reads the residual stream at that position.
@@ -60,8 +77,16 @@ class Hop:
     layer: int
     index: int
     src: Optional[int] = None
-    #: a feature hop's :class:`~tlprisms.Dictionary` (``Hop("feature", dictionary, f)``)
+    #: a feature hop's :class:`~tlprisms.Dictionary` (``Hop.feature(dictionary, f)``)
     dictionary: Any = None
+
+    @classmethod
+    def feature(cls, dictionary: Any, feature: int) -> "Hop":
+        """A hop through feature ``feature`` of ``dictionary`` (its gate frozen); its
+        ``layer`` is the dictionary's."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return cls("feature", dictionary, feature)
 
     @check.entry
     def __init__(self, kind: str, layer: Any, index: int, src: Optional[int] = None) -> None:
@@ -69,13 +94,17 @@ class Hop:
         check.choice(kind, "kind", ("head", "neuron", "feature"), caller)
         dictionary = None
         if kind == "feature":
-            from tlprisms.dictionary import Dictionary
-
             if not isinstance(layer, Dictionary):
                 raise ArgumentError(
-                    f"Hop: a feature hop is Hop('feature', dictionary, f) with a "
+                    f"Hop: a feature hop is Hop.feature(dictionary, f) with a "
                     f"tlprisms.Dictionary; got {type(layer).__name__}."
                 )
+            warnings.warn(
+                "Hop('feature', dictionary, f) is deprecated (the dictionary is not a layer); "
+                "use Hop.feature(dictionary, f). Removed in 0.4.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             dictionary, layer = layer, layer.layer
         values = {
             "kind": kind,
@@ -103,7 +132,7 @@ class Hop:
 
 
 @dataclass(frozen=True)
-class _State:
+class ChainState:
     readout: Readout
     at: np.ndarray  # [P] residual position of each readout slot (-1: the explained position)
     consts: list  # (table, values [B, P, K]): the constants of the last hop
@@ -189,7 +218,7 @@ def _chain_post(cv: CacheView, post: Any, r: Readout, layer: int) -> tuple[Tenso
     return ul, inv if scale is None else inv * scale
 
 
-def head_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tensor, "batch 1 k"]]:
+def head_hop(cv: CacheView, st: ChainState, hop: Hop) -> tuple[ChainState, Float[Tensor, "batch 1 k"]]:
     view, r = cv.view, st.readout
     layer, head = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
@@ -230,7 +259,7 @@ def head_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tensor,
             (ComponentTable.block("ln.b", len(srcs), layer=layer, head=head, at=srcs), b1)
         )
     new = Readout(u=u_new, inv_s=inv_s, positions=positions, attn_layers=layer, mlp_layers=layer)
-    return _State(new, srcs.astype(np.int64), consts), term_src.sum(1, keepdim=True)
+    return ChainState(new, srcs.astype(np.int64), consts), term_src.sum(1, keepdim=True)
 
 
 def _gate_coefficients(
@@ -275,7 +304,7 @@ def _gate_coefficients(
     return c, const
 
 
-def neuron_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tensor, "batch 1 k"]]:
+def neuron_hop(cv: CacheView, st: ChainState, hop: Hop) -> tuple[ChainState, Float[Tensor, "batch 1 k"]]:
     view, r = cv.view, st.readout
     layer, neuron = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
@@ -316,11 +345,11 @@ def neuron_hop(cv: CacheView, st: _State, hop: Hop) -> tuple[_State, Float[Tenso
     new = Readout(
         u=u_new, inv_s=inv_s, positions=r.positions, attn_layers=attn_layers, mlp_layers=layer
     )
-    return _State(new, at, consts), term
+    return ChainState(new, at, consts), term
 
 
 # ----------------------------------------------------------------------------- runners
-def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
+def check_hop(cv: CacheView, st: ChainState, hop: Hop, last: bool) -> Hop:
     """The hop with its indices checked against the model and the stream read so far."""
     view, caller, r = cv.view, cv.caller, st.readout
     if r.positions.shape[1] != 1:
@@ -328,10 +357,8 @@ def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
             f"{caller}: the previous head hop kept every source position; give "
             "it src=... to chain further from one source."
         )
-    if hop.kind == "feature":
-        from tlprisms._prisms.features import check_feature_hop
-
-        return check_feature_hop(cv, r, hop)
+    if hop.kind not in ("head", "neuron"):
+        return hop_kind(hop.kind, caller).check(cv, st, hop, last)
     layer = check.layer(view, hop.layer, caller)
     if hop.kind == "head":
         index = check.head(view, hop.index, caller)
@@ -367,8 +394,8 @@ def _check_hop(cv: CacheView, st: _State, hop: Hop, last: bool) -> Hop:
 
 
 def _split_into(
-    cv: CacheView, st: _State, ex: Explained, split: Split
-) -> tuple[Terms, Optional[Tensor]]:
+    cv: CacheView, st: ChainState, ex: Explained, split: Split
+) -> tuple[Writes, Optional[Tensor]]:
     """The last hop's readout split by writer. With one atom per target (weights 1) the
     terms are written straight into the chain's result layout ``[B, k, P * C + consts]``
     (returned second; ``values`` is a permuted view of it), so nothing is copied afterwards."""
@@ -391,7 +418,7 @@ def run_chain(
     ex: Explained,
     path: Sequence[Hop],
     split: Split,
-    dictionaries: Sequence[Any] = (),
+    split_last: Optional[Callable[[CacheView, Readout], Writes]] = None,
 ) -> ChainTerms:
     """Follow ``path`` back from the final readout; split the last hop's readout by writer.
 
@@ -399,7 +426,8 @@ def run_chain(
     position with ``P * C`` components (every read position times every writer) plus the
     last hop's constants; they add up to ``term``, the chained component's term. ``fr`` may
     be a bare :class:`Readout` of one position per row (one side of an attention score,
-    :mod:`tlprisms._prisms.qk_chain`).
+    :mod:`tlprisms._prisms.qk_chain`). ``split_last``: split the last hop's readout with
+    this instead of the engine (:func:`tlprisms._prisms.features.feature_split` does).
     """
     cv = rec.cache
     r0 = fr.readout if isinstance(fr, FinalReadout) else fr
@@ -410,20 +438,18 @@ def run_chain(
             f"{cv.caller}: chains explain one position per row; pos='all' is "
             "not supported here (loop over positions instead)."
         )
-    st = _State(r0, np.asarray([-1]), [])
+    st = ChainState(r0, np.asarray([-1]), [])
     term = torch.zeros(0)
     for i, hop in enumerate(path):
-        hop = _check_hop(cv, st, hop, last=i == len(path) - 1)
-        if hop.kind == "feature":
-            from tlprisms._prisms.features import feature_hop
-
-            st, term = feature_hop(cv, st, hop)
-            continue
-        st, term = (head_hop if hop.kind == "head" else neuron_hop)(cv, st, hop)
-    if dictionaries:  # the last hop split into dictionary features
-        from tlprisms._prisms.features import feature_split
-
-        terms = feature_split(cv, st.readout, dictionaries, split)
+        hop = check_hop(cv, st, hop, last=i == len(path) - 1)
+        if hop.kind == "head":
+            st, term = head_hop(cv, st, hop)
+        elif hop.kind == "neuron":
+            st, term = neuron_hop(cv, st, hop)
+        else:
+            st, term = hop_kind(hop.kind, cv.caller).step(cv, st, hop)
+    if split_last is not None:  # the last hop split by another prism (dictionary features)
+        terms = split_last(cv, st.readout)
         out: Optional[Tensor] = None
     else:
         terms, out = _split_into(cv, st, ex, split)
@@ -444,7 +470,7 @@ def run_chain(
         v = (v * weights[:, 0, None]).sum(-1).permute(0, 2, 1)  # [B, k, n]
         out[:, :, start : start + v.shape[-1]] = v
         start += v.shape[-1]
-    if dictionaries:
+    if split_last is not None:
         full = ComponentTable.concat([table.tile_over_positions(st.at)] + [t for t, _ in st.consts])
     else:  # the labels depend on the shapes only: the prism keeps them for the next call
         full = _chain_table(cv, st, split, table)
@@ -462,7 +488,7 @@ def run_chain(
 _KEPT_TABLES = 2
 
 
-def _chain_table(cv: CacheView, st: _State, split: Split, table: ComponentTable) -> ComponentTable:
+def _chain_table(cv: CacheView, st: ChainState, split: Split, table: ComponentTable) -> ComponentTable:
     """``table`` tiled over the read positions ``st.at``, then the last hop's constants:
     the same labels as ``concat([table.tile_over_positions(st.at), *consts])``.
 
@@ -497,100 +523,77 @@ def _chain_table(cv: CacheView, st: _State, split: Split, table: ComponentTable)
     return ComponentTable(**cols)
 
 
-#: where a readout can read, and the residual stream each reads
-READ_AT = {
-    "ln1": Site.RESID_PRE,
-    "ln2": Site.RESID_MID,
-    "ln_final": Site.RESID_POST,
-    "resid_pre": Site.RESID_PRE,
-    "resid_mid": Site.RESID_MID,
-    "resid_post": Site.RESID_POST,
-}
-ReadAt = Literal["ln1", "ln2", "ln_final", "resid_pre", "resid_mid", "resid_post"]
-
-
-@jaxtyped(typechecker=beartype)
+# ----------------------------------------------------------------------------- hop kinds
 @dataclass(frozen=True)
-class ReadTerms:
-    """A residual readout split by writer, and the readout's own value ``[B, P, K]``."""
+class HopKind:
+    """A kind of hop another prism module adds to chains (the feature prism adds
+    ``"feature"``): ``check(cv, state, hop, last) -> Hop`` checks it against the stream read
+    so far, ``step(cv, state, hop) -> (state, term)`` pulls the readout back through it."""
 
-    terms: Terms
-    explained: Float[Tensor, "batch pos k"]
-    positions: Int[Tensor, "batch pos"]
-    layer: int
+    check: Callable[[CacheView, ChainState, Hop, bool], Hop]
+    step: Callable[[CacheView, ChainState, Hop], tuple[ChainState, Tensor]]
 
 
-def read_at(
-    rec: Recorded, vector: Any, layer: Any, pos: Any, at: str, bias: Any, split: Split
-) -> ReadTerms:
-    """Split ``norm(x) . u + bias`` for ``x`` the residual stream at ``at`` of ``layer``."""
-    from tlprisms._core.targets import resolve_positions
+#: hop kinds registered by other prism modules (``head`` and ``neuron`` are this module's)
+HOP_KINDS: dict[str, HopKind] = {}
 
-    cv = rec.cache
-    view, caller = cv.view, cv.caller
-    L = view.n_layers
-    check.choice(at, "at", tuple(READ_AT), caller)
-    layer = check.layer(view, layer, caller)
-    if at == "ln_final" and layer != L - 1:
-        raise ArgumentError(
-            f"{caller}: at='ln_final' reads after the last layer; pass layer={L - 1} (or -1)."
-        )
-    site = READ_AT[at]
-    if view.parallel and site is Site.RESID_MID:
-        site = Site.RESID_PRE
-    if view.attn_only and at in ("ln2", "resid_mid"):
-        raise ArgumentError(f"{caller}: this model has no MLPs, so no {at}.")
-    if (
-        not isinstance(vector, Tensor)
-        or not vector.dtype.is_floating_point
-        or vector.ndim not in (1, 2)
-        or vector.shape[-1] != view.d_model
-    ):
-        got = (
-            f"shape {tuple(vector.shape)}, dtype {vector.dtype}"
-            if isinstance(vector, Tensor)
-            else type(vector).__name__
-        )
-        raise ArgumentError(
-            f"{caller}: the readout vector must be a float tensor [d_model] or "
-            f"[k, d_model] with d_model={view.d_model}; got {got}."
-        )
-    check.finite(vector, "the readout vector", caller)
-    u = (vector[None] if vector.ndim == 1 else vector).detach().to(cv.device, cv.dtype)
-    K = u.shape[0]
-    positions = resolve_positions(pos, cv.batch, cv.n_ctx, caller).index.to(cv.device)
-    norm = {"ln1": view.ln1[layer], "ln2": view.ln2[layer], "ln_final": view.final_norm}.get(at)
-    if norm is not None:
-        uu = norm.pull_back(u)[None, None]
-        inv_s = cv.inv_scale_or_one(norm, positions)
-        const = norm.constant(u)
-    else:
-        uu, inv_s = u[None, None], cv.inv_scale_or_one(None, positions)
-        const = torch.zeros(K, dtype=cv.dtype, device=cv.device)
-    if bias is not None:
-        if not isinstance(bias, (Tensor, float, int)) or isinstance(bias, bool):
-            raise ArgumentError(
-                f"{caller}: bias={bias!r}; pass a number or a tensor of one "
-                "number per readout vector."
-            )
-        b = torch.as_tensor(bias, dtype=cv.dtype, device=cv.device)
-        if b.ndim > 1 or (b.ndim == 1 and b.shape[0] not in (1, K)):
-            raise ArgumentError(
-                f"{caller}: bias has shape {tuple(b.shape)}; pass a number or "
-                f"one number per readout vector ({K})."
-            )
-        const = const + check.finite(b, "bias", caller).expand(K)
-    layers_in = {
-        Site.RESID_PRE: (layer, layer),
-        Site.RESID_MID: (layer + 1, layer),
-        Site.RESID_POST: (layer + 1, layer + 1),
-    }[site]
-    r = Readout(
-        u=uu, inv_s=inv_s, positions=positions, attn_layers=layers_in[0], mlp_layers=layers_in[1]
+
+def register_hop(kind: str, hop: HopKind) -> None:
+    """Teach chains a kind of hop (called once, when the module that owns it is imported)."""
+    HOP_KINDS[kind] = hop
+
+
+def hop_kind(kind: str, caller: str) -> HopKind:
+    if kind not in HOP_KINDS:
+        raise ArgumentError(f"{caller}: no prism handles hops of kind {kind!r}.")
+    return HOP_KINDS[kind]
+
+
+# ----------------------------------------------------------------------------- the prism
+def run(
+    rec: Recorded,
+    request: Request,
+    hops: Sequence[Hop],
+    split: Split,
+    split_last: Optional[Callable[[CacheView, Readout], Writes]] = None,
+) -> Terms:
+    """The chain prism: follow ``request.path`` (checked ``hops``) back from the logit and
+    split the last hop's readout by writer (or by ``split_last``).
+
+    Phases: (1) the frozen final readout of the target; (2) each hop pulls it back through
+    a head (pattern, values and ``ln1`` frozen), a neuron (gate frozen) or a registered hop;
+    (3) the last readout split by every writer of the stream it reads; (4) the structural
+    check. The terms add up to the first hop's term in the unchained prism."""
+    fr, ex = read_logits(rec, request.target, request.pos, request.softcap)
+    ct = run_chain(rec, fr, ex, hops, split, split_last)
+    sums = None if ct.total is None else (ct.l1, ct.total)
+    refuse_broken(rec.cache, ct.values, ct.term, None, sums)
+    name = " > ".join(str(h) for h in hops)
+    B, k = ct.values.shape[0], ct.values.shape[2]
+    terms = Terms(
+        values=ct.values,
+        table=ct.table,
+        explained=ct.term,
+        positions=ct.positions,
+        labels=np.array(np.broadcast_to(fr.atoms.labels, (B, 1, k))),
+        explains=f"{ex.explains} term of {name}",
+        name=f"through {name}",
     )
-    terms = split_writes(
-        cv, r, split, extra=[(const[None, None], ComponentTable.block("readout.b", layer=layer))]
-    )
-    x = cv.at(site, layer, positions)
-    explained = dot(x, uu) * inv_s[:, :, None] + const
-    return ReadTerms(terms=terms, explained=explained, positions=positions, layer=layer)
+    return keep_largest(terms, request.top_k, request.min_abs)
+
+
+def check_path(path: Any, caller: str) -> list[Hop]:
+    """A chain's path as a list of :class:`Hop` (tuples are read as ``Hop(*t)``)."""
+    if isinstance(path, (Hop, str)) or not isinstance(path, Sequence):
+        raise ArgumentError(
+            f"{caller}: path={path!r:.80}; pass a list of tlprisms.Hop, e.g. "
+            "[tp.Hop('head', 5, 1, src=3), tp.Hop('neuron', 2, 40)]."
+        )
+    return [h if isinstance(h, Hop) else Hop(*h) for h in path]
+
+
+def one_hop(kind: str, layer: Any, index: Any, src: Any, caller: str) -> Hop:
+    """A one-hop path, its indices checked with the words of ``caller``'s signature."""
+    check.index(layer, "layer", caller)
+    check.index(index, kind, caller)
+    return Hop(kind, layer, index, src)

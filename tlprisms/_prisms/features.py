@@ -30,14 +30,33 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tlprisms._core.engine import Readout, Split, Terms, split_writes
+from tlprisms._core import arguments as check
+from tlprisms._core.engine import Readout, Split, Writes, split_writes
+from tlprisms._core.policy import refuse_broken
+from tlprisms._core.readout import (
+    Recorded,
+    logit_constants,
+    read_logits,
+    target_labels,
+    weigh,
+)
+from tlprisms._core.request import Request
+from tlprisms._core.terms import Terms, keep_largest
 from tlprisms._core.errors import ArgumentError
 from tlprisms._core.ops import dot
-from tlprisms._core.result import KINDS, ComponentTable
+from tlprisms._core.table import KINDS, ComponentTable
 from tlprisms._seam import CacheView, Site
+from tlprisms._prisms import chain
+from tlprisms._prisms.chain import ChainState, Hop, HopKind, register_hop
 from tlprisms.dictionary import Dictionary
 
-__all__ = ["feature_split", "check_dictionaries", "dictionary_input", "RESIDUAL_SITES"]
+__all__ = [
+    "feature_split",
+    "check_dictionaries",
+    "dictionary_input",
+    "RESIDUAL_SITES",
+    "run",
+]
 
 #: residual stream sites, and the writes each holds: (attention layers < a, MLP layers < m)
 #: as a function of the layer
@@ -78,7 +97,7 @@ def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Dictio
             f"{caller}: {len(resid)} residual-stream dictionaries "
             f"({', '.join(d.hook for d in resid)}); a readout splits at one residual "
             "stream. Pass one (a hop "
-            "Hop('feature', sae, f) goes through an earlier one)."
+            "Hop.feature(sae, f) goes through an earlier one)."
         )
     writes: dict = {}
     for d in out:
@@ -208,7 +227,7 @@ def feature_split(
     dictionaries: Sequence[Dictionary],
     split: Split,
     extra: Sequence[tuple[Tensor, ComponentTable]] = (),
-) -> Terms:
+) -> Writes:
     """Split the readout ``r`` into the dictionaries' terms and the writes they do not cover.
 
     The residual dictionary (at most one, at or before the stream ``r`` reads) replaces every
@@ -265,7 +284,7 @@ def feature_split(
             )
         if len(idx):
             tables.append(terms.table.take(idx))
-    return Terms(
+    return Writes(
         values=torch.cat(values, dim=-1),
         table=ComponentTable.concat(tables),
         layer_gap=terms.layer_gap,
@@ -273,10 +292,9 @@ def feature_split(
 
 
 # ----------------------------------------------------------------------------- hops
-def check_feature_hop(cv: CacheView, r: Readout, hop: Any) -> Any:
+def check_feature_hop(cv: CacheView, st: ChainState, hop: Hop, last: bool) -> Hop:
     """A feature hop checked against the model and the stream read so far."""
-    from tlprisms._core import arguments as check
-
+    r = st.readout
     d, caller = hop.dictionary, cv.caller
     d.check_model(cv.view, caller)
     check.in_range(hop.index, d.d_sae, "feature", caller, of=f" ({d.d_sae} features)")
@@ -299,11 +317,9 @@ def check_feature_hop(cv: CacheView, r: Readout, hop: Any) -> Any:
     return hop
 
 
-def feature_hop(cv: CacheView, st: Any, hop: Any) -> tuple[Any, Tensor]:
+def feature_hop(cv: CacheView, st: ChainState, hop: Hop) -> tuple[ChainState, Tensor]:
     """Pull the readout back through feature ``hop.index`` (its gate frozen): the new readout
     is the feature's pre-activation times its gate and its decoder's read."""
-    from tlprisms._prisms.chain import _State
-
     r, d, f = st.readout, hop.dictionary, hop.index
     view, dtype = cv.view, r.u.dtype
     B = r.positions.shape[0]
@@ -354,4 +370,48 @@ def feature_hop(cv: CacheView, st: Any, hop: Any) -> tuple[Any, Tensor]:
     if view.parallel and site is Site.RESID_PRE:
         a, m = L, L
     new = Readout(u=u_new, inv_s=inv_s, positions=r.positions, attn_layers=a, mlp_layers=m)
-    return _State(new, at, consts), term
+    return ChainState(new, at, consts), term
+
+
+register_hop("feature", HopKind(check=check_feature_hop, step=feature_hop))
+
+
+# ----------------------------------------------------------------------------- the prism
+def run(
+    rec: Recorded,
+    request: Request,
+    dictionaries: Sequence[Dictionary],
+    split: Split,
+    hops: Sequence[Hop] = (),
+) -> Terms:
+    """The feature prism: the logit (or, with ``hops``, the last hop's term) split into the
+    ``dictionaries``' features, ``b_dec``, errors and the writes they do not replace.
+
+    Phases: (1) the frozen final readout; (2) with a path, the chain's hops; (3) every write
+    split by the engine, the dictionaries' sites replaced by their terms; (4) the
+    structural check; (5) the largest terms kept when ``top_k``/``min_abs`` ask."""
+    if hops:
+        return chain.run(
+            rec,
+            request,
+            hops,
+            split,
+            split_last=lambda cv, r: feature_split(cv, r, dictionaries, split),
+        )
+    cv = rec.cache
+    fr, ex = read_logits(rec, request.target, request.pos, request.softcap)
+    w = feature_split(cv, fr.readout, dictionaries, split, logit_constants(fr))
+    B, P = fr.readout.positions.shape
+    k = ex.weights.shape[2]
+    values = w.values.reshape(B, P, k, -1) if ex.trivial else weigh(w.values, ex.weights)
+    refuse_broken(cv, values, ex.values, w.layer_gap)
+    terms = Terms(
+        values=values,
+        table=w.table,
+        explained=ex.values,
+        positions=fr.readout.positions,
+        labels=target_labels(fr, B, P, k),
+        explains=ex.explains,
+        name="features",
+    )
+    return keep_largest(terms, request.top_k, request.min_abs)

@@ -42,282 +42,37 @@ from torch import Tensor
 from tlprisms._core.engine import (
     Readout,
     Split,
-    _head_block,
-    _neuron_block,
-    _plan,
-    _post_bias,
+    head_block,
+    neuron_block,
+    write_plan,
+    post_bias,
     post_parts,
     split_writes,
     writes_table,
 )
 from tlprisms._core.errors import ArgumentError, PositionError, UnsupportedModelError
+from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import Recorded, softcap_ratio
-from tlprisms._core.result import Component, ComponentTable
+from tlprisms._core.request import Request
+from tlprisms._core.table import ComponentTable
+from tlprisms._core.terms import Terms
+from tlprisms._prisms.qk_table import PairTable
 from tlprisms._seam import CacheView, Site
 
 __all__ = [
-    "PairComponent",
-    "PairTable",
     "QKTerms",
     "SparseQKTerms",
     "qk_terms",
     "qk_sparse_terms",
     "side_terms",
-    "SIDE_FIELDS",
 ]
 
-#: the label fields of each side of a pair, as ``to_frame()`` names them (``q_`` / ``k_``)
-SIDE_FIELDS = ("kind", "layer", "head", "neuron", "src")
 #: the recomputed scores must match the recorded ``hook_attn_scores`` to this fraction of
 #: ``1 + |score| + sum |terms|`` (float32 and float64 caches: a float64 model may norm in
 #: float32; low precision), or the architecture computes its scores in a way this prism
 #: does not know and nothing is returned
 _SCORES_RTOL = 1e-4
 _SCORES_RTOL_LOWP = 3e-2
-
-
-def _side_label(c: Component) -> str:
-    if c.kind == "resid":  # a side kept whole (sides="query" / "key")
-        return "whole"
-    if c.kind in ("b_Q", "b_K", "alibi"):
-        return f"L{c.layer}.{c.kind}"
-    return str(c)
-
-
-#: the side fields aggregate() may keep (``q_``/``k_`` prefixed); ``"query"`` / ``"key"``
-#: keep every field of that side and sum over the other
-_AGG_FIELDS = tuple(f"{s}_{f}" for s in ("q", "k") for f in SIDE_FIELDS)
-_FINE = ("head", "neuron", "src")
-
-
-class PairComponent(Component):
-    """One QK term's label: a query-side writer ``q`` and a key-side writer ``k``.
-
-    ``rest``: a sparse result's remainder, the sum of the dropped pairs of one (query-side
-    kind and layer, key-side kind and layer) group. The ALiBi positional bias is the pair
-    of two ``alibi`` constants.
-
-    >>> str(PairComponent(Component("embed"), Component("head", layer=0, head=2, src=1)))
-    'q:embed x k:L0H2[src 1]'
-    >>> str(PairComponent(Component("head", layer=1), Component("embed"), rest=True))
-    'q:L1.heads x k:embed (rest)'
-    >>> str(PairComponent(Component("alibi", layer=2, head=0), Component("alibi", layer=2, head=0)))
-    'L2H0 alibi'
-    """
-
-    q: Component
-    k: Component
-    rest: bool
-
-    def __init__(self, q: Component, k: Component, rest: bool = False) -> None:
-        super().__init__("rest" if rest else "pair", of="pair" if rest else "")
-        object.__setattr__(self, "q", q)
-        object.__setattr__(self, "k", k)
-        object.__setattr__(self, "rest", rest)
-
-    @property
-    def is_constant(self) -> bool:
-        return self.q.is_constant and self.k.is_constant and not self.rest
-
-    def __str__(self) -> str:
-        if self.q.kind == "alibi" and self.k.kind == "alibi":
-            return f"L{self.q.layer}H{self.q.head} alibi"
-        s = f"q:{_side_label(self.q)} x k:{_side_label(self.k)}"
-        return s + " (rest)" if self.rest else s
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PairComponent) and (self.q, self.k, self.rest) == (
-            other.q,
-            other.k,
-            other.rest,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.q, self.k, self.rest))
-
-
-_PAIR = np.int8(ComponentTable.block("pair", 1).kind[0])
-_REST = np.int8(ComponentTable.block("rest", 1).kind[0])
-
-
-def _side_block(table: ComponentTable, rows: np.ndarray, keep: Sequence[str]) -> ComponentTable:
-    """Side labels ``rows`` of ``table`` with only the fields ``keep`` (others -1)."""
-    cols = {
-        f: (getattr(table, f)[rows] if f in keep else np.full(len(rows), -1, dtype=np.int32))
-        for f in ("layer", "head", "neuron", "src", "at", "feature")
-    }
-    return ComponentTable(table.kind[rows], **cols)
-
-
-class PairTable(ComponentTable):
-    """Pair labels: the query side's and the key side's tables, and per pair the index of
-    its writer on each side. The base columns say ``kind="pair"`` (``"rest"`` for a sparse
-    result's remainders; other fields -1); select pairs by side with ``q_``/``k_`` prefixed
-    fields: ``select(q_kind="head", k_layer=0)``, or ``select(kind="rest")``."""
-
-    q: ComponentTable
-    k: ComponentTable
-    qi: np.ndarray
-    ki: np.ndarray
-
-    @staticmethod
-    def make(
-        q: ComponentTable,
-        k: ComponentTable,
-        qi: np.ndarray,
-        ki: np.ndarray,
-        rest: Optional[np.ndarray] = None,
-    ) -> "PairTable":
-        n = len(qi)
-        minus = np.broadcast_to(np.int32(-1), (n,))
-        kind = np.broadcast_to(_PAIR, (n,)) if rest is None else np.where(rest, _REST, _PAIR)
-        of = None if rest is None else np.where(rest, _PAIR, np.int8(-1)).astype(np.int8)
-        t = object.__new__(PairTable)
-        ComponentTable.__init__(
-            t, kind=kind, layer=minus, head=minus, neuron=minus, src=minus, at=minus, of=of
-        )
-        for name, value in (("q", q), ("k", k), ("qi", qi), ("ki", ki)):
-            object.__setattr__(t, name, value)
-        return t
-
-    @staticmethod
-    def product(q: ComponentTable, k: ComponentTable) -> "PairTable":
-        """Every (query writer, key writer) pair, the query side varying fastest (the
-        layout the pair products are computed in: each key-side writer's block is one
-        contiguous row of query-side writers)."""
-        nq, nk = len(q), len(k)
-        qi = np.tile(np.arange(nq, dtype=np.int32), nk)
-        ki = np.repeat(np.arange(nk, dtype=np.int32), nq)
-        return PairTable.make(q, k, qi, ki)
-
-    def rest(self) -> np.ndarray:
-        """True at the remainders of a sparse result."""
-        return self.kind == _REST
-
-    def __getitem__(self, i: Any) -> PairComponent:
-        return PairComponent(
-            self.q[int(self.qi[i])], self.k[int(self.ki[i])], rest=bool(self.kind[i] == _REST)
-        )
-
-    def take(self, idx: np.ndarray) -> "PairTable":
-        rest = self.rest()
-        return PairTable.make(
-            self.q, self.k, self.qi[idx], self.ki[idx], rest[idx] if rest.any() else None
-        )
-
-    def append(self, other: "PairTable") -> "PairTable":
-        """This table's pairs, then ``other``'s (both sides' tables appended)."""
-        nq, nk = len(self.q), len(self.k)
-        return PairTable.make(
-            ComponentTable.concat([self.q, other.q]),
-            ComponentTable.concat([self.k, other.k]),
-            np.concatenate([self.qi, other.qi + nq]).astype(np.int32),
-            np.concatenate([self.ki, other.ki + nk]).astype(np.int32),
-            np.concatenate([self.rest(), other.rest()]),
-        )
-
-    def is_constant(self) -> np.ndarray:
-        const = self.q.is_constant()[self.qi] & self.k.is_constant()[self.ki]
-        return const & ~self.rest()
-
-    # ------------------------------------------------------------ sparse remainders
-    def group_keys(self, idx: np.ndarray) -> np.ndarray:
-        """One int64 per pair ``idx``: its (query kind, layer, key kind, layer) group."""
-        q, k = self.qi[idx], self.ki[idx]
-        key = self.q.kind[q].astype(np.int64)
-        key = key * 2**24 + (self.q.layer[q].astype(np.int64) + 1)
-        key = key * 2**7 + self.k.kind[k].astype(np.int64)
-        return key * 2**24 + (self.k.layer[k].astype(np.int64) + 1)
-
-    def remainders(self, rep: np.ndarray) -> "PairTable":
-        """One remainder pair per group, labelled by its representative pairs ``rep``:
-        each side's kind and layer (``q:L3.heads x k:embed (rest)``)."""
-        keep = ("layer",)
-        q = _side_block(self.q, self.qi[rep], keep)
-        k = _side_block(self.k, self.ki[rep], keep)
-        n = len(rep)
-        idx = np.arange(n, dtype=np.int32)
-        return PairTable.make(q, k, idx, idx, np.ones(n, dtype=bool))
-
-    # ------------------------------------------------------------ aggregate
-    def grouped(self, by: Sequence[str]) -> tuple[np.ndarray, "PairTable"]:
-        """The group of every pair when the fields ``by`` are kept (``q_kind``,
-        ``q_layer``, ... ``k_src``; ``"query"`` / ``"key"``: every field of that side), and
-        the groups' labels. A side none of whose fields is named is summed over (its label
-        ``whole``); a named side always keeps its kind. Remainders join the groups of their
-        (kind, layer) unless a finer field (head, neuron, src) of their side is kept."""
-        fields: dict[str, list[str]] = {"q": [], "k": []}
-        for name in by:
-            if name in ("query", "key"):
-                fields[name[0]] = list(SIDE_FIELDS)
-                continue
-            if not isinstance(name, str) or name not in _AGG_FIELDS:
-                raise ArgumentError(
-                    f"aggregate: {name!r} is not a field of a QK result; use q_kind, q_layer, "
-                    "q_head, q_neuron, q_src, k_kind, ... (e.g. aggregate('q_kind', 'q_layer') "
-                    "for one term per query-side layer, the key side summed), or 'query' / "
-                    "'key' for every field of one side."
-                )
-            side, _, f = name.partition("_")
-            if f not in fields[side]:
-                fields[side].append(f)
-        if not fields["q"] and not fields["k"]:  # default: (kind, layer) on both sides
-            fields = {"q": ["kind", "layer"], "k": ["kind", "layer"]}
-        rest = self.rest()
-        cols = []
-        sides = {}
-        for side, table, rows in (("q", self.q, self.qi), ("k", self.k, self.ki)):
-            keep = [f for f in SIDE_FIELDS if f in fields[side] and f != "kind"]
-            if fields[side]:
-                cols.append(table.kind[rows].astype(np.int64))
-                cols += [getattr(table, f)[rows].astype(np.int64) for f in keep]
-            sides[side] = keep
-        fine = any(f in _FINE for s in ("q", "k") for f in sides[s] if fields[s])
-        cols.append((rest & fine).astype(np.int64))
-        keys = np.stack(cols, 1)
-        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-        order = np.argsort(first, kind="stable")  # first-appearance order of the groups
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        rep = first[order]
-        labels = {}
-        for side, table, rows in (("q", self.q, self.qi), ("k", self.k, self.ki)):
-            if fields[side]:
-                labels[side] = _side_block(table, rows[rep], sides[side])
-            else:
-                labels[side] = ComponentTable.block("resid", len(rep))
-        idx = np.arange(len(rep), dtype=np.int32)
-        group_rest = (rest & fine)[rep]
-        table = PairTable.make(
-            labels["q"], labels["k"], idx, idx, group_rest if group_rest.any() else None
-        )
-        return rank[inverse.reshape(-1)], table
-
-    def side_columns(self, idx: np.ndarray) -> dict:
-        """``q_kind, q_layer, q_head, q_neuron, q_src, k_kind, ...`` of the pairs ``idx``."""
-        out: dict = {}
-        for side, table, rows in (("q", self.q, self.qi), ("k", self.k, self.ki)):
-            r = rows[idx]
-            for f in SIDE_FIELDS:
-                out[f"{side}_{f}"] = table.kinds()[r] if f == "kind" else getattr(table, f)[r]
-        return out
-
-    def mask(self, caller: str = "select", **criteria: Any) -> np.ndarray:
-        keep = np.ones(len(self), dtype=bool)
-        for name, want in criteria.items():
-            side, _, field = name.partition("_")
-            if side in ("q", "k") and field in SIDE_FIELDS:
-                table, rows = (self.q, self.qi) if side == "q" else (self.k, self.ki)
-                keep &= table.mask(caller, **{field: want})[rows]
-            elif name == "kind":
-                keep &= ComponentTable.mask(self, caller, kind=want)
-            else:
-                raise ArgumentError(
-                    f"{caller}: {name!r} is not a field of a QK result, whose components are "
-                    "(query-side, key-side) pairs; use q_kind, q_layer, q_head, q_neuron, q_src "
-                    "or k_kind, ... (e.g. select(q_kind='head', k_layer=0))."
-                )
-        return keep
 
 
 @jaxtyped(typechecker=beartype)
@@ -334,7 +89,7 @@ class QKTerms:
     explains: str
 
 
-def _rotate(
+def rotate(
     t: Float[Tensor, "batch pos d_head comp"],
     cos: Float[Tensor, "batch pos rot"],
     sin: Float[Tensor, "batch pos rot"],
@@ -352,7 +107,7 @@ def _rotate(
     return torch.cat((out, rest), dim=2) if rest.shape[2] else out
 
 
-def _rotary(cv: CacheView, layer: int, positions: Tensor, dtype: torch.dtype) -> Optional[tuple]:
+def rotary_tables(cv: CacheView, layer: int, positions: Tensor, dtype: torch.dtype) -> Optional[tuple]:
     """``(cos, sin)`` ``[B, P, rot]`` at ``positions``, or None without rotary."""
     view = cv.view
     if not view.rotary:
@@ -406,13 +161,13 @@ def side_terms(
     buf = torch.empty(B, P, len(table), cols.shape[0], dtype=dtype, device=cv.device)
     terms = split_writes(cv, readout, split, extra=extra, out=buf.permute(0, 1, 3, 2))
     values = terms.values
-    rot = _rotary(cv, layer, positions, dtype)
+    rot = rotary_tables(cv, layer, positions, dtype)
     if rot is not None:
-        values = _rotate(values, rot[0], rot[1], view.rotary_adjacent_pairs)
+        values = rotate(values, rot[0], rot[1], view.rotary_adjacent_pairs)
     return values, terms.table
 
 
-def _whole_side(
+def whole_side(
     cv: CacheView,
     layer: int,
     W: Float[Tensor, "d_model d_head"],
@@ -426,10 +181,10 @@ def _whole_side(
     x = cv.at(Site.RESID_PRE, layer, positions, dtype, native=True).to(dev)
     scale = cv.scale(ln1, positions)[..., None].to(dev, dtype) if ln1.has_scale else None
     v = ln1.apply(x, scale) @ W + b.to(dev)
-    rot = _rotary(cv, layer, positions, dtype)
+    rot = rotary_tables(cv, layer, positions, dtype)
     if rot is not None:
         cos, sin = rot[0].to(dev), rot[1].to(dev)
-        v = _rotate(v[..., None], cos, sin, cv.view.rotary_adjacent_pairs)[..., 0]
+        v = rotate(v[..., None], cos, sin, cv.view.rotary_adjacent_pairs)[..., 0]
     return cv.home(v)
 
 
@@ -454,13 +209,13 @@ def one_side(
     view, dtype = cv.view, W.dtype
     ln1 = view.ln1[layer]
     B, P = positions.shape
-    rot = _rotary(cv, layer, positions, dtype)
+    rot = rotary_tables(cv, layer, positions, dtype)
     y = other * factor  # [B, K, d_head]
     if rot is not None:  # R_p^T: the rotation at p with the sine negated
         cos, sin = rot  # [B, P, rot]
         if P == 1:
             cos, sin = cos.expand(B, y.shape[1], -1), sin.expand(B, y.shape[1], -1)
-        y = _rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
+        y = rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
     u_pre = cv.home(y.to(W.device) @ W.T)  # [B, K, d_model], made where W lives
     if P == 1:  # one query position, one direction per key
         u, const = ln1.pull_back(u_pre)[:, None], ln1.constant(u_pre)[:, None]
@@ -503,7 +258,7 @@ def _split_rows(
     The terms are returned writer-major, ``[B, P, C, K]`` (split_writes: ``[B, P, K, C]``):
     each GEMM's scaled rows and each bias block are then one contiguous write (a strided
     write per block costs several times more)."""
-    plan = _plan(cv, readout, split)
+    plan = write_plan(cv, readout, split)
     for _, what in plan:
         if what[0] not in ("embed", "pos_embed") and (len(what) != 3 or what[2] not in _ROW_PARTS):
             return None
@@ -539,7 +294,7 @@ def _split_rows(
                 "ul": ul,
                 "sl": inv[:, :, None],
                 "bias_term": (ul[:, 0] @ bias)[:, None] * inv[:, :, None],  # [B, P, K]
-                "post_b": _post_bias(post, u)[:, 0][:, None],  # [B, 1, K], times s
+                "post_b": post_bias(post, u)[:, 0][:, None],  # [B, 1, K], times s
             }
         if part == "whole":  # the write minus its bias (and post-norm bias) terms
             site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
@@ -560,9 +315,9 @@ def _split_rows(
             H = view.n_heads
             dst_t = dst.view(B, P, H, n // H, K) if split.by_source else dst.view(B, P, H, K)
             dst_t = dst_t.movedim(-1, 2)
-            _head_block(cv, lay, layer["ul"], positions, split.by_source, layer["sl"], dst_t)
+            head_block(cv, lay, layer["ul"], positions, split.by_source, layer["sl"], dst_t)
         else:
-            _neuron_block(cv, lay, layer["ul"], positions, layer["sl"], dst.transpose(2, 3))
+            neuron_block(cv, lay, layer["ul"], positions, layer["sl"], dst.transpose(2, 3))
     for values, tab in extra:
         buf[:, :, start : start + len(tab)] = values.expand(B, P, K)[:, :, None]
         start += len(tab)
@@ -680,11 +435,11 @@ def _chunk_terms(
     Kp = kpos.shape[1]
     whole = ComponentTable.block("resid", layer=layer)
     if sides == "query":  # the key whole: a readout of the query's stream, one per key
-        k = _whole_side(cv, layer, h.W_K, h.b_K, kpos)  # [B, Kp, d_head], rotated at j
+        k = whole_side(cv, layer, h.W_K, h.b_K, kpos)  # [B, Kp, d_head], rotated at j
         values, q_table = one_side(cv, layer, h.W_Q, h.b_Q, "b_Q", head, qpos, k, q_split, factor)
         values, k_table = values.reshape(B, 1, Kp, -1), whole
     elif sides == "key":  # the query whole: a readout of each key's stream
-        q = _whole_side(cv, layer, h.W_Q, h.b_Q, qpos).expand(B, Kp, -1)
+        q = whole_side(cv, layer, h.W_Q, h.b_Q, qpos).expand(B, Kp, -1)
         values, k_table = one_side(cv, layer, h.W_K, h.b_K, "b_K", g, kpos, q, k_split, factor)
         values, q_table = values.reshape(B, 1, Kp, -1), whole
     else:
@@ -958,3 +713,52 @@ def resolve_keys(
             f"{caller}: contrast=True needs exactly two keys, keys=[j, j2]; got {len(out)}."
         )
     return i, out
+
+
+# ----------------------------------------------------------------------------- the prism
+def run(rec: Recorded, request: Request, q_split: Split, k_split: Split) -> Terms:
+    """The QK prism's terms for ``request`` (``layer``, ``head``, the query position ``pos``,
+    ``keys``, ``contrast``, ``sides``, ``softcap``, ``top_k``/``min_abs``).
+
+    Phases: (1) the head's frozen query and key sides (``ln1`` scale, rotary at each
+    position); (2) every (query writer, key writer) pair term, a chunk of keys at a time when
+    kept sparse; (3) the check against the recorded scores (dense) or the structural check
+    (sparse)."""
+    layer, head, keys = request.layer, request.head, list(request.keys or ())
+    assert layer is not None and head is not None  # noqa: S101 - set by the facade
+    args = (rec, layer, head, request.pos, keys, q_split, k_split, request.softcap)
+    if not request.is_sparse:  # finite and checked against the recorded scores here
+        t = qk_terms(*args, request.contrast, request.sides)
+        values, table, index = t.values, t.table, None
+    else:
+        s = qk_sparse_terms(
+            *args, request.contrast, request.sides, request.top_k, request.min_abs
+        )
+        refuse_broken(rec.cache, s.values, s.explained)
+        values, table, index, t = s.values, s.table, s.index, s  # type: ignore[assignment]
+    return Terms(
+        values=values,
+        table=table,
+        explained=t.explained,
+        positions=t.positions,
+        labels=t.labels,
+        explains=t.explains,
+        name=f"qk L{layer}H{head}",
+        index=index,
+    )
+
+
+def check_sides(sides: Any, q_heads: Any, q_neurons: Any, k_heads: Any, k_neurons: Any, caller: str) -> None:
+    """``sides`` is one of ``"both"``, ``"query"``, ``"key"``, and a side kept whole is not
+    split."""
+    from tlprisms._core import arguments as check
+
+    check.choice(sides, "sides", ("both", "query", "key"), caller)
+    whole = {"query": (k_heads, k_neurons, "k"), "key": (q_heads, q_neurons, "q")}
+    if sides in whole and any(sel not in ((), None) for sel in whole[sides][:2]):
+        side = whole[sides][2]
+        raise ArgumentError(
+            f"{caller}: sides={sides!r} keeps the {'key' if side == 'k' else 'query'} "
+            f"side whole, so {side}_heads/{side}_neurons cannot split it; drop them or "
+            "use sides='both'."
+        )

@@ -49,10 +49,13 @@ from torch import Tensor
 from tlprisms._core import arguments as check
 from tlprisms._core.engine import Readout, Split, split_writes
 from tlprisms._core.errors import ArgumentError, PositionError
+from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import Explained, Recorded, softcap_ratio, weigh
-from tlprisms._core.result import ComponentTable
-from tlprisms._prisms.chain import ChainTerms, Hop, _check_hop, _State, head_hop, run_chain
-from tlprisms._prisms.qk import _rotary, _rotate, _whole_side, qk_terms
+from tlprisms._core.request import Request
+from tlprisms._core.terms import Terms, keep_largest
+from tlprisms._core.table import ComponentTable
+from tlprisms._prisms.chain import ChainTerms, Hop, check_hop, ChainState, head_hop, run_chain
+from tlprisms._prisms.qk import rotary_tables, rotate, whole_side, qk_terms
 from tlprisms._seam import CacheView
 
 __all__ = [
@@ -97,10 +100,10 @@ def side_readout(
     ln1 = view.ln1[layer]
     B, n = other.shape[0], other.shape[1]
     y = other * factor
-    rot = _rotary(cv, layer, positions, W.dtype)
+    rot = rotary_tables(cv, layer, positions, W.dtype)
     if rot is not None:  # R_p^T: the rotation at p with the sine negated
         cos, sin = (t.expand(B, n, -1) for t in rot)
-        y = _rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
+        y = rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
     u = ln1.pull_back(cv.home(y.to(W.device) @ W.T))[:, None]  # [B, 1, n, d_model]
     return Readout(
         u=u,
@@ -125,9 +128,9 @@ def key_readouts(
     ln1 = view.ln1[layer]
     B, Kp = positions.shape
     y = (query * factor).expand(B, Kp, -1)
-    rot = _rotary(cv, layer, positions, W.dtype)
+    rot = rotary_tables(cv, layer, positions, W.dtype)
     if rot is not None:  # R_j^T at each key
-        y = _rotate(y[..., None], rot[0], -rot[1], view.rotary_adjacent_pairs)[..., 0]
+        y = rotate(y[..., None], rot[0], -rot[1], view.rotary_adjacent_pairs)[..., 0]
     u = ln1.pull_back(cv.home(y.to(W.device) @ W.T))  # [B, Kp, d_model]
     inv_s = cv.inv_scale_or_one(ln1, positions)  # [B, Kp]
     return [
@@ -243,11 +246,11 @@ def qk_chain_terms(
         weights = rho[:, None, :, None]
     ex = Explained(weights=weights, values=weights.sum(-1), explains=explains)
     if side == "query":  # one readout at the query position, one direction per key
-        k = _whole_side(cv, layer, W_K, b_K, kpos)  # [B, Kp, d_head], rotated at j
+        k = whole_side(cv, layer, W_K, b_K, kpos)  # [B, Kp, d_head], rotated at j
         readout = side_readout(cv, layer, W_Q, qpos, k, factor)
         ct = run_chain(rec, readout, ex, path, split)
     else:  # one readout per key position, each one direction (the whole query)
-        q = _whole_side(cv, layer, W_Q, b_Q, qpos)  # [B, 1, d_head], rotated at i
+        q = whole_side(cv, layer, W_Q, b_Q, qpos)  # [B, 1, d_head], rotated at i
         readouts = key_readouts(cv, layer, W_K, kpos, q, factor)
         if path[0].kind == "head" and path[0].src is not None:
             ct = _keys_through_head(rec, readouts, ex, path, split)
@@ -285,8 +288,8 @@ def _keys_through_head(
     cv = rec.cache
     states, terms = [], []
     for r in readouts:
-        st = _State(r, np.asarray([-1]), [])
-        st, term = head_hop(cv, st, _check_hop(cv, st, path[0], last=len(path) == 1))
+        st = ChainState(r, np.asarray([-1]), [])
+        st, term = head_hop(cv, st, check_hop(cv, st, path[0], last=len(path) == 1))
         states.append(st)
         terms.append(term)
     first = states[0].readout
@@ -340,3 +343,27 @@ def _stack_keys(parts: list, contrast: bool) -> ChainTerms:
         values = torch.cat([p.values for p in parts], dim=2)
         term = torch.cat([p.term for p in parts], dim=2)
     return ChainTerms(values=values, table=table, term=term, positions=parts[0].positions)
+
+
+# ----------------------------------------------------------------------------- the prism
+def run(rec: Recorded, request: Request, hops: Sequence[Hop], split: Split) -> Terms:
+    """The QK prism through one side of the score: ``request.sides`` (``"query"`` or
+    ``"key"``) followed back along ``hops``, the last hop's readout split by writer; the
+    terms add up to the first hop's term of that side."""
+    layer, head, side = request.layer, request.head, request.sides
+    assert layer is not None and head is not None  # noqa: S101 - set by the facade
+    keys = list(request.keys or ())
+    t = qk_chain_terms(
+        rec, layer, head, request.pos, keys, side, hops, split, request.softcap, request.contrast
+    )
+    refuse_broken(rec.cache, t.values, t.term)
+    terms = Terms(
+        values=t.values,
+        table=t.table,
+        explained=t.term,
+        positions=t.positions,
+        labels=t.labels,
+        explains=t.explains,
+        name=f"qk L{layer}H{head} {side} side through {t.name}",
+    )
+    return keep_largest(terms, request.top_k, request.min_abs)

@@ -82,7 +82,7 @@ class CacheView:
         #: what prisms derive from this cache's shape alone (component tables, the embedding
         #: check), kept for the next call: shared by every :meth:`for_call` copy
         self.memo: dict = {}
-        self._embed_is_hooked: Optional[bool] = None
+        self.embed_is_hooked: Optional[bool] = None
         self._home: Optional[torch.device] = None  # where prisms compute: set from hook_embed
         embed = self.get(Site.EMBED)
         if embed.ndim == 2:
@@ -219,17 +219,17 @@ class CacheView:
         where the stream starts from it (plus ``hook_pos_embed``), else
         ``resid_pre[0] - hook_pos_embed``: a norm or a scale after ``hook_embed`` (Bloom's
         embedding LayerNorm, Granite's multiplier) or positions added without a hook (XGLM)."""
-        if self._embed_is_hooked is None:
-            self._embed_is_hooked = self.memo.get("embed_is_hooked")
-        if self._embed_is_hooked is None:
+        if self.embed_is_hooked is None:
+            self.embed_is_hooked = self.memo.get("embed_is_hooked")
+        if self.embed_is_hooked is None:
             x = self.get(Site.EMBED)
             if self.view.pos_embed_in_resid:
                 x = x + self.get(Site.POS_EMBED)
             start = self.get(Site.RESID_PRE, 0)
             tol = EMBED_RTOL * (float(start.abs().max()) + 1e-6)
-            self._embed_is_hooked = bool(((x - start).abs() <= tol).all())
-            self.memo["embed_is_hooked"] = self._embed_is_hooked
-        if self._embed_is_hooked:
+            self.embed_is_hooked = bool(((x - start).abs() <= tol).all())
+            self.memo["embed_is_hooked"] = self.embed_is_hooked
+        if self.embed_is_hooked:
             return self.at(Site.EMBED, None, positions, dtype)
         start = self.at(Site.RESID_PRE, 0, positions, dtype)
         if self.view.pos_embed_in_resid:

@@ -761,3 +761,20 @@ class ModelView:
     def records(self, name: str) -> bool:
         """Whether the model has a hook point called ``name`` (so a cache can record it)."""
         return not self._hook_points or name in self._hook_points
+
+    # ------------------------------------------------------------------ recording
+    def to_tokens(self, text: Any, **kw: Any) -> Tensor:
+        """``model.to_tokens(text, **kw)``: the model's own tokenisation (its BOS and
+        padding rules), the one place tlprisms tokenises text."""
+        return self.model.to_tokens(text, **kw)
+
+    def run_with_cache(self, tokens: Tensor, names_filter: Any) -> tuple[Tensor, Any]:
+        """``model.run_with_cache(tokens, names_filter=...)`` without gradients: the logits
+        and the cache of one forward pass, the one place tlprisms records one."""
+        with torch.no_grad():
+            return self.model.run_with_cache(tokens, names_filter=names_filter)
+
+    @property
+    def norm_eps(self) -> float:
+        """The normalisation epsilon of the configuration (1e-5 where it names none)."""
+        return float(getattr(self.cfg, "eps", 1e-5) or 1e-5)

@@ -3,7 +3,7 @@
 ``explain_task`` decomposes, batch after batch, each prompt's answer logit at its own last
 token, every split attention layer's heads summed over sources. The general pipeline
 (:meth:`LogitPrism.decompose`) resolves and labels the targets and positions, builds and
-type-checks a ``FinalReadout``, ``Explained``, ``Terms`` and ``Decomposition``, plans the
+type-checks a ``FinalReadout``, ``Explained``, ``Writes`` and ``Decomposition``, plans the
 writes and builds their component table, and reads every weight again, on every call: for a
 small model that is as much Python per batch as the forward pass itself.
 
@@ -25,15 +25,15 @@ from torch import Tensor
 from tlprisms._core.engine import (
     Readout,
     Split,
-    _head_block,
-    _neuron_block,
-    _plan,
+    head_block,
+    neuron_block,
+    write_plan,
     layer_device,
     whole_write,
 )
 from tlprisms._core.ops import dot
 from tlprisms._core.readout import Recorded, softcap_ratio, weigh
-from tlprisms._core.result import ComponentTable
+from tlprisms._core.table import ComponentTable
 from tlprisms._seam import CacheView, ModelView, Site
 
 __all__ = ["TaskKernel"]
@@ -67,7 +67,7 @@ class TaskKernel:
             attn_layers=n,
             mlp_layers=n,
         )
-        plan = _plan(cv, shape, split)
+        plan = write_plan(cv, shape, split)
         self.plan = [(len(tab), what) for tab, what in plan]
         self.extra = int(view.has_b_U) + int(view.final_norm.bias is not None)
         if sum(size for size, _ in self.plan) + self.extra != len(table):
@@ -89,7 +89,7 @@ class TaskKernel:
         #: whether hook_embed (+ hook_pos_embed) starts the residual stream: the model's
         #: property, read off the first batch's cache (``CacheView.embed_write``)
         cv.embed_write(torch.zeros(cv.batch, 1, dtype=torch.long, device=self.device), self.dtype)
-        self.embed_is_hooked = cv._embed_is_hooked
+        self.embed_is_hooked = cv.embed_is_hooked
 
     def fits(self, cv: CacheView) -> bool:
         """Whether a batch's cache has the dtype and device the kernel was set up for."""
@@ -107,8 +107,8 @@ class TaskKernel:
         """
         cv = rec.cache
         cv.trust_finite()  # the caller refuses non-finite terms (and says which hook)
-        if cv._embed_is_hooked is None:
-            cv._embed_is_hooked = self.embed_is_hooked
+        if cv.embed_is_hooked is None:
+            cv.embed_is_hooked = self.embed_is_hooked
         with torch.no_grad():
             return self._terms(rec, targets, pos)
 
@@ -181,9 +181,9 @@ class TaskKernel:
                 dst[..., 0] = post_b.expand(B, P, K) * s
             elif kind == "attn":  # W_O read once
                 W_O = self.layers[("attn", layer)][3]
-                _head_block(cv, layer, ul, index, False, sl, dst.view(B, P, K, n), W_O)
+                head_block(cv, layer, ul, index, False, sl, dst.view(B, P, K, n), W_O)
             else:  # W_out read once
-                _neuron_block(cv, layer, ul, index, sl, dst, self.layers[("mlp", layer)][3])
+                neuron_block(cv, layer, ul, index, sl, dst, self.layers[("mlp", layer)][3])
         for values in ([bias] if self.has_b_U else []) + (
             [norm_bias] if norm.bias is not None else []
         ):

@@ -39,12 +39,15 @@ from torch import Tensor
 from tlprisms._core import arguments as check_arg
 from tlprisms._core.errors import ArgumentError, CompletenessError, TargetError
 from tlprisms._core.readout import Softcap
-from tlprisms._core.result import ComponentTable, Decomposition, tolerance
+from tlprisms._core.result import Decomposition, tolerance
+from tlprisms._core.table import ComponentTable
 from tlprisms._core.targets import Direction, LogitDiff, PerRow, token_id
 from tlprisms._seam import ModelView, needed_hooks
 from tlprisms._tasks.kernel import TaskKernel
 from tlprisms._tasks.stats import RunningStats, StatsStream
 from tlprisms.distributed import all_gather, world
+from tlprisms._core.policy import refuse_broken
+from tlprisms._prisms.writes import split_of
 from tlprisms.prism import LogitPrism
 
 __all__ = ["TaskResult", "TaskStats", "explain_task"]
@@ -127,7 +130,7 @@ class TaskResult:
         return Decomposition(
             values=self.values[:, None, None, :],
             components=self.components,
-            logits=self.logits[:, None, None],
+            explained=self.logits[:, None, None],
             positions=torch.as_tensor(self.meta.get("positions", [0] * n))[:, None],
             target_labels=np.asarray(list(map(str, self.answers)), dtype=object).reshape(n, 1, 1),
             explains=self.explains,
@@ -477,20 +480,21 @@ class _Lengths:
     the end (an EOS that is also the pad token, say) differs there, and the task then
     tokenizes every prompt alone."""
 
-    def __init__(self, model: Any, tok: Any, kw: dict) -> None:
-        self.model, self.kw = model, kw
+    def __init__(self, source: Any, tok: Any, kw: dict) -> None:
+        # source: the seam's ModelView (anything with the model's ``to_tokens``)
+        self.source, self.kw = source, kw
         self.pad = getattr(tok, "pad_token_id", None)
         self.pad_text = getattr(tok, "pad_token", None)
         self.batched = isinstance(self.pad, int) and isinstance(self.pad_text, str)
         self.checked = False
 
     def one(self, prompt: str) -> int:
-        return int(self.model.to_tokens(prompt, **self.kw).shape[-1])
+        return int(self.source.to_tokens(prompt, **self.kw).shape[-1])
 
     def __call__(self, prompts: list) -> list:
         if not self.batched or len(prompts) == 1:
             return [self.one(p) for p in prompts]
-        tokens = self.model.to_tokens(prompts, padding_side="right", **self.kw)
+        tokens = self.source.to_tokens(prompts, padding_side="right", **self.kw)
         L = tokens.shape[-1]
         real = tokens != self.pad
         last = L - real.flip(-1).to(torch.int8).argmax(-1)  # after the last real token
@@ -518,17 +522,17 @@ def _kernel(
 ) -> Optional[TaskKernel]:
     """The task's :class:`TaskKernel`, set up on its first batch, or None unless it gives
     that batch's ``decompose`` result (``first``) bit for bit."""
-    split = prism._split(heads, neurons, False, "explain_task")
+    split = split_of(view, heads, neurons, False, "explain_task")
     try:
-        kernel = TaskKernel(view, prism._rec.cache, split, softcap, first.components)
-        values, explained, _, explains = kernel(prism._rec, targets, pos)
+        kernel = TaskKernel(view, prism.recorded.cache, split, softcap, first.components)
+        values, explained, _, explains = kernel(prism.recorded, targets, pos)
     except ValueError:
         return None
     same = (
         explains == first.explains
         and values.shape == first.values.shape
         and torch.equal(values, first.values)
-        and torch.equal(explained, first.logits)
+        and torch.equal(explained, first.explained)
     )
     return kernel if same else None
 
@@ -611,7 +615,7 @@ def explain_task(
     if bucket is None:
         bucket = answers is None
     kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-    lengths = _Lengths(model, view.tokenizer(), kw)
+    lengths = _Lengths(view, view.tokenizer(), kw)
     names = needed_hooks(model, ("residual", "heads", "neurons"))
 
     writer = None
@@ -649,9 +653,8 @@ def explain_task(
             ans = [b[2] for b in batch]
             # right-padded whatever the model's default: each prompt is read at its own
             # last token (its length - 1), and causal attention keeps later padding out
-            tokens = model.to_tokens(ps, padding_side="right", **kw)
-            with torch.no_grad():
-                out, cache = model.run_with_cache(tokens, names_filter=names)
+            tokens = view.to_tokens(ps, padding_side="right", **kw)
+            out, cache = view.run_with_cache(tokens, names)
             pos = [b[-1] - 1 for b in batch]
             targets = [b[3] for b in batch]
             ints = all(type(t) is int for t in targets)
@@ -660,13 +663,13 @@ def explain_task(
             # is checked like any user's cache; later ones were recorded here just the same
             # (float64 caches are always checked: their precision is read off the logits)
             if trusted:
-                prism = LogitPrism._recorded(view, cache, out, caller)
+                prism = LogitPrism.trusted(view, cache, out, caller)
             else:
                 prism = LogitPrism(model, cache, logits=out)
-            rec = prism._rec
+            rec = prism.recorded
             if kernel is not None and ints and kernel.fits(rec.cache):
                 vals, explained, gap, explains = kernel(rec, targets, pos)
-                prism._refuse_broken(rec, vals, explained, gap)
+                refuse_broken(rec.cache, vals, explained, gap)
                 precision = prism.precision
             else:
                 r = prism.decompose(
@@ -677,7 +680,7 @@ def explain_task(
                     by_source=False,
                     softcap=softcap,
                 )
-                vals, explained = r.values, r.logits
+                vals, explained = r.values, r.explained
                 explains, precision = r.explains, r.precision
                 if table is None:
                     table = r.components
@@ -714,7 +717,7 @@ def explain_task(
             bar.close()
         if writer is not None:
             writer.close(complete, explains=explains, precision=precision)
-    n_layers = int(model.cfg.n_layers)
+    n_layers = view.n_layers
     meta: dict = {"kernel": kernel is not None}
     if writer is not None:
         meta["parquet"] = str(writer.path)
