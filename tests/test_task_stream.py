@@ -403,7 +403,7 @@ def test_window_lengths_equal_one_by_one(model):
     view = ModelView(model)
     pad = view.tokenizer().pad_token
     prompts = [p for p, _ in TASK[:9]] + [f"1+1={pad}", f"{pad} 2+2=", "7"]
-    lengths = _Lengths(model, view.tokenizer(), {})
+    lengths = _Lengths(view, view.tokenizer(), {})
     assert lengths.batched
     want = [int(model.to_tokens(p).shape[-1]) for p in prompts]
     assert lengths(prompts) == want and lengths.batched
@@ -412,9 +412,10 @@ def test_window_lengths_equal_one_by_one(model):
 
 class PadEndingTokens:
     """A model whose one-prompt tokenization ends in the pad token (a tokenizer that
-    appends an EOS that is also its pad token): batched lengths would drop it."""
+    appends an EOS that is also its pad token): batched lengths would drop it. Seen through
+    the seam's ``ModelView.tokenize``."""
 
-    def to_tokens(self, prompts, padding_side=None):
+    def tokenize(self, prompts, padding_side=None):
         words = [prompts] if isinstance(prompts, str) else prompts
         L = max(len(w.split()) for w in words) + 1
         rows = [[5] * len(w.split()) + [0] * (L - len(w.split())) for w in words]

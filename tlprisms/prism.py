@@ -26,13 +26,15 @@ by ``rho``. ``Decomposition.explains`` says which one a result explains.
 """
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
+from tlprisms._causal.certificate import Verification
+from tlprisms._causal.effects import Effects, effects
+from tlprisms._causal.verify import verify
 from tlprisms._core import arguments as check
-from tlprisms._core.errors import ArgumentError, PositionError
 from tlprisms._core.inputs import (
     check_logits,
     check_tokens,
@@ -44,15 +46,10 @@ from tlprisms._core.readout import Recorded, Softcap
 from tlprisms._core.request import Request
 from tlprisms._core.result import Decomposition
 from tlprisms._core.sparse import check_sparse_args
-from tlprisms._core.targets import resolve_positions
 from tlprisms._core.terms import Terms, to_result
 from tlprisms._prisms import chain, features, qk, qk_chain, read, writes
 from tlprisms._prisms.read import ReadAt
-from tlprisms._seam import CacheView, ModelView, Site, needed_hooks
-
-if TYPE_CHECKING:  # the result types of verify/effects
-    from tlprisms._causal.certificate import Verification
-    from tlprisms._causal.effects import Effects
+from tlprisms._seam import CacheView, ModelView, needed_hooks
 
 __all__ = ["LogitPrism", "LayerSelection"]
 
@@ -125,30 +122,35 @@ class LogitPrism:
         """
         view = ModelView(model)
         tokens = input_tokens(view, input, prepend_bos, "LogitPrism.run")
-        logits, cache = view.run_with_cache(tokens, needed_hooks(model))
+        logits, cache = view.record_cache(tokens, needed_hooks(model))
         return cls(model, cache, tokens=tokens, logits=logits)
 
     # ------------------------------------------------------------------ the shared steps
+    def _recording(self, method: str) -> Recorded:
+        """This prism's recording, seen by ``LogitPrism.<method>`` (its errors name it)."""
+        return Recorded(
+            self.recorded.cache.for_call(f"LogitPrism.{method}"), self.tokens, self.logits
+        )
+
     def _call(self, request: Request, run: Callable[..., Terms], *args: Any) -> Decomposition:
         """Run a prism module on this prism's recording and finish its terms as a result."""
-        rec = Recorded(
-            self.recorded.cache.for_call(f"LogitPrism.{request.prism}"), self.tokens, self.logits
-        )
         with torch.no_grad():
-            terms = run(rec, request, *args)
+            terms = run(self._recording(request.prism), request, *args)
         tokens = str_tokens(self.view, self.tokens)
         return to_result(terms, request, self.precision, self.view.n_layers, tokens)
 
-    def _writes(self, request: Request) -> Decomposition:
-        caller = f"LogitPrism.{request.prism}"
-        split = writes.split_of(
-            self.view, request.heads, request.neurons, request.by_source, caller
-        )
-        top_k, min_abs = check_sparse_args(request.top_k, request.min_abs, caller)
-        return self._call(request.with_(top_k=top_k, min_abs=min_abs), writes.run, split)
+    def _writes(self, request: Request, run: Callable = writes.run, *args: Any) -> Decomposition:
+        """Check the split, sparse and soft-cap arguments; run ``run(rec, request, *args,
+        split)`` (the writes prism by default)."""
+        caller, r = f"LogitPrism.{request.prism}", request
+        check.choice(r.softcap, "softcap", ("post", "pre"), caller)
+        split = writes.split_of(self.view, r.heads, r.neurons, r.by_source, caller)
+        top_k, min_abs = check_sparse_args(r.top_k, r.min_abs, caller)
+        return self._call(r.with_(top_k=top_k, min_abs=min_abs), run, *args, split)
 
     def _chain(self, request: Request, path: Any) -> Decomposition:
         caller = f"LogitPrism.{request.prism}"
+        check.choice(request.softcap, "softcap", ("post", "pre"), caller)
         hops = chain.check_path(path, caller)
         split = writes.split_of(
             self.view, request.heads, request.neurons, request.by_source, caller
@@ -173,22 +175,16 @@ class LogitPrism:
                 a list of these (shared by the batch), :class:`PerRow`, an integer tensor
                 ``[batch]``/``[batch, k]`` (per row), or with ``pos="all"`` a tensor
                 ``[batch, pos]`` or :class:`NextToken`.
-            pos: the explained position: an index (default -1), one index per batch row, or
-                ``"all"``.
-            heads: attention layers to split into heads: ``"all"``, a layer, a list of
-                layers, or ``()`` (default) for none.
-            neurons: MLP layers to split into neurons, the same way.
-            by_source: split heads by the source position they read too (default True).
-            softcap: for soft-capped models, explain the ``"post"``-cap logit (default) or the
-                ``"pre"``-cap logit.
+            pos, heads, neurons, by_source, softcap: as the glossary of :mod:`tlprisms` says:
+                the explained position (default -1, one per row, or ``"all"``); the attention
+                / MLP layers split into heads (x sources) / neurons (default none); the
+                ``"post"``-cap (default) or ``"pre"``-cap logit of a soft-capped model.
             top_k: keep per explained value only the ``top_k`` largest terms by ``|value|``,
-                every constant, and one remainder (kind ``"rest"``) per (kind, layer) for the
-                terms dropped, so totals stay exact (see :mod:`tlprisms._core.sparse`); computed a
-                chunk of positions at a time. None (default): every term.
-            min_abs: keep only terms with ``|value| >= min_abs`` (with ``top_k``: of the
-                ``top_k``); the others go into the remainders. None (default): no threshold.
+                every constant, and one remainder (kind ``"rest"``) per (kind, layer), so
+                totals stay exact (:mod:`tlprisms._core.sparse`). None (default): every term.
+            min_abs: keep only terms with ``|value| >= min_abs`` (with ``top_k``: of those);
+                the others go into the remainders. None (default): no threshold.
         """
-        check.choice(softcap, "softcap", ("post", "pre"), "LogitPrism.decompose")
         kw = dict(heads=heads, neurons=neurons, by_source=by_source, top_k=top_k, min_abs=min_abs)
         return self._writes(Request("decompose", target, pos, softcap, **kw))
 
@@ -198,7 +194,6 @@ class LogitPrism:
             min_abs: Optional[float] = None) -> Decomposition:  # fmt: skip
         """One term per embedding, attention layer and MLP layer, plus the bias terms
         (``top_k``/``min_abs``: as for :meth:`decompose`)."""
-        check.choice(softcap, "softcap", ("post", "pre"), "LogitPrism.residual")
         return self._writes(Request("residual", target, pos, softcap, top_k=top_k, min_abs=min_abs))
 
     @check.entry
@@ -207,7 +202,6 @@ class LogitPrism:
             min_abs: Optional[float] = None) -> Decomposition:  # fmt: skip
         """Attention layers (``layers``, default all) split into heads x source positions
         (``top_k``/``min_abs``: as for :meth:`decompose`)."""
-        check.choice(softcap, "softcap", ("post", "pre"), "LogitPrism.heads")
         kw = dict(heads=layers, by_source=by_source, top_k=top_k, min_abs=min_abs)
         return self._writes(Request("heads", target, pos, softcap, **kw))
 
@@ -217,7 +211,6 @@ class LogitPrism:
             min_abs: Optional[float] = None) -> Decomposition:  # fmt: skip
         """MLP layers (``layers``, default all) split into neurons (``top_k``/``min_abs``: as
         for :meth:`decompose`)."""
-        check.choice(softcap, "softcap", ("post", "pre"), "LogitPrism.neurons")
         kw = dict(neurons=layers, top_k=top_k, min_abs=min_abs)
         return self._writes(Request("neurons", target, pos, softcap, **kw))
 
@@ -228,7 +221,6 @@ class LogitPrism:
         """Every head x source and every neuron at once (``top_k``/``min_abs``: as for
         :meth:`decompose`; ``full(tp.NextToken(), pos="all", top_k=32)`` keeps long contexts
         small)."""
-        check.choice(softcap, "softcap", ("post", "pre"), "LogitPrism.full")
         kw = dict(heads="all", neurons="all", top_k=top_k, min_abs=min_abs)
         return self._writes(Request("full", target, pos, softcap, **kw))
 
@@ -246,15 +238,10 @@ class LogitPrism:
         that layer's attention/MLP write. Every other write stays as in :meth:`decompose`
         (``heads``/``neurons`` split those layers further).
 
-        Args:
-            target: as for :meth:`decompose`.
-            dictionaries: a :class:`~tlprisms.Dictionary` or a list of them (e.g. one
-                transcoder per layer).
-            pos: an index (default -1), one per batch row, or ``"all"``.
-            path: hops (:class:`Hop`) to follow back first, as in :meth:`chain`; the last
-                hop's readout is then split into features (one position per row).
-            top_k / min_abs: keep the largest terms and one remainder per (kind, layer), as
-                for :meth:`decompose` (totals stay exact).
+        ``dictionaries``: a :class:`~tlprisms.Dictionary` or a list of them (e.g. one
+        transcoder per layer); ``path``: hops (:class:`Hop`) to follow back first, as in
+        :meth:`chain`, whose last readout is then split into features; the other arguments
+        as for :meth:`decompose`.
 
         Components: kind ``"feature"`` (``layer``, ``feature``), and per dictionary
         ``"b_dec"``, ``"error"`` (and ``"skip"`` for a transcoder's skip connection).
@@ -266,16 +253,10 @@ class LogitPrism:
         >>> r.top(1, kind="feature")["component"][0]
         'L1F...'
         """
-        caller = "LogitPrism.features"
-        dicts = tuple(features.check_dictionaries(self.view, dictionaries, caller))
-        top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
-        check.choice(softcap, "softcap", ("post", "pre"), caller)
-        kw = dict(heads=heads, neurons=neurons, by_source=by_source, dictionaries=dicts)
-        request = Request("features", target, pos, softcap, top_k=top_k, min_abs=min_abs, **kw)
-        if path:
-            return self._chain(request, path)
-        split = writes.split_of(self.view, heads, neurons, by_source, caller)
-        return self._call(request, features.run, dicts, split)
+        dicts = tuple(features.check_dictionaries(self.view, dictionaries, "LogitPrism.features"))
+        kw = dict(heads=heads, neurons=neurons, by_source=by_source, top_k=top_k, min_abs=min_abs)
+        request = Request("features", target, pos, softcap, dictionaries=dicts, **kw)
+        return self._chain(request, path) if path else self._writes(request, features.run, dicts)
 
     # ------------------------------------------------------------------ chained prisms
     @check.entry
@@ -292,7 +273,6 @@ class LogitPrism:
         ``top_k``/``min_abs`` keep the largest terms and a remainder per (kind, layer), as
         for :meth:`decompose`.
         """
-        check.choice(softcap, "softcap", ("post", "pre"), "LogitPrism.chain")
         kw = dict(heads=heads, neurons=neurons, by_source=by_source, top_k=top_k, min_abs=min_abs)
         return self._chain(Request("chain", target, pos, softcap, **kw), path)
 
@@ -307,7 +287,6 @@ class LogitPrism:
         :meth:`heads`.
         """
         caller = "LogitPrism.through_head"
-        check.choice(softcap, "softcap", ("post", "pre"), caller)
         hop = chain.one_hop("head", layer, head, src, caller)
         kw = dict(heads=heads, neurons=neurons, by_source=by_source, top_k=top_k, min_abs=min_abs)
         return self._chain(Request("through_head", target, pos, softcap, **kw), [hop])
@@ -320,7 +299,6 @@ class LogitPrism:
         """Split neuron ``(layer, neuron)``'s term by what wrote into the residual stream it
         reads, with its activation gate held fixed. Totals the neuron's term in :meth:`neurons`."""
         caller = "LogitPrism.through_neuron"
-        check.choice(softcap, "softcap", ("post", "pre"), caller)
         hop = chain.one_hop("neuron", layer, neuron, None, caller)
         kw = dict(heads=heads, neurons=neurons, by_source=by_source, top_k=top_k, min_abs=min_abs)
         return self._chain(Request("through_neuron", target, pos, softcap, **kw), [hop])
@@ -350,11 +328,9 @@ class LogitPrism:
                 the first hop's term of that side (e.g. ``L0H1[src 3]`` of
                 ``qk(..., sides="query", q_heads=0)``); ``q_heads``/``q_neurons`` (or
                 ``k_...``) split the last hop (see :mod:`tlprisms._prisms.qk_chain`).
-            q_heads, q_neurons: earlier layers whose writes into the query position are split
-                into heads (x sources when ``by_source``) / neurons; ``k_heads``, ``k_neurons``
-                the same for the key positions. By default both sides are layer-level.
-            softcap: for soft-capped scores (Gemma 2), explain the ``"post"``-cap score
-                (ratio frozen, default) or the ``"pre"``-cap score.
+            q_heads, q_neurons, k_heads, k_neurons: the layers whose writes into the query
+                (key) positions are split into heads / neurons (default: layer-level).
+            softcap: the ``"post"``-cap score (ratio frozen, default) or the ``"pre"``-cap one.
             top_k, min_abs: keep per key only the ``top_k`` largest pair terms (those with
                 ``|term| >= min_abs``), the constants and one remainder per (query-side kind
                 and layer, key-side kind and layer), ``q:L3.heads x k:embed (rest)``, so the
@@ -372,35 +348,12 @@ class LogitPrism:
         >>> r.explains, r.values.shape[2]
         ('attention score', 6)
         """
-        caller = "LogitPrism.qk"
-        layer, head = check.layer(self.view, layer, caller), check.head(self.view, head, caller)
-        check.choice(softcap, "softcap", ("post", "pre"), caller)
-        qk.check_sides(sides, q_heads, q_neurons, k_heads, k_neurons, caller)
-        i, key_list = qk.resolve_keys(pos, keys, contrast, self.n_ctx, caller)
-        q_split = writes.split_of(self.view, q_heads, q_neurons, by_source, caller)
-        k_split = writes.split_of(self.view, k_heads, k_neurons, by_source, caller)
-        if path is not None:  # a chain through one side of the score
-            hops = qk_chain.resolve_path(path, sides, caller)
-        top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
-        kw = dict(heads=q_heads, neurons=q_neurons, k_heads=k_heads, k_neurons=k_neurons)
-        request = Request(
-            "qk",
-            None,
-            i,
-            softcap,
-            by_source=by_source,
-            layer=layer,
-            head=head,
-            keys=tuple(key_list),
-            contrast=contrast,
-            sides=sides,
-            top_k=top_k,
-            min_abs=min_abs,
-            **kw,
-        )
-        if path is not None:
+        request, q_split, k_split = qk.request_of(
+            self.view, self.n_ctx, layer, head, pos, keys, contrast, sides, path, q_heads,
+            q_neurons, k_heads, k_neurons, by_source, softcap, top_k, min_abs)  # fmt: skip
+        if request.path:  # a chain through one side of the score
             split = q_split if sides == "query" else k_split
-            return self._call(request.with_(path=tuple(hops)), qk_chain.run, hops, split)
+            return self._call(request, qk_chain.run, request.path, split)
         return self._call(request, qk.run, q_split, k_split)
 
     # ------------------------------------------------------------------ any readout
@@ -436,42 +389,25 @@ class LogitPrism:
         """The cached activations of layer ``layer``'s neurons at the explained position
         ``pos`` (an int or one int per batch row): ``[batch, d_mlp]`` (gated MLPs:
         ``act(gate) * up``), e.g. for :func:`tlprisms.weights.neuron_templates`."""
-        caller = "LogitPrism.neuron_activations"
-        cv = self.recorded.cache.for_call(caller)
-        layer = check.layer(self.view, layer, caller)
-        if self.view.attn_only:
-            raise ArgumentError(f"{caller}: this model is attention-only; it has no neurons.")
-        positions = resolve_positions(pos, cv.batch, cv.n_ctx, caller)
-        if positions.every:
-            raise PositionError(
-                f"{caller}: pos='all' is not supported; pass an int or one int per batch row."
-            )
-        return cv.at(Site.MLP_POST, layer, positions.index.to(cv.device))[:, 0]
+        cv = self.recorded.cache.for_call("LogitPrism.neuron_activations")
+        return writes.neuron_activations(cv, layer, pos)
 
     # ------------------------------------------------------------------ by intervention
     @check.entry
     def verify(self, result: Decomposition, target: Any = None, *, k: int = 20, sample: int = 20,
-            seed: int = 0) -> "Verification":  # fmt: skip
+            seed: int = 0) -> Verification:  # fmt: skip
         """Check ``result``'s terms on the model itself: remove each term's write in a forward
         pass that holds fixed what the prism holds fixed, and compare the change of the
         explained value with minus the term.
 
         The ``k`` largest terms (by ``|value|``) and ``sample`` others drawn at random
-        (``seed``) are checked, every target of a term's position at once; all interventions
-        run batched, a few forward passes in all. Constants (biases) are not intervened on;
-        the result's sum check covers them. Works on any result of this prism (residual,
-        heads, neurons, full, decompose, chains, readouts, and their selections/aggregates).
-
-        Args:
-            result: what this prism returned.
-            target: the target the result was made for; read back from the result's labels
-                when None (tokens and logit differences). Pass it for a :class:`Direction`,
-                and the readout vector for a :meth:`readout` result.
-
-        Returns:
-            A :class:`~tlprisms.Verification`: ``ok``, ``max_error``, ``to_frame()``, a
-            one-line certificate as ``str()``; ``.check()`` raises
-            :class:`~tlprisms.errors.VerificationError` unless ``ok``.
+        (``seed``) are checked, every target of a term's position at once, in a few batched
+        forward passes. Constants (biases) are not intervened on; the sum check covers them.
+        Works on any result of this prism (residual, heads, neurons, full, decompose, chains,
+        readouts, and their selections/aggregates). ``target``: the result's own (from its
+        ``request``) unless given. Returns a :class:`~tlprisms.Verification` (``ok``,
+        ``max_error``, ``to_frame()``, a one-line certificate as ``str()``; ``.check()``
+        raises :class:`~tlprisms.errors.VerificationError` unless ``ok``).
 
         >>> import tlprisms as tp
         >>> from tlprisms.demo import load_demo_model
@@ -479,17 +415,14 @@ class LogitPrism:
         >>> print(prism.verify(prism.full(" Paris")))
         20 largest + 20 sampled terms verified by intervention, max error ... of a logit of 18.9
         """
-        from tlprisms._causal.verify import verify
-
         if isinstance(result, Decomposition) and result.index is not None:
             result = result.to_dense()  # a sparse result: its kept terms, laid out densely
-        rec = Recorded(self.recorded.cache.for_call("LogitPrism.verify"), self.tokens, self.logits)
-        return verify(rec, result, target, k, sample, seed)
+        return verify(self._recording("verify"), result, target, k, sample, seed)
 
     @check.entry
     def effects(self, target: Any, components: Sequence[Any], *, ablation: str = "zero",
             reference: Optional[Tensor] = None, pos: Any = -1, softcap: Softcap = "post",
-            seed: int = 0) -> "Effects":  # fmt: skip
+            seed: int = 0) -> Effects:  # fmt: skip
         """Each component's direct term next to its total effect when ablated with nothing
         frozen (so later layers, norms and patterns respond, and backups compensate).
 
@@ -503,9 +436,8 @@ class LogitPrism:
             reference: token ids ``[rows, pos]`` with as many positions as the input
                 (default: this prism's own input).
 
-        Returns:
-            ``Effects``: ``direct``, ``total`` (the drop of the explained value when ablated),
-            ``difference = total - direct``, ``to_frame()`` and a direct-vs-total scatter.
+        Returns ``Effects``: ``direct``, ``total`` (the drop of the explained value when
+        ablated), ``difference = total - direct``, ``to_frame()``, a direct-vs-total scatter.
 
         >>> import tlprisms as tp
         >>> from tlprisms.demo import load_demo_model
@@ -514,12 +446,9 @@ class LogitPrism:
         >>> round(float(e.direct[0, 0, 0]), 1), round(float(e.total[0, 0, 0]), 1)
         (2.1, 1.3)
         """
-        from tlprisms._causal.effects import effects
-
-        rec = Recorded(self.recorded.cache.for_call("LogitPrism.effects"), self.tokens, self.logits)
-        return effects(
-            rec, self.decompose, target, components, ablation, reference, pos, softcap, seed
-        )
+        rec = self._recording("effects")
+        args = (target, components, ablation, reference, pos, softcap, seed)
+        return effects(rec, self.decompose, *args)
 
     def __repr__(self) -> str:
         v = self.view

@@ -35,7 +35,7 @@ def input_tokens(
                 "tokenized; pass token ids [batch, pos] instead."
             )
         kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-        tokens = view.to_tokens(input, **kw)
+        tokens = view.tokenize(input, **kw)
     elif isinstance(input, Tensor):
         tokens = input[None] if input.ndim == 1 else input
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.ndim != 2:
@@ -65,7 +65,11 @@ def input_tokens(
 def check_tokens(tokens: Any, cv: CacheView) -> Tensor:
     """``tokens`` as ``[batch, pos]`` on the cache's device, or a clear error."""
     caller = cv.caller
-    if not isinstance(tokens, Tensor) or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+    if (
+        not isinstance(tokens, Tensor)
+        or tokens.dtype.is_floating_point
+        or tokens.dtype == torch.bool
+    ):
         what = f"a {tokens.dtype} tensor" if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ArgumentError(
             f"{caller}: tokens must be an integer tensor [batch, pos] (what "
@@ -120,7 +124,7 @@ def logits_precision(rec: Recorded, precision: str) -> str:
     the frozen readout of the cache) and return the precision the model computed in: a
     float64 model whose logits carry float32 rounding computed part of its forward pass in
     float32 (Hugging Face's RMSNorm upcasts to float32 only)."""
-    assert rec.logits is not None  # noqa: S101 - the caller passes logits
+    assert rec.logits is not None
     cv = rec.cache
     ids = rec.logits[:, -1].argmax(-1)
     fr = final_readout(Recorded(cv.for_call("LogitPrism")), ids, -1)

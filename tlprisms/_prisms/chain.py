@@ -27,7 +27,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -38,7 +38,6 @@ from torch import Tensor
 from tlprisms._core import arguments as check
 from tlprisms._core.engine import Readout, Split, Writes, freeze, split_writes, writes_table
 from tlprisms._core.errors import ArgumentError, PositionError, UnsupportedModelError
-from tlprisms._core.ops import dot
 from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import Explained, FinalReadout, Recorded, read_logits, weigh
 from tlprisms._core.request import Request
@@ -218,7 +217,9 @@ def _chain_post(cv: CacheView, post: Any, r: Readout, layer: int) -> tuple[Tenso
     return ul, inv if scale is None else inv * scale
 
 
-def head_hop(cv: CacheView, st: ChainState, hop: Hop) -> tuple[ChainState, Float[Tensor, "batch 1 k"]]:
+def head_hop(
+    cv: CacheView, st: ChainState, hop: Hop
+) -> tuple[ChainState, Float[Tensor, "batch 1 k"]]:
     view, r = cv.view, st.readout
     layer, head = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
@@ -304,7 +305,9 @@ def _gate_coefficients(
     return c, const
 
 
-def neuron_hop(cv: CacheView, st: ChainState, hop: Hop) -> tuple[ChainState, Float[Tensor, "batch 1 k"]]:
+def neuron_hop(
+    cv: CacheView, st: ChainState, hop: Hop
+) -> tuple[ChainState, Float[Tensor, "batch 1 k"]]:
     view, r = cv.view, st.readout
     layer, neuron = hop.layer, hop.index
     dtype, B = r.u.dtype, r.positions.shape[0]
@@ -488,7 +491,9 @@ def run_chain(
 _KEPT_TABLES = 2
 
 
-def _chain_table(cv: CacheView, st: ChainState, split: Split, table: ComponentTable) -> ComponentTable:
+def _chain_table(
+    cv: CacheView, st: ChainState, split: Split, table: ComponentTable
+) -> ComponentTable:
     """``table`` tiled over the read positions ``st.at``, then the last hop's constants:
     the same labels as ``concat([table.tile_over_positions(st.at), *consts])``.
 

@@ -44,10 +44,10 @@ from tlprisms._core.engine import (
     Split,
     head_block,
     neuron_block,
-    write_plan,
     post_bias,
     post_parts,
     split_writes,
+    write_plan,
     writes_table,
 )
 from tlprisms._core.errors import ArgumentError, PositionError, UnsupportedModelError
@@ -107,7 +107,9 @@ def rotate(
     return torch.cat((out, rest), dim=2) if rest.shape[2] else out
 
 
-def rotary_tables(cv: CacheView, layer: int, positions: Tensor, dtype: torch.dtype) -> Optional[tuple]:
+def rotary_tables(
+    cv: CacheView, layer: int, positions: Tensor, dtype: torch.dtype
+) -> Optional[tuple]:
     """``(cos, sin)`` ``[B, P, rot]`` at ``positions``, or None without rotary."""
     view = cv.view
     if not view.rotary:
@@ -725,15 +727,13 @@ def run(rec: Recorded, request: Request, q_split: Split, k_split: Split) -> Term
     kept sparse; (3) the check against the recorded scores (dense) or the structural check
     (sparse)."""
     layer, head, keys = request.layer, request.head, list(request.keys or ())
-    assert layer is not None and head is not None  # noqa: S101 - set by the facade
+    assert layer is not None and head is not None
     args = (rec, layer, head, request.pos, keys, q_split, k_split, request.softcap)
     if not request.is_sparse:  # finite and checked against the recorded scores here
         t = qk_terms(*args, request.contrast, request.sides)
         values, table, index = t.values, t.table, None
     else:
-        s = qk_sparse_terms(
-            *args, request.contrast, request.sides, request.top_k, request.min_abs
-        )
+        s = qk_sparse_terms(*args, request.contrast, request.sides, request.top_k, request.min_abs)
         refuse_broken(rec.cache, s.values, s.explained)
         values, table, index, t = s.values, s.table, s.index, s  # type: ignore[assignment]
     return Terms(
@@ -748,7 +748,9 @@ def run(rec: Recorded, request: Request, q_split: Split, k_split: Split) -> Term
     )
 
 
-def check_sides(sides: Any, q_heads: Any, q_neurons: Any, k_heads: Any, k_neurons: Any, caller: str) -> None:
+def check_sides(
+    sides: Any, q_heads: Any, q_neurons: Any, k_heads: Any, k_neurons: Any, caller: str
+) -> None:
     """``sides`` is one of ``"both"``, ``"query"``, ``"key"``, and a side kept whole is not
     split."""
     from tlprisms._core import arguments as check
@@ -762,3 +764,60 @@ def check_sides(sides: Any, q_heads: Any, q_neurons: Any, k_heads: Any, k_neuron
             f"side whole, so {side}_heads/{side}_neurons cannot split it; drop them or "
             "use sides='both'."
         )
+
+
+def request_of(
+    view: Any,
+    n_ctx: int,
+    layer: Any,
+    head: Any,
+    pos: Any,
+    keys: Any,
+    contrast: Any,
+    sides: Any,
+    path: Any,
+    q_heads: Any,
+    q_neurons: Any,
+    k_heads: Any,
+    k_neurons: Any,
+    by_source: Any,
+    softcap: Any,
+    top_k: Any,
+    min_abs: Any,
+) -> tuple[Request, Split, Split]:
+    """``LogitPrism.qk``'s arguments checked, as a request and the two sides' splits (a
+    ``path`` is resolved into the request's hops)."""
+    from tlprisms._core import arguments as check
+    from tlprisms._core.sparse import check_sparse_args
+    from tlprisms._prisms.qk_chain import resolve_path
+    from tlprisms._prisms.writes import split_of
+
+    caller = "LogitPrism.qk"
+    layer, head = check.layer(view, layer, caller), check.head(view, head, caller)
+    check.choice(softcap, "softcap", ("post", "pre"), caller)
+    check_sides(sides, q_heads, q_neurons, k_heads, k_neurons, caller)
+    i, key_list = resolve_keys(pos, keys, contrast, n_ctx, caller)
+    q_split = split_of(view, q_heads, q_neurons, by_source, caller)
+    k_split = split_of(view, k_heads, k_neurons, by_source, caller)
+    hops = () if path is None else tuple(resolve_path(path, sides, caller))
+    top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
+    request = Request(
+        "qk",
+        None,
+        i,
+        softcap,
+        heads=q_heads,
+        neurons=q_neurons,
+        by_source=by_source,
+        k_heads=k_heads,
+        k_neurons=k_neurons,
+        path=hops,
+        layer=layer,
+        head=head,
+        keys=tuple(key_list),
+        contrast=contrast,
+        sides=sides,
+        top_k=top_k,
+        min_abs=min_abs,
+    )
+    return request, q_split, k_split

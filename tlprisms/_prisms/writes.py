@@ -24,11 +24,11 @@ Completeness: the terms plus the constants equal the model's own logit to float 
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from tlprisms._core import arguments as check
-from tlprisms._core.engine import Split
+from tlprisms._core.engine import Split, split_writes
+from tlprisms._core.errors import ArgumentError, PositionError
 from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import (
     Recorded,
@@ -39,12 +39,11 @@ from tlprisms._core.readout import (
 )
 from tlprisms._core.request import Request
 from tlprisms._core.sparse import chunked_split
-from tlprisms._core.engine import split_writes
+from tlprisms._core.targets import resolve_positions
 from tlprisms._core.terms import Terms
-from tlprisms._core.errors import ArgumentError
-from tlprisms._seam import ModelView
+from tlprisms._seam import CacheView, ModelView, Site
 
-__all__ = ["split_of", "run"]
+__all__ = ["split_of", "run", "neuron_activations"]
 
 
 def split_of(view: ModelView, heads: Any, neurons: Any, by_source: Any, caller: str) -> Split:
@@ -94,3 +93,17 @@ def run(rec: Recorded, request: Request, split: Split) -> Terms:
         index=index,
     )
 
+
+def neuron_activations(cv: CacheView, layer: Any, pos: Any) -> Tensor:
+    """The cached activations of ``layer``'s neurons at one position per row, ``[batch,
+    d_mlp]``."""
+    caller = cv.caller
+    layer = check.layer(cv.view, layer, caller)
+    if cv.view.attn_only:
+        raise ArgumentError(f"{caller}: this model is attention-only; it has no neurons.")
+    positions = resolve_positions(pos, cv.batch, cv.n_ctx, caller)
+    if positions.every:
+        raise PositionError(
+            f"{caller}: pos='all' is not supported; pass an int or one int per batch row."
+        )
+    return cv.at(Site.MLP_POST, layer, positions.index.to(cv.device))[:, 0]

@@ -763,12 +763,12 @@ class ModelView:
         return not self._hook_points or name in self._hook_points
 
     # ------------------------------------------------------------------ recording
-    def to_tokens(self, text: Any, **kw: Any) -> Tensor:
+    def tokenize(self, text: Any, **kw: Any) -> Tensor:
         """``model.to_tokens(text, **kw)``: the model's own tokenisation (its BOS and
         padding rules), the one place tlprisms tokenises text."""
         return self.model.to_tokens(text, **kw)
 
-    def run_with_cache(self, tokens: Tensor, names_filter: Any) -> tuple[Tensor, Any]:
+    def record_cache(self, tokens: Tensor, names_filter: Any) -> tuple[Tensor, Any]:
         """``model.run_with_cache(tokens, names_filter=...)`` without gradients: the logits
         and the cache of one forward pass, the one place tlprisms records one."""
         with torch.no_grad():

@@ -38,16 +38,16 @@ from torch import Tensor
 
 from tlprisms._core import arguments as check_arg
 from tlprisms._core.errors import ArgumentError, CompletenessError, TargetError
+from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import Softcap
 from tlprisms._core.result import Decomposition, tolerance
 from tlprisms._core.table import ComponentTable
 from tlprisms._core.targets import Direction, LogitDiff, PerRow, token_id
+from tlprisms._prisms.writes import split_of
 from tlprisms._seam import ModelView, needed_hooks
 from tlprisms._tasks.kernel import TaskKernel
 from tlprisms._tasks.stats import RunningStats, StatsStream
 from tlprisms.distributed import all_gather, world
-from tlprisms._core.policy import refuse_broken
-from tlprisms._prisms.writes import split_of
 from tlprisms.prism import LogitPrism
 
 __all__ = ["TaskResult", "TaskStats", "explain_task"]
@@ -489,12 +489,12 @@ class _Lengths:
         self.checked = False
 
     def one(self, prompt: str) -> int:
-        return int(self.source.to_tokens(prompt, **self.kw).shape[-1])
+        return int(self.source.tokenize(prompt, **self.kw).shape[-1])
 
     def __call__(self, prompts: list) -> list:
         if not self.batched or len(prompts) == 1:
             return [self.one(p) for p in prompts]
-        tokens = self.source.to_tokens(prompts, padding_side="right", **self.kw)
+        tokens = self.source.tokenize(prompts, padding_side="right", **self.kw)
         L = tokens.shape[-1]
         real = tokens != self.pad
         last = L - real.flip(-1).to(torch.int8).argmax(-1)  # after the last real token
@@ -653,8 +653,8 @@ def explain_task(
             ans = [b[2] for b in batch]
             # right-padded whatever the model's default: each prompt is read at its own
             # last token (its length - 1), and causal attention keeps later padding out
-            tokens = view.to_tokens(ps, padding_side="right", **kw)
-            out, cache = view.run_with_cache(tokens, names)
+            tokens = view.tokenize(ps, padding_side="right", **kw)
+            out, cache = view.record_cache(tokens, names)
             pos = [b[-1] - 1 for b in batch]
             targets = [b[3] for b in batch]
             ints = all(type(t) is int for t in targets)
