@@ -11,7 +11,7 @@ import torch
 
 import tlprisms as tp
 from tlprisms import weights
-from tlprisms._core.result import FIELDS, KINDS
+from tlprisms._core.table import FIELDS, KINDS
 from tlprisms.errors import CompletenessError, NonFiniteError, PrismError, TargetError
 
 from conftest import CASES, SEQ, build_case
@@ -435,7 +435,9 @@ def test_neuron_blocks_in_slices_are_bit_for_bit(spec, monkeypatch):
 def test_top_of_millions_equals_the_full_selection():
     """top()'s block-maximum selection picks what a full partition picks (ties by index),
     and its mean over one row is the mean, bit for bit (-0.0 included)."""
-    from tlprisms._core.result import ComponentTable, _largest, _mean0
+    from tlprisms._core.result import largest as _largest
+    from tlprisms._core.result import mean0 as _mean0
+    from tlprisms._core.table import ComponentTable
 
     gen = np.random.default_rng(0)
     codes = [KINDS.index(k) for k in ("head", "neuron", "b_V")]

@@ -20,8 +20,10 @@ MODULES = [
     "tlprisms._seam",
     "tlprisms._core.targets",
     "tlprisms._core.result",
+    "tlprisms._core.table",
+    "tlprisms._core.views",
     "tlprisms._prisms.chain",
-    "tlprisms._prisms.qk",
+    "tlprisms._prisms.qk_table",
     "tlprisms._prisms.qk_chain",
 ]
 

@@ -7,7 +7,8 @@ import torch
 
 import tlprisms as tp
 from tlprisms._core import sparse as _sparse
-from tlprisms._core.result import KINDS, Decomposition
+from tlprisms._core.result import Decomposition
+from tlprisms._core.table import KINDS
 from tlprisms.errors import ArgumentError
 
 from conftest import BATCH, SEQ, build_case

@@ -40,7 +40,8 @@ Glossary: every call, result column and renderer uses these words in one sense.
 
 from tlprisms._causal.certificate import Verification
 from tlprisms._core.errors import PrismError
-from tlprisms._core.result import Component, Decomposition
+from tlprisms._core.result import Decomposition
+from tlprisms._core.table import Component
 from tlprisms._core.targets import Direction, LogitDiff, NextToken, PerRow
 from tlprisms._prisms.chain import Hop
 from tlprisms._seam import needed_hooks

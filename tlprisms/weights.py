@@ -30,6 +30,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from tlprisms._core import arguments as check
+from tlprisms._core import views
 from tlprisms._core.errors import ArgumentError, TargetError, UnsupportedModelError
 from tlprisms._core.targets import token_id
 from tlprisms._seam import ModelView
@@ -76,7 +77,7 @@ def _embeddings(view: ModelView, ids: list[int], layer_norm: Any, dtype: torch.d
     e = view.embed_rows(torch.tensor(ids), dtype)
     if layer_norm is None or not layer_norm.has_scale:
         return e
-    return layer_norm.apply(e, eps=float(getattr(view.cfg, "eps", 1e-5) or 1e-5))
+    return layer_norm.apply(e, eps=view.norm_eps)
 
 
 @jaxtyped(typechecker=beartype)
@@ -181,34 +182,8 @@ class TokenMap:
             lines.append(f"  {self.rows[i]!r:>14} -> {best}")
         return "\n".join(lines)
 
-    def _tlprisms_views(self) -> list:
-        from tlprisms import render
-
-        views = [
-            render.heatmap_svg(
-                self.values.detach().float().cpu().numpy(),
-                list(map(str, self.rows)),
-                list(map(str, self.cols)),
-                self.title,
-            )
-        ]
-        if self.weights is not None:
-            series = {str(r): self.values[i].tolist() for i, r in enumerate(self.rows)}
-            series["weighted sum"] = self.weighted_sum().tolist()
-            views.append(
-                render.lines_svg(
-                    series,
-                    list(map(str, self.cols)),
-                    f"{self.title}: templates and weighted sum",
-                    highlight="weighted sum",
-                )
-            )
-        return views
-
-    def _repr_html_(self) -> str:
-        from tlprisms import render
-
-        return render.to_html(self)
+    def _repr_html_(self) -> str:  # the views tlprisms.render registers (tlprisms._core.views)
+        return views.html(self)
 
 
 @jaxtyped(typechecker=beartype)
@@ -225,19 +200,8 @@ class TokenProjection:
         ev = ", ".join(f"{float(v):.1%}" for v in self.explained_variance)
         return f"TokenProjection({self.title}: {len(self.labels)} tokens, PCA variance {ev})"
 
-    def _tlprisms_views(self) -> list:
-        from tlprisms import render
-
-        return [
-            render.scatter_svg(
-                self.points.detach().float().cpu().numpy(), list(map(str, self.labels)), self.title
-            )
-        ]
-
-    def _repr_html_(self) -> str:
-        from tlprisms import render
-
-        return render.to_html(self)
+    def _repr_html_(self) -> str:  # the views tlprisms.render registers (tlprisms._core.views)
+        return views.html(self)
 
 
 @check.entry

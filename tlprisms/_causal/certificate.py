@@ -16,8 +16,9 @@ from beartype import beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 
+from tlprisms._core import views
 from tlprisms._core.errors import VerificationError
-from tlprisms._core.result import ComponentTable
+from tlprisms._core.table import ComponentTable
 
 __all__ = ["Verification"]
 
@@ -95,7 +96,8 @@ class Verification:
         return self
 
     # ------------------------------------------------------------------ text
-    def _checked(self) -> str:
+    def checked_terms(self) -> str:
+        """How many terms were checked: ``"3 largest + 2 sampled terms"``."""
         n_top = int((~self.sampled).sum())
         n_sampled = int(self.sampled.sum())
         return f"{n_top} largest + {n_sampled} sampled terms"
@@ -119,14 +121,14 @@ class Verification:
                 )
             return (
                 f"FAILED: the terms do not add up to the {self.explains} (gap "
-                f"{self.sum_gap:.3g}), although {self._checked()} matched their "
+                f"{self.sum_gap:.3g}), although {self.checked_terms()} matched their "
                 "interventions"
             )
         if not self.terms.numel():
             return f"no term could be checked by intervention ({self._skipped()})"
         i = int(self.error.argmax())
         return (
-            f"{self._checked()} verified by intervention, max error "
+            f"{self.checked_terms()} verified by intervention, max error "
             f"{self.max_error:.1g} of a {self.explains} of {float(self.explained[i]):.3g}"
         )
 
@@ -176,22 +178,10 @@ class Verification:
         )
 
     # ------------------------------------------------------------------ rendering
+    # drawn by the views tlprisms.render registers for this type (tlprisms._core.views)
     def svg(self) -> str:
         """Each checked term against minus its measured change: on the diagonal when right."""
-        from tlprisms.render import scatter_svg
-
-        points = torch.stack([self.terms, -self.change], 1).numpy()
-        labels = [str(x) for x in self.components]
-        return scatter_svg(
-            points, labels, f"term (x) vs minus the change when removed (y): {self._checked()}"
-        )
-
-    def _tlprisms_views(self) -> list:
-        from tlprisms.render._escape import esc
-
-        return [f'<div style="font-size:13px;margin:4px 0">{esc(str(self))}</div>', self.svg()]
+        return views.svg(self)
 
     def _repr_html_(self) -> str:
-        from tlprisms import render
-
-        return render.to_html(self)
+        return views.html(self)

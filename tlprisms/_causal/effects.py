@@ -33,9 +33,11 @@ from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
 from tlprisms._core import arguments as check
+from tlprisms._core import views
 from tlprisms._core.errors import ArgumentError, PositionError
 from tlprisms._core.readout import FinalReadout, Recorded, final_readout
-from tlprisms._core.result import Component, ComponentTable, Decomposition
+from tlprisms._core.result import Decomposition
+from tlprisms._core.table import Component, ComponentTable
 from tlprisms._seam import COPY_TOKENS, Ablation, CacheView, Site, record, run_ablated
 
 __all__ = ["Effects", "effects", "ABLATIONS"]
@@ -121,25 +123,14 @@ class Effects:
                 )
         return "\n".join(lines) + ")"
 
+    # drawn by the views tlprisms.render registers for this type (tlprisms._core.views)
     def svg(self, target: int = 0) -> str:
         """Direct term (x) against total effect (y), one point per component (mean over rows);
         a component off the diagonal acts through the rest of the model."""
-        from tlprisms.render import scatter_svg
-
-        pts = torch.stack([self.direct[:, target].mean(0), self.total[:, target].mean(0)], 1)
-        return scatter_svg(
-            pts.numpy(),
-            [str(c) for c in self.components],
-            f"direct term (x) vs total effect, {self.ablation} ablation (y)",
-        )
-
-    def _tlprisms_views(self) -> list:
-        return [self.svg()]
+        return views.svg(self, target=target)
 
     def _repr_html_(self) -> str:
-        from tlprisms import render
-
-        return render.to_html(self)
+        return views.html(self)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -9,7 +9,7 @@ group's and whose ``of`` names the kind it sums. So every total is still the log
 terms are the dense terms bit for bit, each remainder is the sum of the dense terms it replaces.
 
 **Layout (slots).** The kept components differ per ``(batch, pos, target)``, so a sparse
-:class:`~tlprisms._core.result.Decomposition` stores ``values[B, P, K, S]`` with
+:class:`~tlprisms.Decomposition` stores ``values[B, P, K, S]`` with
 ``index[B, P, K, S]``: slot ``s`` holds the term of component ``index[..., s]`` of
 ``components`` (-1: an empty slot, value 0). Slots are ``[kept terms, largest |value| first |
 constants | one remainder per group]``. ``components`` is every component of the dense result
@@ -30,7 +30,7 @@ To give a new prism ``top_k``: compute its dense terms ``[B, P, K, C]`` per chun
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -42,7 +42,7 @@ from torch import Tensor
 from tlprisms._core import arguments as check_arg
 from tlprisms._core.engine import Readout, Split, split_writes, writes_table
 from tlprisms._core.errors import ArgumentError
-from tlprisms._core.result import KINDS, ComponentTable, Decomposition
+from tlprisms._core.table import KINDS, ComponentTable
 
 __all__ = [
     "CHUNK_BYTES",
@@ -55,6 +55,11 @@ __all__ = [
     "sparse_result",
     "chunked_split",
     "check_sparse_args",
+    "scatter_slots",
+    "component_row",
+    "subset_slots",
+    "used_components",
+    "regroup_slots",
 ]
 
 #: the most bytes of dense terms one chunk of explained positions may hold
@@ -117,11 +122,7 @@ def remainder_groups(table: ComponentTable) -> Groups:
     """The ``(kind, layer)`` groups of ``table``'s non-constant components."""
     const_mask = table.is_constant() | (table.kind == KINDS.index("rest"))
     free_idx = np.nonzero(~const_mask)[0]
-    if hasattr(table, "group_keys"):  # QK pairs: (query kind, layer, key kind, layer)
-        keys = table.group_keys(free_idx)
-    else:
-        keys = table.kind[free_idx].astype(np.int64) * (2**32)
-        keys = keys + table.layer[free_idx].astype(np.int64)
+    keys = table.group_keys(free_idx)  # (kind, layer); QK pairs: both sides' kind, layer
     uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     order_g = np.argsort(first, kind="stable")  # first-appearance order of the groups
     rank = np.empty_like(order_g)
@@ -142,12 +143,7 @@ def remainder_groups(table: ComponentTable) -> Groups:
         bounds = [(int(s), int(e)) for s, e in zip(starts, ends)]
         order = perm
     rep = free_idx[first[order_g]]
-    if hasattr(table, "remainders"):  # QK pairs: "q:L3.heads x k:embed (rest)"
-        rest = table.remainders(rep)
-    else:
-        rest = ComponentTable.block(
-            "rest", len(rep), layer=table.layer[rep], of=table.kind[rep].astype(np.int8)
-        )
+    rest = table.remainders(rep)  # "L3.heads (rest)"; QK pairs: "q:L3.heads x k:embed (rest)"
     return Groups(
         table=rest, const=np.nonzero(const_mask)[0], free=~const_mask, order=order, bounds=bounds
     )
@@ -155,9 +151,7 @@ def remainder_groups(table: ComponentTable) -> Groups:
 
 def extend(table: ComponentTable, groups: Groups) -> ComponentTable:
     """``table`` followed by the remainder components (what a sparse result's slots index)."""
-    if hasattr(table, "remainders"):  # QK pairs keep their two sides
-        return table.append(groups.table)  # type: ignore[attr-defined]
-    return ComponentTable.concat([table, groups.table])
+    return table.append(groups.table)  # QK pairs keep their two sides
 
 
 @jaxtyped(typechecker=beartype)
@@ -294,63 +288,74 @@ def chunked_split(
     return SparseTerms(values=out_v, index=out_i), extend(table, groups)
 
 
-# ----------------------------------------------------------------------------- result views
-def _scatter(d: Decomposition, values: Tensor, n: int) -> Tensor:
-    """Slots ``[..., S]`` -> dense ``[..., n]`` (empty slots dropped)."""
-    assert d.index is not None
-    idx = d.index
+# ----------------------------------------------------------------------------- slot algebra
+# What a sparse Decomposition's methods compute on its slots (``values``, ``index``), as
+# functions of tensors: the result type (tlprisms._core.result) builds on them.
+def scatter_slots(values: Tensor, index: Tensor, n: int) -> Tensor:
+    """Slots ``[..., S]`` -> dense ``[..., n]`` over the ``n`` components (empty slots
+    dropped)."""
     out = torch.zeros(*values.shape[:-1], n + 1, dtype=values.dtype, device=values.device)
-    out.scatter_add_(-1, torch.where(idx >= 0, idx, torch.full_like(idx, n)), values)
+    out.scatter_add_(-1, torch.where(index >= 0, index, torch.full_like(index, n)), values)
     return out[..., :n]
 
 
 def component_row(
-    d: Decomposition, target: int, batch: Optional[int], pos: Optional[int]
+    values: Tensor,
+    index: Tensor,
+    n: int,
+    target: int,
+    batch: Optional[int],
+    pos: Optional[int],
 ) -> Tensor:
-    """The terms of one target as a dense vector over the components ``[1, 1, C]``: at one
-    ``(batch, pos)`` or averaged over the ones not given (a component not kept counts 0)."""
-    assert d.index is not None
-    v, i = d.values[..., target, :], d.index[..., target, :]
+    """The terms of one target as a dense vector over the ``n`` components ``[1, 1, n]``: at
+    one ``(batch, pos)`` or averaged over the ones not given (a component not kept counts 0)."""
+    v, i = values[..., target, :], index[..., target, :]
     if batch is not None:
         v, i = v[batch : batch + 1], i[batch : batch + 1]
     if pos is not None:
         v, i = v[:, pos : pos + 1], i[:, pos : pos + 1]
-    C = len(d.components)
     flat_i = i.reshape(-1)
     flat_v = v.reshape(-1)
-    row = torch.zeros(C + 1, dtype=v.dtype, device=v.device)
-    row.index_add_(0, torch.where(flat_i >= 0, flat_i, torch.full_like(flat_i, C)), flat_v)
-    n = v.shape[0] * v.shape[1]
-    return (row[:C] / n)[None, None]
+    row = torch.zeros(n + 1, dtype=v.dtype, device=v.device)
+    row.index_add_(0, torch.where(flat_i >= 0, flat_i, torch.full_like(flat_i, n)), flat_v)
+    count = v.shape[0] * v.shape[1]
+    return (row[:n] / count)[None, None]
 
 
-def subset(d: Decomposition, keep: np.ndarray) -> Decomposition:
-    """The slots whose component is kept, re-indexed into the kept components."""
-    assert d.index is not None
+def subset_slots(values: Tensor, index: Tensor, keep: np.ndarray) -> tuple[Tensor, Tensor]:
+    """The slots whose component is kept (``keep`` over the components), re-indexed into
+    the kept components; the others become empty slots."""
+    n = len(keep)
     idx = np.nonzero(keep)[0]
-    new_of_old = np.full(len(d.components) + 1, -1, dtype=np.int64)
+    new_of_old = np.full(n + 1, -1, dtype=np.int64)
     new_of_old[idx] = np.arange(len(idx))
-    remap = torch.as_tensor(new_of_old, device=d.index.device)
-    index = remap[torch.where(d.index >= 0, d.index, torch.full_like(d.index, len(d.components)))]
-    values = torch.where(index >= 0, d.values, torch.zeros_like(d.values))
-    return replace(d, values=values, index=index, components=d.components.take(idx), complete=False)
+    remap = torch.as_tensor(new_of_old, device=index.device)
+    new_index = remap[torch.where(index >= 0, index, torch.full_like(index, n))]
+    return torch.where(new_index >= 0, values, torch.zeros_like(values)), new_index
 
 
-def regroup(d: Decomposition, group: np.ndarray, table: ComponentTable) -> Decomposition:
-    """Sum the slots by ``group[component]`` into ``len(table)`` new components: dense when
-    that is no wider than the slots, else slots again (one per group met, summed)."""
-    assert d.index is not None
-    G = len(table)
-    g = torch.as_tensor(np.append(group, -1), dtype=torch.long, device=d.index.device)
-    gi = g[torch.where(d.index >= 0, d.index, torch.full_like(d.index, len(d.components)))]
-    if G <= d.values.shape[-1]:
-        out = torch.zeros(*d.values.shape[:-1], G + 1, dtype=d.values.dtype, device=d.values.device)
-        out.scatter_add_(-1, torch.where(gi >= 0, gi, torch.full_like(gi, G)), d.values)
-        return replace(d, values=out[..., :G], index=None, components=table)
+def used_components(index: Tensor, n: int) -> np.ndarray:
+    """True for each of the ``n`` components that some slot holds."""
+    used = torch.unique(index[index >= 0]).cpu().numpy()
+    return np.isin(np.arange(n), used)
+
+
+def regroup_slots(
+    values: Tensor, index: Tensor, n: int, group: np.ndarray, G: int
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Sum the slots by ``group[component]`` (over ``n`` components) into ``G`` new
+    components: dense (index None) when that is no wider than the slots, else slots again
+    (one per group met, summed)."""
+    g = torch.as_tensor(np.append(group, -1), dtype=torch.long, device=index.device)
+    gi = g[torch.where(index >= 0, index, torch.full_like(index, n))]
+    if G <= values.shape[-1]:
+        out = torch.zeros(*values.shape[:-1], G + 1, dtype=values.dtype, device=values.device)
+        out.scatter_add_(-1, torch.where(gi >= 0, gi, torch.full_like(gi, G)), values)
+        return out[..., :G], None
     # sort each row's slots by group, sum runs of one group into the run's first slot
     key = torch.where(gi >= 0, gi, torch.full_like(gi, G))
     key, order = key.sort(dim=-1, stable=True)
-    vals = d.values.gather(-1, order)
+    vals = values.gather(-1, order)
     starts = torch.ones_like(key, dtype=torch.bool)
     starts[..., 1:] = key[..., 1:] != key[..., :-1]
     run = starts.long().cumsum(-1) - 1
@@ -358,54 +363,4 @@ def regroup(d: Decomposition, group: np.ndarray, table: ComponentTable) -> Decom
     out_i = torch.full_like(key, -1).scatter_(-1, run, key)
     out_i = torch.where(out_i >= G, torch.full_like(out_i, -1), out_i)
     out_v = torch.where(out_i >= 0, out_v, torch.zeros_like(out_v))
-    return replace(d, values=out_v, index=out_i, components=table)
-
-
-def to_dense(d: Decomposition) -> Decomposition:
-    """One column per component kept anywhere (table order), zeros where not kept."""
-    assert d.index is not None
-    used = torch.unique(d.index[d.index >= 0]).cpu().numpy()
-    sub = subset(d, np.isin(np.arange(len(d.components)), used))
-    return replace(dense_from_slots(sub), complete=d.complete)
-
-
-def dense_from_slots(d: Decomposition) -> Decomposition:
-    """A sparse result laid out densely over all its components."""
-    assert d.index is not None
-    values = _scatter(d, d.values, len(d.components))
-    return replace(d, values=values, index=None)
-
-
-def to_frame(d: Decomposition) -> Any:
-    """One row per kept slot (the columns of :meth:`Decomposition.to_frame`, plus ``of``)."""
-    import pandas as pd
-
-    assert d.index is not None
-    B, P, K, S = d.values.shape
-    idx = d.index.cpu().numpy()
-    bb, pp, kk, _ = np.nonzero(idx >= 0)
-    cc = idx[bb, pp, kk, _]
-    vals = d.values.detach().float().cpu().numpy()[bb, pp, kk, _]
-    c = d.components
-    positions = d.positions.cpu().numpy()
-    labels = np.broadcast_to(d.target_labels, (B, P, K))
-    of = np.asarray(KINDS + ("",), dtype=object)[c.of_codes()[cc]]
-    if hasattr(c, "side_columns"):  # QK pairs: one column set per side, remainders flagged
-        rows = {"batch": bb, "pos": positions[bb, pp], "target": labels[bb, pp, kk]}
-        rest = c.kinds()[cc] == "rest"
-        return pd.DataFrame({**rows, **c.side_columns(cc), "value": vals, "rest": rest})
-    return pd.DataFrame(
-        {
-            "batch": bb,
-            "pos": positions[bb, pp],
-            "target": labels[bb, pp, kk],
-            "kind": c.kinds()[cc],
-            "layer": c.layer[cc],
-            "head": c.head[cc],
-            "neuron": c.neuron[cc],
-            "src": c.src[cc],
-            "at": c.at[cc],
-            "value": vals,
-            "of": of,
-        }
-    )
+    return out_v, out_i

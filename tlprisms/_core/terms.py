@@ -20,8 +20,8 @@ from torch import Tensor
 
 from tlprisms._core.request import Request
 from tlprisms._core.result import Decomposition
-from tlprisms._core.table import ComponentTable
 from tlprisms._core.sparse import sparse_result
+from tlprisms._core.table import ComponentTable
 
 __all__ = ["Terms", "keep_largest", "to_result"]
 

@@ -32,6 +32,8 @@ from torch import Tensor
 
 from tlprisms._core import arguments as check
 from tlprisms._core.engine import Readout, Split, Writes, split_writes
+from tlprisms._core.errors import ArgumentError
+from tlprisms._core.ops import dot
 from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import (
     Recorded,
@@ -41,13 +43,11 @@ from tlprisms._core.readout import (
     weigh,
 )
 from tlprisms._core.request import Request
-from tlprisms._core.terms import Terms, keep_largest
-from tlprisms._core.errors import ArgumentError
-from tlprisms._core.ops import dot
 from tlprisms._core.table import KINDS, ComponentTable
-from tlprisms._seam import CacheView, Site
+from tlprisms._core.terms import Terms, keep_largest
 from tlprisms._prisms import chain
 from tlprisms._prisms.chain import ChainState, Hop, HopKind, register_hop
+from tlprisms._seam import CacheView, Site
 from tlprisms.dictionary import Dictionary
 
 __all__ = [

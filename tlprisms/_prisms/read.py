@@ -14,13 +14,13 @@ write into that stream by the engine; (3) the structural check; (4) keep the lar
 when ``top_k``/``min_abs`` ask.
 """
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
-from dataclasses import dataclass
-import torch
 from torch import Tensor
 
 from tlprisms._core import arguments as check

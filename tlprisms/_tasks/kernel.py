@@ -26,10 +26,10 @@ from tlprisms._core.engine import (
     Readout,
     Split,
     head_block,
-    neuron_block,
-    write_plan,
     layer_device,
+    neuron_block,
     whole_write,
+    write_plan,
 )
 from tlprisms._core.ops import dot
 from tlprisms._core.readout import Recorded, softcap_ratio, weigh

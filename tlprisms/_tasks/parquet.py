@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tlprisms._core.result import ComponentTable
+from tlprisms._core.table import ComponentTable
 
 __all__ = ["SparseWriter", "ROW_GROUP_ROWS", "RUN_KEY", "REST", "rank_path", "require_pyarrow"]
 

@@ -2,7 +2,8 @@
 
 * :func:`to_html` / :func:`show`: any result, view or list of them as an HTML fragment that
   is safe to paste anywhere (a :class:`~tlprisms.Decomposition` shows a default view chosen
-  by its components; objects with ``_tlprisms_views()`` are rendered through it).
+  by its components; other result types the views registered for them below; objects with
+  ``_tlprisms_views()`` are rendered through it).
 * :class:`Report`: several views in ONE self-contained HTML file.
 * Views of a decomposition: :func:`bars` (terms adding up to the logit),
   :func:`layer_head_heatmap`, :func:`source_tokens` and :func:`head_source_map`
@@ -24,14 +25,27 @@ props escaped for a ``<script>``; tokens are always shown as text, never as mark
 (False, True)
 """
 
+from tlprisms._causal.certificate import Verification
+from tlprisms._causal.effects import Effects
+from tlprisms._core import views as _registry
+from tlprisms._core.result import Decomposition
 from tlprisms.render._features import feature_terms
 from tlprisms.render._page import Report, save_png, save_svg, show, to_html
 from tlprisms.render._qk import attention_pattern, pair_matrix, query_sources
+from tlprisms.render._results import (
+    effects_svg,
+    effects_views,
+    token_map_views,
+    token_projection_views,
+    verification_svg,
+    verification_views,
+)
 from tlprisms.render._svg import bar_svg, heatmap_svg
 from tlprisms.render._svg_plots import lines_svg, scatter_svg
 from tlprisms.render._top_tokens import TopTokens, top_tokens
 from tlprisms.render._views import bars, head_source_map, layer_head_heatmap, source_tokens
 from tlprisms.render._views_base import Figure, View, Widget
+from tlprisms.weights import TokenMap, TokenProjection
 
 __all__ = [
     "to_html",
@@ -57,3 +71,13 @@ __all__ = [
     "TopTokens",
     "feature_terms",
 ]
+
+# How results are shown: registered for their types here, so that results never import
+# rendering (tlprisms._core.views looks these up; ``import tlprisms`` imports this package).
+_registry.register(Decomposition, html=to_html, show=show)
+_registry.register(TokenMap, html=to_html, show=show, views=token_map_views)
+_registry.register(TokenProjection, html=to_html, show=show, views=token_projection_views)
+_registry.register(
+    Verification, html=to_html, show=show, svg=verification_svg, views=verification_views
+)
+_registry.register(Effects, html=to_html, show=show, svg=effects_svg, views=effects_views)

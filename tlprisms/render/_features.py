@@ -12,8 +12,10 @@ from typing import Any
 from tlprisms._core import arguments as check
 from tlprisms._core.errors import ArgumentError
 from tlprisms._core.result import Decomposition
+from tlprisms.dictionary import Dictionary
 from tlprisms.render._svg import bar_svg
 from tlprisms.render._views_base import Figure
+from tlprisms.weights import feature_top_tokens
 
 __all__ = ["feature_terms"]
 
@@ -42,9 +44,6 @@ def feature_terms(
     >>> fig.svg.startswith("<svg"), len(fig.data["features"])
     (True, 3)
     """
-    from tlprisms.dictionary import Dictionary
-    from tlprisms.weights import feature_top_tokens
-
     caller = "feature_terms"
     if not isinstance(result, Decomposition):
         raise ArgumentError(f"{caller}: result must be what prism.features returned.")

@@ -7,6 +7,7 @@ links and namespace names, never fetched).
 """
 
 import datetime
+import functools
 import inspect
 import re
 import sys
@@ -15,6 +16,7 @@ from types import FrameType
 from typing import Any, Optional, Union
 
 from tlprisms._core import arguments as check
+from tlprisms._core import views as registry
 from tlprisms._core.errors import ArgumentError
 from tlprisms._core.result import Decomposition
 from tlprisms.render import _args as arg
@@ -63,8 +65,10 @@ def as_view(obj: Any, caller: str = "to_html", **kw: Any) -> View:
     * a view (from :func:`bars`, :func:`source_tokens`, ...): itself;
     * a :class:`~tlprisms.Decomposition`: its default view (``kw``: ``batch``, ``pos``,
       ``target``);
-    * an object with ``_tlprisms_views()``: a group of the views or HTML fragments it returns
-      (``kw``: the options that method takes);
+    * a result type with a ``views`` function registered (:mod:`tlprisms._core.views`:
+      ``Verification``, ``Effects``, the weight maps), or an object with a
+      ``_tlprisms_views()`` method: a group of the views or HTML fragments it returns
+      (``kw``: the options it takes);
     * an ``<svg>`` string: a figure; a list or tuple: a group of the above.
     """
     if isinstance(obj, Decomposition):
@@ -87,7 +91,8 @@ def as_view(obj: Any, caller: str = "to_html", **kw: Any) -> View:
                 "bars(result, batch=1)."
             )
         return obj if isinstance(obj, View) else Figure(obj)
-    views = getattr(obj, "_tlprisms_views", None)
+    maker = registry.find(obj, "views")
+    views = functools.partial(maker, obj) if maker else getattr(obj, "_tlprisms_views", None)
     if callable(views):
         name = type(obj).__name__
         try:
@@ -135,7 +140,7 @@ def to_html(obj: Any, **kw: Any) -> str:
 def _displayed_by_jupyter() -> bool:
     """``to_html`` was called by an object's ``_repr_html_`` (Jupyter displaying it)."""
     frame: Optional[FrameType] = sys._getframe(2)
-    for _ in range(8):  # type-checking wrappers may stand in between
+    for _ in range(16):  # type-checking wrappers and the view registry may stand in between
         if frame is None:
             return False
         if frame.f_code.co_name == "_repr_html_":

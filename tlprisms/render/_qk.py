@@ -21,7 +21,11 @@ import torch
 from tlprisms._core import arguments as check
 from tlprisms._core.errors import ArgumentError
 from tlprisms._core.result import Decomposition
+from tlprisms._core.sparse import component_row
+from tlprisms._prisms.qk_table import PairTable, side_label
+from tlprisms.render._escape import token_label
 from tlprisms.render._svg import heatmap_svg
+from tlprisms.render._tokens import TOKEN_CSS, colored_token, tokens_of
 from tlprisms.render._views_base import Figure, Widget
 
 __all__ = ["pair_matrix", "query_sources", "attention_pattern", "is_pairs", "qk_default_view"]
@@ -32,12 +36,14 @@ MAX_SIDE = 24
 
 def is_pairs(result: Any) -> bool:
     """Whether ``result`` is a QK result (its components are pairs)."""
-    return isinstance(result, Decomposition) and hasattr(result.components, "side_columns")
+    return isinstance(result, Decomposition) and result.components.is_pairs
 
 
-def _pairs(result: Decomposition) -> Any:
-    """The result's pair table (a :class:`tlprisms._prisms.qk.PairTable`)."""
-    return result.components
+def _pairs(result: Decomposition) -> PairTable:
+    """The result's pair table."""
+    table = result.components
+    assert isinstance(table, PairTable)
+    return table
 
 
 def _check(result: Any, caller: str) -> Decomposition:
@@ -53,16 +59,14 @@ def _values(result: Decomposition, batch: int, target: int, caller: str) -> np.n
     b = check.in_range(batch, B, "batch", caller, of=f" ({B} rows)")
     t = check.in_range(target, K, "target", caller, of=f" ({K} keys)")
     if result.index is not None:  # sparse: the slots scattered onto every pair (0: dropped)
-        from tlprisms._core.sparse import component_row
-
-        return component_row(result, t, b, 0)[0, 0].detach().float().cpu().numpy()
+        n = len(result.components)
+        row = component_row(result.values, result.index, n, t, b, 0)
+        return row[0, 0].detach().float().cpu().numpy()
     return result.values[b, 0, t].detach().float().cpu().numpy()
 
 
 def _side_labels(table: Any) -> list[str]:
-    from tlprisms._prisms.qk import _side_label
-
-    return [_side_label(c) for c in table]
+    return [side_label(c) for c in table]
 
 
 def _fold(m: np.ndarray, axis: int, labels: list[str], n: int) -> tuple[np.ndarray, list[str]]:
@@ -106,9 +110,6 @@ def pair_matrix(
 def query_sources(result: Decomposition, *, batch: int = 0, target: int = 0) -> Widget:
     """The input tokens coloured by the score terms of the query-side heads reading them
     (needs a result made with ``q_heads=...`` and ``by_source=True``)."""
-    from tlprisms.render._escape import token_label
-    from tlprisms.render._views import _TOKEN_CSS, _colored_token, tokens_of
-
     caller = "query_sources"
     result = _check(result, caller)
     c = _pairs(result)
@@ -130,7 +131,7 @@ def query_sources(result: Decomposition, *, batch: int = 0, target: int = 0) -> 
         "ColoredTokens",
         {
             "tokens": [
-                _colored_token(lab, j, float(x)) for j, (lab, x) in enumerate(zip(labels, values))
+                colored_token(lab, j, float(x)) for j, (lab, x) in enumerate(zip(labels, values))
             ],
             "values": [float(x) for x in values],
             "minValue": -vmax,
@@ -138,7 +139,7 @@ def query_sources(result: Decomposition, *, batch: int = 0, target: int = 0) -> 
         },
         title=f"{result.prism}: query-side sources' terms for the {result.explains}",
         note=f"blue raises the score, red lowers it; scale \u00b1{vmax:.3g}",
-        css=_TOKEN_CSS,
+        css=TOKEN_CSS,
     )
 
 

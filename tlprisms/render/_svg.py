@@ -20,7 +20,20 @@ from tlprisms._core.errors import ArgumentError
 from tlprisms.render import _args as arg
 from tlprisms.render._escape import Label, balance, esc, label, token_label
 
-__all__ = ["heatmap_svg", "bar_svg", "POSITIVE", "NEGATIVE", "diverging", "fmt", "Real"]
+__all__ = [
+    "heatmap_svg",
+    "bar_svg",
+    "POSITIVE",
+    "NEGATIVE",
+    "diverging",
+    "fmt",
+    "Real",
+    "as_matrix",
+    "check_len",
+    "svg_document",
+    "text_width",
+    "title_lines",
+]
 
 #: any real number (beartype does not let an int pass as a float)
 Real = Union[int, float, np.integer, np.floating]
@@ -83,11 +96,13 @@ def _ink(v: Real, vmax: Real) -> str:
     return "#ffffff" if math.isfinite(v) and vmax > 0 and abs(v) / vmax > 0.6 else "#111111"
 
 
-def _text_w(s: str, px: Real = 12) -> Real:
+def text_width(s: str, px: Real = 12) -> Real:
+    """The width in px that ``s`` takes at font size ``px`` (generous)."""
     return len(s) * _CHAR_W * px / 12 + 4
 
 
-def _svg(width: Real, height: Real, body: list[str]) -> str:
+def svg_document(width: Real, height: Real, body: list[str]) -> str:
+    """A standalone ``<svg>`` of the given size: white background, the package font."""
     w, h = int(math.ceil(width)), int(math.ceil(height))
     return (
         f'<svg xmlns="{_XMLNS}" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
@@ -96,7 +111,7 @@ def _svg(width: Real, height: Real, body: list[str]) -> str:
     )
 
 
-def _title(title: str, width: Real) -> tuple[list[str], Real]:
+def title_lines(title: str, width: Real) -> tuple[list[str], Real]:
     """The title as up to three wrapped lines of bold text, and the height it takes."""
     if not title:
         return [], 8.0
@@ -117,16 +132,18 @@ def _title(title: str, width: Real) -> tuple[list[str], Real]:
     return out, 20 + 17 * (len(lines) - 1) + 14
 
 
-def _as_matrix(
+def as_matrix(
     matrix: Any, caller: str, what: str = "matrix", shape: str = "[rows, cols]"
 ) -> np.ndarray:
+    """``matrix`` as a 2-D array of numbers, or an :class:`ArgumentError` naming ``caller``."""
     m = arg.numbers_array(matrix, what, caller, shape)
     if m.ndim != 2:
         raise ArgumentError(f"{caller}: {what} must be 2-D {shape}, got shape {m.shape}.")
     return m
 
 
-def _check_len(labels: Any, n: int, what: str, per: str, caller: str) -> list:
+def check_len(labels: Any, n: int, what: str, per: str, caller: str) -> list:
+    """``labels`` checked to be ``n`` labels, one per ``per`` (see ``_args.labels``)."""
     return arg.labels(labels, n, what, per, caller)
 
 
@@ -171,9 +188,9 @@ def heatmap_svg(
         An ``<svg>`` element as a string.
     """
     caller = "heatmap_svg"
-    m = _as_matrix(matrix, caller)
-    rows = _check_len(row_labels, m.shape[0], "row_labels", "row", caller)
-    cols = _check_len(col_labels, m.shape[1], "col_labels", "column", caller)
+    m = as_matrix(matrix, caller)
+    rows = check_len(row_labels, m.shape[0], "row_labels", "row", caller)
+    cols = check_len(col_labels, m.shape[1], "col_labels", "column", caller)
     title = str(arg.text(title, "title", caller))
     vmax = arg.real(vmax, "vmax", caller, optional=True)
     if vmax is not None and not (math.isfinite(vmax) and vmax > 0):
@@ -189,18 +206,18 @@ def heatmap_svg(
     R, C = m.shape
     cs = float(np.clip(min(680 / max(C, 1), 440 / max(R, 1)), 12, 58))
     cell_text = [[fmt(float(x), 2) for x in r] for r in m]
-    text_w = max((_text_w(t, 10) for r in cell_text for t in r), default=0.0)
+    text_w = max((text_width(t, 10) for r in cell_text for t in r), default=0.0)
     annotate = (text_w + 2 <= cs) if annotate is None else annotate
     rl = [token_label(r, 30) for r in rows]
     cl = [token_label(c, 24) for c in cols]
     fs = float(min(12.0, max(8.0, cs - 2)))  # label font: rows must not overlap
-    left = max([_text_w(s.short, fs) for s in rl] + [20]) + 12
-    rotate = any(_text_w(s.short, fs) > cs for s in cl)
+    left = max([text_width(s.short, fs) for s in rl] + [20]) + 12
+    rotate = any(text_width(s.short, fs) > cs for s in cl)
     vertical = rotate and cs < 22  # at 45 degrees, narrow columns' labels would overlap
-    widest = max([_text_w(s.short, fs) for s in cl] + [0])
+    widest = max([text_width(s.short, fs) for s in cl] + [0])
     col_h = (widest + 10 if vertical else widest * 0.72 + 14) if rotate else 20
     width = max(left + C * cs + 110, 420)
-    head, th = _title(title, width)
+    head, th = title_lines(title, width)
     top = th + 8 + col_h
     body = head
     for j, s in enumerate(cl):
@@ -252,7 +269,7 @@ def heatmap_svg(
     for v, y in ((vmax, top + 4), (0.0, top + bh / 2 + 4), (-vmax, top + bh)):
         body.append(f'<text x="{bx + 18}" y="{y:.1f}" fill="#333333">{esc(fmt(v))}</text>')
     height = top + max(R * cs, bh) + 12
-    return _svg(width, height, body)
+    return svg_document(width, height, body)
 
 
 # ---------------------------------------------------------------------------- bars
@@ -285,7 +302,7 @@ def bar_svg(
     """
     caller = "bar_svg"
     v = arg.numbers_array(values, "values", caller, "(one per bar)").reshape(-1)
-    names = _check_len(labels, v.shape[0], "labels", "value", caller)
+    names = check_len(labels, v.shape[0], "labels", "value", caller)
     title = str(arg.text(title, "title", caller))
     total = arg.real(total, "total", caller, optional=True)
     waterfall = bool(arg.flag(waterfall, "waterfall", caller))
@@ -300,10 +317,10 @@ def bar_svg(
         lo, hi = lo - 1.0, hi + 1.0
     rows = [token_label(n, 36) for n in names]
     rows += [token_label(total_label, 36)] if total is not None else []
-    left = max([_text_w(s.short) for s in rows] + [40]) + 14
+    left = max([text_width(s.short) for s in rows] + [40]) + 14
     plot_w, pad = 440.0, 64.0
     width = left + pad + plot_w + pad + 8
-    head, th = _title(title, width)
+    head, th = title_lines(title, width)
     body = head
     top = th + 10
     if note:
@@ -378,4 +395,4 @@ def bar_svg(
         bar(n + 0.3, 0.0, float(total), TOTAL, rows[-1], float(total), bold=True)
     if n == 0 and total is None:
         body.append(f'<text x="{left:.1f}" y="{top + 14:.1f}" fill="#555555">(no values)</text>')
-    return _svg(width, bottom + 22, body)
+    return svg_document(width, bottom + 22, body)

@@ -14,14 +14,14 @@ from tlprisms.render._svg import (
     PALETTE,
     POSITIVE,
     Real,
-    _as_matrix,
-    _check_len,
-    _svg,
-    _text_w,
-    _title,
+    as_matrix,
+    check_len,
     fmt,
     fmt_tick,
     nice_ticks,
+    svg_document,
+    text_width,
+    title_lines,
 )
 
 __all__ = ["lines_svg", "scatter_svg"]
@@ -80,12 +80,12 @@ def lines_svg(
     plot_w = float(np.clip(46 * max(len(xs), 1), 260, 720))
     plot_h = 260.0
     left = 64.0
-    legend_w = max([_text_w(s.short) for s in legend] + [40]) + 34
+    legend_w = max([text_width(s.short) for s in legend] + [40]) + 34
     width = left + plot_w + 20 + legend_w
-    head, th = _title(title, width)
+    head, th = title_lines(title, width)
     top = th + 14
-    rotate = any(_text_w(s.short) > plot_w / max(len(xs), 1) for s in xl)
-    xlab_h = (max([_text_w(s.short) for s in xl] + [0]) * 0.72 + 16) if rotate else 22
+    rotate = any(text_width(s.short) > plot_w / max(len(xs), 1) for s in xl)
+    xlab_h = (max([text_width(s.short) for s in xl] + [0]) * 0.72 + 16) if rotate else 22
     body = head
 
     def X(i: int) -> Real:
@@ -144,7 +144,7 @@ def lines_svg(
         )
         body.append(f'<text x="{lx + 28}" y="{ly + 4:.1f}" fill="#222222">{legend[k].svg()}</text>')
     height = max(base + xlab_h, top + 18 * len(data) + 10) + 8
-    return _svg(width, height, body)
+    return svg_document(width, height, body)
 
 
 # ---------------------------------------------------------------------------- scatter
@@ -165,13 +165,13 @@ def scatter_svg(
         An ``<svg>`` element as a string.
     """
     caller = "scatter_svg"
-    p = _as_matrix(points, caller, "points", "[n, 2]")
+    p = as_matrix(points, caller, "points", "[n, 2]")
     if p.shape[1] != 2:
         raise ArgumentError(
             f"{caller}: points must be [n, 2], got shape {p.shape}; project "
             "to two dimensions first."
         )
-    names = _check_len(labels, p.shape[0], "labels", "point", caller)
+    names = check_len(labels, p.shape[0], "labels", "point", caller)
     title = str(arg.text(title, "title", caller))
     shown = arg.flag(show_labels, "show_labels", caller, optional=True)
     show_labels = p.shape[0] <= 80 if shown is None else shown
@@ -182,9 +182,9 @@ def scatter_svg(
     x0, x1, y0, y1 = x0 - 0.08 * dx, x1 + 0.08 * dx, y0 - 0.08 * dy, y1 + 0.08 * dy
     size, left = 440.0, 56.0
     lab = [token_label(n, 24) for n in names]
-    right = (max([_text_w(s.short, 10) for s in lab] + [0]) * 0.6 + 16) if show_labels else 16
+    right = (max([text_width(s.short, 10) for s in lab] + [0]) * 0.6 + 16) if show_labels else 16
     width = left + size + right
-    head, th = _title(title, width)
+    head, th = title_lines(title, width)
     top = th + 12
     body = head
 
@@ -229,4 +229,4 @@ def scatter_svg(
                 f'<text x="{cx + 6:.1f}" y="{cy + 4:.1f}" font-size="10" '
                 f'fill="#222222">{lab[i].svg()}</text>'
             )
-    return _svg(width, top + size + 24, body)
+    return svg_document(width, top + size + 24, body)

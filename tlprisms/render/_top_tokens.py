@@ -27,7 +27,7 @@ from torch import Tensor
 
 from tlprisms._core import arguments as check
 from tlprisms._core.errors import ArgumentError, PositionError
-from tlprisms._core.result import Component
+from tlprisms._core.table import Component
 from tlprisms._seam import CacheView, NormSpec, Site
 from tlprisms.prism import LogitPrism
 from tlprisms.render._svg import bar_svg

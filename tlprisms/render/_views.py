@@ -17,11 +17,15 @@ import torch
 
 from tlprisms._core import arguments as check
 from tlprisms._core.errors import ArgumentError, PositionError, PrismError, TargetError
-from tlprisms._core.result import KINDS, Decomposition
+from tlprisms._core.result import Decomposition
+from tlprisms._core.table import KINDS
+from tlprisms.prism import LogitPrism
 from tlprisms.render import _args as arg
-from tlprisms.render._escape import FSI, PDI, Label, esc, quote_token, token_label
+from tlprisms.render._escape import quote_token, token_label
+from tlprisms.render._qk import qk_default_view
 from tlprisms.render._svg import NEGATIVE, POSITIVE, bar_svg, fmt, heatmap_svg
-from tlprisms.render._views_base import WRAP, Figure, Group, View, Widget, _bundle_path
+from tlprisms.render._tokens import TOKEN_CSS, colored_token, tokens_of
+from tlprisms.render._views_base import WRAP, Figure, Group, View, Widget, bundle_path
 
 __all__ = ["bars", "layer_head_heatmap", "source_tokens", "head_source_map", "default_view"]
 
@@ -56,8 +60,6 @@ class _Point:
 
 def _check_result(result: Any, caller: str) -> Decomposition:
     if not isinstance(result, Decomposition):
-        from tlprisms.prism import LogitPrism
-
         hint = (
             f" Call a prism first, e.g. {caller}(prism.heads(target))."
             if isinstance(result, LogitPrism)
@@ -93,20 +95,6 @@ def _index(value: Any, n: int, what: str, caller: str) -> int:
     return i % n
 
 
-def tokens_of(result: Decomposition, batch: int) -> list:
-    """The token strings of one batch row, or ``"[i]"`` position labels when unknown."""
-    n = 1 + max(
-        int(result.positions.max()),
-        int(result.components.src.max(initial=-1)),
-        int(result.components.pos.max(initial=-1)),
-    )
-    toks = result.str_tokens
-    if toks is not None and batch < len(toks) and toks[batch] is not None:
-        row = [str(t) for t in toks[batch]]
-        return row + [f"[{i}]" for i in range(len(row), n)]
-    return [f"[{i}]" for i in range(n)]
-
-
 def _known(result: Decomposition, batch: int) -> bool:
     toks = result.str_tokens
     return toks is not None and batch < len(toks) and toks[batch] is not None
@@ -124,7 +112,7 @@ def _point(result: Decomposition, batch: Any, pos: Any, target: Any, caller: str
         p=p,
         target=t,
         position=int(result.positions[b, p]),
-        logit=float(result.logits[b, p, t]),
+        logit=float(result.explained[b, p, t]),
         label=_target(labels[b, p, t]),
         tokens=tokens_of(result, b),
         known=_known(result, b),
@@ -375,28 +363,6 @@ def _src_matrix(result: Decomposition, pt: _Point, keep: np.ndarray, n: int) -> 
     return out
 
 
-#: token boundaries visible (word-level tokens carry no spaces); CircuitsVis's own tooltip
-#: (a ``div`` beside each token) hidden: it would print the token's HTML as text, so each
-#: token carries its full text and value in a ``title`` instead (see :func:`_colored_token`)
-_TOKEN_CSS = (
-    ".colored-tokens>span>span{border-color:#b8b8b8!important;margin-right:2px!important;"
-    "padding:3px 2px!important;unicode-bidi:isolate}"
-    ".colored-tokens>div{display:none!important}"
-)
-
-
-def _colored_token(lab: Label, position: int, value: float) -> str:
-    """One token for CircuitsVis ``ColoredTokens``, which inserts tokens as HTML after
-    turning every whitespace character into ``&nbsp;``: the short label isolated in a
-    ``<bdi>`` whose ``title`` holds the full token, its position and its value.
-
-    The tag has no whitespace to lose: ``<bdi/title=...>`` is read as ``<bdi title=...>``
-    by every HTML parser (the ``/`` is skipped before an attribute name).
-    """
-    tip = f"{FSI}{lab.full}{PDI} (position {position}): {fmt(value)}"
-    return f'<bdi/title="{esc(tip)}">{esc(lab.short)}</bdi>'
-
-
 def _full_tokens(labels: list) -> str:
     """A collapsed list of the full text of shortened token labels ('' if none was)."""
     cut = [(j, lab) for j, lab in enumerate(labels) if lab.shortened]
@@ -442,7 +408,7 @@ def source_tokens(
         {
             # ColoredTokens inserts tokens as HTML
             "tokens": [
-                _colored_token(lab, j, float(x)) for j, (lab, x) in enumerate(zip(labels, values))
+                colored_token(lab, j, float(x)) for j, (lab, x) in enumerate(zip(labels, values))
             ],
             "values": [float(x) for x in values],
             "minValue": -vmax,
@@ -453,7 +419,7 @@ def source_tokens(
         title=title,
         note=f"blue raises the {result.explains}, red lowers it; scale "
         f"\u00b1{fmt(vmax)}; the sum over sources is {fmt(float(values.sum()))}",
-        css=_TOKEN_CSS,
+        css=TOKEN_CSS,
         footer=_full_tokens(labels),
     )
 
@@ -565,15 +531,13 @@ def default_view(
     at: dict[str, Any] = dict(batch=pt.batch, pos=pt.p, target=pt.target)
     caption = _caption(result, pt)
     if "pair" in kinds:  # a QK result: the pair matrix (and the query's sources)
-        from tlprisms.render._qk import qk_default_view
-
         views = qk_default_view(result, pt.batch, pt.target)
         return Group(views, caption=caption, title=f"{result.prism} prism")
     if "head" in kinds:
         views.append(layer_head_heatmap(result, **at))
         if (result.components.src[result.components.kinds() == "head"] >= 0).any():
             try:
-                _bundle_path()
+                bundle_path()
             except PrismError:  # plain views still work without circuitsvis
                 caption += " (pip install circuitsvis for the source-token view)"
             else:

@@ -28,6 +28,7 @@ __all__ = [
     "Group",
     "bundle_script",
     "notebook_bundle",
+    "bundle_path",
     "CV_GLOBAL",
     "WRAP",
 ]
@@ -41,7 +42,9 @@ _MOUNT_FALLBACK = (
 )
 
 
-def _bundle_path() -> Path:
+def bundle_path() -> Path:
+    """The installed CircuitsVis wheel's offline bundle (``dist/cdn/iife.js``), found without
+    importing circuitsvis; a :class:`PrismError` saying how to install it otherwise."""
     spec = importlib.util.find_spec("circuitsvis")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise PrismError(
@@ -74,7 +77,7 @@ def _bundle_text(path: str, mtime: float) -> str:
 
 def bundle_script() -> str:
     """A ``<script>`` that defines the CircuitsVis bundle once per page (guarded)."""
-    path = _bundle_path()
+    path = bundle_path()
     js = _bundle_text(str(path), os.path.getmtime(path))
     return (
         f"<script>if(!window.{CV_GLOBAL}){{window.{CV_GLOBAL}=(function(){{\n{js}\n"
