@@ -33,7 +33,8 @@ from tlprisms._core import arguments as check
 from tlprisms._core import views
 from tlprisms._core.errors import ArgumentError, TargetError, UnsupportedModelError
 from tlprisms._core.targets import token_id
-from tlprisms._seam import ModelView
+from tlprisms._seam import ModelView, Site
+from tlprisms.dictionary import Dictionary
 
 __all__ = [
     "TokenMap",
@@ -397,8 +398,6 @@ def qk_map(
 
 # ----------------------------------------------------------------------------- features
 def _dictionary(view: ModelView, dictionary: Any, caller: str) -> Any:
-    from tlprisms.dictionary import Dictionary
-
     if not isinstance(dictionary, Dictionary):
         raise ArgumentError(f"{caller}: dictionary={dictionary!r:.60}; pass a tlprisms.Dictionary.")
     dictionary.check_model(view, caller)
@@ -517,8 +516,6 @@ def ov_feature_map(
     >>> m.values.shape
     torch.Size([1, 1])
     """
-    from tlprisms._seam import Site
-
     caller = "ov_feature_map"
     view = ModelView(model)
     layer = check.layer(view, layer, caller)

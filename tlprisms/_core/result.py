@@ -216,14 +216,14 @@ class Decomposition:
             if explained is not None:
                 raise TypeError("Decomposition: pass explained= only (logits= is its old name).")
             explained = logits
-        for name, value in (
+        for name, given in (
             ("explained", explained),
             ("positions", positions),
             ("target_labels", target_labels),
         ):
-            if value is None:
+            if given is None:
                 raise TypeError(f"Decomposition: missing the required argument {name!r}.")
-        for name, value in (
+        fields: tuple[tuple[str, Any], ...] = (
             ("values", values),
             ("components", components),
             ("explained", explained),
@@ -237,7 +237,8 @@ class Decomposition:
             ("n_layers", n_layers),
             ("index", index),
             ("request", request),
-        ):
+        )
+        for name, value in fields:
             object.__setattr__(self, name, value)
 
     @property

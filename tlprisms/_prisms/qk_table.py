@@ -166,8 +166,9 @@ class PairTable(ComponentTable):
             self.q, self.k, self.qi[idx], self.ki[idx], rest[idx] if rest.any() else None
         )
 
-    def append(self, other: "PairTable") -> "PairTable":
-        """This table's pairs, then ``other``'s (both sides' tables appended)."""
+    def append(self, other: ComponentTable) -> "PairTable":
+        """This table's pairs, then ``other``'s (a pair table; both sides' tables appended)."""
+        assert isinstance(other, PairTable)
         nq, nk = len(self.q), len(self.k)
         return PairTable.make(
             ComponentTable.concat([self.q, other.q]),

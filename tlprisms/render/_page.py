@@ -20,6 +20,7 @@ from tlprisms._core import views as registry
 from tlprisms._core.errors import ArgumentError
 from tlprisms._core.result import Decomposition
 from tlprisms.render import _args as arg
+from tlprisms.render._browser import screenshot
 from tlprisms.render._escape import esc
 from tlprisms.render._views import default_view
 from tlprisms.render._views_base import (
@@ -302,8 +303,6 @@ def save_png(obj: Any, path: Union[str, Path], *, width: int = 1200, **kw: Any) 
     Needs the ``playwright`` Python package and a ``chromium`` executable on the PATH (no
     browser download); every network request is blocked.
     """
-    from tlprisms.render._browser import screenshot
-
     caller = "save_png"
     out = arg.out_path(path, caller)
     width = check.count(width, "width", caller)
