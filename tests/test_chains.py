@@ -473,14 +473,16 @@ def test_structural_check_reads_abs_sums_only_when_needed(case):
     """With only the sum given, the structural check passes a gap within
     rtol * (|explained| + 1), computes sum |terms| for a larger one, and still refuses
     terms that do not add up or are not finite."""
+    from tlprisms._core.policy import refuse_broken
+
     p = case.prism
-    rec = p._readout(7, -1, "post", "test")[0]
+    cv = p.recorded.cache.for_call("test")
     values = torch.randn(3, 1, 1, 50, dtype=p.dtype, device=p.device)
     explained = values.sum(-1)
     zero = torch.zeros_like(explained)
 
     def refuse(v: torch.Tensor, e: torch.Tensor) -> None:
-        p._refuse_broken(rec, v, e, zero, (None, v.sum(-1)))
+        refuse_broken(cv, v, e, zero, (None, v.sum(-1)))
 
     refuse(values, explained)
     big = values.clone()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tlprisms as tp
-from tlprisms._core.result import ATOL_FLOAT32
 from tlprisms._core.readout import Recorded, final_readout
+from tlprisms._core.result import ATOL_FLOAT32
 from tlprisms._prisms.features import dictionary_input
 from tlprisms._seam import Copy, Removal, Site, run_frozen
 from tlprisms._seam._cache import CacheView

@@ -100,6 +100,7 @@ def test_the_harness_enforces_devices_and_records_moves():
 def test_task_kernel_on_a_split_model(pair):
     """explain_task's per-batch kernel on a split model: decompose's values bit for bit (on
     one device), computed where each layer lives."""
+    from tlprisms._prisms.writes import split_of
     from tlprisms._seam import ModelView
     from tlprisms._tasks.kernel import TaskKernel
 
@@ -109,10 +110,10 @@ def test_task_kernel_on_a_split_model(pair):
     want = case.prism.decompose(tp.PerRow(targets), pos, by_source=False, **split)
     with TwoDevices() as devices:
         prism = tp.LogitPrism(model, cache, tokens=case.tokens, logits=logits)
-        plan = prism._split(split["heads"], split["neurons"], False, "test")
+        plan = split_of(prism.view, split["heads"], split["neurons"], False, "test")
         view = ModelView(model)
-        kernel = TaskKernel(view, prism._rec.cache, plan, "post", want.components)
-        values, explained, _, _ = kernel(prism._rec, targets, pos)
+        kernel = TaskKernel(view, prism.recorded.cache, plan, "post", want.components)
+        values, explained, _, _ = kernel(prism.recorded, targets, pos)
     assert values.device == HOME
     assert torch.equal(home(values), want.values) and torch.equal(home(explained), want.logits)
     moved = devices.whole_inputs_moved()

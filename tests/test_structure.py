@@ -179,9 +179,7 @@ def test_transformerlens_is_called_only_by_the_seam():
                 a.name.startswith("transformer_lens") for a in n.names
             ):
                 bad.append(f"{m}: import transformer_lens")
-            elif isinstance(n, ast.ImportFrom) and (n.module or "").startswith(
-                "transformer_lens"
-            ):
+            elif isinstance(n, ast.ImportFrom) and (n.module or "").startswith("transformer_lens"):
                 bad.append(f"{m}: from {n.module} import ...")
             elif isinstance(n, ast.Attribute) and n.attr in TL_ATTRIBUTES:
                 recv = ast.unparse(n.value)

@@ -17,7 +17,9 @@ import torch
 
 import tlprisms as tp
 from tlprisms._core.errors import ArgumentError, CompletenessError, NonFiniteError, TargetError
+from tlprisms._core.policy import refuse_broken
 from tlprisms._core.result import tolerance
+from tlprisms._prisms.writes import split_of
 from tlprisms._seam import ModelView, Site, needed_hooks
 from tlprisms._tasks.kernel import TaskKernel
 from tlprisms._tasks.parquet import REST, RUN_KEY
@@ -310,11 +312,11 @@ def kernel_vs_decompose(model, tokens, targets, pos, split, softcap="post"):
     kw = dict(by_source=False, softcap=softcap, **split)
     r = prism.decompose(tp.PerRow(targets), pos, **kw)
     view = ModelView(model)
-    plan = prism._split(split["heads"], split["neurons"], False, "test")
-    kernel = TaskKernel(view, prism._rec.cache, plan, softcap, r.components)
-    trusted = tp.LogitPrism._recorded(view, cache, out, "test")
-    values, explained, gap, explains = kernel(trusted._rec, targets, pos)
-    trusted._refuse_broken(trusted._rec, values, explained, gap)
+    plan = split_of(prism.view, split["heads"], split["neurons"], False, "test")
+    kernel = TaskKernel(view, prism.recorded.cache, plan, softcap, r.components)
+    trusted = tp.LogitPrism.trusted(view, cache, out, "test")
+    values, explained, gap, explains = kernel(trusted.recorded, targets, pos)
+    refuse_broken(trusted.recorded.cache, values, explained, gap)
     return r, values, explained, explains
 
 

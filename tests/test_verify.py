@@ -122,12 +122,13 @@ def test_verify_other_targets_positions_and_readouts():
 def test_verify_refusals():
     case = build_case("gpt2/bridge", True)
     p = case.prism
-    with pytest.raises(ArgumentError, match="cannot tell the result's target"):
-        p.verify(p.residual(tp.Direction(torch.ones(p.view.d_model))))
+    # a result knows its own target (its request): a Direction needs no target= any more
+    assert p.verify(p.residual(tp.Direction(torch.ones(p.view.d_model)))).ok
     with pytest.raises(TargetError, match="target does not match the result"):
         p.verify(p.residual(7), 8)
+    assert p.verify(p.readout(torch.ones(p.view.d_model), 0)).ok  # its vector: the request's
     with pytest.raises(ArgumentError, match="readout result is verified against its vector"):
-        p.verify(p.readout(torch.ones(p.view.d_model), 0))
+        p.verify(p.readout(torch.ones(p.view.d_model), 0), target=7)
     with pytest.raises(ArgumentError, match="does not come from this prism"):
         p.verify(tp.LogitPrism.run(case.model, case.tokens[:2]).residual(7))
     other = build_case("llama/bridge", True).prism.residual(7)  # same shapes, another model

@@ -38,6 +38,7 @@ Glossary: every call, result column and renderer uses these words in one sense.
 ==============  =================================================================================
 """
 
+from tlprisms import render as _render  # noqa: F401 - registers the views of every result type (imports no circuitsvis)
 from tlprisms._causal.certificate import Verification
 from tlprisms._core.errors import PrismError
 from tlprisms._core.result import Decomposition

@@ -332,7 +332,7 @@ def run_explain(
     full.check()  # a result that does not add up is an error, never a warning
     gap = _gap(r, full)
     _say(
-        f"\n{target!r} at position {pos}: logit {float(r.logits[0, 0, 0]):.4g} "
+        f"\n{target!r} at position {pos}: logit {float(r.explained[0, 0, 0]):.4g} "
         f"({r.explains}); completeness gap {gap:.2e}"
     )
     for title, res in (
@@ -361,7 +361,7 @@ def run_explain(
     if verification is not None:
         verification.check()  # after the report, which shows what failed
     return {
-        "logit": float(r.logits[0, 0, 0]),
+        "logit": float(r.explained[0, 0, 0]),
         "gap": gap,
         "top": full.top(top),
         "verification": verification,

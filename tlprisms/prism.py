@@ -348,7 +348,7 @@ class LogitPrism:
         >>> r.explains, r.values.shape[2]
         ('attention score', 6)
         """
-        request, q_split, k_split = qk.request_of(
+        request, q_split, k_split = qk_chain.request_of(
             self.view, self.n_ctx, layer, head, pos, keys, contrast, sides, path, q_heads,
             q_neurons, k_heads, k_neurons, by_source, softcap, top_k, min_abs)  # fmt: skip
         if request.path:  # a chain through one side of the score

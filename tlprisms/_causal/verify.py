@@ -365,7 +365,7 @@ def verify(
         if len(keys)
         else terms.clone()
     )
-    explained = result.logits[bb, pp, tt].detach().cpu()
+    explained = result.explained[bb, pp, tt].detach().cpu()
     l1 = torch.linalg.vector_norm(result.values.detach(), 1, -1)[bb, pp, tt].cpu()
     scale = torch.maximum(explained.abs(), l1).clamp(min=1.0)
     bound = VERIFY_FACTOR * tolerance(result.precision, result.n_layers) * scale

@@ -7,7 +7,7 @@ cache was recorded with, and the logits must be the ones the same forward pass r
 names the argument and the fix.
 """
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -20,9 +20,7 @@ from tlprisms._seam import CacheView, ModelView
 __all__ = ["input_tokens", "check_tokens", "check_logits", "logits_precision", "str_tokens"]
 
 
-def input_tokens(
-    view: ModelView, input: Union[str, list, Tensor], prepend_bos: Optional[bool], caller: str
-) -> Tensor:
+def input_tokens(view: ModelView, input: Any, prepend_bos: Any, caller: str) -> Tensor:
     """The token ids ``[batch, pos]`` of ``input`` (text, a list of texts, or token ids)."""
     if prepend_bos is not None and not isinstance(prepend_bos, bool):
         raise ArgumentError(f"{caller}: prepend_bos={prepend_bos!r}; pass True, False or None.")

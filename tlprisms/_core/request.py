@@ -10,8 +10,8 @@ rendering and tables learn what a result is from fields, never by parsing its la
 ('heads', ' Paris', -1, False)
 """
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import Any
 
 __all__ = ["Request", "PRISMS"]
 
@@ -55,27 +55,27 @@ class Request:
     """
 
     prism: str
+    # the arguments as the user passed them (checked by the prism module that reads them)
     target: Any = None
     pos: Any = -1
-    softcap: str = "post"
+    softcap: Any = "post"
     heads: Any = ()
     neurons: Any = ()
-    by_source: bool = True
+    by_source: Any = True
     k_heads: Any = ()
     k_neurons: Any = ()
-    path: tuple = ()
-    dictionaries: tuple = ()
+    path: Any = ()  # tuple of Hop
+    dictionaries: Any = ()  # tuple of Dictionary
     vector: Any = None
-    layer: Optional[int] = None
-    stream: Optional[str] = None
+    layer: Any = None
+    stream: Any = None
     bias: Any = None
-    head: Optional[int] = None
-    keys: Optional[tuple] = None
-    contrast: bool = False
-    sides: str = "both"
-    top_k: Optional[int] = None
-    min_abs: Optional[float] = None
-    extra: dict = field(default_factory=dict, compare=False)
+    head: Any = None
+    keys: Any = None
+    contrast: Any = False
+    sides: Any = "both"
+    top_k: Any = None
+    min_abs: Any = None
 
     @property
     def is_chain(self) -> bool:

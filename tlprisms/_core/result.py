@@ -213,9 +213,7 @@ class Decomposition:
                 DeprecationWarning,
                 stacklevel=2,
             )
-            if explained is not None:
-                raise TypeError("Decomposition: pass explained= only (logits= is its old name).")
-            explained = logits
+            explained = logits  # the old name wins: dataclasses.replace(d, logits=...) passes both
         for name, given in (
             ("explained", explained),
             ("positions", positions),

@@ -123,13 +123,6 @@ register_kinds(
     constant=("b_O", "b_out", "b_U", "ln_final.b", "b_V", "ln.b", "b_in", "readout.b"),
     owner="tlprisms._core.engine",
 )
-# The feature prism's kinds. They belong in tlprisms._prisms.features (one call there, with
-# owner="tlprisms._prisms.features"); registered here until that module does it itself.
-register_kinds(
-    ("feature", "b_dec", "error", "skip", "b_enc"),
-    constant=("b_dec", "b_enc"),
-    owner="tlprisms._prisms.features",
-)
 
 
 @dataclass(frozen=True, init=False)
@@ -416,7 +409,7 @@ class ComponentTable:
         return {"of": np.asarray(KINDS + ("",), dtype=object)[self.of_codes()[idx]]}
 
     def grouped(
-        self, by: Sequence[str], stacklevel: int = 2
+        self, by: Sequence[Any], stacklevel: int = 2
     ) -> tuple[np.ndarray, "ComponentTable"]:
         """What ``aggregate(*by)`` sums: the group of every component and the groups' labels.
 

@@ -43,7 +43,7 @@ from tlprisms._core.readout import (
     weigh,
 )
 from tlprisms._core.request import Request
-from tlprisms._core.table import KINDS, ComponentTable
+from tlprisms._core.table import KINDS, ComponentTable, register_kinds
 from tlprisms._core.terms import Terms, keep_largest
 from tlprisms._prisms import chain
 from tlprisms._prisms.chain import ChainState, Hop, HopKind, register_hop
@@ -374,6 +374,11 @@ def feature_hop(cv: CacheView, st: ChainState, hop: Hop) -> tuple[ChainState, Te
 
 
 register_hop("feature", HopKind(check=check_feature_hop, step=feature_hop))
+register_kinds(
+    ("feature", "b_dec", "error", "skip", "b_enc"),
+    constant=("b_dec", "b_enc"),
+    owner="tlprisms._prisms.features",
+)
 
 
 # ----------------------------------------------------------------------------- the prism

@@ -39,6 +39,7 @@ True
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,10 +53,11 @@ from tlprisms._core.errors import ArgumentError, PositionError
 from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import Explained, Recorded, softcap_ratio, weigh
 from tlprisms._core.request import Request
-from tlprisms._core.terms import Terms, keep_largest
 from tlprisms._core.table import ComponentTable
-from tlprisms._prisms.chain import ChainTerms, Hop, check_hop, ChainState, head_hop, run_chain
-from tlprisms._prisms.qk import rotary_tables, rotate, whole_side, qk_terms
+from tlprisms._core.terms import Terms, keep_largest
+from tlprisms._prisms import qk
+from tlprisms._prisms.chain import ChainState, ChainTerms, Hop, check_hop, head_hop, run_chain
+from tlprisms._prisms.qk import qk_terms, rotary_tables, rotate, whole_side
 from tlprisms._seam import CacheView
 
 __all__ = [
@@ -351,7 +353,7 @@ def run(rec: Recorded, request: Request, hops: Sequence[Hop], split: Split) -> T
     ``"key"``) followed back along ``hops``, the last hop's readout split by writer; the
     terms add up to the first hop's term of that side."""
     layer, head, side = request.layer, request.head, request.sides
-    assert layer is not None and head is not None  # noqa: S101 - set by the facade
+    assert layer is not None and head is not None
     keys = list(request.keys or ())
     t = qk_chain_terms(
         rec, layer, head, request.pos, keys, side, hops, split, request.softcap, request.contrast
@@ -367,3 +369,59 @@ def run(rec: Recorded, request: Request, hops: Sequence[Hop], split: Split) -> T
         name=f"qk L{layer}H{head} {side} side through {t.name}",
     )
     return keep_largest(terms, request.top_k, request.min_abs)
+
+
+def request_of(
+    view: Any,
+    n_ctx: int,
+    layer: Any,
+    head: Any,
+    pos: Any,
+    keys: Any,
+    contrast: Any,
+    sides: Any,
+    path: Any,
+    q_heads: Any,
+    q_neurons: Any,
+    k_heads: Any,
+    k_neurons: Any,
+    by_source: Any,
+    softcap: Any,
+    top_k: Any,
+    min_abs: Any,
+) -> tuple[Request, Split, Split]:
+    """``LogitPrism.qk``'s arguments checked, as a request and the two sides' splits (a
+    ``path`` is resolved into the request's hops)."""
+    from tlprisms._core import arguments as check
+    from tlprisms._core.sparse import check_sparse_args
+    from tlprisms._prisms.writes import split_of
+
+    caller = "LogitPrism.qk"
+    layer, head = check.layer(view, layer, caller), check.head(view, head, caller)
+    check.choice(softcap, "softcap", ("post", "pre"), caller)
+    qk.check_sides(sides, q_heads, q_neurons, k_heads, k_neurons, caller)
+    i, key_list = qk.resolve_keys(pos, keys, contrast, n_ctx, caller)
+    q_split = split_of(view, q_heads, q_neurons, by_source, caller)
+    k_split = split_of(view, k_heads, k_neurons, by_source, caller)
+    hops = () if path is None else tuple(resolve_path(path, sides, caller))
+    top_k, min_abs = check_sparse_args(top_k, min_abs, caller)
+    request = Request(
+        "qk",
+        None,
+        i,
+        softcap,
+        heads=q_heads,
+        neurons=q_neurons,
+        by_source=by_source,
+        k_heads=k_heads,
+        k_neurons=k_neurons,
+        path=hops,
+        layer=layer,
+        head=head,
+        keys=tuple(key_list),
+        contrast=contrast,
+        sides=sides,
+        top_k=top_k,
+        min_abs=min_abs,
+    )
+    return request, q_split, k_split

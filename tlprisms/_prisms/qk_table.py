@@ -214,7 +214,7 @@ class PairTable(ComponentTable):
         return PairTable.make(q, k, idx, idx, np.ones(n, dtype=bool))
 
     # ------------------------------------------------------------ aggregate
-    def grouped(self, by: Sequence[str], stacklevel: int = 2) -> tuple[np.ndarray, "PairTable"]:
+    def grouped(self, by: Sequence[Any], stacklevel: int = 2) -> tuple[np.ndarray, "PairTable"]:
         """The group of every pair when the fields ``by`` are kept (``q_kind``,
         ``q_layer``, ... ``k_src``; ``"query"`` / ``"key"``: every field of that side), and
         the groups' labels. A side none of whose fields is named is summed over (its label
