@@ -28,8 +28,6 @@ PRISMS = (
     "through_neuron",
     "readout",
     "qk",
-    "task",
-    "effects",
 )
 
 
@@ -76,6 +74,10 @@ class Request:
     sides: Any = "both"
     top_k: Any = None
     min_abs: Any = None
+
+    def __post_init__(self) -> None:
+        if self.prism not in PRISMS:  # a programming error inside the package, not user input
+            raise ValueError(f"Request: unknown prism {self.prism!r}; one of {PRISMS}.")
 
     @property
     def is_chain(self) -> bool:

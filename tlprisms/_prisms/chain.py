@@ -50,7 +50,7 @@ from tlprisms.dictionary import Dictionary
 __all__ = [
     "Hop",
     "ChainState",
-    "ChainTerms",
+    "ChainSplit",
     "HopKind",
     "register_hop",
     "run_chain",
@@ -139,15 +139,17 @@ class ChainState:
 
 @jaxtyped(typechecker=beartype)
 @dataclass(frozen=True)
-class ChainTerms:
-    """A chain's last hop split by writer: ``values [B, 1, k, C]`` that add up to ``term``."""
+class ChainSplit:
+    """The chain runner's split of its last hop by writer (the chain prism and the QK chain
+    make :class:`~tlprisms._core.terms.Terms` of it): ``values [B, 1, k, C]`` that add up to
+    ``explained``, the chained component's term."""
 
     values: Float[Tensor, "batch one k comp"]
     table: ComponentTable
-    term: Float[Tensor, "batch one k"]
+    explained: Float[Tensor, "batch one k"]
     positions: Int[Tensor, "batch one"]
     #: ``sum |values|`` and ``sum values`` over the components, where known (for the
-    #: structural check: see ``LogitPrism._refuse_broken``)
+    #: structural check: see :func:`tlprisms._core.policy.refuse_broken`)
     l1: Optional[Float[Tensor, "batch one k"]] = None
     total: Optional[Float[Tensor, "batch one k"]] = None
 
@@ -422,7 +424,7 @@ def run_chain(
     path: Sequence[Hop],
     split: Split,
     split_last: Optional[Callable[[CacheView, Readout], Writes]] = None,
-) -> ChainTerms:
+) -> ChainSplit:
     """Follow ``path`` back from the final readout; split the last hop's readout by writer.
 
     The result's values are weighted into target terms and laid out as one explained
@@ -478,10 +480,10 @@ def run_chain(
     else:  # the labels depend on the shapes only: the prism keeps them for the next call
         full = _chain_table(cv, st, split, table)
     explained = (term.reshape(B, 1, k, -1) * weights).sum(-1)
-    return ChainTerms(
+    return ChainSplit(
         values=out[:, None],
         table=full,
-        term=explained,
+        explained=explained,
         positions=r0.positions,
         total=out.sum(-1)[:, None],  # the structural check's sum |x| only where it is needed
     )
@@ -572,13 +574,13 @@ def run(
     fr, ex = read_logits(rec, request.target, request.pos, request.softcap)
     ct = run_chain(rec, fr, ex, hops, split, split_last)
     sums = None if ct.total is None else (ct.l1, ct.total)
-    refuse_broken(rec.cache, ct.values, ct.term, None, sums)
+    refuse_broken(rec.cache, ct.values, ct.explained, None, sums)
     name = " > ".join(str(h) for h in hops)
     B, k = ct.values.shape[0], ct.values.shape[2]
     terms = Terms(
         values=ct.values,
         table=ct.table,
-        explained=ct.term,
+        explained=ct.explained,
         positions=ct.positions,
         labels=np.array(np.broadcast_to(fr.atoms.labels, (B, 1, k))),
         explains=f"{ex.explains} term of {name}",

@@ -30,13 +30,12 @@ chunk of keys at a time; :meth:`PairTable.grouped` is what ``aggregate()`` sums 
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from beartype import beartype
-from jaxtyping import Float, Int, jaxtyped
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tlprisms._core.engine import (
@@ -60,8 +59,6 @@ from tlprisms._prisms.qk_table import PairTable
 from tlprisms._seam import CacheView, Site
 
 __all__ = [
-    "QKTerms",
-    "SparseQKTerms",
     "qk_terms",
     "qk_sparse_terms",
     "side_terms",
@@ -73,20 +70,6 @@ __all__ = [
 #: does not know and nothing is returned
 _SCORES_RTOL = 1e-4
 _SCORES_RTOL_LOWP = 3e-2
-
-
-@jaxtyped(typechecker=beartype)
-@dataclass(frozen=True)
-class QKTerms:
-    """The pair terms ``values [B, 1, K, C]`` (K: keys, or 1 for a contrast), what they add up
-    to (``explained [B, 1, K]``), the query position per row and the labels."""
-
-    values: Float[Tensor, "batch one k comp"]
-    table: ComponentTable
-    explained: Float[Tensor, "batch one k"]
-    positions: Int[Tensor, "batch one"]
-    labels: np.ndarray
-    explains: str
 
 
 def rotate(
@@ -518,8 +501,9 @@ def qk_terms(
     softcap: str,
     contrast: bool,
     sides: str = "both",
-) -> QKTerms:
-    """The pair terms of head ``(layer, head)``'s scores at query ``pos`` for ``keys``."""
+) -> Terms:
+    """The pair terms ``values [B, 1, K, C]`` (K: keys, or 1 for a contrast) of head
+    ``(layer, head)``'s scores at query ``pos`` for ``keys``, and what they add up to."""
     cv = rec.cache
     h = _prepare(cv, layer, head, pos)
     values, table, explained, explains = _chunk_terms(
@@ -531,29 +515,15 @@ def qk_terms(
         explained = explained[:, :, :1] - explained[:, :, 1:2]
         labels = np.array([[[f"{labels[0, 0, 0]} - {labels[0, 0, 1]}"]]], dtype=object)
         explains = f"{explains} difference"
-    return QKTerms(
+    return Terms(
         values=values,
         table=table,
         explained=explained,
         positions=h.qpos,
         labels=labels,
         explains=explains,
+        name=f"qk L{layer}H{head}",
     )
-
-
-@jaxtyped(typechecker=beartype)
-@dataclass(frozen=True)
-class SparseQKTerms:
-    """A sparse QK result: slots ``values``/``index [B, 1, K, S]`` over ``table`` (the pairs
-    and their remainders), what they add up to and the labels."""
-
-    values: Float[Tensor, "batch one k slot"]
-    index: Int[Tensor, "batch one k slot"]
-    table: ComponentTable
-    explained: Float[Tensor, "batch one k"]
-    positions: Int[Tensor, "batch one"]
-    labels: np.ndarray
-    explains: str
 
 
 def _n_writers(cv: CacheView, h: _Head, split: Split) -> int:
@@ -584,7 +554,7 @@ def qk_sparse_terms(
     top_k: Optional[int],
     min_abs: Optional[float],
     chunk: Optional[int] = None,
-) -> SparseQKTerms:
+) -> Terms:
     """:func:`qk_terms` kept sparse (``top_k`` / ``min_abs``, see :mod:`tlprisms._core.sparse`):
     the dense pair terms of a chunk of keys at a time (``chunk`` keys, default as many as
     keep the dense block under the sparse module's chunk budget), each chunk reduced to its
@@ -602,15 +572,7 @@ def qk_sparse_terms(
         t = qk_terms(rec, layer, head, pos, keys, q_split, k_split, softcap, True, sides)
         both = remainder_groups(t.table)
         st = sparsify(t.values, both, top_k, min_abs)
-        return SparseQKTerms(
-            st.values,
-            st.index,
-            extend(t.table, both),
-            t.explained,
-            t.positions,
-            t.labels,
-            t.explains,
-        )
+        return replace(t, values=st.values, index=st.index, table=extend(t.table, both))
     cv = rec.cache
     h = _prepare(cv, layer, head, pos)
     keys = list(keys)
@@ -652,14 +614,15 @@ def qk_sparse_terms(
         out_v[:, :, s:e, S - n_tail :] = p.values[..., w - n_tail :]
         out_i[:, :, s:e, S - n_tail :] = p.index[..., w - n_tail :]
         s = e
-    return SparseQKTerms(
+    return Terms(
         values=out_v,
-        index=out_i,
         table=extend(table, groups),
         explained=torch.cat(explained, 2),
         positions=h.qpos,
         labels=_key_labels(rec, keys),
         explains=explains,
+        name=f"qk L{layer}H{head}",
+        index=out_i,
     )
 
 
@@ -730,22 +693,10 @@ def run(rec: Recorded, request: Request, q_split: Split, k_split: Split) -> Term
     assert layer is not None and head is not None
     args = (rec, layer, head, request.pos, keys, q_split, k_split, request.softcap)
     if not request.is_sparse:  # finite and checked against the recorded scores here
-        t = qk_terms(*args, request.contrast, request.sides)
-        values, table, index = t.values, t.table, None
-    else:
-        s = qk_sparse_terms(*args, request.contrast, request.sides, request.top_k, request.min_abs)
-        refuse_broken(rec.cache, s.values, s.explained)
-        values, table, index, t = s.values, s.table, s.index, s  # type: ignore[assignment]
-    return Terms(
-        values=values,
-        table=table,
-        explained=t.explained,
-        positions=t.positions,
-        labels=t.labels,
-        explains=t.explains,
-        name=f"qk L{layer}H{head}",
-        index=index,
-    )
+        return qk_terms(*args, request.contrast, request.sides)
+    t = qk_sparse_terms(*args, request.contrast, request.sides, request.top_k, request.min_abs)
+    refuse_broken(rec.cache, t.values, t.explained)
+    return t
 
 
 def check_sides(

@@ -9,10 +9,9 @@ With ln1's cached scale frozen and the key side kept whole, head ``(l, h)``'s sc
 
 (``k_j = R_j (ln1(x_j) W_K + b_K)`` the whole rotated key, ``c`` the score factor). Likewise the
 key side is a readout of ``resid_pre l`` at each key ``j``, one direction (the whole query). So
-:func:`~tlprisms._prisms.chain.run_chain`'s hops apply unchanged: ``Hop("head", l2, h2, src=k)``
-splits
-head ``(l2, h2)``'s write at the read position, from its source ``k``, into what wrote the
-residual stream at ``k`` (scales, pattern and gates frozen as for every chain).
+:func:`~tlprisms._prisms.chain.run_chain`'s hops apply unchanged: ``Hop("head", l2, h2,
+src=k)`` splits head ``(l2, h2)``'s write at the read position, from its source ``k``, into
+what wrote the residual stream at ``k`` (scales, pattern and gates frozen as for every chain).
 
 **Total.** The chained terms add up exactly to the hop's term in that one-side readout: for a
 first hop ``Hop("head", l2, h2, src=k)`` on the query side, the component ``L{l2}H{h2}[src k]``
@@ -38,13 +37,11 @@ True
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from beartype import beartype
-from jaxtyping import Float, Int, jaxtyped
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tlprisms._core import arguments as check
@@ -56,33 +53,17 @@ from tlprisms._core.request import Request
 from tlprisms._core.table import ComponentTable
 from tlprisms._core.terms import Terms, keep_largest
 from tlprisms._prisms import qk
-from tlprisms._prisms.chain import ChainState, ChainTerms, Hop, check_hop, head_hop, run_chain
+from tlprisms._prisms.chain import ChainSplit, ChainState, Hop, check_hop, head_hop, run_chain
 from tlprisms._prisms.qk import qk_terms, rotary_tables, rotate, whole_side
 from tlprisms._seam import CacheView
 
 __all__ = [
-    "QKChainTerms",
     "qk_chain_terms",
     "check_path",
     "resolve_path",
     "side_readout",
     "key_readouts",
 ]
-
-
-@jaxtyped(typechecker=beartype)
-@dataclass(frozen=True)
-class QKChainTerms:
-    """A chain through one side of a score: ``values [B, 1, K, C]`` (K: keys, or 1 for a
-    contrast) that add up to ``term [B, 1, K]``, the first hop's term of that side."""
-
-    values: Float[Tensor, "batch one k comp"]
-    table: ComponentTable
-    term: Float[Tensor, "batch one k"]
-    positions: Int[Tensor, "batch one"]
-    labels: np.ndarray
-    explains: str
-    name: str
 
 
 def side_readout(
@@ -216,9 +197,11 @@ def qk_chain_terms(
     split: Split,
     softcap: str,
     contrast: bool,
-) -> QKChainTerms:
+) -> Terms:
     """Follow ``path`` back from one side (``"query"`` or ``"key"``) of head
-    ``(layer, head)``'s scores at query ``pos`` for ``keys``; split the last hop by writer."""
+    ``(layer, head)``'s scores at query ``pos`` for ``keys``; split the last hop by writer:
+    ``values [B, 1, K, C]`` (K: keys, or 1 for a contrast) that add up to the first hop's
+    term of that side."""
     cv = rec.cache
     check_path(cv, layer, side, path, [pos] if side == "query" else list(keys))
     view, dtype, device = cv.view, cv.dtype, cv.device
@@ -268,20 +251,20 @@ def qk_chain_terms(
         labels = np.array([[[f"{labels[0, 0, 0]} - {labels[0, 0, 1]}"]]], dtype=object)
         explains = f"{explains} difference"
     name = " > ".join(str(h) for h in path)
-    return QKChainTerms(
+    return Terms(
         values=ct.values,
         table=ct.table,
-        term=ct.term,
+        explained=ct.explained,
         positions=qpos,
         labels=labels,
         explains=f"{explains}: {side}-side term of {name}",
-        name=name,
+        name=f"qk L{layer}H{head} {side} side through {name}",
     )
 
 
 def _keys_through_head(
     rec: Recorded, readouts: list, ex: Explained, path: Sequence[Hop], split: Split
-) -> ChainTerms:
+) -> ChainSplit:
     """The key side when the first hop is a head hop from one source ``k``: after that hop
     every key's readout reads the residual stream at ``k``, so the keys' directions, each
     times its own coefficient (the pattern weight at its key, post-norm scale, ln1's scale
@@ -319,15 +302,15 @@ def _keys_through_head(
         values.append(weigh(v[..., None], weights))
         tables.append(table)
     term = (torch.cat(terms, dim=2).reshape(B, 1, k, -1) * weights).sum(-1)
-    return ChainTerms(
+    return ChainSplit(
         values=torch.cat(values, -1),
         table=ComponentTable.concat(tables),
-        term=term,
+        explained=term,
         positions=first.positions,
     )
 
 
-def _stack_keys(parts: list, contrast: bool) -> ChainTerms:
+def _stack_keys(parts: list, contrast: bool) -> ChainSplit:
     """One chain per key (the key side) as one result: keys along the target axis, or
     their sum for a contrast (the second key's weights carry the minus sign)."""
     table = parts[0].table
@@ -340,11 +323,11 @@ def _stack_keys(parts: list, contrast: bool) -> ChainTerms:
             raise AssertionError("key-side chains labelled differently per key")
     if contrast:
         values = parts[0].values + parts[1].values
-        term = parts[0].term + parts[1].term
+        term = parts[0].explained + parts[1].explained
     else:
         values = torch.cat([p.values for p in parts], dim=2)
-        term = torch.cat([p.term for p in parts], dim=2)
-    return ChainTerms(values=values, table=table, term=term, positions=parts[0].positions)
+        term = torch.cat([p.explained for p in parts], dim=2)
+    return ChainSplit(values=values, table=table, explained=term, positions=parts[0].positions)
 
 
 # ----------------------------------------------------------------------------- the prism
@@ -352,23 +335,13 @@ def run(rec: Recorded, request: Request, hops: Sequence[Hop], split: Split) -> T
     """The QK prism through one side of the score: ``request.sides`` (``"query"`` or
     ``"key"``) followed back along ``hops``, the last hop's readout split by writer; the
     terms add up to the first hop's term of that side."""
-    layer, head, side = request.layer, request.head, request.sides
+    layer, head = request.layer, request.head
     assert layer is not None and head is not None
     keys = list(request.keys or ())
-    t = qk_chain_terms(
-        rec, layer, head, request.pos, keys, side, hops, split, request.softcap, request.contrast
-    )
-    refuse_broken(rec.cache, t.values, t.term)
-    terms = Terms(
-        values=t.values,
-        table=t.table,
-        explained=t.term,
-        positions=t.positions,
-        labels=t.labels,
-        explains=t.explains,
-        name=f"qk L{layer}H{head} {side} side through {t.name}",
-    )
-    return keep_largest(terms, request.top_k, request.min_abs)
+    args = (request.pos, keys, request.sides, hops, split, request.softcap, request.contrast)
+    t = qk_chain_terms(rec, layer, head, *args)
+    refuse_broken(rec.cache, t.values, t.explained)
+    return keep_largest(t, request.top_k, request.min_abs)
 
 
 def request_of(
