@@ -33,6 +33,7 @@ tensor([1.0000, 0.0000, 3.0000, 0.5000])
 """
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -98,6 +99,8 @@ class Dictionary:
         threshold: JumpReLU's threshold (a number or ``[d_sae]``); BatchTopK's inference
             threshold.
         k: TopK/BatchTopK's ``k``.
+        topk_relu: TopK/BatchTopK keep the ``k`` largest pre-activations ReLU-ed (True,
+            SAELens) or as they are, negative ones included (False, circuit-tracer's TopK).
         subtract_b_dec: subtract ``b_dec`` from the input before encoding.
         input_scale: multiply the input by this before encoding; the reconstruction is
             divided by it.
@@ -118,6 +121,7 @@ class Dictionary:
         activation: str = "relu",
         threshold: Any = None,
         k: Optional[int] = None,
+        topk_relu: bool = True,
         subtract_b_dec: bool = False,
         input_scale: float = 1.0,
         W_skip: Any = None,
@@ -193,6 +197,14 @@ class Dictionary:
                 self.k = check.count(k, "k", caller)
         elif k is not None:
             raise ArgumentError(f"{caller}: k= is for 'topk' and 'batchtopk' dictionaries.")
+        if not isinstance(topk_relu, bool):
+            raise ArgumentError(f"{caller}: topk_relu={topk_relu!r}; pass True/False.")
+        if not topk_relu and activation not in ("topk", "batchtopk"):
+            raise ArgumentError(
+                f"{caller}: topk_relu=False is for 'topk' and 'batchtopk'; activation is "
+                f"{activation!r}."
+            )
+        self.topk_relu = topk_relu
         if not isinstance(subtract_b_dec, bool):
             raise ArgumentError(f"{caller}: subtract_b_dec={subtract_b_dec!r}; pass True/False.")
         if subtract_b_dec and d_in != d_out:
@@ -218,6 +230,8 @@ class Dictionary:
                     f"input to the output: [{d_in}, {d_out}] (x_in @ W_skip)."
                 )
         self.name = name if isinstance(name, str) else f"L{self.layer}"
+        #: the file or folder a loader read it from (named in refusals), else None
+        self.source: Optional[str] = None
         self.d_in, self.d_sae, self.d_out = int(d_in), int(d_sae), int(d_out)
 
     # ------------------------------------------------------------------ maths
@@ -242,12 +256,14 @@ class Dictionary:
             k = min(self.k, pre.shape[-1])
             top = pre.topk(k, dim=-1)
             out = torch.zeros_like(pre)
-            return out.scatter_(-1, top.indices, torch.relu(top.values))
+            values = torch.relu(top.values) if self.topk_relu else top.values
+            return out.scatter_(-1, top.indices, values)
         flat = pre.reshape(-1)  # batchtopk: the k * rows largest over all rows
         rows = max(1, flat.numel() // pre.shape[-1])
         k = min(self.k * rows, flat.numel())
         top = flat.topk(k)
-        out = torch.zeros_like(flat).scatter_(0, top.indices, torch.relu(top.values))
+        values = torch.relu(top.values) if self.topk_relu else top.values
+        out = torch.zeros_like(flat).scatter_(0, top.indices, values)
         return out.reshape(pre.shape)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -266,15 +282,16 @@ class Dictionary:
 
     def check_model(self, view: Any, caller: str) -> None:
         """Refuse a dictionary that does not fit this model (sizes, layer, site)."""
+        label = self.name if self.source is None else f"{self.name} (from {self.source})"
         if self.layer >= view.n_layers:
             raise ArgumentError(
-                f"{caller}: dictionary {self.name} sits at {self.hook!r}, but the model has "
+                f"{caller}: dictionary {label} sits at {self.hook!r}, but the model has "
                 f"{view.n_layers} layers; it was made for another model."
             )
         for what, d in (("input", self.d_in), ("output", self.d_out)):
             if d != view.d_model:
                 raise ArgumentError(
-                    f"{caller}: dictionary {self.name} has d_{'in' if what == 'input' else 'out'}"
+                    f"{caller}: dictionary {label} has d_{'in' if what == 'input' else 'out'}"
                     f"={d} ({what} size) but the model has d_model={view.d_model}; it was "
                     "made for another model (or a per-head z site, which tlprisms does not "
                     "read)."
@@ -287,7 +304,7 @@ class Dictionary:
             )
             if not has:
                 raise ArgumentError(
-                    f"{caller}: dictionary {self.name} sits at "
+                    f"{caller}: dictionary {label} sits at "
                     f"{self.input_hook if site is self.input_site else self.hook!r}, which "
                     f"this model does not have ({view.describe()}: attention-only or parallel "
                     "blocks have no MLP input stream)."
@@ -296,14 +313,15 @@ class Dictionary:
     def __repr__(self) -> str:
         kind = "transcoder" if self.transcoder else "features"
         where = self.hook if not self.transcoder else f"{self.input_hook} -> {self.hook}"
-        return f"Dictionary({self.d_sae} {kind}, {self.activation}, {where})"
+        act = self.activation if self.topk_relu else f"{self.activation} (not ReLU-ed)"
+        return f"Dictionary({self.d_sae} {kind}, {act}, {where})"
 
     # ------------------------------------------------------------------ loaders
     @classmethod
     @check.entry
     def from_saelens(cls, sae: Any, *, hook: Optional[str] = None) -> "Dictionary":
         """From a SAELens ``SAE`` object (duck-typed: ``W_enc``, ``b_enc``, ``W_dec``,
-        ``b_dec``, ``cfg``; SAELens is not imported). Gated SAEs are refused."""
+        ``b_dec``, ``cfg``; SAELens is not imported). Gated SAEs and transcoders are refused."""
         caller = "Dictionary.from_saelens"
         for attr in ("W_enc", "b_enc", "W_dec", "b_dec", "cfg"):
             if not hasattr(sae, attr):
@@ -317,27 +335,36 @@ class Dictionary:
         if callable(arch):
             arch = arch()
         cfg_dict.setdefault("architecture", arch or "standard")
-        threshold = getattr(sae, "threshold", None)
-        tensors = {
-            "W_enc": sae.W_enc,
-            "b_enc": sae.b_enc,
-            "W_dec": sae.W_dec,
-            "b_dec": sae.b_dec,
-        }
-        if threshold is not None:
-            tensors["threshold"] = threshold
-        return _from_saelens_parts(cfg_dict, tensors, hook, caller)
+        tensors = {}
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold", "W_skip"):
+            value = getattr(sae, key, None)
+            if value is not None:
+                tensors[key] = _tensor(value, key, caller, 2 if key.startswith("W_") else 1)
+        return _from_saelens_parts(
+            cfg_dict, tensors, hook, "the SAE's cfg", "the SAE's weights", caller
+        )
 
     @classmethod
     @check.entry
     def from_saelens_folder(cls, path: _PathLike, *, hook: Optional[str] = None) -> "Dictionary":
-        """From a SAELens-format folder: ``cfg.json`` + ``sae_weights.safetensors``."""
+        """From a SAELens-format folder: ``cfg.json`` + ``sae_weights.safetensors``
+        (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec
+        [d_in]``, ``threshold`` or ``log_threshold [d_sae]`` for JumpReLU). Config values are
+        checked, not coerced (``apply_b_dec_to_input`` a JSON bool, ``k`` a JSON integer)."""
         caller = "Dictionary.from_saelens_folder"
         folder = _folder(path, ("cfg.json", "sae_weights.safetensors"), caller)
-        cfg = json.loads((folder / "cfg.json").read_text())
-        return _from_saelens_parts(
-            cfg, _load_safetensors(folder / "sae_weights.safetensors"), hook, caller
+        cfg = _read_json(folder / "cfg.json", caller)
+        weights = _load_safetensors(folder / "sae_weights.safetensors", caller)
+        d = _from_saelens_parts(
+            cfg,
+            weights,
+            hook,
+            str(folder / "cfg.json"),
+            str(folder / "sae_weights.safetensors"),
+            caller,
         )
+        d.source = str(folder)
+        return d
 
     @classmethod
     @check.entry
@@ -345,79 +372,294 @@ class Dictionary:
         cls, path: _PathLike, hook: str, *, input_hook: Optional[str] = None
     ) -> "Dictionary":
         """From a Gemma Scope ``params.npz`` (JumpReLU: ``W_enc [d_model, d_sae]``,
-        ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``). The file does not say where it
-        sits: pass ``hook`` (and ``input_hook`` for a transcoder)."""
-        import numpy as np
-
+        ``W_dec [d_sae, d_model]``, ``b_enc [d_sae]``, ``b_dec [d_model]``, ``threshold
+        [d_sae]``; an optional ``W_skip [d_model, d_model]`` is read as ``x @ W_skip``). The
+        file does not say where it sits: pass ``hook`` (and ``input_hook`` for a transcoder).
+        The archive is read with ``allow_pickle=False``: it must hold plain float arrays."""
         caller = "Dictionary.from_gemma_scope"
+        if not isinstance(path, (str, Path)):
+            raise ArgumentError(f"{caller}: path={path!r}; pass the path of a params.npz file.")
         file = Path(path)
         if not file.is_file():
             raise ArgumentError(f"{caller}: no file at {str(path)!r}; pass a params.npz path.")
-        with np.load(file) as params:
-            p = {k: torch.from_numpy(np.asarray(params[k], dtype=np.float32)) for k in params}
-        _need(p, ("W_enc", "b_enc", "W_dec", "b_dec"), str(file), caller)
-        return cls(
-            p["W_enc"],
-            p["b_enc"],
-            p["W_dec"],
-            p["b_dec"],
-            hook,
+        p = _read_npz(file, caller)
+        where = str(file)
+        _check_keys(p, _GEMMA_SCOPE, where, "a Gemma Scope params.npz", caller)
+        dims = _dims(p, where, caller)
+        _check_layout(p, _GEMMA_SCOPE, dims, where, "Gemma Scope's params.npz", caller)
+        d = _build(
+            where,
+            caller,
+            W_enc=p["W_enc"],
+            b_enc=p["b_enc"],
+            W_dec=p["W_dec"],
+            b_dec=p["b_dec"],
+            hook=hook,
             input_hook=input_hook,
             activation="jumprelu" if "threshold" in p else "relu",
             threshold=p.get("threshold"),
             W_skip=p.get("W_skip"),
             name=f"GemmaScope {file.parent.name}",
         )
+        d.source = where
+        return d
 
     @classmethod
     @check.entry
     def from_circuit_tracer(cls, path: _PathLike) -> list["Dictionary"]:
         """One transcoder per layer from circuit-tracer's layout: a folder with
         ``config.yaml`` (``feature_input_hook``, ``feature_output_hook``, e.g.
-        ``hook_resid_mid`` / ``hook_mlp_out``, relative to each block) and
-        ``layer_{i}.safetensors`` (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, optional
-        ``W_skip`` as ``x @ W_skip.T``, optional ``threshold``). ``W_enc`` may be stored as
-        ``[d_sae, d_model]`` and ``W_dec`` as ``[d_model, d_sae]``; both are read by shape."""
+        ``hook_resid_mid`` / ``hook_mlp_out``, relative to each block; optionally
+        ``activation`` and ``k``) and ``layer_{i}.safetensors`` as circuit-tracer saves them:
+        ``W_enc [d_sae, d_model]`` (read as ``x @ W_enc.T``), ``W_dec [d_sae, d_model]``,
+        ``b_enc [d_sae]``, ``b_dec [d_model]``, optional ``W_skip [d_model, d_model]`` (read
+        as ``x @ W_skip.T``), optional ``activation_function.threshold`` (JumpReLU) or ``k``
+        (TopK: the k largest pre-activations kept as they are, not ReLU-ed, as circuit-tracer
+        computes them). The orientation is the format's, never guessed from the shapes."""
         caller = "Dictionary.from_circuit_tracer"
         folder = _folder(path, ("config.yaml",), caller)
+        cfg_file = str(folder / "config.yaml")
         cfg = _read_yaml(folder / "config.yaml", caller)
         hooks = {}
         for key in ("feature_input_hook", "feature_output_hook"):
             value = cfg.get(key)
             if not isinstance(value, str):
                 raise ArgumentError(
-                    f"{caller}: {folder / 'config.yaml'} has no {key}; circuit-tracer's "
-                    "config names feature_input_hook and feature_output_hook."
+                    f"{caller}: {cfg_file} has no {key} (a string; got {value!r}); "
+                    "circuit-tracer's config names feature_input_hook and feature_output_hook, "
+                    "e.g. hook_resid_mid and hook_mlp_out."
                 )
             hooks[key] = value
-        files = sorted(folder.glob("layer_*.safetensors"), key=lambda f: int(f.stem.split("_")[1]))
-        if not files:
-            raise ArgumentError(f"{caller}: no layer_{{i}}.safetensors in {str(folder)!r}.")
-        out = []
-        for f in files:
-            layer = int(f.stem.split("_")[1])
-            p = _load_safetensors(f)
-            _need(p, ("W_enc", "b_enc", "W_dec", "b_dec"), str(f), caller)
-            d_sae = p["b_enc"].shape[0]
-            W_enc = p["W_enc"] if p["W_enc"].shape[1] == d_sae else p["W_enc"].T
-            W_dec = p["W_dec"] if p["W_dec"].shape[0] == d_sae else p["W_dec"].T
-            th = p.get("threshold", p.get("activation_function.threshold"))
-            skip = p.get("W_skip")
-            out.append(
-                cls(
-                    W_enc,
-                    p["b_enc"],
-                    W_dec,
-                    p["b_dec"],
-                    block_hook_name(layer, hooks["feature_output_hook"]),
-                    input_hook=block_hook_name(layer, hooks["feature_input_hook"]),
-                    activation="jumprelu" if th is not None else "relu",
-                    threshold=th,
-                    W_skip=None if skip is None else skip.T,
-                    name=f"L{layer}",
-                )
+        cfg_act = _cfg(cfg, "activation", str, cfg_file, caller, null_ok=True)
+        if cfg_act is not None and cfg_act.lower() not in ("relu", "jumprelu", "topk"):
+            raise ArgumentError(
+                f"{caller}: {cfg_file}: activation is {cfg_act!r}; tlprisms reads circuit-tracer "
+                "transcoders with activation relu, jumprelu or topk."
             )
+        cfg_act = None if cfg_act is None else cfg_act.lower()
+        cfg_k = _cfg(cfg, "k", int, cfg_file, caller, null_ok=True)
+        files = _layer_files(folder, caller)
+        out = []
+        for layer, f in files:
+            where = str(f)
+            p = _load_safetensors(f, caller)
+            _check_keys(p, _CIRCUIT_TRACER, where, "a circuit-tracer layer file", caller)
+            dims = _dims(p, where, caller)
+            if "threshold" in p and "activation_function.threshold" in p:
+                raise ArgumentError(
+                    f"{caller}: {where} holds both threshold and activation_function.threshold; "
+                    "keep one (circuit-tracer saves activation_function.threshold)."
+                )
+            th = p.pop("activation_function.threshold", p.pop("threshold", None))
+            if th is not None and th.ndim == 0 and th.is_floating_point():
+                th = th.expand(dims["d_sae"]).clone()  # one threshold for every feature
+            if th is not None:
+                p["threshold"] = th
+            _check_layout(p, _CIRCUIT_TRACER, dims, where, "circuit-tracer", caller)
+            k = _file_k(p.get("k"), where, caller)
+            activation = _circuit_tracer_activation(
+                th is not None, k, cfg_act, cfg_k, where, cfg_file, caller
+            )
+            if activation == "topk" and k is None:
+                k = cfg_k
+            skip = p.get("W_skip")
+            d = _build(
+                where,
+                caller,
+                W_enc=p["W_enc"].T,
+                b_enc=p["b_enc"],
+                W_dec=p["W_dec"],
+                b_dec=p["b_dec"],
+                hook=block_hook_name(layer, hooks["feature_output_hook"]),
+                input_hook=block_hook_name(layer, hooks["feature_input_hook"]),
+                activation=activation,
+                threshold=th,
+                k=k,
+                topk_relu=False if activation == "topk" else True,
+                W_skip=None if skip is None else skip.T,
+                name=f"L{layer}",
+            )
+            d.source = where
+            out.append(d)
         return out
+
+
+# ----------------------------------------------------------------------------- formats
+#: each format's tensors and the shape it stores them in (d_sae from b_enc, d_model from b_dec)
+_GEMMA_SCOPE = {
+    "W_enc": ("d_model", "d_sae"),
+    "W_dec": ("d_sae", "d_model"),
+    "b_enc": ("d_sae",),
+    "b_dec": ("d_model",),
+    "threshold": ("d_sae",),
+    "W_skip": ("d_model", "d_model"),
+}
+_CIRCUIT_TRACER = {
+    "W_enc": ("d_sae", "d_model"),
+    "W_dec": ("d_sae", "d_model"),
+    "b_enc": ("d_sae",),
+    "b_dec": ("d_model",),
+    "W_skip": ("d_model", "d_model"),
+    "threshold": ("d_sae",),
+    "activation_function.threshold": ("d_sae",),
+    "k": (),
+}
+_SAELENS = {
+    "W_enc": ("d_model", "d_sae"),
+    "W_dec": ("d_sae", "d_model"),
+    "b_enc": ("d_sae",),
+    "b_dec": ("d_model",),
+    "threshold": ("d_sae",),
+    "log_threshold": ("d_sae",),
+}
+_REQUIRED = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def _check_keys(p: Mapping, layout: Mapping, where: str, fmt: str, caller: str) -> None:
+    """The required tensors are there and nothing the format does not define (an unknown
+    tensor may change the computation, so it is refused rather than ignored)."""
+    _need(p, _REQUIRED, where, caller)
+    unknown = sorted(k for k in p if k not in layout)
+    if unknown:
+        raise ArgumentError(
+            f"{caller}: {where} holds {', '.join(unknown)}, which {fmt} does not have (it "
+            f"has {', '.join(layout)}); tlprisms does not know what they do, so it does not "
+            "ignore them. Build Dictionary(...) from the weights yourself if they are unused."
+        )
+
+
+def _dims(p: Mapping, where: str, caller: str) -> dict:
+    """``d_sae`` and ``d_model``, read from the biases (one axis each, as every format has)."""
+    for key in ("b_enc", "b_dec"):
+        t = p[key]
+        if t.ndim != 1:
+            raise ArgumentError(
+                f"{caller}: {where}: {key} has shape {tuple(t.shape)}; it must be a vector "
+                f"({'[d_sae]' if key == 'b_enc' else '[d_model]'}). The file is damaged or "
+                "in another format."
+            )
+    return {"d_sae": int(p["b_enc"].shape[0]), "d_model": int(p["b_dec"].shape[0])}
+
+
+def _check_layout(
+    p: Mapping, layout: Mapping, dims: Mapping, where: str, fmt: str, caller: str
+) -> None:
+    """Every tensor has the shape (and a float dtype, ``k`` an integer one) its format
+    stores; nothing is transposed to fit."""
+    for key, names in layout.items():
+        if key not in p:
+            continue
+        t = p[key]
+        want = tuple(dims[n] for n in names)
+        if key == "k":
+            continue  # checked by _file_k
+        if not t.is_floating_point():
+            raise ArgumentError(
+                f"{caller}: {where}: {key} has dtype {t.dtype}; {fmt} stores float weights."
+            )
+        if tuple(t.shape) != want:
+            layout_text = "[" + ", ".join(names) + "]"
+            raise ArgumentError(
+                f"{caller}: {where}: {key} has shape {list(t.shape)}, but {fmt} stores {key} as "
+                f"{layout_text} = {list(want)} (d_sae={dims['d_sae']} from b_enc, d_model="
+                f"{dims['d_model']} from b_dec). The file is in another layout or damaged: "
+                "save it in this format, or build Dictionary(W_enc [d_in, d_sae], ...) "
+                "yourself."
+            )
+
+
+def _file_k(t: Optional[Tensor], where: str, caller: str) -> Optional[int]:
+    """circuit-tracer's TopK ``k``: a 0-d integer tensor (``torch.tensor(k)``), at least 1."""
+    if t is None:
+        return None
+    if t.ndim != 0 or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        raise ArgumentError(
+            f"{caller}: {where}: k is a tensor of shape {list(t.shape)} and dtype {t.dtype}; "
+            "circuit-tracer saves TopK's k as one integer (torch.tensor(k)). Re-save it so."
+        )
+    k = int(t.item())
+    if k < 1:
+        raise ArgumentError(f"{caller}: {where}: k is {k}; TopK needs k >= 1.")
+    return k
+
+
+def _circuit_tracer_activation(
+    has_threshold: bool,
+    k: Optional[int],
+    cfg_act: Optional[str],
+    cfg_k: Optional[int],
+    where: str,
+    cfg_file: str,
+    caller: str,
+) -> str:
+    """The activation a layer file (and the config, where it says) stands for; a
+    contradiction is refused rather than settled by a guess."""
+    if has_threshold and k is not None:
+        raise ArgumentError(
+            f"{caller}: {where} holds both a JumpReLU threshold and a TopK k; a transcoder has "
+            "one activation. Remove the one it was not trained with."
+        )
+    from_file = "jumprelu" if has_threshold else "topk" if k is not None else None
+    if cfg_act is not None and from_file is not None and cfg_act != from_file:
+        raise ArgumentError(
+            f"{caller}: {cfg_file} says activation {cfg_act!r} but {where} holds "
+            f"{'a threshold' if has_threshold else 'k'} ({from_file}); make them agree."
+        )
+    if cfg_act in ("jumprelu",) and not has_threshold:
+        raise ArgumentError(
+            f"{caller}: {cfg_file} says activation 'jumprelu' but {where} has no "
+            "activation_function.threshold."
+        )
+    if k is not None and cfg_k is not None and k != cfg_k:
+        raise ArgumentError(
+            f"{caller}: {cfg_file} says k: {cfg_k} but {where} holds k = {k}; make them agree."
+        )
+    activation = from_file or cfg_act or "relu"
+    if activation == "topk" and k is None and cfg_k is None:
+        raise ArgumentError(
+            f"{caller}: {cfg_file} says activation 'topk' but neither it nor {where} gives k; "
+            "add k: <int> to config.yaml."
+        )
+    if activation != "topk" and cfg_k is not None:
+        raise ArgumentError(
+            f"{caller}: {cfg_file} gives k: {cfg_k} but {where} is a {activation} transcoder; "
+            "k is for TopK (add activation: topk, or remove k)."
+        )
+    return activation
+
+
+def _layer_files(folder: Path, caller: str) -> list[tuple[int, Path]]:
+    files = []
+    for f in folder.glob("layer_*.safetensors"):
+        match = re.fullmatch(r"layer_(\d+)", f.stem)
+        if match is None:
+            raise ArgumentError(
+                f"{caller}: {str(f)!r} is not named layer_<i>.safetensors with <i> a layer "
+                "number; rename or remove it."
+            )
+        files.append((int(match.group(1)), f))
+    files.sort()
+    if not files:
+        raise ArgumentError(f"{caller}: no layer_{{i}}.safetensors in {str(folder)!r}.")
+    layers = [layer for layer, _ in files]
+    dup = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if dup:
+        names = [f.name for layer, f in files if layer in dup]
+        raise ArgumentError(
+            f"{caller}: {str(folder)!r} has more than one file for layer(s) {dup} "
+            f"({', '.join(names)}); keep one per layer."
+        )
+    return files
+
+
+def _build(where: str, caller: str, **kwargs: Any) -> "Dictionary":
+    """``Dictionary(**kwargs)`` whose refusals name the file the values came from."""
+    try:
+        return Dictionary(**kwargs)
+    except ArgumentError as err:
+        text = str(err)
+        text = text[len("Dictionary: ") :] if text.startswith("Dictionary: ") else text
+        raise ArgumentError(f"{caller}: {where}: {text}") from err
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -444,10 +686,81 @@ def _folder(path: Any, files: tuple, caller: str) -> Path:
     return folder
 
 
-def _load_safetensors(file: Path) -> dict:
+def _read_text(file: Path, caller: str) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ArgumentError(
+            f"{caller}: {str(file)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+            "it is damaged or not the config file (re-download or re-save it)."
+        ) from err
+    except OSError as err:
+        raise ArgumentError(f"{caller}: cannot read {str(file)!r}: {err.strerror}.") from err
+
+
+def _read_json(file: Path, caller: str) -> dict:
+    try:
+        data = json.loads(_read_text(file, caller))
+    except json.JSONDecodeError as err:
+        raise ArgumentError(
+            f"{caller}: {str(file)!r} is not valid JSON ({err.msg} at line {err.lineno}, "
+            f"column {err.colno}); fix the file or re-save the config (SAELens: "
+            "sae.save_model(path))."
+        ) from err
+    if not isinstance(data, dict):
+        raise ArgumentError(
+            f"{caller}: {str(file)!r} holds a JSON {type(data).__name__}, not an object of "
+            "config keys; it is not a SAELens cfg.json."
+        )
+    return data
+
+
+def _load_safetensors(file: Path, caller: str) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ArgumentError(
+            f"{caller}: {str(file)!r} is not a readable .safetensors file ({err}); it is "
+            "damaged or in another format: re-download it or save the weights with "
+            "safetensors.torch.save_file."
+        ) from err
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def _read_npz(file: Path, caller: str) -> dict:
+    """A ``.npz`` archive of float arrays, never unpickled."""
+    import zipfile
+
+    import numpy as np
+
+    not_npz = (
+        f"{caller}: {str(file)!r} is not an .npz archive of arrays (Gemma Scope's params.npz "
+        "is a zip of .npy arrays: W_enc, W_dec, b_enc, b_dec, threshold). Pass that file "
+        "(re-download it if it is damaged); tlprisms never loads pickled data."
+    )
+    if not zipfile.is_zipfile(file):
+        raise ArgumentError(not_npz)
+    out = {}
+    try:
+        with np.load(file, allow_pickle=False) as params:
+            if not hasattr(params, "files"):
+                raise ArgumentError(not_npz)
+            for key in params.files:
+                arr = params[key]
+                if not np.issubdtype(arr.dtype, np.floating):
+                    raise ArgumentError(
+                        f"{caller}: {str(file)!r}: {key} has dtype {arr.dtype}; Gemma Scope "
+                        "stores float arrays."
+                    )
+                out[key] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+    except ArgumentError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise ArgumentError(not_npz) from err
+    return out
 
 
 def _need(p: Mapping, keys: tuple, where: str, caller: str) -> None:
@@ -458,32 +771,107 @@ def _need(p: Mapping, keys: tuple, where: str, caller: str) -> None:
         )
 
 
+def _yaml_scalar(value: str) -> Any:
+    """A scalar of the flat fallback parser: quoted text, true/false, an integer, or text."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    if value in ("true", "True", "false", "False"):
+        return value.lower() == "true"
+    if value in ("", "null", "~"):
+        return None
+    if re.fullmatch(r"[+-]?\d+", value):
+        return int(value)
+    return value
+
+
 def _read_yaml(file: Path, caller: str) -> dict:
-    text = file.read_text()
+    text = _read_text(file, caller)
     try:
         import yaml
-
-        data = yaml.safe_load(text)
     except ImportError:  # flat "key: value" lines are all this loader reads
-        data = {}
+        data: Any = {}
         for line in text.splitlines():
             key, sep, value = line.partition(":")
             if sep and not line.startswith((" ", "-", "#")):
-                data[key.strip()] = value.strip().strip("\"'") or None
+                data[key.strip()] = _yaml_scalar(value.split(" #")[0].strip())
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ArgumentError(
+                f"{caller}: {str(file)!r} is not valid YAML ({err}); fix the file (circuit-"
+                "tracer's config.yaml is a mapping with feature_input_hook and "
+                "feature_output_hook)."
+            ) from err
     if not isinstance(data, dict):
         raise ArgumentError(f"{caller}: {str(file)!r} is not a YAML mapping.")
     return data
 
 
-def _from_saelens_parts(cfg: dict, p: dict, hook: Optional[str], caller: str) -> "Dictionary":
-    meta = cfg.get("metadata") or {}
-    hook = hook or cfg.get(HOOK_NAME_KEY) or meta.get(HOOK_NAME_KEY)
-    if not isinstance(hook, str):
-        raise ArgumentError(f"{caller}: the config names no hook; pass hook=.")
-    arch = str(cfg.get("architecture") or "standard").lower()
-    act_name = str(cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu").lower()
-    kwargs = cfg.get("activation_fn_kwargs") or {}
-    k = cfg.get("k") or kwargs.get("k")
+_EXPECTED = {
+    bool: "a bool (true or false; not a string or a number)",
+    int: "an integer (not a float or a string)",
+    str: "a string",
+    dict: "a mapping of keys to values",
+}
+
+
+def _cfg(
+    cfg: Mapping,
+    key: str,
+    kind: type,
+    where: str,
+    caller: str,
+    default: Any = None,
+    *,
+    null_ok: bool = False,
+) -> Any:
+    """``cfg[key]`` checked, not coerced: a bool must be a bool, an int an int (a float, even
+    3.0, is refused: no format tlprisms reads writes one), a string a string."""
+    if key not in cfg or (null_ok and cfg[key] is None):
+        return default
+    value = cfg[key]
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ArgumentError(
+            f"{caller}: {where}: {key} is {value!r} ({type(value).__name__}); expected "
+            f"{_EXPECTED[kind]}. Fix that value in the config (it is not converted, since "
+            'e.g. the string "false" would read as true).'
+        )
+    return value
+
+
+def _from_saelens_parts(
+    cfg: Mapping, p: dict, hook: Optional[str], where: str, weights: str, caller: str
+) -> "Dictionary":
+    """``where`` names the config (messages), ``weights`` the weights."""
+    meta = _cfg(cfg, "metadata", dict, where, caller, {}, null_ok=True)
+    if hook is None:
+        hook = _cfg(cfg, HOOK_NAME_KEY, str, where, caller, null_ok=True)
+        if hook is None:
+            hook = _cfg(meta, HOOK_NAME_KEY, str, f"{where} (metadata)", caller, null_ok=True)
+    if hook is None:
+        raise ArgumentError(f"{caller}: {where} names no hook (hook_name); pass hook=.")
+    arch = _cfg(cfg, "architecture", str, where, caller, null_ok=True) or "standard"
+    arch = arch.lower()
+    act_name = (
+        _cfg(cfg, "activation_fn", str, where, caller, null_ok=True)
+        or _cfg(cfg, "activation_fn_str", str, where, caller, null_ok=True)
+        or "relu"
+    ).lower()
+    kwargs = _cfg(cfg, "activation_fn_kwargs", dict, where, caller, {}, null_ok=True)
+    k = _cfg(cfg, "k", int, where, caller, null_ok=True)
+    kw_k = _cfg(kwargs, "k", int, f"{where} (activation_fn_kwargs)", caller, null_ok=True)
+    if k is not None and kw_k is not None and k != kw_k:
+        raise ArgumentError(
+            f"{caller}: {where} gives k={k} and activation_fn_kwargs k={kw_k}; make them agree."
+        )
+    k = k if k is not None else kw_k
     if arch == "gated":
         raise ArgumentError(
             f"{caller}: gated SAEs are not supported (their gate and magnitude paths are two "
@@ -500,33 +888,61 @@ def _from_saelens_parts(cfg: dict, p: dict, hook: Optional[str], caller: str) ->
             f"{caller}: architecture {arch!r} with activation {act_name!r} is not one tlprisms "
             f"reads; supported: {', '.join(ACTIVATIONS)}."
         )
-    if (cfg.get("reshape_activations") or "none") != "none":
+    reshape = _cfg(cfg, "reshape_activations", str, where, caller, "none", null_ok=True)
+    if reshape != "none":
         raise ArgumentError(
-            f"{caller}: an SAE on {cfg.get('reshape_activations')!r} (per-head z) is not "
-            "supported; tlprisms reads dictionaries on d_model-sized sites."
+            f"{caller}: an SAE on {reshape!r} (per-head z) is not supported; tlprisms reads "
+            "dictionaries on d_model-sized sites."
         )
-    norm = cfg.get("normalize_activations") or "none"
-    if norm not in ("none", None):
+    norm = _cfg(cfg, "normalize_activations", str, where, caller, "none", null_ok=True)
+    if norm != "none":
         raise ArgumentError(
             f"{caller}: normalize_activations={norm!r}: the scaling is not in the weights. "
             "Fold it into the SAE first (SAELens: sae.fold_activation_norm_scaling_factor), "
             "or build Dictionary(..., input_scale=factor)."
         )
+    if _cfg(cfg, "rescale_acts_by_decoder_norm", bool, where, caller, False):
+        raise ArgumentError(
+            f"{caller}: {where} has rescale_acts_by_decoder_norm: true (activations scaled "
+            "by each decoder row's norm), which these weights do not hold. Fold it first "
+            "(SAELens: sae.fold_W_dec_norm()) and save again."
+        )
+    subtract = _cfg(cfg, "apply_b_dec_to_input", bool, where, caller, False)
+    name = _cfg(cfg, "neuronpedia_id", str, where, caller, null_ok=True)
+    name = name or _cfg(meta, "neuronpedia_id", str, f"{where} (metadata)", caller, null_ok=True)
+    if p.get("W_skip") is not None:
+        raise ArgumentError(
+            f"{caller}: the SAE has a skip connection (W_skip): it is a transcoder, which "
+            "from_saelens does not read; build Dictionary(..., input_hook=..., W_skip=...)."
+        )
+    p = {key: value for key, value in p.items() if key != "W_skip"}
+    _check_keys(p, _SAELENS, weights, "a SAELens SAE", caller)
+    dims = _dims(p, weights, caller)
+    _check_layout(p, _SAELENS, dims, weights, "SAELens", caller)
+    for key, dim in (("d_in", "d_model"), ("d_sae", "d_sae")):
+        stated = _cfg(cfg, key, int, where, caller, null_ok=True)
+        if stated is not None and stated != dims[dim]:
+            raise ArgumentError(
+                f"{caller}: {where} says {key}={stated} but {weights} has {key}="
+                f"{dims[dim]} (b_enc {list(p['b_enc'].shape)}, b_dec {list(p['b_dec'].shape)}); "
+                "the config and the weights belong to different SAEs."
+            )
     threshold = p.get("threshold")
     if threshold is None and "log_threshold" in p:
         threshold = torch.exp(p["log_threshold"])
     if activation == "jumprelu" and threshold is None:
         raise ArgumentError(f"{caller}: a JumpReLU SAE without a threshold tensor.")
-    _need(p, ("W_enc", "b_enc", "W_dec", "b_dec"), "the weights", caller)
-    return Dictionary(
-        p["W_enc"],
-        p["b_enc"],
-        p["W_dec"],
-        p["b_dec"],
-        hook,
+    return _build(
+        where,
+        caller,
+        W_enc=p["W_enc"],
+        b_enc=p["b_enc"],
+        W_dec=p["W_dec"],
+        b_dec=p["b_dec"],
+        hook=hook,
         activation=activation,
         threshold=threshold if activation in ("jumprelu", "batchtopk") else None,
-        k=int(k) if activation in ("topk", "batchtopk") and k is not None else None,
-        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", False)),
-        name=str(cfg.get("neuronpedia_id") or meta.get("neuronpedia_id") or hook),
+        k=k if activation in ("topk", "batchtopk") else None,
+        subtract_b_dec=subtract,
+        name=name or hook,
     )
