@@ -5,6 +5,9 @@ import pytest
 from tlprisms import cli, hub
 from tlprisms.errors import PrismError
 
+#: an offline hub failure must come within this many seconds (it took 31 s of retries)
+HUB_FAIL_FAST_S = 5.0
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
@@ -83,5 +86,24 @@ def test_hub_errors_are_explained(monkeypatch, message, expected):
         raise OSError(message)
 
     monkeypatch.setattr(TransformerBridge, "boot_transformers", fail)
+    monkeypatch.setattr(hub, "_offline_reason", lambda: None)  # as if online: TL's error
     with pytest.raises(PrismError, match=expected):
         hub.load_model("no/such-model", bridge=True)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("gtp2", r"unknown model 'gtp2'.*did you mean 'gpt2'"), ("gpt2", "could not download 'gpt2'")],
+)
+def test_hub_offline_fails_fast_and_tells_unknown_from_unreachable(monkeypatch, name, expected):
+    """Offline (HF_HUB_OFFLINE=1), a misspelled name is called unknown, with suggestions, and a
+    known name not in the local cache is called unreachable: at once, no retries."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "_cached", lambda *names: False)
+    t0 = time.perf_counter()
+    with pytest.raises(PrismError, match=expected) as err:
+        hub.load_model(name)
+    assert time.perf_counter() - t0 < HUB_FAIL_FAST_S
+    assert "HF_HUB_OFFLINE=1" in str(err.value) and "--model demo" in str(err.value)

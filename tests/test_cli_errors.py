@@ -168,7 +168,7 @@ def test_target_not_in_the_vocabulary(capsys):
 
 def test_the_unknown_token_itself_may_be_explained(capsys):
     code, out, _ = run(capsys, *explain(target="<unk>"))
-    assert code == 0 and "'<unk>' at position -1" in out
+    assert code == 0 and "logit of '<unk>' after 'is' (token 5 of 6, the last)" in out
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
@@ -210,3 +210,39 @@ def test_a_bug_still_raises(monkeypatch):
     monkeypatch.setattr(cli, "run_explain", broken)
     with pytest.raises(RuntimeError, match="a genuine bug"):
         cli.main(list(explain()))
+
+
+# ---------------------------------------------------------------------------- flags, help, output
+@pytest.mark.parametrize(
+    "argv, flag, suggestion",
+    [
+        (
+            ("explain", "--model", "demo", "--prompt", PROMPT, "--targt", " Paris"),
+            "--targt",
+            "--target",
+        ),
+        ((*explain(), "--verfy"), "--verfy", "--verify"),
+        (("demo", "--quite"), "--quite", "--quiet"),
+    ],
+)
+def test_misspelled_flag_is_named_with_a_suggestion(capsys, argv, flag, suggestion):
+    """A misspelled flag is named (not 'required: --target'), the closest flag suggested, and
+    the help pointed at is the command's own."""
+    refused(
+        capsys,
+        *argv,
+        match=[f"no option {flag}", f"did you mean {suggestion}", f"`tlprisms {argv[0]} --help`"],
+    )
+
+
+def test_help_is_plain_text(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "tlprisms explain --help" in out
+    assert "``" not in out and ":func:" not in out  # no reST markup on a terminal
+
+
+def test_explain_names_the_token_it_reads(capsys):
+    code, out, _ = run(capsys, *explain())
+    assert code == 0, out
+    assert "logit of ' Paris' after 'is' (token 5 of 6, the last):" in out
+    assert "position -1" not in out

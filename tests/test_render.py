@@ -543,3 +543,13 @@ def test_same_fragment_twice_renders_twice(browser, tiny):
     assert all(kids > 0 for _, kids in mounts)
     assert "[0]" in page.eval("() => document.body.innerText")  # positions label tokens
     page.clean()
+
+
+def test_show_outside_jupyter_writes_the_page_and_says_where(tiny, capsys):
+    """In a script, show() writes a self-contained page to a temporary file and prints where
+    (it used to return an object silently)."""
+    obj = render.show(tiny["r"])
+    out = capsys.readouterr().out
+    assert obj.path is not None and obj.path.exists() and str(obj.path) in out
+    assert obj.path.read_text(encoding="utf-8") == obj._repr_html_()
+    obj.path.unlink()

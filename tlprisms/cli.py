@@ -13,6 +13,7 @@ is a bug and raises.
 """
 
 import argparse
+import difflib
 import os
 import sys
 import time
@@ -332,8 +333,8 @@ def run_explain(
     full.check()  # a result that does not add up is an error, never a warning
     gap = _gap(r, full)
     _say(
-        f"\n{target!r} at position {pos}: logit {float(r.explained[0, 0, 0]):.4g} "
-        f"({r.explains}); completeness gap {gap:.2e}"
+        f"\n{r.explains} of {target!r} {_where(prism, int(r.positions[0, 0]))}: "
+        f"{float(r.explained[0, 0, 0]):.4g}; completeness gap {gap:.2e}"
     )
     for title, res in (
         ("layers", r),
@@ -368,8 +369,56 @@ def run_explain(
     }
 
 
+def _where(prism: Any, i: int) -> str:
+    """Where a logit is read, in words: ``after 'is' (token 5 of 6, the last)``."""
+    n = prism.n_ctx
+    last = ", the last" if i == n - 1 else ""
+    tokens = prism.tokens
+    if tokens is None or prism.view.tokenizer() is None:
+        return f"at position {i} (of {n}{last})"
+    word = prism.view.token_label(int(tokens[0, i]))
+    return f"after {word} (token {i} of {n}{last})"
+
+
 class _ParseError(Exception):
     pass
+
+
+#: what ``tlprisms --help`` says (plain text: no reST markup on a terminal)
+DESCRIPTION = """Exact logit prisms on the command line.
+
+  tlprisms demo       explain both tasks of the embedded model (offline) and write a report
+  tlprisms explain    explain one logit of any TransformerLens model
+
+Examples:
+  tlprisms demo --out report.html
+  tlprisms explain --model demo --prompt "The capital of France is" --target " Paris"
+  tlprisms explain --model gpt2 --prompt "The Eiffel Tower is in" --target " Paris" --verify
+
+Run `tlprisms explain --help` for the options of one command."""
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Optional[str]:
+    """The first ``--flag`` of ``argv`` that its command does not have, with the closest
+    flags it does have (checked before argparse, which would first complain that a required
+    flag is missing when the user misspelled it)."""
+    if not argv or argv[0].startswith("-"):
+        return None
+    subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = subs.choices.get(argv[0]) if subs is not None else None
+    if command is None:
+        return None
+    known = [o for a in command._actions for o in a.option_strings]
+    for arg in argv[1:]:
+        if not arg.startswith("--"):
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in known or sum(k.startswith(flag) for k in known) == 1:
+            continue
+        close = difflib.get_close_matches(flag, known, n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return f"{argv[0]} has no option {flag}{hint} (see `tlprisms {argv[0]} --help`)"
+    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -386,7 +435,11 @@ def _fail(message: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (2 for a mistake, with one line on stderr)."""
-    parser = _Parser(prog="tlprisms", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="tlprisms",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="explain both tasks of the embedded model (offline)")
     demo.add_argument(
@@ -415,6 +468,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="check the largest and some sampled terms by intervention on the model and print "
         "the certificate (a failure is an error)",
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    unknown = _unknown_flags(parser, argv)
+    if unknown is not None:
+        return _fail(unknown)
     try:
         args = parser.parse_args(argv)
     except _ParseError as err:

@@ -11,6 +11,7 @@ import functools
 import inspect
 import re
 import sys
+import tempfile
 from pathlib import Path
 from types import FrameType
 from typing import Any, Optional, Union
@@ -153,8 +154,12 @@ def _displayed_by_jupyter() -> bool:
 class _HTML:
     """What :func:`show` returns outside IPython: shows in any ``_repr_html_`` front end."""
 
-    def __init__(self, data: str) -> None:
-        self.data = data
+    def __init__(self, data: str, path: Optional[Path] = None) -> None:
+        self.data, self.path = data, path
+
+    def __repr__(self) -> str:
+        where = "" if self.path is None else f", written to {self.path}"
+        return f"<tlprisms view: {len(self.data):,} characters of HTML{where}>"
 
     def _repr_html_(self) -> str:
         return self.data
@@ -164,19 +169,27 @@ class _HTML:
 
 
 def show(obj: Any, **kw: Any) -> Any:
-    """Display ``obj`` in Jupyter (offline, self-contained); elsewhere return the HTML object.
+    """Display ``obj`` in Jupyter (offline, self-contained); elsewhere (a script, a terminal)
+    write it as a self-contained page to a temporary file and say where, as plotting
+    libraries do.
 
     Returns None after displaying in an IPython session; otherwise an object with
-    ``_repr_html_`` (IPython's ``HTML`` when IPython is installed).
+    ``_repr_html_`` whose ``path`` is the page written.
     """
     view = as_view(obj, "show", **kw)
     try:
         from IPython import get_ipython
         from IPython.display import HTML, display
     except ImportError:
-        return _HTML(view.html())
-    if get_ipython() is None:
-        return HTML(view.html())
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        page = view.html()
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="tlprisms-", suffix=".html", delete=False, encoding="utf-8"
+        ) as f:
+            f.write(page)
+        print(f"tlprisms: not in Jupyter; wrote the view to {f.name} (open it in a browser)")
+        return _HTML(page, Path(f.name))
     display(HTML(view.fragment(bundle=notebook_bundle(view.needs_bundle))))
     return None
 
