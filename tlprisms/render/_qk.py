@@ -101,7 +101,11 @@ def pair_matrix(
     m, rows = _fold(m, 0, rows, top)
     m, cols = _fold(m, 1, cols, top)
     label = result.target_labels.reshape(-1)[target] if result.target_labels.size > 1 else ""
-    title = f"{result.prism}: {result.explains} of key {label} = sum of cells ({m.sum():+.4g})"
+    req = result.request
+    keys = "between keys" if req is not None and req.contrast else "at key"
+    title = (
+        f"{result.prism}: {result.explains} {keys} {label}, the sum of the cells ({m.sum():+.4g})"
+    )
     svg = heatmap_svg(m, [f"q: {r}" for r in rows], [f"k: {k}" for k in cols], title)
     return Figure(svg, title, data={"matrix": m, "rows": rows, "cols": cols})
 

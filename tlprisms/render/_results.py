@@ -16,6 +16,11 @@ from tlprisms.render._svg import heatmap_svg
 from tlprisms.render._svg_plots import lines_svg, scatter_svg
 from tlprisms.weights import TokenMap, TokenProjection
 
+#: how many points a verification or effects scatter labels (the farthest from the origin)
+EXTREME_LABELS = 8
+#: template lines are scaled each to its own largest |value| when their ranges differ by more
+PER_LINE_RATIO = 5.0
+
 __all__ = [
     "verification_svg",
     "verification_views",
@@ -31,7 +36,10 @@ def verification_svg(v: Verification) -> str:
     points = torch.stack([v.terms, -v.change], 1).numpy()
     labels = [str(x) for x in v.components]
     return scatter_svg(
-        points, labels, f"term (x) vs minus the change when removed (y): {v.checked_terms()}"
+        points,
+        labels,
+        f"term (x) vs minus the change when removed (y): {v.checked_terms()}",
+        label_extremes=EXTREME_LABELS,
     )
 
 
@@ -47,6 +55,7 @@ def effects_svg(e: Effects, target: int = 0) -> str:
         pts.numpy(),
         [str(c) for c in e.components],
         f"direct term (x) vs total effect, {e.ablation} ablation (y)",
+        label_extremes=EXTREME_LABELS,
     )
 
 
@@ -68,12 +77,15 @@ def token_map_views(m: TokenMap) -> list:
     if m.weights is not None:
         series = {str(r): m.values[i].tolist() for i, r in enumerate(m.rows)}
         series["weighted sum"] = m.weighted_sum().tolist()
+        peaks = [max(abs(x) for x in vals) for vals in series.values()]
+        per_line = min(peaks) > 0 and max(peaks) / min(peaks) > PER_LINE_RATIO
         out.append(
             lines_svg(
                 series,
                 list(map(str, m.cols)),
                 f"{m.title}: templates and weighted sum",
                 highlight="weighted sum",
+                scale="per_line" if per_line else "shared",
             )
         )
     return out

@@ -30,7 +30,12 @@ __all__ = ["lines_svg", "scatter_svg"]
 # ---------------------------------------------------------------------------- lines
 @check.entry
 def lines_svg(
-    series: dict, x_labels: Sequence[Any], title: str = "", *, highlight: Optional[str] = None
+    series: dict,
+    x_labels: Sequence[Any],
+    title: str = "",
+    *,
+    highlight: Optional[str] = None,
+    scale: str = "shared",
 ) -> str:
     """Line plots over a shared categorical x axis, e.g. neuron templates over a token set.
 
@@ -40,6 +45,9 @@ def lines_svg(
             full text on hover; rotated when long).
         title: drawn above the figure.
         highlight: the name of one series to draw thick and dark (e.g. the weighted sum).
+        scale: ``"shared"`` (one y axis for every line) or ``"per_line"``: each line divided
+            by its own largest ``|value|`` (its legend says by how much), so that one large
+            line does not flatten the others to 0.
 
     Returns:
         An ``<svg>`` element as a string.
@@ -69,6 +77,14 @@ def lines_svg(
                 f"{caller}: highlight={label(highlight, 40)!r} is not a series name; use one "
                 f"of {names}{' ...' if len(data) > 8 else ''}, or None."
             )
+    check.choice(scale, "scale", ("shared", "per_line"), caller)
+    units: dict = {}
+    if scale == "per_line":
+        for name, arr in data.items():
+            peak = float(np.abs(arr[np.isfinite(arr)]).max()) if np.isfinite(arr).any() else 0.0
+            units[name] = peak if peak > 0 else 1.0
+            data[name] = arr / units[name]
+        title = f"{title} (each line scaled to its largest |value|)" if title else title
     allv = np.concatenate([a[np.isfinite(a)] for a in data.values()] + [np.zeros(1)])
     lo, hi = float(allv.min()), float(allv.max())
     if hi - lo < 1e-12:
@@ -76,7 +92,9 @@ def lines_svg(
     span = hi - lo
     lo, hi = lo - 0.05 * span, hi + 0.05 * span
     xl = [token_label(x, 20) for x in xs]
-    legend = [token_label(n, 28) for n in data]
+    legend = [
+        token_label(f"{n} (1 = {fmt(units[n])})" if units else n, 40 if units else 28) for n in data
+    ]
     plot_w = float(np.clip(46 * max(len(xs), 1), 260, 720))
     plot_h = 260.0
     left = 64.0
@@ -150,7 +168,12 @@ def lines_svg(
 # ---------------------------------------------------------------------------- scatter
 @check.entry
 def scatter_svg(
-    points: Any, labels: Sequence[Any], title: str = "", *, show_labels: Optional[bool] = None
+    points: Any,
+    labels: Sequence[Any],
+    title: str = "",
+    *,
+    show_labels: Optional[bool] = None,
+    label_extremes: Optional[int] = None,
 ) -> str:
     """A 2-D scatter plot with a text label per point (e.g. a 2-D map of unembeddings).
 
@@ -160,6 +183,9 @@ def scatter_svg(
             full text is in each point's and label's hover title).
         title: drawn above the figure.
         show_labels: write the labels next to the points (default: for at most 80 points).
+        label_extremes: write only the labels of this many points, those farthest from the
+            origin (the rest keep their hover titles), so labels near the origin, where the
+            small points crowd, do not pile up.
 
     Returns:
         An ``<svg>`` element as a string.
@@ -176,12 +202,19 @@ def scatter_svg(
     shown = arg.flag(show_labels, "show_labels", caller, optional=True)
     show_labels = p.shape[0] <= 80 if shown is None else shown
     ok = np.isfinite(p).all(1)
+    labelled = np.full(p.shape[0], show_labels)
+    if label_extremes is not None:
+        n = check.count(label_extremes, "label_extremes", caller, minimum=0)
+        far = np.where(ok, np.hypot(p[:, 0], p[:, 1]), -np.inf)
+        labelled[:] = False
+        labelled[np.argsort(-far, kind="stable")[: min(n, int(ok.sum()))]] = True
+        show_labels = bool(labelled.any())
+    lab = [token_label(n, 24) for n in names]
     q = p[ok] if ok.any() else np.zeros((1, 2))
     (x0, y0), (x1, y1) = q.min(0), q.max(0)
     dx, dy = max(x1 - x0, 1e-9), max(y1 - y0, 1e-9)
     x0, x1, y0, y1 = x0 - 0.08 * dx, x1 + 0.08 * dx, y0 - 0.08 * dy, y1 + 0.08 * dy
     size, left = 440.0, 56.0
-    lab = [token_label(n, 24) for n in names]
     right = (max([text_width(s.short, 10) for s in lab] + [0]) * 0.6 + 16) if show_labels else 16
     width = left + size + right
     head, th = title_lines(title, width)
@@ -215,6 +248,20 @@ def scatter_svg(
             f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" '
             f'font-size="10" fill="#555555">{esc(fmt_tick(t))}</text>'
         )
+    # a label that would overlap one already placed is left out (its point keeps its hover
+    # title): the points farthest from the origin are labelled first
+    placed: list = []
+    far_first = np.argsort(-np.where(ok, np.hypot(p[:, 0], p[:, 1]), -np.inf), kind="stable")
+    for i in far_first:
+        if not (ok[i] and labelled[i]):
+            continue
+        cx, cy = X(float(p[i, 0])), Y(float(p[i, 1]))
+        box = (cx + 6, cy - 6, cx + 6 + text_width(lab[i].short, 10), cy + 6)
+        if any(min(box[2], b[2]) > max(box[0], b[0]) and min(box[3], b[3]) > max(box[1], b[1])
+               for b in placed):  # fmt: skip
+            labelled[i] = False
+        else:
+            placed.append(box)
     for i in range(p.shape[0]):
         if not ok[i]:
             continue
@@ -224,7 +271,7 @@ def scatter_svg(
             f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{POSITIVE}" '
             f'fill-opacity="0.75"><title>{esc(tip)}</title></circle>'
         )
-        if show_labels:
+        if labelled[i]:
             body.append(
                 f'<text x="{cx + 6:.1f}" y="{cy + 4:.1f}" font-size="10" '
                 f'fill="#222222">{lab[i].svg()}</text>'

@@ -294,12 +294,24 @@ def bars(
     if order == "abs":
         idx = idx[np.argsort(-np.abs(v[idx]), kind="stable")]
     shown, rest = idx[:k], idx[k:]
+    others = ~focus & ~const
+    # never merge a term larger than the smallest one shown: it gets its own bar
+    smallest = float(np.abs(v[shown]).min()) if len(shown) else np.inf
+    big = np.nonzero(~const & (np.abs(v) > smallest))[0]
+    promoted = np.setdiff1d(big, shown)
+    if len(promoted):
+        shown = np.concatenate([shown, promoted])
+        if order == "abs":
+            shown = shown[np.argsort(-np.abs(v[shown]), kind="stable")]
+        else:
+            shown = np.sort(shown)  # the stream's order
+        rest = np.setdiff1d(rest, promoted)
+        others[promoted] = False
     names = [str(c[int(i)]) for i in shown]
     vals = [float(v[i]) for i in shown]
     if len(rest):
         names.append(f"other {len(rest)} {_plural(c.kinds()[rest])}")
         vals.append(float(v[rest].sum()))
-    others = ~focus & ~const
     if others.any():
         names.append(f"{int(others.sum())} {_plural(c.kinds()[others])}")
         vals.append(float(v[others].sum()))
