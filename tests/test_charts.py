@@ -139,3 +139,31 @@ def test_labels_neither_overflow_nor_overlap_at_notebook_width(demo, tmp_path):
                 if dx > OVERLAP_PX and dy > OVERLAP_PX:
                     bad.append(("overlap", f["title"], t[i], t[j]))
     assert bad == [], bad[:5]
+
+
+#: an attention pattern of a few tokens must fit a notebook screen (it was 1,180 px tall)
+PATTERN_MAX_HEIGHT_PX = 600
+
+
+@pytest.mark.browser
+def test_attention_pattern_of_six_tokens_is_not_a_page_tall(demo, tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.skip("needs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    from tlprisms.render._browser import CHROMIUM_ARGS, RENDERED_JS
+
+    toks = [f"t{i}" for i in range(demo.n_ctx)]
+    w = render.attention_pattern(demo.cache["blocks.1.attn.hook_pattern"][0, 3], toks)
+    path = render.Report("pattern").add(w).save(tmp_path / "pattern.html")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        page = b.new_page(viewport={"width": NOTEBOOK_PX, "height": 900})
+        page.goto(path.resolve().as_uri())
+        page.wait_for_function(RENDERED_JS, timeout=20000)
+        page.wait_for_timeout(500)
+        h = page.evaluate(
+            "() => document.querySelector('.tlprisms-cv-mount').getBoundingClientRect().height"
+        )
+        b.close()
+    assert 100 < h <= PATTERN_MAX_HEIGHT_PX

@@ -147,6 +147,13 @@ def query_sources(result: Decomposition, *, batch: int = 0, target: int = 0) -> 
     )
 
 
+#: an attention pattern's square: this many pixels per token plus the axis labels' margin,
+#: at most PATTERN_MAX_PX wide (CircuitsVis draws it as wide as its container otherwise)
+PATTERN_PX_PER_TOKEN = 48
+PATTERN_MARGIN_PX = 160
+PATTERN_MAX_PX = 720
+
+
 @check.entry
 def attention_pattern(
     pattern: Any, tokens: Sequence[str], *, title: str = "", head_names: Optional[list] = None
@@ -168,7 +175,10 @@ def attention_pattern(
         )
     p = pattern.detach().float().cpu().tolist()
     if pattern.ndim == 2:
-        return Widget("AttentionPattern", {"tokens": toks, "attention": p}, title=title)
+        # the component draws a square as wide as its container: size it by the tokens
+        side = min(PATTERN_MAX_PX, PATTERN_PX_PER_TOKEN * len(toks) + PATTERN_MARGIN_PX)
+        css = f">div{{max-width:{side}px !important}}"
+        return Widget("AttentionPattern", {"tokens": toks, "attention": p}, title=title, css=css)
     props: dict = {"tokens": toks, "attention": p}
     if head_names is not None:
         props["headLabels"] = [str(h) for h in head_names]
