@@ -31,7 +31,12 @@ from torch import Tensor
 
 from tlprisms._core import arguments as check
 from tlprisms._core import views
-from tlprisms._core.errors import ArgumentError, TargetError, UnsupportedModelError
+from tlprisms._core.errors import (
+    ArgumentError,
+    NonFiniteError,
+    TargetError,
+    UnsupportedModelError,
+)
 from tlprisms._core.targets import token_id
 from tlprisms._seam import ModelView, Site
 from tlprisms.dictionary import Dictionary
@@ -305,15 +310,42 @@ def unembed_map(
     caller = "unembed_map"
     view = ModelView(model)
     ids, labels = _ids(view, tokens, "tokens", caller)
+    seen: dict = {}
+    for i, t in enumerate(ids):
+        seen.setdefault(t, []).append(i)
+    repeated = {t: at for t, at in seen.items() if len(at) > 1}
+    if repeated:
+        t, at = next(iter(repeated.items()))
+        raise TargetError(
+            f"{caller}: tokens repeat: {view.token_label(t)} is at entries "
+            f"{', '.join(map(str, at))} of {len(ids)}; a projection places each token once, "
+            "so pass distinct tokens."
+        )
     if len(ids) < 3:
-        raise TargetError(f"{caller}: a 2-D projection needs at least 3 tokens, got {len(ids)}.")
+        raise TargetError(
+            f"{caller}: a 2-D projection needs at least 3 distinct tokens, got {len(ids)}; "
+            "pass more tokens."
+        )
     with torch.no_grad():
         U = _readout_columns(view, ids, torch.float64)
         X = U - U.mean(0, keepdim=True)
         _, S, Vh = torch.linalg.svd(X, full_matrices=False)
         points = X @ Vh[:2].T
         var = S.pow(2)
-        ratio = var[:2] / var.sum()
+        total = var.sum()
+        scale = U.pow(2).sum()
+        if not bool(torch.isfinite(total)):
+            raise NonFiniteError(
+                f"{caller}: the tokens' readout columns hold NaN or infinity; the model's "
+                "unembedding (W_U) or final norm weight is not finite."
+            )
+        if not float(total) > 1e-24 * max(float(scale), 1e-300):
+            raise TargetError(
+                f"{caller}: the {len(ids)} tokens have the same readout column (their "
+                "unembedding columns do not differ), so there is no variance to project; "
+                "pass tokens the model reads out differently."
+            )
+        ratio = var[:2] / total
     return TokenProjection(
         points=points.to(dtype),
         labels=labels,
@@ -353,7 +385,7 @@ def qk_map(
     view = ModelView(model)
     layer = check.layer(view, layer, caller)
     head = check.head(view, head, caller)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+    if not check.is_real(scale) or not float(scale) > 0 or float(scale) == float("inf"):
         raise ArgumentError(
             f"{caller}: scale={scale!r}; pass the positive number ln1 is frozen at (e.g. a "
             "typical scale of the layer's ln1 on a forward pass), default 1."
@@ -378,6 +410,11 @@ def qk_map(
     positional = []
     if view.pos_embed_in_resid:
         positional.append("learned position embeddings are left out")
+    if view.shortformer:
+        positional.append(
+            "shortformer position embeddings (added to the query and key inputs after ln1) "
+            "are left out"
+        )
     if view.rotary:
         positional.append("rotary is taken at zero query-key offset (no rotation)")
     if view.alibi_kind is not None:

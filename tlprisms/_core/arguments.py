@@ -19,7 +19,9 @@ from tlprisms._core.errors import ArgumentError, NonFiniteError
 __all__ = [
     "entry",
     "is_index",
+    "is_real",
     "index",
+    "real",
     "in_range",
     "layer",
     "head",
@@ -59,7 +61,21 @@ def is_index(value: Any) -> bool:
             and value.dtype != torch.bool
             and not value.dtype.is_complex
         )
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "iu"
     return isinstance(value, numbers.Integral)
+
+
+def is_real(value: Any) -> bool:
+    """A real number that is not a bool: int, float, a numpy real scalar (``np.float32``,
+    ``np.int64``...) or a 0-d real tensor or array. Arrays with a shape are not numbers."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and value.dtype != torch.bool and not value.dtype.is_complex
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "iuf"
+    return isinstance(value, numbers.Real)
 
 
 def _show(value: Any) -> str:
@@ -76,6 +92,16 @@ def index(value: Any, what: str, caller: str, error: type = ArgumentError) -> in
             "(bools, floats and strings are not read as indices)."
         )
     return int(value)
+
+
+def real(value: Any, what: str, caller: str, error: type = ArgumentError) -> float:
+    """``value`` as a Python float, or ``error`` naming what came (see :func:`is_real`)."""
+    if not is_real(value):
+        raise error(
+            f"{caller}: {what} must be a number, got {_show(value)}; pass an int or a float "
+            "(numpy scalars are fine; bools, strings and arrays are not numbers)."
+        )
+    return float(value)
 
 
 def in_range(

@@ -308,9 +308,7 @@ class Decomposition:
                 "terms are only part of the logit; call check() on the full result."
             )
         for value, what in ((atol, "atol"), (rtol, "rtol")):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
-            ):
+            if value is not None and (not check_arg.is_real(value) or not float(value) >= 0):
                 raise ArgumentError(f"check: {what}={value!r}; pass a number >= 0.")
         for t, what in ((self.values, "terms"), (self.explained, self.explains)):
             if not bool(torch.isfinite(t).all()):
@@ -326,8 +324,8 @@ class Decomposition:
             bound = f"{tolerance(self.precision, self.n_layers):.3g} * max(1, |logit|, sum |terms|)"
         else:
             default = tolerance(self.precision, self.n_layers)
-            atol = default if atol is None else atol
-            rtol = default if rtol is None else rtol
+            atol = default if atol is None else float(atol)
+            rtol = default if rtol is None else float(rtol)
             tol = atol + rtol * self.explained.abs()
             bound = f"{atol:g} + {rtol:g}*|logit|"
         bad = err > tol

@@ -84,9 +84,7 @@ def check_sparse_args(
             "None for every term."
         )
     if min_abs is not None and (
-        isinstance(min_abs, bool)
-        or not isinstance(min_abs, (int, float))
-        or not (float(min_abs) >= 0 and np.isfinite(float(min_abs)))
+        not check_arg.is_real(min_abs) or not (float(min_abs) >= 0 and np.isfinite(float(min_abs)))
     ):
         raise ArgumentError(
             f"{caller}: min_abs={min_abs!r}; pass a finite number >= 0 (terms with a smaller "

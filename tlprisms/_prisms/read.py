@@ -107,12 +107,14 @@ def read_at(
         uu, inv_s = u[None, None], cv.inv_scale_or_one(None, positions)
         const = torch.zeros(K, dtype=cv.dtype, device=cv.device)
     if bias is not None:
-        if not isinstance(bias, (Tensor, float, int)) or isinstance(bias, bool):
+        if not (check.is_real(bias) or isinstance(bias, Tensor)) or isinstance(bias, bool):
             raise ArgumentError(
                 f"{caller}: bias={bias!r}; pass a number or a tensor of one "
                 "number per readout vector."
             )
-        b = torch.as_tensor(bias, dtype=cv.dtype, device=cv.device)
+        b = torch.as_tensor(
+            float(bias) if check.is_real(bias) else bias, dtype=cv.dtype, device=cv.device
+        )
         if b.ndim > 1 or (b.ndim == 1 and b.shape[0] not in (1, K)):
             raise ArgumentError(
                 f"{caller}: bias has shape {tuple(b.shape)}; pass a number or "
