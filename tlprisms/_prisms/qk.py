@@ -24,6 +24,18 @@ times ``rho``), or pre-cap. An ALiBi model's positional bias (added after the sc
 constant pair per key, ``L{l}H{h} alibi``, computed as that model computes it
 (:meth:`~tlprisms._seam.ModelView.alibi_bias`).
 
+A shortformer model (HookedTransformer's ``positional_embedding_type="shortformer"``) adds
+its position embedding to the query and key inputs after ln1, not to the residual stream:
+``q_i`` gains ``pos_embed(i) @ W_Q[h]`` (``k_j`` likewise), one more writer of each side,
+labelled ``pos_embed`` (:func:`shortformer_part`).
+
+Keys masked by an ``attention_mask`` (padding recorded with ``run_with_cache(tokens,
+attention_mask=mask)``) or by a sliding attention window have no score: the model replaced
+it by ``-inf`` (or the dtype's lowest value) and gave the key no attention. With the default
+keys (every key up to ``pos``) the keys masked in any row are left out, so every score
+returned is one the model used; keys passed explicitly that are masked in some row are
+refused, naming the row and the keys every row attends to (:func:`unmasked_keys`).
+
 Sparse results (``top_k=`` / ``min_abs=``, :func:`qk_sparse_terms`) keep per key the largest
 pairs, the constants and one remainder per (query kind, layer, key kind, layer), computed a
 chunk of keys at a time; :meth:`PairTable.grouped` is what ``aggregate()`` sums by.
@@ -62,6 +74,8 @@ __all__ = [
     "qk_terms",
     "qk_sparse_terms",
     "side_terms",
+    "masked_keys",
+    "unmasked_keys",
 ]
 
 #: the recomputed scores must match the recorded ``hook_attn_scores`` to this fraction of
@@ -111,6 +125,22 @@ def rotary_tables(
     return out[0], out[1]
 
 
+def shortformer_part(
+    cv: CacheView, W: Float[Tensor, "d_model d_head"], positions: Int[Tensor, "batch pos"]
+) -> Optional[Float[Tensor, "batch pos d_head"]]:
+    """A shortformer model's position embedding read by one side, ``pos_embed(p) @ W`` (added
+    to the query and key inputs after ln1, never to the residual stream), or None for any
+    other model. Computed where ``W`` (the layer) lives, returned on the prism's device."""
+    if not cv.view.shortformer:
+        return None
+    pe = cv.at(Site.POS_EMBED, None, positions, W.dtype)
+    return cv.home(pe.to(W.device) @ W)
+
+
+def _pos_embed_side() -> ComponentTable:
+    return ComponentTable.block("pos_embed")
+
+
 def side_terms(
     cv: CacheView,
     layer: int,
@@ -139,6 +169,9 @@ def side_terms(
         const = cv.home(ln1.constant(cols))[None, None]
         extra.append((const, ComponentTable.block("ln.b", layer=layer)))
     extra.append((b[None, None].to(dtype), ComponentTable.block(bias_kind, layer=layer, head=head)))
+    pe = shortformer_part(cv, W, positions)
+    if pe is not None:
+        extra.append((pe, _pos_embed_side()))
     # the terms stored writer-major ([B, P, C, d_head], returned as a permuted view): each
     # writer's block is then one contiguous write, and the pair product reads it as is
     table = writes_table(cv, readout, split, [t for _, t in extra])
@@ -166,6 +199,9 @@ def whole_side(
     x = cv.at(Site.RESID_PRE, layer, positions, dtype, native=True).to(dev)
     scale = cv.scale(ln1, positions)[..., None].to(dev, dtype) if ln1.has_scale else None
     v = ln1.apply(x, scale) @ W + b.to(dev)
+    pe = shortformer_part(cv, W, positions)
+    if pe is not None:
+        v = v + pe.to(dev)
     rot = rotary_tables(cv, layer, positions, dtype)
     if rot is not None:
         cos, sin = rot[0].to(dev), rot[1].to(dev)
@@ -202,12 +238,18 @@ def one_side(
             cos, sin = cos.expand(B, y.shape[1], -1), sin.expand(B, y.shape[1], -1)
         y = rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
     u_pre = cv.home(y.to(W.device) @ W.T)  # [B, K, d_model], made where W lives
+    pe = shortformer_part(cv, W, positions)  # [B, P, d_head] or None
+    pe_term = None
     if P == 1:  # one query position, one direction per key
         u, const = ln1.pull_back(u_pre)[:, None], ln1.constant(u_pre)[:, None]
         bias = (y @ b)[:, None]
+        if pe is not None:
+            pe_term = (y @ pe[:, 0, :, None])[..., 0][:, None]  # [B, 1, K]
     else:  # one key per position, one direction each
         u, const = ln1.pull_back(u_pre)[:, :, None], ln1.constant(u_pre)[:, :, None]
         bias = (y @ b)[:, :, None]
+        if pe is not None:
+            pe_term = (y * pe).sum(-1)[:, :, None]  # [B, P, 1]
     readout = Readout(
         u=u,
         inv_s=cv.inv_scale_or_one(ln1, positions),
@@ -219,6 +261,8 @@ def one_side(
     if ln1.bias is not None:
         extra.append((const, ComponentTable.block("ln.b", layer=layer)))
     extra.append((bias, ComponentTable.block(bias_kind, layer=layer, head=head)))
+    if pe_term is not None:
+        extra.append((pe_term, _pos_embed_side()))
     terms = split_writes(cv, readout, split, extra=extra)
     return terms.values, terms.table
 
@@ -338,7 +382,65 @@ def _pulled_key_side(
         extra.append((ln1.constant(u_pre)[:, None], ComponentTable.block("ln.b", layer=h.layer)))
     b_K = (q @ h.b_K.to(q.dtype))[:, None]
     extra.append((b_K, ComponentTable.block("b_K", layer=h.layer, head=h.group)))
+    pe = shortformer_part(cv, h.W_K, kpos)  # [B, Kp, d_head] or None
+    if pe is not None:
+        extra.append((pe @ q.transpose(1, 2), _pos_embed_side()))  # [B, Kp, Ca]
     return _split_rows(cv, readout, split, extra)
+
+
+def masked_keys(
+    cv: CacheView, layer: int, head: int, pos: int, keys: Sequence[int]
+) -> Optional[Tensor]:
+    """``[B, K]``: which of ``keys`` the model masked at query ``pos`` (an attention mask's
+    padding, or a key outside a sliding attention window): the recorded score is ``-inf`` or
+    at most half the dtype's lowest value (Hugging Face masks with ``finfo.min``). None when
+    the cache holds no scores (a zero of the pattern may be an underflow)."""
+    view = cv.view
+    idx = torch.tensor(list(keys), dtype=torch.long)
+    if cv.has(Site.ATTN_SCORES, layer):
+        # the raw cache entry: CacheView.get refuses the causal mask's -inf
+        scores = cv.cache[view.hook(Site.ATTN_SCORES, layer)][:, head, pos]
+        scores = scores[:, idx.to(scores.device)]
+        low = torch.finfo(scores.dtype).min / 2 if scores.dtype.is_floating_point else None
+        out = torch.isneginf(scores) if low is None else torch.isneginf(scores) | (scores <= low)
+        return out.cpu()
+    return None
+
+
+def unmasked_keys(
+    cv: CacheView, layer: int, head: int, pos: int, keys: Sequence[int], contrast: bool
+) -> list[int]:
+    """``keys`` without those an attention mask left out. The default keys (every key up
+    to ``pos``) drop the keys masked in any row; keys passed explicitly must be attended to
+    in every row, or a :class:`PositionError` names the masked ones, the row and the fix."""
+    keys = list(keys)
+    masked = masked_keys(cv, layer, head, pos, keys)
+    if masked is None or not bool(masked.any()):
+        return keys
+    in_any = masked.any(0).tolist()
+    keep = [j for j, m in zip(keys, in_any) if not m]
+    default = not contrast and keys == list(range(pos + 1))
+    if default and keep:
+        return keep
+    bad = [j for j, m in zip(keys, in_any) if m]
+    rows = sorted({int(b) for b in torch.nonzero(masked)[:, 0].tolist()})
+    every = masked_keys(cv, layer, head, pos, range(pos + 1))
+    assert every is not None  # the same cache entry as ``masked``
+    attended = [j for j, m in enumerate(every.any(0).tolist()) if not m]
+    fix = (
+        f"pass keys= among those every row attends to ({attended})"
+        if attended
+        else "no key is attended to in every row: explain the rows separately"
+    )
+    raise PositionError(
+        f"{cv.caller}: key{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of "
+        f"L{layer}H{head} at query {pos} {'are' if len(bad) > 1 else 'is'} masked in "
+        f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}: the model gave "
+        f"{'them' if len(bad) > 1 else 'it'} no score (-inf), because of the attention mask "
+        "(padding recorded with run_with_cache(..., attention_mask=...)) or a sliding "
+        f"attention window, so there is nothing to split. {fix[0].upper() + fix[1:]}, or "
+        "run the padded row on its own."
+    )
 
 
 def _alibi_pair(layer: int, head: int) -> PairTable:
@@ -461,6 +563,7 @@ def _chunk_terms(
         recorded = scores[:, head, pos].to(device, dtype)[:, kpos[0]][:, None]
         rtol = _SCORES_RTOL_LOWP if cv.low_precision else _SCORES_RTOL
         if not bool(torch.isfinite(recorded).all()):
+            unmasked_keys(cv, layer, head, pos, list(keys), True)  # names a mask's padding
             cv.refuse_nonfinite("the attention scores")
         gap = (post - recorded).abs()
         # the bound grows with sum |terms|: read them only when the gap passes 1 + |score|
@@ -537,7 +640,7 @@ def _n_writers(cv: CacheView, h: _Head, split: Split) -> int:
         mlp_layers=h.layer,
     )
     n = len(writes_table(cv, readout, split))
-    return n + 1 + int(cv.view.ln1[h.layer].bias is not None)
+    return n + 1 + int(cv.view.ln1[h.layer].bias is not None) + int(cv.view.shortformer)
 
 
 def qk_sparse_terms(
@@ -691,6 +794,7 @@ def run(rec: Recorded, request: Request, q_split: Split, k_split: Split) -> Term
     (sparse)."""
     layer, head, keys = request.layer, request.head, list(request.keys or ())
     assert layer is not None and head is not None
+    keys = unmasked_keys(rec.cache, layer, head, request.pos, keys, request.contrast)
     args = (rec, layer, head, request.pos, keys, q_split, k_split, request.softcap)
     if not request.is_sparse:  # finite and checked against the recorded scores here
         return qk_terms(*args, request.contrast, request.sides)

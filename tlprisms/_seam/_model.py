@@ -149,6 +149,9 @@ class ModelView:
         # XGLM adds sinusoidal positions inside Hugging Face's code, with no hook: they are
         # then part of the embedding's write (see CacheView.embed_write)
         self.pos_embed_in_resid = pos_type == "standard" and self.records("hook_pos_embed")
+        # shortformer (HookedTransformer): the position embedding is added to the query and
+        # key inputs after ln1, never to the residual stream (the QK prism adds its term)
+        self.shortformer = pos_type == "shortformer" and self.records("hook_pos_embed")
         self.act_fn = getattr(cfg, "act_fn", None)
         self.architecture = architecture_name(model)
         self.gated = bool(getattr(cfg, "gated_mlp", False))
@@ -226,6 +229,18 @@ class ModelView:
                 f"it routes tokens to a mixture of experts (num_experts={n}): which "
                 "experts write depends on a routing decision the prisms do not freeze"
             )
+        for flag, setter in (
+            ("use_split_qkv_input", "set_use_split_qkv_input"),
+            ("use_attn_in", "set_use_attn_in"),
+        ):
+            if getattr(cfg, flag, False) is True:
+                raise UnsupportedModelError(
+                    f"this HookedTransformer has cfg.{flag}=True: each head reads its own "
+                    "copy of the attention input (hook_q_input/hook_k_input/hook_v_input or "
+                    "hook_attn_in, and ln1's scale per head), a layout tlprisms does not read. "
+                    f"Call model.{setter}(False) (it only removes those hooks; the outputs "
+                    "do not change) and record the cache again."
+                )
         if getattr(cfg, "is_encoder_decoder", False):
             reasons.append("it is an encoder-decoder model")
         elif (
@@ -701,7 +716,7 @@ class ModelView:
     def has_site(self, site: Site, layer: Optional[int] = None) -> bool:
         """Whether this model writes ``site`` at all (e.g. no pos_embed with rotary)."""
         if site is Site.POS_EMBED:
-            return self.pos_embed_in_resid
+            return self.pos_embed_in_resid or self.shortformer
         if site is Site.TOKENS:
             return self.is_bridge and self.records(self.hook(site))
         if site.value.endswith("scale"):  # a norm is recorded at its own site (shared, renamed)
