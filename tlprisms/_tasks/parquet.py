@@ -17,6 +17,7 @@ were written and whether the task completed.
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,9 +26,22 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tlprisms._core.errors import ArgumentError
 from tlprisms._core.table import ComponentTable
 
-__all__ = ["SparseWriter", "ROW_GROUP_ROWS", "RUN_KEY", "REST", "rank_path", "require_pyarrow"]
+__all__ = [
+    "SparseWriter",
+    "ROW_GROUP_ROWS",
+    "RUN_KEY",
+    "REST",
+    "SUFFIXES",
+    "check_path",
+    "rank_path",
+    "require_pyarrow",
+]
+
+#: the file name endings a Parquet path may have
+SUFFIXES = (".parquet", ".pq", ".parq")
 
 #: rows buffered before a row group is written
 ROW_GROUP_ROWS = 65536
@@ -59,6 +73,44 @@ def rank_path(path: Any, rank: int, world: int) -> Path:
     if world <= 1:
         return p
     return p.with_name(f"{p.stem}-rank{rank}{p.suffix}")
+
+
+def check_path(path: Any, rank: int, world: int, caller: str) -> Path:
+    """The file ``rank`` writes, checked before any work: a str or path ending in a Parquet
+    suffix, not a directory, under a directory that exists (or can be made) and is writable.
+    Needs pyarrow. Refusals are :class:`ArgumentError` naming the path and the fix."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise ArgumentError(f"{caller}: parquet={path!r:.60}; pass a file path or None.")
+    text = str(os.fspath(path))
+    if not text.strip():
+        raise ArgumentError(f"{caller}: parquet={text!r} is empty; pass a file path or None.")
+    p = rank_path(path, rank, world)
+    if p.is_dir():
+        raise ArgumentError(
+            f"{caller}: parquet={text!r} is a directory; pass a file path inside it, "
+            f"e.g. {str(p / 'terms.parquet')!r}."
+        )
+    if p.suffix.lower() not in SUFFIXES:
+        raise ArgumentError(
+            f"{caller}: parquet={text!r} does not end in {', '.join(SUFFIXES)}; pass a file "
+            f"name like 'terms.parquet' (the file is written in the Parquet format)."
+        )
+    parent = p.parent if str(p.parent) else Path(".")
+    up = parent
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir():
+        raise ArgumentError(
+            f"{caller}: parquet={text!r} cannot be written: {str(up)!r} is a file, not a "
+            "directory; pass a path under a directory."
+        )
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise ArgumentError(
+            f"{caller}: parquet={text!r} cannot be written: the directory {str(up)!r} is not "
+            "writable; pass a path under a directory you can write to."
+        )
+    require_pyarrow()
+    return p
 
 
 def _schema(pa: Any, meta: dict) -> Any:

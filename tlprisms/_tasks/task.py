@@ -25,7 +25,7 @@ kept (:class:`TaskStats`: memory bounded by the batch, whatever the length of th
 (4, 'L1.mlp')
 """
 
-import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -37,7 +37,7 @@ from jaxtyping import Float, jaxtyped
 from torch import Tensor
 
 from tlprisms._core import arguments as check_arg
-from tlprisms._core.errors import ArgumentError, CompletenessError, TargetError
+from tlprisms._core.errors import ArgumentError, CompletenessError, PrismError, TargetError
 from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import Softcap
 from tlprisms._core.result import Decomposition, tolerance
@@ -450,11 +450,17 @@ def _batches(
     ``lengths(prompts)`` gives the token lengths of a window's prompts."""
     while True:
         chunk = []
-        for item in items:
-            chunk.append(item)
-            if len(chunk) == size * window:
-                break
+        failure: Optional[BaseException] = None
+        try:
+            for item in items:
+                chunk.append(item)
+                if len(chunk) == size * window:
+                    break
+        except PrismError as err:  # a bad row: re-raised once the rows before it are done
+            failure = err
         if not chunk:
+            if failure is not None:
+                raise failure
             return
         n_tokens = lengths([item[1] for item in chunk])
         chunk = [(*item, n) for item, n in zip(chunk, n_tokens)]
@@ -462,6 +468,8 @@ def _batches(
             chunk.sort(key=lambda x: x[-1])  # stable: equal lengths keep their order
         for s in range(0, len(chunk), size):
             yield chunk[s : s + size]
+        if failure is not None:
+            raise failure
         if len(chunk) < size * window:
             return
 
@@ -571,7 +579,10 @@ def explain_task(
         prompts: the task's prompts (any lengths), with ``answers``; or, with ``answers``
             left out, any iterable of rows (a list, a generator, a Hugging Face
             ``datasets.Dataset``): ``(prompt, answer)`` tuples or lists, or mappings with
-            the keys ``columns``. A malformed row raises an error naming its index.
+            the keys ``columns``. A malformed row raises an error naming its index, once
+            the rows before it are done (and written to ``parquet``); an exception raised
+            by the iterable itself stops at once (``parquet`` then holds every completed
+            batch).
         answers: one target per prompt: a single-token string, a token id, or a
             :class:`~tlprisms.LogitDiff` (e.g. the right answer minus a distractor).
         heads / neurons: layers to split into heads (summed over sources) / neurons:
@@ -608,9 +619,20 @@ def explain_task(
     for flag, what in ((progress, "progress"), (bucket, "bucket")):
         if flag is not None and not isinstance(flag, bool):
             raise ArgumentError(f"{caller}: {what}={flag!r}; pass True or False.")
-    if parquet is not None and not isinstance(parquet, (str, os.PathLike)):
-        raise ArgumentError(f"{caller}: parquet={parquet!r}; pass a file path or None.")
+    check_arg.choice(softcap, "softcap", ("post", "pre"), caller)
+    if prepend_bos is not None and not isinstance(prepend_bos, bool):
+        raise ArgumentError(
+            f"{caller}: prepend_bos={prepend_bos!r}; pass True, False or None (the model's "
+            "default)."
+        )
+    with warnings.catch_warnings():  # heads=None's deprecation is told once, by decompose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        split_of(view, heads, neurons, False, caller)  # before any work
     rank, world_size = world(distributed, caller)
+    if parquet is not None:  # before any work: a bad path fails now, not after a batch
+        from tlprisms._tasks.parquet import check_path
+
+        check_path(parquet, rank, world_size, caller)
     items, total = _items(view, prompts, answers, columns, caller)
     if bucket is None:
         bucket = answers is None
