@@ -47,6 +47,11 @@ class Verification:
         sum_ok: the result's terms add up within its completeness tolerance.
         explains / prism: copied from the result.
         forward_passes: how many forward passes the interventions took.
+        constants_checked: how many constant terms (``b_U``, ``ln_final.b``) were compared
+            with their values from the weights.
+        constants_error: their largest error, relative to ``max(1, |explained|, sum
+            |terms|)``.
+        constants_ok: they matched.
     """
 
     ok: bool
@@ -67,6 +72,9 @@ class Verification:
     explains: str
     prism: str
     forward_passes: int
+    constants_checked: int = 0
+    constants_error: float = 0.0
+    constants_ok: bool = True
 
     @property
     def max_error(self) -> float:
@@ -103,6 +111,19 @@ class Verification:
         return f"{n_top} largest + {n_sampled} sampled terms"
 
     def __str__(self) -> str:
+        text = self._text()
+        unchecked = {w: n for w, n in self.skipped.items()}
+        if unchecked:
+            text += f" (not checked: {self._skipped()})"
+        return text
+
+    def _text(self) -> str:
+        if not self.constants_ok:
+            return (
+                f"FAILED: {self.constants_checked} constant terms (b_U, ln_final.b) differ from "
+                "their values computed from the weights (relative error "
+                f"{self.constants_error:.2g}): the terms were changed after the prism made them"
+            )
         if not self.ok:
             bad = self.failed
             if bool(bad.any()):
@@ -125,10 +146,15 @@ class Verification:
                 "interventions"
             )
         if not self.terms.numel():
-            return f"no term could be checked by intervention ({self._skipped()})"
+            return "no term could be checked by intervention"
         i = int(self.error.argmax())
+        consts = (
+            f" and {self.constants_checked} constant terms against the weights"
+            if self.constants_checked
+            else ""
+        )
         return (
-            f"{self.checked_terms()} verified by intervention, max error "
+            f"{self.checked_terms()} verified by intervention{consts}, max error "
             f"{self.max_error:.1g} of a {self.explains} of {float(self.explained[i]):.3g}"
         )
 

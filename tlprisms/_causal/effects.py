@@ -17,6 +17,15 @@ logit). The ablated value is 0 (``"zero"``), its mean over a reference batch at 
 * ``neuron``: its activation (``b_out`` stays);
 * ``mlp``: every activation of the layer.
 
+A head component with a source (``L0H2[src 4]``, from ``heads().top()``) is ablated exactly:
+only what the head reads from that source, at every destination (its value row zeroed for
+that head), under zero ablation; its direct term is the source's term. A chained component
+(``at`` set) is refused: its term is one path's, not the component's. Mean and resample
+ablation need a reference of several rows that differ from the input (else the total effect
+is 0 by construction). The model must be the one the prism was made from (checked as for
+``verify``: eval mode, provenance, and its clean re-run reproducing the recorded stream), and
+a batch recorded with an ``attention_mask`` is re-run with it.
+
 ``total = explained(clean) - explained(ablated)``, so a component whose whole effect is direct
 has ``total == direct`` under zero ablation; ``difference = total - direct`` is its indirect
 effect (negative when the rest of the model compensates).
@@ -32,6 +41,7 @@ from beartype import beartype
 from jaxtyping import Float, Int, jaxtyped
 from torch import Tensor
 
+from tlprisms._causal.verify import check_rerun, rerun_inputs
 from tlprisms._core import arguments as check
 from tlprisms._core import views
 from tlprisms._core.errors import ArgumentError, PositionError
@@ -155,6 +165,16 @@ def _components(view: Any, components: Any, caller: str) -> list[Component]:
                 "neuron=5))."
             )
         layer = check.layer(view, c.layer, caller)
+        if c.at >= 0:
+            raise ArgumentError(
+                f"{caller}: {c} is a chained term (written at position {c.at} along a path): "
+                "its term is that path's, not the component's, so ablating the component "
+                "would not measure it. Pass the component itself, e.g. "
+                f"Component({c.kind!r}, layer={c.layer}"
+                + (f", head={c.head}" if c.kind == "head" else "")
+                + (f", neuron={c.neuron}" if c.kind == "neuron" else "")
+                + ")."
+            )
         if c.kind == "head":
             check.head(view, c.head, caller)
         if c.kind == "neuron":
@@ -167,6 +187,7 @@ def _components(view: Any, components: Any, caller: str) -> list[Component]:
                 layer=layer,
                 head=c.head if c.kind == "head" else -1,
                 neuron=c.neuron if c.kind == "neuron" else -1,
+                src=c.src if c.kind == "head" and c.src >= 0 else -1,
             )
         )
     return out
@@ -177,7 +198,8 @@ def _mask(table: ComponentTable, c: Component) -> np.ndarray:
     layer = table.layer == c.layer
     kinds = table.kinds()
     if c.kind == "head":
-        return layer & (kinds == "head") & (table.head == c.head)
+        mine = layer & (kinds == "head") & (table.head == c.head)
+        return mine & (table.src == c.src) if c.src >= 0 else mine
     if c.kind == "neuron":
         return layer & (kinds == "neuron") & (table.neuron == c.neuron)
     if c.kind == "attn":
@@ -268,22 +290,29 @@ def effects(
             f"{caller}: pos={pos!r}; effects explain one position per row: pass "
             "an int or one int per batch row."
         )
-    tokens = rec.tokens
-    if tokens is None and cv.has(Site.TOKENS):
-        tokens = cv.get(Site.TOKENS).long()
-    if tokens is None:
-        raise ArgumentError(
-            f"{caller}: ablating runs the model again, which needs the input "
-            "tokens; build the prism with LogitPrism.run(model, tokens) or "
-            "LogitPrism(model, cache, tokens=tokens)."
-        )
     if ablation == "zero" and reference is not None:
         raise ArgumentError(f"{caller}: reference= is for ablation='mean' or 'resample'.")
+    sources = [c for c in comps if c.src >= 0]
+    if sources and ablation != "zero":
+        raise ArgumentError(
+            f"{caller}: {sources[0]} is one source of a head; only ablation='zero' removes "
+            "exactly what it reads (a mean or resampled value of one source is not defined). "
+            "Use ablation='zero', or pass the whole head."
+        )
+    tokens, mask = rerun_inputs(rec, caller, "ablating")
     ref = None if ablation == "zero" else _reference(view, cv, reference, tokens, caller)
+    if ref is not None and torch.unique(ref, dim=0).shape[0] < 2:
+        raise ArgumentError(
+            f"{caller}: ablation={ablation!r} against a reference of one distinct row (the "
+            "default on a one-prompt prism, or a reference equal to the input) replaces each "
+            "component by its own value, so every total effect would be 0. Pass reference= "
+            f"token ids [rows, {cv.n_ctx}] of several other prompts (e.g. "
+            "model.to_tokens([...]))."
+        )
     heads = sorted({c.layer for c in comps if c.kind == "head"})
     neurons = sorted({c.layer for c in comps if c.kind == "neuron"})
     direct_res = direct_of(
-        target, pos, heads=heads, neurons=neurons, by_source=False, softcap=softcap
+        target, pos, heads=heads, neurons=neurons, by_source=bool(sources), softcap=softcap
     )
     B, _, K, _ = direct_res.values.shape
     direct = torch.stack(
@@ -313,29 +342,35 @@ def effects(
             c.layer,
             c.head if c.kind == "head" else c.neuron,
             None if ref is None else (values[c] if ablation == "mean" else values[c][b]),
+            src=c.src,
         )
         for c in comps
         for b in range(B)
     ]
+    # one clean copy per row: the re-run must reproduce the recorded stream
+    ablations += [Ablation(b, "none", -1) for b in range(B)]
     per_pass = max(1, COPY_TOKENS // cv.n_ctx)
     drops = []
     for start in range(0, len(ablations), per_pass):
         part = ablations[start : start + per_pass]
-        x, s = run_ablated(view, tokens.to(cv.device), part)
+        x, s = run_ablated(view, tokens, part, mask)
         r = torch.as_tensor([a.row for a in part], device=cv.device)
         at = positions[r].to(x.device)
         n = torch.arange(len(part), device=x.device)
         xi = x[n, at].to(cv.dtype)
         si = None if s is None else s[n, at].to(cv.dtype)
         drops.append(clean[r] - _explained(fr, xi, si, r, softcap, view.softcap))
-    total = torch.cat(drops).reshape(len(comps), B, K).permute(1, 2, 0).cpu()
+    drop = torch.cat(drops)
+    n_abl = len(comps) * B
+    check_rerun(cv, drop[n_abl:], torch.zeros_like(drop[n_abl:]), "explained value", caller)
+    total = drop[:n_abl].reshape(len(comps), B, K).permute(1, 2, 0).cpu()
     labels = np.broadcast_to(fr.atoms.labels, (B, 1, K))[:, 0]
     return Effects(
         direct=direct.to(total.dtype),
         total=total,
         components=ComponentTable.concat(
             [
-                ComponentTable.block(c.kind, layer=c.layer, head=c.head, neuron=c.neuron)
+                ComponentTable.block(c.kind, layer=c.layer, head=c.head, neuron=c.neuron, src=c.src)
                 for c in comps
             ]
         ),

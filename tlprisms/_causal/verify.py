@@ -12,10 +12,14 @@ Then it removes ``c``'s write:
 ==============  ==============================================================================
 ``embed``       its write subtracted from the residual stream at its position, before layer 0
 ``pos_embed``   the same
-``head``        its pattern entry ``A[h, at, src]`` (all sources when summed) set to 0
-``attn``        every head's pattern row at the position set to 0 (``b_O`` stays)
+``head``        its ``z`` at the position set to 0; one source ``src``: ``v[src, kv(h)]``
+                zeroed, with only head ``h``'s ``z`` at the position passed on
+``attn``        every head's ``z`` at the position set to 0 (``b_O`` stays)
 ``neuron``      its activation ``post[at, n]`` set to 0 (``b_out`` stays)
 ``mlp``         every activation at the position set to 0
+``b_O``         the layer's output bias subtracted from its output at the position (layers
+                without a post-norm)
+``b_out``       the same for the MLP
 ==============  ==============================================================================
 
 and measures the change ``D`` of the explained value (the final residual stream's change read
@@ -26,8 +30,18 @@ A chained term (``through_head``, ``through_neuron``, ``chain``) is measured alo
 each hop passes on only its own head's ``z`` (or neuron's activation) at the position it
 writes, and after a hop's layer the stream is the clean stream plus that hop's write.
 
-Constant terms (biases) are not intervened on: they do not depend on any write of the forward
-pass. The sum check (terms + constants = explained value) covers them.
+Constant terms: ``b_O`` and ``b_out`` are removed like any write (above). ``b_U`` and the final
+norm's bias (``ln_final.b``) are exact by construction: every such term of a direct result is
+compared with its value computed again from the weights. Any other constant (a chain's
+``b_V``/``ln.b``/``b_in``, a readout's bias, a post-normed layer's bias) is not checked on its
+own, and the certificate names it; the sum check covers it.
+
+Before any forward pass the model is checked to be the one the prism was made from: in eval
+mode, passing the cache's provenance check again, and its re-run reproducing the recorded
+stream at every explained position (:data:`RERUN_RTOL`). A batch recorded with an
+``attention_mask`` is re-run with the same mask, read back from the cached layer-0 pattern
+(keys that no real query attends to). A sparse result is checked slot by slot: a component a
+row did not keep is part of that row's remainder, and is not checked there.
 
 All interventions of one call run as copies of their input rows stacked along the batch axis,
 :data:`tlprisms._seam.COPY_TOKENS` tokens per forward pass.
@@ -42,7 +56,7 @@ from torch import Tensor
 
 from tlprisms._causal.certificate import Verification
 from tlprisms._core import arguments as check
-from tlprisms._core.errors import ArgumentError, TargetError
+from tlprisms._core.errors import ArgumentError, CacheError, TargetError, UnsupportedModelError
 from tlprisms._core.readout import Recorded, Softcap, explain, final_readout
 from tlprisms._core.result import Decomposition, tolerance
 from tlprisms._core.table import KINDS
@@ -58,14 +72,30 @@ from tlprisms._seam import (
     run_frozen,
 )
 
-__all__ = ["Verification", "verify", "VERIFY_FACTOR", "WRITERS"]
+__all__ = [
+    "Verification",
+    "verify",
+    "rerun_inputs",
+    "check_rerun",
+    "VERIFY_FACTOR",
+    "RERUN_RTOL",
+    "RERUN_RTOL_LOWP",
+    "WRITERS",
+]
 
 #: an intervention may differ from its term by this many completeness tolerances
 #: (``t * max(1, |explained|, sum |terms|)``, ``t`` = 1e-5 in float32): the intervention adds
 #: the rounding of one more forward pass and of a difference of two residual streams
 VERIFY_FACTOR = 10.0
+#: a re-run's clean copy must reproduce the recorded stream to this fraction of its size
+#: (float32/float64; the rows run in another batch, so only rounding may differ)
+RERUN_RTOL = 1e-4
+#: the same for bf16/fp16 models
+RERUN_RTOL_LOWP = 5e-2
 #: the component kinds verified by removing their write
-WRITERS = ("embed", "pos_embed", "attn", "head", "mlp", "neuron")
+WRITERS = ("embed", "pos_embed", "attn", "head", "mlp", "neuron", "b_O", "b_out")
+#: constants of the final readout, checked against the weights
+_READOUT_CONSTANTS = ("b_U", "ln_final.b")
 _DIRECT = ("residual", "heads", "neurons", "full", "decompose")
 _CHAINS = ("chain", "through_head", "through_neuron")
 
@@ -96,7 +126,11 @@ def _positions_arg(result: Decomposition, n_ctx: int) -> Any:
     return "all"
 
 
-def _reread(rec: Recorded, result: Decomposition, target: Any, caller: str) -> _Measure:
+def _reread(
+    rec: Recorded, result: Decomposition, target: Any, caller: str
+) -> tuple[_Measure, Any, Any]:
+    """How to measure ``result``'s explained value, with its final readout and explained
+    values (None for a readout of the residual stream)."""
     cv: CacheView = rec.cache
     view = cv.view
     request = result.request
@@ -138,7 +172,7 @@ def _reread(rec: Recorded, result: Decomposition, target: Any, caller: str) -> _
         else:
             uu, inv = u, cv.inv_scale_or_one(None, positions)
         ones = torch.ones(1, 1, u.shape[0], 1, dtype=cv.dtype, device=cv.device)
-        return _Measure(uu[None, None], inv, ones, site, layer, ())
+        return _Measure(uu[None, None], inv, ones, site, layer, ()), None, None
     path: tuple = ()
     if request.is_chain and name in _CHAINS:
         if any(h.kind not in ("head", "neuron") for h in request.path):
@@ -180,61 +214,184 @@ def _reread(rec: Recorded, result: Decomposition, target: Any, caller: str) -> _
         )
     ex = explain(rec, fr, softcap)
     r = fr.readout
-    return _Measure(r.u, r.inv_s, ex.weights, Site.FINAL_RESID, None, path)
+    return _Measure(r.u, r.inv_s, ex.weights, Site.FINAL_RESID, None, path), fr, ex
+
+
+# ----------------------------------------------------------------------------- the model
+def _inferred_mask(cv: CacheView) -> Optional[Tensor]:
+    """The ``attention_mask [batch, pos]`` the cache was recorded with, read from layer 0's
+    pattern: a key is masked when no real query after it attends to it in any head (a real
+    query puts no weight on later keys). None when nothing is masked or no pattern is cached."""
+    if not cv.has(Site.PATTERN, 0):
+        return None
+    pat = cv.get(Site.PATTERN, 0).detach()
+    n = pat.shape[-1]
+    zero = (pat == 0).all(1)  # [B, Q, K]
+    future = torch.ones(n, n, dtype=torch.bool, device=pat.device).triu(1)
+    real = (zero | ~future).all(-1)  # [B, Q]: no weight on any later key
+    q = torch.arange(n, device=pat.device)
+    later = q[:, None] > q[None, :]  # [Q, K]: query after key
+    seen = (real[:, :, None] & later).any(1)  # a real query comes after the key
+    masked = seen & ((zero | ~(real[:, :, None] & (q[:, None] >= q[None, :]))).all(1))
+    if not bool(masked.any()):
+        return None
+    return (~masked).long()
+
+
+def rerun_inputs(rec: Recorded, caller: str, what: str) -> tuple[Tensor, Optional[Tensor]]:
+    """The tokens and attention mask to run the prism's model again with, after checking that
+    the model is the one the prism was made from: in eval mode and passing the cache's
+    provenance check (layer 0's values recomputed with the current weights)."""
+    cv: CacheView = rec.cache
+    view = cv.view
+    dropout = [
+        float(m.p)
+        for m in view.model.modules()
+        if isinstance(m, torch.nn.Dropout) and m.training and m.p > 0
+    ]
+    if view.training and dropout:
+        raise UnsupportedModelError(
+            f"{caller}: the model is in training mode with dropout (p={max(dropout):g}) active "
+            f"(model.train() was called after the prism was made), so {what} would run it "
+            "with dropout and give a different answer per call. Call model.eval() first."
+        )
+    tokens = rec.tokens
+    if tokens is None and cv.has(Site.TOKENS):
+        tokens = cv.get(Site.TOKENS).long()
+    if tokens is None:
+        raise ArgumentError(
+            f"{caller}: {what} runs the model again, which needs the input "
+            "tokens; build the prism with LogitPrism.run(model, tokens) or "
+            "LogitPrism(model, cache, tokens=tokens)."
+        )
+    try:
+        cv.verify(None)
+    except CacheError as exc:
+        raise CacheError(
+            f"{caller}: the model changed after the prism was made (its weights no longer "
+            f"reproduce the cache), so {what} cannot run it again. Build the prism again with "
+            f"the model as it is now. ({exc})"
+        ) from None
+    return tokens.to(cv.device), _inferred_mask(cv)
+
+
+def check_rerun(cv: CacheView, got: Tensor, want: Tensor, where: str, caller: str) -> None:
+    """Refuse unless the re-run's clean stream ``got`` reproduces the recorded ``want``."""
+    rtol = RERUN_RTOL_LOWP if cv.low_precision else RERUN_RTOL
+    got, want = got.to(cv.dtype), want.to(got.device, cv.dtype)
+    err = float((got - want).abs().max())
+    size = float(want.abs().max())
+    if not err <= rtol * max(1.0, size):
+        raise CacheError(
+            f"{caller}: running the model again does not reproduce the recorded forward pass "
+            f"(the {where} differs by {err:.3g}, |value| up to {size:.3g}): the model changed "
+            "after the prism was made (weights edited, a hook left on it), or the cache was "
+            "recorded with inputs the prism cannot know (an attention_mask whose masked keys "
+            "still get weight). Build the prism again with LogitPrism.run(model, ...) on "
+            "unpadded prompts, or record the cache with the model as it is now."
+        )
 
 
 # ----------------------------------------------------------------------------- selection
 def _select(
-    result: Decomposition, ok: np.ndarray, k: int, sample: int, seed: int
+    result: Decomposition, ok: Tensor, k: int, sample: int, seed: int
 ) -> tuple[Tensor, Tensor]:
     """Flat indices into ``values`` of the ``k`` largest checkable terms and of ``sample``
-    others drawn at random (seeded)."""
+    others drawn at random (seeded); ``ok [B, P, K, C]`` says which terms are checkable."""
     values = result.values.detach()
     B = values.shape[0]
-    mask = torch.as_tensor(ok, device=values.device)
+    mask = ok.to(values.device)
     per_row = values[0].numel()
     cand_i, cand_v = [], []
     for b in range(B):
-        score = torch.where(mask, values[b].abs(), torch.full_like(values[b], -1.0)).reshape(-1)
+        score = torch.where(mask[b], values[b].abs(), torch.full_like(values[b], -1.0)).reshape(-1)
         n = min(k, per_row)
         v, i = score.topk(n) if n else (score[:0], torch.zeros(0, dtype=torch.long))
         cand_v.append(v)
-        cand_i.append(i + b * per_row)
-    v, i = torch.cat(cand_v), torch.cat(cand_i)
+        cand_i.append(i.cpu() + b * per_row)
+    v, i = torch.cat([x.cpu() for x in cand_v]), torch.cat(cand_i)
     keep = v >= 0
     v, i = v[keep], i[keep]
     top = i[v.argsort(descending=True, stable=True)[:k]].cpu()
-    C = values.shape[-1]
-    n_ok = int(ok.sum()) * (values.numel() // C)
+    flat_ok = ok.reshape(-1).cpu()
+    n_ok = int(flat_ok.sum())
     want = min(sample, n_ok - top.numel())
     gen = torch.Generator().manual_seed(seed)
     taken = set(top.tolist())
     picked: list[int] = []
-    if want > 0 and n_ok <= 4 * (want + top.numel()) + 1_000_000:
-        flat = torch.nonzero(torch.as_tensor(ok).repeat(values.numel() // C))[:, 0]
+    if want > 0:
+        flat = torch.nonzero(flat_ok)[:, 0]
         flat = flat[torch.randperm(flat.numel(), generator=gen)]
         picked = [x for x in flat[: want + top.numel()].tolist() if x not in taken][:want]
-    else:
-        for _ in range(50):
-            if len(picked) >= want:
-                break
-            draw = torch.randint(0, values.numel(), (4 * want + 16,), generator=gen)
-            for x in draw.tolist():
-                if ok[x % C] and x not in taken and len(picked) < want:
-                    taken.add(x)
-                    picked.append(x)
     return top, torch.as_tensor(picked, dtype=torch.long)
+
+
+def _checkable(result: Decomposition, writer: np.ndarray) -> tuple[Decomposition, Tensor]:
+    """The result laid out densely and which of its terms can be checked, per
+    ``(batch, pos, target, comp)``: a sparse result's kept slots only (a component a row did
+    not keep is in that row's remainder)."""
+    B, P, K = result.values.shape[:3]
+    w = torch.as_tensor(writer)
+    if result.index is not None:
+        kept = torch.zeros(B, P, K, len(result.components), dtype=torch.bool)
+        idx = result.index.cpu().long()
+        rows = torch.nonzero(idx >= 0)
+        kept[rows[:, 0], rows[:, 1], rows[:, 2], idx[idx >= 0]] = True
+        dense = result.to_dense()
+        # to_dense keeps the components used anywhere, in table order
+        used = kept.reshape(-1, kept.shape[-1]).any(0)
+        return dense, kept[..., used] & w[None, None, None]
+    ok = w[None, None, None].expand(B, P, K, -1).clone()
+    if result.components.of is not None:
+        # laid out densely from a sparse result: 0 where the row kept it in a remainder
+        ok &= result.values.detach().cpu() != 0
+    return result, ok
+
+
+def _readout_constants(result: Decomposition, fr: Any, explained: Any) -> tuple[int, float]:
+    """Compare every ``b_U`` / ``ln_final.b`` term with its value from the weights: (terms
+    compared, largest error relative to its explained value's scale)."""
+    kinds = result.components.kinds()
+    values = result.values.detach()
+    scale = torch.maximum(
+        result.explained.detach().abs(), torch.linalg.vector_norm(values, 1, -1)
+    ).clamp(min=1.0)
+    n, worst = 0, 0.0
+    for kind, vec in (("b_U", fr.bias), ("ln_final.b", fr.norm_bias)):
+        cols = np.nonzero(kinds == kind)[0]
+        if not len(cols):
+            continue
+        w = explained.weights  # [B|1, P|1, k, a]
+        k, a = w.shape[-2], w.shape[-1]
+        want = (w * vec.reshape(*vec.shape[:2], k, a).to(w.device, w.dtype)).sum(-1)
+        got = values[..., torch.as_tensor(cols, device=values.device)].sum(-1)
+        err = (got - want.to(got.device, got.dtype)).abs() / scale
+        n += int(got.numel())
+        worst = max(worst, float(err.max()))
+    return n, worst
 
 
 # ----------------------------------------------------------------------------- verify
 def _removal(
-    kind: str, c: Any, at: int, b: int, embed: Tensor, pos_embed: Optional[Tensor]
+    kind: str,
+    c: Any,
+    at: int,
+    b: int,
+    embed: Tensor,
+    pos_embed: Optional[Tensor],
+    view: Any,
+    cv: CacheView,
 ) -> Removal:
     if kind == "embed":
         return Removal("embed", -1, at, vector=embed[b, at])
     if kind == "pos_embed":
-        assert pos_embed is not None
+        if pos_embed is None:  # pragma: no cover - a pos_embed term needs learned positions
+            raise ArgumentError("verify: a pos_embed term on a model without learned positions.")
         return Removal("pos_embed", -1, at, vector=pos_embed[b, at])
+    if kind == "b_O":
+        return Removal("b_O", c.layer, at, vector=view.b_O(c.layer, cv.dtype, cv.device))
+    if kind == "b_out":
+        return Removal("b_out", c.layer, at, vector=view.b_out(c.layer, cv.dtype, cv.device))
     if kind in ("attn", "head"):
         return Removal(
             "heads",
@@ -246,12 +403,14 @@ def _removal(
     return Removal("neurons", c.layer, at, index=c.neuron if kind == "neuron" else -1)
 
 
-def _path(path: tuple, i: int, at: int) -> tuple[tuple, int]:
-    """The path's hops, each with the position it writes, and the position the removed write
-    is at: what the last hop reads (a head hop without ``src`` reads each term's ``at``)."""
+def _path(path: tuple, i: int, at: int, patterns: Any) -> tuple[tuple, int]:
+    """The path's hops, each with the position it writes (a head hop with its recorded pattern
+    row), and the position the removed write is at: what the last hop reads (a head hop
+    without ``src`` reads each term's ``at``)."""
     out, hops = i, []
     for kind, layer, index, src in path:
-        hops.append(Through(kind, layer, index, out))
+        row = patterns(layer, index, out) if kind == "head" else None
+        hops.append(Through(kind, layer, index, out, row))
         if kind == "head":
             out = src if src is not None else at
     return tuple(hops), out
@@ -269,6 +428,11 @@ def _chunks(copies: list, per_pass: int) -> list[slice]:
     if copies:
         out.append(slice(start, len(copies)))
     return out
+
+
+def _bias_removable(view: Any, kind: str, layer: int) -> bool:
+    post = view.ln1_post if kind == "b_O" else view.ln2_post
+    return layer >= 0 and (layer >= len(post) or post[layer] is None)
 
 
 def verify(
@@ -291,7 +455,7 @@ def verify(
     seed = check.index(seed, "seed", caller)
     cv: CacheView = rec.cache
     view = cv.view
-    B, P, K, C = result.values.shape
+    B, P, K = result.values.shape[:3]
     if (
         B != cv.batch
         or result.n_layers != view.n_layers
@@ -300,35 +464,41 @@ def verify(
         raise ArgumentError(
             f"{caller}: the result does not come from this prism (batch {B}, "
             f"{result.n_layers} layers; this prism: batch {cv.batch}, "
-            f"{view.n_layers} layers, {cv.n_ctx} positions)."
+            f"{view.n_layers} layers, {cv.n_ctx} positions). Verify a result with the prism "
+            "that made it."
         )
-    tokens = rec.tokens
-    if tokens is None and cv.has(Site.TOKENS):
-        tokens = cv.get(Site.TOKENS).long()
-    if tokens is None:
-        raise ArgumentError(
-            f"{caller}: verifying runs the model again, which needs the input "
-            "tokens; build the prism with LogitPrism.run(model, tokens) or "
-            "LogitPrism(model, cache, tokens=tokens)."
-        )
-    ro = _reread(rec, result, target, caller)
-    comps = result.components
-    codes = comps.kind  # compared as codes: a chained result has millions of components
+    tokens, mask = rerun_inputs(rec, caller, "verifying")
+    ro, fr, ex = _reread(rec, result, target, caller)
+    comps_all = result.components
+    codes = comps_all.kind  # compared as codes: a chained result has millions of components
+    kinds = comps_all.kinds()
     layered = np.isin(codes, [KINDS.index(k) for k in ("attn", "head", "mlp", "neuron")])
-    writer = np.isin(codes, [KINDS.index(k) for k in WRITERS]) & ~(layered & (comps.layer < 0))
-    if ro.path and ro.path[-1][0] == "head" and ro.path[-1][3] is None:
-        writer &= comps.at >= 0  # summed over the positions read: no one position to remove
-    skipped = {}
-    n_const = int(comps.is_constant().sum())
-    if n_const:
-        skipped[
-            "constants (biases: no forward-pass write to remove; the sum check covers them)"
-        ] = n_const
-    if int((~writer & ~comps.is_constant()).sum()):
-        skipped["sums over layers or positions (no one write to remove)"] = int(
-            (~writer & ~comps.is_constant()).sum()
+    writer = np.isin(codes, [KINDS.index(k) for k in WRITERS]) & ~(layered & (comps_all.layer < 0))
+    bias = np.isin(kinds, ("b_O", "b_out"))
+    if bias.any():
+        removable = np.array(
+            [_bias_removable(view, str(kd), int(ly)) for kd, ly in zip(kinds, comps_all.layer)]
         )
-    top, picked = _select(result, writer, k, sample, seed)
+        writer &= ~bias | removable
+    if ro.path and ro.path[-1][0] == "head" and ro.path[-1][3] is None:
+        writer &= comps_all.at >= 0  # summed over the positions read: no one position to remove
+    constant = comps_all.is_constant()
+    readout_const = np.isin(kinds, _READOUT_CONSTANTS) & (fr is not None and not ro.path)
+    skipped = {}
+    n_unchecked_const = int((constant & ~writer & ~readout_const).sum())
+    if n_unchecked_const:
+        names = sorted(set(kinds[constant & ~writer & ~readout_const].tolist()))
+        skipped[
+            f"constants ({', '.join(names)}: no write of the forward pass to remove; the sum "
+            "check covers them)"
+        ] = n_unchecked_const
+    sums = ~writer & ~constant
+    if int(sums.sum()):
+        skipped["sums over layers or positions (no one write to remove)"] = int(sums.sum())
+    dense, ok = _checkable(result, writer)
+    comps = dense.components
+    C = dense.values.shape[-1]
+    top, picked = _select(dense, ok, k, sample, seed)
     flat = torch.cat([top, picked])
     bb, pp, tt, cc = np.unravel_index(flat.numpy(), (B, P, K, C))
     # one intervention per (batch, pos, component): it gives every target at once
@@ -340,21 +510,33 @@ def verify(
     for b, p, c in keys:
         comp = comps[c]
         i = int(result.positions[b, p])
-        hops, at = _path(ro.path, i, comp.at)
-        copies.append(Copy(b, _removal(comp.kind, comp, at, b, embed, pos_embed), hops))
+
+        def patterns(layer: int, head: int, out: int, b: int = b) -> Tensor:
+            return cv.get(Site.PATTERN, layer)[b, head, out].detach()
+
+        hops, at = _path(ro.path, i, comp.at, patterns)
+        removal = _removal(comp.kind, comp, at, b, embed, pos_embed, view, cv)
+        copies.append(Copy(b, removal, hops))
     per_pass = max(2, COPY_TOKENS // cv.n_ctx)
     change: dict[tuple, Tensor] = {}
     passes = 0
     gate = lambda pre: limit_at_zero(str(view.act_fn), pre)
+    recorded = cv.has(ro.site, ro.layer)
     for part in _chunks(copies, per_pass):
         chunk, ks = copies[part], keys[part]
-        new, clean = run_frozen(view, tokens.to(cv.device), chunk, ro.site, ro.layer, gate)
+        new, clean = run_frozen(view, tokens, chunk, ro.site, ro.layer, gate, mask)
         passes += 1
+        if recorded:
+            rows = torch.as_tensor([b for b, _, _ in ks], device=cv.device)
+            ats = result.positions.to(cv.device)[rows, torch.as_tensor([p for _, p, _ in ks])]
+            want = cv.get(ro.site, ro.layer)[rows.to(cv.device), ats.to(cv.device)]
+            got = clean[torch.arange(len(ks), device=clean.device), ats.to(clean.device)]
+            check_rerun(cv, got, want, "residual stream read at the explained position", caller)
         for (b, p, c), x1, x0 in zip(ks, new, clean):
             i = int(result.positions[b, p])
             dx = x1[i].to(cv.dtype) - x0[i].to(cv.dtype)
             change[(b, p, c)] = ro.change(dx, b, p)
-    terms = result.values[bb, pp, tt, cc].detach().cpu()
+    terms = dense.values[bb, pp, tt, cc].detach().cpu()
     measured = (
         torch.stack(
             [
@@ -366,7 +548,7 @@ def verify(
         else terms.clone()
     )
     explained = result.explained[bb, pp, tt].detach().cpu()
-    l1 = torch.linalg.vector_norm(result.values.detach(), 1, -1)[bb, pp, tt].cpu()
+    l1 = torch.linalg.vector_norm(dense.values.detach(), 1, -1)[bb, pp, tt].cpu()
     scale = torch.maximum(explained.abs(), l1).clamp(min=1.0)
     bound = VERIFY_FACTOR * tolerance(result.precision, result.n_layers) * scale
     error = (terms + measured).abs()
@@ -375,9 +557,16 @@ def verify(
         sum_gap, sum_ok = float(gap.max()), bool((gap <= result.tolerance()).all())
     else:
         sum_gap, sum_ok = float("nan"), True
+    n_const, const_err = 0, 0.0
+    if readout_const.any() and fr is not None and ex is not None:
+        n_const, const_err = _readout_constants(result, fr, ex)
+    const_ok = const_err <= VERIFY_FACTOR * tolerance(result.precision, result.n_layers)
     labels = np.broadcast_to(result.target_labels, (B, P, K))[bb, pp, tt]
     return Verification(
-        ok=bool((error <= bound).all()) and sum_ok and bool(torch.isfinite(measured).all()),
+        ok=bool((error <= bound).all())
+        and sum_ok
+        and const_ok
+        and bool(torch.isfinite(measured).all()),
         terms=terms,
         change=measured,
         error=error,
@@ -395,4 +584,7 @@ def verify(
         explains=result.explains,
         prism=result.prism,
         forward_passes=passes,
+        constants_checked=n_const,
+        constants_error=const_err,
+        constants_ok=const_ok,
     )

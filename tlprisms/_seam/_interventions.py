@@ -11,11 +11,27 @@ frozen quantity is bit-identical to the clean one and a measured difference is o
 intervention's.
 
 **Frozen** in every intervened copy (:func:`run_frozen`): every norm scale (``ln1``, ``ln2``,
-their post-norms, SoLU's inner norm, ``ln_final``), every attention pattern, and the output of
-every attention and MLP layer that is neither the removed writer's nor on the path. A path hop
-keeps only its own head's ``z`` (or neuron's activation, with the activation's gate frozen) at
-the position it writes; after the hop's layer the residual stream is reset to the clean stream
-plus that hop's own write, so the removed write reaches the readout through the path only.
+their post-norms, SoLU's inner norm, ``ln_final``) and the output of every attention and MLP
+layer that is neither the removed writer's nor on the path. A path hop keeps only its own
+head's ``z`` (or neuron's activation, with the activation's gate frozen) at the position it
+writes; after the hop's layer the residual stream is reset to the clean stream plus that hop's
+own write, so the removed write reaches the readout through the path only.
+
+**Attention patterns are never edited.** Some bridges record ``hook_pattern`` but ignore edits
+to it (TransformerLens 4.3's GPT-J and OPT with eager attention), so a head's write is removed
+and a hop's pattern held fixed through ``hook_z``, which every class honours: a removed source
+``j`` subtracts ``A[h, at, j] * v[j, kv(h)]`` (both read in the same pass) from ``z[at, h]``; a
+hop's ``z[out, h]`` is recomputed as ``sum_j A_clean[h, out, j] * v[j, kv(h)]`` from the clean
+copy's pattern and the copy's own values. Every hook whose edits a run relies on is probed
+once per model (:func:`ignored_edits`: edit it, see the logits move) and a run that needs an
+ignored one is refused.
+
+**Padding.** A batch recorded with ``attention_mask`` is re-run with the same mask
+(``attention_mask=`` of :func:`run_frozen` and :func:`run_ablated`, one row per input row).
+
+TransformerLens warns when a hook edits a norm's ``hook_scale`` on a bridge ("A forward hook
+edited hook_scale ..."): the interventions do that on purpose, so exactly that warning is
+silenced around their own forward passes.
 
 Where the classes differ: a ``HookedTransformer``'s ``hook_resid_mid`` is the residual stream
 itself, a bridge's is only what ``ln2`` reads (the stream is added inside Hugging Face's
@@ -25,14 +41,17 @@ and its LayerNorm is ``mlp.hook_mid`` (HookedTransformer) or ``mlp.ln.hook_in`` 
 as :class:`~tlprisms._seam._hooks.Site` spells it.
 """
 
+import warnings
+import weakref
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from tlprisms._core.errors import UnsupportedModelError
 from tlprisms._seam._hooks import Site
 from tlprisms._seam._model import ModelView
 
@@ -44,11 +63,22 @@ __all__ = [
     "run_frozen",
     "run_ablated",
     "record",
+    "ignored_edits",
     "COPY_TOKENS",
+    "PROBE_MOVE",
 ]
 
 #: about how many tokens (copies x positions) one forward pass of interventions holds
 COPY_TOKENS = 8192
+
+#: a probed hook's edit takes effect when it moves the logits by more than this fraction of
+#: their size (the edit doubles the activation and adds 0.5: a real edit moves them by O(1))
+PROBE_MOVE = 1e-4
+#: the warning TransformerLens gives when a hook edits a norm's scale on a bridge; the
+#: interventions do that on purpose (a regular expression for ``warnings.filterwarnings``)
+_SCALE_EDIT_WARNING = r"A forward hook edited hook_scale"
+#: per model: hook name -> whether an edit of it takes effect (probed once)
+_PROBED: "weakref.WeakKeyDictionary[Any, dict[str, bool]]" = weakref.WeakKeyDictionary()
 
 _SCALES = (
     Site.LN1_SCALE,
@@ -57,6 +87,10 @@ _SCALES = (
     Site.LN2_POST_SCALE,
     Site.SOLU_SCALE,
 )
+
+
+#: what :func:`ignored_edits` probes besides :class:`Site` values: a head's ``z``
+_Z = "z"
 
 
 def _z_hook(layer: int) -> str:
@@ -74,9 +108,11 @@ class Removal:
 
     Attributes:
         kind: ``"embed"``/``"pos_embed"`` (``vector`` is subtracted from the stream at ``at``
-            before layer 0), ``"heads"`` (pattern entries set to 0: head ``index``, or every
-            head when -1, at destination ``at``, from source ``src`` or every source when -1),
-            ``"neurons"`` (activations set to 0: neuron ``index``, or all, at ``at``).
+            before layer 0), ``"heads"`` (head ``index``'s ``z``, or every head's when -1, at
+            destination ``at`` set to 0, or only the part read from source ``src``
+            subtracted), ``"neurons"`` (activations set to 0: neuron ``index``, or all, at
+            ``at``), ``"b_O"``/``"b_out"`` (``vector``, the layer's output bias, subtracted
+            from the layer's output at ``at``).
         layer: the layer of heads/neurons (-1 for the embeddings).
         at: the residual position of the write.
     """
@@ -91,9 +127,9 @@ class Removal:
     @property
     def writes(self) -> Optional[tuple[int, str]]:
         """(layer, "attn"/"mlp") whose output the removal changes, or None (embeddings)."""
-        if self.kind == "heads":
+        if self.kind in ("heads", "b_O"):
             return (self.layer, "attn")
-        if self.kind == "neurons":
+        if self.kind in ("neurons", "b_out"):
             return (self.layer, "mlp")
         return None
 
@@ -101,12 +137,14 @@ class Removal:
 @dataclass(frozen=True)
 class Through:
     """A hop of a path: only head/neuron ``index`` of ``layer`` passes the change on, and only
-    its write at position ``out``."""
+    its write at position ``out``. A head hop carries its recorded pattern row
+    ``A[h, out, :]`` (``pattern``, ``[pos]``), held fixed: its ``z`` is recomputed from it."""
 
     kind: str  # "head" | "neuron"
     layer: int
     index: int
     out: int
+    pattern: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -122,13 +160,16 @@ class Copy:
 class Ablation:
     """One ablated copy of input row ``row``: component ``kind`` (``"head"``, ``"attn"``,
     ``"neuron"``, ``"mlp"``) of ``layer`` replaced at every position by ``value`` (its value
-    per position, shaped like the activation without the batch axis), or by 0 when None."""
+    per position, shaped like the activation without the batch axis), or by 0 when None.
+    ``src >= 0`` (a head): only what the head reads from source ``src`` is removed, at every
+    destination (its pattern column zeroed, through ``z``). Kind ``"none"``: a clean copy."""
 
     row: int
     kind: str
     layer: int
     index: int = -1
     value: Optional[Tensor] = None
+    src: int = -1
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -154,13 +195,75 @@ class _Hooks:
         return [(name, make(edits)) for name, edits in self.edits.items()]
 
 
-def _run(model: Any, tokens: Tensor, hooks: _Hooks) -> None:
-    """Run the forward pass until the measuring hook stops it; hooks are removed after."""
-    with torch.no_grad():
+def _run(model: Any, tokens: Tensor, hooks: _Hooks, mask: Optional[Tensor] = None) -> Any:
+    """Run the forward pass until the measuring hook stops it; hooks are removed after. The
+    warning TransformerLens gives for edited norm scales is silenced (the edits are ours)."""
+    kw = {} if mask is None else {"attention_mask": mask.to(tokens.device)}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SCALE_EDIT_WARNING)
         try:
-            model.run_with_hooks(tokens, fwd_hooks=hooks.as_list())
+            return model.run_with_hooks(tokens, fwd_hooks=hooks.as_list(), **kw)
         except _Stop:
-            pass
+            return None
+
+
+def _probe_name(view: ModelView, site: Any) -> Optional[str]:
+    """The layer-0 hook name a probe of ``site`` edits (None: the model has no such hook)."""
+    if site == _Z:
+        return _z_hook(0)
+    layer = None if site is Site.FINAL_SCALE else 0
+    return view.hook(site, layer) if view.has_site(site, layer) else None
+
+
+def ignored_edits(view: ModelView, tokens: Tensor, sites: Iterable[Any]) -> list[str]:
+    """The hooks among ``sites`` (:class:`Site` values, or ``"z"``; probed at layer 0, the
+    final norm's scale at the end) whose edits the model ignores: each is edited (``2 x +
+    0.5``) in its own copy of a few of ``tokens``' last ids, in one forward pass, and must
+    move the logits (the edit: ``2 x`` plus a ramp along the last axis). Probed once per model
+    and hook; a hook the model lacks is left out."""
+    model = view.model
+    try:
+        known = _PROBED.setdefault(model, {})
+    except TypeError:  # not weakly referenceable: probe every time
+        known = {}
+    wanted = [n for n in dict.fromkeys(_probe_name(view, s) for s in sites) if n is not None]
+    names = [n for n in wanted if n not in known]
+    if names:
+        row = tokens[:1, -min(4, tokens.shape[1]) :]
+        batch = row.expand(len(names) + 1, -1)
+        hooks = _Hooks()
+        for r, name in enumerate(names):
+
+            def edit(x: Tensor, r: int = r + 1) -> None:
+                # not affine along the last axis: a norm after the hook must not undo it
+                ramp = torch.linspace(0.5, 1.5, x.shape[-1], device=x.device, dtype=x.dtype)
+                x[r] = x[r] * 2 + ramp * (x[r].abs().max() + 1)
+
+            hooks.add(name, edit)
+        logits = _run(model, batch, hooks)
+        out = logits[:, -1].float()
+        size = float(out[0].abs().max()) + 1.0
+        for r, name in enumerate(names):
+            known[name] = bool(float((out[r + 1] - out[0]).abs().max()) > PROBE_MOVE * size)
+    return [n for n in wanted if not known[n]]
+
+
+#: the hooks a run probes before relying on them: inside the attention, where bridges were
+#: seen to record a value and recompute it (hook_pattern of GPT-J/OPT); the residual-stream,
+#: MLP and norm hooks are TransformerLens's own and always honoured (and a probe of them can
+#: miss on a model whose layer-0 weights are zero)
+_PROBED_SITES = (Site.V, _Z)
+
+
+def _refuse_ignored(view: ModelView, tokens: Tensor, sites: Iterable[Any], what: str) -> None:
+    bad = ignored_edits(view, tokens, [s for s in sites if s in _PROBED_SITES])
+    if bad:
+        raise UnsupportedModelError(
+            f"{what}: this model ignores edits to {', '.join(map(repr, bad))} (its forward pass "
+            "recomputes the value after the hook), so the intervention cannot be made on it. "
+            "The terms themselves do not depend on it; check them with Decomposition.check(), "
+            "or use a TransformerLens version whose model honours hook edits."
+        )
 
 
 def _batch(tokens: Tensor, rows: Sequence[int]) -> tuple[Tensor, dict[int, int]]:
@@ -180,6 +283,7 @@ class _Plan:
     mine: Tensor  # [N] batch index of each copy
     hops: dict = field(default_factory=dict)  # layer -> [(copy, Through)]
     stash: dict = field(default_factory=dict)
+    edited: set = field(default_factory=set)  # the sites whose edits the run relies on
 
 
 def _freeze(idx: Tensor, src: Tensor) -> Callable[[Tensor], None]:
@@ -196,11 +300,13 @@ def run_frozen(
     measure: Site,
     layer: Optional[int],
     gate_limit: Callable[[Tensor], Tensor],
+    attention_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Run every copy with its removal and path, everything else frozen (module docstring).
 
     Args:
         tokens: the input rows ``[batch, pos]``.
+        attention_mask: the mask the rows were recorded with ``[batch, pos]`` (None: none).
         measure: the residual-stream site measured (``FINAL_RESID``, ``RESID_PRE`` ...), at
             ``layer``; the forward pass stops there.
         gate_limit: ``act(pre)/pre`` where ``pre`` is 0 (plain MLPs).
@@ -221,11 +327,12 @@ def run_frozen(
         for hop in copy.path:
             plan.hops.setdefault(hop.layer, []).append((c, hop))
     hooks = _Hooks()
-    _freeze_scales_and_patterns(plan, hooks)
+    _freeze_scales(plan, hooks)
     _removals(plan, hooks)
     _outputs(plan, hooks)
     for layer_, hops in plan.hops.items():
         _hop_layer(plan, hooks, layer_, hops, gate_limit)
+    _refuse_ignored(view, tokens, plan.edited, "verify")
     out: dict[str, Tensor] = {}
     name = view.hook(measure, layer)
 
@@ -234,21 +341,51 @@ def run_frozen(
         raise _Stop()
 
     hooks.add(name, grab)
-    _run(view.model, batch, hooks)
+    mask = None
+    if attention_mask is not None:
+        rows_all = torch.cat([torch.as_tensor(list(index), device=tokens.device), rows])
+        mask = attention_mask.to(tokens.device)[rows_all]
+    _run(view.model, batch, hooks, mask)
     x = out["x"]
     return x[mine.to(x.device)], x[clean.to(x.device)]
 
 
-def _freeze_scales_and_patterns(plan: _Plan, hooks: _Hooks) -> None:
+def _freeze_scales(plan: _Plan, hooks: _Hooks) -> None:
+    """Freeze every norm scale. The run relies on (and probes) only the scales a removal can
+    change before the readout: the final norm's, the post-norms', and the norms a hop reads
+    through (a hook the forward pass does not use, as ``ln2`` of a parallel block, is
+    harmless to freeze)."""
     view = plan.view
     freeze = _freeze(plan.mine, plan.clean)
     if view.final_norm.has_scale:
         hooks.add(view.hook(Site.FINAL_SCALE), freeze)
+        plan.edited.add(Site.FINAL_SCALE)
     for layer in range(view.n_layers):
         for site in _SCALES:
             if view.has_site(site, layer):
                 hooks.add(view.hook(site, layer), freeze)
-        hooks.add(view.hook(Site.PATTERN, layer), freeze)
+                if site in (Site.LN1_POST_SCALE, Site.LN2_POST_SCALE):
+                    plan.edited.add(site)
+    for layer, hops in plan.hops.items():
+        for _, hop in hops:
+            norm = view.ln1[layer] if hop.kind == "head" else view.ln2[layer]
+            if norm.has_scale:
+                plan.edited.add(norm.site)
+            if hop.kind == "neuron" and view.act_fn == "solu_ln":
+                plan.edited.add(Site.SOLU_SCALE)
+
+
+def _stash(plan: _Plan, hooks: _Hooks, site: Site, layer: int) -> None:
+    """Keep ``site``'s value of ``layer`` (every copy) for the ``z`` edits (read only)."""
+    key = (site, layer)
+    if key in plan.stash or ("hooked", key) in plan.stash:
+        return
+    plan.stash[("hooked", key)] = True
+
+    def keep(x: Tensor) -> None:
+        plan.stash[key] = x.detach()
+
+    hooks.add(plan.view.hook(site, layer), keep)
 
 
 def _removals(plan: _Plan, hooks: _Hooks) -> None:
@@ -263,16 +400,46 @@ def _removals(plan: _Plan, hooks: _Hooks) -> None:
                 x[b, at] -= vec.to(x.device, x.dtype)
 
             hooks.add(view.hook(Site.RESID_PRE, 0), sub)
+            plan.edited.add(Site.RESID_PRE)
+        elif r.kind in ("b_O", "b_out"):
+            vec = r.vector
+            assert vec is not None
+            site = Site.ATTN_OUT if r.kind == "b_O" else Site.MLP_OUT
+
+            def sub_bias(x: Tensor, b: int = b, at: int = r.at, vec: Tensor = vec) -> None:
+                x[b, at] -= vec.to(x.device, x.dtype)
+
+            hooks.add(view.hook(site, r.layer), sub_bias)
+            plan.edited.add(site)
         elif r.kind == "heads":
             head = slice(None) if r.index < 0 else r.index
-            src = slice(None) if r.src < 0 else r.src
+            if r.src >= 0:  # v[src, kv(h)] zeroed; z kept only for head h at ``at``
 
-            def zero_pattern(
-                x: Tensor, b: int = b, head: Any = head, at: int = r.at, src: Any = src
+                def zero_v(
+                    x: Tensor, b: int = b, src: int = r.src, g: int = view.kv_group(r.index)
+                ) -> None:
+                    x[b, src, g] = 0.0
+
+                hooks.add(view.hook(Site.V, r.layer), zero_v)
+                plan.edited.add(Site.V)
+
+            def remove_z(
+                x: Tensor,
+                b: int = b,
+                cl: int = int(plan.clean[c]),
+                head: Any = head,
+                at: int = r.at,
+                src: int = r.src,
             ) -> None:
-                x[b, head, at, src] = 0.0
+                if src < 0:
+                    x[b, at, head] = 0.0
+                    return
+                new = x[b, at, head].clone()
+                x[b] = x[cl]
+                x[b, at, head] = new
 
-            hooks.add(view.hook(Site.PATTERN, r.layer), zero_pattern)
+            hooks.add(_z_hook(r.layer), remove_z)
+            plan.edited.add(_Z)
         elif r.kind == "neurons":
             n = slice(None) if r.index < 0 else r.index
 
@@ -280,6 +447,7 @@ def _removals(plan: _Plan, hooks: _Hooks) -> None:
                 x[b, at, n] = 0.0
 
             hooks.add(view.hook(Site.MLP_POST, r.layer), zero_post)
+            plan.edited.add(Site.MLP_POST)
         else:
             raise ValueError(f"unknown removal {r.kind}")
 
@@ -314,6 +482,7 @@ def _outputs(plan: _Plan, hooks: _Hooks) -> None:
             if frozen:
                 idx = torch.as_tensor(frozen)
                 hooks.add(view.hook(site, layer), _freeze(plan.mine[idx], plan.clean[idx]))
+                plan.edited.add(site)
             if on_path:
                 idx = torch.as_tensor(on_path)
 
@@ -330,15 +499,20 @@ def _hop_layer(
     heads = [(c, h) for c, h in hops if h.kind == "head"]
     neurons = [(c, h) for c, h in hops if h.kind == "neuron"]
     if heads:
+        _stash(plan, hooks, Site.V, layer)
 
         def keep_head(x: Tensor) -> None:
+            # the pattern held at the recorded one: z = A[h, out, :] @ v_copy[:, kv(h)]
+            v = plan.stash[(Site.V, layer)]
             for c, h in heads:
                 b, cl = int(plan.mine[c]), int(plan.clean[c])
-                new = x[b, h.out, h.index].clone()
+                a = h.pattern.to(v.device, v.dtype)
+                new = (a @ v[b, :, view.kv_group(h.index)]).to(x.device, x.dtype)
                 x[b] = x[cl]
                 x[b, h.out, h.index] = new
 
         hooks.add(_z_hook(layer), keep_head)
+        plan.edited.add(_Z)
     if neurons:
         _neuron_hops(plan, hooks, layer, neurons, gate_limit)
     both = {c for c, _ in heads} & {c for c, _ in neurons}
@@ -354,6 +528,7 @@ def _hop_layer(
 
         hooks.add(view.hook(Site.RESID_PRE, layer), record_in)
         hooks.add(view.hook(Site.RESID_MID, layer), drop_in)
+        plan.edited.add(Site.RESID_MID)
     # after the layer: the clean stream plus the writes of the hops whose reader comes later
     # (a head's write that a neuron of the same layer read is not passed on)
     keep: dict[int, list] = {}
@@ -375,6 +550,7 @@ def _hop_layer(
             x[b] = new
 
     hooks.add(view.hook(Site.RESID_POST, layer), reset)
+    plan.edited.add(Site.RESID_POST)
 
 
 def _neuron_hops(
@@ -386,6 +562,7 @@ def _neuron_hops(
     solu = view.act_fn == "solu_ln"
     if view.gated:  # act(gate) * up: the gate's input frozen
         hooks.add(view.hook(Site.MLP_PRE, layer), _freeze(plan.mine[idx], plan.clean[idx]))
+        plan.edited.add(Site.MLP_PRE)
     else:
 
         def record_pre(x: Tensor) -> None:
@@ -404,6 +581,7 @@ def _neuron_hops(
                 x[b, h.out] = m_old + g * (p_new - p_old)
 
         hooks.add(view.hook(Site.SOLU_MID, layer), linear_mid)
+        plan.edited.add(Site.SOLU_MID)
 
     def keep_neuron(x: Tensor) -> None:
         for c, h in neurons:
@@ -420,6 +598,7 @@ def _neuron_hops(
             x[b, h.out, h.index] = new
 
     hooks.add(view.hook(Site.MLP_POST, layer), keep_neuron)
+    plan.edited.add(Site.MLP_POST)
 
 
 def _ratio(num: Tensor, den: Tensor, fallback: Callable[[Tensor], Tensor]) -> Tensor:
@@ -443,9 +622,12 @@ def _ablation_site(view: ModelView, a: Ablation) -> str:
 
 
 def run_ablated(
-    view: ModelView, tokens: Tensor, ablations: Sequence[Ablation]
+    view: ModelView,
+    tokens: Tensor,
+    ablations: Sequence[Ablation],
+    attention_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Run each ablated copy with nothing frozen.
+    """Run each ablated copy with nothing frozen (``attention_mask``: the rows' recorded mask).
 
     Returns:
         The final residual stream ``[N, pos, d]`` and the final norm's scale ``[N, pos]``
@@ -453,13 +635,32 @@ def run_ablated(
     """
     rows = torch.as_tensor([a.row for a in ablations], device=tokens.device)
     hooks = _Hooks()
+    edited: set = set()
     for c, a in enumerate(ablations):
+        if a.kind == "none":
+            continue
+        if a.src >= 0:  # one source of a head: v[src, kv(h)] zeroed for head h only
+            if view.n_kv_heads != view.n_heads:
+                raise UnsupportedModelError(
+                    "effects: ablating one source of a head needs the head's own value "
+                    "vectors, and this model shares them between heads (grouped-query "
+                    "attention); ablate the whole head instead (a Component without src)."
+                )
+
+            def zero_v(x: Tensor, c: int = c, a: Ablation = a) -> None:
+                x[c, a.src, a.index] = 0.0
+
+            hooks.add(view.hook(Site.V, a.layer), zero_v)
+            edited.add(Site.V)
+            continue
 
         def ablate(x: Tensor, c: int = c, a: Ablation = a) -> None:
             sel: Any = (c, slice(None)) if a.index < 0 else (c, slice(None), a.index)
             x[sel] = 0.0 if a.value is None else a.value.to(x.device, x.dtype)
 
         hooks.add(_ablation_site(view, a), ablate)
+        edited.add(_Z if a.kind in ("head", "attn") else Site.MLP_POST)
+    _refuse_ignored(view, tokens, edited, "effects")
     out: dict[str, Tensor] = {}
     has_scale = view.final_norm.has_scale
     if has_scale:
@@ -476,7 +677,8 @@ def run_ablated(
             raise _Stop()
 
     hooks.add(view.hook(Site.FINAL_RESID), grab)
-    _run(view.model, tokens[rows], hooks)
+    mask = None if attention_mask is None else attention_mask.to(tokens.device)[rows]
+    _run(view.model, tokens[rows], hooks, mask)
     return out["x"], out.get("s")
 
 
@@ -487,6 +689,7 @@ def record(view: ModelView, tokens: Tensor, wanted: Sequence[tuple[str, int]]) -
         (kind, layer): _ablation_site(view, Ablation(0, kind, layer)) for kind, layer in wanted
     }
     keep = set(names.values())
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SCALE_EDIT_WARNING)
         _, cache = view.model.run_with_cache(tokens, names_filter=lambda n: n in keep)
     return {key: cache[name] for key, name in names.items()}
