@@ -45,10 +45,17 @@ FINITE_CHUNK = 2**24
 
 
 def all_finite(t: Tensor) -> bool:
-    """Whether every element of ``t`` is finite, checked in slices of
-    :data:`FINITE_CHUNK` elements: ``torch.isfinite(t).all()`` on a whole cached tensor
-    allocates its size again (an ``abs`` copy and a mask), e.g. 4 GiB for one layer's
-    attention pattern at 8,192 tokens, the first time a prism reads it."""
+    """Whether every element of ``t`` is finite.
+
+    First the sum (one pass, no copy, 25-200x cheaper than a mask): a NaN or an infinity
+    anywhere makes the sum non-finite, so a finite sum proves every element finite. A
+    non-finite sum is either a bad value or a float overflow of the sum itself; then the
+    elements are checked, in slices of :data:`FINITE_CHUNK` (``torch.isfinite(t).all()`` on
+    a whole cached tensor allocates its size again, e.g. 4 GiB for one layer's attention
+    pattern at 8,192 tokens)."""
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return True
     if t.numel() <= FINITE_CHUNK or not t.is_contiguous():
         return bool(torch.isfinite(t).all())
     return all(bool(torch.isfinite(c).all()) for c in t.view(-1).split(FINITE_CHUNK))
