@@ -78,18 +78,31 @@ C.silence()
 import tlprisms as tp  # noqa: E402
 
 N_TARGETS = 10
-CASES = ("run_with_cache", "tl_projected", "prism_init", "full_last", "full_all")
+CASES = (
+    "run_with_cache",
+    "tl_projected",
+    "prism_init",
+    "full_last",
+    "fresh_split",
+    "fresh_full",
+    "full_all",
+)
 TITLES = {
     "run_with_cache": "run_with_cache",
     "tl_projected": "TL get_full_resid_decomposition (projected, last pos)",
     "prism_init": "LogitPrism(model, cache, ...)",
     "full_last": f"prism.full({N_TARGETS} targets), last pos",
     "full_all": 'prism.full(NextToken(), pos="all")',
+    "fresh_split": f"fresh prism + residual + heads + neurons ({N_TARGETS} targets, last pos)",
+    "fresh_full": f"fresh prism + full ({N_TARGETS} targets, last pos)",
 }
 #: (max x run_with_cache, max x TL projected, max extra MiB); None = no limit
 LIMITS = {
     "full_last": (0.1, 1.0, 64.0),
     "full_all": (1.0, None, 1024.0),
+    # what a user pays (issue 23): the prism's checks included
+    "fresh_split": (0.03, 0.75, None),
+    "fresh_full": (0.03, 0.75, None),
 }
 
 
@@ -130,7 +143,13 @@ class Setup:
             "prism_init": self.new_prism,
             "full_last": lambda: self.prism.full(targets),
             "full_all": lambda: self.prism.full(tp.NextToken(), pos="all"),
+            "fresh_split": self.fresh_split,
+            "fresh_full": lambda: self.new_prism().full(targets),
         }
+
+    def fresh_split(self) -> Any:
+        p = self.new_prism()
+        return p.residual(self.targets), p.heads(self.targets), p.neurons(self.targets)
 
     def describe(self) -> dict:
         cfg = self.model.cfg

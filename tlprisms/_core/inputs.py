@@ -15,7 +15,7 @@ from torch import Tensor
 from tlprisms._core.errors import ArgumentError, CacheError, NonFiniteError, TargetError
 from tlprisms._core.policy import FLOAT64_LOGITS_RTOL, LOGITS_RTOL
 from tlprisms._core.readout import Recorded, explain, final_readout
-from tlprisms._seam import CacheView, ModelView
+from tlprisms._seam import CacheView, ModelView, all_finite
 
 __all__ = ["input_tokens", "check_tokens", "check_logits", "logits_precision", "str_tokens"]
 
@@ -107,7 +107,7 @@ def check_logits(logits: Any, cv: CacheView) -> Tensor:
             f"{caller}: logits has shape {tuple(logits.shape)}, expected "
             f"({cv.batch}, {cv.n_ctx}, {view.d_vocab}) for this cache and model."
         )
-    if not bool(torch.isfinite(logits.sum(dtype=torch.float64))):  # NaN/inf make it so
+    if not all_finite(logits):
         where = tuple(int(i) for i in torch.nonzero(~torch.isfinite(logits))[0])
         raise NonFiniteError(
             f"{caller}: the logits hold NaN or infinity (first at batch, "

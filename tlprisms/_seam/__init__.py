@@ -12,7 +12,7 @@ from typing import Any
 
 from tlprisms._core.arguments import entry
 from tlprisms._core.errors import ArgumentError
-from tlprisms._seam._cache import LOW_PRECISION, CacheView
+from tlprisms._seam._cache import LOW_PRECISION, CacheView, all_finite
 from tlprisms._seam._hooks import (
     DICTIONARY_HOOKS,
     HOOK_NAME_KEY,
@@ -39,6 +39,7 @@ from tlprisms._seam._model import ModelView, architecture_name
 from tlprisms._seam._norms import NormSpec
 
 __all__ = [
+    "all_finite",
     "ModelView",
     "CacheView",
     "NormSpec",
