@@ -340,7 +340,7 @@ def _checkable(result: Decomposition, writer: np.ndarray) -> tuple[Decomposition
         dense = result.to_dense()
         # to_dense keeps the components used anywhere, in table order
         used = kept.reshape(-1, kept.shape[-1]).any(0)
-        return dense, kept[..., used] & w[None, None, None]
+        return dense, kept[..., used] & w[used][None, None, None]
     ok = w[None, None, None].expand(B, P, K, -1).clone()
     if result.components.of is not None:
         # laid out densely from a sparse result: 0 where the row kept it in a remainder
