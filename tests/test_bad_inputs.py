@@ -129,6 +129,8 @@ class Env:
         "M_bf16",
         "M_f64",
         "HK",
+        "CP",
+        "TP",
     )
 
     def __init__(self) -> None:
@@ -256,16 +258,33 @@ class Env:
 
         return load_demo_model(dtype=torch.float64)
 
+    def b_TP(self):  # a left-padded batch: row 1 is "Paris is" after 3 pad tokens
+        return self.M.to_tokens([TEXT, "Paris is"], padding_side="left")
+
+    def b_runP(self):
+        mask = (self.TP != self.M.tokenizer.pad_token_id).long()
+        return self.M.run_with_cache(self.TP, attention_mask=mask)
+
+    def b_CP(self):
+        return self.runP[1]
+
     def b_HK(self):
         from tlprisms.demo import load_demo_model
 
         return load_demo_model(kind="hooked")
 
 
+def padded(e: Env) -> Any:
+    """A prism of the left-padded batch ``TP`` recorded with its attention mask."""
+    return tp.LogitPrism(e.M, e.CP, tokens=e.TP)
+
+
 def names_used(fn: Callable) -> set:
     """The attribute names a row's callable reads (``e.TWIN`` -> ``TWIN``), nested lambdas too."""
     out: set = set()
     codes = [fn.__code__]
+    if "padded" in fn.__code__.co_names:
+        out |= {"CP", "TP"}
     while codes:
         code = codes.pop()
         out |= set(code.co_names)
@@ -1236,6 +1255,283 @@ ROWS = [
         ArgumentError,
         r"atol",
     ),
+    # --- qk(layer, head, pos, keys=, contrast=, sides=, path=, ...)
+    row("qk/keys a string", lambda e: e.P1.qk(1, 0, keys="3"), ArgumentError, r"keys='3'.*list"),
+    row("qk/key 2.0", lambda e: e.P1.qk(1, 0, keys=[2.0]), PositionError, r"2\.0.*int"),
+    row("qk/keys empty", lambda e: e.P1.qk(1, 0, keys=[]), ArgumentError, r"keys is empty"),
+    row("qk/key 9", lambda e: e.P1.qk(1, 0, keys=[9]), PositionError, r"key 9.*out of range"),
+    row(
+        "qk/key after the query",
+        lambda e: e.P1.qk(1, 0, pos=2, keys=[4]),
+        PositionError,
+        r"key position 4.*after the query position 2.*0\.\.2",
+    ),
+    row(
+        "qk/contrast 'yes'",
+        lambda e: e.P1.qk(1, 0, keys=[1, 2], contrast="yes"),
+        ArgumentError,
+        r"contrast='yes'.*True or False",
+    ),
+    row(
+        "qk/contrast one key",
+        lambda e: e.P1.qk(1, 0, keys=[1], contrast=True),
+        ArgumentError,
+        r"exactly two keys",
+    ),
+    row(
+        "qk/contrast without keys",
+        lambda e: e.P1.qk(1, 0, contrast=True),
+        ArgumentError,
+        r"two keys, keys=\[j, j2\]",
+    ),
+    row("qk/sides 'q'", lambda e: e.P1.qk(1, 0, sides="q"), ArgumentError, r"sides='q'.*'both'"),
+    row(
+        "qk/sides query with k_heads",
+        lambda e: e.P1.qk(1, 0, sides="query", k_heads=0),
+        ArgumentError,
+        r"keeps the key side whole.*sides='both'",
+    ),
+    row(
+        "qk/path with sides both",
+        lambda e: e.P1.qk(1, 0, path=[tp.Hop("head", 0, 1)]),
+        ArgumentError,
+        r"path=.*sides='query'",
+    ),
+    row(
+        "qk/path a string",
+        lambda e: e.P1.qk(1, 0, sides="query", path="L0H1"),
+        ArgumentError,
+        r"path='L0H1'.*Hop",
+    ),
+    row("qk/head 4", lambda e: e.P1.qk(1, 4), ArgumentError, r"head 4.*0\.\.3"),
+    row("qk/head True", lambda e: e.P1.qk(1, True), ArgumentError, r"head.*bool"),
+    row("qk/pos 6", lambda e: e.P1.qk(1, 0, pos=6), PositionError, r"pos 6.*out of range"),
+    row("qk/top_k 0", lambda e: e.P1.qk(1, 0, top_k=0), ArgumentError, r"top_k=0"),
+    row(
+        "qk/min_abs an array",
+        lambda e: e.P1.qk(1, 0, min_abs=np.array([0.1, 0.2])),
+        ArgumentError,
+        r"min_abs=.*finite number",
+    ),
+    row(
+        "qk/min_abs np.bool_",
+        lambda e: e.P1.qk(1, 0, min_abs=np.bool_(True)),
+        ArgumentError,
+        r"min_abs=.*finite number",
+    ),
+    row("qk/softcap 'none'", lambda e: e.P1.qk(1, 0, softcap="none"), ArgumentError, r"'post'"),
+    row(
+        "qk/padded row, masked key",
+        lambda e: padded(e).qk(1, 0, keys=[0, 4]),
+        PositionError,
+        r"key 0 .*masked in row 1.*attention mask.*keys=.*\[3, 4, 5\]",
+    ),
+    row(
+        "qk/padded row, masked contrast",
+        lambda e: padded(e).qk(1, 0, keys=[4, 1], contrast=True),
+        PositionError,
+        r"key 1 .*attention mask.*keys=",
+    ),
+    row(
+        "qk/padded row, pad query",
+        lambda e: padded(e).qk(1, 0, pos=1),
+        PositionError,
+        r"keys 0, 1 .*attention mask.*rows separately",
+    ),
+    # --- numbers: numpy scalars are numbers, numpy bools and arrays are not
+    row(
+        "heads/min_abs np.float32 nan",
+        lambda e: e.P1.heads(PARIS, min_abs=np.float32("nan")),
+        ArgumentError,
+        r"min_abs=.*finite number",
+    ),
+    row(
+        "heads/top_k np.float32",
+        lambda e: e.P1.heads(PARIS, top_k=np.float32(3)),
+        ArgumentError,
+        r"top_k=.*whole number",
+    ),
+    row(
+        "check/atol an array",
+        lambda e: e.H1.check(atol=np.array([1e-3, 1e-3])),
+        ArgumentError,
+        r"atol=.*number >= 0",
+    ),
+    row(
+        "check/rtol np.float32 -1",
+        lambda e: e.H1.check(rtol=np.float32(-1)),
+        ArgumentError,
+        r"rtol=.*number >= 0",
+    ),
+    row(
+        "readout/bias '1'",
+        lambda e: e.P1.readout(U(), 1, bias="1"),
+        ArgumentError,
+        r"bias='1'.*number",
+    ),
+    row(
+        "qk_map/scale np.float32 0",
+        lambda e: W().qk_map(e.M, 1, 0, [" is"], [" France"], scale=np.float32(0)),
+        ArgumentError,
+        r"scale=.*positive number",
+    ),
+    row(
+        "qk_map/scale an array",
+        lambda e: W().qk_map(e.M, 1, 0, [" is"], [" France"], scale=np.ones(2)),
+        ArgumentError,
+        r"scale=.*positive number",
+    ),
+    # --- unembed_map: degenerate token sets
+    row(
+        "unembed_map/repeated token",
+        lambda e: W().unembed_map(e.M, ["1", "1", "1"]),
+        TargetError,
+        r"repeat.*distinct tokens",
+    ),
+    row(
+        "unembed_map/2 tokens",
+        lambda e: W().unembed_map(e.M, ["1", "2"]),
+        TargetError,
+        r"3 distinct tokens, got 2",
+    ),
+    # --- features, verify, effects: argument types
+    row(
+        "features/dictionaries 42",
+        lambda e: e.P1.features(PARIS, 42),
+        ArgumentError,
+        r"dictionaries=42.*Dictionary",
+    ),
+    row(
+        "features/dictionaries of strings",
+        lambda e: e.P1.features(PARIS, ["sae"]),
+        ArgumentError,
+        r"Dictionary",
+    ),
+    row("verify/result 42", lambda e: e.P1.verify(42), ArgumentError, r"Decomposition.*int"),
+    row("verify/k 2.5", lambda e: e.P1.verify(e.H1, k=2.5), ArgumentError, r"k must be.*int"),
+    row("verify/k -1", lambda e: e.P1.verify(e.H1, k=-1), ArgumentError, r"k=-1.*0 or more"),
+    row(
+        "verify/sample True",
+        lambda e: e.P1.verify(e.H1, sample=True),
+        ArgumentError,
+        r"sample.*bool",
+    ),
+    row("verify/seed '0'", lambda e: e.P1.verify(e.H1, seed="0"), ArgumentError, r"seed.*str"),
+    row(
+        "effects/components a string",
+        lambda e: e.P1.effects(PARIS, "L1H2"),
+        ArgumentError,
+        r"components='L1H2'.*Component",
+    ),
+    row(
+        "effects/ablation 'mean-ish'",
+        lambda e: e.P1.effects(PARIS, [HEAD], ablation="mean-ish"),
+        ArgumentError,
+        r"ablation='mean-ish'.*'zero'",
+    ),
+    row(
+        "effects/seed 1.5",
+        lambda e: e.P1.effects(PARIS, [HEAD], seed=1.5),
+        ArgumentError,
+        r"seed must be.*int",
+    ),
+    # --- explain_task: every argument checked before any work
+    row(
+        "task/parquet .csv",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], parquet=tmp_dir() / "t.csv"),
+        ArgumentError,
+        r"parquet=.*does not end in \.parquet",
+    ),
+    row(
+        "task/parquet a directory",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], parquet=tmp_dir()),
+        ArgumentError,
+        r"parquet=.*is a directory",
+    ),
+    row(
+        "task/parquet under a file",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], parquet=file_path() / "t.parquet"),
+        ArgumentError,
+        r"parquet=.*is a file, not a directory",
+    ),
+    row(
+        "task/parquet bytes",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], parquet=b"t.parquet"),
+        ArgumentError,
+        r"parquet=b't\.parquet'.*file path",
+    ),
+    row(
+        "task/parquet_k 2.0",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], parquet_k=2.0),
+        ArgumentError,
+        r"parquet_k.*int",
+    ),
+    row(
+        "task/window 0",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], window=0),
+        ArgumentError,
+        r"window=0",
+    ),
+    row(
+        "task/frac_top '5'",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], frac_top="5", keep="stats"),
+        ArgumentError,
+        r"frac_top='5'",
+    ),
+    row(
+        "task/keep 'all'",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], keep="all"),
+        ArgumentError,
+        r"keep='all'.*'values'",
+    ),
+    row(
+        "task/columns a list",
+        lambda e: tp.explain_task(e.M, [{"prompt": TEXT, "answer": PARIS}], columns=["p", "a"]),
+        ArgumentError,
+        r"columns=.*tuple",
+    ),
+    row(
+        "task/progress 'no'",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], progress="no"),
+        ArgumentError,
+        r"progress='no'.*True or False",
+    ),
+    row(
+        "task/bucket 1",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], bucket=1),
+        ArgumentError,
+        r"bucket=1",
+    ),
+    row(
+        "task/heads 'L1' before any work",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], heads="L1"),
+        ArgumentError,
+        r"explain_task: heads='L1'",
+    ),
+    row(
+        "task/softcap 'none'",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], softcap="none"),
+        ArgumentError,
+        r"explain_task: softcap='none'.*'post'",
+    ),
+    row(
+        "task/prepend_bos 'yes'",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], prepend_bos="yes"),
+        ArgumentError,
+        r"prepend_bos='yes'.*True, False or None",
+    ),
+    row(
+        "task/distributed 'yes'",
+        lambda e: tp.explain_task(e.M, [TEXT], [PARIS], distributed="yes"),
+        ArgumentError,
+        r"distributed='yes'",
+    ),
+    row(
+        "task/bad row 7 of a stream",
+        lambda e: tp.explain_task(e.M, _stream_bad_at(7), progress=False),
+        ArgumentError,
+        r"item 7",
+    ),
     # --- needed_hooks
     row(
         "needed_hooks/a string",
@@ -1401,7 +1697,49 @@ ROWS = [
         r"attention-only|no neurons|no MLP",
         hooked=True,
     ),
+    row(
+        "hooked/use_split_qkv_input",
+        lambda e: tp.LogitPrism.run(_hooked(use_split_qkv_input=True), torch.tensor([[1, 2, 3]])),
+        UnsupportedModelError,
+        r"use_split_qkv_input=True.*set_use_split_qkv_input\(False\)",
+        hooked=True,
+    ),
+    row(
+        "hooked/use_attn_in",
+        lambda e: tp.LogitPrism.run(_hooked(use_attn_in=True), torch.tensor([[1, 2, 3]])),
+        UnsupportedModelError,
+        r"use_attn_in=True.*set_use_attn_in\(False\)",
+        hooked=True,
+    ),
 ]
+
+
+def tmp_dir() -> Path:
+    return Path(tempfile.mkdtemp())
+
+
+def _stream_bad_at(i: int) -> Any:
+    """Rows of a stream, the ``i``-th malformed (a 1-tuple)."""
+    for j in range(i + 3):
+        yield ("bad",) if j == i else (TEXT, " Paris")
+
+
+def _hooked(**kw: Any) -> Any:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=16,
+        d_head=8,
+        n_heads=4,
+        d_vocab=60,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+        **kw,
+    )
+    return HookedTransformer(cfg).eval()
 
 
 def _bare_bridge() -> Any:
@@ -1599,6 +1937,41 @@ ACCEPTED = [
         None,
         "",
     ),
+    row("heads min_abs np.float32", lambda e: e.P1.heads(PARIS, min_abs=np.float32(0.5)), None, ""),
+    row("heads top_k np.int64", lambda e: e.P1.heads(PARIS, top_k=np.int64(3)), None, ""),
+    row(
+        "qk top_k np.int32 min_abs np.float64",
+        lambda e: e.P1.qk(1, 0, top_k=np.int32(2), min_abs=np.float64(0.1)),
+        None,
+        "",
+    ),
+    row("readout bias np.float32", lambda e: e.P1.readout(U(), 1, bias=np.float32(1.5)), None, ""),
+    row(
+        "check atol np.float32",
+        lambda e: e.H1.check(atol=np.float32(1e-4), rtol=np.float64(1e-5)),
+        None,
+        "",
+    ),
+    row(
+        "qk_map scale np.float32",
+        lambda e: W().qk_map(e.M, 1, 0, [" is"], [" France"], scale=np.float32(2.0)),
+        None,
+        "",
+    ),
+    row("qk padded batch, default keys", lambda e: padded(e).qk(1, 0).check(), None, ""),
+    row(
+        "qk padded batch, attended keys",
+        lambda e: padded(e).qk(1, 0, keys=[3, 5], contrast=True).check(),
+        None,
+        "",
+    ),
+    row(
+        "hooked shortformer qk",
+        lambda e: _shortformer_qk(),
+        None,
+        "",
+        hooked=True,
+    ),
     row(
         "hooked float64 check",
         lambda e: tp.LogitPrism.run(_demo(torch.float64, "hooked"), TEXT).full(PARIS).check(),
@@ -1666,10 +2039,50 @@ EXPECT: dict[str, Callable[[Any, Env], bool]] = {
         and float(df["value"].iloc[0])
         == float(e.H1.values[0, 0, 0][~torch.as_tensor(e.H1.components.is_constant())].max())
     ),
+    "heads min_abs np.float32": lambda r, e: same(r, e.P1.heads(PARIS, min_abs=0.5)),
+    "heads top_k np.int64": lambda r, e: same(r, e.P1.heads(PARIS, top_k=3)),
+    "qk top_k np.int32 min_abs np.float64": lambda r, e: same(
+        r, e.P1.qk(1, 0, top_k=2, min_abs=0.1)
+    ),
+    "readout bias np.float32": read(1, "ln1", "resid_pre", U(), 1.5),
+    "check atol np.float32": lambda r, e: r is e.H1,
+    "qk_map scale np.float32": lambda m, e: (
+        m.meta["scale"] == 2.0
+        and torch.equal(m.values, W().qk_map(e.M, 1, 0, [" is"], [" France"], scale=2.0).values)
+    ),
+    "qk padded batch, default keys": lambda r, e: close(
+        r.total()[:, 0], e.CP["blocks.1.attn.hook_attn_scores"][:, 0, -1, 3:]
+    ),
+    "qk padded batch, attended keys": lambda r, e: close(
+        r.total()[:, 0, 0],
+        e.CP["blocks.1.attn.hook_attn_scores"][:, 0, -1, 3]
+        - e.CP["blocks.1.attn.hook_attn_scores"][:, 0, -1, 5],
+    ),
+    "hooked shortformer qk": lambda rs, e: all(close(r.total()[:, 0], want) for r, want in rs),
     "summary k": lambda df, e: (
         len(df) > 0 and any(c.startswith("frac_top3") or c == "frac_top" for c in df.columns)
     ),
 }
+
+
+def same(a: Any, b: Any) -> bool:
+    return torch.equal(a.values, b.values) and torch.equal(a.explained, b.explained)
+
+
+def _shortformer_qk() -> list:
+    """Each head's QK terms of a shortformer model, with the recorded scores."""
+    m = _hooked(positional_embedding_type="shortformer")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3)
+        tokens = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+        logits, cache = m.run_with_cache(tokens)
+    P = tp.LogitPrism(m, cache, tokens=tokens, logits=logits)
+    return [
+        (P.qk(layer, head).check(), cache[f"blocks.{layer}.attn.hook_attn_scores"][:, head, -1])
+        for layer in range(2)
+        for head in range(4)
+    ]
 
 
 def _demo(dtype: torch.dtype, kind: str = "bridge") -> Any:
