@@ -505,3 +505,16 @@ def test_fresh_empty_is_numpy_backed_when_large():
     assert float(big.sum()) == 2.0 * 3 * 2**20
     small = fresh_empty((3, 5), torch.float64, torch.device("cpu"))
     assert small.shape == (3, 5) and small.dtype == torch.float64
+
+
+def test_negative_hop_indices_are_resolved_in_labels_and_verification():
+    """through_head(-1, ...) is head L{n_layers-1}: its label reads the real layer, its
+    values equal the positive call's, and verify accepts it (it used to read 'L-1H0')."""
+    from tlprisms.demo import load_demo_model
+
+    p = tp.LogitPrism.run(load_demo_model(), "The capital of France is")
+    neg, pos = p.through_head(-1, 0, " Paris"), p.through_head(1, 0, " Paris")
+    assert neg.prism == pos.prism == "through L1H0"
+    assert torch.equal(neg.values, pos.values)
+    assert p.verify(neg).ok
+    assert p.through_neuron(-1, 7, " Paris").prism == "through L1N7"

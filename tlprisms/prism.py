@@ -151,7 +151,7 @@ class LogitPrism:
     def _chain(self, request: Request, path: Any) -> Decomposition:
         caller = f"LogitPrism.{request.prism}"
         check.choice(request.softcap, "softcap", ("post", "pre"), caller)
-        hops = chain.check_path(path, caller)
+        hops = chain.check_path(path, caller, self.view)
         split = writes.split_of(
             self.view, request.heads, request.neurons, request.by_source, caller
         )

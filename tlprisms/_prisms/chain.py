@@ -589,14 +589,28 @@ def run(
     return keep_largest(terms, request.top_k, request.min_abs)
 
 
-def check_path(path: Any, caller: str) -> list[Hop]:
-    """A chain's path as a list of :class:`Hop` (tuples are read as ``Hop(*t)``)."""
+def check_path(path: Any, caller: str, view: Any = None) -> list[Hop]:
+    """A chain's path as a list of :class:`Hop` (tuples are read as ``Hop(*t)``); with the
+    model's ``view``, negative layers, heads and neurons resolved (``Hop("head", -1, 0)`` of
+    a 2-layer model is ``L1H0``: labels and verification use the real layer)."""
     if isinstance(path, (Hop, str)) or not isinstance(path, Sequence):
         raise ArgumentError(
             f"{caller}: path={path!r:.80}; pass a list of tlprisms.Hop, e.g. "
             "[tp.Hop('head', 5, 1, src=3), tp.Hop('neuron', 2, 40)]."
         )
-    return [h if isinstance(h, Hop) else Hop(*h) for h in path]
+    hops = [h if isinstance(h, Hop) else Hop(*h) for h in path]
+    return hops if view is None else [resolve_hop(view, h, caller) for h in hops]
+
+
+def resolve_hop(view: Any, hop: Hop, caller: str) -> Hop:
+    """``hop`` with a negative layer, head or neuron counted from the end."""
+    if hop.kind == "feature":
+        return hop
+    layer = check.layer(view, hop.layer, caller)
+    index = (check.head if hop.kind == "head" else check.neuron)(view, hop.index, caller)
+    if (layer, index) == (hop.layer, hop.index):
+        return hop
+    return Hop(hop.kind, layer, index, hop.src)
 
 
 def one_hop(kind: str, layer: Any, index: Any, src: Any, caller: str) -> Hop:
