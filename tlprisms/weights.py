@@ -323,8 +323,8 @@ def unembed_map(
         )
     if len(ids) < 3:
         raise TargetError(
-            f"{caller}: a 2-D projection needs at least 3 tokens: at least 3 distinct tokens, got {len(ids)}; "
-            "pass more tokens."
+            f"{caller}: a 2-D projection needs at least 3 tokens: at least 3 distinct "
+            f"tokens, got {len(ids)}; pass more tokens."
         )
     with torch.no_grad():
         U = _readout_columns(view, ids, torch.float64)
