@@ -337,7 +337,11 @@ def run(rec: Recorded, request: Request, hops: Sequence[Hop], split: Split) -> T
     terms add up to the first hop's term of that side."""
     layer, head = request.layer, request.head
     assert layer is not None and head is not None
-    keys = list(request.keys or ())
+    # keys an attention mask left out (padding, a local window) are left out or refused, as
+    # by the QK prism itself
+    keys = qk.unmasked_keys(
+        rec.cache, layer, head, request.pos, list(request.keys or ()), request.contrast
+    )
     args = (request.pos, keys, request.sides, hops, split, request.softcap, request.contrast)
     t = qk_chain_terms(rec, layer, head, *args)
     refuse_broken(rec.cache, t.values, t.explained)
