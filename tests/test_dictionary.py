@@ -215,3 +215,18 @@ def test_model_mismatch(prism):
     d = tp.Dictionary(**w, hook=HOOK)
     with pytest.raises(ArgumentError, match="d_in=130.*d_model=128"):
         prism.features(" Paris", d)
+
+
+def test_numpy_numbers_are_numbers():
+    """np.float32 input_scale and threshold are accepted as the same Python floats (issue
+    21: they were refused); bools and arrays are not numbers."""
+
+    w = weights()
+    a = tp.Dictionary(**w, hook=HOOK, input_scale=np.float32(2.0))
+    b = tp.Dictionary(**w, hook=HOOK, input_scale=2.0)
+    assert a.input_scale == b.input_scale == 2.0
+    j = tp.Dictionary(**w, hook=HOOK, activation="jumprelu", threshold=np.float32(0.5))
+    assert torch.equal(j.threshold, torch.full((F,), 0.5))
+    for bad in (True, np.array([1.0, 2.0]), "2"):
+        with pytest.raises(ArgumentError, match="input_scale"):
+            tp.Dictionary(**w, hook=HOOK, input_scale=bad)

@@ -123,7 +123,7 @@ class Dictionary:
         k: Optional[int] = None,
         topk_relu: bool = True,
         subtract_b_dec: bool = False,
-        input_scale: float = 1.0,
+        input_scale: Any = 1.0,
         W_skip: Any = None,
         name: Optional[str] = None,
     ) -> None:
@@ -174,7 +174,7 @@ class Dictionary:
         self.activation = activation
         self.threshold: Optional[Tensor] = None
         if threshold is not None:
-            if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+            if check.is_real(threshold) and not isinstance(threshold, Tensor):  # numpy too
                 threshold = torch.full((d_sae,), float(threshold))
             self.threshold = _tensor(threshold, "threshold", caller, 1)
             if self.threshold.shape[0] != d_sae:
@@ -214,10 +214,9 @@ class Dictionary:
             )
         self.subtract_b_dec = subtract_b_dec
         if (
-            isinstance(input_scale, bool)
-            or not isinstance(input_scale, (int, float))
-            or not input_scale > 0
-            or input_scale == float("inf")
+            not check.is_real(input_scale)
+            or not float(input_scale) > 0
+            or float(input_scale) == float("inf")
         ):
             raise ArgumentError(f"{caller}: input_scale={input_scale!r}; pass a number > 0.")
         self.input_scale = float(input_scale)
