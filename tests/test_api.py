@@ -127,3 +127,22 @@ def test_run_keeps_tokens_and_logits():
     r = p.full(7).check()
     assert torch.equal(r.logits[:, 0, 0], p.logits[:, -1, 7])
     assert r.str_tokens is not None and len(r.str_tokens[0]) == SEQ
+
+
+def test_top_heads_is_the_one_call_for_which_heads_push_a_logit_up():
+    """heads(t).top_heads(k): per head (summed over sources), heads only, most positive
+    first (issue 22: aggregate('layer', 'head').top(3) gave MLP layers and the embedding,
+    ranked by |value|)."""
+    from tlprisms.demo import load_demo_model
+
+    p = tp.LogitPrism.run(load_demo_model(), "The capital of Germany is")
+    h = p.heads(" Berlin")
+    up = h.top_heads(3)
+    assert list(up["kind"]) == ["head"] * 3 and list(up["value"]) == sorted(up["value"])[::-1]
+    per_head = h.aggregate("kind", "layer", "head", "at").select(kind="head")
+    best = per_head.values[0, 0, 0].max()
+    assert abs(float(up["value"][0]) - float(best)) < 1e-6
+    down = h.top_heads(2, order="negative")
+    assert (down["value"] < 0).all()
+    with pytest.raises(tp.PrismError, match="no head terms"):
+        p.residual(" Berlin").top_heads()

@@ -278,7 +278,9 @@ def run_demo(out: Optional[Path] = Path("tlprisms-demo.html"), progress: bool = 
         f"Capital cities ({cap['prompts']} prompts)",
         "  mean term per layer: "
         + ", ".join(f"{k} {v:+.2f}" for k, v in cap["layer_means"].items()),
-        f"  top head: L{layer}H{head} (mean term {cap['head_mean']:+.2f} on the right capital)",
+        f"  top head: L{layer}H{head}, the largest mean term in the right capital's logit "
+        f"({cap['head_mean']:+.2f}; the capitals notebook ranks heads by the logit difference "
+        "right - wrong capital, so its top head may differ)",
         f"  through L{layer}H{head} on 'France': its largest source term is {cap['reads']}",
         f"  OV map of L{layer}H{head}: {cap['ov_hits']}/{cap['prompts']} countries map to "
         "their capital",

@@ -413,7 +413,7 @@ class LogitPrism:
         >>> from tlprisms.demo import load_demo_model
         >>> prism = tp.LogitPrism.run(load_demo_model(), "The capital of France is")
         >>> print(prism.verify(prism.full(" Paris")))
-        20 largest + 20 sampled terms verified by intervention, max error ... of a logit of 18.9
+        20 largest + 20 sampled terms verified by intervention and 1 constant term ... of 18.9
         """
         if isinstance(result, Decomposition) and result.index is not None:
             result = result.to_dense()  # a sparse result: its kept terms, laid out densely

@@ -149,7 +149,8 @@ class Verification:
             return "no term could be checked by intervention"
         i = int(self.error.argmax())
         consts = (
-            f" and {self.constants_checked} constant terms against the weights"
+            f" and {self.constants_checked} constant term"
+            f"{'' if self.constants_checked == 1 else 's'} against the weights"
             if self.constants_checked
             else ""
         )

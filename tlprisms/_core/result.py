@@ -394,6 +394,34 @@ class Decomposition:
         return replace(self, values=out.index_add_(-1, g, self.values), components=table)
 
     # ------------------------------------------------------------ tables
+    def top_heads(
+        self,
+        k: int = 10,
+        *,
+        order: Order = "positive",
+        batch: Optional[int] = None,
+        pos: Optional[int] = None,
+        target: int = 0,
+    ) -> Any:
+        """Which heads push the explained value up (``order="positive"``, the default) or down
+        (``"negative"``), or matter most (``"abs"``): each head's term summed over its source
+        positions, heads only (no embeddings, MLPs or biases), as a DataFrame like
+        :meth:`top`'s. ``prism.heads(" Paris").top_heads(3)`` is the common question.
+
+        >>> import tlprisms as tp
+        >>> from tlprisms.demo import load_demo_model
+        >>> prism = tp.LogitPrism.run(load_demo_model(), "The capital of Germany is")
+        >>> list(prism.heads(" Berlin").top_heads(2)["component"])
+        ['L0H0', 'L0H2']
+        """
+        if not (self.components.kinds() == "head").any():
+            raise ArgumentError(
+                f"top_heads: this result ({self.prism}) has no head terms; split attention "
+                "into heads first, e.g. prism.heads(target) or decompose(target, heads='all')."
+            )
+        per_head = self.aggregate("kind", "layer", "head", "at")
+        return per_head.top(k, order=order, kind="head", batch=batch, pos=pos, target=target)
+
     @check_arg.entry
     def top(
         self,
