@@ -61,6 +61,7 @@ from tlprisms._core.readout import Recorded, Softcap, explain, final_readout
 from tlprisms._core.result import Decomposition, tolerance
 from tlprisms._core.table import KINDS
 from tlprisms._prisms.chain import limit_at_zero
+from tlprisms._prisms.features import dictionary_input
 from tlprisms._prisms.read import READ_AT
 from tlprisms._seam import (
     COPY_TOKENS,
@@ -96,7 +97,9 @@ RERUN_RTOL_LOWP = 5e-2
 WRITERS = ("embed", "pos_embed", "attn", "head", "mlp", "neuron", "b_O", "b_out")
 #: constants of the final readout, checked against the weights
 _READOUT_CONSTANTS = ("b_U", "ln_final.b")
-_DIRECT = ("residual", "heads", "neurons", "full", "decompose")
+_DIRECT = ("residual", "heads", "neurons", "full", "decompose", "features")
+#: a dictionary's terms, each a vector written at its site: removed like a layer's bias
+_DICTIONARY_KINDS = ("feature", "b_dec", "skip", "error")
 _CHAINS = ("chain", "through_head", "through_neuron")
 
 
@@ -430,6 +433,74 @@ def _chunks(copies: list, per_pass: int) -> list[slice]:
     return out
 
 
+class _Dictionaries:
+    """The dictionaries of a ``features`` result, by layer, and the vector each of their
+    terms writes at a position (what removing the term subtracts from the stream)."""
+
+    def __init__(self, cv: CacheView, result: Decomposition) -> None:
+        self.cv = cv
+        req = result.request
+        dicts = list(req.dictionaries) if req is not None and not req.is_chain else []
+        by_layer: dict[int, list] = {}
+        for d in dicts:
+            by_layer.setdefault(int(d.layer), []).append(d)
+        # a term names its layer only: two dictionaries at one layer cannot be told apart
+        self.at_layer = {ly: ds[0] for ly, ds in by_layer.items() if len(ds) == 1}
+        self._parts: dict[int, tuple] = {}
+
+    def removable(self, layer: int) -> bool:
+        d = self.at_layer.get(int(layer))
+        return d is not None and self._where(d) is not None
+
+    def _where(self, d: Any) -> Optional[tuple[str, int]]:
+        """The Removal kind and layer that subtract a vector where ``d`` writes, or None
+        (a post-norm between the write and the stream)."""
+        view, L = self.cv.view, int(d.layer)
+        if d.site is Site.ATTN_OUT or (d.site is Site.RESID_MID and not view.parallel):
+            kind, layer = "b_O", L
+        elif d.site in (Site.MLP_OUT, Site.RESID_POST):
+            kind, layer = "b_out", L
+        elif d.site is Site.RESID_PRE:
+            if L == 0:
+                return ("embed", -1)
+            kind, layer = "b_out", L - 1
+        else:
+            return None
+        return (kind, layer) if _bias_removable(view, kind, layer) else None
+
+    def _of(self, d: Any) -> tuple:
+        """``(acts [B, n, F], x_in, x_out)`` of ``d`` at every position (computed once)."""
+        key = id(d)
+        if key not in self._parts:
+            cv = self.cv
+            pos = torch.arange(cv.n_ctx, device=cv.device).expand(cv.batch, cv.n_ctx)
+            x_in = dictionary_input(cv, d, pos, cv.dtype, cv.device)
+            x_out = cv.at(d.site, d.layer, pos, cv.dtype) if d.transcoder else x_in
+            self._parts[key] = (d.encode(x_in), x_in, x_out)
+        return self._parts[key]
+
+    def removal(self, c: Any, b: int, at: int) -> Removal:
+        d = self.at_layer[int(c.layer)]
+        where = self._where(d)
+        assert where is not None  # removable() said so
+        acts, x_in, x_out = self._of(d)
+        dt, dev = self.cv.dtype, self.cv.device
+        W_dec = d.W_dec.to(dev, dt) / d.input_scale
+        b_dec = d.b_dec.to(dev, dt) / d.input_scale
+        skip = None if d.W_skip is None else x_in[b, at] @ d.W_skip.to(dev, dt)
+        if c.kind == "feature":
+            vec = acts[b, at, c.feature] * W_dec[c.feature]
+        elif c.kind == "b_dec":
+            vec = b_dec
+        elif c.kind == "skip":
+            assert skip is not None
+            vec = skip
+        else:  # the error: what the dictionary does not reconstruct
+            x_hat = acts[b, at] @ W_dec + b_dec + (0 if skip is None else skip)
+            vec = x_out[b, at] - x_hat
+        return Removal(where[0], where[1], at, vector=vec)
+
+
 def _bias_removable(view: Any, kind: str, layer: int) -> bool:
     post = view.ln1_post if kind == "b_O" else view.ln2_post
     return layer >= 0 and (layer >= len(post) or post[layer] is None)
@@ -474,17 +545,29 @@ def verify(
     kinds = comps_all.kinds()
     layered = np.isin(codes, [KINDS.index(k) for k in ("attn", "head", "mlp", "neuron")])
     writer = np.isin(codes, [KINDS.index(k) for k in WRITERS]) & ~(layered & (comps_all.layer < 0))
+    skipped: dict = {}
     bias = np.isin(kinds, ("b_O", "b_out"))
     if bias.any():
         removable = np.array(
             [_bias_removable(view, str(kd), int(ly)) for kd, ly in zip(kinds, comps_all.layer)]
         )
         writer &= ~bias | removable
+    dictionaries = _Dictionaries(cv, result)
+    dict_terms = np.isin(kinds, _DICTIONARY_KINDS)
+    if dict_terms.any():
+        removable = np.array(
+            [dictionaries.removable(int(ly)) for ly in comps_all.layer[dict_terms]], dtype=bool
+        )
+        writer[np.nonzero(dict_terms)[0][removable]] = True
+        if (~removable).any():
+            skipped[
+                "dictionary terms (two dictionaries at one layer, or a write behind a "
+                "post-norm: no one vector to remove)"
+            ] = int((~removable).sum())
     if ro.path and ro.path[-1][0] == "head" and ro.path[-1][3] is None:
         writer &= comps_all.at >= 0  # summed over the positions read: no one position to remove
     constant = comps_all.is_constant()
     readout_const = np.isin(kinds, _READOUT_CONSTANTS) & (fr is not None and not ro.path)
-    skipped = {}
     n_unchecked_const = int((constant & ~writer & ~readout_const).sum())
     if n_unchecked_const:
         names = sorted(set(kinds[constant & ~writer & ~readout_const].tolist()))
@@ -515,7 +598,10 @@ def verify(
             return cv.get(Site.PATTERN, layer)[b, head, out].detach()
 
         hops, at = _path(ro.path, i, comp.at, patterns)
-        removal = _removal(comp.kind, comp, at, b, embed, pos_embed, view, cv)
+        if comp.kind in _DICTIONARY_KINDS:
+            removal = dictionaries.removal(comp, b, at)
+        else:
+            removal = _removal(comp.kind, comp, at, b, embed, pos_embed, view, cv)
         copies.append(Copy(b, removal, hops))
     per_pass = max(2, COPY_TOKENS // cv.n_ctx)
     change: dict[tuple, Tensor] = {}
