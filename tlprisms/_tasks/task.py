@@ -649,7 +649,11 @@ def explain_task(
         writer = SparseWriter(rank_path(parquet, rank, world_size), parquet_k, file_meta)
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm  # plain bar: tqdm.auto warns in Jupyter without ipywidgets
+        try:  # a widget bar in notebooks when ipywidgets is there (the notebook extra)
+            import ipywidgets  # noqa: F401
+            from tqdm.auto import tqdm
+        except ImportError:  # a text bar (tqdm.auto would warn in Jupyter without it)
+            from tqdm import tqdm
 
         own = None if total is None else len(range(rank, total, world_size))
         bar = tqdm(total=own, desc=caller, unit="prompt", dynamic_ncols=True)
