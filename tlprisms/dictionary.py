@@ -8,9 +8,12 @@ decodes them into the value recorded at its output hook:
     a   = act(pre)                                           (ReLU, JumpReLU, TopK, BatchTopK)
     x_hat = (a @ W_dec + b_dec) / input_scale  +  x_in @ W_skip    (skip: transcoders only)
 
-An SAE reads and writes the same hook; a transcoder reads the MLP's input
-(``blocks.L.ln2.hook_normalized``, circuit-tracer's ``mlp.hook_in``, or the raw
-``hook_resid_mid``) and writes ``hook_mlp_out``. Weights are kept as given (``W_enc
+An SAE reads and writes the same hook; a transcoder reads the MLP's input and writes
+``hook_mlp_out`` (recorded after a post-MLP norm where the model has one: what the stream
+receives). Its input ``blocks.L.mlp.hook_in`` (or, the same site, ``ln2.hook_normalized``) is
+ln2 applied in full (weight and bias) to the recorded ``hook_resid_mid``: what the MLP reads,
+not the value TransformerLens records under ``ln2.hook_normalized`` (before the weight and
+bias); ``hook_resid_mid`` reads the raw stream. Weights are kept as given (``W_enc
 [d_in, d_sae]``, ``W_dec [d_sae, d_out]``); the prisms compute in the cache's dtype.
 
 Conventions (stated, configurable):
@@ -229,6 +232,10 @@ class Dictionary:
                     f"input to the output: [{d_in}, {d_out}] (x_in @ W_skip)."
                 )
         self.name = name if isinstance(name, str) else f"L{self.layer}"
+        #: the output is an MLP module's output before any post-MLP norm (sparsify's
+        #: ``layers.L.mlp``): refused on a model with one (TransformerLens records
+        #: ``hook_mlp_out`` after it)
+        self._before_post_norm = self.hook.endswith("mlp.hook_out")
         #: the file or folder a loader read it from (named in refusals), else None
         self.source: Optional[str] = None
         self.d_in, self.d_sae, self.d_out = int(d_in), int(d_sae), int(d_out)
@@ -286,6 +293,14 @@ class Dictionary:
             raise ArgumentError(
                 f"{caller}: dictionary {label} sits at {self.hook!r}, but the model has "
                 f"{view.n_layers} layers; it was made for another model."
+            )
+        if self._before_post_norm and view.ln2_post[self.layer] is not None:
+            raise ArgumentError(
+                f"{caller}: dictionary {label} writes layer {self.layer}'s MLP output before "
+                "its post-MLP norm, but TransformerLens records blocks.L.hook_mlp_out after "
+                "that norm (what the stream receives), and tlprisms reads no site before it. "
+                "Use a dictionary trained on the output after the norm (Gemma Scope 2's "
+                "post_feedforward_layernorm.output)."
             )
         for what, d in (("input", self.d_in), ("output", self.d_out)):
             if d != view.d_model:
@@ -368,19 +383,49 @@ class Dictionary:
     @classmethod
     @check.entry
     def from_gemma_scope(
-        cls, path: _PathLike, hook: str, *, input_hook: Optional[str] = None
+        cls, path: _PathLike, hook: Optional[str] = None, *, input_hook: Optional[str] = None
     ) -> "Dictionary":
-        """From a Gemma Scope ``params.npz`` (JumpReLU: ``W_enc [d_model, d_sae]``,
-        ``W_dec [d_sae, d_model]``, ``b_enc [d_sae]``, ``b_dec [d_model]``, ``threshold
-        [d_sae]``; an optional ``W_skip [d_model, d_model]`` is read as ``x @ W_skip``). The
-        file does not say where it sits: pass ``hook`` (and ``input_hook`` for a transcoder).
-        The archive is read with ``allow_pickle=False``: it must hold plain float arrays."""
+        """From Gemma Scope (Gemma 2) or Gemma Scope 2 (Gemma 3), told apart by the files.
+
+        * Gemma Scope: a ``params.npz`` (JumpReLU: ``W_enc [d_model, d_sae]``, ``W_dec
+          [d_sae, d_model]``, ``b_enc [d_sae]``, ``b_dec [d_model]``, ``threshold [d_sae]``;
+          an optional ``W_skip [d_model, d_model]`` is read as ``x @ W_skip``). The file does
+          not say where it sits: pass ``hook`` (and ``input_hook`` for a transcoder). The
+          archive is read with ``allow_pickle=False``: it must hold plain float arrays.
+        * Gemma Scope 2: a folder with ``config.json`` and ``params.safetensors`` (or the
+          ``params.safetensors`` file in it): ``w_enc [d_model, d_sae]``, ``w_dec [d_sae,
+          d_model]``, ``b_enc [d_sae]``, ``b_dec [d_model]``, ``threshold [d_sae]``, and with
+          ``"affine_connection": true`` an ``affine_skip_connection [d_model, d_model]`` read
+          as ``x @ affine_skip_connection``. ``a = relu(pre) * (pre > threshold)``: a negative
+          threshold is refused (there JumpReLU and that differ). Where it sits is read from
+          the config's ``hf_hook_point_in``/``hf_hook_point_out`` (``hook``/``input_hook``,
+          when given, must agree): ``model.layers.L.output`` is ``blocks.L.hook_resid_post``;
+          a transcoder reads ``pre_feedforward_layernorm.output`` (``blocks.L.mlp.hook_in``,
+          the MLP's input after the norm's weight) and writes
+          ``post_feedforward_layernorm.output`` (``blocks.L.hook_mlp_out``, which
+          TransformerLens records after the post-MLP norm: what the stream receives);
+          ``post_attention_layernorm.output`` is ``blocks.L.hook_attn_out``. Per-head
+          ``self_attn.o_proj.input`` (``hook_z``) SAEs are refused.
+        """
         caller = "Dictionary.from_gemma_scope"
         if not isinstance(path, (str, Path)):
-            raise ArgumentError(f"{caller}: path={path!r}; pass the path of a params.npz file.")
+            raise ArgumentError(
+                f"{caller}: path={path!r}; pass the path of a params.npz file (Gemma Scope) or "
+                "of a Gemma Scope 2 folder (config.json + params.safetensors)."
+            )
         file = Path(path)
+        if file.is_dir() or file.suffix == ".safetensors":
+            return _from_gemma_scope_2(file, hook, input_hook, caller)
         if not file.is_file():
-            raise ArgumentError(f"{caller}: no file at {str(path)!r}; pass a params.npz path.")
+            raise ArgumentError(
+                f"{caller}: no file at {str(path)!r}; pass a params.npz path or a Gemma Scope 2 "
+                "folder."
+            )
+        if hook is None:
+            raise ArgumentError(
+                f"{caller}: {str(file)!r} is a Gemma Scope params.npz, which does not say where "
+                "it sits; pass hook= (and input_hook= for a transcoder)."
+            )
         p = _read_npz(file, caller)
         where = str(file)
         _check_keys(p, _GEMMA_SCOPE, where, "a Gemma Scope params.npz", caller)
@@ -401,6 +446,117 @@ class Dictionary:
             name=f"GemmaScope {file.parent.name}",
         )
         d.source = where
+        return d
+
+    @classmethod
+    @check.entry
+    def from_sparsify(
+        cls, path: _PathLike, *, hook: Optional[str] = None, input_hook: Optional[str] = None
+    ) -> "Dictionary":
+        """From an EleutherAI sparsify folder (one per hookpoint): ``cfg.json`` (``d_in``,
+        ``k``, ``num_latents`` or ``expansion_factor``, ``activation`` ``"topk"``,
+        ``transcode``, ``skip_connection``) and ``sae.safetensors`` as sparsify saves it:
+        ``encoder.weight [d_sae, d_in]`` (read as ``x @ encoder.weight.T``), ``encoder.bias
+        [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, optional ``W_skip [d_in, d_in]``
+        (read as ``x @ W_skip.T``). An SAE subtracts ``b_dec`` before encoding, a transcoder
+        does not; the ``k`` largest of ``relu(pre)`` are kept. Where it sits is read from the
+        folder's name, the module sparsify hooked (``hook``/``input_hook``, when given, must
+        agree): ``layers.L`` (a layer's output) is ``blocks.L.hook_resid_post``; a
+        transcoder on ``layers.L.mlp`` reads the MLP's input (``blocks.L.mlp.hook_in``, after
+        the norm's weight and bias) and writes the MLP module's output
+        (``blocks.L.hook_mlp_out``); an SAE on ``layers.L.mlp`` reads that output. The MLP
+        module's output is before a post-MLP norm, which TransformerLens's
+        ``hook_mlp_out`` is after: on a model with one (Gemma 2/3, OLMo 2) such a
+        dictionary is refused. Other folder names need ``hook=``."""
+        caller = "Dictionary.from_sparsify"
+        folder = _folder(path, ("cfg.json", "sae.safetensors"), caller)
+        cfg_file = str(folder / "cfg.json")
+        cfg = _read_json(folder / "cfg.json", caller)
+        weights = str(folder / "sae.safetensors")
+        activation = _cfg(cfg, "activation", str, cfg_file, caller, "topk")
+        if activation != "topk":
+            raise ArgumentError(
+                f"{caller}: {cfg_file}: activation is {activation!r}; tlprisms reads sparsify's "
+                "'topk' coders (GroupMax picks one latent per group, which it does not compute)."
+            )
+        for key in _SPARSIFY_REFUSED:
+            if _cfg(cfg, key, bool, cfg_file, caller, False):
+                raise ArgumentError(
+                    f"{caller}: {cfg_file} has {key}: true, which changes what the coder "
+                    "computes beyond sae.safetensors; tlprisms does not read such coders."
+                )
+        d_in = _cfg(cfg, "d_in", int, cfg_file, caller)
+        k = _cfg(cfg, "k", int, cfg_file, caller)
+        if d_in is None or k is None:
+            raise ArgumentError(
+                f"{caller}: {cfg_file} lacks {'d_in' if d_in is None else 'k'} (an integer); "
+                "sparsify's cfg.json names d_in and k."
+            )
+        transcode = _cfg(cfg, "transcode", bool, cfg_file, caller, False)
+        skip_cfg = _cfg(cfg, "skip_connection", bool, cfg_file, caller, False)
+        n_latents = _cfg(cfg, "num_latents", int, cfg_file, caller, 0)
+        if not n_latents:
+            factor = _cfg(cfg, "expansion_factor", int, cfg_file, caller)
+            n_latents = None if factor is None else d_in * factor
+        p = _load_safetensors(folder / "sae.safetensors", caller)
+        _check_keys(p, _SPARSIFY, weights, "a sparsify sae.safetensors", caller, _SPARSIFY_NEED)
+        dims = _dims(p, weights, caller, "encoder.bias")
+        _check_layout(p, _SPARSIFY, dims, weights, "sparsify", caller, "encoder.bias")
+        for key, stated, have in (
+            ("d_in", d_in, dims["d_model"]),
+            ("num_latents", n_latents, dims["d_sae"]),
+        ):
+            if stated is not None and stated != have:
+                raise ArgumentError(
+                    f"{caller}: {cfg_file} says {key}={stated} but {weights} has {have} "
+                    "(from encoder.bias and b_dec); the config and the weights belong to "
+                    "different coders."
+                )
+        if skip_cfg != ("W_skip" in p):
+            raise ArgumentError(
+                f"{caller}: {cfg_file} says skip_connection: {str(skip_cfg).lower()} but "
+                f"{weights} {'has no' if skip_cfg else 'holds a'} W_skip; make them agree."
+            )
+        found = _sparsify_hooks(folder.name, transcode)
+        if found is None and hook is None:
+            raise ArgumentError(
+                f"{caller}: {str(folder)!r}: the folder name (the hookpoint sparsify hooked) "
+                f"is not one tlprisms maps for {'a transcoder' if transcode else 'an SAE'} "
+                "(layers.L" + (".mlp" if transcode else " or layers.L.mlp") + "); pass hook= "
+                "(and input_hook= for a transcoder)."
+            )
+        if found is not None:
+            _agree(found, hook, input_hook, f"the folder name {folder.name!r}", caller)
+            hook, input_hook = found
+        assert hook is not None
+        if not transcode and input_hook is not None:
+            raise ArgumentError(
+                f"{caller}: input_hook={input_hook!r}, but {cfg_file} says transcode: false (an "
+                "SAE reads what it writes); leave input_hook out."
+            )
+        if transcode and input_hook is None:
+            raise ArgumentError(
+                f"{caller}: {cfg_file} says transcode: true; pass input_hook= (the place the "
+                "transcoder reads, e.g. 'blocks.L.mlp.hook_in')."
+            )
+        skip = p.get("W_skip")
+        d = _build(
+            weights,
+            caller,
+            W_enc=p["encoder.weight"].T,
+            b_enc=p["encoder.bias"],
+            W_dec=p["W_dec"],
+            b_dec=p["b_dec"],
+            hook=hook,
+            input_hook=input_hook if transcode else None,
+            activation="topk",
+            k=k,
+            subtract_b_dec=not transcode,
+            W_skip=None if skip is None else skip.T,
+            name=f"sparsify {folder.name}",
+        )
+        d.source = str(folder)
+        d._before_post_norm = found is not None and folder.name.endswith(".mlp")
         return d
 
     @classmethod
@@ -512,12 +668,184 @@ _SAELENS = {
     "log_threshold": ("d_sae",),
 }
 _REQUIRED = ("W_enc", "b_enc", "W_dec", "b_dec")
+#: Gemma Scope 2's params.safetensors (lower-case names; the skip is ``x @ affine``)
+_GEMMA_SCOPE_2 = {
+    "w_enc": ("d_model", "d_sae"),
+    "w_dec": ("d_sae", "d_model"),
+    "b_enc": ("d_sae",),
+    "b_dec": ("d_model",),
+    "threshold": ("d_sae",),
+    "affine_skip_connection": ("d_model", "d_model"),
+}
+_GEMMA_SCOPE_2_NEED = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
+#: sparsify's sae.safetensors (``encoder`` is an ``nn.Linear``; the skip is ``x @ W_skip.T``)
+_SPARSIFY = {
+    "encoder.weight": ("d_sae", "d_model"),
+    "encoder.bias": ("d_sae",),
+    "W_dec": ("d_sae", "d_model"),
+    "b_dec": ("d_model",),
+    "W_skip": ("d_model", "d_model"),
+}
+_SPARSIFY_NEED = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+#: sparsify options that change the computation beyond the weights: refused when true
+_SPARSIFY_REFUSED = ("embed_skip", "gram_lookup", "matching_pursuit", "signed")
+#: Gemma Scope 2's HF hook points (after ``model.[language_model.]layers.L.``) -> TL hooks
+_GS2_POINTS = {
+    "output": "hook_resid_post",
+    "pre_feedforward_layernorm.output": "mlp.hook_in",
+    "post_feedforward_layernorm.output": "hook_mlp_out",
+    "post_attention_layernorm.output": "hook_attn_out",
+}
 
 
-def _check_keys(p: Mapping, layout: Mapping, where: str, fmt: str, caller: str) -> None:
+def _gs2_point(point: Any, key: str, where: str, caller: str) -> str:
+    """The TransformerLens hook of a Gemma Scope 2 ``hf_hook_point_*``."""
+    match = re.fullmatch(r"model\.(?:language_model\.)?layers\.(\d+)\.(.+)", point)
+    name = None if match is None else _GS2_POINTS.get(match.group(2))
+    if match is not None and match.group(2) == "self_attn.o_proj.input":
+        raise ArgumentError(
+            f"{caller}: {where}: {key} is {point!r}, the attention's per-head z "
+            "(blocks.L.attn.hook_z): such SAEs are not read (a feature's write goes "
+            "through W_O of the heads it decodes to, which tlprisms does not split yet). "
+            "Use an attn_out (post_attention_layernorm.output) SAE instead."
+        )
+    if match is None or name is None:
+        raise ArgumentError(
+            f"{caller}: {where}: {key} is {point!r}, not a hook point tlprisms maps (it reads "
+            "model.layers.L." + ", model.layers.L.".join(_GS2_POINTS) + "); pass a folder "
+            "of one of those, or build Dictionary(...) with the weights."
+        )
+    return block_hook_name(int(match.group(1)), name)
+
+
+def _agree(
+    found: tuple, hook: Optional[str], input_hook: Optional[str], said: str, caller: str
+) -> None:
+    """``hook``/``input_hook`` given by the caller name the sites the file says (any
+    spelling of them), or are refused."""
+    for what, given, want in (("hook", hook, found[0]), ("input_hook", input_hook, found[1])):
+        if given is None:
+            continue
+        want = found[0] if want is None else want
+        mine = _site(given, what, caller)
+        theirs = _site(want, what, caller)
+        if mine[1:] != theirs[1:]:
+            raise ArgumentError(
+                f"{caller}: {what}={given!r}, but {said} says {want!r}; leave {what} out "
+                "(it is read from the files) or pass the dictionary's own site."
+            )
+
+
+def _sparsify_hooks(name: str, transcode: bool) -> Optional[tuple]:
+    """(hook, input_hook) of a sparsify hookpoint folder, or None for names not mapped."""
+    match = re.fullmatch(r"(?:.*\.)?(?:layers|h)\.(\d+)(\.mlp)?", name)
+    if match is None:
+        return None
+    layer, mlp = int(match.group(1)), match.group(2) is not None
+    if not mlp:
+        return None if transcode else (block_hook_name(layer, "hook_resid_post"), None)
+    out = block_hook_name(layer, "hook_mlp_out")
+    return (out, block_hook_name(layer, "mlp.hook_in")) if transcode else (out, None)
+
+
+def _from_gemma_scope_2(
+    path: Path, hook: Optional[str], input_hook: Optional[str], caller: str
+) -> "Dictionary":
+    folder = path if path.is_dir() else path.parent
+    folder = _folder(folder, ("config.json", "params.safetensors"), caller)
+    cfg_file = str(folder / "config.json")
+    cfg = _read_json(folder / "config.json", caller)
+    weights = str(folder / "params.safetensors")
+    arch = _cfg(cfg, "architecture", str, cfg_file, caller, "jump_relu")
+    if arch != "jump_relu":
+        raise ArgumentError(
+            f"{caller}: {cfg_file}: architecture is {arch!r}; Gemma Scope 2 dictionaries are "
+            "'jump_relu', the one tlprisms reads in this format."
+        )
+    kind = _cfg(cfg, "type", str, cfg_file, caller, "sae")
+    if kind not in ("sae", "transcoder"):
+        raise ArgumentError(
+            f"{caller}: {cfg_file}: type is {kind!r}; tlprisms reads Gemma Scope 2 'sae' and "
+            "'transcoder' folders (a cross-layer transcoder is a different layout)."
+        )
+    point_in = _cfg(cfg, "hf_hook_point_in", str, cfg_file, caller)
+    if point_in is None:
+        raise ArgumentError(f"{caller}: {cfg_file} has no hf_hook_point_in (a string).")
+    point_out = _cfg(cfg, "hf_hook_point_out", str, cfg_file, caller, point_in)
+    hook_in = _gs2_point(point_in, "hf_hook_point_in", cfg_file, caller)
+    hook_out = _gs2_point(point_out, "hf_hook_point_out", cfg_file, caller)
+    if (kind == "transcoder") != (hook_in != hook_out):
+        raise ArgumentError(
+            f"{caller}: {cfg_file}: type is {kind!r} but it reads {point_in!r} and writes "
+            f"{point_out!r}; "
+            + (
+                "an SAE writes what it reads."
+                if kind == "sae"
+                else "a transcoder reads one place and writes another."
+            )
+        )
+    found = (hook_out, hook_in if kind == "transcoder" else None)
+    _agree(found, hook, input_hook, cfg_file, caller)
+    p = _load_safetensors(folder / "params.safetensors", caller)
+    _check_keys(
+        p,
+        _GEMMA_SCOPE_2,
+        weights,
+        "a Gemma Scope 2 params.safetensors",
+        caller,
+        _GEMMA_SCOPE_2_NEED,
+    )
+    dims = _dims(p, weights, caller)
+    _check_layout(p, _GEMMA_SCOPE_2, dims, weights, "Gemma Scope 2", caller)
+    affine = _cfg(cfg, "affine_connection", bool, cfg_file, caller, False)
+    if affine != ("affine_skip_connection" in p):
+        raise ArgumentError(
+            f"{caller}: {cfg_file} says affine_connection: {str(affine).lower()} but {weights} "
+            f"{'has no' if affine else 'holds an'} affine_skip_connection; make them agree."
+        )
+    width = _cfg(cfg, "width", int, cfg_file, caller)
+    if width is not None and width != dims["d_sae"]:
+        raise ArgumentError(
+            f"{caller}: {cfg_file} says width={width} but {weights} has d_sae={dims['d_sae']} "
+            "(b_enc); the config and the weights belong to different dictionaries."
+        )
+    th = p["threshold"]
+    if bool((th < 0).any()):
+        raise ArgumentError(
+            f"{caller}: {weights}: threshold has {int((th < 0).sum())} negative value(s); "
+            "Gemma Scope 2 computes relu(pre) * (pre > threshold), which only for thresholds "
+            ">= 0 is the JumpReLU tlprisms computes. Build Dictionary(...) yourself if you "
+            "mean pre * (pre > threshold)."
+        )
+    d = _build(
+        weights,
+        caller,
+        W_enc=p["w_enc"],
+        b_enc=p["b_enc"],
+        W_dec=p["w_dec"],
+        b_dec=p["b_dec"],
+        hook=found[0],
+        input_hook=found[1],
+        activation="jumprelu",
+        threshold=th,
+        W_skip=p.get("affine_skip_connection"),
+        name=f"GemmaScope2 {folder.name}",
+    )
+    d.source = str(folder)
+    return d
+
+
+def _check_keys(
+    p: Mapping,
+    layout: Mapping,
+    where: str,
+    fmt: str,
+    caller: str,
+    required: tuple = _REQUIRED,
+) -> None:
     """The required tensors are there and nothing the format does not define (an unknown
     tensor may change the computation, so it is refused rather than ignored)."""
-    _need(p, _REQUIRED, where, caller)
+    _need(p, required, where, caller)
     unknown = sorted(k for k in p if k not in layout)
     if unknown:
         raise ArgumentError(
@@ -527,21 +855,28 @@ def _check_keys(p: Mapping, layout: Mapping, where: str, fmt: str, caller: str) 
         )
 
 
-def _dims(p: Mapping, where: str, caller: str) -> dict:
-    """``d_sae`` and ``d_model``, read from the biases (one axis each, as every format has)."""
-    for key in ("b_enc", "b_dec"):
+def _dims(p: Mapping, where: str, caller: str, enc_bias: str = "b_enc") -> dict:
+    """``d_sae`` and ``d_model``, read from the biases (one axis each, as every format has;
+    ``enc_bias`` names the encoder's bias in the format)."""
+    for key in (enc_bias, "b_dec"):
         t = p[key]
         if t.ndim != 1:
             raise ArgumentError(
                 f"{caller}: {where}: {key} has shape {tuple(t.shape)}; it must be a vector "
-                f"({'[d_sae]' if key == 'b_enc' else '[d_model]'}). The file is damaged or "
+                f"({'[d_sae]' if key == enc_bias else '[d_model]'}). The file is damaged or "
                 "in another format."
             )
-    return {"d_sae": int(p["b_enc"].shape[0]), "d_model": int(p["b_dec"].shape[0])}
+    return {"d_sae": int(p[enc_bias].shape[0]), "d_model": int(p["b_dec"].shape[0])}
 
 
 def _check_layout(
-    p: Mapping, layout: Mapping, dims: Mapping, where: str, fmt: str, caller: str
+    p: Mapping,
+    layout: Mapping,
+    dims: Mapping,
+    where: str,
+    fmt: str,
+    caller: str,
+    enc_bias: str = "b_enc",
 ) -> None:
     """Every tensor has the shape (and a float dtype, ``k`` an integer one) its format
     stores; nothing is transposed to fit."""
@@ -560,7 +895,7 @@ def _check_layout(
             layout_text = "[" + ", ".join(names) + "]"
             raise ArgumentError(
                 f"{caller}: {where}: {key} has shape {list(t.shape)}, but {fmt} stores {key} as "
-                f"{layout_text} = {list(want)} (d_sae={dims['d_sae']} from b_enc, d_model="
+                f"{layout_text} = {list(want)} (d_sae={dims['d_sae']} from {enc_bias}, d_model="
                 f"{dims['d_model']} from b_dec). The file is in another layout or damaged: "
                 "save it in this format, or build Dictionary(W_enc [d_in, d_sae], ...) "
                 "yourself."
@@ -664,6 +999,14 @@ def _build(where: str, caller: str, **kwargs: Any) -> "Dictionary":
 # ----------------------------------------------------------------------------- helpers
 def _site(hook: Any, what: str, caller: str) -> tuple[str, Site, int]:
     parsed = parse_block_hook(hook) if isinstance(hook, str) else None
+    if parsed is None and isinstance(hook, str) and hook.endswith("attn.hook_z"):
+        raise ArgumentError(
+            f"{caller}: {what}={hook!r} is not a hook a dictionary can sit at in tlprisms: "
+            "an SAE on per-head z ([batch, pos, head, d_head]) writes through W_O of the "
+            "heads it decodes to, and tlprisms does not split that write yet. Use an SAE at "
+            "blocks.L.hook_attn_out, or fold W_O into the decoder yourself only if the encoder "
+            "can also read hook_attn_out (it usually cannot: z is not a function of it)."
+        )
     if parsed is None:
         raise ArgumentError(
             f"{caller}: {what}={hook!r} is not a hook a dictionary can sit at; pass a block "

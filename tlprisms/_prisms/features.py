@@ -17,9 +17,9 @@ sum is exact. A readout ``u/s`` of a later residual stream then splits into
 **Through a feature.** ``a_f = g * pre_f`` with the gate ``g`` (1 or 0 for ReLU, JumpReLU and
 TopK) frozen, and ``pre_f = x_in . (c W_enc[:, f]) + b_enc[f] - c b_dec . W_enc[:, f]`` (``c``
 the input scale; ``b_dec`` only when subtracted) is a linear read of the residual stream at
-the dictionary's input (through the frozen ``ln2`` for a transcoder reading
-``ln2.hook_normalized``), which the engine splits by upstream writer, including other
-dictionaries' features.
+the dictionary's input (through the frozen ``ln2``, weight and bias included, for a
+transcoder reading the MLP's input ``mlp.hook_in`` / ``ln2.hook_normalized``), which the
+engine splits by upstream writer, including other dictionaries' features.
 """
 
 from collections.abc import Sequence

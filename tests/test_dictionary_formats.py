@@ -1,0 +1,415 @@
+"""Gemma Scope 2 and sparsify dictionaries, each read from files this test writes in that
+format: the weights land where the format means them; features + b_dec + error + later writes
+= the logit; removing one feature's write moves the logit by minus its term; a designed
+lossless dictionary has an error of exactly 0; a file of the wrong shape, model or site is
+refused naming the file; per-head z SAEs are refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tlprisms as tp
+from tlprisms._core.readout import Recorded, final_readout
+from tlprisms._prisms.features import dictionary_input
+from tlprisms._seam._cache import CacheView
+from tlprisms.demo import load_demo_model
+from tlprisms.errors import ArgumentError
+
+from conftest import build_case
+
+D, F = 128, 24  # the demo model's d_model, and a small dictionary
+
+
+def rand(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model = load_demo_model()
+    return model, tp.LogitPrism.run(model, ["The capital of France is", "The capital of Japan is"])
+
+
+# --------------------------------------------------------------------------- Gemma Scope 2
+def gs2_tensors(d: int = D, f: int = F, seed: int = 0, affine: bool = False) -> dict:
+    out = {
+        "w_enc": rand(d, f, seed=seed, scale=d**-0.5),
+        "w_dec": rand(f, d, seed=seed + 1, scale=0.3),
+        "b_enc": rand(f, seed=seed + 2, scale=0.1),
+        "b_dec": rand(d, seed=seed + 3, scale=0.3),
+        "threshold": rand(f, seed=seed + 4).abs() * 0.05,
+    }
+    if affine:
+        out["affine_skip_connection"] = rand(d, d, seed=seed + 5, scale=0.01)
+    return out
+
+
+def write_gs2(folder: Path, tensors: dict, layer: int, kind: str = "sae", **cfg) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    point = f"model.layers.{layer}.output"
+    config = {
+        "hf_hook_point_in": point
+        if kind == "sae"
+        else f"model.layers.{layer}.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": point
+        if kind == "sae"
+        else f"model.layers.{layer}.post_feedforward_layernorm.output",
+        "width": int(tensors["b_enc"].shape[0]),
+        "model_name": "google/gemma-3-1b-pt",
+        "architecture": "jump_relu",
+        "l0": 20,
+        "affine_connection": "affine_skip_connection" in tensors,
+        "type": kind,
+    }
+    config.update(cfg)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "params.safetensors"))
+    return folder
+
+
+def test_gemma_scope_2_sae_reads_the_format(tmp_path, demo):
+    w = gs2_tensors()
+    folder = write_gs2(tmp_path / "resid_post" / "layer_1_width_16k_l0_small", w, 1)
+    d = tp.Dictionary.from_gemma_scope(folder)
+    assert d.hook == "blocks.1.hook_resid_post" and not d.transcoder
+    assert d.activation == "jumprelu" and d.W_skip is None and not d.subtract_b_dec
+    assert torch.equal(d.W_enc, w["w_enc"]) and torch.equal(d.W_dec, w["w_dec"])
+    assert torch.equal(d.threshold, w["threshold"])
+    # the params.safetensors path reads the same; an agreeing hook= is accepted
+    same = tp.Dictionary.from_gemma_scope(folder / "params.safetensors", "blocks.1.hook_resid_post")
+    assert torch.equal(same.W_enc, d.W_enc)
+    # Gemma Scope 2's encode: relu(pre) * (pre > threshold), thresholds >= 0
+    x = rand(5, D, seed=9)
+    pre = x @ w["w_enc"] + w["b_enc"]
+    assert torch.equal(d.encode(x), torch.relu(pre) * (pre > w["threshold"]))
+    _, prism = demo
+    r = prism.features(" Paris", d).check()
+    assert (r.components.kinds() == "feature").sum() == F
+
+
+def test_gemma_scope_2_transcoder_after_the_post_norm():
+    """Gemma 2/3 blocks: the transcoder reads the MLP's input (after ln2's weight) and writes
+    hook_mlp_out, which both TransformerLens versions record after the post-MLP norm."""
+    case = build_case("gemma2/bridge", False)
+    d_model, last = case.model.cfg.d_model, case.model.cfg.n_layers - 1
+    w = gs2_tensors(d_model, F, seed=3, affine=True)
+    tc = tp.Dictionary.from_gemma_scope(
+        write_gs2(case_path(case) / f"layer_{last}", w, last, kind="transcoder")
+    )
+    assert tc.transcoder and tc.input_hook == f"blocks.{last}.mlp.hook_in"
+    assert tc.hook == f"blocks.{last}.hook_mlp_out"
+    assert torch.equal(tc.W_skip, w["affine_skip_connection"])  # x @ affine, as stored
+    r = case.prism.features(" Paris", tc).check()
+    assert {"skip", "error", "b_dec"} <= set(r.components.kinds())
+    # the input is what the MLP reads: ln2 applied in full to the recorded stream
+    cv = CacheView(case.prism.view, case.prism.cache, "test")
+    B = case.tokens.shape[0]
+    pos = torch.zeros(B, 1, dtype=torch.long)
+    x = dictionary_input(cv, tc, pos, torch.float32)
+    mlp_in = case.cache[f"blocks.{last}.mlp.hook_in"][:, :1]
+    assert torch.allclose(x, mlp_in, atol=1e-5, rtol=1e-5)
+
+
+_TMP: dict = {}
+
+
+def case_path(case) -> Path:
+    import tempfile
+
+    return Path(_TMP.setdefault(case.name, tempfile.mkdtemp()))
+
+
+def test_gemma_scope_2_transcoder_removal_on_demo(tmp_path, demo):
+    """The last layer's transcoder: one feature's write taken out of hook_mlp_out, the final
+    norm's scale frozen, moves the logit by minus its term (and the term is a_f W_dec[f] . u)."""
+    model, prism = demo
+    w = gs2_tensors(seed=11, affine=True)
+    tc = tp.Dictionary.from_gemma_scope(write_gs2(tmp_path / "tc", w, 1, kind="transcoder"))
+    r = prism.features(" Paris", tc).check()
+    cv = CacheView(prism.view, prism.cache, "test")
+    at = prism.n_ctx - 1
+    acts = tc.encode(dictionary_input(cv, tc, torch.full((prism.batch, 1), at), torch.float32))
+    fr = final_readout(Recorded(cv, prism.tokens), " Paris", -1)
+    pid = model.to_single_token(" Paris")
+    scale = prism.cache["ln_final.hook_scale"]
+    top = r.top(2, batch=0, kind="feature")
+    assert len(top)
+    for f, term in zip(top["feature"], top["value"]):
+        vec = acts[0, 0, int(f)] * w["w_dec"][int(f)]
+        hand = float(vec @ fr.readout.u[0, 0, 0] * fr.readout.inv_s[0, 0])
+        assert abs(hand - term) <= 1e-4 * (1 + abs(term))
+
+        def remove(x, hook, vec=vec):
+            x[:1, at] -= vec
+            return x
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                prism.tokens,
+                fwd_hooks=[
+                    ("blocks.1.hook_mlp_out", remove),
+                    ("ln_final.hook_scale", lambda x, hook: scale),
+                ],
+            )
+        delta = float(logits[0, at, pid] - prism.logits[0, at, pid])
+        assert abs(delta + term) <= 1e-4 * (1 + abs(term)) and abs(term) > 1e-4
+
+
+def test_gemma_scope_2_lossless_error_is_exactly_zero(tmp_path, demo):
+    """w_enc = [I, -I], w_dec = [I; -I], thresholds 0: relu(x) - relu(-x) = x exactly."""
+    eye = torch.eye(D)
+    w = {
+        "w_enc": torch.cat([eye, -eye], 1),
+        "w_dec": torch.cat([eye, -eye], 0),
+        "b_enc": torch.zeros(2 * D),
+        "b_dec": torch.zeros(D),
+        "threshold": torch.zeros(2 * D),
+    }
+    d = tp.Dictionary.from_gemma_scope(write_gs2(tmp_path / "ll", w, 0))
+    _, prism = demo
+    r = prism.features(" Paris", d).check()
+    assert torch.equal(
+        r.select(kind="error").values, torch.zeros_like(r.select(kind="error").values)
+    )
+
+
+@pytest.mark.parametrize(
+    "change, cfg, fragment",
+    [
+        ({"w_enc": rand(F, D, seed=1)}, {}, r"stores w_enc as \[d_model, d_sae\]"),
+        ({"w_dec": rand(D, F, seed=1)}, {}, r"stores w_dec as \[d_sae, d_model\]"),
+        ({"threshold": -torch.ones(F)}, {}, "negative"),
+        ({"W_skip": rand(D, D, seed=1)}, {}, "holds W_skip"),
+        (
+            {"affine_skip_connection": rand(D, D, seed=1)},
+            {"affine_connection": False},
+            "affine_connection: false",
+        ),
+        ({}, {"affine_connection": True}, "affine_connection: true"),
+        ({}, {"affine_connection": "yes"}, "expected a bool"),
+        ({}, {"width": F + 1}, f"width={F + 1}"),
+        ({}, {"architecture": "topk"}, "architecture is 'topk'"),
+        ({}, {"type": "clt"}, "type is 'clt'"),
+        ({}, {"type": "transcoder"}, "an SAE|a transcoder reads one place"),
+        (
+            {},
+            {
+                "hf_hook_point_in": "model.layers.1.self_attn.o_proj.input",
+                "hf_hook_point_out": "model.layers.1.self_attn.o_proj.input",
+            },
+            "per-head z",
+        ),
+        (
+            {},
+            {"hf_hook_point_in": "model.layers.1.mlp.down_proj.output"},
+            "not a hook point tlprisms maps",
+        ),
+    ],
+)
+def test_gemma_scope_2_refusals_name_the_file(tmp_path, change, cfg, fragment):
+    w = gs2_tensors()
+    w.update(change)
+    folder = write_gs2(tmp_path / "bad", w, 1, **cfg)
+    with pytest.raises(ArgumentError, match=fragment) as info:
+        tp.Dictionary.from_gemma_scope(folder)
+    assert str(folder) in str(info.value)
+
+
+def test_gemma_scope_2_wrong_hook_model_or_files(tmp_path, demo):
+    folder = write_gs2(tmp_path / "a", gs2_tensors(), 1)
+    with pytest.raises(ArgumentError, match="config.json says 'blocks.1.hook_resid_post'"):
+        tp.Dictionary.from_gemma_scope(folder, "blocks.0.hook_resid_post")
+    with pytest.raises(ArgumentError, match="missing: params.safetensors"):
+        (folder / "params.safetensors").unlink()
+        tp.Dictionary.from_gemma_scope(folder)
+    with pytest.raises(ArgumentError, match="params.npz, which does not say where"):
+        import numpy as np
+
+        np.savez(tmp_path / "params.npz", W_enc=np.zeros((2, 2), np.float32))
+        tp.Dictionary.from_gemma_scope(tmp_path / "params.npz")
+    _, prism = demo
+    wide = tp.Dictionary.from_gemma_scope(write_gs2(tmp_path / "w", gs2_tensors(d=64), 1))
+    with pytest.raises(ArgumentError, match="d_model=128.*another model") as info:
+        prism.features(" Paris", wide)
+    assert str(tmp_path / "w") in str(info.value)
+    deep = tp.Dictionary.from_gemma_scope(write_gs2(tmp_path / "deep", gs2_tensors(), 7))
+    with pytest.raises(ArgumentError, match="the model has 2 layers"):
+        prism.features(" Paris", deep)
+
+
+# --------------------------------------------------------------------------- sparsify
+def sparsify_tensors(d: int = D, f: int = F, seed: int = 0, skip: bool = False) -> dict:
+    out = {
+        "encoder.weight": rand(f, d, seed=seed, scale=d**-0.5),
+        "encoder.bias": rand(f, seed=seed + 1, scale=0.1),
+        "W_dec": rand(f, d, seed=seed + 2, scale=0.3),
+        "b_dec": rand(d, seed=seed + 3, scale=0.3),
+    }
+    if skip:
+        out["W_skip"] = rand(d, d, seed=seed + 4, scale=0.01)
+    return out
+
+
+def write_sparsify(folder: Path, tensors: dict, k: int = 5, **cfg) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    d_in = int(tensors["b_dec"].shape[0])
+    config = {
+        "activation": "topk",
+        "expansion_factor": 32,
+        "normalize_decoder": True,
+        "num_latents": int(tensors["encoder.bias"].shape[0]),
+        "k": k,
+        "multi_topk": False,
+        "skip_connection": "W_skip" in tensors,
+        "transcode": False,
+        "d_in": d_in,
+    }
+    config.update(cfg)
+    (folder / "cfg.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "sae.safetensors"))
+    return folder
+
+
+def test_sparsify_sae_reads_the_format(tmp_path, demo):
+    w = sparsify_tensors()
+    d = tp.Dictionary.from_sparsify(write_sparsify(tmp_path / "layers.0", w))
+    assert d.hook == "blocks.0.hook_resid_post" and not d.transcoder
+    assert d.activation == "topk" and d.k == 5 and d.subtract_b_dec and d.topk_relu
+    assert torch.equal(d.W_enc, w["encoder.weight"].T) and torch.equal(d.W_dec, w["W_dec"])
+    # sparsify's encode: the k largest of relu((x - b_dec) @ encoder.weight.T + bias)
+    x = rand(6, D, seed=4)
+    pre = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    top = pre.topk(5, dim=-1)
+    want = torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+    assert torch.allclose(d.encode(x), want)
+    _, prism = demo
+    prism.features(" Paris", d).check()
+
+
+def test_sparsify_transcoder_removal_on_demo(tmp_path, demo):
+    model, prism = demo
+    w = sparsify_tensors(seed=21, skip=True)
+    folder = write_sparsify(tmp_path / "layers.1.mlp", w, k=6, transcode=True)
+    tc = tp.Dictionary.from_sparsify(folder)
+    assert tc.transcoder and tc.input_hook == "blocks.1.mlp.hook_in" and not tc.subtract_b_dec
+    assert torch.equal(tc.W_skip, w["W_skip"].T)  # x @ W_skip.T, as sparsify computes
+    r = prism.features(" Paris", tc).check()
+    assert "skip" in set(r.components.kinds())
+    cv = CacheView(prism.view, prism.cache, "test")
+    at = prism.n_ctx - 1
+    acts = tc.encode(dictionary_input(cv, tc, torch.full((prism.batch, 1), at), torch.float32))
+    pid = model.to_single_token(" Paris")
+    scale = prism.cache["ln_final.hook_scale"]
+    top = r.top(2, batch=0, kind="feature")
+    assert len(top)
+    for f, term in zip(top["feature"], top["value"]):
+        vec = acts[0, 0, int(f)] * w["W_dec"][int(f)]
+
+        def remove(x, hook, vec=vec):
+            x[:1, at] -= vec
+            return x
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                prism.tokens,
+                fwd_hooks=[
+                    ("blocks.1.hook_mlp_out", remove),
+                    ("ln_final.hook_scale", lambda x, hook: scale),
+                ],
+            )
+        delta = float(logits[0, at, pid] - prism.logits[0, at, pid])
+        assert abs(delta + term) <= 1e-4 * (1 + abs(term)) and abs(term) > 1e-4
+
+
+def test_sparsify_lossless_error_is_exactly_zero(tmp_path, demo):
+    """encoder = [I; -I], W_dec = [I; -I], b_dec = 0, k = d: the d non-negative
+    pre-activations are kept and relu(x) - relu(-x) = x exactly."""
+    eye = torch.eye(D)
+    w = {
+        "encoder.weight": torch.cat([eye, -eye], 0),
+        "encoder.bias": torch.zeros(2 * D),
+        "W_dec": torch.cat([eye, -eye], 0),
+        "b_dec": torch.zeros(D),
+    }
+    d = tp.Dictionary.from_sparsify(write_sparsify(tmp_path / "layers.1", w, k=D))
+    _, prism = demo
+    r = prism.features(" Paris", d).check()
+    err = r.select(kind="error").values
+    assert torch.equal(err, torch.zeros_like(err))
+
+
+def test_sparsify_complete_on_gemma2_refuses_the_pre_post_norm_output(tmp_path):
+    case = build_case("gemma2/bridge", True)
+    d_model = case.model.cfg.d_model
+    sae = tp.Dictionary.from_sparsify(
+        write_sparsify(tmp_path / "layers.0", sparsify_tensors(d_model))
+    )
+    case.prism.features(" Paris", sae).check()
+    tc = tp.Dictionary.from_sparsify(
+        write_sparsify(
+            tmp_path / "layers.1.mlp", sparsify_tensors(d_model, skip=True), transcode=True
+        )
+    )
+    with pytest.raises(ArgumentError, match="before its post-MLP norm"):
+        case.prism.features(" Paris", tc)
+
+
+@pytest.mark.parametrize(
+    "change, cfg, fragment",
+    [
+        (
+            {"encoder.weight": rand(D, F, seed=1)},
+            {},
+            r"stores encoder.weight as \[d_sae, d_model\]",
+        ),
+        ({"W_dec": rand(D, F, seed=1)}, {}, r"stores W_dec as \[d_sae, d_model\]"),
+        ({"W_enc": rand(D, F, seed=1)}, {}, "holds W_enc"),
+        ({}, {"k": 5.0}, r"k is 5.0 \(float\); expected an integer"),
+        ({}, {"d_in": 64}, "d_in=64"),
+        ({}, {"num_latents": F + 1}, f"num_latents={F + 1}"),
+        ({}, {"activation": "groupmax"}, "GroupMax"),
+        ({}, {"signed": True}, "signed: true"),
+        ({}, {"transcode": "false"}, "expected a bool"),
+        ({}, {"skip_connection": True}, "skip_connection: true"),
+        ({}, {"transcode": True}, "pass hook="),
+    ],
+)
+def test_sparsify_refusals_name_the_file(tmp_path, change, cfg, fragment):
+    w = sparsify_tensors()
+    w.update(change)
+    folder = write_sparsify(tmp_path / "layers.1", w, **cfg)
+    with pytest.raises(ArgumentError, match=fragment) as info:
+        tp.Dictionary.from_sparsify(folder)
+    assert str(folder) in str(info.value)
+
+
+def test_sparsify_sites(tmp_path):
+    w = sparsify_tensors()
+    odd = write_sparsify(tmp_path / "embed_tokens", w)
+    with pytest.raises(ArgumentError, match="pass hook="):
+        tp.Dictionary.from_sparsify(odd)
+    assert tp.Dictionary.from_sparsify(odd, hook="blocks.1.hook_resid_pre").hook == (
+        "blocks.1.hook_resid_pre"
+    )
+    named = write_sparsify(tmp_path / "layers.1", w)
+    with pytest.raises(ArgumentError, match="the folder name .layers.1. says"):
+        tp.Dictionary.from_sparsify(named, hook="blocks.0.hook_resid_post")
+    with pytest.raises(ArgumentError, match="leave input_hook out"):
+        tp.Dictionary.from_sparsify(named, input_hook="blocks.1.mlp.hook_in")
+    with pytest.raises(ArgumentError, match="not a folder with cfg.json and sae.safetensors"):
+        tp.Dictionary.from_sparsify(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- per-head z
+def test_hook_z_dictionaries_are_refused_with_the_reason():
+    with pytest.raises(ArgumentError, match="per-head z.*W_O"):
+        tp.Dictionary(
+            torch.zeros(64, 4),
+            torch.zeros(4),
+            torch.zeros(4, 64),
+            torch.zeros(64),
+            "blocks.0.attn.hook_z",
+        )
