@@ -13,6 +13,7 @@ Nothing is downloaded: configs are built from the installed ``transformers`` cla
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -415,6 +416,7 @@ def build(
     perturb: bool = True,
     compat: Optional[bool] = None,
     attn_implementation: str = "eager",
+    prepare: Optional[Callable[[Any], None]] = None,
 ) -> Any:
     """A tiny random ``name`` model as a TransformerBridge in compatibility mode.
 
@@ -424,8 +426,10 @@ def build(
     is returned as TransformerLens leaves it, which is what a user would hand tlprisms.
     Attention runs eagerly, as in ``TransformerBridge.boot_transformers`` (with sdpa, bridges
     that call HF's attention never fire ``hook_pattern``); ``attn_implementation="sdpa"`` keeps
-    transformers' default instead. Raises :class:`ZooSkip` when ``transformers`` lacks the class
-    or a tiny model of it cannot be built; bridge errors propagate.
+    transformers' default instead. ``prepare(hf)``, where given, edits the Hugging Face model
+    in place after the perturbation (e.g. larger q/k norm weights). Raises :class:`ZooSkip`
+    when ``transformers`` lacks the class or a tiny model of it cannot be built; bridge errors
+    propagate.
     """
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
@@ -446,6 +450,9 @@ def build(
         raise ValueError(f"attn_implementation={attn_implementation!r}: 'eager' or 'sdpa'")
     if perturb:
         _perturb(hf.named_parameters(), torch.Generator().manual_seed(SEED), weight_scale=7.0)
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(hf)
     hf = hf.to(dtype)
     bridge = build_bridge_from_module(hf, name, hf_config=cfg, tokenizer=tokenizer)
     if compat is None:

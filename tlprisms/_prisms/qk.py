@@ -62,6 +62,7 @@ from tlprisms._core.engine import (
     writes_table,
 )
 from tlprisms._core.errors import ArgumentError, PositionError, UnsupportedModelError
+from tlprisms._core.ops import gather_pos
 from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import Recorded, softcap_ratio
 from tlprisms._core.request import Request
@@ -125,6 +126,34 @@ def rotary_tables(
     return out[0], out[1]
 
 
+def qk_norm_factor(
+    cv: CacheView, layer: int, side: str, head: int, positions: Tensor, dtype: torch.dtype
+) -> Optional[Float[Tensor, "batch pos d_head"]]:
+    """The query (``side="q"``) or key (``"k"``) norm of ``layer``, frozen at its recorded
+    scale, as the elementwise factor ``w / s`` of head ``head`` (a key/value head for
+    ``"k"``) at ``positions``: ``[B, P, d_head]`` on the prism's device, or None where the
+    attention has no such norm. Gemma 3 and Qwen3 normalise each head (``s`` per head and
+    position), OLMo 2 all heads at once (``s`` per position, ``w`` the head's slice). The
+    model applies it to ``ln1(x) W + b`` before rotary; so does every caller."""
+    view = cv.view
+    norm = view.qk_norm(layer, side)
+    if norm is None or norm.weight is None:
+        return None
+    t = cv.get(norm.site, layer, native=True)  # [B, H, n, 1] per head, [B, n, 1] over all
+    w, d = norm.weight, view.d_head
+    if view.qk_norm_per_head(layer, side):
+        s = t[:, head, :, 0]
+    else:
+        s, w = t[..., 0], w[head * d : (head + 1) * d]
+    s = cv.home(gather_pos(s, positions, dtype))  # [B, P]
+    return w.to(s.device, dtype)[None, None] / s[..., None]
+
+
+def qk_norm_sides(cv: CacheView, layer: int) -> bool:
+    """Whether ``layer``'s attention normalises its queries or keys."""
+    return cv.view.qk_norm(layer, "q") is not None or cv.view.qk_norm(layer, "k") is not None
+
+
 def shortformer_part(
     cv: CacheView, W: Float[Tensor, "d_model d_head"], positions: Int[Tensor, "batch pos"]
 ) -> Optional[Float[Tensor, "batch pos d_head"]]:
@@ -179,6 +208,9 @@ def side_terms(
     buf = torch.empty(B, P, len(table), cols.shape[0], dtype=dtype, device=cv.device)
     terms = split_writes(cv, readout, split, extra=extra, out=buf.permute(0, 1, 3, 2))
     values = terms.values
+    qn = qk_norm_factor(cv, layer, "q" if bias_kind == "b_Q" else "k", head, positions, dtype)
+    if qn is not None:  # the frozen query/key norm, before rotary as in the model
+        values = values * qn[..., None]
     rot = rotary_tables(cv, layer, positions, dtype)
     if rot is not None:
         values = rotate(values, rot[0], rot[1], view.rotary_adjacent_pairs)
@@ -191,10 +223,13 @@ def whole_side(
     W: Float[Tensor, "d_model d_head"],
     b: Float[Tensor, " d_head"],
     positions: Int[Tensor, "batch pos"],
+    side: str,
+    head: int,
 ) -> Float[Tensor, "batch pos d_head"]:
-    """The whole query (or key) vector at ``positions``, rotated there: ``R (ln1(x) W + b)``
-    with ln1 at its cached scale; computed where ``W`` (the layer) lives, returned on the
-    prism's device."""
+    """The whole query (``side="q"``, head ``head``) or key (``"k"``, key/value head
+    ``head``) vector at ``positions``, rotated there: ``R (ln1(x) W + b)`` with ln1 at its
+    cached scale (and the query/key norm at its recorded one, :func:`qk_norm_factor`);
+    computed where ``W`` (the layer) lives, returned on the prism's device."""
     ln1, dtype, dev = cv.view.ln1[layer], W.dtype, W.device
     x = cv.at(Site.RESID_PRE, layer, positions, dtype, native=True).to(dev)
     scale = cv.scale(ln1, positions)[..., None].to(dev, dtype) if ln1.has_scale else None
@@ -202,6 +237,9 @@ def whole_side(
     pe = shortformer_part(cv, W, positions)
     if pe is not None:
         v = v + pe.to(dev)
+    qn = qk_norm_factor(cv, layer, side, head, positions, dtype)
+    if qn is not None:
+        v = v * qn.to(dev)
     rot = rotary_tables(cv, layer, positions, dtype)
     if rot is not None:
         cos, sin = rot[0].to(dev), rot[1].to(dev)
@@ -237,6 +275,9 @@ def one_side(
         if P == 1:
             cos, sin = cos.expand(B, y.shape[1], -1), sin.expand(B, y.shape[1], -1)
         y = rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
+    qn = qk_norm_factor(cv, layer, "q" if bias_kind == "b_Q" else "k", head, positions, dtype)
+    if qn is not None:  # the frozen query/key norm, elementwise (P == 1: one per key)
+        y = y * qn
     u_pre = cv.home(y.to(W.device) @ W.T)  # [B, K, d_model], made where W lives
     pe = shortformer_part(cv, W, positions)  # [B, P, d_head] or None
     pe_term = None
@@ -475,6 +516,16 @@ def _prepare(cv: CacheView, layer: int, head: int, pos: int) -> _Head:
             f"model ({view.describe()}) exactly: {problem}. The logit prisms still work; "
             "docs/architectures.md says what each family supports."
         )
+    if qk_norm_sides(cv, layer) and not cv.has(Site.ATTN_SCORES, layer):
+        raise UnsupportedModelError(
+            f"{cv.caller}: layer {layer}'s attention normalises queries and keys (q_norm/k_norm); "
+            "tlprisms freezes them at their recorded scales (attn.q_norm.hook_scale, "
+            "attn.k_norm.hook_scale) only where it can check the result against the scores the "
+            f"model used, and the cache has no '{view.hook(Site.ATTN_SCORES, layer)}' (Hugging "
+            "Face's sdpa attention records none). Load the model with eager attention "
+            "(TransformerBridge.boot_transformers does; or model.set_attn_implementation('eager') "
+            "before wrapping) and record the cache again."
+        )
     g = view.kv_group(head)
     return _Head(
         layer=layer,
@@ -497,9 +548,12 @@ def _prepare(cv: CacheView, layer: int, head: int, pos: int) -> _Head:
 PULL_BACK_MAX_RATIO = 1.0
 
 
-def _pull_back_keys(cv: CacheView, n_writers: int, d_head: int) -> bool:
-    """Whether the "both" path reads the key side with pulled-back query writers."""
-    return not cv.view.rotary and n_writers <= PULL_BACK_MAX_RATIO * d_head
+def _pull_back_keys(cv: CacheView, layer: int, n_writers: int, d_head: int) -> bool:
+    """Whether the "both" path reads the key side with pulled-back query writers (not
+    with rotary or a query/key norm: both differ per key)."""
+    if cv.view.rotary or qk_norm_sides(cv, layer):
+        return False
+    return n_writers <= PULL_BACK_MAX_RATIO * d_head
 
 
 def _chunk_terms(
@@ -522,11 +576,11 @@ def _chunk_terms(
     Kp = kpos.shape[1]
     whole = ComponentTable.block("resid", layer=layer)
     if sides == "query":  # the key whole: a readout of the query's stream, one per key
-        k = whole_side(cv, layer, h.W_K, h.b_K, kpos)  # [B, Kp, d_head], rotated at j
+        k = whole_side(cv, layer, h.W_K, h.b_K, kpos, "k", g)  # [B, Kp, d_head], rotated at j
         values, q_table = one_side(cv, layer, h.W_Q, h.b_Q, "b_Q", head, qpos, k, q_split, factor)
         values, k_table = values.reshape(B, 1, Kp, -1), whole
     elif sides == "key":  # the query whole: a readout of each key's stream
-        q = whole_side(cv, layer, h.W_Q, h.b_Q, qpos).expand(B, Kp, -1)
+        q = whole_side(cv, layer, h.W_Q, h.b_Q, qpos, "q", head).expand(B, Kp, -1)
         values, k_table = one_side(cv, layer, h.W_K, h.b_K, "b_K", g, kpos, q, k_split, factor)
         values, q_table = values.reshape(B, 1, Kp, -1), whole
     else:
@@ -534,7 +588,7 @@ def _chunk_terms(
         q = Q[:, 0].transpose(1, 2) * factor  # [B, Ca, d] (the factor on the query side)
         Ca = q.shape[1]
         pulled = None
-        if _pull_back_keys(cv, Ca, q.shape[2]):
+        if _pull_back_keys(cv, layer, Ca, q.shape[2]):
             pulled = _pulled_key_side(cv, h, kpos, q, k_split)
         if pulled is not None:  # [B, Kp, Cb, Ca]: the pairs in their final order
             values, k_table = pulled[0].view(B, 1, Kp, -1), pulled[1]

@@ -54,7 +54,7 @@ from tlprisms._core.table import ComponentTable
 from tlprisms._core.terms import Terms, keep_largest
 from tlprisms._prisms import qk
 from tlprisms._prisms.chain import ChainSplit, ChainState, Hop, check_hop, head_hop, run_chain
-from tlprisms._prisms.qk import qk_terms, rotary_tables, rotate, whole_side
+from tlprisms._prisms.qk import qk_norm_factor, qk_terms, rotary_tables, rotate, whole_side
 from tlprisms._seam import CacheView
 
 __all__ = [
@@ -73,11 +73,13 @@ def side_readout(
     positions: Int[Tensor, "batch one"],
     other: Float[Tensor, "batch n d_head"],
     factor: float,
+    head: int,
 ) -> Readout:
     """The score ``(R_p v_p) . other * c`` as a readout of ``resid_pre layer`` at the one
     position per row ``positions``: one direction per column of ``other`` (the other side's
     whole rotated vectors), ``P(w1 * W R_p^T other c)`` with ln1's cached ``1/s`` at ``p``.
-    The same directions as :func:`tlprisms._prisms.qk.one_side`; its constants (ln1's bias, the
+    The same directions as :func:`tlprisms._prisms.qk.one_side` (query head ``head``'s
+    query norm frozen at ``p`` where the model has one); its constants (ln1's bias, the
     projection's bias) belong to no hop, so a chain does not need them."""
     view = cv.view
     ln1 = view.ln1[layer]
@@ -87,6 +89,9 @@ def side_readout(
     if rot is not None:  # R_p^T: the rotation at p with the sine negated
         cos, sin = (t.expand(B, n, -1) for t in rot)
         y = rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
+    qn = qk_norm_factor(cv, layer, "q", head, positions, W.dtype)
+    if qn is not None:  # the frozen query norm, elementwise
+        y = y * qn
     u = ln1.pull_back(cv.home(y.to(W.device) @ W.T))[:, None]  # [B, 1, n, d_model]
     return Readout(
         u=u,
@@ -104,9 +109,11 @@ def key_readouts(
     positions: Int[Tensor, "batch k"],
     query: Float[Tensor, "batch one d_head"],
     factor: float,
+    group: int,
 ) -> list:
     """:func:`side_readout` at each key position (one direction each, the whole query),
-    computed for every key at once: one :class:`Readout` per key."""
+    computed for every key at once: one :class:`Readout` per key (key/value head ``group``'s
+    key norm frozen at each key where the model has one)."""
     view = cv.view
     ln1 = view.ln1[layer]
     B, Kp = positions.shape
@@ -114,6 +121,9 @@ def key_readouts(
     rot = rotary_tables(cv, layer, positions, W.dtype)
     if rot is not None:  # R_j^T at each key
         y = rotate(y[..., None], rot[0], -rot[1], view.rotary_adjacent_pairs)[..., 0]
+    qn = qk_norm_factor(cv, layer, "k", group, positions, W.dtype)
+    if qn is not None:  # the frozen key norm at each key, elementwise
+        y = y * qn
     u = ln1.pull_back(cv.home(y.to(W.device) @ W.T))  # [B, Kp, d_model]
     inv_s = cv.inv_scale_or_one(ln1, positions)  # [B, Kp]
     return [
@@ -231,12 +241,12 @@ def qk_chain_terms(
         weights = rho[:, None, :, None]
     ex = Explained(weights=weights, values=weights.sum(-1), explains=explains)
     if side == "query":  # one readout at the query position, one direction per key
-        k = whole_side(cv, layer, W_K, b_K, kpos)  # [B, Kp, d_head], rotated at j
-        readout = side_readout(cv, layer, W_Q, qpos, k, factor)
+        k = whole_side(cv, layer, W_K, b_K, kpos, "k", g)  # [B, Kp, d_head], rotated at j
+        readout = side_readout(cv, layer, W_Q, qpos, k, factor, head)
         ct = run_chain(rec, readout, ex, path, split)
     else:  # one readout per key position, each one direction (the whole query)
-        q = whole_side(cv, layer, W_Q, b_Q, qpos)  # [B, 1, d_head], rotated at i
-        readouts = key_readouts(cv, layer, W_K, kpos, q, factor)
+        q = whole_side(cv, layer, W_Q, b_Q, qpos, "q", head)  # [B, 1, d_head], rotated at i
+        readouts = key_readouts(cv, layer, W_K, kpos, q, factor, g)
         if path[0].kind == "head" and path[0].src is not None:
             ct = _keys_through_head(rec, readouts, ex, path, split)
         else:  # the read position differs per key at every hop: one chain per key

@@ -53,6 +53,9 @@ class Site(enum.Enum):
     ROT_COS = "rot_cos"  # a bridge's rotary tables, as its attention received them
     ROT_SIN = "rot_sin"
     LN2_NORMALIZED = "ln2.normalized"  # the MLP's input after ln2 (a transcoder's input)
+    # the query and key norms' RMS scales (Gemma 3, Qwen3: per head; OLMo 2: over all heads)
+    Q_NORM_SCALE = "attn.q_norm.scale"
+    K_NORM_SCALE = "attn.k_norm.scale"
 
 
 _GLOBAL = frozenset({Site.TOKENS, Site.EMBED, Site.POS_EMBED, Site.FINAL_RESID, Site.FINAL_SCALE})
@@ -95,8 +98,10 @@ PART_SITES: dict[str, frozenset] = {
 #: encoders and hops read: the chains' sites
 PART_SITES["features"] = PART_SITES["chains"]
 #: the QK prism reads both sides' writers (split into heads/neurons on request), ln1's scale,
-#: the scores it explains and a bridge's rotary tables
+#: the scores it explains, a bridge's rotary tables and the query/key norms' scales
 PART_SITES["qk"] = PART_SITES["heads"] | {
+    Site.Q_NORM_SCALE,
+    Site.K_NORM_SCALE,
     Site.RESID_PRE,
     Site.MLP_POST,
     Site.LN1_SCALE,
@@ -148,6 +153,8 @@ def hook_name(site: Site, layer: Optional[int], *, n_layers: int, is_bridge: boo
         Site.ROT_COS: f"{b}.attn.hook_cos",
         Site.ROT_SIN: f"{b}.attn.hook_sin",
         Site.LN2_NORMALIZED: f"{b}.ln2.hook_normalized",
+        Site.Q_NORM_SCALE: f"{b}.attn.q_norm.hook_scale",
+        Site.K_NORM_SCALE: f"{b}.attn.k_norm.hook_scale",
     }[site]
 
 

@@ -573,16 +573,68 @@ class ModelView:
         attn = self._attn(layer)
         return attn.rotary_cos[:n].detach(), attn.rotary_sin[:n].detach()
 
+    def _qk_norm_modules(self, layer: int) -> tuple[Any, Any]:
+        """The attention's query and key norm modules (either may be None)."""
+        attn, hf = self._attn(layer), self._hf_attn(layer)
+        found = []
+        for n in ("q_norm", "k_norm"):
+            m = getattr(attn, n, None)
+            if not isinstance(m, torch.nn.Module):
+                m = getattr(hf, n, None)
+            found.append(m if isinstance(m, torch.nn.Module) else None)
+        return found[0], found[1]
+
+    def qk_norm(self, layer: int, side: str) -> Optional[NormSpec]:
+        """The RMSNorm layer ``layer``'s attention applies to its queries (``side="q"``) or
+        keys (``"k"``) after the projection and before rotary (Gemma 3, Qwen3: per head, a
+        ``d_head`` weight; OLMo 2: over all heads at once, a ``heads * d_head`` weight), as a
+        :class:`NormSpec` (effective weight: Gemma's ``1 + w`` applied) whose scale is recorded
+        at ``attn.q_norm.hook_scale`` / ``attn.k_norm.hook_scale``; None without one, or on
+        a model class whose norm tlprisms does not read (then :meth:`qk_problem` says so)."""
+        if not self.is_bridge:
+            return None
+        m = self._qk_norm_modules(layer)[0 if side == "q" else 1]
+        if m is None or "NormalizationBridge" not in type(m).__name__:
+            return None
+        site = Site.Q_NORM_SCALE if side == "q" else Site.K_NORM_SCALE
+        name = f"{'query' if side == 'q' else 'key'} norm of layer {layer}"
+        spec = read_norm(m, name, site, layer)
+        if spec.centred or spec.bias is not None or spec.weight is None:
+            return None
+        return spec
+
+    def qk_norm_per_head(self, layer: int, side: str) -> bool:
+        """Whether that norm acts on each head's ``d_head`` vector (Gemma 3, Qwen3) rather
+        than on all heads' queries (keys) at once (OLMo 2)."""
+        spec = self.qk_norm(layer, side)
+        return spec is not None and spec.weight is not None and spec.weight.numel() == self.d_head
+
     def qk_problem(self, layer: int) -> Optional[str]:
         """Why the QK prism cannot split this layer's scores exactly, or None."""
-        attn, hf, cfg = self._attn(layer), self._hf_attn(layer), self.cfg
-        if any(
-            getattr(m, n, None) is not None for m in (attn, hf) for n in ("q_norm", "k_norm")
-        ) or getattr(cfg, "use_qk_norm", False):
-            return (
-                "its attention normalises queries and keys (q_norm/k_norm) and TransformerLens "
-                "records no scale of those norms to hold fixed"
-            )
+        hf, cfg = self._hf_attn(layer), self.cfg
+        norms = self._qk_norm_modules(layer)
+        if any(m is not None for m in norms) or getattr(cfg, "use_qk_norm", False):
+            specs = (self.qk_norm(layer, "q"), self.qk_norm(layer, "k"))
+            for m, spec, side in zip(norms, specs, "qk"):
+                if m is not None and spec is None:
+                    return (
+                        f"its attention normalises {'queries' if side == 'q' else 'keys'} with "
+                        f"{type(m).__name__}, which tlprisms freezes only as a TransformerBridge "
+                        f"RMSNorm recorded at blocks.{layer}.attn.{side}_norm.hook_scale (load "
+                        "the model as a TransformerBridge)"
+                    )
+            if all(m is None for m in norms):
+                return (
+                    "its attention normalises queries and keys (use_qk_norm) in a module "
+                    "tlprisms does not find (it reads attn.q_norm / attn.k_norm of a "
+                    "TransformerBridge)"
+                )
+            for spec, heads in zip(specs, (self.n_heads, self.n_kv_heads)):
+                if spec is None or spec.weight is None:
+                    continue
+                n = spec.weight.numel()
+                if n not in (self.d_head, heads * self.d_head):
+                    return f"its {spec.name} has {n} weights, neither d_head nor heads x d_head"
         pos_type = getattr(cfg, "positional_embedding_type", "standard")
         alibi = self.alibi_kind
         if alibi is None and pos_type not in ("standard", "rotary", "shortformer"):
@@ -719,6 +771,9 @@ class ModelView:
             return self.pos_embed_in_resid or self.shortformer
         if site is Site.TOKENS:
             return self.is_bridge and self.records(self.hook(site))
+        if site in (Site.Q_NORM_SCALE, Site.K_NORM_SCALE):
+            assert layer is not None
+            return self.qk_norm(layer, "q" if site is Site.Q_NORM_SCALE else "k") is not None
         if site.value.endswith("scale"):  # a norm is recorded at its own site (shared, renamed)
             if site is Site.FINAL_SCALE:
                 norms: list = [self.final_norm]
