@@ -19,6 +19,7 @@ from tlprisms.demo import load_demo_model
 from tlprisms.errors import ArgumentError
 
 from conftest import build_case
+from families import FAMILIES
 
 D, F = 128, 24  # the demo model's d_model, and a small dictionary
 
@@ -90,10 +91,15 @@ def test_gemma_scope_2_sae_reads_the_format(tmp_path, demo):
     assert (r.components.kinds() == "feature").sum() == F
 
 
-def test_gemma_scope_2_transcoder_after_the_post_norm():
+POST_NORM = [n for n in FAMILIES if n.startswith("gemma2/")]
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("name", POST_NORM)
+def test_gemma_scope_2_transcoder_after_the_post_norm(name, fold):
     """Gemma 2/3 blocks: the transcoder reads the MLP's input (after ln2's weight) and writes
     hook_mlp_out, which both TransformerLens versions record after the post-MLP norm."""
-    case = build_case("gemma2/bridge", False)
+    case = build_case(name, fold)
     d_model, last = case.model.cfg.d_model, case.model.cfg.n_layers - 1
     w = gs2_tensors(d_model, F, seed=3, affine=True)
     tc = tp.Dictionary.from_gemma_scope(
@@ -109,8 +115,33 @@ def test_gemma_scope_2_transcoder_after_the_post_norm():
     B = case.tokens.shape[0]
     pos = torch.zeros(B, 1, dtype=torch.long)
     x = dictionary_input(cv, tc, pos, torch.float32)
-    mlp_in = case.cache[f"blocks.{last}.mlp.hook_in"][:, :1]
+    with torch.no_grad():  # the model's own ln2 module on the recorded stream
+        mlp_in = case.model.blocks[last].ln2(case.cache[f"blocks.{last}.hook_resid_mid"])[:, :1]
+    if f"blocks.{last}.mlp.hook_in" in case.cache:  # a bridge records it too
+        assert torch.allclose(mlp_in, case.cache[f"blocks.{last}.mlp.hook_in"][:, :1], atol=1e-5)
     assert torch.allclose(x, mlp_in, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", POST_NORM)
+def test_gemma_scope_2_post_norm_sites_complete(tmp_path, name):
+    """attn_out (post_attention_layernorm.output) and mlp_out (post_feedforward_layernorm
+    .output) SAEs, in a multimodal model's spelling (model.language_model.layers...)."""
+    case = build_case(name, True)
+    d_model = case.model.cfg.d_model
+    dicts = []
+    for i, point in enumerate(["post_attention_layernorm", "post_feedforward_layernorm"]):
+        hp = f"model.language_model.layers.0.{point}.output"
+        folder = write_gs2(
+            tmp_path / point,
+            gs2_tensors(d_model, seed=30 + i),
+            0,
+            hf_hook_point_in=hp,
+            hf_hook_point_out=hp,
+        )
+        dicts.append(tp.Dictionary.from_gemma_scope(folder))
+    assert [d.hook for d in dicts] == ["blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"]
+    r = case.prism.features(" Paris", dicts).check()
+    assert (r.components.kinds() == "feature").sum() == 2 * F
 
 
 _TMP: dict = {}
