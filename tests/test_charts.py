@@ -167,3 +167,17 @@ def test_attention_pattern_of_six_tokens_is_not_a_page_tall(demo, tmp_path):
         )
         b.close()
     assert 100 < h <= PATTERN_MAX_HEIGHT_PX
+
+
+def test_task_bars_are_sorted_by_the_value_shown():
+    """A task's 'mean term' bars were in mean-|term| order while showing the mean."""
+    import re
+
+    from tlprisms.demo import capital_task
+
+    res = tp.explain_task(load_demo_model(), capital_task()[:12], heads="all", progress=False)
+    svg = render.to_html(res)
+    shown = [float(x) for x in re.findall(r">(-?\d+\.\d+(?:e-?\d+)?)</text>", svg)]
+    means = res.summary().head(20)["mean"].tolist()
+    bars = [v for v in shown if any(abs(v - m) < 5e-3 * max(1, abs(m)) for m in means)]
+    assert len(bars) == len(means) and bars == sorted(bars, reverse=True), bars

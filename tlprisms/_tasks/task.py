@@ -175,14 +175,7 @@ class TaskResult:
     def _tlprisms_views(self) -> list:
         from tlprisms import render
 
-        s = self.summary().head(20)
-        return [
-            render.bar_svg(
-                s["mean"].tolist(),
-                s["component"].tolist(),
-                f"mean term over {len(self.prompts)} prompts",
-            )
-        ]
+        return [_mean_bars(render, self.summary(), len(self.prompts))]
 
     def _repr_html_(self) -> str:
         from tlprisms import render
@@ -303,17 +296,27 @@ class TaskStats:
     def _tlprisms_views(self) -> list:
         from tlprisms import render
 
-        s = self.summary(k=self.frac_top[-1]).head(20)
-        return [
-            render.bar_svg(
-                s["mean"].tolist(), s["component"].tolist(), f"mean term over {self.n} prompts"
-            )
-        ]
+        return [_mean_bars(render, self.summary(k=self.frac_top[-1]), self.n)]
 
     def _repr_html_(self) -> str:
         from tlprisms import render
 
         return render.to_html(self)
+
+
+#: how many components a task's bar chart shows
+MEAN_BARS = 20
+
+
+def _mean_bars(render: Any, summary: Any, n: int) -> str:
+    """The :data:`MEAN_BARS` components of largest mean |term|, drawn sorted by the value
+    shown (their mean term, largest first)."""
+    s = summary.head(MEAN_BARS).sort_values("mean", ascending=False, kind="stable")
+    return render.bar_svg(
+        s["mean"].tolist(),
+        s["component"].tolist(),
+        f"mean term over {n} prompts (the {len(s)} largest by mean |term|)",
+    )
 
 
 # ------------------------------------------------------------------------------ reading rows
