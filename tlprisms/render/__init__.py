@@ -5,6 +5,8 @@
   by its components; other result types the views registered for them below; objects with
   ``_tlprisms_views()`` are rendered through it).
 * :class:`Report`: several views in ONE self-contained HTML file.
+* :func:`init_notebook`: in a Jupyter notebook's first cell, one output carrying the
+  CircuitsVis bundle for every view of the notebook (saved, re-run or exported, they render).
 * Views of a decomposition: :func:`bars` (terms adding up to the logit),
   :func:`layer_head_heatmap`, :func:`source_tokens` and :func:`head_source_map`
   (CircuitsVis widgets), :func:`top_tokens` (what one component promotes and suppresses),
@@ -44,12 +46,13 @@ from tlprisms.render._svg import bar_svg, heatmap_svg
 from tlprisms.render._svg_plots import lines_svg, scatter_svg
 from tlprisms.render._top_tokens import TopTokens, top_tokens
 from tlprisms.render._views import bars, head_source_map, layer_head_heatmap, source_tokens
-from tlprisms.render._views_base import Figure, View, Widget
+from tlprisms.render._views_base import Figure, View, Widget, init_notebook
 from tlprisms.weights import TokenMap, TokenProjection
 
 __all__ = [
     "to_html",
     "show",
+    "init_notebook",
     "Report",
     "save_svg",
     "save_png",

@@ -134,7 +134,7 @@ def to_html(obj: Any, **kw: Any) -> str:
     call, so the same object can be shown twice. See :func:`as_view` for what ``obj`` can be.
     """
     view = as_view(obj, **kw)
-    if _displayed_by_jupyter():  # an object's _repr_html_: the bundle once per kernel session
+    if _displayed_by_jupyter():  # an object's _repr_html_: the bundle as notebook_bundle says
         return view.fragment(bundle=notebook_bundle(view.needs_bundle))
     return view.html()
 
@@ -250,8 +250,9 @@ class Report:
         arg.out_path(path, "Report.save")  # refused before the page is built
         return arg.write(path, self.html(), "Report.save")
 
-    def _repr_html_(self) -> str:
-        bundle = bundle_script() if any(v.needs_bundle for _, v in self.sections) else ""
+    def _repr_html_(self) -> str:  # Jupyter: the bundle only where notebook_bundle says
+        needed = any(v.needs_bundle for _, v in self.sections)
+        bundle = bundle_script() if notebook_bundle(needed) else ""
         body = "".join(
             (f'<h3 style="{WRAP}">{esc(t)}</h3>' if t else "") + v.fragment(bundle=False)
             for t, v in self.sections

@@ -4,17 +4,27 @@
 A widget's HTML is ``<div id=...>`` (closed) plus a ``<script>`` that calls the bundle's
 ``render(id, Component, props)`` with the props as script-safe JSON. The bundle itself
 (``circuitsvis/dist/cdn/iife.js``, shipped in the circuitsvis wheel, React included) is
-inlined once per page or fragment inside a guard, so a page that holds it twice runs it once.
+inlined once per page or fragment inside a guard, so a page that holds it twice runs it once;
+it then fires the window event ``tlprisms-circuitsvis-ready``. A widget whose script runs
+before the bundle waits for that event, so the bundle may come later on the page.
 Ids are fresh on every render, so displaying the same view twice gives two live copies.
 CircuitsVis is never imported here: only its wheel's files are read.
+
+In Jupyter (the offline mode of notebook plotting libraries): :func:`init_notebook`, run in
+a notebook's first cell, emits one output that carries the bundle, again every time it runs;
+views displayed after it carry none and wait for it. Without it, the first view displayed
+carries the bundle; whenever the cell that carries it is run again (its outputs are replaced)
+the next view displayed carries it instead. A saved notebook therefore holds one bundle, and
+every view on it renders in any order of the cells (JupyterLab, nbconvert's HTML export).
 """
 
 import functools
+import hashlib
 import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from tlprisms._core import arguments as check
 from tlprisms._core.errors import ArgumentError, PrismError
@@ -28,6 +38,7 @@ __all__ = [
     "Group",
     "bundle_script",
     "notebook_bundle",
+    "init_notebook",
     "bundle_path",
     "CV_GLOBAL",
     "WRAP",
@@ -37,9 +48,22 @@ __all__ = [
 CV_GLOBAL = "__tlprismsCircuitsVis"
 #: inline style for captions: an unbroken run of text wraps instead of widening the page
 WRAP = "overflow-wrap:anywhere;unicode-bidi:isolate"
+#: the window event the bundle fires once it has run (views waiting for it draw then)
+CV_READY = "tlprisms-circuitsvis-ready"
+#: a mount's text where no script ran (a static viewer, or a notebook Jupyter does not trust)
 _MOUNT_FALLBACK = (
-    "CircuitsVis view: it needs JavaScript (in Jupyter, trust the notebook to run it)."
+    "CircuitsVis view: its script has not run here (a viewer without JavaScript, or a "
+    "notebook that Jupyter does not trust: run its cells to draw it)."
 )
+#: the text while a view's script waits for the bundle
+_MOUNT_WAITING = "CircuitsVis view: waiting for the CircuitsVis bundle on this page..."
+#: the text when the bundle has not come after _MISSING_MS
+_MOUNT_MISSING = (
+    "CircuitsVis view: this page holds no CircuitsVis bundle. Run "
+    "tlprisms.render.init_notebook() (the notebook's first cell), or re-run this cell, "
+    "then save the notebook."
+)
+_MISSING_MS = 4000
 
 
 def bundle_path() -> Path:
@@ -81,36 +105,120 @@ def bundle_script() -> str:
     js = _bundle_text(str(path), os.path.getmtime(path))
     return (
         f"<script>if(!window.{CV_GLOBAL}){{window.{CV_GLOBAL}=(function(){{\n{js}\n"
-        f";return CircuitsVis;}})();}}</script>"
+        f";return CircuitsVis;}})();}}window.dispatchEvent(new Event({script_json(CV_READY)}));"
+        "</script>"
     )
 
 
-#: Jupyter shows many views per notebook: the first view displayed in a kernel session
-#: carries the CircuitsVis bundle and the later ones reuse it (``window.__tlprismsCircuitsVis``),
-#: so a saved notebook holds one copy and still renders offline (outputs run in order)
-_NOTEBOOK = {"sent": False}
+#: the kernel's record of the output that carries the bundle: ``carrier`` is the key of the
+#: cell that displayed it (see _cell_key), None before one is displayed or once that cell
+#: runs again (running a cell replaces its outputs, and with them the bundle)
+_NOTEBOOK: dict[str, Any] = {"carrier": None, "shell": None}
 
 
-def _in_kernel() -> bool:
+def _shell() -> Any:
+    """The IPython shell of a Jupyter kernel we run in, or None."""
     try:
         from IPython import get_ipython
     except ImportError:
-        return False
+        return None
     ip = get_ipython()
-    return ip is not None and getattr(ip, "kernel", None) is not None
+    return ip if ip is not None and getattr(ip, "kernel", None) is not None else None
+
+
+def _in_kernel() -> bool:
+    return _shell() is not None
+
+
+def _request() -> dict:
+    """The execute request the kernel is running (header, metadata, content), or {}."""
+    ip = _shell()
+    kernel = getattr(ip, "kernel", None)
+    get_parent = getattr(kernel, "get_parent", None)
+    try:
+        parent = get_parent() if callable(get_parent) else getattr(kernel, "_parent_header", {})
+    except Exception:  # noqa: BLE001 - a kernel without a request context: no cell known
+        return {}
+    return parent if isinstance(parent, dict) else {}
+
+
+def _cell_key(request: dict) -> str:
+    """Which cell a request runs: the front end's cell id (JupyterLab, Notebook 7 and VS Code
+    send ``cellId``), else the hash of its code (a re-run cell sends the same code)."""
+    meta = request.get("metadata") or {}
+    if meta.get("cellId"):
+        return "id:" + str(meta["cellId"])
+    code = str((request.get("content") or {}).get("code", ""))
+    return "code:" + hashlib.sha256(code.encode("utf-8")).hexdigest()
+
+
+def _cell_starts(*_info: Any) -> None:
+    """IPython ``pre_run_cell`` hook: the carrier's cell runs again (its outputs, the bundle
+    among them, are replaced) or was deleted (JupyterLab's ``deletedCells``): forget it."""
+    carrier = _NOTEBOOK.get("carrier")
+    if carrier is None:
+        return
+    request = _request()
+    deleted = (request.get("metadata") or {}).get("deletedCells") or []
+    if _cell_key(request) == carrier or carrier in {f"id:{c}" for c in deleted}:
+        _NOTEBOOK["carrier"] = None
+
+
+def _carry_here() -> None:
+    """Record that the cell running now displays the bundle, and watch for it to run again."""
+    _NOTEBOOK["carrier"] = _cell_key(_request())
+    ip = _shell()
+    if ip is not None and _NOTEBOOK.get("shell") is not ip:
+        ip.events.register("pre_run_cell", _cell_starts)
+        _NOTEBOOK["shell"] = ip
 
 
 def notebook_bundle(needed: bool) -> bool:
     """Whether a view Jupyter displays now must carry the bundle: outside a kernel always
-    (when needed), in a kernel only the first time in the session."""
+    (when needed); in a kernel when no output of this session carries it any more (none was
+    displayed yet, or the cell that displayed it ran again)."""
     if not needed:
         return False
     if not _in_kernel():
         return True
-    if _NOTEBOOK["sent"]:
+    if _NOTEBOOK.get("carrier") is not None:
         return False
-    _NOTEBOOK["sent"] = True
+    _carry_here()
     return True
+
+
+def init_notebook() -> None:
+    """Make CircuitsVis views work offline in this notebook: call it in the first cell.
+
+    It displays one output that carries the CircuitsVis bundle (about 1.3 MB, read from the
+    circuitsvis wheel; no network), every time it runs. The views displayed after it carry no
+    copy and draw from it, whatever order the cells run in, so the saved notebook (and its
+    ``jupyter nbconvert --to html`` export) holds the bundle once and every view renders when
+    it is reopened. Without this call the first view displayed carries the bundle instead.
+
+    Outside a Jupyter kernel (a script, a terminal) it does nothing. Without circuitsvis
+    installed it says so in the output (the plain SVG views work without it).
+
+    >>> import tlprisms as tp
+    >>> tp.render.init_notebook()  # a no-op outside Jupyter
+    """
+    if not _in_kernel():
+        return
+    from IPython.display import display
+
+    try:
+        script = bundle_script()
+    except PrismError as e:
+        note = f"tlprisms: CircuitsVis widgets are not available here: {e}"
+        display({"text/plain": note}, raw=True)
+        return
+    note = (
+        "tlprisms: CircuitsVis views enabled offline (this output carries the bundle for "
+        "the whole notebook; keep this cell first)."
+    )
+    html = f'{script}<div class="tlprisms-init" style="font-size:11px;color:#666">{esc(note)}</div>'
+    _carry_here()
+    display({"text/html": html, "text/plain": note}, raw=True)
 
 
 class View:
@@ -129,7 +237,7 @@ class View:
         """A self-contained HTML fragment (inlines the CircuitsVis bundle when needed)."""
         return self.fragment(bundle=self.needs_bundle)
 
-    def _repr_html_(self) -> str:  # Jupyter: the bundle once per kernel session
+    def _repr_html_(self) -> str:  # Jupyter: the bundle only where notebook_bundle says
         return self.fragment(bundle=notebook_bundle(self.needs_bundle))
 
     def figures(self) -> list["Figure"]:
@@ -225,11 +333,19 @@ class Widget(View):
                 f'<div style="font-size:11px;color:#555;margin:2px 0 6px;{WRAP}">'
                 f"{esc(self.note)}</div>"
             )
+        # draw now if the bundle is on the page, else when it fires CV_READY (it may come
+        # later on the page); say what is missing if it has not come after _MISSING_MS
         call = (
-            f"(function(){{var cv=window.{CV_GLOBAL};var el=document.getElementById("
-            f"{script_json(mount)});if(!cv||!el){{return;}}el.textContent='';"
-            f"cv.render({script_json(mount)},cv[{script_json(self.component)}],"
-            f"{script_json(self.props)});}})();"
+            f"(function(){{var mount={script_json(mount)},el=document.getElementById(mount);"
+            f"if(!el){{return;}}var ev={script_json(CV_READY)};"
+            f"function draw(){{var cv=window.{CV_GLOBAL};if(!cv||!el.isConnected){{return false;}}"
+            f"window.removeEventListener(ev,draw);el.textContent='';"
+            f"cv.render(mount,cv[{script_json(self.component)}],{script_json(self.props)});"
+            f"return true;}}"
+            f"if(draw()){{return;}}el.textContent={script_json(_MOUNT_WAITING)};"
+            f"window.addEventListener(ev,draw);"
+            f"setTimeout(function(){{if(!window.{CV_GLOBAL}){{"
+            f"el.textContent={script_json(_MOUNT_MISSING)};}}}},{_MISSING_MS});}})();"
         )
         style = ""
         if self.css:
