@@ -170,3 +170,27 @@ def test_unrecorded_scale_is_named():
     with pytest.raises(CacheError, match="q_norm.hook_scale"):
         prism.qk(1, 0)
     prism.qk(0, 0).check()  # layer 0's scales are there
+
+
+@pytest.mark.parametrize("name", ["Qwen3ForCausalLM", "Olmo2ForCausalLM"])
+def test_qk_map_applies_the_norm_weights(name):
+    """``weights.qk_map`` applies the q/k norms' weights with their scale held at
+    ``qk_norm_scale`` (1 by default), and says so."""
+    model, _, _, prism = _case(name, False)
+    view, layer, head = prism.view, 1, 2
+    m1 = tp.weights.qk_map(model, layer, head, [5, 6], [7, 8, 9])
+    m2 = tp.weights.qk_map(model, layer, head, [5, 6], [7, 8, 9], qk_norm_scale=2.0)
+    assert torch.allclose(m2.values, m1.values / 4, rtol=1e-5, atol=1e-6)
+    assert "q/k norms at scale 2" in m2.title and "held at 2" in m2.meta["qk_norm"]
+    ln1, g, d = view.ln1[layer], view.kv_group(head), view.d_head
+    E = [
+        ln1.apply(view.embed_rows(torch.tensor(t), torch.float32), torch.tensor(1.0), bias=False)
+        for t in ([5, 6], [7, 8, 9])
+    ]
+    wq, wk = view.qk_norm(layer, "q").weight.float(), view.qk_norm(layer, "k").weight.float()
+    if wq.numel() != d:
+        wq, wk = wq[head * d : (head + 1) * d], wk[g * d : (g + 1) * d]
+    q = E[0] @ view.W_Q(layer, torch.float32)[head] * wq
+    k = E[1] @ view.W_K(layer, torch.float32)[g] * wk
+    want = q @ k.T * view.attn_score_factor(layer)
+    assert torch.allclose(m1.values, want, rtol=1e-5, atol=1e-5)

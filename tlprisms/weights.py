@@ -363,6 +363,7 @@ def qk_map(
     key_tokens: Tokens,
     *,
     scale: Union[int, float] = 1.0,
+    qk_norm_scale: Union[int, float] = 1.0,
     dtype: torch.dtype = torch.float32,
 ) -> TokenMap:
     """The QK circuit of head ``(layer, head)`` between two token sets.
@@ -373,7 +374,9 @@ def qk_map(
     norm's weight and centring only) and its bias, ``b_Q`` and ``b_K`` left out. The
     positional parts are stated, not included (``meta["positional"]``): learned position
     embeddings are not added, and rotary is taken at zero query-key offset (the identity);
-    :meth:`LogitPrism.qk` gives them exactly on a forward pass.
+    :meth:`LogitPrism.qk` gives them exactly on a forward pass. A model that normalises
+    its queries and keys (Gemma 3, Qwen3, OLMo 2) applies that norm's weight with its scale
+    held at ``qk_norm_scale`` (1 by default), stated in the title and ``meta``.
 
     >>> import tlprisms as tp
     >>> from tlprisms.demo import load_demo_model
@@ -396,6 +399,11 @@ def qk_map(
             "stream, so a map from W_E's rows would not be what the head reads; use "
             "LogitPrism.qk on a forward pass instead."
         )
+    if not check.is_real(qk_norm_scale) or not 0 < float(qk_norm_scale) < float("inf"):
+        raise ArgumentError(
+            f"{caller}: qk_norm_scale={qk_norm_scale!r}; pass the positive number the query "
+            "and key norms are frozen at (e.g. a typical attn.q_norm.hook_scale), default 1."
+        )
     qids, q_labels = _ids(view, query_tokens, "query_tokens", caller)
     kids, k_labels = _ids(view, key_tokens, "key_tokens", caller)
     ln1 = view.ln1[layer]
@@ -406,7 +414,21 @@ def qk_map(
         Eq, Ek = (ln1.apply(e, s, bias=False) for e in (Eq, Ek))
         W_Q = view.W_Q(layer, dtype).to(Eq.device)[head]
         W_K = view.W_K(layer, dtype).to(Eq.device)[view.kv_group(head)]
-        values = (Eq @ W_Q) @ (Ek @ W_K).T * view.attn_score_factor(layer)
+        q, k = Eq @ W_Q, Ek @ W_K
+        normed = []
+        for side, idx in (("q", head), ("k", view.kv_group(head))):
+            norm = view.qk_norm(layer, side)
+            if norm is None or norm.weight is None:
+                continue
+            w, d = norm.weight.to(Eq.device, dtype), view.d_head
+            if not view.qk_norm_per_head(layer, side):  # OLMo 2: this head's slice
+                w = w[idx * d : (idx + 1) * d]
+            if side == "q":
+                q = q * w / float(qk_norm_scale)
+            else:
+                k = k * w / float(qk_norm_scale)
+            normed.append(side)
+        values = q @ k.T * view.attn_score_factor(layer)
     positional = []
     if view.pos_embed_in_resid:
         positional.append("learned position embeddings are left out")
@@ -423,11 +445,18 @@ def qk_map(
         values=values,
         rows=q_labels,
         cols=k_labels,
-        title=f"QK map of L{layer}H{head}",
+        title=f"QK map of L{layer}H{head}"
+        + (f" (q/k norms at scale {float(qk_norm_scale):g})" if normed else ""),
         meta={
             "layer": layer,
             "head": head,
             "scale": float(scale),
+            "qk_norm": (
+                f"the {' and '.join({'q': 'query', 'k': 'key'}[n] for n in normed)} norm's "
+                f"weight applied with its scale held at {float(qk_norm_scale):g}"
+                if normed
+                else "no query/key norm"
+            ),
             "positional": "; ".join(positional) or "the model adds no positional information",
         },
     )
