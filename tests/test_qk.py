@@ -228,7 +228,10 @@ def test_bad_inputs(case):
         prism.qk(1, 0, keys="3")
 
 
-def test_qk_norm_is_refused():
+def test_qk_norm_is_split_exactly():
+    """Issue 24: the q/k-normed families were refused ('TransformerLens records no scale of
+    those norms'), which is not true: the scales are recorded and frozen, and the split is
+    checked against the recorded scores (tests/test_qk_norms.py covers every family)."""
     import transformers as tf
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
@@ -251,8 +254,8 @@ def test_qk_norm_is_refused():
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
     prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
-    with pytest.raises(UnsupportedModelError, match="q_norm/k_norm"):
-        prism.qk(0, 0)
+    r = prism.qk(0, 0).check()
+    assert r.explains == "attention score" and r.values.shape[2] == tokens.shape[1]
 
 
 def designed_model():
