@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import tlprisms as tp
 from tlprisms._core.readout import Recorded, final_readout
 from tlprisms._prisms.features import dictionary_input
+from tlprisms._seam import Copy, Removal, Site, run_frozen
 from tlprisms._seam._cache import CacheView
 from tlprisms.demo import load_demo_model
 from tlprisms.errors import ArgumentError
@@ -444,3 +445,143 @@ def test_hook_z_dictionaries_are_refused_with_the_reason():
             torch.zeros(64),
             "blocks.0.attn.hook_z",
         )
+
+
+# --------------------------------------------------------------------------- cross-layer
+def write_clt(
+    folder: Path, n: int = 2, d: int = D, f: int = F, seed: int = 0, jump: bool = True, **cfg
+) -> tuple:
+    """circuit-tracer's CLT layout; every decoder to a later layer is non-zero."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}
+    config.update(cfg)
+    (folder / "config.yaml").write_text("".join(f"{k}: {v}\n" for k, v in config.items()))
+    enc, dec = [], []
+    for i in range(n):
+        e = {
+            f"W_enc_{i}": rand(f, d, seed=seed + 10 * i, scale=d**-0.5),
+            f"b_enc_{i}": rand(f, seed=seed + 10 * i + 1, scale=0.1),
+            f"b_dec_{i}": rand(d, seed=seed + 10 * i + 2, scale=0.3),
+        }
+        if jump:
+            e[f"threshold_{i}"] = rand(f, seed=seed + 10 * i + 3).abs() * 0.05
+        W = rand(f, n - i, d, seed=seed + 10 * i + 4, scale=0.3)
+        save_file(e, str(folder / f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": W}, str(folder / f"W_dec_{i}.safetensors"))
+        enc.append(e)
+        dec.append(W)
+    return folder, enc, dec
+
+
+def test_clt_reads_the_layout_lazily(tmp_path):
+    folder, enc, dec = write_clt(tmp_path / "clt")
+    clt = tp.Dictionary.from_circuit_tracer_clt(folder)
+    assert clt.n_layers == 2 and clt.d_sae == F and clt.activation == "jumprelu"
+    assert torch.equal(clt.W_enc[1], enc[1]["W_enc_1"])
+    assert torch.equal(clt.decoder(0), dec[0]) and torch.equal(clt.decoder(0, 1), dec[0][:, :1])
+    assert not hasattr(clt, "W_dec")  # decoders stay in their files until read
+    x = rand(3, D, seed=5)
+    pre = x @ enc[0]["W_enc_0"].T + enc[0]["b_enc_0"]
+    assert torch.equal(clt.encode(0, x), pre * (pre > enc[0]["threshold_0"]))
+
+
+def test_clt_terms_are_the_hand_summed_decoders(tmp_path, demo):
+    """A feature of layer 0 writes to both MLP outputs: its term is a (W_dec[f,0] +
+    W_dec[f,1]) . u / s; each layer's error is its MLP output less every decode into it."""
+    model, prism = demo
+    folder, enc, dec = write_clt(tmp_path / "clt", seed=40)
+    clt = tp.Dictionary.from_circuit_tracer_clt(folder)
+    r = prism.features(" Paris", clt).check()
+    cv = CacheView(prism.view, prism.cache, "test")
+    fr = final_readout(Recorded(cv, prism.tokens), " Paris", -1)
+    u, s = fr.readout.u[0, 0, 0], fr.readout.inv_s
+    at = prism.n_ctx - 1
+    acts = []
+    for layer in range(2):
+        x = prism.cache[f"blocks.{layer}.hook_resid_mid"][:, at]
+        acts.append(clt.encode(layer, x))  # [B, F]
+    feats = r.select(kind="feature")
+    for layer in range(2):
+        want = acts[layer] * (dec[layer].sum(1) @ u) * s[:, :1]  # [B, F]
+        got = feats.select(layer=layer).values[:, 0, 0]
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+        recon = enc[layer][f"b_dec_{layer}"] + sum(
+            acts[src] @ dec[src][:, layer - src] for src in range(layer + 1)
+        )
+        err = (prism.cache[f"blocks.{layer}.hook_mlp_out"][:, at] - recon) @ u * s[:, 0]
+        got_err = r.select(kind="error", layer=layer).values[:, 0, 0, 0]
+        assert torch.allclose(got_err, err, atol=1e-5, rtol=1e-4)
+    assert float((dec[0][:, 1] @ u).abs().max()) > 1e-3  # the later-layer decoders count
+
+
+def test_clt_removal_moves_the_logit_by_minus_its_term(tmp_path, demo):
+    """Feature (0, f)'s writes taken out of both MLP outputs, everything else frozen."""
+    model, prism = demo
+    folder, _, dec = write_clt(tmp_path / "clt", seed=60, jump=False)
+    clt = tp.Dictionary.from_circuit_tracer_clt(folder)
+    r = prism.features(" Paris", clt)
+    cv = CacheView(prism.view, prism.cache, "test")
+    fr = final_readout(Recorded(cv, prism.tokens), " Paris", -1)
+    at = prism.n_ctx - 1
+    acts = clt.encode(0, prism.cache["blocks.0.hook_resid_mid"][:, at])
+    top = r.select(layer=0).top(2, batch=0, kind="feature")
+    assert len(top)
+    for f, term in zip(top["feature"], top["value"]):
+        copies = [
+            Copy(row=0, removal=Removal("b_out", L, at, vector=acts[0, int(f)] * dec[0][int(f), L]))
+            for L in range(2)
+        ]
+        mine, clean = run_frozen(
+            prism.view, prism.tokens, copies, Site.FINAL_RESID, None, lambda p: p * 0
+        )
+        delta = ((mine - clean)[:, at] @ fr.readout.u[0, 0, 0] * fr.readout.inv_s[0, 0]).sum()
+        assert abs(float(delta) + term) <= 1e-4 * (1 + abs(term)) and abs(term) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama/bridge", *POST_NORM])
+def test_clt_complete_on_families(tmp_path, name):
+    case = build_case(name, False)
+    n, d = case.model.cfg.n_layers, case.model.cfg.d_model
+    folder, _, _ = write_clt(tmp_path / "clt", n=n, d=d, feature_input_hook="mlp.hook_in")
+    clt = tp.Dictionary.from_circuit_tracer_clt(folder)
+    r = case.prism.features(" Paris", clt, pos="all").check()
+    assert (r.components.kinds() == "error").sum() == n
+    case.prism.features(" Paris", clt, path=[tp.Hop("head", n - 1, 0)]).check()
+
+
+def test_clt_refusals(tmp_path, demo):
+    _, prism = demo
+    folder, _, _ = write_clt(tmp_path / "three", n=3)
+    clt = tp.Dictionary.from_circuit_tracer_clt(folder)
+    with pytest.raises(ArgumentError, match="3 layers .* model has 2 layers") as info:
+        prism.features(" Paris", clt)
+    assert str(folder) in str(info.value)
+    two, _, _ = write_clt(tmp_path / "two")
+    ok = tp.Dictionary.from_circuit_tracer_clt(two)
+    sae = tp.Dictionary(
+        rand(D, 4, seed=1),
+        rand(4, seed=2),
+        rand(4, D, seed=3),
+        rand(D, seed=4),
+        "blocks.1.hook_resid_post",
+    )
+    with pytest.raises(ArgumentError, match="pass it alone"):
+        prism.features(" Paris", [ok, sae])
+    bad, _, _ = write_clt(tmp_path / "bad")
+    save_file({"W_dec_1": rand(F, 2, D, seed=1)}, str(bad / "W_dec_1.safetensors"))
+    with pytest.raises(ArgumentError, match=r"W_dec_1.safetensors.*\[d_sae, n_layers - 1"):
+        tp.Dictionary.from_circuit_tracer_clt(bad)
+    (bad / "W_dec_1.safetensors").unlink()
+    with pytest.raises(ArgumentError, match="W_dec_1.safetensors' is missing"):
+        tp.Dictionary.from_circuit_tracer_clt(bad)
+    flip, _, _ = write_clt(tmp_path / "flip")
+    e = {"W_enc_0": rand(D, F, seed=1), "b_enc_0": rand(F, seed=2), "b_dec_0": rand(D, seed=3)}
+    save_file(e, str(flip / "W_enc_0.safetensors"))
+    with pytest.raises(ArgumentError, match=r"stores W_enc_0 as \[d_sae, d_model\]"):
+        tp.Dictionary.from_circuit_tracer_clt(flip)
+    site, _, _ = write_clt(tmp_path / "site", feature_output_hook="hook_attn_out")
+    with pytest.raises(ArgumentError, match="writes hook_mlp_out"):
+        tp.Dictionary.from_circuit_tracer_clt(site)
+    (folder / "W_enc_0.safetensors").unlink()
+    with pytest.raises(ArgumentError, match="missing: W_enc_0.safetensors"):
+        tp.Dictionary.from_circuit_tracer_clt(folder)

@@ -55,7 +55,7 @@ from tlprisms._seam import (
     transcoder_hooks,
 )
 
-__all__ = ["Dictionary", "ACTIVATIONS"]
+__all__ = ["Dictionary", "CrossLayerTranscoder", "ACTIVATIONS"]
 
 #: the activation functions a dictionary may use
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
@@ -638,6 +638,218 @@ class Dictionary:
             out.append(d)
         return out
 
+    @classmethod
+    @check.entry
+    def from_circuit_tracer_clt(cls, path: _PathLike) -> "CrossLayerTranscoder":
+        """A cross-layer transcoder in circuit-tracer's CLT layout: a folder with
+        ``config.yaml`` (``feature_input_hook``, ``feature_output_hook``: e.g.
+        ``hook_resid_mid`` / ``hook_mlp_out``, relative to each block) and, per layer ``i``,
+        ``W_enc_{i}.safetensors`` (``W_enc_{i} [d_sae, d_model]``, read as ``x @ W.T``;
+        ``b_enc_{i} [d_sae]``; ``b_dec_{i} [d_model]``, layer ``i``'s output bias; optional
+        ``threshold_{i} [d_sae]``, JumpReLU ``pre * (pre > threshold)``, else ReLU) and
+        ``W_dec_{i}.safetensors`` (``W_dec_{i} [d_sae, n_layers - i, d_model]``: layer
+        ``i``'s features decoded to the MLP outputs of layers ``i .. n_layers-1``). The
+        encoders are read now; a decoder is read when used, one layer at a time (its header
+        is checked now)."""
+        return CrossLayerTranscoder._load(path, "Dictionary.from_circuit_tracer_clt")
+
+
+class CrossLayerTranscoder:
+    """A cross-layer transcoder: one encoder per layer, reading that layer's MLP input; the
+    features of layer ``l`` decode to the MLP outputs of every layer ``L >= l``:
+
+        mlp_out[L] = sum_{l <= L} a_l @ W_dec_l[:, L - l] + b_dec[L] + e[L].
+
+    In ``prism.features`` it replaces every MLP write: a feature's term is the sum of its
+    writes to the MLP outputs the readout reads, ``b_dec`` and the error are per layer.
+    Built by :meth:`Dictionary.from_circuit_tracer_clt`; decoders are read from the files
+    one layer at a time, never all at once.
+    """
+
+    #: a CLT spans every layer (it has no one layer)
+    layer = -1
+
+    def __init__(
+        self,
+        *,
+        folder: Path,
+        input_hook: str,
+        output_hook: str,
+        W_enc: list,
+        b_enc: list,
+        b_dec: list,
+        threshold: Optional[list],
+        d_model: int,
+        d_sae: int,
+    ) -> None:
+        self.source = str(folder)
+        self._folder = folder
+        self.n_layers = len(W_enc)
+        self.d_model, self.d_sae = int(d_model), int(d_sae)
+        self.input_suffix, self.output_suffix = input_hook, output_hook
+        self.W_enc = W_enc  # per layer [d_sae, d_model], as stored
+        self.b_enc = b_enc
+        self.b_dec = b_dec  # per output layer [d_model]
+        self.threshold = threshold
+        self.activation = "jumprelu" if threshold is not None else "relu"
+        self.name = f"CLT {folder.name}"
+        _, self.input_site, _ = _site(block_hook_name(0, input_hook), "feature_input_hook", "")
+        _, self.site, _ = _site(block_hook_name(0, output_hook), "feature_output_hook", "")
+
+    def __repr__(self) -> str:
+        return (
+            f"CrossLayerTranscoder({self.n_layers} layers x {self.d_sae} features, "
+            f"{self.activation}, {self.input_suffix} -> {self.output_suffix})"
+        )
+
+    def input_hook(self, layer: int) -> str:
+        return block_hook_name(layer, self.input_suffix)
+
+    def encode(self, layer: int, x: Tensor) -> Tensor:
+        """Layer ``layer``'s feature activations ``[..., d_sae]`` of its inputs ``x``."""
+        W = self.W_enc[layer].to(x.device, x.dtype)
+        pre = x @ W.T + self.b_enc[layer].to(x.device, x.dtype)
+        if self.threshold is None:
+            return torch.relu(pre)
+        th = self.threshold[layer].to(x.device, x.dtype)
+        return torch.where(pre > th, pre, torch.zeros_like(pre))
+
+    def decoder(self, layer: int, n_out: Optional[int] = None) -> Tensor:
+        """``W_dec_{layer}[:, :n_out]``: ``[d_sae, n_out, d_model]``, layer ``layer``'s
+        decoders to the MLP outputs of layers ``layer .. layer + n_out - 1``, read from its
+        file now (float32)."""
+        from safetensors import safe_open
+
+        n_all = self.n_layers - layer
+        n_out = n_all if n_out is None else n_out
+        with safe_open(str(self._folder / f"W_dec_{layer}.safetensors"), framework="pt") as f:
+            return f.get_slice(f"W_dec_{layer}")[:, :n_out, :].float()
+
+    def check_model(self, view: Any, caller: str) -> None:
+        """Refuse a CLT that does not fit this model (layers, sizes, sites)."""
+        label = f"{self.name} (from {self.source})"
+        if self.n_layers != view.n_layers or self.d_model != view.d_model:
+            raise ArgumentError(
+                f"{caller}: cross-layer transcoder {label} has {self.n_layers} layers of "
+                f"d_model={self.d_model}, but the model has {view.n_layers} layers of "
+                f"d_model={view.d_model}; it was made for another model."
+            )
+        if view.attn_only or (self.input_site is Site.RESID_MID and view.parallel):
+            raise ArgumentError(
+                f"{caller}: cross-layer transcoder {label} reads {self.input_suffix} and writes "
+                f"{self.output_suffix}, which this model does not have ({view.describe()})."
+            )
+
+    @staticmethod
+    def _load(path: Any, caller: str) -> "CrossLayerTranscoder":
+        from safetensors import SafetensorError, safe_open
+
+        folder = _folder(path, ("config.yaml", "W_enc_0.safetensors"), caller)
+        cfg_file = str(folder / "config.yaml")
+        cfg = _read_yaml(folder / "config.yaml", caller)
+        hooks = {}
+        for key in ("feature_input_hook", "feature_output_hook"):
+            value = _cfg(cfg, key, str, cfg_file, caller)
+            if value is None:
+                raise ArgumentError(
+                    f"{caller}: {cfg_file} has no {key} (a string, e.g. hook_resid_mid and "
+                    "hook_mlp_out)."
+                )
+            hooks[key] = value
+        _, in_site, _ = _site(block_hook_name(0, hooks["feature_input_hook"]), "input", caller)
+        _, out_site, _ = _site(block_hook_name(0, hooks["feature_output_hook"]), "output", caller)
+        if out_site is not Site.MLP_OUT or in_site not in (Site.LN2_NORMALIZED, Site.RESID_MID):
+            raise ArgumentError(
+                f"{caller}: {cfg_file}: a cross-layer transcoder reads the MLP's input "
+                "(hook_resid_mid, mlp.hook_in or ln2.hook_normalized) and writes hook_mlp_out; "
+                f"got {hooks['feature_input_hook']!r} -> {hooks['feature_output_hook']!r}."
+            )
+        n = 0
+        while (folder / f"W_enc_{n}.safetensors").is_file():
+            n += 1
+        extra = sorted(
+            f.name
+            for f in folder.glob("W_*_*.safetensors")
+            if not re.fullmatch(
+                rf"W_(enc|dec)_({'|'.join(map(str, range(n)))})\.safetensors", f.name
+            )
+        )
+        if extra:
+            raise ArgumentError(
+                f"{caller}: {str(folder)!r} holds {', '.join(extra)} beyond layers 0..{n - 1} "
+                "(W_enc_i/W_dec_i must number the layers from 0 without a gap); remove them."
+            )
+        W_enc: list = []
+        b_enc: list = []
+        b_dec: list = []
+        th: list = []
+        dims: dict = {}
+        for i in range(n):
+            file = folder / f"W_enc_{i}.safetensors"
+            p = _load_safetensors(file, caller)
+            layout = {
+                f"W_enc_{i}": ("d_sae", "d_model"),
+                f"b_enc_{i}": ("d_sae",),
+                f"b_dec_{i}": ("d_model",),
+                f"threshold_{i}": ("d_sae",),
+            }
+            need = (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}")
+            _check_keys(p, layout, str(file), "a circuit-tracer CLT encoder file", caller, need)
+            p["b_enc"], p["b_dec"] = p[f"b_enc_{i}"], p[f"b_dec_{i}"]
+            mine = _dims(p, str(file), caller)
+            del p["b_enc"], p["b_dec"]
+            if dims and mine != dims:
+                raise ArgumentError(
+                    f"{caller}: {str(file)}: d_sae={mine['d_sae']}, d_model={mine['d_model']}, "
+                    f"but layer 0 has d_sae={dims['d_sae']}, d_model={dims['d_model']}; every "
+                    "layer of a CLT has the same sizes."
+                )
+            dims = mine
+            _check_layout(p, layout, dims, str(file), "circuit-tracer's CLT", caller, f"b_enc_{i}")
+            has_th = f"threshold_{i}" in p
+            if i and has_th != bool(th):
+                raise ArgumentError(
+                    f"{caller}: {str(file)}: some layers have a JumpReLU threshold and some do "
+                    "not; a CLT has one activation."
+                )
+            W_enc.append(p[f"W_enc_{i}"])
+            b_enc.append(p[f"b_enc_{i}"])
+            b_dec.append(p[f"b_dec_{i}"])
+            if f"threshold_{i}" in p:
+                th.append(p[f"threshold_{i}"])
+            dec = folder / f"W_dec_{i}.safetensors"
+            want = [dims["d_sae"], n - i, dims["d_model"]]
+            try:
+                with safe_open(str(dec), framework="pt") as f:
+                    keys = list(f.keys())
+                    shape = f.get_slice(f"W_dec_{i}").get_shape() if f"W_dec_{i}" in keys else None
+                    dtype = f.get_slice(f"W_dec_{i}").get_dtype() if shape is not None else None
+            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                raise ArgumentError(
+                    f"{caller}: {str(dec)!r} is missing or not a readable .safetensors file "
+                    f"({err}); every layer i needs W_dec_i.safetensors."
+                ) from err
+            if keys != [f"W_dec_{i}"] or list(shape or []) != want or dtype not in _FLOAT_DTYPES:
+                raise ArgumentError(
+                    f"{caller}: {str(dec)!r} holds {keys} (W_dec_{i}: shape {shape}, dtype "
+                    f"{dtype}); circuit-tracer's CLT stores only W_dec_{i} as a float [d_sae, "
+                    f"n_layers - {i}, d_model] = {want}."
+                )
+        return CrossLayerTranscoder(
+            folder=folder,
+            input_hook=hooks["feature_input_hook"],
+            output_hook=hooks["feature_output_hook"],
+            W_enc=W_enc,
+            b_enc=b_enc,
+            b_dec=b_dec,
+            threshold=th or None,
+            d_model=dims["d_model"],
+            d_sae=dims["d_sae"],
+        )
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
 
 # ----------------------------------------------------------------------------- formats
 #: each format's tensors and the shape it stores them in (d_sae from b_enc, d_model from b_dec)
@@ -974,7 +1186,16 @@ def _layer_files(folder: Path, caller: str) -> list[tuple[int, Path]]:
         files.append((int(match.group(1)), f))
     files.sort()
     if not files:
-        raise ArgumentError(f"{caller}: no layer_{{i}}.safetensors in {str(folder)!r}.")
+        clt = (folder / "W_enc_0.safetensors").is_file()
+        raise ArgumentError(
+            f"{caller}: no layer_{{i}}.safetensors in {str(folder)!r}"
+            + (
+                "; it holds W_enc_0.safetensors, circuit-tracer's cross-layer transcoder "
+                "layout: use Dictionary.from_circuit_tracer_clt(path)."
+                if clt
+                else "."
+            )
+        )
     layers = [layer for layer, _ in files]
     dup = sorted({layer for layer in layers if layers.count(layer) > 1})
     if dup:

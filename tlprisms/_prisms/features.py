@@ -48,7 +48,7 @@ from tlprisms._core.terms import Terms, keep_largest
 from tlprisms._prisms import chain
 from tlprisms._prisms.chain import ChainState, Hop, HopKind, register_hop
 from tlprisms._seam import CacheView, Site
-from tlprisms.dictionary import Dictionary
+from tlprisms.dictionary import CrossLayerTranscoder, Dictionary
 
 __all__ = [
     "feature_split",
@@ -73,11 +73,21 @@ _INHERIT = KINDS.index("ln.b")  # a post-norm's bias follows its layer's write
 _SPARSE_FRACTION = 0.25
 
 
-def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Dictionary]:
+def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Any]:
     """The dictionaries as a list, each checked against the model; at most one residual
     stream dictionary, at most one per attention/MLP write, none inside the residual one."""
-    if isinstance(dictionaries, Dictionary):
+    if isinstance(dictionaries, (Dictionary, CrossLayerTranscoder)):
         dictionaries = [dictionaries]
+    if isinstance(dictionaries, Sequence) and any(
+        isinstance(d, CrossLayerTranscoder) for d in dictionaries
+    ):
+        if len(dictionaries) != 1:
+            raise ArgumentError(
+                f"{caller}: a cross-layer transcoder replaces every MLP write, and its terms "
+                "name their layer only: pass it alone (not with other dictionaries)."
+            )
+        dictionaries[0].check_model(view, caller)
+        return list(dictionaries)
     if (
         isinstance(dictionaries, (str, bytes))
         or not isinstance(dictionaries, Sequence)
@@ -86,7 +96,8 @@ def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Dictio
     ):
         raise ArgumentError(
             f"{caller}: dictionaries={dictionaries!r:.80}; pass a tlprisms.Dictionary or a "
-            "non-empty list of them (e.g. one transcoder per layer)."
+            "non-empty list of them (e.g. one transcoder per layer), or one "
+            "CrossLayerTranscoder."
         )
     out = list(dictionaries)
     for d in out:
@@ -133,14 +144,22 @@ def dictionary_input(
 ) -> Tensor:
     """What the dictionary reads at ``positions [B, P]``: ``[B, P, d_in]``, gathered where
     it lives and returned on ``device`` (the prism's when None)."""
+    return _input_at(cv, d.input_site, d.layer, positions, dtype, device)
+
+
+def _input_at(
+    cv: CacheView, site: Site, layer: int, positions: Tensor, dtype: Any, device: Any = None
+) -> Tensor:
+    """``site`` of ``layer`` at ``positions``; the MLP's input (``LN2_NORMALIZED``) is ln2
+    applied in full (weight and bias) to the recorded stream with its recorded scale."""
     native = device is not None
-    if d.input_site is not Site.LN2_NORMALIZED:
-        x = cv.at(d.input_site, d.layer, positions, dtype, native=native)
+    if site is not Site.LN2_NORMALIZED:
+        x = cv.at(site, layer, positions, dtype, native=native)
         return x if device is None else x.to(device)
     view = cv.view
-    norm = view.ln2[d.layer]
+    norm = view.ln2[layer]
     stream = Site.RESID_PRE if view.parallel else Site.RESID_MID
-    x = cv.at(stream, d.layer, positions, dtype, native=native)
+    x = cv.at(stream, layer, positions, dtype, native=native)
     x = x if device is None else x.to(device)
     scale = cv.scale(norm, positions)[..., None].to(x.device, dtype) if norm.has_scale else None
     return norm.apply(x, scale)
@@ -207,6 +226,52 @@ def _dictionary_terms(cv: CacheView, d: Dictionary, r: Readout, u: Tensor, inv_s
     return _Parts([cv.home(v) for v in values], tables)
 
 
+def _clt_terms(
+    cv: CacheView, clt: CrossLayerTranscoder, r: Readout, u: Tensor, inv_s: Tensor
+) -> dict:
+    """Per MLP layer ``l`` the readout reads: ``_Parts`` of the features of layer ``l``
+    (each the sum of its writes to the MLP outputs of layers ``l .. n-1`` read), ``b_dec[l]``
+    and the error of layer ``l``'s MLP output. One layer's decoders are read at a time."""
+    n = r.mlp_layers
+    positions = r.positions
+    B, P = positions.shape
+    K = u.shape[2]
+    dtype, dev = u.dtype, u.device
+    s = inv_s[:, :, None]
+    # what each MLP output's reconstruction leaves: the recorded write, less every decode
+    rest = [cv.at(Site.MLP_OUT, L, positions, dtype).to(dev) for L in range(n)]
+    feats_by_layer = []
+    for l in range(n):
+        x_in = _input_at(cv, clt.input_site, l, positions, dtype, dev)
+        acts = clt.encode(l, x_in)  # [B, P, F]
+        W = clt.decoder(l, n - l).to(dev, dtype)  # [F, n - l, d]
+        active = (acts != 0).flatten(0, -2).any(0).nonzero()[:, 0]
+        W_act, a_act = W.index_select(0, active), acts.index_select(-1, active)
+        feats = torch.zeros(B, P, K, clt.d_sae, dtype=dtype, device=dev)
+        feats.index_copy_(
+            -1, active, a_act[:, :, None, :] * _contract(W_act.sum(1), u) * s[..., None]
+        )
+        for j in range(n - l):
+            rest[l + j] = rest[l + j] - a_act @ W_act[:, j]
+        feats_by_layer.append(feats)
+        del W, W_act
+    out = {}
+    for L in range(n):
+        b_dec = clt.b_dec[L].to(dev, dtype)
+        values = [
+            feats_by_layer[L],
+            ((u @ b_dec).expand(B, P, K) * s)[..., None],
+            (dot(rest[L] - b_dec, u) * s)[..., None],
+        ]
+        tables = [
+            ComponentTable.block("feature", clt.d_sae, layer=L, feature=np.arange(clt.d_sae)),
+            ComponentTable.block("b_dec", layer=L),
+            ComponentTable.block("error", layer=L),
+        ]
+        out[L] = _Parts([cv.home(v) for v in values], tables)
+    return out
+
+
 def _groups(table: ComponentTable) -> tuple[np.ndarray, np.ndarray]:
     """Per component of a split: its write (0 stream start, 1 attention, 2 MLP, 3 the
     readout's constants) and the layer of that write."""
@@ -224,7 +289,7 @@ def _groups(table: ComponentTable) -> tuple[np.ndarray, np.ndarray]:
 def feature_split(
     cv: CacheView,
     r: Readout,
-    dictionaries: Sequence[Dictionary],
+    dictionaries: Sequence[Any],
     split: Split,
     extra: Sequence[tuple[Tensor, ComponentTable]] = (),
 ) -> Writes:
@@ -242,7 +307,8 @@ def feature_split(
     resid = [
         d
         for d in dictionaries
-        if d.site in RESIDUAL_SITES
+        if isinstance(d, Dictionary)
+        and d.site in RESIDUAL_SITES
         and all(
             x <= y for x, y in zip(RESIDUAL_SITES[d.site](d.layer), (r.attn_layers, r.mlp_layers))
         )
@@ -253,8 +319,15 @@ def feature_split(
         keep &= ~((cat == 0) | ((cat == 1) & (layer < a)) | ((cat == 2) & (layer < m)))
         head.append(_dictionary_terms(cv, d, r, u, inv_s))
     inserts: dict = {}
+    clts = [d for d in dictionaries if isinstance(d, CrossLayerTranscoder)]
+    for L, part in (_clt_terms(cv, clts[0], r, u, inv_s) if clts else {}).items():
+        group = keep & (cat == 2) & (layer == L)
+        if not group.any():  # cannot happen for a model check_model accepted
+            raise AssertionError(f"no MLP write of layer {L} to replace")
+        inserts[int(np.nonzero(group)[0][0])] = part
+        keep &= ~group
     for d in dictionaries:
-        if d.site in RESIDUAL_SITES:
+        if isinstance(d, CrossLayerTranscoder) or d.site in RESIDUAL_SITES:
             continue
         c = 1 if d.site is Site.ATTN_OUT else 2
         group = keep & (cat == c) & (layer == d.layer)
@@ -385,7 +458,7 @@ register_kinds(
 def run(
     rec: Recorded,
     request: Request,
-    dictionaries: Sequence[Dictionary],
+    dictionaries: Sequence[Any],
     split: Split,
     hops: Sequence[Hop] = (),
 ) -> Terms:
