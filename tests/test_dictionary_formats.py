@@ -585,3 +585,19 @@ def test_clt_refusals(tmp_path, demo):
     (folder / "W_enc_0.safetensors").unlink()
     with pytest.raises(ArgumentError, match="missing: W_enc_0.safetensors"):
         tp.Dictionary.from_circuit_tracer_clt(folder)
+
+
+def test_clt_sparse_reads_agree(tmp_path, demo, monkeypatch):
+    """Only the active features' decoder rows are read when few are active; same terms."""
+    from tlprisms._prisms import features
+
+    _, prism = demo
+    folder, _, dec = write_clt(tmp_path / "clt", seed=80)
+    clt = tp.Dictionary.from_circuit_tracer_clt(folder)
+    rows = torch.tensor([0, 1, 2, 5, 7, 8, F - 1])
+    assert torch.equal(clt.decoder(0, 2, rows), dec[0][rows])
+    assert torch.equal(clt.decoder(1, 1, rows[:2]), dec[1][rows[:2]])
+    dense = prism.features(" Paris", clt).values
+    monkeypatch.setattr(features, "_SPARSE_FRACTION", 1.0)
+    sparse = prism.features(" Paris", clt).values
+    assert torch.allclose(dense, sparse, atol=1e-6, rtol=1e-5)

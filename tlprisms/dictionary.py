@@ -714,16 +714,27 @@ class CrossLayerTranscoder:
         th = self.threshold[layer].to(x.device, x.dtype)
         return torch.where(pre > th, pre, torch.zeros_like(pre))
 
-    def decoder(self, layer: int, n_out: Optional[int] = None) -> Tensor:
-        """``W_dec_{layer}[:, :n_out]``: ``[d_sae, n_out, d_model]``, layer ``layer``'s
-        decoders to the MLP outputs of layers ``layer .. layer + n_out - 1``, read from its
-        file now (float32)."""
+    def decoder(
+        self, layer: int, n_out: Optional[int] = None, rows: Optional[Tensor] = None
+    ) -> Tensor:
+        """``W_dec_{layer}[rows, :n_out]``: ``[len(rows) or d_sae, n_out, d_model]``, layer
+        ``layer``'s decoders to the MLP outputs of layers ``layer .. layer + n_out - 1``,
+        read from its file now (float32); ``rows`` (sorted feature indices) reads only those
+        features' rows, one read per run of consecutive ones."""
         from safetensors import safe_open
 
         n_all = self.n_layers - layer
         n_out = n_all if n_out is None else n_out
         with safe_open(str(self._folder / f"W_dec_{layer}.safetensors"), framework="pt") as f:
-            return f.get_slice(f"W_dec_{layer}")[:, :n_out, :].float()
+            sl = f.get_slice(f"W_dec_{layer}")
+            if rows is None:
+                return sl[:, :n_out, :].float()
+            idx = rows.tolist()
+            if not idx:
+                return torch.zeros(0, n_out, self.d_model)
+            cuts = [0] + [i for i in range(1, len(idx)) if idx[i] != idx[i - 1] + 1] + [len(idx)]
+            parts = [sl[idx[a] : idx[b - 1] + 1, :n_out, :] for a, b in zip(cuts, cuts[1:])]
+            return torch.cat(parts, 0).float()
 
     def check_model(self, view: Any, caller: str) -> None:
         """Refuse a CLT that does not fit this model (layers, sizes, sites)."""

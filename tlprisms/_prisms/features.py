@@ -244,9 +244,12 @@ def _clt_terms(
     for l in range(n):
         x_in = _input_at(cv, clt.input_site, l, positions, dtype, dev)
         acts = clt.encode(l, x_in)  # [B, P, F]
-        W = clt.decoder(l, n - l).to(dev, dtype)  # [F, n - l, d]
         active = (acts != 0).flatten(0, -2).any(0).nonzero()[:, 0]
-        W_act, a_act = W.index_select(0, active), acts.index_select(-1, active)
+        if active.numel() <= clt.d_sae * _SPARSE_FRACTION:  # read the active rows only
+            W_act = clt.decoder(l, n - l, active.cpu()).to(dev, dtype)  # [F_act, n - l, d]
+        else:
+            W_act = clt.decoder(l, n - l).to(dev, dtype).index_select(0, active)
+        a_act = acts.index_select(-1, active)
         feats = torch.zeros(B, P, K, clt.d_sae, dtype=dtype, device=dev)
         feats.index_copy_(
             -1, active, a_act[:, :, None, :] * _contract(W_act.sum(1), u) * s[..., None]
@@ -254,7 +257,7 @@ def _clt_terms(
         for j in range(n - l):
             rest[l + j] = rest[l + j] - a_act @ W_act[:, j]
         feats_by_layer.append(feats)
-        del W, W_act
+        del W_act
     out = {}
     for L in range(n):
         b_dec = clt.b_dec[L].to(dev, dtype)
