@@ -426,6 +426,12 @@ def test_sparsify_sites(tmp_path):
     assert tp.Dictionary.from_sparsify(odd, hook="blocks.1.hook_resid_pre").hook == (
         "blocks.1.hook_resid_pre"
     )
+    # a bridge's mlp.hook_out is the MLP's output before a post-norm: refused where there is one
+    out = tp.Dictionary.from_sparsify(odd, hook="blocks.0.mlp.hook_out")
+    case = build_case("gemma2/bridge", True)
+    big = write_sparsify(tmp_path / "x" / "embed_tokens", sparsify_tensors(case.model.cfg.d_model))
+    with pytest.raises(ArgumentError, match="before its post-MLP norm"):
+        case.prism.features(" Paris", tp.Dictionary.from_sparsify(big, hook=out.hook))
     named = write_sparsify(tmp_path / "layers.1", w)
     with pytest.raises(ArgumentError, match="the folder name .layers.1. says"):
         tp.Dictionary.from_sparsify(named, hook="blocks.0.hook_resid_post")

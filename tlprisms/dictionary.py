@@ -556,7 +556,7 @@ class Dictionary:
             name=f"sparsify {folder.name}",
         )
         d.source = str(folder)
-        d._before_post_norm = found is not None and folder.name.endswith(".mlp")
+        d._before_post_norm |= found is not None and folder.name.endswith(".mlp")
         return d
 
     @classmethod
