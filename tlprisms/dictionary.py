@@ -54,6 +54,7 @@ from tlprisms._seam import (
     parse_block_hook,
     transcoder_hooks,
 )
+from tlprisms._seam import dictionary_names as N
 
 __all__ = ["Dictionary", "CrossLayerTranscoder", "ACTIVATIONS"]
 
@@ -235,7 +236,7 @@ class Dictionary:
         #: the output is an MLP module's output before any post-MLP norm (sparsify's
         #: ``layers.L.mlp``): refused on a model with one (TransformerLens records
         #: ``hook_mlp_out`` after it)
-        self._before_post_norm = self.hook.endswith("mlp.hook_out")
+        self._before_post_norm = self.hook.endswith(N.MLP_OUT_BEFORE_NORM)
         #: the file or folder a loader read it from (named in refusals), else None
         self.source: Optional[str] = None
         self.d_in, self.d_sae, self.d_out = int(d_in), int(d_sae), int(d_out)
@@ -297,7 +298,7 @@ class Dictionary:
         if self._before_post_norm and view.ln2_post[self.layer] is not None:
             raise ArgumentError(
                 f"{caller}: dictionary {label} writes layer {self.layer}'s MLP output before "
-                "its post-MLP norm, but TransformerLens records blocks.L.hook_mlp_out after "
+                f"its post-MLP norm, but TransformerLens records blocks.L.{N.MLP_OUT} after "
                 "that norm (what the stream receives), and tlprisms reads no site before it. "
                 "Use a dictionary trained on the output after the norm (Gemma Scope 2's "
                 "post_feedforward_layernorm.output)."
@@ -537,7 +538,7 @@ class Dictionary:
         if transcode and input_hook is None:
             raise ArgumentError(
                 f"{caller}: {cfg_file} says transcode: true; pass input_hook= (the place the "
-                "transcoder reads, e.g. 'blocks.L.mlp.hook_in')."
+                f"transcoder reads, e.g. 'blocks.L.{N.MLP_IN}')."
             )
         skip = p.get("W_skip")
         d = _build(
@@ -582,7 +583,7 @@ class Dictionary:
                 raise ArgumentError(
                     f"{caller}: {cfg_file} has no {key} (a string; got {value!r}); "
                     "circuit-tracer's config names feature_input_hook and feature_output_hook, "
-                    "e.g. hook_resid_mid and hook_mlp_out."
+                    f"e.g. {N.RESID_MID} and {N.MLP_OUT}."
                 )
             hooks[key] = value
         cfg_act = _cfg(cfg, "activation", str, cfg_file, caller, null_ok=True)
@@ -763,8 +764,8 @@ class CrossLayerTranscoder:
             value = _cfg(cfg, key, str, cfg_file, caller)
             if value is None:
                 raise ArgumentError(
-                    f"{caller}: {cfg_file} has no {key} (a string, e.g. hook_resid_mid and "
-                    "hook_mlp_out)."
+                    f"{caller}: {cfg_file} has no {key} (a string, e.g. {N.RESID_MID} and "
+                    f"{N.MLP_OUT})."
                 )
             hooks[key] = value
         _, in_site, _ = _site(block_hook_name(0, hooks["feature_input_hook"]), "input", caller)
@@ -772,7 +773,7 @@ class CrossLayerTranscoder:
         if out_site is not Site.MLP_OUT or in_site not in (Site.LN2_NORMALIZED, Site.RESID_MID):
             raise ArgumentError(
                 f"{caller}: {cfg_file}: a cross-layer transcoder reads the MLP's input "
-                "(hook_resid_mid, mlp.hook_in or ln2.hook_normalized) and writes hook_mlp_out; "
+                f"({N.RESID_MID}, {N.MLP_IN} or {N.LN2_NORMALIZED}) and writes {N.MLP_OUT}; "
                 f"got {hooks['feature_input_hook']!r} -> {hooks['feature_output_hook']!r}."
             )
         n = 0
@@ -913,12 +914,7 @@ _SPARSIFY_NEED = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 #: sparsify options that change the computation beyond the weights: refused when true
 _SPARSIFY_REFUSED = ("embed_skip", "gram_lookup", "matching_pursuit", "signed")
 #: Gemma Scope 2's HF hook points (after ``model.[language_model.]layers.L.``) -> TL hooks
-_GS2_POINTS = {
-    "output": "hook_resid_post",
-    "pre_feedforward_layernorm.output": "mlp.hook_in",
-    "post_feedforward_layernorm.output": "hook_mlp_out",
-    "post_attention_layernorm.output": "hook_attn_out",
-}
+_GS2_POINTS = N.GEMMA_SCOPE_2_POINTS
 
 
 def _gs2_point(point: Any, key: str, where: str, caller: str) -> str:
@@ -928,7 +924,7 @@ def _gs2_point(point: Any, key: str, where: str, caller: str) -> str:
     if match is not None and match.group(2) == "self_attn.o_proj.input":
         raise ArgumentError(
             f"{caller}: {where}: {key} is {point!r}, the attention's per-head z "
-            "(blocks.L.attn.hook_z): such SAEs are not read (a feature's write goes "
+            f"(blocks.L.{N.ATTN_Z}): such SAEs are not read (a feature's write goes "
             "through W_O of the heads it decodes to, which tlprisms does not split yet). "
             "Use an attn_out (post_attention_layernorm.output) SAE instead."
         )
@@ -966,9 +962,9 @@ def _sparsify_hooks(name: str, transcode: bool) -> Optional[tuple]:
         return None
     layer, mlp = int(match.group(1)), match.group(2) is not None
     if not mlp:
-        return None if transcode else (block_hook_name(layer, "hook_resid_post"), None)
-    out = block_hook_name(layer, "hook_mlp_out")
-    return (out, block_hook_name(layer, "mlp.hook_in")) if transcode else (out, None)
+        return None if transcode else (block_hook_name(layer, N.RESID_POST), None)
+    out = block_hook_name(layer, N.MLP_OUT)
+    return (out, block_hook_name(layer, N.MLP_IN)) if transcode else (out, None)
 
 
 def _from_gemma_scope_2(
@@ -991,12 +987,12 @@ def _from_gemma_scope_2(
             f"{caller}: {cfg_file}: type is {kind!r}; tlprisms reads Gemma Scope 2 'sae' and "
             "'transcoder' folders (a cross-layer transcoder is a different layout)."
         )
-    point_in = _cfg(cfg, "hf_hook_point_in", str, cfg_file, caller)
+    point_in = _cfg(cfg, N.GEMMA_SCOPE_2_IN, str, cfg_file, caller)
     if point_in is None:
-        raise ArgumentError(f"{caller}: {cfg_file} has no hf_hook_point_in (a string).")
-    point_out = _cfg(cfg, "hf_hook_point_out", str, cfg_file, caller, point_in)
-    hook_in = _gs2_point(point_in, "hf_hook_point_in", cfg_file, caller)
-    hook_out = _gs2_point(point_out, "hf_hook_point_out", cfg_file, caller)
+        raise ArgumentError(f"{caller}: {cfg_file} has no {N.GEMMA_SCOPE_2_IN} (a string).")
+    point_out = _cfg(cfg, N.GEMMA_SCOPE_2_OUT, str, cfg_file, caller, point_in)
+    hook_in = _gs2_point(point_in, N.GEMMA_SCOPE_2_IN, cfg_file, caller)
+    hook_out = _gs2_point(point_out, N.GEMMA_SCOPE_2_OUT, cfg_file, caller)
     if (kind == "transcoder") != (hook_in != hook_out):
         raise ArgumentError(
             f"{caller}: {cfg_file}: type is {kind!r} but it reads {point_in!r} and writes "
@@ -1231,13 +1227,13 @@ def _build(where: str, caller: str, **kwargs: Any) -> "Dictionary":
 # ----------------------------------------------------------------------------- helpers
 def _site(hook: Any, what: str, caller: str) -> tuple[str, Site, int]:
     parsed = parse_block_hook(hook) if isinstance(hook, str) else None
-    if parsed is None and isinstance(hook, str) and hook.endswith("attn.hook_z"):
+    if parsed is None and isinstance(hook, str) and hook.endswith(N.ATTN_Z):
         raise ArgumentError(
             f"{caller}: {what}={hook!r} is not a hook a dictionary can sit at in tlprisms: "
             "an SAE on per-head z ([batch, pos, head, d_head]) writes through W_O of the "
             "heads it decodes to, and tlprisms does not split that write yet. Use an SAE at "
-            "blocks.L.hook_attn_out, or fold W_O into the decoder yourself only if the encoder "
-            "can also read hook_attn_out (it usually cannot: z is not a function of it)."
+            f"blocks.L.{N.ATTN_OUT}, or fold W_O into the decoder yourself only if the encoder "
+            f"can also read {N.ATTN_OUT} (it usually cannot: z is not a function of it)."
         )
     if parsed is None:
         raise ArgumentError(
@@ -1430,7 +1426,7 @@ def _from_saelens_parts(
         if hook is None:
             hook = _cfg(meta, HOOK_NAME_KEY, str, f"{where} (metadata)", caller, null_ok=True)
     if hook is None:
-        raise ArgumentError(f"{caller}: {where} names no hook (hook_name); pass hook=.")
+        raise ArgumentError(f"{caller}: {where} names no hook ({N.SAELENS_HOOK}); pass hook=.")
     arch = _cfg(cfg, "architecture", str, where, caller, null_ok=True) or "standard"
     arch = arch.lower()
     act_name = (

@@ -402,7 +402,7 @@ def qk_map(
     if not check.is_real(qk_norm_scale) or not 0 < float(qk_norm_scale) < float("inf"):
         raise ArgumentError(
             f"{caller}: qk_norm_scale={qk_norm_scale!r}; pass the positive number the query "
-            "and key norms are frozen at (e.g. a typical attn.q_norm.hook_scale), default 1."
+            "and key norms are frozen at (e.g. a typical recorded q_norm scale), default 1."
         )
     qids, q_labels = _ids(view, query_tokens, "query_tokens", caller)
     kids, k_labels = _ids(view, key_tokens, "key_tokens", caller)

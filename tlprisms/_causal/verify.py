@@ -316,7 +316,7 @@ def _select(
     keep = v >= 0
     v, i = v[keep], i[keep]
     top = i[v.argsort(descending=True, stable=True)[:k]].cpu()
-    flat_ok = ok.reshape(-1).cpu()
+    flat_ok = ok.reshape(-1)  # built on the host (the component table is a numpy mask)
     n_ok = int(flat_ok.sum())
     want = min(sample, n_ok - top.numel())
     gen = torch.Generator().manual_seed(seed)

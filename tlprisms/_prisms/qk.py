@@ -519,8 +519,9 @@ def _prepare(cv: CacheView, layer: int, head: int, pos: int) -> _Head:
     if qk_norm_sides(cv, layer) and not cv.has(Site.ATTN_SCORES, layer):
         raise UnsupportedModelError(
             f"{cv.caller}: layer {layer}'s attention normalises queries and keys (q_norm/k_norm); "
-            "tlprisms freezes them at their recorded scales (attn.q_norm.hook_scale, "
-            "attn.k_norm.hook_scale) only where it can check the result against the scores the "
+            "tlprisms freezes them at their recorded scales "
+            f"('{view.hook(Site.Q_NORM_SCALE, layer)}', '{view.hook(Site.K_NORM_SCALE, layer)}') "
+            "only where it can check the result against the scores the "
             f"model used, and the cache has no '{view.hook(Site.ATTN_SCORES, layer)}' (Hugging "
             "Face's sdpa attention records none). Load the model with eager attention "
             "(TransformerBridge.boot_transformers does; or model.set_attn_implementation('eager') "
