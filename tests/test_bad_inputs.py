@@ -1435,6 +1435,25 @@ ROWS = [
         ArgumentError,
         r"seed must be.*int",
     ),
+    # --- effects on a one-prompt prism (issue 22, part 3): the mean of one row is the row
+    row(
+        "effects/mean against its own one row",
+        lambda e: e.P1.effects(PARIS, [HEAD], ablation="mean"),
+        ArgumentError,
+        r"ablation='mean' against a reference of one distinct row.*reference",
+    ),
+    row(
+        "effects/resample against its own one row",
+        lambda e: e.P1.effects(PARIS, [HEAD], ablation="resample"),
+        ArgumentError,
+        r"ablation='resample' against a reference of one distinct row",
+    ),
+    row(
+        "effects/a chained component",
+        lambda e: e.P1.effects(PARIS, [tp.Component("head", layer=1, head=2, at=3)]),
+        ArgumentError,
+        r"chained term",
+    ),
     # --- explain_task: every argument checked before any work
     row(
         "task/parquet .csv",
