@@ -42,15 +42,19 @@ _TRUE = ("1", "on", "yes", "true")
 
 
 def _names_module() -> Any:
-    """TransformerLens's table of official model names and aliases (4.x or 3.x)."""
-    try:
-        from transformer_lens import supported_models
+    """TransformerLens's table of official model names and aliases: ``supported_models``
+    on 4.x, ``loading_from_pretrained`` on 3.x (where ``supported_models`` exists without
+    the lookup)."""
+    import importlib
 
-        return supported_models
-    except ImportError:
-        from transformer_lens import loading_from_pretrained
-
-        return loading_from_pretrained
+    for name in ("transformer_lens.supported_models", "transformer_lens.loading_from_pretrained"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, "get_official_model_name"):
+            return mod
+    raise ImportError("TransformerLens has no table of official model names")
 
 
 def _official(name: str) -> Optional[str]:
@@ -62,7 +66,10 @@ def _official(name: str) -> Optional[str]:
 
 
 def _close_names(name: str) -> list[str]:
-    mod = _names_module()
+    try:
+        mod = _names_module()
+    except ImportError:
+        return []
     names = list(getattr(mod, "OFFICIAL_MODEL_NAMES", []))
     for aliases in getattr(mod, "MODEL_ALIASES", {}).values():
         names += list(aliases)
