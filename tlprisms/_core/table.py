@@ -398,7 +398,7 @@ class ComponentTable:
         """The label columns of the components ``idx`` in ``to_frame()`` and ``top()``:
         ``kind``, ``layer``, ``head``, ``neuron``, ``src``, ``at`` and ``feature`` (a sparse
         result's frame has no ``feature`` column)."""
-        cols = {"kind": self.kinds()[idx]}
+        cols = {"kind": np.asarray(KINDS, dtype=object)[self.kind[idx]]}  # idx first: millions
         for f in _FIELDS if not sparse else _FIELDS[:-1]:
             cols[f] = getattr(self, f)[idx]
         return cols

@@ -192,7 +192,7 @@ class PairTable(ComponentTable):
 
     def remainder_column(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """The last column of a sparse QK result's frame: ``rest``, True at remainders."""
-        return {"rest": self.kinds()[idx] == "rest"}
+        return {"rest": self.kind[idx] == _REST}
 
     # ------------------------------------------------------------ sparse remainders
     def group_keys(self, idx: np.ndarray) -> np.ndarray:
