@@ -12,7 +12,7 @@ import torch
 
 import tlprisms as tp
 from tlprisms import render
-from tlprisms.demo import load_demo_model
+from tlprisms.demo import load_demo_model, load_demo_sae
 
 #: labels may touch, not overlap: the largest overlap (px, both axes) two labels may have
 OVERLAP_PX = 1.0
@@ -113,6 +113,13 @@ def test_labels_neither_overflow_nor_overlap_at_notebook_width(demo, tmp_path):
         .add(weighted, title="templates")
         .add(demo.verify(demo.full(" Paris")), title="verification")
         .add(render.pair_matrix(demo.qk(1, 0, keys=[4, 2], contrast=True)), title="qk")
+        .add(render.bars(demo.neurons(" Paris"), kind="neuron"), title="neuron bars")
+        .add(render.head_source_map(h), title="head x source map")
+        .add(render.top_tokens(demo, tp.Component("neuron", layer=1, neuron=7)), title="top tokens")
+        .add(tp.weights.unembed_map(model, [str(i) for i in range(10)]), title="unembeddings")
+        .add(demo.effects(" Paris", [tp.Component("head", layer=1, head=h) for h in range(4)]),
+             title="effects")
+        .add(render.feature_terms(demo.features(" Paris", load_demo_sae()), model, [load_demo_sae()]), title="features")
     )  # fmt: skip
     path = report.save(tmp_path / "layout.html")
     with sync_playwright() as pw:
@@ -125,7 +132,7 @@ def test_labels_neither_overflow_nor_overlap_at_notebook_width(demo, tmp_path):
         page.wait_for_timeout(500)
         figures = page.evaluate(LAYOUT_JS)
         b.close()
-    assert len(figures) >= 6
+    assert len(figures) >= 12
     bad = []
     for f in figures:
         x0, y0, x1, y1 = f["box"]
