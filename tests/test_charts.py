@@ -99,7 +99,7 @@ def test_labels_neither_overflow_nor_overlap_at_notebook_width(demo, tmp_path):
 
     from tlprisms.render._browser import CHROMIUM_ARGS
 
-    model = demo.model
+    model, sae = demo.model, load_demo_sae()
     h = demo.heads(" Paris")
     m = tp.weights.neuron_templates(model, 1, [0, 1, 2, 3, 4], [str(i) for i in range(10)])
     weighted = tp.weights.TokenMap(
@@ -119,7 +119,7 @@ def test_labels_neither_overflow_nor_overlap_at_notebook_width(demo, tmp_path):
         .add(tp.weights.unembed_map(model, [str(i) for i in range(10)]), title="unembeddings")
         .add(demo.effects(" Paris", [tp.Component("head", layer=1, head=h) for h in range(4)]),
              title="effects")
-        .add(render.feature_terms(demo.features(" Paris", load_demo_sae()), model, [load_demo_sae()]), title="features")
+        .add(render.feature_terms(demo.features(" Paris", sae), model, [sae]), title="features")
     )  # fmt: skip
     path = report.save(tmp_path / "layout.html")
     with sync_playwright() as pw:
