@@ -25,6 +25,7 @@ PUBLIC = {
     "explain_task",
     "Verification",
     "Dictionary",
+    "CrossLayerTranscoder",
 }
 
 

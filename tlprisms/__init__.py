@@ -46,7 +46,7 @@ from tlprisms._core.table import Component
 from tlprisms._core.targets import Direction, LogitDiff, NextToken, PerRow
 from tlprisms._prisms.chain import Hop
 from tlprisms._seam import needed_hooks
-from tlprisms.dictionary import Dictionary
+from tlprisms.dictionary import CrossLayerTranscoder, Dictionary
 from tlprisms.prism import LogitPrism
 from tlprisms.task import explain_task
 
@@ -64,6 +64,7 @@ __all__ = [
     "PrismError",
     "Verification",
     "Dictionary",
+    "CrossLayerTranscoder",
 ]
 
 from importlib.metadata import PackageNotFoundError, version
