@@ -35,6 +35,7 @@ from tlprisms._causal.certificate import Verification
 from tlprisms._causal.effects import Effects, effects
 from tlprisms._causal.verify import verify
 from tlprisms._core import arguments as check
+from tlprisms._core.graph import AttributionGraph
 from tlprisms._core.inputs import (
     check_logits,
     check_tokens,
@@ -48,6 +49,7 @@ from tlprisms._core.result import Decomposition
 from tlprisms._core.sparse import check_sparse_args
 from tlprisms._core.terms import Terms, to_result
 from tlprisms._prisms import chain, features, qk, qk_chain, read, writes
+from tlprisms._prisms import graph as graph_prism
 from tlprisms._prisms.read import ReadAt
 from tlprisms._seam import CacheView, ModelView, needed_hooks
 
@@ -356,6 +358,22 @@ class LogitPrism:
             return self._call(request, qk_chain.run, request.path, split)
         return self._call(request, qk.run, q_split, k_split)
 
+    # ------------------------------------------------------------------ the circuit
+    @check.entry
+    def graph(self, target: Any = None, pos: int = -1, *, nodes: Any = "neurons",
+            max_nodes: int = 500, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+            heads: bool = False, qk: int = 0, row: Optional[int] = None,
+            softcap: Softcap = "post") -> AttributionGraph:  # fmt: skip
+        """The exact attribution graph of ``target``'s logit at ``pos`` (batch ``row``): see
+        :mod:`tlprisms._prisms.graph` and docs/graphs.md."""
+        args = graph_prism.check_args(self.view, self.batch, nodes, max_nodes, node_threshold,
+            edge_threshold, heads, qk, row, "LogitPrism.graph")  # fmt: skip
+        with torch.no_grad():
+            g = graph_prism.run(self._recording("graph"), Request("graph", target, pos, softcap),
+                *args, self.qk)  # fmt: skip
+        g.meta["tokens"] = str_tokens(self.view, self.tokens)
+        return g
+
     # ------------------------------------------------------------------ any readout
     @check.entry
     def readout(self, vector: Tensor, layer: int, pos: Any = -1, *, at: ReadAt = "ln1",
@@ -398,16 +416,9 @@ class LogitPrism:
             seed: int = 0) -> Verification:  # fmt: skip
         """Check ``result``'s terms on the model itself: remove each term's write in a forward
         pass that holds fixed what the prism holds fixed, and compare the change of the
-        explained value with minus the term.
-
-        The ``k`` largest terms (by ``|value|``) and ``sample`` others drawn at random
-        (``seed``) are checked, every target of a term's position at once, in a few batched
-        forward passes. Constants (biases) are not intervened on; the sum check covers them.
-        Works on any result of this prism (residual, heads, neurons, full, decompose, chains,
-        readouts, and their selections/aggregates). ``target``: the result's own (from its
-        ``request``) unless given. Returns a :class:`~tlprisms.Verification` (``ok``,
-        ``max_error``, ``to_frame()``, a one-line certificate as ``str()``; ``.check()``
-        raises :class:`~tlprisms.errors.VerificationError` unless ``ok``).
+        explained value with minus the term: the ``k`` largest and ``sample`` random others
+        (``seed``); an :class:`AttributionGraph`'s edges and influences likewise. Returns a
+        :class:`~tlprisms.Verification` (README, "Verification").
 
         >>> import tlprisms as tp
         >>> from tlprisms.demo import load_demo_model
@@ -426,18 +437,10 @@ class LogitPrism:
         """Each component's direct term next to its total effect when ablated with nothing
         frozen (so later layers, norms and patterns respond, and backups compensate).
 
-        Args:
-            target: as for :meth:`decompose` (one position per row).
-            components: :class:`Component` records of kind ``"head"``, ``"attn"``,
-                ``"neuron"`` or ``"mlp"``, e.g. ``[tp.Component("head", layer=9, head=6)]``.
-            ablation: replace the component's output at every position by ``"zero"``, its
-                ``"mean"`` over the ``reference`` rows (per position), or its value on a
-                ``"resample"``-d reference row (drawn with ``seed``).
-            reference: token ids ``[rows, pos]`` with as many positions as the input
-                (default: this prism's own input).
-
-        Returns ``Effects``: ``direct``, ``total`` (the drop of the explained value when
-        ablated), ``difference = total - direct``, ``to_frame()``, a direct-vs-total scatter.
+        ``target`` as for :meth:`decompose`; ``components``: :class:`Component` records of
+        kind ``"head"``, ``"attn"``, ``"neuron"`` or ``"mlp"``; ``ablation``: ``"zero"``, the
+        ``"mean"`` over the ``reference`` token rows, or a ``"resample"``-d row (``seed``).
+        Returns ``Effects``: ``direct``, ``total``, ``difference``, ``to_frame()``, a scatter.
 
         >>> import tlprisms as tp
         >>> from tlprisms.demo import load_demo_model

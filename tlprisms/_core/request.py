@@ -28,6 +28,7 @@ PRISMS = (
     "through_neuron",
     "readout",
     "qk",
+    "graph",
 )
 
 

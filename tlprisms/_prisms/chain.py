@@ -57,6 +57,7 @@ __all__ = [
     "run",
     "check_hop",
     "limit_at_zero",
+    "activation",
 ]
 
 
@@ -176,6 +177,11 @@ def _act(name: str, x: Tensor) -> Tensor:
         f"read off the cache (post / up), and tlprisms has no closed form for activation "
         f"{name!r} to compute it. Choose another neuron or position."
     )
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    """The activation function ``name`` applied to ``x`` (a gated MLP's gate)."""
+    return _act(name, x)
 
 
 _LIMITS = {

@@ -54,6 +54,7 @@ __all__ = [
     "feature_split",
     "check_dictionaries",
     "dictionary_input",
+    "site_input",
     "RESIDUAL_SITES",
     "run",
 ]
@@ -163,6 +164,13 @@ def _input_at(
     x = x if device is None else x.to(device)
     scale = cv.scale(norm, positions)[..., None].to(x.device, dtype) if norm.has_scale else None
     return norm.apply(x, scale)
+
+
+def site_input(
+    cv: CacheView, site: Site, layer: int, positions: Tensor, dtype: Any, device: Any = None
+) -> Tensor:
+    """What a dictionary reading ``site`` of ``layer`` reads at ``positions [B, P]``."""
+    return _input_at(cv, site, layer, positions, dtype, device)
 
 
 def _contract(W: Tensor, u: Tensor) -> Tensor:
