@@ -64,6 +64,7 @@ __all__ = [
     "run_ablated",
     "record",
     "ignored_edits",
+    "score_problem",
     "COPY_TOKENS",
     "PROBE_MOVE",
 ]
@@ -98,6 +99,16 @@ def _z_hook(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_z"
 
 
+#: what :func:`ignored_edits` probes besides :class:`Site` values: the queries and keys
+_Q, _K = "q", "k"
+
+
+def _qk_hook(side: str, layer: int) -> str:
+    """A layer's queries (``side="q"``) or keys (``"k"``), ``[batch, pos, head, d_head]``,
+    as the projection wrote them (before rotary; both classes)."""
+    return f"blocks.{layer}.attn.hook_{side}"
+
+
 class _Stop(Exception):
     """Raised by the measuring hook: nothing after it is needed."""
 
@@ -112,7 +123,12 @@ class Removal:
             destination ``at`` set to 0, or only the part read from source ``src``
             subtracted), ``"neurons"`` (activations set to 0: neuron ``index``, or all, at
             ``at``), ``"b_O"``/``"b_out"`` (``vector``, the layer's output bias, subtracted
-            from the layer's output at ``at``).
+            from the layer's output at ``at``), ``"outputs"`` (each ``(kind, layer,
+            vector)`` of ``vectors``, ``kind`` ``"attn"``/``"mlp"``, subtracted at ``at``
+            from that layer's output, every such output otherwise held at its clean value:
+            a write to several layers at once, as a cross-layer transcoder's feature's),
+            ``"none"`` (nothing removed: a copy that only takes its queries or keys from
+            other copies).
         layer: the layer of heads/neurons (-1 for the embeddings).
         at: the residual position of the write.
     """
@@ -123,6 +139,7 @@ class Removal:
     index: int = -1
     src: int = -1
     vector: Optional[Tensor] = None
+    vectors: tuple = ()  # of (kind, layer, vector), kind "outputs"
 
     @property
     def writes(self) -> Optional[tuple[int, str]]:
@@ -132,6 +149,12 @@ class Removal:
         if self.kind in ("neurons", "b_out"):
             return (self.layer, "mlp")
         return None
+
+    def changes(self, layer: int, kind: str) -> bool:
+        """Whether the removal edits the output of ``layer``'s ``kind`` ("attn"/"mlp")."""
+        if self.kind == "outputs":
+            return any(k == kind and ly == layer for k, ly, _ in self.vectors)
+        return self.writes == (layer, kind)
 
 
 @dataclass(frozen=True)
@@ -149,11 +172,17 @@ class Through:
 
 @dataclass(frozen=True)
 class Copy:
-    """One intervened copy of input row ``row``."""
+    """One intervened copy of input row ``row``.
+
+    ``query_from`` / ``key_from`` (runs that measure a layer's attention scores): where the
+    copy's queries / keys of that layer come from: None its own, -1 its clean copy's, ``n``
+    copy ``n``'s of the same run (one that takes neither from another copy)."""
 
     row: int
     removal: Removal
     path: tuple = ()  # of Through
+    query_from: Optional[int] = None
+    key_from: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -182,12 +211,18 @@ class _Hooks:
     def add(self, name: str, edit: Callable[[Tensor], None]) -> None:
         self.edits[name].append(edit)
 
-    def as_list(self) -> list:
+    def as_list(self, batch: int, n_ctx: int) -> list:
+        """The hooks of a forward pass of ``batch`` rows of ``n_ctx`` tokens. Each edit sees
+        the activation with its batch axis first: a hook recorded with the batch and
+        position axes flattened into one (OPT's ``ln2.hook_scale``: ``[batch * pos, 1]``)
+        is seen as ``[batch, pos, ...]`` (a view: the edits land in the tensor returned)."""
+
         def make(edits: list) -> Callable:
             def hook(x: Tensor, hook: Any) -> Tensor:
                 x = x.clone()
+                y = unflatten(x, batch, n_ctx)
                 for edit in edits:
-                    edit(x)
+                    edit(y)
                 return x
 
             return hook
@@ -195,14 +230,23 @@ class _Hooks:
         return [(name, make(edits)) for name, edits in self.edits.items()]
 
 
+def unflatten(x: Tensor, batch: int, n_ctx: int) -> Tensor:
+    """``x`` with its batch axis first: ``[batch * n_ctx, ...]`` (a hook whose module
+    flattened the batch and position axes) viewed as ``[batch, n_ctx, ...]``, else ``x``."""
+    if x.ndim >= 1 and n_ctx > 1 and x.shape[0] == batch * n_ctx:
+        return x.view(batch, n_ctx, *x.shape[1:])
+    return x
+
+
 def _run(model: Any, tokens: Tensor, hooks: _Hooks, mask: Optional[Tensor] = None) -> Any:
     """Run the forward pass until the measuring hook stops it; hooks are removed after. The
     warning TransformerLens gives for edited norm scales is silenced (the edits are ours)."""
     kw = {} if mask is None else {"attention_mask": mask.to(tokens.device)}
+    fwd = hooks.as_list(tokens.shape[0], tokens.shape[1])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SCALE_EDIT_WARNING)
         try:
-            return model.run_with_hooks(tokens, fwd_hooks=hooks.as_list(), **kw)
+            return model.run_with_hooks(tokens, fwd_hooks=fwd, **kw)
         except _Stop:
             return None
 
@@ -211,6 +255,8 @@ def _probe_name(view: ModelView, site: Any) -> Optional[str]:
     """The layer-0 hook name a probe of ``site`` edits (None: the model has no such hook)."""
     if site == _Z:
         return _z_hook(0)
+    if site in (_Q, _K):
+        return _qk_hook(str(site), 0)
     layer = None if site is Site.FINAL_SCALE else 0
     return view.hook(site, layer) if view.has_site(site, layer) else None
 
@@ -252,7 +298,7 @@ def ignored_edits(view: ModelView, tokens: Tensor, sites: Iterable[Any]) -> list
 #: seen to record a value and recompute it (hook_pattern of GPT-J/OPT); the residual-stream,
 #: MLP and norm hooks are TransformerLens's own and always honoured (and a probe of them can
 #: miss on a model whose layer-0 weights are zero)
-_PROBED_SITES = (Site.V, _Z)
+_PROBED_SITES = (Site.V, _Z, _Q, _K, Site.Q_NORM_SCALE, Site.K_NORM_SCALE)
 
 
 def _refuse_ignored(view: ModelView, tokens: Tensor, sites: Iterable[Any], what: str) -> None:
@@ -301,6 +347,7 @@ def run_frozen(
     layer: Optional[int],
     gate_limit: Callable[[Tensor], Tensor],
     attention_mask: Optional[Tensor] = None,
+    head: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """Run every copy with its removal and path, everything else frozen (module docstring).
 
@@ -308,11 +355,15 @@ def run_frozen(
         tokens: the input rows ``[batch, pos]``.
         attention_mask: the mask the rows were recorded with ``[batch, pos]`` (None: none).
         measure: the residual-stream site measured (``FINAL_RESID``, ``RESID_PRE`` ...), at
-            ``layer``; the forward pass stops there.
+            ``layer``; the forward pass stops there. ``ATTN_SCORES``: head ``head``'s
+            pre-softmax scores of ``layer`` (check :func:`score_problem` first), with the
+            layer's query/key norm scales frozen and each copy's queries and keys taken as
+            its ``query_from`` / ``key_from`` say.
         gate_limit: ``act(pre)/pre`` where ``pre`` is 0 (plain MLPs).
 
     Returns:
-        The measured stream of each intervened copy and of its clean copy, ``[N, pos, d]``.
+        The measured stream of each intervened copy and of its clean copy, ``[N, pos, d]``
+        (scores: ``[N, query, key]``).
     """
     N = len(copies)
     tok, index = _batch(tokens, [c.row for c in copies])
@@ -332,12 +383,16 @@ def run_frozen(
     _outputs(plan, hooks)
     for layer_, hops in plan.hops.items():
         _hop_layer(plan, hooks, layer_, hops, gate_limit)
+    if measure is Site.ATTN_SCORES:
+        if layer is None or head is None:
+            raise ValueError("run_frozen: scores are measured at a layer and head")
+        _queries_keys(plan, hooks, layer)
     _refuse_ignored(view, tokens, plan.edited, "verify")
     out: dict[str, Tensor] = {}
     name = view.hook(measure, layer)
 
     def grab(x: Tensor) -> None:
-        out["x"] = x.detach().clone()
+        out["x"] = (x[:, head] if measure is Site.ATTN_SCORES else x).detach().clone()
         raise _Stop()
 
     hooks.add(name, grab)
@@ -348,6 +403,80 @@ def run_frozen(
     _run(view.model, batch, hooks, mask)
     x = out["x"]
     return x[mine.to(x.device)], x[clean.to(x.device)]
+
+
+def _queries_keys(plan: _Plan, hooks: _Hooks, layer: int) -> None:
+    """The measured layer's query/key norm scales frozen, and each copy's queries and keys
+    taken from where its ``query_from`` / ``key_from`` say."""
+    view = plan.view
+    freeze = _freeze(plan.mine, plan.clean)
+    for site in (Site.Q_NORM_SCALE, Site.K_NORM_SCALE):
+        if view.has_site(site, layer):
+            hooks.add(view.hook(site, layer), freeze)
+            plan.edited.add(site)
+    for side, probe in (("q", _Q), ("k", _K)):
+        dst, src = [], []
+        for c, copy in enumerate(plan.copies):
+            f = copy.query_from if side == "q" else copy.key_from
+            if f is None:
+                continue
+            dst.append(int(plan.mine[c]))
+            src.append(int(plan.clean[c]) if f < 0 else int(plan.mine[f]))
+        if dst:
+            hooks.add(_qk_hook(side, layer), _freeze(torch.as_tensor(dst), torch.as_tensor(src)))
+            plan.edited.add(probe)
+
+
+def score_problem(view: ModelView, tokens: Tensor, layer: int) -> Optional[str]:
+    """Why head scores of ``layer`` cannot be measured in a frozen run, or None: the model
+    records no pre-softmax scores there, or edits of its queries/keys do not reach the
+    scores it records (probed once per model and layer: each edited in its own copy of a
+    few of ``tokens``' ids)."""
+    name = view.hook(Site.ATTN_SCORES, layer)
+    if not view.has_site(Site.ATTN_SCORES, layer):
+        return (
+            f"its layer {layer} records no pre-softmax attention scores ('{name}' holds the "
+            "softmaxed weights that Hugging Face's attention function returns, on this "
+            "TransformerLens bridge), so no hook shows the score a term is part of"
+        )
+    try:
+        known = _PROBED.setdefault(view.model, {})
+    except TypeError:  # not weakly referenceable: probe every time
+        known = {}
+    key = f"scores:{layer}"
+    if key not in known:
+        row = tokens[:1, -min(4, tokens.shape[1]) :]
+        hooks = _Hooks()
+        for r, side in ((1, "q"), (2, "k")):
+
+            def edit(x: Tensor, r: int = r) -> None:
+                ramp = torch.linspace(0.5, 1.5, x.shape[-1], device=x.device, dtype=x.dtype)
+                x[r] = x[r] * 2 + ramp * (x[r].abs().max() + 1)
+
+            hooks.add(_qk_hook(side, layer), edit)
+        out: dict[str, Tensor] = {}
+
+        def grab(x: Tensor) -> None:
+            out["x"] = x.detach().float().clone()
+            raise _Stop()
+
+        hooks.add(name, grab)
+        _run(view.model, row.expand(3, -1), hooks)
+        x = out.get("x")
+        moved = []
+        if x is not None:
+            x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+            size = float(x[0].abs().max()) + 1.0
+            moved = [float((x[r] - x[0]).abs().max()) > PROBE_MOVE * size for r in (1, 2)]
+        known[key] = x is not None and all(moved)
+    if not known[key]:
+        return (
+            f"edits of its layer-{layer} queries or keys ('{_qk_hook('q', layer)}', "
+            f"'{_qk_hook('k', layer)}') do not reach the scores it records at '{name}' (the "
+            "attention recomputes them after the hooks), so a query or key side cannot be "
+            "held fixed"
+        )
+    return None
 
 
 def _freeze_scales(plan: _Plan, hooks: _Hooks) -> None:
@@ -448,7 +577,23 @@ def _removals(plan: _Plan, hooks: _Hooks) -> None:
 
             hooks.add(view.hook(Site.MLP_POST, r.layer), zero_post)
             plan.edited.add(Site.MLP_POST)
-        else:
+        elif r.kind == "outputs":
+            for kind, layer, vec in r.vectors:
+                site = Site.ATTN_OUT if kind == "attn" else Site.MLP_OUT
+
+                def sub_out(
+                    x: Tensor,
+                    b: int = b,
+                    cl: int = int(plan.clean[c]),
+                    at: int = r.at,
+                    vec: Tensor = vec,
+                ) -> None:
+                    x[b] = x[cl]
+                    x[b, at] -= vec.to(x.device, x.dtype)
+
+                hooks.add(view.hook(site, layer), sub_out)
+                plan.edited.add(site)
+        elif r.kind != "none":
             raise ValueError(f"unknown removal {r.kind}")
 
 
@@ -477,7 +622,7 @@ def _outputs(plan: _Plan, hooks: _Hooks) -> None:
             frozen = [
                 c
                 for c, copy in enumerate(plan.copies)
-                if copy.removal.writes != (layer, kind) and c not in on_path
+                if not copy.removal.changes(layer, kind) and c not in on_path
             ]
             if frozen:
                 idx = torch.as_tensor(frozen)
