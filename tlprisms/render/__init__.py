@@ -30,6 +30,7 @@ props escaped for a ``<script>``; tokens are always shown as text, never as mark
 from tlprisms._causal.certificate import Verification
 from tlprisms._causal.effects import Effects
 from tlprisms._core import views as _registry
+from tlprisms._core.graph import AttributionGraph
 from tlprisms._core.result import Decomposition
 from tlprisms.render._features import feature_terms
 from tlprisms.render._page import Report, save_png, save_svg, show, to_html
@@ -47,6 +48,7 @@ from tlprisms.render._svg_plots import lines_svg, scatter_svg
 from tlprisms.render._top_tokens import TopTokens, top_tokens
 from tlprisms.render._views import bars, head_source_map, layer_head_heatmap, source_tokens
 from tlprisms.render._views_base import Figure, View, Widget, init_notebook
+from tlprisms.render.graph import graph_svg, graph_views
 from tlprisms.weights import TokenMap, TokenProjection
 
 __all__ = [
@@ -84,3 +86,4 @@ _registry.register(
     Verification, html=to_html, show=show, svg=verification_svg, views=verification_views
 )
 _registry.register(Effects, html=to_html, show=show, svg=effects_svg, views=effects_views)
+_registry.register(AttributionGraph, html=to_html, show=show, svg=graph_svg, views=graph_views)
