@@ -369,10 +369,8 @@ class LogitPrism:
         args = graph_prism.check_args(self.view, self.batch, nodes, max_nodes, node_threshold,
             edge_threshold, heads, qk, row, "LogitPrism.graph")  # fmt: skip
         with torch.no_grad():
-            g = graph_prism.run(self._recording("graph"), Request("graph", target, pos, softcap),
-                *args, self.qk)  # fmt: skip
-        g.meta["tokens"] = str_tokens(self.view, self.tokens)
-        return g
+            return graph_prism.run(self._recording("graph"),
+                Request("graph", target, pos, softcap), *args, self.qk)  # fmt: skip
 
     # ------------------------------------------------------------------ any readout
     @check.entry

@@ -15,6 +15,7 @@ Vocabulary (the one of every result): ``L3N17@5`` (neuron 17 of layer 3 at posit
 import heapq
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -164,7 +165,9 @@ class AttributionGraph:
         """The kept edges as a sparse ``[n_nodes, n_nodes]`` tensor ``A[dst, src] = weight``."""
         idx = torch.as_tensor(np.stack([self.dst, self.src]), dtype=torch.long)
         n = len(self)
-        return torch.sparse_coo_tensor(idx, torch.as_tensor(self.weight), (n, n)).coalesce()
+        with warnings.catch_warnings():  # torch calls its sparse layouts beta
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_coo_tensor(idx, torch.as_tensor(self.weight), (n, n)).coalesce()
 
     # ------------------------------------------------------------------ identities
     def input_gap(self) -> np.ndarray:
@@ -208,6 +211,8 @@ class AttributionGraph:
                 f"from its kept edges plus remainder by {gap[i]:+.3g} ({int(bad.sum())} nodes "
                 "off). Please report this with the model's config."
             )
+        if not self.meta.get("all_sources", True):
+            return self  # a subgraph: some sources are gone (their edges are remainders)
         src = np.isin(self.nodes.kind, SOURCES)
         total = float(self.nodes.influence[src].sum())
         l1 = float(np.abs(self.nodes.influence[src]).sum())
@@ -278,7 +283,7 @@ class AttributionGraph:
         remainder, so the identities still hold."""
         rows = {self.row(n) for n in nodes} | set(np.nonzero(self.nodes.kind == "logit")[0])
         keep = np.zeros(len(self), dtype=bool)
-        keep[list(rows)] = True
+        keep[np.asarray(sorted(rows), dtype=np.int64)] = True
         new_index = -np.ones(len(self), dtype=np.int64)
         new_index[keep] = np.arange(int(keep.sum()))
         stays = keep[self.src] & keep[self.dst]
@@ -287,13 +292,15 @@ class AttributionGraph:
         rem = self.nodes.remainder.copy()
         np.add.at(rem, self.dst[moved], self.weight[moved])
         table.remainder = rem[keep]
+        meta = dict(self.meta)
+        meta["all_sources"] = bool(keep[np.isin(self.nodes.kind, SOURCES)].all())
         return AttributionGraph(
             nodes=table,
             src=new_index[self.src[stays]],
             dst=new_index[self.dst[stays]],
             weight=self.weight[stays],
             flow=self.flow[stays],
-            meta=dict(self.meta),
+            meta=meta,
             loadings=None if self.loadings is None else self.loadings[stays],
             head_names=self.head_names,
             qk=list(self.qk),

@@ -47,6 +47,7 @@ from torch import Tensor
 from tlprisms._core import arguments as check
 from tlprisms._core.errors import ArgumentError, UnsupportedModelError
 from tlprisms._core.graph import AttributionGraph, NodeTable
+from tlprisms._core.inputs import str_tokens
 from tlprisms._core.readout import Recorded, explain, final_readout, target_labels
 from tlprisms._core.request import Request
 from tlprisms._prisms import features as features_prism
@@ -161,7 +162,7 @@ def check_args(
     qk: Any,
     row: Any,
     caller: str,
-) -> tuple:
+) -> tuple[int, list, int, float, float, bool, int]:
     """The checked arguments of ``LogitPrism.graph`` after the target: ``(row,
     dictionaries, max_nodes, node_threshold, edge_threshold, heads, qk)``."""
     dictionaries = check_nodes(view, nodes, caller)
@@ -255,8 +256,8 @@ def _neurons(cv: CacheView, layer: int, b: int, P: int, ln2: Any, inv2: Tensor) 
 def _dictionary_set(cv: CacheView, d: Dictionary, b: int, P: int, ln2: Any, inv2: Tensor) -> tuple:
     """(the features of transcoder ``d`` active at positions < P, its error ``[P, d]``)."""
     dtype, dev = cv.dtype, cv.device
-    pos = torch.arange(P, device=dev)[None]
-    x_in = features_prism.dictionary_input(cv, d, pos, dtype)[0]  # [P, d_in]
+    pos = torch.arange(P, device=dev)[None].expand(cv.batch, P)
+    x_in = features_prism.dictionary_input(cv, d, pos, dtype)[b]  # [P, d_in]
     pre = d.pre_activations(x_in.to(d.W_enc.device)).to(dev)
     acts = d.activate(pre)
     active = (acts != 0).any(0).nonzero()[:, 0]
@@ -298,12 +299,12 @@ def _dictionary_set(cv: CacheView, d: Dictionary, b: int, P: int, ln2: Any, inv2
 def _clt_sets(cv: CacheView, clt: CrossLayerTranscoder, b: int, P: int, fz_layers: list) -> tuple:
     dtype, dev = cv.dtype, cv.device
     n = clt.n_layers
-    pos = torch.arange(P, device=dev)[None]
+    pos = torch.arange(P, device=dev)[None].expand(cv.batch, P)
     sets, rest = [], {L: cv.get(Site.MLP_OUT, L)[b, :P].to(dtype) for L in range(n)}
     b_dec = {L: clt.b_dec[L].to(dev, dtype) for L in range(n)}
     normed = clt.input_site is Site.LN2_NORMALIZED
     for l in range(n):
-        x_in = features_prism.site_input(cv, clt.input_site, l, pos, dtype)[0]
+        x_in = features_prism.site_input(cv, clt.input_site, l, pos, dtype)[b]
         acts = clt.encode(l, x_in)
         active = (acts != 0).any(0).nonzero()[:, 0]
         W_dec = clt.decoder(l, n - l, active.cpu()).to(dev, dtype)  # [F, n - l, d]
@@ -870,6 +871,7 @@ def run(
     src, dst = src[graph_order], dst[graph_order]
     wsel = wts[keep_e][graph_order]
     fsel = flows[keep_e][graph_order]
+    toks = str_tokens(view, rec.tokens)
     meta = {
         "target_label": target_label,
         "explains": explains,
@@ -879,7 +881,7 @@ def run(
         "n_layers": view.n_layers,
         "n_heads": view.n_heads,
         "precision": rec.cache.precision(),
-        "tokens": None,
+        "tokens": None if toks is None else [str(x) for x in toks[row][:P]],
         "node_threshold": node_threshold,
         "edge_threshold": edge_threshold,
         "max_nodes": max_nodes,
@@ -985,6 +987,7 @@ def _why_attended(
         desc.capture = layer
         desc.run(readers.take(np.asarray([int(graph.dst[e]) - base])))
         G = desc.captured
+        assert G is not None  # the descent passed the layer
         lay = fz.layers[layer]
         Gp = G if lay.post1 is None else lay.post1.pull_back(G)
         Gp = Gp[0] * (lay.inv_post1[:, None] * lay.rs)  # [P, d]
