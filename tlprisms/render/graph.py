@@ -31,7 +31,15 @@ from tlprisms._core import arguments as check
 from tlprisms._core.errors import ArgumentError
 from tlprisms._core.graph import AttributionGraph
 from tlprisms.render._escape import esc, new_id, script_json, token_label
-from tlprisms.render._svg import NEGATIVE, POSITIVE, fmt, svg_document, text_width, title_lines
+from tlprisms.render._svg import (
+    NEGATIVE,
+    POSITIVE,
+    Real,
+    fmt,
+    svg_document,
+    text_width,
+    title_lines,
+)
 from tlprisms.render._views_base import WRAP, Figure, View
 
 __all__ = ["graph_view", "graph_svg", "graph_views", "GraphView", "MAX_EDGES", "LABELS"]
@@ -174,7 +182,7 @@ class _Layout:
         )
 
     # geometry, once the top of the grid is known
-    def place(self, top: float) -> None:
+    def place(self, top: Real) -> None:
         self.top = top
         self.col_x = np.concatenate([[self.left], self.left + np.cumsum(self.col_w)])
         self.grid_right = float(self.col_x[-1])
@@ -279,7 +287,7 @@ def _caption(g: AttributionGraph, drawn: int) -> tuple[str, str]:
     return title, note
 
 
-def _legend(kinds: list, width: float, y: float) -> tuple[list, float]:
+def _legend(kinds: list, width: Real, y: Real) -> tuple[list, Real]:
     """Legend items (kinds, edge signs, what size and width mean) wrapped to ``width``;
     returns the elements and the height taken."""
     items = [(KIND_NAMES[k], ("node", KIND_COLOURS[k])) for k in KIND_NAMES if k in kinds]
@@ -311,12 +319,10 @@ def _legend(kinds: list, width: float, y: float) -> tuple[list, float]:
 
 
 def _boxes_overlap(a: tuple, b: tuple) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    return bool(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
 
 
-def _node_labels(
-    g: AttributionGraph, lay: _Layout, n_labels: int, width: float, top: float
-) -> list:
+def _node_labels(g: AttributionGraph, lay: _Layout, n_labels: int, width: Real, top: Real) -> list:
     """Text labels of the ``n_labels`` nodes of largest ``|influence|`` (and the logit),
     each right of its node, else left of it, else not drawn (labels never overlap)."""
     infl = np.abs(np.nan_to_num(np.asarray(g.nodes.influence, dtype=np.float64)))
@@ -326,12 +332,21 @@ def _node_labels(
         for i in np.argsort(-infl, kind="stable")
         if lay.kind[i] not in ("logit", "const") and infl[i] > 0
     ][:n_labels]
-    boxes: list = []
+    boxes: list = [  # the constants' labels are drawn already
+        (
+            float(lay.x[i]) + R_ALONE + 4,
+            float(lay.y[i]) + 3.5 - FONT_PX - 1,
+            float(lay.x[i]) + R_ALONE + 4 + text_width(lay.labels[i].short, FONT_PX),
+            float(lay.y[i]) + 6.5,
+        )
+        for members in lay.consts.values()
+        for i in members
+    ]
     out = []
     for i in logit + others:
         lab = lay.labels[i]
         w = text_width(lab.short, FONT_PX)
-        x, y, r = lay.x[i], lay.y[i], lay.r[i]
+        x, y, r = float(lay.x[i]), float(lay.y[i]), float(lay.r[i])
         spots = (  # (anchor, text x, baseline y, box left)
             ("start", x + r + 3, y + FONT_PX / 2 - 1, x + r + 3),
             ("end", x - r - 3, y + FONT_PX / 2 - 1, x - r - 3 - w),
@@ -469,7 +484,8 @@ def _draw(g: AttributionGraph, max_edges: int, n_labels: int) -> tuple[str, dict
         for i in members:
             lab = lay.labels[i]
             body.append(
-                f'<text x="{lay.x[i] + R_ALONE + 4:.1f}" y="{lay.y[i] + 3.5:.1f}" '
+                f'<text class="tlp-const" x="{lay.x[i] + R_ALONE + 4:.1f}" '
+                f'y="{lay.y[i] + 3.5:.1f}" '
                 f'font-size="{FONT_PX}" fill="#444444">{lab.svg()}</text>'
             )
     body += _node_labels(g, lay, n_labels, width, top)
