@@ -52,6 +52,10 @@ class Verification:
         constants_error: their largest error, relative to ``max(1, |explained|, sum
             |terms|)``.
         constants_ok: they matched.
+        sums_checked: how many of the checked terms (the last ones) are sums of a result's
+            terms rather than terms of it: a QK result's row of one query-side writer
+            (``q:a x k:whole``) or column of one key-side writer, each against the removal
+            of that writer alone.
     """
 
     ok: bool
@@ -75,6 +79,7 @@ class Verification:
     constants_checked: int = 0
     constants_error: float = 0.0
     constants_ok: bool = True
+    sums_checked: int = 0
 
     @property
     def max_error(self) -> float:
@@ -106,9 +111,11 @@ class Verification:
     # ------------------------------------------------------------------ text
     def checked_terms(self) -> str:
         """How many terms were checked: ``"3 largest + 2 sampled terms"``."""
-        n_top = int((~self.sampled).sum())
+        n_top = int((~self.sampled).sum()) - self.sums_checked
         n_sampled = int(self.sampled.sum())
-        return f"{n_top} largest + {n_sampled} sampled terms"
+        sums = self.sums_checked
+        extra = f" + {sums} row/column sum{'' if sums == 1 else 's'}" if sums else ""
+        return f"{n_top} largest + {n_sampled} sampled terms{extra}"
 
     def __str__(self) -> str:
         text = self._text()
@@ -156,7 +163,8 @@ class Verification:
         )
         return (
             f"{self.checked_terms()} verified by intervention{consts}, max error "
-            f"{self.max_error:.1g} of a {self.explains} of {float(self.explained[i]):.3g}"
+            f"{self.max_error:.1g} of {'an' if self.explains[:1] in 'aeiou' else 'a'} "
+            f"{self.explains} of {float(self.explained[i]):.3g}"
         )
 
     def _skipped(self) -> str:
@@ -178,8 +186,9 @@ class Verification:
 
     def to_frame(self) -> Any:
         """One row per checked term: ``component``, its fields, ``batch``, ``pos``,
-        ``target``, ``selected`` (``"top"``/``"sample"``), ``term``, ``change``, ``error``,
-        ``bound``, ``ok``."""
+        ``target``, ``selected`` (``"top"``/``"sample"``, ``"sum"`` for a QK row or
+        column sum), ``term``, ``change``, ``error``, ``bound``, ``ok``; a QK result's also
+        has each side's fields (``q_kind`` ... ``k_src``)."""
         import pandas as pd
 
         c = self.components
@@ -195,12 +204,17 @@ class Verification:
                 "batch": self.batch.numpy(),
                 "pos": self.pos.numpy(),
                 "target": self.target_labels,
-                "selected": np.where(self.sampled.numpy(), "sample", "top"),
+                "selected": np.where(
+                    np.arange(len(self.sampled)) >= len(self.sampled) - self.sums_checked,
+                    "sum",
+                    np.where(self.sampled.numpy(), "sample", "top"),
+                ),
                 "term": self.terms.numpy(),
                 "change": self.change.numpy(),
                 "error": self.error.numpy(),
                 "bound": self.bound.numpy(),
                 "ok": ~self.failed.numpy(),
+                **(c.frame_columns(np.arange(len(c))) if c.is_pairs else {}),
             }
         )
 

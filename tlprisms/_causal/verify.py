@@ -68,6 +68,7 @@ from tlprisms._causal.removals import (
     rerun_inputs,
     select_terms,
 )
+from tlprisms._causal.verify_qk import verify_qk
 from tlprisms._core import arguments as check
 from tlprisms._core.errors import ArgumentError, TargetError
 from tlprisms._core.readout import Recorded, Softcap, explain, final_readout
@@ -360,6 +361,13 @@ def verify(
             "that made it."
         )
     tokens, mask = rerun_inputs(rec, caller, "verifying")
+    if result.request is not None and result.request.prism == "qk":
+        if target is not None:
+            raise ArgumentError(
+                f"{caller}: a QK result is verified against the scores it explains (its "
+                "request's head, query and keys); pass no target."
+            )
+        return verify_qk(rec, result, tokens, mask, k, sample, seed, caller)
     ro, fr, ex = _reread(rec, result, target, caller)
     comps_all = result.components
     codes = comps_all.kind  # compared as codes: a chained result has millions of components

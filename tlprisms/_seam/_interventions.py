@@ -435,9 +435,10 @@ def score_problem(view: ModelView, tokens: Tensor, layer: int) -> Optional[str]:
     name = view.hook(Site.ATTN_SCORES, layer)
     if not view.has_site(Site.ATTN_SCORES, layer):
         return (
-            f"its layer {layer} records no pre-softmax attention scores ('{name}' holds the "
-            "softmaxed weights that Hugging Face's attention function returns, on this "
-            "TransformerLens bridge), so no hook shows the score a term is part of"
+            f"its layer {layer} records no pre-softmax attention scores (on this "
+            f"TransformerLens bridge '{name}' holds the softmaxed weights its attention "
+            "function returns, and no other hook holds the scores), so no hook shows the "
+            "score a term is part of"
         )
     try:
         known = _PROBED.setdefault(view.model, {})
