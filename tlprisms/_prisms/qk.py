@@ -85,6 +85,11 @@ __all__ = [
 #: does not know and nothing is returned
 _SCORES_RTOL = 1e-4
 _SCORES_RTOL_LOWP = 3e-2
+#: the softmax of the scores over the keys the model attends must match the recorded
+#: ``hook_pattern`` to this (absolute, on probabilities; float32 and float64 caches / low
+#: precision), or the scores are not those the model used and nothing is returned
+PATTERN_ATOL = 1e-4
+PATTERN_ATOL_LOWP = 3e-2
 
 
 def rotate(
@@ -107,15 +112,21 @@ def rotate(
 
 def rotary_tables(
     cv: CacheView, layer: int, positions: Tensor, dtype: torch.dtype
-) -> Optional[tuple]:
-    """``(cos, sin)`` ``[B, P, rot]`` at ``positions``, or None without rotary."""
+) -> Optional[tuple[Tensor, Tensor, bool]]:
+    """``(cos, sin, adjacent)`` at ``positions`` (``[B, P, rot]`` per coordinate, and whether
+    they rotate adjacent pairs rather than halves), or None where ``layer`` does not rotate
+    (no rotary, or a NoPE layer of a hybrid). A HookedTransformer's tables, a GPT-J bridge's
+    computed from its rotary module (its attention records none), or the tables a bridge's
+    attention recorded, in the layout it applies them
+    (:meth:`~tlprisms._seam.ModelView.rotary_canonical`)."""
     view = cv.view
-    if not view.rotary:
+    if not view.rotary_at(layer):
         return None
     tables = view.rotary_tables(layer, cv.n_ctx)
     if tables is not None:  # gathered where the layer's tables live
         cos, sin = (t[positions.to(t.device)].to(positions.device, dtype) for t in tables)
-        return cos, sin
+        adjacent = view.rotary_adjacent_pairs or view.rotary_tables_computed(layer)
+        return cos, sin, adjacent
     B = positions.shape[0]
     out = []
     for site in (Site.ROT_COS, Site.ROT_SIN):
@@ -123,7 +134,7 @@ def rotary_tables(
         t = t.expand(B, *t.shape[1:]) if t.shape[0] != B else t
         rows = torch.arange(B, device=t.device)[:, None]
         out.append(t[rows, positions.to(t.device)].to(positions.device, dtype))
-    return out[0], out[1]
+    return view.rotary_canonical(out[0], out[1])
 
 
 def qk_norm_factor(
@@ -132,26 +143,40 @@ def qk_norm_factor(
     """The query (``side="q"``) or key (``"k"``) norm of ``layer``, frozen at its recorded
     scale, as the elementwise factor ``w / s`` of head ``head`` (a key/value head for
     ``"k"``) at ``positions``: ``[B, P, d_head]`` on the prism's device, or None where the
-    attention has no such norm. Gemma 3 and Qwen3 normalise each head (``s`` per head and
-    position), OLMo 2 all heads at once (``s`` per position, ``w`` the head's slice). The
-    model applies it to ``ln1(x) W + b`` before rotary; so does every caller."""
+    attention has no such norm. Gemma 3, Qwen3 and Cohere normalise each head (``s`` per
+    head and position), OLMo 2 all heads at once (``s`` per position, ``w`` the head's
+    slice). A centred norm (Cohere's LayerNorm, :func:`qk_norm_centred`) subtracts the
+    mean over ``d_head`` before the factor. The model applies it to ``ln1(x) W + b`` before
+    rotary; so does every caller."""
     view = cv.view
-    norm = view.qk_norm(layer, side)
-    if norm is None or norm.weight is None:
+    norm = view.qk_norm_frozen(layer, side)
+    if norm is None:
         return None
-    t = cv.get(norm.site, layer, native=True)  # [B, H, n, 1] per head, [B, n, 1] over all
-    w, d = norm.weight, view.d_head
-    if view.qk_norm_per_head(layer, side):
-        s = t[:, head, :, 0]
-    else:
-        s, w = t[..., 0], w[head * d : (head + 1) * d]
+    t = cv.get(norm.site, layer, native=True)
+    s3 = view.qk_norm_scales(layer, side, t, cv.batch, cv.n_ctx)  # [B, n, H or 1]
+    s = s3[..., head] if view.qk_norm_per_head(layer, side) else s3[..., 0]
+    w = view.qk_norm_weight(layer, side, head)
     s = cv.home(gather_pos(s, positions, dtype))  # [B, P]
     return w.to(s.device, dtype)[None, None] / s[..., None]
 
 
+def qk_norm_centred(cv: CacheView, layer: int, side: str) -> bool:
+    """Whether that norm subtracts the mean over ``d_head`` first (Cohere's LayerNorm): then
+    ``v -> (v - mean v) * w / s``, and its transpose ``y -> P(y * w / s)`` (``P`` the
+    centring, symmetric)."""
+    norm = cv.view.qk_norm_frozen(layer, side)
+    return norm is not None and norm.centred
+
+
+def centre(v: Tensor, dim: int) -> Tensor:
+    """``v`` minus its mean over ``dim`` (a centred query/key norm's projection)."""
+    return v - v.mean(dim, keepdim=True)
+
+
 def qk_norm_sides(cv: CacheView, layer: int) -> bool:
     """Whether ``layer``'s attention normalises its queries or keys."""
-    return cv.view.qk_norm(layer, "q") is not None or cv.view.qk_norm(layer, "k") is not None
+    view = cv.view
+    return any(view.qk_norm_frozen(layer, side) is not None for side in "qk")
 
 
 def shortformer_part(
@@ -208,12 +233,15 @@ def side_terms(
     buf = torch.empty(B, P, len(table), cols.shape[0], dtype=dtype, device=cv.device)
     terms = split_writes(cv, readout, split, extra=extra, out=buf.permute(0, 1, 3, 2))
     values = terms.values
-    qn = qk_norm_factor(cv, layer, "q" if bias_kind == "b_Q" else "k", head, positions, dtype)
+    side = "q" if bias_kind == "b_Q" else "k"
+    qn = qk_norm_factor(cv, layer, side, head, positions, dtype)
     if qn is not None:  # the frozen query/key norm, before rotary as in the model
+        if qk_norm_centred(cv, layer, side):
+            values = centre(values, 2)
         values = values * qn[..., None]
     rot = rotary_tables(cv, layer, positions, dtype)
     if rot is not None:
-        values = rotate(values, rot[0], rot[1], view.rotary_adjacent_pairs)
+        values = rotate(values, rot[0], rot[1], rot[2])
     return values, terms.table
 
 
@@ -239,11 +267,13 @@ def whole_side(
         v = v + pe.to(dev)
     qn = qk_norm_factor(cv, layer, side, head, positions, dtype)
     if qn is not None:
+        if qk_norm_centred(cv, layer, side):
+            v = centre(v, -1)
         v = v * qn.to(dev)
     rot = rotary_tables(cv, layer, positions, dtype)
     if rot is not None:
         cos, sin = rot[0].to(dev), rot[1].to(dev)
-        v = rotate(v[..., None], cos, sin, cv.view.rotary_adjacent_pairs)[..., 0]
+        v = rotate(v[..., None], cos, sin, rot[2])[..., 0]
     return cv.home(v)
 
 
@@ -271,13 +301,16 @@ def one_side(
     rot = rotary_tables(cv, layer, positions, dtype)
     y = other * factor  # [B, K, d_head]
     if rot is not None:  # R_p^T: the rotation at p with the sine negated
-        cos, sin = rot  # [B, P, rot]
+        cos, sin, adjacent = rot  # [B, P, rot]
         if P == 1:
             cos, sin = cos.expand(B, y.shape[1], -1), sin.expand(B, y.shape[1], -1)
-        y = rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
-    qn = qk_norm_factor(cv, layer, "q" if bias_kind == "b_Q" else "k", head, positions, dtype)
+        y = rotate(y[..., None], cos, -sin, adjacent)[..., 0]
+    side = "q" if bias_kind == "b_Q" else "k"
+    qn = qk_norm_factor(cv, layer, side, head, positions, dtype)
     if qn is not None:  # the frozen query/key norm, elementwise (P == 1: one per key)
         y = y * qn
+        if qk_norm_centred(cv, layer, side):
+            y = centre(y, -1)
     u_pre = cv.home(y.to(W.device) @ W.T)  # [B, K, d_model], made where W lives
     pe = shortformer_part(cv, W, positions)  # [B, P, d_head] or None
     pe_term = None
@@ -445,6 +478,9 @@ def masked_keys(
         low = torch.finfo(scores.dtype).min / 2 if scores.dtype.is_floating_point else None
         out = torch.isneginf(scores) if low is None else torch.isneginf(scores) | (scores <= low)
         return out.cpu()
+    if cv.has(Site.PATTERN, layer):  # no scores recorded: the keys given no attention at all
+        pattern = cv.get(Site.PATTERN, layer)[:, head, pos]
+        return (pattern[:, idx.to(pattern.device)] == 0).cpu()
     return None
 
 
@@ -477,7 +513,8 @@ def unmasked_keys(
         f"{cv.caller}: key{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of "
         f"L{layer}H{head} at query {pos} {'are' if len(bad) > 1 else 'is'} masked in "
         f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}: the model gave "
-        f"{'them' if len(bad) > 1 else 'it'} no score (-inf), because of the attention mask "
+        f"{'them' if len(bad) > 1 else 'it'} no attention (a -inf score, or without "
+        "recorded scores a zero in the recorded pattern), because of the attention mask "
         "(padding recorded with run_with_cache(..., attention_mask=...)) or a sliding "
         f"attention window, so there is nothing to split. {fix[0].upper() + fix[1:]}, or "
         "run the padded row on its own."
@@ -505,6 +542,10 @@ class _Head:
     qpos: Tensor
     factor: float
     cap: Optional[float]
+    #: the head's post-cap scores at ``qpos`` for keys ``0..pos`` recomputed from the cache
+    #: (``[B, pos + 1]``), checked against the recorded pattern; None where the cache holds
+    #: the model's own scores (the terms are checked against those)
+    whole: Optional[Tensor] = None
 
 
 def _prepare(cv: CacheView, layer: int, head: int, pos: int) -> _Head:
@@ -528,7 +569,7 @@ def _prepare(cv: CacheView, layer: int, head: int, pos: int) -> _Head:
             "before wrapping) and record the cache again."
         )
     g = view.kv_group(head)
-    return _Head(
+    h = _Head(
         layer=layer,
         head=head,
         group=g,
@@ -541,6 +582,96 @@ def _prepare(cv: CacheView, layer: int, head: int, pos: int) -> _Head:
         factor=view.attn_score_factor(layer),
         cap=view.attn_softcap(layer),
     )
+    return check_attention(cv, h, pos)
+
+
+def _whole_scores(cv: CacheView, h: _Head, pos: int) -> Float[Tensor, "batch keys"]:
+    """Head ``h``'s post-cap scores at query ``pos`` for keys ``0..pos``, recomputed from
+    the cache with the sides kept whole (:func:`whole_side`), the ALiBi bias added."""
+    B, layer = cv.batch, h.layer
+    kpos = torch.arange(pos + 1, device=cv.device)[None].expand(B, -1)
+    q = whole_side(cv, layer, h.W_Q, h.b_Q, h.qpos, "q", h.head)  # [B, 1, d]
+    k = whole_side(cv, layer, h.W_K, h.b_K, kpos, "k", h.group)  # [B, pos + 1, d]
+    z = (k @ q.transpose(1, 2))[..., 0] * h.factor
+    if cv.view.alibi_kind is not None:
+        z = z + cv.view.alibi_bias(layer, h.head, pos, kpos[0], cv.n_ctx).to(z.device, z.dtype)
+    return z if h.cap is None else h.cap * torch.tanh(z / h.cap)
+
+
+def _check_projection(cv: CacheView, h: _Head, pos: int) -> None:
+    """The queries at ``pos`` and keys at ``0..pos`` as this prism computes them before
+    any query/key norm and rotary (``ln1(x) W + b`` with ln1 at its cached scale) against
+    the recorded ``hook_q`` / ``hook_k``, where the cache has them."""
+    view, layer = cv.view, h.layer
+    ln1 = view.ln1[layer]
+    kpos = torch.arange(pos + 1, device=cv.device)[None].expand(cv.batch, -1)
+    for site, W, b, idx, positions in (
+        (Site.Q, h.W_Q, h.b_Q, h.head, h.qpos),
+        (Site.K, h.W_K, h.b_K, h.group, kpos),
+    ):
+        if not cv.has(site, layer):
+            continue
+        rec = cv.get(site, layer)
+        if rec.ndim != 4 or rec.shape[2] <= idx or rec.shape[-1] != W.shape[-1]:
+            continue  # a layout this check does not read; the pattern check still holds
+        dev, dtype = W.device, W.dtype
+        x = cv.at(Site.RESID_PRE, layer, positions, dtype, native=True).to(dev)
+        scale = cv.scale(ln1, positions)[..., None].to(dev, dtype) if ln1.has_scale else None
+        v = cv.home(ln1.apply(x, scale) @ W + b.to(dev))  # [B, P, d]
+        want = gather_pos(rec[:, :, idx], positions, cv.dtype)
+        rtol = _SCORES_RTOL_LOWP if cv.low_precision else _SCORES_RTOL
+        gap = (v - want).abs()
+        if bool((gap > rtol * (1.0 + want.abs().amax(-1, keepdim=True))).any()):
+            raise UnsupportedModelError(
+                f"{cv.caller}: the {'queries' if site is Site.Q else 'keys'} of "
+                f"L{layer}H{h.head} recomputed from the cache (ln1 at its recorded scale, "
+                f"then W and b) miss the recorded '{view.hook(site, layer)}' by up to "
+                f"{float(gap.max()):.3g}: this architecture ({view.describe()}) projects them "
+                "in a way tlprisms does not know, or the cache was edited by hooks. Nothing "
+                "was returned; please report the model config."
+            )
+
+
+def check_attention(cv: CacheView, h: _Head, pos: int) -> _Head:
+    """The scores the QK prism explains are the ones the model used: the softmax of the
+    head's scores at ``pos`` over the keys the model attends (the recorded scores where
+    the cache holds them, else recomputed, :func:`_whole_scores`) must equal its recorded
+    ``hook_pattern`` there (:data:`PATTERN_ATOL`), and the masked keys get no attention.
+    Without recorded scores the recomputed queries and keys are also checked against
+    ``hook_q`` / ``hook_k`` (:func:`_check_projection`): the pattern fixes the scores only
+    up to a constant per query. Returns ``h`` with the recomputed scores, or raises
+    :class:`UnsupportedModelError` naming what differs."""
+    view, layer = cv.view, h.layer
+    has_scores = cv.has(Site.ATTN_SCORES, layer)
+    if has_scores and not cv.has(Site.PATTERN, layer):
+        return h  # the terms are checked against the recorded scores (nothing to add)
+    pattern = cv.get(Site.PATTERN, layer)[:, h.head, pos, : pos + 1].to(cv.dtype)
+    masked = masked_keys(cv, layer, h.head, pos, range(pos + 1))
+    assert masked is not None  # the cache has the pattern
+    masked = masked.to(cv.device)
+    whole = None
+    if has_scores:
+        scores = cv.cache[view.hook(Site.ATTN_SCORES, layer)][:, h.head, pos, : pos + 1]
+        z = scores.to(cv.device, cv.dtype)
+        what = f"the recorded scores '{view.hook(Site.ATTN_SCORES, layer)}'"
+    else:
+        _check_projection(cv, h, pos)
+        z = whole = _whole_scores(cv, h, pos)
+        what = "the scores recomputed from the cache"
+    p = torch.softmax(z.masked_fill(masked, float("-inf")), -1)
+    gap = (p.nan_to_num(0.0) - pattern).abs()
+    atol = PATTERN_ATOL_LOWP if cv.low_precision else PATTERN_ATOL
+    if bool((gap > atol).any()):
+        raise UnsupportedModelError(
+            f"{cv.caller}: the softmax of {what} of L{layer}H{h.head} at query {pos} over the "
+            f"keys the model attends misses the recorded pattern "
+            f"'{view.hook(Site.PATTERN, layer)}' by up to {float(gap.max()):.3g} (tolerance "
+            f"{atol:g}): these are not the scores the model used (this architecture, "
+            f"{view.describe()}, computes or records its attention in a way tlprisms does not "
+            "know: a rotary convention, a score scale, a positional bias or a mask), or the "
+            "cache was edited by hooks. Nothing was returned; please report the model config."
+        )
+    return h if whole is None else replace(h, whole=whole)
 
 
 #: the key side is read with the query-side writers pulled back through ``W_K`` when
@@ -611,23 +742,33 @@ def _chunk_terms(
     recorded = None
     if not bool(torch.isfinite(z).all()):  # a NaN or infinite term makes its score's sum so
         cv.refuse_nonfinite("the attention score terms")
+    reference = None
     if cv.has(Site.ATTN_SCORES, layer):
         # read past CacheView.get's finiteness check: the causal mask is -inf above the
         # diagonal; the scores read here (keys <= pos) are checked below
         scores = cv.cache[view.hook(Site.ATTN_SCORES, layer)]
         recorded = scores[:, head, pos].to(device, dtype)[:, kpos[0]][:, None]
-        rtol = _SCORES_RTOL_LOWP if cv.low_precision else _SCORES_RTOL
         if not bool(torch.isfinite(recorded).all()):
             unmasked_keys(cv, layer, head, pos, list(keys), True)  # names a mask's padding
             cv.refuse_nonfinite("the attention scores")
-        gap = (post - recorded).abs()
+        reference = recorded
+    elif h.whole is not None:  # the scores recomputed whole (checked against the pattern)
+        reference = h.whole[:, kpos[0]][:, None]
+    if reference is not None:
+        rtol = _SCORES_RTOL_LOWP if cv.low_precision else _SCORES_RTOL
+        gap = (post - reference).abs()
         # the bound grows with sum |terms|: read them only when the gap passes 1 + |score|
-        if bool((gap > rtol * (1.0 + recorded.abs())).any()) and bool(
-            (gap > rtol * (1.0 + recorded.abs() + torch.linalg.vector_norm(values, 1, -1))).any()
+        if bool((gap > rtol * (1.0 + reference.abs())).any()) and bool(
+            (gap > rtol * (1.0 + reference.abs() + torch.linalg.vector_norm(values, 1, -1))).any()
         ):
+            what = (
+                "the model's recorded attention scores"
+                if recorded is not None
+                else "the attention scores recomputed whole (whose softmax is the recorded pattern)"
+            )
             raise UnsupportedModelError(
-                f"{cv.caller}: the QK terms of L{layer}H{head} do not reproduce the model's "
-                f"recorded attention scores (gap up to {float(gap.max()):.3g}): this "
+                f"{cv.caller}: the QK terms of L{layer}H{head} do not reproduce {what} "
+                f"(gap up to {float(gap.max()):.3g}): this "
                 f"architecture ({view.describe()}) computes its scores in a way tlprisms does "
                 "not know (a rotary convention, a score scale or a positional bias), or the "
                 "cache was edited by hooks. Nothing was returned; please report the model config."

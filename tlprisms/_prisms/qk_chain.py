@@ -54,7 +54,15 @@ from tlprisms._core.table import ComponentTable
 from tlprisms._core.terms import Terms, keep_largest
 from tlprisms._prisms import qk
 from tlprisms._prisms.chain import ChainSplit, ChainState, Hop, check_hop, head_hop, run_chain
-from tlprisms._prisms.qk import qk_norm_factor, qk_terms, rotary_tables, rotate, whole_side
+from tlprisms._prisms.qk import (
+    centre,
+    qk_norm_centred,
+    qk_norm_factor,
+    qk_terms,
+    rotary_tables,
+    rotate,
+    whole_side,
+)
 from tlprisms._seam import CacheView
 
 __all__ = [
@@ -87,11 +95,13 @@ def side_readout(
     y = other * factor
     rot = rotary_tables(cv, layer, positions, W.dtype)
     if rot is not None:  # R_p^T: the rotation at p with the sine negated
-        cos, sin = (t.expand(B, n, -1) for t in rot)
-        y = rotate(y[..., None], cos, -sin, view.rotary_adjacent_pairs)[..., 0]
+        cos, sin = (t.expand(B, n, -1) for t in rot[:2])
+        y = rotate(y[..., None], cos, -sin, rot[2])[..., 0]
     qn = qk_norm_factor(cv, layer, "q", head, positions, W.dtype)
-    if qn is not None:  # the frozen query norm, elementwise
+    if qn is not None:  # the frozen query norm, elementwise (then its centring, if any)
         y = y * qn
+        if qk_norm_centred(cv, layer, "q"):
+            y = centre(y, -1)
     u = ln1.pull_back(cv.home(y.to(W.device) @ W.T))[:, None]  # [B, 1, n, d_model]
     return Readout(
         u=u,
@@ -120,10 +130,12 @@ def key_readouts(
     y = (query * factor).expand(B, Kp, -1)
     rot = rotary_tables(cv, layer, positions, W.dtype)
     if rot is not None:  # R_j^T at each key
-        y = rotate(y[..., None], rot[0], -rot[1], view.rotary_adjacent_pairs)[..., 0]
+        y = rotate(y[..., None], rot[0], -rot[1], rot[2])[..., 0]
     qn = qk_norm_factor(cv, layer, "k", group, positions, W.dtype)
-    if qn is not None:  # the frozen key norm at each key, elementwise
+    if qn is not None:  # the frozen key norm at each key, elementwise (then its centring)
         y = y * qn
+        if qk_norm_centred(cv, layer, "k"):
+            y = centre(y, -1)
     u = ln1.pull_back(cv.home(y.to(W.device) @ W.T))  # [B, Kp, d_model]
     inv_s = cv.inv_scale_or_one(ln1, positions)  # [B, Kp]
     return [

@@ -56,6 +56,9 @@ class Site(enum.Enum):
     # the query and key norms' RMS scales (Gemma 3, Qwen3: per head; OLMo 2: over all heads)
     Q_NORM_SCALE = "attn.q_norm.scale"
     K_NORM_SCALE = "attn.k_norm.scale"
+    # the queries and keys as projected (before any query/key norm and rotary)
+    Q = "q"
+    K = "k"
 
 
 _GLOBAL = frozenset({Site.TOKENS, Site.EMBED, Site.POS_EMBED, Site.FINAL_RESID, Site.FINAL_SCALE})
@@ -108,6 +111,8 @@ PART_SITES["qk"] = PART_SITES["heads"] | {
     Site.ATTN_SCORES,
     Site.ROT_COS,
     Site.ROT_SIN,
+    Site.Q,
+    Site.K,
 }
 PARTS = tuple(PART_SITES)
 
@@ -155,6 +160,8 @@ def hook_name(site: Site, layer: Optional[int], *, n_layers: int, is_bridge: boo
         Site.LN2_NORMALIZED: f"{b}.ln2.hook_normalized",
         Site.Q_NORM_SCALE: f"{b}.attn.q_norm.hook_scale",
         Site.K_NORM_SCALE: f"{b}.attn.k_norm.hook_scale",
+        Site.Q: f"{b}.attn.hook_q",
+        Site.K: f"{b}.attn.hook_k",
     }[site]
 
 

@@ -539,6 +539,8 @@ class ModelView:
         hf = self._hf_attn(layer)
         if type(hf).__name__ == "NativeAttention":  # TransformerLens's own: divides by scale
             return 1.0 / float(hf.scale)
+        if type(hf).__name__ == "GPTNeoSelfAttention":  # GPT-Neo does not scale q . k at all
+            return 1.0
         scaling = getattr(hf, "scaling", None)
         if scaling is None:  # MPT names it softmax_scale
             scaling = getattr(hf, "softmax_scale", None)
@@ -565,13 +567,91 @@ class ModelView:
         """GPT-J-style rotary (pairs of adjacent dimensions) rather than halves."""
         return bool(getattr(self.cfg, "rotary_adjacent_pairs", False))
 
+    def rotary_at(self, layer: int) -> bool:
+        """Whether ``layer``'s attention rotates its queries and keys: a rotary model's
+        layers do, except the global (NoPE) layers of Cohere2 / EXAONE 4 / SmolLM3 hybrids,
+        whose bridge drops the rotary tables there (asked of the bridge's own attention)."""
+        if not self.rotary:
+            return False
+        if self.is_bridge:
+            nope = getattr(self._attn(layer), "_is_nope_layer", None)
+            if callable(nope) and bool(nope()):
+                return False
+            hf = self._hf_attn(layer)
+            if getattr(hf, "use_rope", True) is False:  # SmolLM3's NoPE layers
+                return False
+        return True
+
+    def rotary_canonical(self, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """A bridge's recorded rotary tables (``[..., w]``, as its attention received them)
+        as the per-coordinate ``(cos, sin)`` over the rotated dimensions and whether they
+        rotate adjacent pairs (``True``) or halves, the way the bridge's attention applies
+        them: Cohere's tables repeat each frequency (``cfg.rotary_interleaved_cos_sin``,
+        adjacent pairs as given), GLM / ERNIE's hold halves and rotate adjacent pairs
+        (``cfg.rotary_adjacent_pairs``: the first half, each entry twice), GPT-OSS's cover
+        half of ``d_head`` with the full head rotated (the halves repeated), every other's
+        rotate halves as given (partial rotary: the first ``w`` dimensions)."""
+        cfg, w = self.cfg, cos.shape[-1]
+        if getattr(cfg, "rotary_interleaved_cos_sin", False):
+            return cos, sin, True
+        if getattr(cfg, "rotary_adjacent_pairs", False):
+            h = w // 2
+            cos, sin = (t[..., :h].repeat_interleave(2, -1) for t in (cos, sin))
+            return cos, sin, True
+        from transformer_lens.utilities.hf_utils import get_rotary_pct_from_config
+
+        if 2 * w == self.d_head and get_rotary_pct_from_config(cfg) == 1.0:
+            return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1), False
+        return cos, sin, False
+
     def rotary_tables(self, layer: int, n: int) -> Optional[tuple[Tensor, Tensor]]:
-        """A HookedTransformer's rotary ``(cos, sin)`` ``[n, rotary_dim]`` for positions
-        ``0..n-1``; None for bridges (their attention records them) or without rotary."""
-        if self.is_bridge or not self.rotary:
+        """The rotary ``(cos, sin)`` ``[n, rotary_dim]`` per coordinate for positions
+        ``0..n-1`` (in the convention of :attr:`rotary_adjacent_pairs`, or adjacent pairs
+        for a bridge's GPT-J), read from the model: a HookedTransformer's own buffers; a
+        GPT-J bridge's rotary module (its attention records no tables: Hugging Face's
+        ``GPTJAttention`` rotates ``rotary_dim`` dimensions, adjacent pairs, with the
+        ``(sin, cos)`` its model's ``rotary_emb`` returns). None for other bridges (their
+        attention records the tables) or without rotary."""
+        if not self.rotary:
             return None
-        attn = self._attn(layer)
-        return attn.rotary_cos[:n].detach(), attn.rotary_sin[:n].detach()
+        if not self.is_bridge:
+            attn = self._attn(layer)
+            return attn.rotary_cos[:n].detach(), attn.rotary_sin[:n].detach()
+        return self._gptj_tables(layer, n)
+
+    def rotary_tables_computed(self, layer: int) -> bool:
+        """Whether :meth:`rotary_tables` computes this bridge layer's tables (GPT-J) rather
+        than the cache recording them; such tables rotate adjacent pairs."""
+        return self.is_bridge and self.rotary and self._gptj_rotary(layer) is not None
+
+    def _gptj_rotary(self, layer: int) -> Any:
+        """GPT-J's rotary module where ``layer``'s attention is Hugging Face's
+        ``GPTJAttention`` (which rotates q and k itself), else None."""
+        if type(self._hf_attn(layer)).__name__ != "GPTJAttention":
+            return None
+        original = getattr(self.model, "original_model", None)
+        base = getattr(original, "transformer", None)
+        return getattr(base, "rotary_emb", None)
+
+    def _gptj_tables(self, layer: int, n: int) -> Optional[tuple[Tensor, Tensor]]:
+        rotary = self._gptj_rotary(layer)
+        if rotary is None:
+            return None
+        hf = self._hf_attn(layer)
+        rd = int(getattr(hf, "rotary_dim", None) or self.d_head)
+        ref = next(iter(rotary.buffers()), None)
+        dev = ref.device if ref is not None else torch.device("cpu")
+        dtype = ref.dtype if ref is not None and ref.dtype.is_floating_point else torch.float32
+        with torch.no_grad():
+            pos = torch.arange(n, device=dev)[None]
+            sin, cos = rotary(torch.zeros(1, dtype=dtype, device=dev), position_ids=pos)
+        cos, sin = cos[0].repeat_interleave(2, -1), sin[0].repeat_interleave(2, -1)
+        if cos.shape[-1] != rd:
+            raise UnsupportedModelError(
+                f"GPT-J's rotary tables of layer {layer} cover {cos.shape[-1]} dimensions but "
+                f"its attention rotates rotary_dim={rd}; tlprisms cannot tell which it uses."
+            )
+        return cos.detach(), sin.detach()
 
     def _qk_norm_modules(self, layer: int) -> tuple[Any, Any]:
         """The attention's query and key norm modules (either may be None)."""
@@ -584,57 +664,117 @@ class ModelView:
             found.append(m if isinstance(m, torch.nn.Module) else None)
         return found[0], found[1]
 
-    def qk_norm(self, layer: int, side: str) -> Optional[NormSpec]:
-        """The RMSNorm layer ``layer``'s attention applies to its queries (``side="q"``) or
-        keys (``"k"``) after the projection and before rotary (Gemma 3, Qwen3: per head, a
-        ``d_head`` weight; OLMo 2: over all heads at once, a ``heads * d_head`` weight), as a
-        :class:`NormSpec` (effective weight: Gemma's ``1 + w`` applied) whose scale is recorded
-        at ``attn.q_norm.hook_scale`` / ``attn.k_norm.hook_scale``; None without one, or on
-        a model class whose norm tlprisms does not read (then :meth:`qk_problem` says so)."""
-        if not self.is_bridge:
-            return None
+    def qk_norm_frozen(self, layer: int, side: str) -> Optional[NormSpec]:
+        """The norm layer ``layer``'s attention applies to its queries (``side="q"``) or
+        keys (``"k"``) after the projection, as a :class:`NormSpec` whose scale is recorded
+        at ``attn.q_norm.hook_scale`` / ``attn.k_norm.hook_scale`` (effective weight: Gemma's
+        ``1 + w`` applied): an RMSNorm per head (Gemma 3, Qwen3; HookedTransformer's
+        ``use_qk_norm``) or over all heads at once (OLMo 2), or Cohere's LayerNorm per head
+        (centred, one weight row per head). None without one, or for a norm tlprisms does not
+        read (then :meth:`qk_problem` says so)."""
         m = self._qk_norm_modules(layer)[0 if side == "q" else 1]
-        if m is None or "NormalizationBridge" not in type(m).__name__:
+        if m is None:
+            return None
+        cls = type(m).__name__
+        if self.is_bridge and "NormalizationBridge" not in cls:
+            return None
+        if not self.is_bridge and cls != "RMSNorm":
             return None
         site = Site.Q_NORM_SCALE if side == "q" else Site.K_NORM_SCALE
         name = f"{'query' if side == 'q' else 'key'} norm of layer {layer}"
         spec = read_norm(m, name, site, layer)
-        if spec.centred or spec.bias is not None or spec.weight is None:
+        if spec.bias is not None or spec.weight is None or not spec.has_scale:
+            return None
+        heads = self.n_heads if side == "q" else self.n_kv_heads
+        w = spec.weight
+        if w.ndim == 2 and tuple(w.shape) != (heads, self.d_head):
+            return None
+        if w.ndim == 1 and w.numel() not in (self.d_head, heads * self.d_head):
+            return None
+        return spec
+
+    def qk_norm(self, layer: int, side: str) -> Optional[NormSpec]:
+        """:meth:`qk_norm_frozen` where it is an RMSNorm with one weight vector (``d_head``
+        shared by every head, or ``heads * d_head`` over all heads): what a weight-space
+        view multiplies by; None otherwise."""
+        spec = self.qk_norm_frozen(layer, side)
+        if spec is None or spec.centred or spec.weight is None or spec.weight.ndim != 1:
             return None
         return spec
 
     def qk_norm_per_head(self, layer: int, side: str) -> bool:
-        """Whether that norm acts on each head's ``d_head`` vector (Gemma 3, Qwen3) rather
-        than on all heads' queries (keys) at once (OLMo 2)."""
-        spec = self.qk_norm(layer, side)
-        return spec is not None and spec.weight is not None and spec.weight.numel() == self.d_head
+        """Whether that norm acts on each head's ``d_head`` vector (Gemma 3, Qwen3, Cohere)
+        rather than on all heads' queries (keys) at once (OLMo 2)."""
+        spec = self.qk_norm_frozen(layer, side)
+        if spec is None or spec.weight is None:
+            return False
+        return spec.weight.ndim == 2 or spec.weight.numel() == self.d_head
+
+    def qk_norm_weight(self, layer: int, side: str, head: int) -> Tensor:
+        """The effective weight ``[d_head]`` that query head (key/value head) ``head``'s
+        norm multiplies by (its own row, its slice of an all-heads norm, or the shared one)."""
+        spec = self.qk_norm_frozen(layer, side)
+        assert spec is not None and spec.weight is not None
+        w, d = spec.weight, self.d_head
+        if w.ndim == 2:
+            return w[head]
+        return w if w.numel() == d else w[head * d : (head + 1) * d]
+
+    def qk_norm_scales(self, layer: int, side: str, t: Tensor, batch: int, n_ctx: int) -> Tensor:
+        """The recorded scale ``t`` of that norm as ``[batch, n_ctx, H]`` (``H`` heads for a
+        per-head norm, 1 for one over all heads), whatever layout the model records:
+        ``[B, H, n, 1]`` (bridges of Gemma 3 / Qwen3), ``[B, n, H, 1]`` (a bridge's Cohere,
+        normed before the heads axis moves), ``[B * n * H, 1]`` (HookedTransformer's
+        ``use_qk_norm``), ``[B, n, 1]`` (over all heads)."""
+        heads = self.n_heads if side == "q" else self.n_kv_heads
+        per_head = self.qk_norm_per_head(layer, side)
+        spec = self.qk_norm_frozen(layer, side)
+        assert spec is not None and spec.weight is not None
+        want = heads if per_head else 1
+        out: Optional[Tensor] = None
+        if t.ndim == 2 and t.shape[0] == batch * n_ctx * want:
+            out = t.reshape(batch, n_ctx, want)
+        elif t.ndim == 3 and tuple(t.shape) == (batch, n_ctx, 1) and want == 1:
+            out = t
+        elif t.ndim == 4 and per_head:
+            if spec.weight.ndim == 2 and tuple(t.shape[1:3]) == (n_ctx, heads):
+                out = t[..., 0]
+            elif spec.weight.ndim == 1 and tuple(t.shape[1:3]) == (heads, n_ctx):
+                out = t[..., 0].transpose(1, 2)
+        if out is None:
+            raise UnsupportedModelError(
+                f"the recorded scale of the {spec.name} has shape {tuple(t.shape)}, not one "
+                f"of the layouts tlprisms reads for {want} scale(s) per position (batch "
+                f"{batch}, {n_ctx} positions); please report the model config."
+            )
+        return out
 
     def qk_problem(self, layer: int) -> Optional[str]:
         """Why the QK prism cannot split this layer's scores exactly, or None."""
         hf, cfg = self._hf_attn(layer), self.cfg
         norms = self._qk_norm_modules(layer)
         if any(m is not None for m in norms) or getattr(cfg, "use_qk_norm", False):
-            specs = (self.qk_norm(layer, "q"), self.qk_norm(layer, "k"))
+            specs = (self.qk_norm_frozen(layer, "q"), self.qk_norm_frozen(layer, "k"))
             for m, spec, side in zip(norms, specs, "qk"):
                 if m is not None and spec is None:
+                    site = Site.Q_NORM_SCALE if side == "q" else Site.K_NORM_SCALE
                     return (
                         f"its attention normalises {'queries' if side == 'q' else 'keys'} with "
-                        f"{type(m).__name__}, which tlprisms freezes only as a TransformerBridge "
-                        f"RMSNorm recorded at blocks.{layer}.attn.{side}_norm.hook_scale (load "
-                        "the model as a TransformerBridge)"
+                        f"{type(m).__name__}, which tlprisms freezes only as an RMSNorm or a "
+                        "bias-free LayerNorm with a weight, recorded at "
+                        f"'{self.hook(site, layer)}'"
                     )
+            if getattr(cfg, "qk_norm_after_rope", False):
+                return (
+                    "its attention normalises queries and keys after rotary (HunYuan), an "
+                    "order tlprisms does not split"
+                )
             if all(m is None for m in norms):
                 return (
                     "its attention normalises queries and keys (use_qk_norm) in a module "
                     "tlprisms does not find (it reads attn.q_norm / attn.k_norm of a "
                     "TransformerBridge)"
                 )
-            for spec, heads in zip(specs, (self.n_heads, self.n_kv_heads)):
-                if spec is None or spec.weight is None:
-                    continue
-                n = spec.weight.numel()
-                if n not in (self.d_head, heads * self.d_head):
-                    return f"its {spec.name} has {n} weights, neither d_head nor heads x d_head"
         pos_type = getattr(cfg, "positional_embedding_type", "standard")
         alibi = self.alibi_kind
         if alibi is None and pos_type not in ("standard", "rotary", "shortformer"):
@@ -773,7 +913,8 @@ class ModelView:
             return self.is_bridge and self.records(self.hook(site))
         if site in (Site.Q_NORM_SCALE, Site.K_NORM_SCALE):
             assert layer is not None
-            return self.qk_norm(layer, "q" if site is Site.Q_NORM_SCALE else "k") is not None
+            side = "q" if site is Site.Q_NORM_SCALE else "k"
+            return self.qk_norm_frozen(layer, side) is not None
         if site.value.endswith("scale"):  # a norm is recorded at its own site (shared, renamed)
             if site is Site.FINAL_SCALE:
                 norms: list = [self.final_norm]
