@@ -16,7 +16,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ["quickstart", "capitals", "addition", "features"]
+NOTEBOOKS = ["quickstart", "capitals", "addition", "features", "graphs"]
 #: per notebook; each takes well under a minute on a CPU (most of it loading the model)
 TIMEOUT_S = 300
 #: notebooks that show CircuitsVis widgets (the ``viz``/``test`` extras install circuitsvis)
