@@ -451,7 +451,10 @@ def test_transcoder_graphs_are_exact(case):
     assert 0.0 <= g.replacement_score <= 1.0
     whole = case.prism.graph(_target(case), row=B, nodes=tcs, **WHOLE).check()
     readers = np.isin(whole.nodes.kind, ("feature", "logit"))
-    assert (np.abs(whole.nodes.remainder[readers]) <= 1e-5 * np.maximum(1, np.abs(whole.nodes.input[readers]))).all()
+    assert (
+        np.abs(whole.nodes.remainder[readers])
+        <= 1e-5 * np.maximum(1, np.abs(whole.nodes.input[readers]))
+    ).all()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -516,8 +519,15 @@ def _relu_gpt2(seed: int = 0):
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
     torch.manual_seed(seed)
-    cfg = tf.GPT2Config(vocab_size=30, n_embd=32, n_layer=2, n_head=4, n_positions=16,
-                        n_inner=64, activation_function="relu")
+    cfg = tf.GPT2Config(
+        vocab_size=30,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=16,
+        n_inner=64,
+        activation_function="relu",
+    )
     hf = tf.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -536,9 +546,14 @@ def test_a_lossless_transcoder_has_zero_errors():
     for l in range(model.cfg.n_layers):
         mlp = model.blocks[l].mlp
         tcs.append(
-            tp.Dictionary(mlp.W_in.detach(), mlp.b_in.detach(), mlp.W_out.detach(),
-                          mlp.b_out.detach(), f"blocks.{l}.hook_mlp_out",
-                          input_hook=f"blocks.{l}.ln2.hook_normalized")
+            tp.Dictionary(
+                mlp.W_in.detach(),
+                mlp.b_in.detach(),
+                mlp.W_out.detach(),
+                mlp.b_out.detach(),
+                f"blocks.{l}.hook_mlp_out",
+                input_hook=f"blocks.{l}.ln2.hook_normalized",
+            )
         )
     g = prism.graph(3, nodes=tcs, **WHOLE).check()
     n = prism.graph(3, **WHOLE).check()
@@ -575,3 +590,52 @@ def test_saes_are_refused_in_graphs():
     sae = random_dictionary(case.model.cfg.d_model, "blocks.0.hook_resid_post", 1)
     with pytest.raises(ArgumentError, match="SAE.*transcoders"):
         case.prism.graph(_target(case), row=B, nodes=[sae])
+
+
+# ----------------------------------------------------------------------------- verify
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_verify_passes_genuine_graphs(case):
+    g = _graph(case, max_nodes=40)
+    v = case.prism.verify(g, k=8, sample=8)
+    assert v.ok, str(v)
+    assert v.nodes_checked == 16 and "constants" in str(v)
+    assert sum(r["what"] == "edge" for r in v.rows) > 16
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_verify_passes_transcoder_graphs():
+    case = build_case("gemma2/bridge", False)
+    tcs = _transcoders(case.model, skip_layer=1)
+    g = case.prism.graph(_target(case), row=B, nodes=tcs, max_nodes=40)
+    v = case.prism.verify(g, k=8, sample=8)
+    assert v.ok, str(v)
+    checked = {r["node"] for r in v.rows}
+    assert any("F" in n for n in checked) and any("error" in n for n in checked | {"error"})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_verify_fails_tampered_graphs():
+    case = build_case("llama/bridge", True)
+    g = case.prism.graph(_target(case), row=B, max_nodes=40)
+    top = int(np.argmax(np.abs(np.where(g.nodes.kind == "neuron", g.nodes.influence, 0))))
+    bad = AttributionGraph(**{**g.__dict__, "weight": g.weight.copy()})
+    e = int(np.nonzero(bad.src == top)[0][0])
+    bad.weight[e] *= 1.5
+    bad.nodes.remainder[bad.dst[e]] -= bad.weight[e] / 3  # sums still hold
+    bad.check()
+    v = case.prism.verify(bad, k=3, sample=0)
+    assert not v.ok and "FAILED" in str(v)
+    with pytest.raises(tp.errors.VerificationError, match="moved"):
+        v.check()
+    g2 = case.prism.graph(_target(case), row=B, max_nodes=40)
+    g2.nodes.influence[top] *= 2
+    assert not case.prism.verify(g2, k=3, sample=0).ok
+
+
+def test_verify_refuses_imported_graphs():
+    case = build_case("gpt2/bridge", True)
+    g = case.prism.graph(_target(case), row=B, max_nodes=10)
+    data = g.to_json()
+    del data["metadata"]["tlprisms"]
+    with pytest.raises(ArgumentError, match="circuit-tracer"):
+        case.prism.verify(AttributionGraph.from_json(data))

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from tlprisms._causal.certificate import Verification
 from tlprisms._causal.effects import Effects, effects
+from tlprisms._causal.graph_verify import GraphVerification, verify_graph
 from tlprisms._causal.verify import verify
 from tlprisms._core import arguments as check
 from tlprisms._core.graph import AttributionGraph
@@ -411,7 +412,7 @@ class LogitPrism:
     # ------------------------------------------------------------------ by intervention
     @check.entry
     def verify(self, result: Decomposition, target: Any = None, *, k: int = 20, sample: int = 20,
-            seed: int = 0) -> Verification:  # fmt: skip
+            seed: int = 0) -> Union[Verification, GraphVerification]:  # fmt: skip
         """Check ``result``'s terms on the model itself: remove each term's write in a forward
         pass that holds fixed what the prism holds fixed, and compare the change of the
         explained value with minus the term: the ``k`` largest and ``sample`` random others
@@ -424,6 +425,8 @@ class LogitPrism:
         >>> print(prism.verify(prism.full(" Paris")))
         20 largest + 20 sampled terms verified by intervention and 1 constant term ... of 18.9
         """
+        if isinstance(result, AttributionGraph):
+            return verify_graph(self._recording("verify"), result, k, sample, seed)
         if isinstance(result, Decomposition) and result.index is not None:
             result = result.to_dense()  # a sparse result: its kept terms, laid out densely
         return verify(self._recording("verify"), result, target, k, sample, seed)

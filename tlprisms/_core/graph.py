@@ -119,6 +119,8 @@ class AttributionGraph:
     loadings: Optional[np.ndarray] = None
     head_names: Optional[list] = None
     qk: list = field(default_factory=list)
+    #: the dictionaries whose features are nodes (what ``LogitPrism.verify`` reruns)
+    dictionaries: list = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -304,6 +306,7 @@ class AttributionGraph:
             loadings=None if self.loadings is None else self.loadings[stays],
             head_names=self.head_names,
             qk=list(self.qk),
+            dictionaries=list(self.dictionaries),
         )
 
     def _transfer(self) -> np.ndarray:

@@ -55,7 +55,15 @@ from tlprisms._prisms.chain import activation, limit_at_zero
 from tlprisms._seam import CacheView, NormSpec, Site
 from tlprisms.dictionary import CrossLayerTranscoder, Dictionary
 
-__all__ = ["run", "check_args", "check_nodes", "GRAPH_DEFAULTS", "READER_CHUNK_BYTES"]
+__all__ = [
+    "run",
+    "check_args",
+    "check_nodes",
+    "freeze",
+    "logit_reader",
+    "GRAPH_DEFAULTS",
+    "READER_CHUNK_BYTES",
+]
 
 #: defaults of ``LogitPrism.graph``
 GRAPH_DEFAULTS = {"max_nodes": 500, "node_threshold": 0.8, "edge_threshold": 0.98}
@@ -622,7 +630,7 @@ def _chunks(n: int, per: int) -> list:
     return [np.arange(a, min(n, a + per)) for a in range(0, n, per)]
 
 
-def _logit_reader(rec: Recorded, request: Request, row: int) -> tuple:
+def logit_reader(rec: Recorded, request: Request, row: int) -> tuple:
     """(readers of the target's logit, its position, its value, explains, label)."""
     cv = rec.cache
     fr = final_readout(rec, request.target, request.pos)
@@ -698,7 +706,7 @@ def run(
     """The attribution graph of ``request.target`` at ``request.pos`` of batch row ``row``."""
     cv = rec.cache
     view = cv.view
-    logit_r, p, logit, explains, target_label = _logit_reader(rec, request, row)
+    logit_r, p, logit, explains, target_label = logit_reader(rec, request, row)
     P = p + 1
     fz = freeze(rec, row, P, dictionaries)
     dev, dtype = cv.device, cv.dtype
@@ -874,6 +882,8 @@ def run(
     toks = str_tokens(view, rec.tokens)
     meta = {
         "target_label": target_label,
+        "target": request.target,
+        "softcap": request.softcap,
         "explains": explains,
         "logit": logit,
         "pos": p,
@@ -892,7 +902,9 @@ def run(
         "exact": True,
         "nodes": "neurons" if not dictionaries else "dictionaries",
     }
-    graph = AttributionGraph(nodes=table, src=src, dst=dst, weight=wsel, flow=fsel, meta=meta)
+    graph = AttributionGraph(
+        nodes=table, src=src, dst=dst, weight=wsel, flow=fsel, meta=meta, dictionaries=dictionaries
+    )
     if heads or qk_n:
         _head_loadings(fz, graph, readers, keep, W_embed, W_err, W_const, reader_rows)
     if qk_n:
