@@ -76,6 +76,10 @@ R_MIN, R_CELL, R_ALONE = 2.0, 6.0, 9.0
 MIN_COL = 34.0
 #: a position column widens up to this (px) to write its token unrotated
 TOK_COL = 90.0
+#: position columns widen to write their tokens unrotated while the graph fits this (px)
+WIDTH_BUDGET = 1000.0
+#: the least horizontal gap between two node labels (px)
+LABEL_GAP = 6.0
 #: label font size (px)
 FONT_PX = 10
 #: the line under the graph before any node is hovered
@@ -161,14 +165,14 @@ class _Layout:
         self.tok = [token_label(t) for t in self.tokens] + [
             token_label(f"[{j}]") for j in range(len(self.tokens), self.n_pos)
         ]
-        self.col_w = [
-            max(
-                MIN_COL,
-                float(per_col[c]) * STEP + 12,
-                min(text_width(t.short, FONT_PX) + 8, TOK_COL),
-            )
-            for c, t in enumerate(self.tok)
+        # columns as wide as their nodes need; wider to write each token unrotated when the
+        # whole graph still fits WIDTH_BUDGET
+        natural = [max(MIN_COL, float(per_col[c]) * STEP + 12) for c in range(self.n_pos)]
+        widened = [
+            max(w, min(text_width(t.short, FONT_PX) + 8, TOK_COL))
+            for w, t in zip(natural, self.tok)
         ]
+        self.col_w = widened if sum(widened) + 300 <= WIDTH_BUDGET else natural
         names = ["logit"] + [f"layer {r - 1}" for r in range(self.top_row - 1, 0, -1)]
         self.row_names = {self.top_row: "logit", 0: "embed"}
         for r in range(1, self.top_row):
@@ -357,7 +361,8 @@ def _node_labels(g: AttributionGraph, lay: _Layout, n_labels: int, width: Real, 
             box = (x0, ty - FONT_PX - 1, x0 + w, ty + 3)
             if box[0] < 2 or box[2] > width - 2 or box[1] < top:
                 continue
-            if any(_boxes_overlap(box, b) for b in boxes):
+            padded = (box[0] - LABEL_GAP, box[1], box[2] + LABEL_GAP, box[3])
+            if any(_boxes_overlap(padded, b) for b in boxes):
                 continue
             boxes.append(box)
             out.append(
@@ -600,6 +605,11 @@ def _script(root: str, data: dict) -> str:
         "ev.preventDefault();pick(ev);}});});"
         "var svg=root.querySelector('svg');if(svg){svg.addEventListener('click',function(){"
         "if(sel>=0){sel=-1;paint();say(-1);}});}"
+        # a graph wider than its view scrolls: show the logit (usually the last position)
+        "var box=root.querySelector('.tlp-graph-canvas'),lg=root.querySelector("
+        "'.tlp-node[data-kind=\"logit\"] circle');if(box&&lg&&box.scrollWidth>box.clientWidth)"
+        "{var r=lg.getBoundingClientRect(),b=box.getBoundingClientRect();"
+        "box.scrollLeft=Math.max(0,r.left-b.left-0.7*box.clientWidth);}"
         "})();"
     )
 
