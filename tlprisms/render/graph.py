@@ -19,6 +19,13 @@ on a small grid, the largest ``|influence|`` first.
 Every label is escaped, isolated and shortened (:mod:`tlprisms.render._escape`); the data
 the script reads is script-safe JSON and is written into the page as text, never as markup.
 Without JavaScript (a static export, an untrusted notebook) the SVG and its tooltips remain.
+
+>>> import tlprisms as tp
+>>> from tlprisms.demo import load_demo_model
+>>> g = tp.LogitPrism.run(load_demo_model(), "The capital of France is").graph(" Paris")
+>>> page = tp.render.to_html(g, max_edges=50)  # also g._repr_html_(), g.show(), a Report
+>>> page.count('class="tlp-edge"'), page.count('class="tlp-node"') == len(g), "src=" in page
+(50, True, False)
 """
 
 import math
