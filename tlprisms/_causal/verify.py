@@ -20,6 +20,12 @@ Then it removes ``c``'s write:
 ``b_O``         the layer's output bias subtracted from its output at the position (layers
                 without a post-norm)
 ``b_out``       the same for the MLP
+dictionary      its vector subtracted from the layer output its site adds to the stream
+                (``hook_attn_out`` / ``hook_mlp_out``, after any post-norm; before layer 0 for
+                ``resid_pre`` of layer 0), that output otherwise held at its clean value
+CLT feature     ``a_l[f] W_dec_l[f, L - l]`` subtracted from the MLP output of every layer
+                ``L >= l`` at once (a cross-layer transcoder's ``b_dec`` and error: from
+                their one layer's)
 ==============  ==============================================================================
 
 and measures the change ``D`` of the explained value (the final residual stream's change read
@@ -42,6 +48,9 @@ stream at every explained position (:data:`RERUN_RTOL`). A batch recorded with a
 ``attention_mask`` is re-run with the same mask, read back from the cached layer-0 pattern
 (keys that no real query attends to). A sparse result is checked slot by slot: a component a
 row did not keep is part of that row's remainder, and is not checked there.
+
+A QK result (``prism.qk``) measures the head's scores instead of the readout:
+:mod:`tlprisms._causal.verify_qk`.
 
 All interventions of one call run as copies of their input rows stacked along the batch axis,
 :data:`tlprisms._seam.COPY_TOKENS` tokens per forward pass.
@@ -85,6 +94,7 @@ from tlprisms._seam import (
     Site,
     run_frozen,
 )
+from tlprisms.dictionary import CrossLayerTranscoder
 
 __all__ = [
     "Verification",
@@ -268,32 +278,34 @@ class _Dictionaries:
         self.cv = cv
         req = result.request
         dicts = list(req.dictionaries) if req is not None and not req.is_chain else []
+        clts = [d for d in dicts if isinstance(d, CrossLayerTranscoder)]
+        self.clt = _CrossLayer(cv, clts[0]) if clts else None
         by_layer: dict[int, list] = {}
         for d in dicts:
-            by_layer.setdefault(int(d.layer), []).append(d)
+            if not isinstance(d, CrossLayerTranscoder):
+                by_layer.setdefault(int(d.layer), []).append(d)
         # a term names its layer only: two dictionaries at one layer cannot be told apart
         self.at_layer = {ly: ds[0] for ly, ds in by_layer.items() if len(ds) == 1}
         self._parts: dict[int, tuple] = {}
 
-    def removable(self, layer: int) -> bool:
+    def removable(self, kind: str, layer: int) -> bool:
+        if self.clt is not None:
+            return self.clt.removable(kind, int(layer))
         d = self.at_layer.get(int(layer))
         return d is not None and self._where(d) is not None
 
     def _where(self, d: Any) -> Optional[tuple[str, int]]:
-        """The Removal kind and layer that subtract a vector where ``d`` writes, or None
-        (a post-norm between the write and the stream)."""
+        """Where a vector that ``d`` writes is subtracted: ``("attn"/"mlp", layer)``, the
+        layer output the stream adds at ``d``'s site (after any post-norm), ``("embed",
+        -1)`` before layer 0, or None."""
         view, L = self.cv.view, int(d.layer)
         if d.site is Site.ATTN_OUT or (d.site is Site.RESID_MID and not view.parallel):
-            kind, layer = "b_O", L
-        elif d.site in (Site.MLP_OUT, Site.RESID_POST):
-            kind, layer = "b_out", L
-        elif d.site is Site.RESID_PRE:
-            if L == 0:
-                return ("embed", -1)
-            kind, layer = "b_out", L - 1
-        else:
-            return None
-        return (kind, layer) if bias_removable(view, kind, layer) else None
+            return ("attn", L)
+        if d.site in (Site.MLP_OUT, Site.RESID_POST):
+            return ("mlp", L)
+        if d.site is Site.RESID_PRE:
+            return ("embed", -1) if L == 0 else ("mlp", L - 1)
+        return None
 
     def _of(self, d: Any) -> tuple:
         """``(acts [B, n, F], x_in, x_out)`` of ``d`` at every position (computed once)."""
@@ -307,9 +319,12 @@ class _Dictionaries:
         return self._parts[key]
 
     def removal(self, c: Any, b: int, at: int) -> Removal:
+        if self.clt is not None:
+            return self.clt.removal(c, b, at)
         d = self.at_layer[int(c.layer)]
         where = self._where(d)
-        assert where is not None  # removable() said so
+        if where is None:  # removable() said no: such a term is never checked
+            raise ValueError(f"verify: {c} has no one write to remove")
         acts, x_in, x_out = self._of(d)
         dt, dev = self.cv.dtype, self.cv.device
         W_dec = d.W_dec.to(dev, dt) / d.input_scale
@@ -319,13 +334,78 @@ class _Dictionaries:
             vec = acts[b, at, c.feature] * W_dec[c.feature]
         elif c.kind == "b_dec":
             vec = b_dec
-        elif c.kind == "skip":
-            assert skip is not None
+        elif c.kind == "skip" and skip is not None:
             vec = skip
-        else:  # the error: what the dictionary does not reconstruct
+        elif c.kind == "error":  # what the dictionary does not reconstruct
             x_hat = acts[b, at] @ W_dec + b_dec + (0 if skip is None else skip)
             vec = x_out[b, at] - x_hat
-        return Removal(where[0], where[1], at, vector=vec)
+        else:
+            raise ValueError(f"verify: {c} is not a term of the dictionary at layer {c.layer}")
+        if where[0] == "embed":
+            return Removal("embed", -1, at, vector=vec)
+        return Removal("outputs", where[1], at, vectors=((where[0], where[1], vec),))
+
+
+@dataclass(frozen=True)
+class _LayerInput:
+    """One layer's input of a cross-layer transcoder, as ``dictionary_input`` reads it."""
+
+    input_site: Site
+    layer: int
+
+
+class _CrossLayer:
+    """A cross-layer transcoder's terms as writes: feature ``(l, f)`` writes ``a_l[f]
+    W_dec_l[f, L - l]`` to the MLP output of every layer ``L >= l``; ``b_dec`` and the error
+    of layer ``L`` write to its MLP output only. Removed together (one copy), every other
+    MLP output held at its clean value. Decoder rows are read from the files as needed."""
+
+    def __init__(self, cv: CacheView, clt: CrossLayerTranscoder) -> None:
+        self.cv, self.clt = cv, clt
+        self._acts: dict[int, Tensor] = {}
+
+    def removable(self, kind: str, layer: int) -> bool:
+        """Whether the term is one of this transcoder's (each is a vector subtracted from
+        ``hook_mlp_out``, which is what the stream adds, after any post-norm)."""
+        return 0 <= layer < self.cv.view.n_layers and kind in ("feature", "b_dec", "error")
+
+    def acts(self, layer: int) -> Tensor:
+        """Layer ``layer``'s feature activations at every position, ``[B, n_ctx, F]``."""
+        if layer not in self._acts:
+            cv = self.cv
+            pos = torch.arange(cv.n_ctx, device=cv.device).expand(cv.batch, cv.n_ctx)
+            where: Any = _LayerInput(self.clt.input_site, layer)
+            x = dictionary_input(cv, where, pos, cv.dtype, cv.device)
+            self._acts[layer] = self.clt.encode(layer, x)
+        return self._acts[layer]
+
+    def _decoded(self, b: int, at: int, L: int) -> Tensor:
+        """Every feature's write to layer ``L``'s MLP output at ``(b, at)``, summed."""
+        cv = self.cv
+        out = torch.zeros(cv.view.d_model, dtype=cv.dtype, device=cv.device)
+        for l in range(L + 1):
+            a = self.acts(l)[b, at]
+            active = torch.nonzero(a)[:, 0].cpu()
+            if active.numel():
+                W = self.clt.decoder(l, L - l + 1, active)[:, L - l].to(cv.device, cv.dtype)
+                out = out + a[active.to(a.device)] @ W
+        return out
+
+    def removal(self, c: Any, b: int, at: int) -> Removal:
+        cv = self.cv
+        n, dt, dev = cv.view.n_layers, cv.dtype, cv.device
+        L = int(c.layer)
+        if c.kind == "feature":
+            W = self.clt.decoder(L, n - L, torch.as_tensor([int(c.feature)]))[0].to(dev, dt)
+            a = self.acts(L)[b, at, int(c.feature)]
+            vectors = tuple(("mlp", L + j, a * W[j]) for j in range(n - L))
+        elif c.kind == "b_dec":
+            vectors = (("mlp", L, self.clt.b_dec[L].to(dev, dt)),)
+        else:  # the error: the MLP output less every decode into it and b_dec
+            x = cv.get(Site.MLP_OUT, L)[b, at].to(dev, dt)
+            rest = x - self._decoded(b, at, L) - self.clt.b_dec[L].to(dev, dt)
+            vectors = (("mlp", L, rest),)
+        return Removal("outputs", L, at, vectors=vectors)
 
 
 def verify(
@@ -385,7 +465,11 @@ def verify(
     dict_terms = np.isin(kinds, _DICTIONARY_KINDS)
     if dict_terms.any():
         removable = np.array(
-            [dictionaries.removable(int(ly)) for ly in comps_all.layer[dict_terms]], dtype=bool
+            [
+                dictionaries.removable(str(kd), int(ly))
+                for kd, ly in zip(kinds[dict_terms], comps_all.layer[dict_terms])
+            ],
+            dtype=bool,
         )
         writer[np.nonzero(dict_terms)[0][removable]] = True
         if (~removable).any():
