@@ -441,3 +441,163 @@ def test_expectations_name_real_architectures() -> None:
         if not isinstance(getattr(transformers, n, None), type)
     )
     assert not unknown, unknown
+
+
+# ---------------------------------------------------------------- the QK prism, every family
+#: architectures (exact in the logit prisms) whose attention scores the QK prism refuses,
+#: with the regex of the true reason; every other exact architecture is split exactly
+QK_REFUSED: dict[str, str] = {
+    "NanoChatForCausalLM": r"normalises queries",  # a weightless RMSNorm on q and k
+}
+#: where only TransformerLens 4.x's bridge differs: HunYuan normalises q/k after rotary as
+#: Hugging Face does (TL 3.9's bridge normalises before, which the prism splits exactly)
+QK_REFUSED_TL4: dict[str, str] = {"HunYuanDenseV1ForCausalLM": r"after rotary"}
+#: the softmax of the explained scores over the keys attended equals the recorded pattern
+#: (probabilities, float32)
+QK_PATTERN_ATOL = 1e-5
+#: with the scales frozen, removing a writer moves each score difference by minus its terms
+#: (relative to 1 + |score| + sum |terms|)
+QK_CAUSAL_RTOL = 1e-4
+#: attention weights at or below this (float32 underflow territory) carry no score difference
+QK_UNDERFLOW = 1e-30
+
+
+def qk_verdict(name: str, fold: bool = True) -> str:
+    """``"exact"``, ``"refused"`` (the QK prism's own reason) or ``"no"`` (the logit prisms
+    already refuse the model): what the QK column of docs/architectures.md says."""
+    if not expect_for(name, fold).exact:
+        return "no"
+    return "refused" if name in qk_refused() else "exact"
+
+
+def qk_refused() -> dict[str, str]:
+    """:data:`QK_REFUSED` for the installed TransformerLens."""
+    return {**QK_REFUSED, **(QK_REFUSED_TL4 if _tl_major() >= 4 else {})}
+
+
+def _qk_prism(case: Case) -> Any:
+    return tp.LogitPrism(case.model, case.cache, tokens=case.tokens, logits=case.logits)
+
+
+def _norm_sized_qk_norms(hf: Any) -> None:
+    """Cohere's per-head q/k norm weights (``[heads, d_head]``) back to norm size,
+    ``1 + 0.3 * N(0, 1)``: the zoo scales every 2-D parameter as a matrix (x7), which makes
+    q and k so large that a score of order 1 is the float32 difference of products of order
+    100 and the model's own rounding passes ``check()``'s bound (the terms are not at fault)."""
+    g = torch.Generator().manual_seed(5)
+    for name, p in hf.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")) and p.ndim == 2:
+            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+
+
+@functools.cache
+def _qk_case(name: str, fold: bool) -> Case:
+    """:func:`build_case`, with Cohere's q/k norm weights at norm size."""
+    if name != "CohereForCausalLM":
+        return _built(name, fold)
+    case = Case(name, fold)
+    try:
+        model = zoo.build(name, fold, prepare=_norm_sized_qk_norms)
+    except zoo.ZooSkip as exc:
+        pytest.skip(str(exc))
+    except Exception as exc:  # noqa: BLE001 - TransformerLens's failure, not tlprisms'
+        pytest.skip(f"{_versions()} cannot build it: {type(exc).__name__}: {exc}")
+    tokens = torch.randint(TOKENS_LO, TOKENS_HI, (B, P), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    case.model, case.tokens, case.logits, case.cache = model, tokens, logits, cache
+    return case
+
+
+@pytest.mark.parametrize("name", [i.name for i in INFOS if i.kind == zoo.DECODER])
+def test_qk_every_architecture(name: str) -> None:
+    """The QK prism on every decoder the logit prisms split: on every layer the terms add up
+    to the model's own scores (or, where the bridge records none, to scores whose softmax
+    over the attended keys is the recorded pattern), or it is refused for its true reason."""
+    verdict = qk_verdict(name)
+    if verdict == "no":
+        pytest.skip("the logit prisms refuse this model (test_architecture)")
+    case = _qk_case(name, True)
+    prism = _qk_prism(case)
+    view = prism.view
+    from tlprisms._seam import Site
+
+    for layer in range(view.n_layers):
+        if verdict == "refused":
+            with pytest.raises(UnsupportedModelError, match=qk_refused()[name]):
+                prism.qk(layer, 0)
+            continue
+        pattern = case.cache[view.hook(Site.PATTERN, layer)]
+        for head in sorted({0, view.n_heads - 1}):
+            r = prism.qk(layer, head, q_heads="all").check()
+            keys = [int(str(k).split("@")[-1].split()[-1]) for k in r.target_labels[0, 0]]
+            p = torch.zeros(B, P)
+            p[:, keys] = r.logits[:, 0].softmax(-1)
+            row = pattern.reshape(B, view.n_heads, P, P)[:, head, -1]
+            assert torch.allclose(p, row, atol=QK_PATTERN_ATOL), (name, layer, head)
+            assert float(r.logits.abs().max()) > 0.1
+
+
+#: rotary variants the QK causal check covers: GPT-J (partial, adjacent pairs, computed from
+#: the model), Cohere (interleaved tables, per-head LayerNorm q/k norms), GLM (halves tables
+#: applied to adjacent pairs), Cohere2 (interleaved, a NoPE global layer)
+QK_CAUSAL = ("GPTJForCausalLM", "CohereForCausalLM", "GlmForCausalLM", "Cohere2ForCausalLM")
+
+
+@pytest.mark.parametrize("name", QK_CAUSAL)
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_qk_causal_rotary_variants(name: str, fold: bool) -> None:
+    """With ln1's (and the q/k norms') scales frozen, removing the embedding's write at the
+    query position moves every score difference ``s_j - s_0`` (keys ``j`` before the query)
+    by minus the difference of its query-side embedding terms; read from the recorded
+    pattern (``log p_j - log p_0``), so bridges that record no scores are checked too."""
+    if not expect_for(name, fold).exact:
+        pytest.skip("the logit prisms refuse this build")
+    case = _qk_case(name, fold)
+    prism = _qk_prism(case)
+    view = prism.view
+    from tlprisms._seam import Site
+
+    pos, head = P - 1, 1
+    got: dict = {}
+    for layer in range(view.n_layers):
+        r = prism.qk(layer, head, pos=pos)
+        keys = [int(str(k).split("@")[-1].split()[-1]) for k in r.target_labels[0, 0]]
+        n = len([j for j in keys if j < pos])
+        terms = r.select(q_kind="embed").values[:, 0].sum(-1)[:, :n]  # [B, keys before pos]
+        write = case.cache[view.hook(Site.EMBED)][:, pos]
+
+        def remove(x, hook, write=write):
+            x = x.clone()
+            x[:, pos] -= write.to(x.dtype)
+            return x
+
+        def freeze(x, hook):
+            return case.cache[hook.name].to(x.dtype).reshape(x.shape).clone()
+
+        def grab(x, hook):
+            got["p"] = x.detach().reshape(B, view.n_heads, P, P)[:, head, pos].clone()
+
+        hooks = [(view.hook(Site.RESID_PRE, layer), remove)]
+        for site in (Site.LN1_SCALE, Site.Q_NORM_SCALE, Site.K_NORM_SCALE):
+            name_ = view.hook(site, layer)
+            if view.has_site(site, layer) and name_ in case.cache:
+                hooks.append((name_, freeze))
+        hooks.append((view.hook(Site.PATTERN, layer), grab))
+        with torch.no_grad():
+            case.model.run_with_hooks(case.tokens, fwd_hooks=hooks)
+        # differences to the key the model now attends most; keys whose attention
+        # underflowed to 0 after the removal carry no difference and are left out
+        p_new = got["p"][:, keys[:n]].double()
+        ref = p_new.argmax(-1, keepdim=True)
+        ok = p_new > QK_UNDERFLOW
+        logp = p_new.clamp(min=QK_UNDERFLOW).log()
+        moved = (logp - logp.gather(-1, ref)).float()
+        new_s = r.logits[:, 0, :n] - terms
+        want = new_s - new_s.gather(-1, ref)
+        size = 1 + r.logits[:, 0, :n].abs() + r.values.abs().sum(-1)[:, 0, :n]
+        err = torch.where(ok, (moved - want).abs(), 0.0)
+        assert bool((err <= QK_CAUSAL_RTOL * size).all()), (layer, float(err.max()))
+        assert int(ok.sum()) > B  # differences were checked, not only each reference
+        base = r.logits[:, 0, :n] - r.logits[:, 0, :n].gather(-1, ref)
+        assert float(torch.where(ok, moved - base, 0.0).abs().max()) > 1e-3  # it moved

@@ -194,3 +194,60 @@ def test_qk_map_applies_the_norm_weights(name):
     k = E[1] @ view.W_K(layer, torch.float32)[g] * wk
     want = q @ k.T * view.attn_score_factor(layer)
     assert torch.allclose(m1.values, want, rtol=1e-5, atol=1e-5)
+
+
+def test_hooked_transformer_use_qk_norm():
+    """HookedTransformer's ``use_qk_norm`` (Qwen3-style, TransformerLens <= 3) records its
+    q/k norm scales flattened (``[batch * pos * heads, 1]``): the QK prism freezes them and
+    splits exactly; without them the refusal names the hook to record."""
+    import transformer_lens
+
+    if not hasattr(transformer_lens, "HookedTransformer"):
+        pytest.skip("this TransformerLens has no HookedTransformer")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=16,
+        d_head=8,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=64,
+        d_vocab=60,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        gated_mlp=True,
+        final_rms=True,
+        use_qk_norm=True,
+        seed=0,
+    )
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.w", "k_norm.w")):
+                p.copy_(4.0 + 2.0 * torch.rand(p.shape, generator=g))
+            elif p.ndim > 1:
+                p.mul_(3.0)
+    tokens = torch.randint(4, 60, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    prism = tp.LogitPrism(model, cache, tokens=tokens, logits=logits)
+    assert prism.view.qk_norm(1, "q") is not None and prism.view.qk_norm_per_head(1, "k")
+    for layer in range(2):
+        scores = cache[prism.view.hook(Site.ATTN_SCORES, layer)]
+        for head in range(4):
+            r = prism.qk(layer, head, q_heads="all", k_heads="all")
+            _complete(r)
+            assert torch.equal(r.logits[:, 0], scores[:, head, SEQ - 1])
+            assert float(r.logits.abs().max()) > 1.0
+    one = prism.qk(1, 2, sides="key", k_neurons="all")
+    _complete(one)
+    name = "blocks.1.attn.k_norm.hook_scale"
+    assert tp.needed_hooks(model, ("qk",))(name)
+    kept = {k: v for k, v in cache.items() if k != name}
+    with pytest.raises(CacheError, match="k_norm.hook_scale"):
+        tp.LogitPrism(model, kept, tokens=tokens).qk(1, 0)
