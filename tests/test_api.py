@@ -26,6 +26,8 @@ PUBLIC = {
     "Verification",
     "Dictionary",
     "CrossLayerTranscoder",
+    "AttributionGraph",
+    "GraphVerification",
 }
 
 

@@ -40,7 +40,9 @@ Glossary: every call, result column and renderer uses these words in one sense.
 
 from tlprisms import render as _render  # noqa: F401 - registers the views of every result type (imports no circuitsvis)
 from tlprisms._causal.certificate import Verification
+from tlprisms._causal.graph_verify import GraphVerification
 from tlprisms._core.errors import PrismError
+from tlprisms._core.graph import AttributionGraph
 from tlprisms._core.result import Decomposition
 from tlprisms._core.table import Component
 from tlprisms._core.targets import Direction, LogitDiff, NextToken, PerRow
@@ -65,6 +67,8 @@ __all__ = [
     "Verification",
     "Dictionary",
     "CrossLayerTranscoder",
+    "AttributionGraph",
+    "GraphVerification",
 ]
 
 from importlib.metadata import PackageNotFoundError, version

@@ -160,12 +160,13 @@ class _Edits:
             edits[(site, layer)] = grab
 
         def post(x: Tensor, value: Tensor, s: Any = s, gone: list = gone) -> Tensor:
+            bias = 0.0 if s.out_bias is None else s.out_bias.to(x)
             if self.mode == "influence":
-                x[:, :P] = s.ratio.to(x) * self.state[s.layer][:, :P]
+                x[:, :P] = s.ratio.to(x) * self.state[s.layer][:, :P] + bias
             else:
                 x = value.expand_as(x).clone()
-            for c, j, n in gone:
-                x[c, j, n] = 0.0
+            for c, j, n in gone:  # what is left of the neuron: its constant, if any
+                x[c, j, n] = 0.0 if s.out_bias is None else s.out_bias[n].to(x)
             return x
 
         edits[(Site.MLP_POST, layer)] = post

@@ -328,7 +328,8 @@ class AttributionGraph:
             raise ArgumentError(f"paths: k={k!r}; pass an int >= 1.")
         through = None if node is None else self.row(node)
         t = self._transfer()
-        order = np.argsort(self._rank(), kind="stable")
+        rank = self._rank()
+        order = np.argsort(rank, kind="stable")
         incoming: dict = {}
         for e in range(self.n_edges):
             incoming.setdefault(int(self.dst[e]), []).append(e)
@@ -345,10 +346,9 @@ class AttributionGraph:
                     for _, val, path in best.get(s, []):
                         x = val * t[e]
                         cands.append((abs(x), x, path + (v,)))
-            if through is not None and v != through and self.nodes.kind[v] != "logit":
-                # only prefixes that pass ``through`` may continue past it
-                if self._rank()[v] > self._rank()[through]:
-                    cands = [c for c in cands if through in c[2]]
+            if through is not None and v != through and rank[v] > rank[through]:
+                # past ``through``'s layer, only prefixes that pass it are kept
+                cands = [c for c in cands if through in c[2]]
             best[v] = heapq.nlargest(k, cands, key=lambda c: c[0])
         logit = int(np.nonzero(self.nodes.kind == "logit")[0][0])
         out = best.get(logit, [])

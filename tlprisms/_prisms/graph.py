@@ -98,6 +98,9 @@ class _Set:
     consts: list
     post: bool  # the write passes ln2_post and the residual multiplier (neurons)
     skip: Optional[Tensor] = None  # [d, d] a transcoder's skip (x_in @ W_skip)
+    #: a constant added to every activation after the gate (HookedTransformer's gated MLP
+    #: adds ``b_in`` after the product): a constant write, not part of any node
+    out_bias: Optional[Tensor] = None
 
 
 @dataclass
@@ -223,14 +226,15 @@ def _neurons(cv: CacheView, layer: int, b: int, P: int, ln2: Any, inv2: Tensor) 
             "a neuron's input is not one read of the stream; graphs of SoLU models are not "
             "supported (use chains: through_neuron)."
         )
-    if view.gated_bias_after_product:
-        raise UnsupportedModelError(
-            "LogitPrism.graph: this model adds b_in after the gate's product, so a neuron's "
-            "write is not its gated input; graphs of this architecture are not supported."
-        )
     post = cv.get(Site.MLP_POST, layer)[b, :P].to(dtype)
     pre = cv.get(Site.MLP_PRE, layer)[b, :P].to(dtype)
     name = str(view.act_fn)
+    b_in = view.b_in(layer, dtype, cv.device)
+    out_bias = None
+    if view.gated_bias_after_product:  # act(gate) * up + b_in: b_in is a constant write
+        out_bias = b_in
+        post = post - b_in
+        b_in = torch.zeros_like(b_in)
     if view.gated:
         inp = cv.get(Site.MLP_PRE_LINEAR, layer)[b, :P].to(dtype)
         ratio = _ratio(post, inp, lambda x: torch.zeros_like(x))
@@ -241,7 +245,6 @@ def _neurons(cv: CacheView, layer: int, b: int, P: int, ln2: Any, inv2: Tensor) 
         inp = pre
         ratio = _ratio(post, pre, lambda x: limit_at_zero(name, x))
     W_in = view.W_in(layer, dtype).to(cv.device)
-    b_in = view.b_in(layer, dtype, cv.device)
     consts = [(("b_in", layer), b_in)]
     if ln2.bias is not None:
         consts.append((("ln2.b", layer), ln2.bias.to(cv.device, dtype) @ W_in))
@@ -258,6 +261,7 @@ def _neurons(cv: CacheView, layer: int, b: int, P: int, ln2: Any, inv2: Tensor) 
         inv=inv2,
         consts=consts,
         post=True,
+        out_bias=out_bias,
     )
 
 
@@ -531,6 +535,8 @@ class _Descent:
                 Gw = G
             W = s.writes[L]  # [F, d]
             recon = s.act @ W  # [P, d]
+            if s.out_bias is not None:
+                add(("b_in", L), (Gw * (s.out_bias @ W)).sum((1, 2)))
             total = total + (Gw * recon).sum((1, 2))
             if self.mode == "influence":
                 g = torch.einsum("rpd,fd->rpf", Gw, W)
