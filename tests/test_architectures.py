@@ -18,6 +18,7 @@ import functools
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -462,7 +463,7 @@ QK_CAUSAL_RTOL = 1e-4
 QK_UNDERFLOW = 1e-30
 
 
-def qk_verdict(name: str, fold: bool = True) -> str:
+def qk_verdict(name: str, fold: Optional[bool] = True) -> str:
     """``"exact"``, ``"refused"`` (the QK prism's own reason) or ``"no"`` (the logit prisms
     already refuse the model): what the QK column of docs/architectures.md says."""
     if not expect_for(name, fold).exact:
@@ -601,3 +602,66 @@ def test_qk_causal_rotary_variants(name: str, fold: bool) -> None:
         assert int(ok.sum()) > B  # differences were checked, not only each reference
         base = r.logits[:, 0, :n] - r.logits[:, 0, :n].gather(-1, ref)
         assert float(torch.where(ok, moved - base, 0.0).abs().max()) > 1e-3  # it moved
+
+
+# ---------------------------------------------------------------- the coverage table
+#: the architectures ``tests/families.py`` builds: features (SAEs, transcoders, CLTs) and
+#: ``verify`` are tested on them (test_features, test_dictionary_formats, test_verify,
+#: test_verify_features); on the other exact architectures they are expected, not tested
+FAMILY_ARCHITECTURES = {
+    "GPT2LMHeadModel",
+    "GPTNeoXForCausalLM",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+}
+#: what the graph column says until attribution graphs are tested per family
+GRAPH_CELL = "planned 0.3"
+#: every cell of an architecture TransformerLens cannot build as a tiny model (TL_BROKEN)
+TL_ERROR_CELL = "TL error"
+COVERAGE_DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
+
+
+def coverage_rows() -> dict[str, list[str]]:
+    """The rows of the coverage table in docs/architectures.md: architecture -> cells
+    (logit prisms, QK, features, graph, verify)."""
+    text = COVERAGE_DOC.read_text()
+    start = text.index("## Coverage per prism")
+    rows = {}
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("## "):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 6 and not set(cells[0]) <= set("-"):
+            rows[cells[0]] = cells[1:]
+    rows.pop("Architecture", None)
+    return rows
+
+
+def test_coverage_table_is_what_the_tests_show() -> None:
+    """docs/architectures.md's coverage table has a row for every decoder of TransformerLens's
+    supported list, and each cell says what the tests here expect: the logit prisms'
+    verdict (:data:`EXPECT`), the QK prism's (:func:`qk_verdict`, both TL versions named
+    where they differ), features and verify tested on :data:`FAMILY_ARCHITECTURES`."""
+    rows = coverage_rows()
+    decoders = sorted(i.name for i in INFOS if i.kind == zoo.DECODER)
+    assert sorted(rows) == decoders
+    for name, (logit, qk, features, graph, verify) in rows.items():
+        if TL_BROKEN.get(name, ((), ""))[0] == (True, False):  # TransformerLens cannot build it
+            assert logit == qk == features == graph == verify == TL_ERROR_CELL, (name, logit)
+            continue
+        exact = expect_for(name).exact
+        assert logit.startswith("exact" if exact else "refused"), (name, logit)
+        verdict = qk_verdict(name, None)  # the table's rows: as EXPECT says (TL3_EXPECT aside)
+        if verdict == "no":
+            assert qk == "—", (name, qk)
+        else:
+            assert verdict in qk, (name, qk)
+        for name_tl4 in QK_REFUSED_TL4:
+            if name == name_tl4:
+                assert "TL 4" in qk and "TL 3" in qk, (name, qk)
+        tested = "tested" if name in FAMILY_ARCHITECTURES else "expected"
+        for cell in (features, verify):
+            assert cell.startswith(tested if exact else "—"), (name, cell)
+        assert graph == (GRAPH_CELL if exact else "—"), (name, graph)
