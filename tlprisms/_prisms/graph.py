@@ -69,6 +69,8 @@ __all__ = [
 GRAPH_DEFAULTS = {"max_nodes": 500, "node_threshold": 0.8, "edge_threshold": 0.98}
 #: the gradients of one chunk of readers (``[readers, pos, d_model]``) stay below this
 READER_CHUNK_BYTES = 2**27
+#: readers per descent (chunks by position: each reads only positions up to its last)
+READER_CHUNK_ROWS = 128
 #: with ``heads=True`` the per-head channels of a chunk stay below this
 HEAD_CHUNK_BYTES = 2**28
 #: a ratio's denominator below this (relative) is taken as 0 (the ratio is its limit)
@@ -445,6 +447,10 @@ class _Descent:
     ``nodes`` holds the edges from the kept nodes ``keep[set] = (pos, col)``).
     ``channels``: with C > 1 every reader row is split into C channels (1 + n_layers *
     n_heads): the direct path and each head as the earliest on the path (``heads=True``).
+
+    Readers join at their own layer: they are sorted by where they join (latest first), so
+    the rows a layer works on are a prefix that grows; and only positions up to the last
+    reader's are read (causal attention: nothing later reaches them).
     """
 
     def __init__(self, fz: _Frozen, mode: str, keep: Optional[dict] = None, channels: int = 1):
@@ -462,52 +468,95 @@ class _Descent:
         for i, s in enumerate(fz.sets):
             for L in s.writes:
                 self.writers_to.setdefault(L, []).append(i)
+        self.Pe = fz.P
 
     def run(self, readers: _Readers) -> _Out:
+        """The descent for ``readers`` (their rows' results in their order)."""
         fz, C = self.fz, self.C
-        P, dev, dtype = fz.P, fz.cv.device, fz.cv.dtype
+        order = np.argsort(-readers.key, kind="stable")
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        readers = readers.take(order)
+        self.Pe = Pe = int(readers.pos.max()) + 1
+        dev, dtype = fz.cv.device, fz.cv.dtype
         d = fz.embed.shape[-1]
         R = len(readers)
-        G = torch.zeros(R * C, P, d, dtype=dtype, device=dev)
-        joined = np.zeros(R, dtype=bool)
+        G = torch.zeros(R * C, Pe, d, dtype=dtype, device=dev)
         consts: dict = {}
         for name, v in readers.consts.items():  # a read's own constants
             consts[name] = self._rows(v)
         errors: dict = {}
         nodes: dict = {}
         mlp_total = torch.zeros(R * C, dtype=dtype, device=dev)
+        self.n = 0  # rows joined so far (a prefix: readers are sorted by where they join)
 
         def join(key: int) -> None:
-            rows = np.nonzero((readers.key == key) & ~joined)[0]
-            if len(rows):
-                joined[rows] = True
-                t = torch.as_tensor(rows, device=dev)
-                p = torch.as_tensor(readers.pos[rows], device=dev)
-                # the direct channel (0) of each joining row
-                G[t * C, p] = G[t * C, p] + readers.G0[t]
+            stop = self.n + int((readers.key[self.n :] == key).sum())
+            if stop > self.n:
+                t = torch.arange(self.n, stop, device=dev)
+                p = torch.as_tensor(readers.pos[self.n : stop], device=dev)
+                G[t * C, p] += readers.G0[self.n : stop]  # the direct channel (0)
+                self.n = stop
 
         def add(name: tuple, v: Tensor) -> None:
-            consts[name] = consts[name] + v if name in consts else v
+            full = torch.zeros(R * C, dtype=v.dtype, device=v.device)
+            full[: v.shape[0]] = v
+            consts[name] = consts[name] + full if name in consts else full
 
-        n = len(fz.layers)
-        for l in range(n - 1, -1, -1):
-            lay = fz.layers[l]
+        for l in range(len(fz.layers) - 1, -1, -1):
             join(2 * l + 1)
-            if self.writers_to.get(l):
-                mlp_total = mlp_total + self._writes(l, G, errors, nodes, add)
-            back = self._passthrough(l, G, nodes, add)
+            if self.n:
+                Ga = G[: self.n * C]
+                if self.writers_to.get(l):
+                    mlp_total[: self.n * C] += self._writes(l, Ga, errors, nodes, add, R * C)
+                passed = self._passthrough(l, Ga, nodes, add)
+                if not self.parallel and passed is not None:
+                    Ga += passed
+                    passed = None
+            else:
+                passed = None
             if not self.parallel:
-                if back is not None:
-                    G = G + back
                 join(2 * l)
-                back = None
             if self.capture == l:
-                self.captured = G.clone()
-            attn = self._attention(l, lay, G, add)
-            G = G + attn if back is None else G + attn + back
+                self.captured = G[: self.n * C].clone()
+            if self.n:
+                Ga = G[: self.n * C]
+                attn = self._attention(l, fz.layers[l], Ga, add)
+                Ga += attn
+                if passed is not None:
+                    Ga += passed
         join(-1)
-        embed = (G * fz.embed).sum(-1)
-        return _Out(embed, errors, consts, nodes, mlp_total)
+        embed = torch.einsum("rpd,pd->rp", G, fz.embed[:Pe])
+        out = _Out(embed, errors, consts, nodes, mlp_total)
+        return self._reorder(out, back, Pe)
+
+    def _reorder(self, out: _Out, back: np.ndarray, Pe: int) -> _Out:
+        """The results in the readers' own order, positions padded back to ``P``."""
+        C, P = self.C, self.fz.P
+        rows = torch.as_tensor((back[:, None] * C + np.arange(C)[None]).reshape(-1))
+
+        def pad(t: Tensor) -> Tensor:
+            if t.shape[-1] == P:
+                return t
+            z = torch.zeros(*t.shape[:-1], P, dtype=t.dtype, device=t.device)
+            z[..., : t.shape[-1]] = t
+            return z
+
+        rows = rows.to(out.embed.device)
+        nodes = {}
+        for i, v in out.nodes.items():
+            if self.mode == "influence":  # [R, Pe, F] -> [R, P, F]
+                z = torch.zeros(v.shape[0], P, v.shape[2], dtype=v.dtype, device=v.device)
+                z[:, : v.shape[1]] = v
+                v = z
+            nodes[i] = v[rows]
+        return _Out(
+            pad(out.embed)[rows],
+            {L: pad(v)[rows] for L, v in out.errors.items()},
+            {k: v[rows] for k, v in out.consts.items()},
+            nodes,
+            out.mlp_total[rows],
+        )
 
     def _rows(self, v: Tensor) -> Tensor:
         """A per-reader value on the direct channel of each reader row."""
@@ -517,50 +566,60 @@ class _Descent:
         out[:: self.C] = v
         return out
 
-    def _writes(self, L: int, G: Tensor, errors: dict, nodes: dict, add: Any) -> Tensor:
-        """The MLP writes into the stream after block ``L``: node edges / gradients, the
-        biases, the errors; returns each row's total over the MLP nodes."""
-        fz = self.fz
+    def _writes(
+        self, L: int, G: Tensor, errors: dict, nodes: dict, add: Any, n_rows: int
+    ) -> Tensor:
+        """The MLP writes into the stream after block ``L`` (``G``: the joined rows): node
+        edges / gradients, the biases, the errors; returns each row's total over the nodes."""
+        fz, Pe = self.fz, self.Pe
         lay = fz.layers[L]
-        total = torch.zeros(G.shape[0], dtype=G.dtype, device=G.device)
+        n = G.shape[0]
+        total = torch.zeros(n, dtype=G.dtype, device=G.device)
         Gpost = None
         for i in self.writers_to[L]:
             s = fz.sets[i]
             if s.post:
                 if Gpost is None:
                     Gpost = G if lay.post2 is None else lay.post2.pull_back(G)
-                    Gpost = Gpost * (lay.inv_post2[:, None] * lay.rs)
+                    Gpost = Gpost * (lay.inv_post2[:Pe, None] * lay.rs)
                 Gw = Gpost
             else:
                 Gw = G
             W = s.writes[L]  # [F, d]
-            recon = s.act @ W  # [P, d]
+            act = s.act[:Pe]
+            recon = act @ W  # [Pe, d]
+            total += Gw.reshape(n, -1) @ recon.reshape(-1)
             if s.out_bias is not None:
-                add(("b_in", L), (Gw * (s.out_bias @ W)).sum((1, 2)))
-            total = total + (Gw * recon).sum((1, 2))
+                add(("b_in", L), Gw.sum(1) @ (s.out_bias @ W))
             if self.mode == "influence":
-                g = torch.einsum("rpd,fd->rpf", Gw, W)
-                nodes[i] = nodes[i] + g if i in nodes else g
+                g = (Gw.reshape(-1, Gw.shape[-1]) @ W.T).view(n, Pe, -1)
+                if i in nodes:
+                    nodes[i][:n] += g
+                else:
+                    nodes[i] = torch.zeros(n_rows, Pe, W.shape[0], dtype=g.dtype, device=g.device)
+                    nodes[i][:n] = g
             elif i in self.keep:
                 pos, col = self.keep[i]
-                if len(pos):
-                    # [R, K]: Gw at each kept node's position against its write, times act
-                    e = torch.einsum("rkd,kd->rk", Gw[:, pos], W[col]) * s.act[pos, col]
-                    nodes[i] = nodes[i] + e if i in nodes else e
+                if i not in nodes:
+                    nodes[i] = torch.zeros(n_rows, len(pos), dtype=G.dtype, device=G.device)
+                inside = (pos < Pe).nonzero()[:, 0]
+                if len(inside):
+                    p, c = pos[inside], col[inside]
+                    e = torch.einsum("rkd,kd->rk", Gw[:, p], W[c]) * s.act[p, c]
+                    nodes[i][:n, inside] += e
         if L in self.sets_at and fz.sets[self.sets_at[L]].post:
-            Gp = (
-                Gpost
-                if Gpost is not None
-                else lay.inv_post2[:, None]
-                * lay.rs
-                * (G if lay.post2 is None else lay.post2.pull_back(G))
-            )
-            add(("b_out", L), (Gp * lay.b_out).sum((1, 2)))
+            if Gpost is None:
+                Gpost = G if lay.post2 is None else lay.post2.pull_back(G)
+                Gpost = Gpost * (lay.inv_post2[:Pe, None] * lay.rs)
+            add(("b_out", L), Gpost.sum(1) @ lay.b_out)
             if lay.post2 is not None and lay.post2.bias is not None:
-                add(("ln2_post.b", L), lay.rs * (G * lay.post2.bias.to(G)).sum((1, 2)))
+                add(("ln2_post.b", L), lay.rs * (G.sum(1) @ lay.post2.bias.to(G)))
         if L in fz.b_dec:
-            add(("b_dec", L), (G * fz.b_dec[L]).sum((1, 2)))
-            errors[L] = (G * fz.errors[L]).sum(-1)
+            add(("b_dec", L), G.sum(1) @ fz.b_dec[L])
+            err = torch.einsum("rpd,pd->rp", G, fz.errors[L][:Pe])
+            full = torch.zeros(n_rows, Pe, dtype=G.dtype, device=G.device)
+            full[:n] = err
+            errors[L] = errors[L] + full if L in errors else full
         return total
 
     def _passthrough(self, l: int, G: Tensor, nodes: dict, add: Any) -> Optional[Tensor]:
@@ -568,58 +627,60 @@ class _Descent:
         mode), a transcoder's linear skip (both modes); None when nothing."""
         if l not in self.sets_at:
             return None
+        Pe, n = self.Pe, G.shape[0]
         s = self.fz.sets[self.sets_at[l]]
         x = None
         if self.mode == "influence" and self.sets_at[l] in nodes:
-            gin = s.ratio * nodes[self.sets_at[l]]  # d read / d input
+            gin = s.ratio[:Pe] * nodes[self.sets_at[l]][:n]  # d read / d input
             for name, vec in s.consts:
-                add(name, (gin * vec).sum((1, 2)))
-            x = gin @ s.read.T  # [R, P, d]
+                add(name, gin.sum(1) @ vec)
+            x = gin @ s.read.T  # [R, Pe, d]
         if s.skip is not None:
             y = G @ s.skip.T
             x = y if x is None else x + y
             if s.norm is not None and s.norm.bias is not None:
-                add(("ln2.b", l), (y * s.norm.bias.to(y)).sum((1, 2)))
+                add(("ln2.b", l), y.sum(1) @ s.norm.bias.to(y))
         if x is None:
             return None
         if s.norm is not None:
             x = s.norm.pull_back(x)
-        return x * s.inv[:, None]
+        return x * s.inv[:Pe, None]
 
     def _attention(self, l: int, lay: _Layer, G: Tensor, add: Any) -> Tensor:
         """What attention layer ``l`` (patterns and scales frozen) passes back to the stream
         it reads, from ``G`` on the stream it writes; its constants recorded."""
-        C = self.C
+        C, Pe = self.C, self.Pe
         Gt = G if C == 1 else G.view(-1, C, *G.shape[1:]).sum(1)  # the total per reader
+        R = Gt.shape[0]
         Gp = Gt if lay.post1 is None else lay.post1.pull_back(Gt)
-        Gp = Gp * (lay.inv_post1[:, None] * lay.rs)
-        rows = self._rows_of(C, Gt.shape[0], G.device)
-        add(("b_O", l), self._spread((Gp * lay.b_O).sum((1, 2)), rows))
+        Gp = Gp * (lay.inv_post1[:Pe, None] * lay.rs)
+        rows = torch.arange(R, device=G.device) * C
+        add(("b_O", l), self._spread(Gp.sum(1) @ lay.b_O, rows))
         if lay.post1 is not None and lay.post1.bias is not None:
-            add(
-                ("ln1_post.b", l),
-                self._spread(lay.rs * (Gt * lay.post1.bias.to(Gt)).sum((1, 2)), rows),
-            )
-        gz = torch.einsum("rqd,hed->rhqe", Gp, lay.W_O)
-        gv = torch.einsum("hqk,rhqe->rhke", lay.A, gz)
-        R, H, P, dh = gv.shape
-        gvg = gv.view(R, H // self.rep, self.rep, P, dh).sum(2)
-        add(("b_V", l), self._spread(torch.einsum("rgke,ge->r", gvg, lay.b_V), rows))
-        gx = torch.einsum("rgke,gde->rkd", gvg, lay.W_V)
+            add(("ln1_post.b", l), self._spread(lay.rs * (Gt.sum(1) @ lay.post1.bias.to(Gt)), rows))
+        H, dh, d = lay.W_O.shape
+        # [R*Pe, d] @ [d, H*dh]: every head's W_O at once
+        gz = (Gp.reshape(-1, d) @ lay.W_O.permute(2, 0, 1).reshape(d, H * dh)).view(R, Pe, H, dh)
+        # sum over queries with each head's pattern: one batched matmul over heads
+        A = lay.A[:, :Pe, :Pe]  # [H, q, k]
+        gq = gz.permute(2, 1, 0, 3).reshape(H, Pe, R * dh)  # [H, q, R*dh]
+        gv = torch.bmm(A.transpose(1, 2), gq).view(H, Pe, R, dh)  # [H, k, R, dh]
+        G_kv = H // self.rep
+        gvg = gv.view(G_kv, self.rep, Pe, R, dh).sum(1)  # [G, k, R, dh]
+        add(("b_V", l), self._spread(torch.einsum("gkre,ge->r", gvg, lay.b_V), rows))
+        # [R*k, G*dh] @ [G*dh, d]
+        flat = gvg.permute(2, 1, 0, 3).reshape(R * Pe, G_kv * dh)
+        gx = (flat @ lay.W_V.permute(0, 2, 1).reshape(G_kv * dh, d)).view(R, Pe, d)
         if lay.ln1.bias is not None:
-            add(("ln1.b", l), self._spread((gx * lay.ln1.bias.to(gx)).sum((1, 2)), rows))
+            add(("ln1.b", l), self._spread(gx.sum(1) @ lay.ln1.bias.to(gx), rows))
         if C == 1:
-            return lay.ln1.pull_back(gx) * lay.inv1[:, None]
+            return lay.ln1.pull_back(gx) * lay.inv1[:Pe, None]
         W_Vh = lay.W_V.repeat_interleave(self.rep, 0)  # [H, d, dh]
-        per = torch.einsum("rhke,hde->rhkd", gv, W_Vh)
-        per = lay.ln1.pull_back(per) * lay.inv1[:, None]
-        out = torch.zeros_like(G).view(R, C, P, -1)
+        per = torch.einsum("hkre,hde->rhkd", gv, W_Vh)
+        per = lay.ln1.pull_back(per) * lay.inv1[:Pe, None]
+        out = torch.zeros_like(G).view(R, C, Pe, -1)
         out[:, 1 + l * H : 1 + (l + 1) * H] = per
-        return out.view(R * C, P, -1)
-
-    @staticmethod
-    def _rows_of(C: int, R: int, dev: Any) -> Tensor:
-        return torch.arange(R, device=dev) * C
+        return out.view(R * C, Pe, -1)
 
     def _spread(self, v: Tensor, rows: Tensor) -> Tensor:
         """A per-reader constant (``[R]``) on the direct channel of each row."""
@@ -758,10 +819,11 @@ def run(
     ]
     readers = _cat_readers(parts + [logit_r])
     d = fz.embed.shape[-1]
-    per = READER_CHUNK_BYTES // max(1, P * d * fz.embed.element_size())
-    outs = [
-        _Descent(fz, "edges", keep).run(readers.take(rows)) for rows in _chunks(len(readers), per)
-    ]
+    per = min(READER_CHUNK_ROWS, READER_CHUNK_BYTES // max(1, P * d * fz.embed.element_size()))
+    # chunks of readers by position: a chunk reads only the positions up to its last one
+    by_pos = np.argsort(readers.pos, kind="stable")
+    chunks = [by_pos[c] for c in _chunks(len(readers), per)]
+    outs = [_Descent(fz, "edges", keep).run(readers.take(rows)) for rows in chunks]
     # the first descent's constants fix the constants' order (the logit's come last)
     const_names: list = []
     for o in [inf] + outs:
@@ -775,23 +837,22 @@ def run(
     W = W_embed + W_err + W_const + sum(set_sizes)
     E = torch.zeros(R, W, dtype=torch.float64)
     mlp_total = torch.zeros(R, dtype=torch.float64)
-    start = 0
-    for rows, o in zip(_chunks(len(readers), per), outs):
-        sl = slice(start, start + len(rows))
-        start += len(rows)
+    for rows, o in zip(chunks, outs):
+        sl = torch.as_tensor(rows)
         E[sl, :P] = o.embed.double().cpu()
         for k, L in enumerate(err_layers):
             if L in o.errors:
                 E[sl, P + k * P : P + (k + 1) * P] = o.errors[L].double().cpu()
+        sl = sl[:, None]
         for k, name in enumerate(const_names):
             if name in o.consts:
-                E[sl, W_embed + W_err + k] = o.consts[name].double().cpu()
+                E[sl[:, 0], W_embed + W_err + k] = o.consts[name].double().cpu()
         off = W_embed + W_err + W_const
         for i, size in enumerate(set_sizes):
             if size and i in o.nodes:
-                E[sl, off : off + size] = o.nodes[i].double().cpu()
+                E[sl, torch.arange(off, off + size)] = o.nodes[i].double().cpu()
             off += size
-        mlp_total[sl] = o.mlp_total.double().cpu()
+        mlp_total[sl[:, 0]] = o.mlp_total.double().cpu()
     kept_mlp = E[:, W_embed + W_err + W_const :].sum(1)
     remainder = (mlp_total - kept_mlp).numpy()
     # 4. the node table
@@ -1008,8 +1069,9 @@ def _why_attended(
         assert G is not None  # the descent passed the layer
         lay = fz.layers[layer]
         Gp = G if lay.post1 is None else lay.post1.pull_back(G)
-        Gp = Gp[0] * (lay.inv_post1[:, None] * lay.rs)  # [P, d]
-        strength = lay.A[head, :, key] * (Gp @ lay.W_O[head].T).norm(dim=-1)
+        Pe = G.shape[1]
+        Gp = Gp[0] * (lay.inv_post1[:Pe, None] * lay.rs)  # [Pe, d]
+        strength = lay.A[head, :Pe, key] * (Gp @ lay.W_O[head].T).norm(dim=-1)
         strength[:key] = 0
         q = int(strength.argmax())
         row = lay.A[head, q, : q + 1].clone()
