@@ -80,17 +80,48 @@ def test_tampered_constants_fail():
         assert "FAILED" in str(out)
 
 
-def test_hook_pattern_ignored_bridges_verify():
+def _zoo_prism(arch: str, batch: int = 1) -> tp.LogitPrism:
     import arch_zoo as zoo
     from families import make_tokenizer
 
-    m = zoo.build("GPTJForCausalLM", True, tokenizer=make_tokenizer())
-    toks = torch.randint(4, 60, (1, 6), generator=torch.Generator().manual_seed(1))
+    m = zoo.build(arch, True, tokenizer=make_tokenizer())
+    toks = torch.randint(4, 60, (batch, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits, cache = m.run_with_cache(toks)
-    P = tp.LogitPrism(m, cache, tokens=toks, logits=logits)
-    assert P.verify(P.heads(5)).ok
-    assert P.verify(P.full(5)).ok
+    return tp.LogitPrism(m, cache, tokens=toks, logits=logits)
+
+
+@pytest.mark.parametrize("arch", ["GPTJForCausalLM", "OPTForCausalLM"])
+def test_hook_pattern_ignored_bridges_verify(arch):
+    """GPT-J and OPT bridges ignore edits of hook_pattern, and OPT records ln2's scale with
+    batch and position flattened ([batch * pos, 1]): verify passes their genuine results,
+    fails tampered ones, and refuses their QK results naming why (no hook holds scores)."""
+    from test_verify import _tampered
+
+    P = _zoo_prism(arch, batch=2)
+    for result in (P.heads(5), P.full(5), P.through_head(1, 2, 5)):
+        assert P.verify(result).ok, repr(P.verify(result))
+    for how in ("swap", "scale"):
+        bad = _tampered(P.heads(5), how)
+        assert not P.verify(bad, k=4, sample=0).ok
+    with pytest.raises(tp.errors.UnsupportedModelError, match="records no pre-softmax"):
+        P.verify(P.qk(1, 0))
+
+
+@pytest.mark.parametrize(
+    "arch", ["Qwen3ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "BloomForCausalLM"]
+)
+def test_verify_qk_with_query_key_norms_and_alibi(arch):
+    """The query/key norms' scales frozen as the prism freezes them (Qwen3, Gemma 3, OLMo 2);
+    ALiBi's positional bias a constant pair (Bloom)."""
+    from test_verify import _tampered
+
+    P = _zoo_prism(arch, batch=2)
+    pairs = P.qk(1, 1, q_heads="all", k_neurons="all")
+    for result in (pairs, P.qk(1, 0, keys=[1, 3], contrast=True), P.qk(1, 1, sides="query")):
+        v = P.verify(result, k=8, sample=4)
+        assert v.ok and v.terms.numel() > 0, repr(v)
+    assert not P.verify(_tampered(pairs, "scale"), k=4, sample=0).ok
 
 
 def test_no_hook_scale_warning(demo):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tlprisms as tp
+from tlprisms._seam import Site
 from tlprisms.errors import ArgumentError, TargetError, VerificationError
 
 from conftest import SEQ, build_case
@@ -287,3 +288,70 @@ def test_cli_explain_verify_prints_the_certificate(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "verification: 20 largest + 20 sampled terms verified by intervention" in text
     assert "Verification by intervention" in (tmp_path / "r.html").read_text()
+
+
+# ----------------------------------------------------------------------------- QK results
+def _qk_results(p: tp.LogitPrism) -> dict:
+    L = p.view.n_layers - 1
+    return {
+        "pairs": p.qk(L, 1, q_heads="all", k_neurons="all"),
+        "contrast": p.qk(L, 0, keys=[1, 3], contrast=True, softcap="pre"),
+        "query side": p.qk(L, 1, sides="query", q_neurons=0),
+        "sparse": p.qk(L, 1, q_heads="all", k_heads="all", top_k=4),
+        "aggregate": p.qk(L, 1, q_heads="all").aggregate("q_kind", "q_layer"),
+        "query chain": p.qk(L, 1, sides="query", path=[tp.Hop("head", 0, 1, src=2)]),
+        "key chain": p.qk(L, 1, keys=[3, 4, 5], sides="key", path=[tp.Hop("neuron", 0, 3)]),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_verify_passes_genuine_qk_results(name):
+    """Pairs by second differences, one-sided terms and row/column sums by one removal, on
+    every family (soft-capped Gemma 2 included); a bridge whose hook_attn_scores holds
+    probabilities is refused, naming why."""
+    p = build_case(name, True).prism
+    for what, result in _qk_results(p).items():
+        layer = result.request.layer
+        if not p.view.has_site(Site.ATTN_SCORES, layer):
+            with pytest.raises(tp.errors.UnsupportedModelError, match="no pre-softmax attention"):
+                p.verify(result)
+            continue
+        v = p.verify(result, k=6, sample=4)
+        assert v.ok, (what, repr(v))
+        assert v.max_relative_error <= GENUINE_RTOL, (what, repr(v))
+        assert v.terms.numel() >= 3, (what, repr(v))
+        if what == "pairs":  # every checked writer's row and column, constants included
+            assert v.sums_checked > 0 and "row/column sums" in str(v)
+            assert {"q_kind", "k_kind"} <= set(v.to_frame())
+
+
+def _tampered_qk_constant(result: tp.Decomposition) -> tp.Decomposition:
+    """In every target the two largest pairs with key side b_K (two query writers' rows)
+    changed by +d and -d: the total adds up, every both-writer pair is untouched."""
+    t = result.components
+    cols = np.nonzero(t.k.kinds()[t.ki] == "b_K")[0]
+    values = result.values.clone()
+    for row in values.reshape(-1, values.shape[-1]):
+        i, j = cols[np.argsort(-row[cols].abs().numpy())[:2]]
+        d = 0.5 * float(row[i].abs()) + 0.5
+        row[i] += d
+        row[j] -= d
+    return dataclasses.replace(result, values=values)
+
+
+@pytest.mark.parametrize("name", TAMPER_FAMILIES)
+def test_verify_fails_tampered_qk_results(name):
+    p = build_case(name, True).prism
+    L = p.view.n_layers - 1
+    pairs = p.qk(L, 1, q_heads="all", k_neurons="all")
+    for result in (pairs, p.qk(L, 0, keys=[1, 3], contrast=True), p.qk(L, 1, sides="key")):
+        for how in ("swap", "scale"):
+            bad = _tampered(result, how)
+            bad.check()
+            v = p.verify(bad, k=4, sample=0)
+            assert not v.ok and str(v).startswith("FAILED:"), (how, repr(v))
+    bad = _tampered_qk_constant(pairs)
+    bad.check()
+    v = p.verify(bad, k=20, sample=10)
+    assert not v.ok and bool(v.failed[-v.sums_checked :].any()), repr(v)  # a row sum caught it

@@ -40,3 +40,34 @@ def test_verify_fails_a_tampered_feature_term():
     vals[0, 0, 0, j] += 1.0
     vals[0, 0, 0, (kinds == "error").nonzero()[0][0]] -= 1.0  # the total is unchanged
     assert not p.verify(dataclasses.replace(r, values=vals), k=40, sample=0).ok
+
+
+@pytest.mark.parametrize(
+    "spec", FAMILY_CASES, ids=[f"{n}-{'folded' if f else 'unfolded'}" for n, f in FAMILY_CASES]
+)
+def test_verify_cross_layer_transcoder_terms(spec, tmp_path):
+    """A CLT feature's writes removed from every later layer's MLP output at once (b_dec and
+    the error from their one layer's): genuine terms pass on every family (post-normed
+    Gemma 2 too: hook_mlp_out is what the stream adds), a tampered feature term fails."""
+    from test_dictionary_formats import write_clt
+
+    import tlprisms as tp
+
+    case = build_case(*spec)
+    p = case.prism
+    n, d = case.model.cfg.n_layers, case.model.cfg.d_model
+    folder, _, _ = write_clt(tmp_path / "clt", n=n, d=d, feature_input_hook="mlp.hook_in", seed=3)
+    clt = tp.Dictionary.from_circuit_tracer_clt(folder)
+    r = p.features(7, clt)
+    v = p.verify(r, k=r.values.numel(), sample=0)  # every term
+    assert v.ok, repr(v)
+    assert {"feature", "error", "b_dec"} <= {c.kind for c in v.components}, repr(v)
+    assert "dictionary terms" not in str(v)
+    kinds = r.components.kinds()
+    early = (kinds == "feature") & (r.components.layer < n - 1)  # it writes to later layers
+    j = int((early * r.values[0, 0, 0].abs().numpy()).argmax())
+    vals = r.values.clone()
+    vals[0, 0, 0, j] += 0.5
+    vals[0, 0, 0, (kinds == "error").nonzero()[0][0]] -= 0.5  # the total is unchanged
+    bad = p.verify(dataclasses.replace(r, values=vals), k=r.values.numel(), sample=0)
+    assert not bad.ok and str(bad).startswith("FAILED:")

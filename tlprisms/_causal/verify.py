@@ -346,14 +346,6 @@ class _Dictionaries:
         return Removal("outputs", where[1], at, vectors=((where[0], where[1], vec),))
 
 
-@dataclass(frozen=True)
-class _LayerInput:
-    """One layer's input of a cross-layer transcoder, as ``dictionary_input`` reads it."""
-
-    input_site: Site
-    layer: int
-
-
 class _CrossLayer:
     """A cross-layer transcoder's terms as writes: feature ``(l, f)`` writes ``a_l[f]
     W_dec_l[f, L - l]`` to the MLP output of every layer ``L >= l``; ``b_dec`` and the error
@@ -373,9 +365,16 @@ class _CrossLayer:
         """Layer ``layer``'s feature activations at every position, ``[B, n_ctx, F]``."""
         if layer not in self._acts:
             cv = self.cv
+            view = cv.view
             pos = torch.arange(cv.n_ctx, device=cv.device).expand(cv.batch, cv.n_ctx)
-            where: Any = _LayerInput(self.clt.input_site, layer)
-            x = dictionary_input(cv, where, pos, cv.dtype, cv.device)
+            if self.clt.input_site is Site.LN2_NORMALIZED:  # ln2 in full, at its recorded scale
+                norm = view.ln2[layer]
+                stream = Site.RESID_PRE if view.parallel else Site.RESID_MID
+                x = cv.at(stream, layer, pos, cv.dtype)
+                scale = cv.scale(norm, pos)[..., None].to(x.dtype) if norm.has_scale else None
+                x = norm.apply(x, scale)
+            else:
+                x = cv.at(self.clt.input_site, layer, pos, cv.dtype)
             self._acts[layer] = self.clt.encode(layer, x)
         return self._acts[layer]
 

@@ -207,7 +207,8 @@ def verify_qk(
     cv: CacheView = rec.cache
     view = cv.view
     req = result.request
-    assert req is not None  # the caller dispatched on it
+    if req is None:  # the caller dispatched on it
+        raise ArgumentError(f"{caller}: the result carries no request; verify what prism.qk made.")
     layer, head, i = int(req.layer), int(req.head), int(req.pos)
     problem = score_problem(view, tokens, layer)
     if problem is not None:
@@ -458,7 +459,8 @@ def _verify_chain(
     cv = rec.cache
     view = cv.view
     req = result.request
-    assert req is not None
+    if req is None:
+        raise ArgumentError(f"{runs.caller}: the result carries no request.")
     comps = result.components
     path = tuple((h.kind, h.layer, h.index, h.src) for h in req.path)
     if any(kind not in ("head", "neuron") for kind, _, _, _ in path):

@@ -522,9 +522,10 @@ def _removals(plan: _Plan, hooks: _Hooks) -> None:
     view = plan.view
     for c, copy in enumerate(plan.copies):
         r, b = copy.removal, int(plan.mine[c])
+        vec = r.vector if r.vector is not None else torch.zeros(0)
+        if r.kind in ("embed", "pos_embed", "b_O", "b_out") and r.vector is None:
+            raise ValueError(f"run_frozen: a {r.kind!r} removal needs the vector it removes")
         if r.kind in ("embed", "pos_embed"):
-            vec = r.vector
-            assert vec is not None
 
             def sub(x: Tensor, b: int = b, at: int = r.at, vec: Tensor = vec) -> None:
                 x[b, at] -= vec.to(x.device, x.dtype)
@@ -532,8 +533,6 @@ def _removals(plan: _Plan, hooks: _Hooks) -> None:
             hooks.add(view.hook(Site.RESID_PRE, 0), sub)
             plan.edited.add(Site.RESID_PRE)
         elif r.kind in ("b_O", "b_out"):
-            vec = r.vector
-            assert vec is not None
             site = Site.ATTN_OUT if r.kind == "b_O" else Site.MLP_OUT
 
             def sub_bias(x: Tensor, b: int = b, at: int = r.at, vec: Tensor = vec) -> None:
