@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from tlprisms._core.errors import ArgumentError, VerificationError
+from tlprisms._core.errors import ArgumentError, UnsupportedModelError, VerificationError
 from tlprisms._core.graph import AttributionGraph
 from tlprisms._core.readout import Recorded
 from tlprisms._core.request import Request
@@ -38,6 +38,8 @@ __all__ = ["GraphVerification", "verify_graph", "GRAPH_VERIFY_RTOL"]
 GRAPH_VERIFY_RTOL = {"float64": 1e-9, "float32": 1e-4}
 #: bf16 / fp16 models
 GRAPH_VERIFY_RTOL_LOW = 3e-2
+#: the unedited rerun must give back the recorded values within this (relative)
+REPRODUCE_RTOL = 1e-4
 #: nodes whose removal a rerun checks
 CHECKABLE = ("neuron", "feature", "embed", "error")
 
@@ -283,6 +285,7 @@ def verify_graph(rec: Recorded, graph: AttributionGraph, k: int, sample: int, se
         got = rerun_frozen(view, rec.cache.cache, rec.tokens, row, len(chosen) + 1,
                            edits.build(), grab, caller)  # fmt: skip
         passes += 1
+        _reproduces(rec, got, row, p, caller)
         final = got[(Site.FINAL_RESID, None)][:, p].to(G0)
         dlogit = (final[:-1] - final[-1]) @ G0
         for c, a in enumerate(chosen):
@@ -309,6 +312,24 @@ def verify_graph(rec: Recorded, graph: AttributionGraph, k: int, sample: int, se
     ok = all(r["error"] <= r["bound"] for r in rows)
     skipped = {"constants": int((nodes.kind == "const").sum())}
     return GraphVerification(ok, rows, len(chosen), passes, skipped)
+
+
+def _reproduces(rec: Recorded, got: dict, row: int, p: int, caller: str) -> None:
+    """Refuse unless the unedited copy (the last) reproduces what the cache recorded: the
+    held scales, queries and keys must give back the recorded forward pass."""
+    cv = rec.cache
+    for (site, layer), x in got.items():
+        want = cv.get(site, layer)[row, : p + 1].to(x)
+        have = x[-1, : p + 1]
+        scale = float(want.abs().max()) + 1.0
+        if float((have - want).abs().max()) > REPRODUCE_RTOL * scale:
+            raise UnsupportedModelError(
+                f"{caller}: rerunning this model with its recorded norm scales, queries and "
+                f"keys held does not reproduce its recorded {cv.view.hook(site, layer)} (off "
+                f"by {float((have - want).abs().max()):.3g}): its forward pass computes "
+                "something the hooks do not hold, so the graph cannot be checked by "
+                "intervention on it. Its exactness is checked by graph.check()."
+            )
 
 
 def _feature_change(edits: _Edits, fz: Any, nodes: Any, b: int, c: int) -> float:

@@ -33,9 +33,14 @@ def mlp_input_site(view: ModelView) -> Site:
     return Site.MLP_PRE_LINEAR if view.gated else Site.MLP_PRE
 
 
-def _held(value: Tensor) -> Callable[[Tensor, Any], Tensor]:
+def _held(value: Tensor, copies: int) -> Callable[[Tensor, Any], Tensor]:
+    """A hook that returns ``value`` (one row ``[1, pos, ...]``) for every copy; a hook
+    recorded with batch and positions flattened (OPT's ``ln2.hook_scale``: ``[batch * pos,
+    1]``) gets it flattened the same way."""
+
     def hook(x: Tensor, hook: Any) -> Tensor:
-        return value.to(x.dtype).expand_as(x).clone()
+        v = value.to(x.dtype).expand(copies, *value.shape[1:])
+        return v.reshape(x.shape).clone()
 
     return hook
 
@@ -64,15 +69,20 @@ def rerun_frozen(
     x = tokens[row : row + 1].expand(copies, -1)
     hooks: list = []
 
+    batch, n_ctx = tokens.shape
+
     def cached(site: Site, layer: Optional[int]) -> Tensor:
-        return cache[view.hook(site, layer)][row : row + 1]
+        v = cache[view.hook(site, layer)]
+        if n_ctx > 1 and v.shape[0] == batch * n_ctx:  # flattened batch and positions
+            v = v.view(batch, n_ctx, *v.shape[1:])
+        return v[row : row + 1]
 
     for layer in range(view.n_layers):
         for site in (*SCALE_SITES, Site.Q, Site.K):
             if view.has_site(site, layer) and view.hook(site, layer) in cache:
-                hooks.append((view.hook(site, layer), _held(cached(site, layer))))
+                hooks.append((view.hook(site, layer), _held(cached(site, layer), copies)))
     if view.has_site(Site.FINAL_SCALE) and view.hook(Site.FINAL_SCALE) in cache:
-        hooks.append((view.hook(Site.FINAL_SCALE), _held(cached(Site.FINAL_SCALE, None))))
+        hooks.append((view.hook(Site.FINAL_SCALE), _held(cached(Site.FINAL_SCALE, None), copies)))
     for (site, layer), edit in mlp_edits.items():
         value = cached(site, layer)
 
@@ -90,5 +100,12 @@ def rerun_frozen(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SCALE_WARNING)
         warnings.filterwarnings("ignore", category=UserWarning)
-        view.model.run_with_hooks(x, fwd_hooks=hooks)
+        try:
+            view.model.run_with_hooks(x, fwd_hooks=hooks)
+        except (AttributeError, RuntimeError, TypeError) as exc:
+            raise UnsupportedModelError(
+                f"{caller}: TransformerLens cannot run this model with its norm scales, "
+                f"queries and keys held ({type(exc).__name__}: {exc}), so the graph cannot be "
+                "checked by intervention on it. Its exactness is checked by graph.check()."
+            ) from exc
     return out
