@@ -663,7 +663,7 @@ def test_coverage_table_is_what_the_tests_show() -> None:
         tested = "tested" if name in FAMILY_ARCHITECTURES else "expected"
         for cell in (features, verify):
             assert cell.startswith(tested if exact else "—"), (name, cell)
-        want = {"exact": "exact", "refused": "refused", "no": "—"}[graph_verdict(name)]
+        want = {"exact": "exact", "refused": "refused", "no": "—"}[graph_verdict(name, None)]
         if name in GRAPH_NOT_VERIFIED:
             want += " (verify refused: TL fails to edit its weightless norm)"
         assert graph == want, (name, graph)
@@ -677,11 +677,17 @@ GRAPH_NOT_VERIFIED: dict[str, str] = {
     "NanoChatForCausalLM": "has no attribute 'weight'",
     "OlmoForCausalLM": "has no attribute 'weight'",
 }
+#: the same on TransformerLens 3.x only
+GRAPH_NOT_VERIFIED_TL3: dict[str, str] = {
+    # its 3.x bridge computes the MLP input from something the held hooks do not hold
+    "NemotronForCausalLM": "does not reproduce",
+}
 
 
-def graph_verdict(name: str) -> str:
-    """``"exact"``, ``"refused"`` or ``"no"`` (the logit prisms already refuse the model)."""
-    if not expect_for(name, True).exact:
+def graph_verdict(name: str, fold: Optional[bool] = True) -> str:
+    """``"exact"``, ``"refused"`` or ``"no"`` (the logit prisms already refuse the model);
+    ``fold=None``: as the coverage table says (EXPECT, TL3_EXPECT aside)."""
+    if not expect_for(name, fold).exact:
         return "no"
     return "refused" if name in GRAPH_REFUSED else "exact"
 
@@ -706,7 +712,8 @@ def test_graph_every_architecture(name: str) -> None:
     try:
         v = prism.verify(g, k=4, sample=2)
     except PrismError as exc:  # a rerun with the held values is impossible: said so
-        assert name in GRAPH_NOT_VERIFIED, str(exc)
-        assert GRAPH_NOT_VERIFIED[name] in str(exc), str(exc)
+        why = GRAPH_NOT_VERIFIED.get(name) or (_tl_major() < 4 and GRAPH_NOT_VERIFIED_TL3.get(name))
+        assert why, str(exc)
+        assert why in str(exc), str(exc)
         return
     assert v.ok, str(v)
