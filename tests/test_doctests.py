@@ -25,6 +25,7 @@ MODULES = [
     "tlprisms._prisms.chain",
     "tlprisms._prisms.qk_table",
     "tlprisms._prisms.qk_chain",
+    "tlprisms.render.graph",
 ]
 
 

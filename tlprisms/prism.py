@@ -413,11 +413,11 @@ class LogitPrism:
     @check.entry
     def verify(self, result: Decomposition, target: Any = None, *, k: int = 20, sample: int = 20,
             seed: int = 0) -> Union[Verification, GraphVerification]:  # fmt: skip
-        """Check ``result``'s terms on the model itself: remove each term's write in a forward
-        pass that holds fixed what the prism holds fixed, and compare the change of the
-        explained value with minus the term: the ``k`` largest and ``sample`` random others
-        (``seed``); an :class:`AttributionGraph`'s edges and influences likewise. Returns a
-        :class:`~tlprisms.Verification` (README, "Verification").
+        """Check ``result``'s terms on the model: remove each term's write in a forward pass
+        that holds what the prism holds, and compare the change of the explained value (a QK
+        result's score) with minus the term: the ``k`` largest, ``sample`` others (``seed``).
+        Returns a :class:`~tlprisms.Verification`; for an :class:`AttributionGraph` (edges
+        and influences) a :class:`GraphVerification`.
 
         >>> import tlprisms as tp
         >>> from tlprisms.demo import load_demo_model

@@ -75,6 +75,7 @@ __all__ = [
     "Widget",
     "TopTokens",
     "feature_terms",
+    "graph_svg",
 ]
 
 # How results are shown: registered for their types here, so that results never import
