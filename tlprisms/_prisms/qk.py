@@ -479,7 +479,7 @@ def masked_keys(
         out = torch.isneginf(scores) if low is None else torch.isneginf(scores) | (scores <= low)
         return out.cpu()
     if cv.has(Site.PATTERN, layer):  # no scores recorded: the keys given no attention at all
-        pattern = cv.get(Site.PATTERN, layer)[:, head, pos]
+        pattern = cv.get(Site.PATTERN, layer, native=True)[:, head, pos]  # where it lives
         return (pattern[:, idx.to(pattern.device)] == 0).cpu()
     return None
 
@@ -611,14 +611,15 @@ def _check_projection(cv: CacheView, h: _Head, pos: int) -> None:
     ):
         if not cv.has(site, layer):
             continue
-        rec = cv.get(site, layer)
+        rec = cv.get(site, layer, native=True)  # where the layer lives: only a slice crosses
         if rec.ndim != 4 or rec.shape[2] <= idx or rec.shape[-1] != W.shape[-1]:
             continue  # a layout this check does not read; the pattern check still holds
         dev, dtype = W.device, W.dtype
         x = cv.at(Site.RESID_PRE, layer, positions, dtype, native=True).to(dev)
         scale = cv.scale(ln1, positions)[..., None].to(dev, dtype) if ln1.has_scale else None
-        v = cv.home(ln1.apply(x, scale) @ W + b.to(dev))  # [B, P, d]
-        want = gather_pos(rec[:, :, idx], positions, cv.dtype)
+        # compared where the layer's recorded values live: only the verdict crosses devices
+        want = gather_pos(rec[:, :, idx], positions.to(rec.device), cv.dtype)
+        v = (ln1.apply(x, scale) @ W + b.to(dev)).to(want.device, want.dtype)  # [B, P, d]
         rtol = _SCORES_RTOL_LOWP if cv.low_precision else _SCORES_RTOL
         gap = (v - want).abs()
         if bool((gap > rtol * (1.0 + want.abs().amax(-1, keepdim=True))).any()):
@@ -645,7 +646,8 @@ def check_attention(cv: CacheView, h: _Head, pos: int) -> _Head:
     has_scores = cv.has(Site.ATTN_SCORES, layer)
     if has_scores and not cv.has(Site.PATTERN, layer):
         return h  # the terms are checked against the recorded scores (nothing to add)
-    pattern = cv.get(Site.PATTERN, layer)[:, h.head, pos, : pos + 1].to(cv.dtype)
+    pattern = cv.get(Site.PATTERN, layer, native=True)[:, h.head, pos, : pos + 1]
+    pattern = pattern.to(cv.device, cv.dtype)  # only the row read crosses devices
     masked = masked_keys(cv, layer, h.head, pos, range(pos + 1))
     assert masked is not None  # the cache has the pattern
     masked = masked.to(cv.device)
