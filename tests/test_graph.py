@@ -425,6 +425,8 @@ def test_graph_arguments_are_checked():
         (dict(qk=-1), "qk"),
         (dict(row=9), "row"),
         (dict(nodes="features"), "nodes"),
+        (dict(pos="all"), "one position"),
+        (dict(pos=[1, 2]), "one position"),
     ):
         with pytest.raises(ArgumentError, match=match):
             prism.graph(5, **{"row": 0, **kw})
@@ -639,6 +641,31 @@ def test_verify_fails_tampered_graphs():
     g2 = case.prism.graph(_target(case), row=B, max_nodes=40)
     g2.nodes.influence[top] *= 2
     assert not case.prism.verify(g2, k=3, sample=0).ok
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_verify_refuses_a_model_in_train_mode():
+    from tlprisms.demo import load_demo_model
+
+    model = load_demo_model()
+    prism = tp.LogitPrism.run(model, "The capital of France is")
+    g = prism.graph(" Paris", max_nodes=10)
+    model.train()
+    try:
+        with pytest.raises(ArgumentError, match="model.eval"):
+            prism.verify(g)
+    finally:
+        model.eval()
+
+
+def test_a_graph_of_the_predicted_token():
+    from tlprisms.demo import load_demo_model
+
+    prism = tp.LogitPrism.run(load_demo_model(), "The capital of France is")
+    assert (
+        prism.graph(max_nodes=10).check().meta["target_label"]
+        == prism.graph(" Paris", max_nodes=10).meta["target_label"]
+    )
 
 
 def test_verify_refuses_imported_graphs():

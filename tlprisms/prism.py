@@ -367,7 +367,7 @@ class LogitPrism:
             softcap: Softcap = "post") -> AttributionGraph:  # fmt: skip
         """The exact attribution graph of ``target``'s logit at ``pos`` (batch ``row``): see
         :mod:`tlprisms._prisms.graph` and docs/graphs.md."""
-        args = graph_prism.check_args(self.view, self.batch, nodes, max_nodes, node_threshold,
+        args = graph_prism.check_args(self.view, self.batch, pos, nodes, max_nodes, node_threshold,
             edge_threshold, heads, qk, row, "LogitPrism.graph")  # fmt: skip
         with torch.no_grad():
             return graph_prism.run(self._recording("graph"),

@@ -256,6 +256,11 @@ def verify_graph(rec: Recorded, graph: AttributionGraph, k: int, sample: int, se
             "text) or pass tokens= to LogitPrism(...)."
         )
     view = rec.cache.view
+    if view.training:
+        raise ArgumentError(
+            f"{caller}: the model is in training mode (dropout on), so reruns differ from the "
+            "recorded pass at random; call model.eval() first."
+        )
     if graph.meta.get("n_layers") != view.n_layers:
         raise ArgumentError(
             f"{caller}: this graph has {graph.meta.get('n_layers')} layers but the prism's "

@@ -167,6 +167,7 @@ def check_nodes(view: Any, nodes: Any, caller: str) -> list:
 def check_args(
     view: Any,
     batch: int,
+    pos: Any,
     nodes: Any,
     max_nodes: Any,
     node_threshold: Any,
@@ -176,9 +177,14 @@ def check_args(
     row: Any,
     caller: str,
 ) -> tuple[int, list, int, float, float, bool, int]:
-    """The checked arguments of ``LogitPrism.graph`` after the target: ``(row,
+    """The checked arguments of ``LogitPrism.graph`` after the target and position: ``(row,
     dictionaries, max_nodes, node_threshold, edge_threshold, heads, qk)``."""
     dictionaries = check_nodes(view, nodes, caller)
+    if not check.is_index(pos):
+        raise ArgumentError(
+            f"{caller}: pos={pos!r}; a graph explains one position: pass an int (e.g. -1, "
+            "the last), and call graph once per position."
+        )
     max_nodes = check.count(max_nodes, "max_nodes", caller)
     thresholds = []
     for value, what in ((node_threshold, "node_threshold"), (edge_threshold, "edge_threshold")):
@@ -697,9 +703,22 @@ def _chunks(n: int, per: int) -> list:
     return [np.arange(a, min(n, a + per)) for a in range(0, n, per)]
 
 
+def _predicted(rec: Recorded, pos: int, row: int) -> int:
+    """The token the model predicts at ``pos`` of ``row`` (from its logits)."""
+    if rec.logits is None:
+        raise ArgumentError(
+            "LogitPrism.graph: no target given and this prism has no logits to read the "
+            "prediction from; pass target= (a token), or make the prism with "
+            "LogitPrism.run(model, text) / LogitPrism(model, cache, logits=...)."
+        )
+    return int(rec.logits[row, pos].argmax())
+
+
 def logit_reader(rec: Recorded, request: Request, row: int) -> tuple:
     """(readers of the target's logit, its position, its value, explains, label)."""
     cv = rec.cache
+    if request.target is None:  # the model's own prediction at that position
+        request = request.with_(target=_predicted(rec, request.pos, row))
     fr = final_readout(rec, request.target, request.pos)
     ex = explain(rec, fr, request.softcap)
     if ex.weights.shape[2] != 1:
@@ -770,7 +789,10 @@ def run(
     qk_n: int,
     qk_explain: Any,
 ) -> AttributionGraph:
-    """The attribution graph of ``request.target`` at ``request.pos`` of batch row ``row``."""
+    """The attribution graph of ``request.target`` at ``request.pos`` of batch row ``row``
+    (the model's prediction there when the target is None)."""
+    if request.target is None:
+        request = request.with_(target=_predicted(rec, request.pos, row))
     cv = rec.cache
     view = cv.view
     logit_r, p, logit, explains, target_label = logit_reader(rec, request, row)
