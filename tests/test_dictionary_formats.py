@@ -2,7 +2,8 @@
 format: the weights land where the format means them; features + b_dec + error + later writes
 = the logit; removing one feature's write moves the logit by minus its term; a designed
 lossless dictionary has an error of exactly 0; a file of the wrong shape, model or site is
-refused naming the file; per-head z SAEs are refused."""
+refused naming the file; per-head z SAEs (Gemma Scope 2's o_proj input) are read as
+blocks.L.attn.hook_z (their prism: tests/test_hook_z.py)."""
 
 import json
 from pathlib import Path
@@ -228,14 +229,6 @@ def test_gemma_scope_2_lossless_error_is_exactly_zero(tmp_path, demo):
         ({}, {"type": "transcoder"}, "an SAE|a transcoder reads one place"),
         (
             {},
-            {
-                "hf_hook_point_in": "model.layers.1.self_attn.o_proj.input",
-                "hf_hook_point_out": "model.layers.1.self_attn.o_proj.input",
-            },
-            "per-head z",
-        ),
-        (
-            {},
             {"hf_hook_point_in": "model.layers.1.mlp.down_proj.output"},
             "not a hook point tlprisms maps",
         ),
@@ -442,15 +435,37 @@ def test_sparsify_sites(tmp_path):
 
 
 # --------------------------------------------------------------------------- per-head z
-def test_hook_z_dictionaries_are_refused_with_the_reason():
-    with pytest.raises(ArgumentError, match="per-head z.*W_O"):
-        tp.Dictionary(
-            torch.zeros(64, 4),
-            torch.zeros(4),
-            torch.zeros(4, 64),
-            torch.zeros(64),
-            "blocks.0.attn.hook_z",
-        )
+def test_hook_z_dictionaries_are_read_and_wrong_sizes_refused(demo):
+    """A per-head z dictionary is accepted at blocks.L.attn.hook_z (d_in = d_out = n_heads *
+    d_head = 4 * 32 on the demo model); another size is refused by the model check."""
+    _, prism = demo
+    d = tp.Dictionary(
+        rand(D, F, seed=1, scale=D**-0.5),
+        rand(F, seed=2, scale=0.1),
+        rand(F, D, seed=3, scale=0.3),
+        rand(D, seed=4, scale=0.3),
+        "blocks.1.attn.hook_z",
+    )
+    assert d.per_head and d.site is None and d.input_site is None and not d.transcoder
+    prism.features(" Paris", d).check()
+    wrong = tp.Dictionary(
+        torch.zeros(64, 4), torch.zeros(4), torch.zeros(4, 64), torch.zeros(64), d.hook
+    )
+    with pytest.raises(ArgumentError, match=r"n_heads \* d_head = 4 \* 32 = 128"):
+        prism.features(" Paris", wrong)
+
+
+def test_gemma_scope_2_o_proj_input_is_hook_z(tmp_path, demo):
+    """Gemma Scope 2's attention SAEs read o_proj's input: z flattened over heads."""
+    point = "model.layers.1.self_attn.o_proj.input"
+    w = gs2_tensors()
+    folder = write_gs2(tmp_path / "z", w, 1, hf_hook_point_in=point, hf_hook_point_out=point)
+    d = tp.Dictionary.from_gemma_scope(folder)
+    assert d.hook == "blocks.1.attn.hook_z" and d.per_head and not d.transcoder
+    assert torch.equal(d.W_dec, w["w_dec"])
+    _, prism = demo
+    r = prism.features(" Paris", d).check()
+    assert (r.components.kinds() == "feature").sum() == F
 
 
 # --------------------------------------------------------------------------- cross-layer

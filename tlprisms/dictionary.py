@@ -16,6 +16,12 @@ not the value TransformerLens records under ``ln2.hook_normalized`` (before the 
 bias); ``hook_resid_mid`` reads the raw stream. Weights are kept as given (``W_enc
 [d_in, d_sae]``, ``W_dec [d_sae, d_out]``); the prisms compute in the cache's dtype.
 
+A per-head attention SAE at ``blocks.L.attn.hook_z`` reads and writes ``z`` flattened over
+heads (``[..., n_heads * d_head]``, head-major: SAELens's ``hook_z`` reshaping, the input of
+Hugging Face's ``o_proj``); its site is no residual stream or layer output (``site`` and
+``input_site`` are None, ``per_head`` is True) and its features write through ``W_O`` of
+the heads they decode to, replacing layer ``L``'s attention write except ``b_O``.
+
 Conventions (stated, configurable):
 
 * ``subtract_b_dec``: SAELens's ``apply_b_dec_to_input`` (subtract ``b_dec`` before
@@ -96,7 +102,8 @@ class Dictionary:
         b_dec: ``[d_out]``.
         hook: the hook whose recorded value the dictionary reconstructs, e.g.
             ``"blocks.6.hook_resid_pre"``, ``"blocks.6.hook_attn_out"``,
-            ``"blocks.6.hook_mlp_out"``.
+            ``"blocks.6.hook_mlp_out"``, or per-head ``"blocks.6.attn.hook_z"`` (``d_in =
+            d_out = n_heads * d_head``, ``z`` flattened head-major).
         input_hook: where it reads (transcoders), e.g. ``"blocks.6.ln2.hook_normalized"``;
             default ``hook``.
         activation: ``"relu"``, ``"jumprelu"``, ``"topk"`` or ``"batchtopk"``.
@@ -150,17 +157,44 @@ class Dictionary:
                 f"{caller}: b_dec has shape {tuple(self.b_dec.shape)} but W_dec writes "
                 f"d_out={d_out}; pass b_dec of shape [{d_out}]."
             )
-        self.hook, self.site, self.layer = _site(hook, "hook", caller)
-        if self.site not in _OUTPUT_SITES:
+        self.hook, site, self.layer = _site_or_z(hook, "hook", caller)
+        #: a per-head attention dictionary at ``attn.hook_z``: it reads and writes ``z``
+        #: flattened over heads; ``site``/``input_site`` are None (no residual site)
+        self.per_head = site is None
+        self.site: Optional[Site] = site
+        self.input_hook, self.input_site = self.hook, site
+        input_layer = self.layer
+        if self.per_head:
+            if input_hook is not None and _site_or_z(input_hook, "input_hook", caller)[1:] != (
+                None,
+                self.layer,
+            ):
+                raise ArgumentError(
+                    f"{caller}: a dictionary at {self.hook!r} (per-head z) reads the same z; "
+                    f"input_hook={input_hook!r} is another site. Leave input_hook out."
+                )
+            if d_in != d_out:
+                raise ArgumentError(
+                    f"{caller}: a dictionary at {self.hook!r} (per-head z) reads and writes z "
+                    f"flattened over heads, so d_in == d_out == n_heads * d_head; got W_enc "
+                    f"d_in={d_in} and W_dec d_out={d_out}."
+                )
+        elif site not in _OUTPUT_SITES:
             raise ArgumentError(
                 f"{caller}: hook={hook!r} is a place to read, not a write to reconstruct; "
                 "a dictionary reconstructs a residual stream, an attention output or an MLP "
                 "output (pass the place it reads as input_hook)."
             )
-        if input_hook is None:
-            self.input_hook, self.input_site, input_layer = self.hook, self.site, self.layer
-        else:
-            self.input_hook, self.input_site, input_layer = _site(input_hook, "input_hook", caller)
+        elif input_hook is not None:
+            self.input_hook, self.input_site, input_layer = _site_or_z(
+                input_hook, "input_hook", caller
+            )
+            if self.input_site is None:
+                raise ArgumentError(
+                    f"{caller}: input_hook={input_hook!r} is per-head z, which only a "
+                    f"dictionary at that same hook reads (hook='blocks.L.{N.ATTN_Z}', no "
+                    "input_hook); a transcoder reads the MLP's input."
+                )
         self.transcoder = self.input_hook != self.hook
         out, normed, raw = transcoder_hooks(input_layer)
         if self.transcoder and (self.site is not Site.MLP_OUT or input_layer != self.layer):
@@ -225,6 +259,11 @@ class Dictionary:
             raise ArgumentError(f"{caller}: input_scale={input_scale!r}; pass a number > 0.")
         self.input_scale = float(input_scale)
         self.W_skip: Optional[Tensor] = None
+        if W_skip is not None and self.per_head:
+            raise ArgumentError(
+                f"{caller}: W_skip is a transcoder's skip connection; a per-head z dictionary "
+                f"({self.hook!r}) has none."
+            )
         if W_skip is not None:
             self.W_skip = _tensor(W_skip, "W_skip", caller, 2)
             if tuple(self.W_skip.shape) != (d_in, d_out):
@@ -287,14 +326,34 @@ class Dictionary:
             out = out + x_in @ self.W_skip.to(acts.device, acts.dtype)
         return out
 
-    def check_model(self, view: Any, caller: str) -> None:
-        """Refuse a dictionary that does not fit this model (sizes, layer, site)."""
+    def check_model(self, view: Any, caller: str, *, per_head_ok: bool = False) -> None:
+        """Refuse a dictionary that does not fit this model (sizes, layer, site).
+        ``per_head_ok``: the caller reads per-head z dictionaries (the feature prism and
+        its hops); every other caller refuses them."""
         label = self.name if self.source is None else f"{self.name} (from {self.source})"
         if self.layer >= view.n_layers:
             raise ArgumentError(
                 f"{caller}: dictionary {label} sits at {self.hook!r}, but the model has "
                 f"{view.n_layers} layers; it was made for another model."
             )
+        if self.per_head:
+            if not per_head_ok:
+                raise ArgumentError(
+                    f"{caller}: dictionary {label} sits at {self.hook!r} (per-head z): its "
+                    "features write through W_O of the heads they decode to, which only "
+                    "prism.features and feature hops (prism.chain, path=) read; "
+                    f"{caller} does not read per-head dictionaries yet."
+                )
+            width = view.n_heads * view.d_head
+            if self.d_in != width:
+                raise ArgumentError(
+                    f"{caller}: dictionary {label} sits at {self.hook!r} with d_in=d_out="
+                    f"{self.d_in}, but layer {self.layer}'s z flattened over heads has "
+                    f"n_heads * d_head = {view.n_heads} * {view.d_head} = {width} (query "
+                    "heads, also with grouped key/values); it was made for another model, "
+                    "or for one head (build it on the flattened z of every head)."
+                )
+            return
         if self._before_post_norm and view.ln2_post[self.layer] is not None:
             raise ArgumentError(
                 f"{caller}: dictionary {label} writes layer {self.layer}'s MLP output before "
@@ -308,8 +367,7 @@ class Dictionary:
                 raise ArgumentError(
                     f"{caller}: dictionary {label} has d_{'in' if what == 'input' else 'out'}"
                     f"={d} ({what} size) but the model has d_model={view.d_model}; it was "
-                    "made for another model (or a per-head z site, which tlprisms does not "
-                    "read)."
+                    f"made for another model (or for per-head z: name hook blocks.L.{N.ATTN_Z})."
                 )
         for site in {self.site, self.input_site}:
             has = (
@@ -921,13 +979,6 @@ def _gs2_point(point: Any, key: str, where: str, caller: str) -> str:
     """The TransformerLens hook of a Gemma Scope 2 ``hf_hook_point_*``."""
     match = re.fullmatch(r"model\.(?:language_model\.)?layers\.(\d+)\.(.+)", point)
     name = None if match is None else _GS2_POINTS.get(match.group(2))
-    if match is not None and match.group(2) == "self_attn.o_proj.input":
-        raise ArgumentError(
-            f"{caller}: {where}: {key} is {point!r}, the attention's per-head z "
-            f"(blocks.L.{N.ATTN_Z}): such SAEs are not read (a feature's write goes "
-            "through W_O of the heads it decodes to, which tlprisms does not split yet). "
-            "Use an attn_out (post_attention_layernorm.output) SAE instead."
-        )
     if match is None or name is None:
         raise ArgumentError(
             f"{caller}: {where}: {key} is {point!r}, not a hook point tlprisms maps (it reads "
@@ -946,8 +997,8 @@ def _agree(
         if given is None:
             continue
         want = found[0] if want is None else want
-        mine = _site(given, what, caller)
-        theirs = _site(want, what, caller)
+        mine = _site_or_z(given, what, caller)
+        theirs = _site_or_z(want, what, caller)
         if mine[1:] != theirs[1:]:
             raise ArgumentError(
                 f"{caller}: {what}={given!r}, but {said} says {want!r}; leave {what} out "
@@ -1225,20 +1276,23 @@ def _build(where: str, caller: str, **kwargs: Any) -> "Dictionary":
 
 
 # ----------------------------------------------------------------------------- helpers
-def _site(hook: Any, what: str, caller: str) -> tuple[str, Site, int]:
+def _site_or_z(hook: Any, what: str, caller: str) -> tuple[str, Optional[Site], int]:
+    """``(hook, site, layer)``; the site is None for per-head z (``blocks.L.attn.hook_z``)."""
+    if isinstance(hook, str):
+        z = re.fullmatch(r"blocks\.(\d+)\." + re.escape(N.ATTN_Z), hook)
+        if z is not None:
+            return hook, None, int(z.group(1))
+    return _site(hook, what, caller, f" or {N.ATTN_Z} (per-head z)")
+
+
+def _site(hook: Any, what: str, caller: str, also: str = "") -> tuple[str, Site, int]:
+    """``(hook, site, layer)`` of a residual stream, layer output or MLP input hook."""
     parsed = parse_block_hook(hook) if isinstance(hook, str) else None
-    if parsed is None and isinstance(hook, str) and hook.endswith(N.ATTN_Z):
-        raise ArgumentError(
-            f"{caller}: {what}={hook!r} is not a hook a dictionary can sit at in tlprisms: "
-            "an SAE on per-head z ([batch, pos, head, d_head]) writes through W_O of the "
-            "heads it decodes to, and tlprisms does not split that write yet. Use an SAE at "
-            f"blocks.L.{N.ATTN_OUT}, or fold W_O into the decoder yourself only if the encoder "
-            f"can also read {N.ATTN_OUT} (it usually cannot: z is not a function of it)."
-        )
     if parsed is None:
         raise ArgumentError(
             f"{caller}: {what}={hook!r} is not a hook a dictionary can sit at; pass a block "
-            f"hook name 'blocks.L.<name>' with <name> one of {', '.join(DICTIONARY_HOOKS)}."
+            f"hook name 'blocks.L.<name>' with <name> one of {', '.join(DICTIONARY_HOOKS)}"
+            f"{also}."
         )
     return hook, parsed[0], parsed[1]
 
@@ -1458,11 +1512,26 @@ def _from_saelens_parts(
             f"{caller}: architecture {arch!r} with activation {act_name!r} is not one tlprisms "
             f"reads; supported: {', '.join(ACTIVATIONS)}."
         )
+    # SAELens's hook_z reshaping flattens z [.., n_heads, d_head] head-major before encoding
+    # and unflattens after decoding: the weights are on z flattened, as tlprisms reads them
     reshape = _cfg(cfg, "reshape_activations", str, where, caller, "none", null_ok=True)
-    if reshape != "none":
+    per_head = isinstance(hook, str) and hook.endswith(N.ATTN_Z)
+    z_reshape = N.SAELENS_Z_RESHAPE
+    if reshape not in ("none", z_reshape) or (reshape == z_reshape and not per_head):
         raise ArgumentError(
-            f"{caller}: an SAE on {reshape!r} (per-head z) is not supported; tlprisms reads "
-            "dictionaries on d_model-sized sites."
+            f"{caller}: {where} has reshape_activations={reshape!r} with hook {hook!r}; "
+            f"tlprisms reads {z_reshape!r} reshaping at blocks.L.{N.ATTN_Z} only, and "
+            "'none' elsewhere."
+        )
+    head = _cfg(cfg, N.SAELENS_HEAD, int, where, caller, null_ok=True)
+    if head is None:
+        head = _cfg(meta, N.SAELENS_HEAD, int, f"{where} (metadata)", caller, null_ok=True)
+    if head is not None:
+        raise ArgumentError(
+            f"{caller}: {where} has {N.SAELENS_HEAD}={head}: an SAE on one head's z, which "
+            "tlprisms does not read (it reads z of every head, flattened); build "
+            "Dictionary(...) on the flattened z with the other heads' rows of W_enc and "
+            "columns of W_dec zero."
         )
     norm = _cfg(cfg, "normalize_activations", str, where, caller, "none", null_ok=True)
     if norm != "none":

@@ -12,14 +12,23 @@ sum is exact. A readout ``u/s`` of a later residual stream then splits into
   engine (:func:`tlprisms._core.engine.split_writes`) as the other prisms split it;
 * an ``hook_attn_out``/``hook_mlp_out`` dictionary's (a transcoder's) terms in place of that
   layer's attention/MLP write (the write, its bias and its post-norm bias), since the
-  recorded hook value is exactly what the layer adds to the stream.
+  recorded hook value is exactly what the layer adds to the stream;
+* a per-head ``attn.hook_z`` dictionary's terms in place of layer ``L``'s heads (``b_O`` and
+  the post-norm bias stay): ``z = sum_j A[h,i,j] v_j[kv(h)]`` (recorded pattern and values,
+  as the head prism computes it) flattened over heads is ``sum_f a_f W_dec[f] + b_dec + e``,
+  and the heads write ``sum_h z[h] W_O[h]``, so each term is ``a_f (W_dec[f] . u_z) / s``
+  with ``u_z[h] = W_O[h] P(w_post * u)`` (through a frozen ``ln1_post`` and the residual
+  multiplier where the model has them, as :func:`tlprisms._core.engine.post_parts`).
 
 **Through a feature.** ``a_f = g * pre_f`` with the gate ``g`` (1 or 0 for ReLU, JumpReLU and
 TopK) frozen, and ``pre_f = x_in . (c W_enc[:, f]) + b_enc[f] - c b_dec . W_enc[:, f]`` (``c``
 the input scale; ``b_dec`` only when subtracted) is a linear read of the residual stream at
 the dictionary's input (through the frozen ``ln2``, weight and bias included, for a
 transcoder reading the MLP's input ``mlp.hook_in`` / ``ln2.hook_normalized``), which the
-engine splits by upstream writer, including other dictionaries' features.
+engine splits by upstream writer, including other dictionaries' features. A per-head z
+feature reads ``sum_h w[h] . z[h] = sum_j sum_h A[h,i,j] w[h] . v_j[kv(h)]`` with ``v_j =
+ln1(x_j) W_V + b_V``: per source ``j`` a read of ``resid_pre`` through the frozen ``ln1``
+(as through a head), plus ``b_V`` and ``ln1``'s bias per source.
 """
 
 from collections.abc import Sequence
@@ -31,8 +40,8 @@ import torch
 from torch import Tensor
 
 from tlprisms._core import arguments as check
-from tlprisms._core.engine import Readout, Split, Writes, split_writes
-from tlprisms._core.errors import ArgumentError
+from tlprisms._core.engine import Readout, Split, Writes, post_parts, split_writes, whole_write
+from tlprisms._core.errors import ArgumentError, CacheError
 from tlprisms._core.ops import dot
 from tlprisms._core.policy import refuse_broken
 from tlprisms._core.readout import (
@@ -67,11 +76,20 @@ RESIDUAL_SITES = {
     Site.RESID_POST: lambda L: (L + 1, L + 1),
 }
 _ATTN = frozenset(KINDS.index(k) for k in ("attn", "head", "b_O"))
+#: the heads' part of an attention write (what a per-head z dictionary replaces)
+_HEADS = frozenset(KINDS.index(k) for k in ("attn", "head"))
 _MLP = frozenset(KINDS.index(k) for k in ("mlp", "neuron", "b_out"))
 _START = frozenset(KINDS.index(k) for k in ("embed", "pos_embed"))
 _INHERIT = KINDS.index("ln.b")  # a post-norm's bias follows its layer's write
 #: below this fraction of active features, only the active ones are read and decoded
 _SPARSE_FRACTION = 0.25
+
+
+def _writes_to(d: Dictionary) -> Site:
+    """The site of the layer write a dictionary replaces (per-head z: the attention's)."""
+    if d.site is None:  # per-head z
+        return Site.ATTN_OUT
+    return d.site
 
 
 def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Any]:
@@ -102,7 +120,7 @@ def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Any]:
         )
     out = list(dictionaries)
     for d in out:
-        d.check_model(view, caller)
+        d.check_model(view, caller, per_head_ok=True)
     resid = [d for d in out if d.site in RESIDUAL_SITES]
     if len(resid) > 1:
         raise ArgumentError(
@@ -115,16 +133,18 @@ def check_dictionaries(view: Any, dictionaries: Any, caller: str) -> list[Any]:
     for d in out:
         if d.site in RESIDUAL_SITES:
             continue
-        key = (d.site, d.layer)
+        key = (_writes_to(d), d.layer)
         if key in writes:
             raise ArgumentError(
-                f"{caller}: two dictionaries rewrite {d.hook!r}; pass one per write."
+                f"{caller}: two dictionaries rewrite layer {d.layer}'s "
+                f"{'attention' if key[0] is Site.ATTN_OUT else 'MLP'} write ({writes[key].hook!r}"
+                f" and {d.hook!r}); pass one per write."
             )
         writes[key] = d
         if resid:
             r = resid[0]
             a, m = RESIDUAL_SITES[r.site](r.layer)
-            inside = d.layer < (a if d.site is Site.ATTN_OUT else m)
+            inside = d.layer < (a if key[0] is Site.ATTN_OUT else m)
             if inside or d.layer == r.layer:
                 raise ArgumentError(
                     f"{caller}: dictionary at {d.hook!r} "
@@ -144,8 +164,41 @@ def dictionary_input(
     cv: CacheView, d: Dictionary, positions: Tensor, dtype: Any, device: Any = None
 ) -> Tensor:
     """What the dictionary reads at ``positions [B, P]``: ``[B, P, d_in]``, gathered where
-    it lives and returned on ``device`` (the prism's when None)."""
+    it lives and returned on ``device`` (the prism's when None). A per-head dictionary reads
+    ``z`` flattened over heads, computed from the recorded pattern and values."""
+    if d.input_site is None:
+        return _z_at(cv, d.layer, positions, dtype, device)
     return _input_at(cv, d.input_site, d.layer, positions, dtype, device)
+
+
+def _z_at(cv: CacheView, layer: int, positions: Tensor, dtype: Any, device: Any = None) -> Tensor:
+    """Layer ``layer``'s ``z[h] = sum_j A[h,i,j] v_j[kv(h)]`` at ``positions [B, P]``,
+    flattened head-major: ``[B, P, n_heads * d_head]`` (computed where the layer lives)."""
+    view = cv.view
+    A = cv.get(Site.PATTERN, layer, native=True)  # [B, H, Q, src]
+    v = cv.get(Site.V, layer, native=True).to(A.device, dtype)  # [B, src, G, dh]
+    if v.shape[2] != view.n_kv_heads or A.shape[1] != view.n_heads:
+        raise CacheError(
+            f"{cv.caller}: the pattern and values of layer {layer} have {A.shape[1]} and "
+            f"{v.shape[2]} heads but this model has {view.n_heads} query and "
+            f"{view.n_kv_heads} key/value heads; the cache comes from another model. "
+            "Re-run model.run_with_cache(tokens) with this model."
+        )
+    rows = torch.arange(positions.shape[0], device=A.device)[:, None]
+    Ai = A.permute(0, 2, 1, 3)[rows, positions.to(A.device)].to(dtype)  # [B, P, H, src]
+    v = v.repeat_interleave(view.n_heads // view.n_kv_heads, dim=2)  # [B, src, H, dh]
+    z = torch.einsum("bphj,bjhd->bphd", Ai, v).flatten(-2)
+    return cv.home(z) if device is None else z.to(device)
+
+
+def _z_readout(cv: CacheView, layer: int, r: Readout) -> tuple[Tensor, Tensor]:
+    """The readout ``r`` as a read of layer ``layer``'s ``z`` flattened over heads:
+    ``u_z[h] = W_O[h] P(w_post * u)`` ``[B', P', K, n_heads * d_head]`` and its full ``1/s``
+    factor ``[B, P]`` (the post-norm's frozen scale and the residual multiplier included)."""
+    view = cv.view
+    ul, inv = post_parts(cv, view.ln1_post[layer], r, layer)
+    W_O = view.W_O(layer, ul.dtype).to(ul.device)  # [H, dh, d]
+    return torch.einsum("hdm,bpkm->bpkhd", W_O, ul).flatten(-2), inv
 
 
 def _input_at(
@@ -190,6 +243,8 @@ def _dictionary_terms(cv: CacheView, d: Dictionary, r: Readout, u: Tensor, inv_s
     """Features, b_dec, skip and error terms of one dictionary, ``[B, P, K, *]`` each.
     Computed where the dictionary's weights live (its inputs and the readout go there, the
     terms come back: nothing of the dictionary's size crosses devices)."""
+    if d.per_head:  # the heads' write read as a read of z
+        u, inv_s = _z_readout(cv, d.layer, r)
     positions = r.positions
     B, P = positions.shape
     K = u.shape[2]
@@ -198,7 +253,7 @@ def _dictionary_terms(cv: CacheView, d: Dictionary, r: Readout, u: Tensor, inv_s
     x_in = dictionary_input(cv, d, positions, dtype, dev)
     x_out = x_in
     if d.transcoder:
-        x_out = cv.at(d.site, d.layer, positions, dtype, native=True).to(dev)
+        x_out = cv.at(_writes_to(d), d.layer, positions, dtype, native=True).to(dev)
     acts = d.encode(x_in)  # [B, P, F]
     W_dec = d.W_dec.to(dev, dtype)
     if d.input_scale != 1.0:
@@ -307,12 +362,17 @@ def feature_split(
     """Split the readout ``r`` into the dictionaries' terms and the writes they do not cover.
 
     The residual dictionary (at most one, at or before the stream ``r`` reads) replaces every
-    write before its site; each attention/MLP-write dictionary replaces its layer's write.
+    write before its site; each attention/MLP-write dictionary replaces its layer's write; a
+    per-head z dictionary replaces its layer's heads (``b_O`` and the post-norm bias stay),
+    and its layer's gap (the heads' parts from the recorded pattern and values, against the
+    recorded attention output) joins ``layer_gap``.
     Dictionaries that write nowhere into the stream read are left out.
     """
     terms = split_writes(cv, r, split, extra=extra)
     u, inv_s = r.u, r.inv_s
+    layer_gap = terms.layer_gap
     cat, layer = _groups(terms.table)
+    heads = np.isin(terms.table.kind.astype(np.int64), list(_HEADS))
     keep = np.ones(len(cat), dtype=bool)
     head: list = []
     resid = [
@@ -321,12 +381,13 @@ def feature_split(
         if isinstance(d, Dictionary)
         and d.site in RESIDUAL_SITES
         and all(
-            x <= y for x, y in zip(RESIDUAL_SITES[d.site](d.layer), (r.attn_layers, r.mlp_layers))
+            x <= y
+            for x, y in zip(RESIDUAL_SITES[_writes_to(d)](d.layer), (r.attn_layers, r.mlp_layers))
         )
     ]
     if resid:
-        d = max(resid, key=lambda d: RESIDUAL_SITES[d.site](d.layer))
-        a, m = RESIDUAL_SITES[d.site](d.layer)
+        d = max(resid, key=lambda d: RESIDUAL_SITES[_writes_to(d)](d.layer))
+        a, m = RESIDUAL_SITES[_writes_to(d)](d.layer)
         keep &= ~((cat == 0) | ((cat == 1) & (layer < a)) | ((cat == 2) & (layer < m)))
         head.append(_dictionary_terms(cv, d, r, u, inv_s))
     inserts: dict = {}
@@ -340,12 +401,21 @@ def feature_split(
     for d in dictionaries:
         if isinstance(d, CrossLayerTranscoder) or d.site in RESIDUAL_SITES:
             continue
-        c = 1 if d.site is Site.ATTN_OUT else 2
+        c = 1 if _writes_to(d) is Site.ATTN_OUT else 2
         group = keep & (cat == c) & (layer == d.layer)
+        if d.per_head:
+            rest = np.nonzero(group & ~heads)[0]  # b_O and the post-norm bias: kept
+            group &= heads
         if not group.any():
             continue  # not in the stream read, or inside the residual dictionary
-        inserts[int(np.nonzero(group)[0][0])] = _dictionary_terms(cv, d, r, u, inv_s)
+        part = _dictionary_terms(cv, d, r, u, inv_s)
+        inserts[int(np.nonzero(group)[0][0])] = part
         keep &= ~group
+        if d.per_head:
+            kept = terms.values[..., torch.as_tensor(rest, device=terms.values.device)]
+            whole = whole_write(cv, "attn", d.layer, r.positions, u, inv_s[:, :, None])
+            total = sum(v.sum(-1) for v in part.values) + kept.sum(-1)
+            layer_gap = layer_gap + (total - whole)
     values: list = []
     tables: list = []
     for part in head:
@@ -371,7 +441,7 @@ def feature_split(
     return Writes(
         values=torch.cat(values, dim=-1),
         table=ComponentTable.concat(tables),
-        layer_gap=terms.layer_gap,
+        layer_gap=layer_gap,
     )
 
 
@@ -380,9 +450,11 @@ def check_feature_hop(cv: CacheView, st: ChainState, hop: Hop, last: bool) -> Ho
     """A feature hop checked against the model and the stream read so far."""
     r = st.readout
     d, caller = hop.dictionary, cv.caller
-    d.check_model(cv.view, caller)
+    d.check_model(cv.view, caller, per_head_ok=True)
     check.in_range(hop.index, d.d_sae, "feature", caller, of=f" ({d.d_sae} features)")
-    if d.site in RESIDUAL_SITES:
+    if d.per_head:
+        inside = d.layer < r.attn_layers
+    elif d.site in RESIDUAL_SITES:
         a, m = RESIDUAL_SITES[d.site](d.layer)
         inside = a <= r.attn_layers and m <= r.mlp_layers
     else:
@@ -398,6 +470,12 @@ def check_feature_hop(cv: CacheView, st: ChainState, hop: Hop, last: bool) -> Ho
             "the residual stream, so its input cannot be split by writer; hop through the "
             "layer's heads or neurons instead."
         )
+    if d.per_head and not last:
+        raise ArgumentError(
+            f"{caller}: feature {hop} reads per-head z, which sums what its heads read from "
+            "every source position, so the next hop has no one position to read; make it "
+            "the last hop (its split names each source), or hop through one head with src=."
+        )
     return hop
 
 
@@ -405,6 +483,8 @@ def feature_hop(cv: CacheView, st: ChainState, hop: Hop) -> tuple[ChainState, Te
     """Pull the readout back through feature ``hop.index`` (its gate frozen): the new readout
     is the feature's pre-activation times its gate and its decoder's read."""
     r, d, f = st.readout, hop.dictionary, hop.index
+    if d.per_head:
+        return _z_feature_hop(cv, st, hop)
     view, dtype = cv.view, r.u.dtype
     B = r.positions.shape[0]
     K = r.u.shape[2]
@@ -455,6 +535,75 @@ def feature_hop(cv: CacheView, st: ChainState, hop: Hop) -> tuple[ChainState, Te
         a, m = L, L
     new = Readout(u=u_new, inv_s=inv_s, positions=r.positions, attn_layers=a, mlp_layers=m)
     return ChainState(new, at, consts), term
+
+
+def _gate(pre: Tensor, acts: Tensor) -> Tensor:
+    """The frozen gate ``act(pre) / pre`` (0 where ``pre`` is 0)."""
+    nonzero = pre != 0
+    return torch.where(nonzero, acts / torch.where(nonzero, pre, torch.ones_like(pre)), acts * 0)
+
+
+def _z_feature_hop(cv: CacheView, st: ChainState, hop: Hop) -> tuple[ChainState, Tensor]:
+    """Pull the readout back through per-head z feature ``hop.index`` (its gate, the layer's
+    pattern and ``ln1``'s scale frozen): its pre-activation is ``sum_j sum_h A[h,i,j]
+    w[h] . v_j[kv(h)] + const`` with ``w = c W_enc[:, f]`` viewed ``[H, d_head]``, so the new
+    readout is one read of ``resid_pre L`` per source ``j`` through ``ln1``, plus ``b_V``
+    and ``ln1``'s bias per source and ``b_enc``."""
+    r, d, f = st.readout, hop.dictionary, hop.index
+    view, dtype = cv.view, r.u.dtype
+    L, at = d.layer, st.at
+    B, K = r.positions.shape[0], r.u.shape[2]
+    H, G, dh = view.n_heads, view.n_kv_heads, view.d_head
+    z = dictionary_input(cv, d, r.positions, dtype, d.W_enc.device)  # [B, 1, H * dh]
+    pre = d.pre_activations(z)  # [B, 1, F]
+    acts = cv.home(d.activate(pre)[..., f])  # [B, 1]
+    pre = cv.home(pre[..., f])
+    gate = _gate(pre, acts)
+    uz, inv = _z_readout(cv, L, r)  # the decoder's read of the readout
+    w_dec = d.W_dec[f].to(uz.device, dtype) / d.input_scale
+    c = (uz @ w_dec).expand(B, 1, K) * inv[:, :, None]  # [B, 1, K]
+    term = acts[:, :, None] * c
+    coef = gate[:, :, None] * c  # [B, 1, K]
+    const = d.b_enc[f].to(r.u.device, dtype)
+    if d.subtract_b_dec:
+        const = const - d.b_dec.to(r.u.device, dtype) @ d.W_enc[:, f].to(r.u.device, dtype)
+    # through the frozen pattern and the values, where the layer lives
+    A = cv.get(Site.PATTERN, L, native=True)
+    dev = A.device
+    rows = torch.arange(B, device=dev)
+    Ai = A[rows, :, r.positions[:, 0].to(dev)].to(dtype)  # [B, H, src]
+    w = (d.W_enc[:, f].to(dev, dtype) * d.input_scale).reshape(G, H // G, dh)
+    WVw = torch.einsum("gmd,grd->grm", view.W_V(L, dtype).to(dev), w).reshape(H, -1)
+    bVw = torch.einsum("gd,grd->gr", view.b_V(L, dtype, dev), w).reshape(H)
+    D = cv.home(torch.einsum("bhj,hm->bjm", Ai, WVw))  # [B, src, d]: each source's read
+    bv = cv.home(torch.einsum("bhj,h->bj", Ai, bVw))  # [B, src]
+    n_src = D.shape[1]
+    srcs = np.arange(n_src)
+    positions = torch.as_tensor(srcs, device=r.positions.device).expand(B, n_src)
+    norm1 = view.ln1[L]
+    per = coef[:, 0][:, None, :]  # [B, 1, K]
+    u_new = norm1.pull_back(D)[:, :, None, :] * per[..., None]  # [B, src, K, d]
+    inv_s = (
+        1.0 / cv.scale(norm1, positions)
+        if norm1.has_scale
+        else torch.ones(B, n_src, dtype=dtype, device=u_new.device)
+    )
+    consts = [
+        (ComponentTable.block("b_enc", 1, layer=L, feature=f, at=at), const * coef),
+        (
+            ComponentTable.block("b_V", n_src, layer=L, feature=f, at=srcs),
+            bv[:, :, None] * per,
+        ),
+    ]
+    if norm1.bias is not None:
+        consts.append(
+            (
+                ComponentTable.block("ln.b", n_src, layer=L, feature=f, at=srcs),
+                norm1.constant(D)[:, :, None] * per,
+            )
+        )
+    new = Readout(u=u_new, inv_s=inv_s, positions=positions, attn_layers=L, mlp_layers=L)
+    return ChainState(new, srcs.astype(np.int64), consts), term
 
 
 register_hop("feature", HopKind(check=check_feature_hop, step=feature_hop))
