@@ -58,8 +58,14 @@ VIEW_CELLS = [
     "pattern = torch.tril(torch.ones(3, 3)); pattern = pattern / pattern.sum(-1, keepdim=True)\n"
     "tp.render.show([view(3), tp.render.attention_pattern(pattern, ['a', 'b', 'c'])])",
     "tp.render.Report('a report').add(view(5))",
+    # an attribution graph: its own inline SVG and script (not a CircuitsVis mount)
+    "from tlprisms.demo import load_demo_model\n"
+    "tp.LogitPrism.run(load_demo_model(), 'The capital of France is').graph(' Paris',"
+    " max_nodes=20)",
 ]
 N_VIEWS = 5
+#: graph views in the notebook (each drawn once however often its cell ran)
+N_GRAPHS = 1
 
 
 def _notebook(init: bool):
@@ -129,7 +135,9 @@ def _look(page, log: dict, html_path: Path) -> dict:
         pass
     total, drawn, texts = page.evaluate(COUNT_JS)
     allowed = _exporter_urls()
+    graphs = page.evaluate("() => document.querySelectorAll('.tlprisms-graph svg circle').length")
     return {
+        "graphs": graphs,
         "views": total,
         "rendered": drawn,
         "bundles": html_path.read_text(encoding="utf-8").count(BUNDLE_MARK),
@@ -244,6 +252,7 @@ def test_saved_notebook_renders_every_view(scenarios, scenario, init):
     if init:  # the init cell carries it, whatever ran after
         assert _bundles(nbformat.from_dict({"cells": [saved.cells[0]]})) == 1
     _assert_seen(seen, N_VIEWS, _name(scenario, init))
+    assert seen["graphs"] > 0, f"{_name(scenario, init)}: the graph view drew no nodes"
 
 
 def test_view_waits_for_a_later_bundle_and_says_what_is_missing(tmp_path):
