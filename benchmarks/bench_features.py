@@ -10,6 +10,12 @@ the ``run_with_cache`` that produced the cache, timed round-robin in one process
 ``12 transcoders (one per MLP)``
     ``prism.features(targets, transcoders)``: a random 6,144-feature transcoder on every MLP
     (``ln2.hook_normalized`` -> ``hook_mlp_out``). Limit: <= 0.5 x ``run_with_cache``.
+``cross-layer transcoder``
+    ``prism.features(targets, clt)``: a random 12-layer x 6,144-feature CLT in
+    circuit-tracer's layout (written to a temporary folder first, 1.5 GB of decoders; read
+    lazily, one layer's active rows at a time). Limit: <= 1 x ``run_with_cache``, extra peak
+    about one layer's decoders (the largest, layer 0's: 12 x 6,144 x 768 float32 = 216 MiB;
+    limit 224 MiB), never all of them (1.5 GB).
 
 Memory ("extra peak MiB"): the larger of the RSS-sampled extra peak and the torch
 profiler's exact tensor peak of one call (the dictionaries' weights exist before the call).
@@ -42,7 +48,30 @@ import tlprisms as tp
 
 BATCH, SEQ, N_TARGETS = 8, 128, 10
 SAE_FEATURES, TRANSCODER_FEATURES = 16384, 6144
-LIMITS = {"sae": (0.1, 128.0), "transcoders": (0.5, None)}
+LIMITS = {"sae": (0.1, 128.0), "transcoders": (0.5, None), "clt": (1.0, 224.0)}
+
+
+def write_clt(folder: Path, n: int, d: int, F: int) -> Path:
+    """A random CLT in circuit-tracer's layout (``config.yaml``, ``W_enc_l`` and ``W_dec_l``
+    safetensors per layer), sparse: about 3% of features active on random inputs."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(
+        "feature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n"
+    )
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        enc = {
+            f"W_enc_{i}": torch.randn(F, d, generator=g) / d**0.5,
+            f"b_enc_{i}": torch.randn(F, generator=g) * 0.1 - 2.0,
+            f"b_dec_{i}": torch.zeros(d),
+        }
+        save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
+        dec = torch.randn(F, n - i, d, generator=g) / d**0.5
+        save_file({f"W_dec_{i}": dec}, str(folder / f"W_dec_{i}.safetensors"))
+        del dec
+    return folder
 
 
 def dictionary(d: int, F: int, hook: str, seed: int, input_hook=None) -> tp.Dictionary:
@@ -79,13 +108,19 @@ def main() -> None:
         )
         for i in range(L)
     ]
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="tlprisms-clt-")
+    clt = tp.Dictionary.from_circuit_tracer_clt(write_clt(Path(tmp.name) / "clt", L, d, F_tc))
     calls = {
         "run_with_cache": lambda: model.run_with_cache(tokens),
         "sae": lambda: prism.features(targets, sae),
         "transcoders": lambda: prism.features(targets, tcs),
+        "clt": lambda: prism.features(targets, clt),
     }
     calls["sae"]().check()
     calls["transcoders"]().check()
+    calls["clt"]().check()
     timing = interleaved(calls, repeats=args.repeats)
     out: dict = {
         "input": f"{BATCH} x {tokens.shape[1]} tokens, {N_TARGETS} targets, last position",
@@ -95,6 +130,7 @@ def main() -> None:
     for name, what in (
         ("sae", f"SAE ({F_sae} features, resid_pre {L // 2}), encoding included"),
         ("transcoders", f"{L} transcoders ({F_tc} features each, one per MLP)"),
+        ("clt", f"cross-layer transcoder ({L} layers x {F_tc} features, lazy decoders)"),
     ):
         ratio = paired_ratio(timing[name], timing["run_with_cache"])
         mem = max(peak_extra_mib(calls[name]).get("extra_mib") or 0.0, torch_peak_mib(calls[name]))
