@@ -214,7 +214,7 @@ def test_saelens_round_trip(tmp_path, prism):
         ({"architecture": 7}, r"architecture is 7 \(int\); expected a string"),
         ({"hook_name": 5}, r"hook_name is 5 \(int\); expected a string"),
         ({"hook_name": None}, "names no hook"),
-        ({"hook_name": "blocks.1.attn.hook_z"}, "not a hook a dictionary can sit at"),
+        ({"hook_name": "blocks.1.attn.hook_q"}, "not a hook a dictionary can sit at"),
         ({"hook_name": "blocks.1.ln2.hook_normalized"}, "place to read"),
         ({"d_sae": W + 1}, "d_sae=25 but .* has d_sae=24"),
         ({"d_in": 64}, "d_in=64 but .* has d_in=128"),
