@@ -227,6 +227,52 @@ def test_saelens_hook_z_sae_encodes_as_saelens_does():
     prism.features(" Paris", d).check()
 
 
+def write_saelens_z(folder, n: int, **cfg) -> dict:
+    """A SAELens folder (cfg.json + sae_weights.safetensors) of a hook_z SAE."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    w = {
+        "W_enc": torch.randn(n, N_FEATURES, generator=g) / n**0.5,
+        "b_enc": torch.randn(N_FEATURES, generator=g) * 0.1,
+        "W_dec": torch.randn(N_FEATURES, n, generator=g) * WEIGHT_SCALE,
+        "b_dec": torch.randn(n, generator=g) * WEIGHT_SCALE,
+    }
+    config = {
+        "architecture": "standard",
+        "d_in": n,
+        "d_sae": N_FEATURES,
+        "hook_name": "blocks.1.attn.hook_z",
+        "hook_head_index": None,
+        "reshape_activations": "hook_z",
+        "apply_b_dec_to_input": True,
+    }
+    config.update(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps(config))
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    return w
+
+
+def test_saelens_folder_hook_z(tmp_path):
+    case = build_case("gpt2/bridge", True)
+    n = z_width(case.model)
+    w = write_saelens_z(tmp_path / "z", n)
+    d = tp.Dictionary.from_saelens_folder(tmp_path / "z")
+    assert d.per_head and torch.equal(d.W_enc, w["W_enc"]) and d.subtract_b_dec
+    case.prism.features(7, d).check()
+    for cfg, fragment in (
+        ({"hook_name": "blocks.1.hook_resid_pre"}, "reshape_activations='hook_z'"),
+        ({"hook_head_index": 2}, "hook_head_index=2: an SAE on one head"),
+        ({"reshape_activations": "other"}, "reshape_activations='other'"),
+    ):
+        write_saelens_z(tmp_path / "bad", n, **cfg)
+        with pytest.raises(ArgumentError, match=fragment):
+            tp.Dictionary.from_saelens_folder(tmp_path / "bad")
+
+
 # --------------------------------------------------------------------------- refusals
 def test_refusals():
     case = build_case("llama/bridge", True)

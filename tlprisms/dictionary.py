@@ -463,8 +463,8 @@ class Dictionary:
           the MLP's input after the norm's weight) and writes
           ``post_feedforward_layernorm.output`` (``blocks.L.hook_mlp_out``, which
           TransformerLens records after the post-MLP norm: what the stream receives);
-          ``post_attention_layernorm.output`` is ``blocks.L.hook_attn_out``. Per-head
-          ``self_attn.o_proj.input`` (``hook_z``) SAEs are refused.
+          ``post_attention_layernorm.output`` is ``blocks.L.hook_attn_out``;
+          ``self_attn.o_proj.input`` (z flattened over heads) is ``blocks.L.attn.hook_z``.
         """
         caller = "Dictionary.from_gemma_scope"
         if not isinstance(path, (str, Path)):
