@@ -74,6 +74,8 @@ def test_complete_on_every_family(case):
     assert (kinds == "b_O").sum() == L and (kinds == "error").sum() == L
     # heads split elsewhere, every position, a residual dictionary before the last z one
     prism.features(7, zs[-1:], heads="all").check()
+    sparse = z_dictionary(model, 0, seed=1, activation="topk", k=2)  # read sparsely
+    prism.features(7, sparse).check()
     prism.features(tp.NextToken(), zs[-1:], pos="all").check()
     prism.features([7, tp.LogitDiff(3, 4)], zs[-1:], pos=[1, SEQ - 1, 3]).check()
     if L > 1:
@@ -194,6 +196,32 @@ def test_hop_through_a_z_feature_is_exact(name):
         prism.features(7, [z_dictionary(model, 0, seed=7)], path=[tp.Hop("head", L, 0)]).check()
     with pytest.raises(ArgumentError, match="make it the last hop"):
         prism.chain(7, [hop, tp.Hop("head", 0, 0)])
+
+
+def test_hop_splits_the_pre_activation_by_source():
+    """What the hop names source j (every writer read there, b_V and ln1's bias at j) is
+    ``c * sum_h A[h,i,j] w[h] . v_j[kv(h)]`` from the recorded pattern and values, with ``c``
+    the feature's term over its activation (a ReLU feature: gate 1)."""
+    case = build_case("llama/bridge", False)
+    model, prism = case.model, case.prism
+    L, at = model.cfg.n_layers - 1, SEQ - 1
+    H, G, dh = model.cfg.n_heads, model.cfg.n_key_value_heads, model.cfg.d_head
+    d = z_dictionary(model, L, seed=5)
+    r = prism.features(7, d)
+    f = int(r.top(1, batch=0, kind="feature")["feature"][0])
+    c = prism.chain(7, [tp.Hop.feature(d, f)])
+    z = case.cache[f"blocks.{L}.attn.hook_z"][:, at].flatten(-2)
+    acts = d.encode(z)[:, f]  # [B]
+    assert bool((acts > 0).all())
+    coef = r.select(kind="feature", feature=f).values[:, 0, 0, 0] / acts
+    A = case.cache[f"blocks.{L}.attn.hook_pattern"][:, :, at]  # [B, H, src]
+    v = case.cache[f"blocks.{L}.attn.hook_v"].repeat_interleave(H // G, 2)  # [B, src, H, dh]
+    w = d.W_enc[:, f].view(H, dh)
+    want = torch.einsum("bhj,bjhd,hd->bj", A, v, w) * coef[:, None]  # [B, src]
+    at_src = c.components.at
+    for j in range(SEQ):
+        got = c.values[:, 0, 0][:, torch.as_tensor(at_src == j)].sum(-1)
+        assert torch.allclose(got, want[:, j], atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- loading
