@@ -37,7 +37,7 @@ linear in its node activations, and:
   add up to the edge.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -135,23 +135,13 @@ class _Frozen:
     errors: dict  # output layer -> [P, d] error, and "b_dec" per output layer
     b_dec: dict
     embed: Tensor  # [P, d]
-    consts: list = field(default_factory=list)  # constant node names, in index order
-    const_index: dict = field(default_factory=dict)
-
-    def const(self, name: tuple) -> int:
-        if name not in self.const_index:
-            self.const_index[name] = len(self.consts)
-            self.consts.append(name)
-        return self.const_index[name]
 
 
 def check_nodes(view: Any, nodes: Any, caller: str) -> list:
     """``nodes`` as a list of dictionaries (empty: neurons), checked against the model."""
     if isinstance(nodes, str):
         check.choice(nodes, "nodes", ("neurons",), caller)
-        if view.attn_only:
-            return []
-        return []
+        return []  # an attention-only model has no neurons: its graph is embeddings only
     dicts = features_prism.check_dictionaries(view, nodes, caller)
     for d in dicts:
         if isinstance(d, Dictionary) and not d.transcoder:
@@ -823,9 +813,7 @@ def run(
     mass = np.cumsum(np.abs(ci[order]))
     total = mass[-1] if len(mass) else 0.0
     n_keep = (
-        0
-        if total == 0
-        else int(np.searchsorted(mass, node_threshold * total - 1e-300 * 0, side="left")) + 1
+        0 if total == 0 else int(np.searchsorted(mass, node_threshold * total, side="left")) + 1
     )
     n_keep = min(n_keep, max_nodes, len(order))
     kept = np.sort(order[:n_keep])  # in set, position, column order
@@ -1003,9 +991,7 @@ def run(
 
 def request_token(rec: Recorded, request: Request, row: int) -> int:
     """The target's token id (-1 for a difference or a direction)."""
-    from tlprisms._core.readout import final_readout as fr_
-
-    atoms = fr_(rec, request.target, request.pos).atoms
+    atoms = final_readout(rec, request.target, request.pos).atoms
     ids = atoms.ids[min(row, atoms.ids.shape[0] - 1), 0, 0]
     if ids.numel() == 1 and bool(atoms.token_atom.reshape(-1)[0]):
         return int(ids.reshape(-1)[0])
