@@ -58,6 +58,7 @@ __all__ = [
     "check_hop",
     "limit_at_zero",
     "activation",
+    "frozen_ratio",
 ]
 
 
@@ -208,7 +209,7 @@ def limit_at_zero(name: str, pre: Tensor) -> Tensor:
     return torch.full_like(pre, _LIMITS[name])
 
 
-def _ratio(num: Tensor, den: Tensor, fallback: Callable[[], Tensor]) -> Tensor:
+def frozen_ratio(num: Tensor, den: Tensor, fallback: Callable[[], Tensor]) -> Tensor:
     """``num / den``, and ``fallback()`` (only computed where needed) where ``den`` is ~0."""
     tiny = den.abs() <= 1e-12 * (1.0 + num.abs())
     alt = fallback() if bool(tiny.any()) else torch.zeros_like(num)
@@ -288,13 +289,15 @@ def _gate_coefficients(
         if view.gated_bias_after_product:  # act(g) * (x W_in) + b_in
             b_in = view.b_in(layer, dtype, post.device)[neuron]
             const = const + b_in
-            gate = _ratio(post[:, neuron] - b_in, up[:, neuron], lambda: _act(name, pre[:, neuron]))
+            gate = frozen_ratio(
+                post[:, neuron] - b_in, up[:, neuron], lambda: _act(name, pre[:, neuron])
+            )
         else:
-            gate = _ratio(post[:, neuron], up[:, neuron], lambda: _act(name, pre[:, neuron]))
+            gate = frozen_ratio(post[:, neuron], up[:, neuron], lambda: _act(name, pre[:, neuron]))
         c[:, neuron] = gate
     elif name == "solu_ln":
         mid = cv.at(Site.SOLU_MID, layer, positions)[:, 0]
-        g = _ratio(mid, pre, lambda: torch.softmax(pre, -1))
+        g = frozen_ratio(mid, pre, lambda: torch.softmax(pre, -1))
         ln = view.solu_ln[layer]
         w = 1.0 if ln is None or ln.weight is None else ln.weight.to(post.device, dtype)[neuron]
         s: Any = 1.0
@@ -307,7 +310,7 @@ def _gate_coefficients(
         if ln is not None and ln.bias is not None:
             const = const + ln.bias.to(post.device, dtype)[neuron]
     else:
-        c[:, neuron] = _ratio(
+        c[:, neuron] = frozen_ratio(
             post[:, neuron], pre[:, neuron], lambda: limit_at_zero(name, pre[:, neuron])
         )
     return c, const

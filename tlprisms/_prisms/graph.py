@@ -51,7 +51,7 @@ from tlprisms._core.inputs import str_tokens
 from tlprisms._core.readout import Recorded, explain, final_readout, target_labels
 from tlprisms._core.request import Request
 from tlprisms._prisms import features as features_prism
-from tlprisms._prisms.chain import activation, limit_at_zero
+from tlprisms._prisms.chain import activation, frozen_ratio, limit_at_zero
 from tlprisms._seam import CacheView, NormSpec, Site
 from tlprisms.dictionary import CrossLayerTranscoder, Dictionary
 
@@ -73,8 +73,6 @@ READER_CHUNK_BYTES = 2**27
 READER_CHUNK_ROWS = 128
 #: with ``heads=True`` the per-head channels of a chunk stay below this
 HEAD_CHUNK_BYTES = 2**28
-#: a ratio's denominator below this (relative) is taken as 0 (the ratio is its limit)
-_TINY = 1e-12
 
 
 # ----------------------------------------------------------------------------- node sets
@@ -202,12 +200,6 @@ def check_args(
     return row, dictionaries, max_nodes, thresholds[0], thresholds[1], heads, qk
 
 
-def _ratio(act: Tensor, inp: Tensor, limit: Any) -> Tensor:
-    tiny = inp.abs() <= _TINY * (1.0 + act.abs())
-    safe = torch.where(tiny, torch.ones_like(inp), inp)
-    return torch.where(tiny, limit(inp) if bool(tiny.any()) else torch.zeros_like(act), act / safe)
-
-
 def _inv(cv: CacheView, norm: Optional[NormSpec], b: int, P: int) -> Tensor:
     pos = torch.arange(P, device=cv.device)[None]
     inv = cv.inv_scale(norm, pos.expand(cv.batch, P))
@@ -235,13 +227,11 @@ def _neurons(cv: CacheView, layer: int, b: int, P: int, ln2: Any, inv2: Tensor) 
         b_in = torch.zeros_like(b_in)
     if view.gated:
         inp = cv.get(Site.MLP_PRE_LINEAR, layer)[b, :P].to(dtype)
-        ratio = _ratio(post, inp, lambda x: torch.zeros_like(x))
-        tiny = inp.abs() <= _TINY * (1.0 + post.abs())
-        if bool(tiny.any()):  # the gate is act(gate) whatever the input
-            ratio = torch.where(tiny, activation(name, pre), ratio)
+        # where the input is ~0 the gate is act(gate), read from the gate itself
+        ratio = frozen_ratio(post, inp, lambda: activation(name, pre))
     else:
         inp = pre
-        ratio = _ratio(post, pre, lambda x: limit_at_zero(name, x))
+        ratio = frozen_ratio(post, pre, lambda: limit_at_zero(name, pre))
     W_in = view.W_in(layer, dtype).to(cv.device)
     consts = [(("b_in", layer), b_in)]
     if ln2.bias is not None:
